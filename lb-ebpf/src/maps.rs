@@ -1,0 +1,26 @@
+//! Every map of the object, declared with BTF so bpftool prints field names.
+//! Names come from `lb_common::maps`; sizes are overridden at load time.
+
+use aya_ebpf::{
+    btf_maps::{HashMap, PerCpuArray, SockHash},
+    macros::btf_map,
+};
+use lb_common::{conn::ConnTraffic, maps::DEFAULT_MAX_SOCKETS, stats::DataplaneCounters};
+
+const MAX: usize = DEFAULT_MAX_SOCKETS as usize;
+
+/// Receiving socket's cookie -> peer socket (redirect target; no program).
+#[btf_map(name = "LB_PEER")]
+pub static LB_PEER: SockHash<u64, MAX> = SockHash::new();
+
+/// Socket's own cookie -> itself; the verdict program is attached here.
+#[btf_map(name = "LB_SPLICE")]
+pub static LB_SPLICE: SockHash<u64, MAX> = SockHash::new();
+
+/// Socket cookie -> traffic record.
+#[btf_map(name = "LB_CONN")]
+pub static LB_CONN: HashMap<u64, ConnTraffic, MAX> = HashMap::new();
+
+/// One slot per CPU.
+#[btf_map(name = "LB_COUNTERS")]
+pub static LB_COUNTERS: PerCpuArray<DataplaneCounters, 1> = PerCpuArray::new();

@@ -1,0 +1,57 @@
+//! sk_skb stream verdict: redirect every skb a spliced socket receives to the
+//! egress of its peer, found in `LB_PEER` under the receiving socket's cookie.
+
+use aya_ebpf::{
+    bindings::sk_action::{SK_DROP, SK_PASS},
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_coarse_ns},
+    macros::stream_verdict,
+    programs::SkBuffContext,
+};
+use lb_common::stats::COUNTERS_KEY;
+
+use crate::maps::{LB_CONN, LB_COUNTERS, LB_PEER};
+
+#[stream_verdict]
+pub fn lb_verdict(ctx: SkBuffContext) -> u32 {
+    match try_lb_verdict(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_lb_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
+    // SAFETY: the helper only reads skb->sk.
+    let cookie: u64 = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    let len = u64::from(ctx.len());
+    if len == 0 {
+        // A bare FIN. TCP has already recorded it (userspace sees EPOLLRDHUP);
+        // redirected, the empty skb would make the peer's send path fail with
+        // EPIPE and stop its transmit side. Nothing to deliver, so drop it.
+        return Err(SK_DROP);
+    }
+    // Flags 0: redirect to the peer's egress (its send path), not its ingress.
+    let verdict = LB_PEER.redirect_skb(ctx, cookie, 0) as u32;
+    let counters = LB_COUNTERS.get_ptr_mut(COUNTERS_KEY).ok_or(SK_PASS)?;
+    if verdict != SK_PASS {
+        // No peer (the connection is being torn down): keep the bytes on the
+        // receiving socket instead of dropping them.
+        // SAFETY: per-CPU slot, valid for the program's run.
+        unsafe { (*counters).peer_missing += 1 };
+        return Err(SK_PASS);
+    }
+    // SAFETY: per-CPU slot, valid for the program's run.
+    unsafe {
+        (*counters).skbs_redirected += 1;
+        (*counters).bytes_redirected += len;
+    }
+    if let Some(t) = LB_CONN.get_ptr_mut(&cookie) {
+        // SAFETY: map value pointer valid for the program's run. Plain adds
+        // are enough: the entry belongs to the receiving socket only, and the
+        // kernel runs that socket's verdict under its socket lock.
+        unsafe {
+            (*t).bytes += len;
+            (*t).skbs += 1;
+            (*t).last_active_ns = bpf_ktime_get_coarse_ns();
+        }
+    }
+    Ok(verdict)
+}

@@ -1,0 +1,139 @@
+//! Userspace data plane: copies bytes through lb with the same semantics as
+//! the kernel splice (half-close forwarded, resets forwarded, one close).
+//!
+//! Buffers are taken only while a socket has bytes to read, so an idle
+//! connection holds no copy buffer.
+
+use std::{
+    io,
+    net::Shutdown,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+};
+
+use lb_common::stats::DataplaneCounters;
+use tokio::{net::TcpStream, sync::watch};
+
+use super::{Dataplane, Kind, SpliceError, Spliced};
+use crate::{stats::ProxyStats, sys};
+
+const BUF: usize = 64 * 1024;
+
+pub struct UserspaceDataplane {
+    stop: watch::Sender<bool>,
+    _stats: Arc<ProxyStats>,
+}
+
+impl UserspaceDataplane {
+    pub fn new(stats: Arc<ProxyStats>) -> Self {
+        Self {
+            stop: watch::channel(false).0,
+            _stats: stats,
+        }
+    }
+}
+
+enum PumpError {
+    /// Reading the source failed (it reset): reset the destination.
+    Read(io::Error),
+    /// Writing the destination failed (it reset): reset the source.
+    Write(io::Error),
+}
+
+/// Copies `from` -> `to` until EOF, then shuts down `to`'s write side.
+async fn pump(from: &TcpStream, to: &TcpStream, counter: &AtomicU64) -> Result<(), PumpError> {
+    loop {
+        from.readable().await.map_err(PumpError::Read)?;
+        let mut buf = vec![0u8; BUF];
+        loop {
+            let n = match from.try_read(&mut buf) {
+                Ok(0) => {
+                    // Shutdown fails only if `to` is gone; its own pump reports that.
+                    let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
+                    return Ok(());
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(PumpError::Read(e)),
+            };
+            let mut off = 0;
+            while off < n {
+                to.writable().await.map_err(PumpError::Write)?;
+                match to.try_write(&buf[off..n]) {
+                    Ok(w) => off += w,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(PumpError::Write(e)),
+                }
+            }
+            counter.fetch_add(n as u64, Relaxed);
+        }
+    }
+}
+
+impl Dataplane for UserspaceDataplane {
+    fn kind(&self) -> Kind {
+        Kind::Userspace
+    }
+
+    fn splice(&self, conn: Spliced) -> Result<(), SpliceError> {
+        let Spliced {
+            client,
+            server,
+            guard,
+        } = conn;
+        for s in [&client, &server] {
+            s.set_nonblocking(true).map_err(SpliceError::Socket)?;
+        }
+        let client = TcpStream::from_std(client).map_err(SpliceError::Socket)?;
+        let server = TcpStream::from_std(server).map_err(SpliceError::Socket)?;
+        let mut stop = self.stop.subscribe();
+        if *stop.borrow() {
+            return Err(SpliceError::ShuttingDown);
+        }
+        tokio::spawn(async move {
+            let stats = guard.stats();
+            let up = pump(&client, &server, &stats.userspace_bytes_in);
+            let down = pump(&server, &client, &stats.userspace_bytes_out);
+            let both = async {
+                tokio::try_join!(async { up.await.map_err(|e| (e, 0usize)) }, async {
+                    down.await.map_err(|e| (e, 1usize))
+                })
+                .map(drop)
+            };
+            let result = tokio::select! {
+                r = both => r,
+                _ = stop.wait_for(|s| *s) => Ok(()),
+            };
+            if let Err((e, dir)) = result {
+                // dir 0: client -> server, dir 1: server -> client. A read
+                // error is the source's reset, a write error the destination's:
+                // reset the other one.
+                let (src, dst) = if dir == 0 {
+                    (&client, &server)
+                } else {
+                    (&server, &client)
+                };
+                let (other, err) = match e {
+                    PumpError::Read(err) => (dst, err),
+                    PumpError::Write(err) => (src, err),
+                };
+                log::debug!("connection aborted: {err}");
+                let _ = sys::set_linger_zero(other);
+                stats.aborted.fetch_add(1, Relaxed);
+            }
+            drop((client, server));
+            drop(guard);
+        });
+        Ok(())
+    }
+
+    fn shutdown(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    fn counters(&self) -> Option<DataplaneCounters> {
+        None
+    }
+}

@@ -1,0 +1,315 @@
+//! Close watcher for spliced connections.
+//!
+//! The kernel moves the bytes but does not forward EOF or resets. One thread
+//! watches every spliced socket with `EPOLLRDHUP | EPOLLET` (no `EPOLLIN`, so
+//! data arriving never wakes userspace) and:
+//! - on FIN from one side, waits until every byte that side sent has been
+//!   redirected and queued on the peer, then `shutdown(Write)`s the peer;
+//! - on a reset or error, closes the peer abortively (RST) and both sockets;
+//! - closes both sockets once both directions are finished.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{Shutdown, TcpStream},
+    os::fd::AsRawFd,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use super::{SpliceError, Spliced, kernel::ConnMaps};
+use crate::{
+    stats::{ConnGuard, ProxyStats},
+    sys::{self, Epoll, EventFd},
+};
+
+const WAKE: u64 = u64::MAX;
+/// A half-closed direction whose peer accepts no bytes for this long is reset.
+const DRAIN_STALL: Duration = Duration::from_secs(60);
+const CLIENT: usize = 0;
+
+struct Drain {
+    last_written: u64,
+    last_progress: Instant,
+}
+
+struct Conn {
+    /// `[client, server]`.
+    socks: [TcpStream; 2],
+    cookies: [u64; 2],
+    /// `tcp_bytes_written` of each socket just before it was spliced (the
+    /// kernel counts the SYN there; lb itself writes nothing).
+    written_base: [u64; 2],
+    /// FIN received on this side.
+    rd_closed: [bool; 2],
+    /// We sent FIN (shutdown(Write)) on this side.
+    wr_shut: [bool; 2],
+    /// Pending EOF forward *from* this side to the other.
+    drain: [Option<Drain>; 2],
+    _guard: ConnGuard,
+}
+
+enum Next {
+    Keep,
+    /// Both directions finished.
+    Close,
+    /// This side reset or failed; reset the other.
+    Abort(usize),
+}
+
+impl Conn {
+    fn on_event(&mut self, side: usize, events: u32, maps: &ConnMaps) -> Next {
+        let hup = events & (libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0;
+        if hup {
+            let err = sys::take_error(&self.socks[side]).unwrap_or(libc::EIO);
+            if err != 0 || events & libc::EPOLLERR as u32 != 0 {
+                log::debug!(
+                    "{} side reset or failed: {}",
+                    side_name(side),
+                    std::io::Error::from_raw_os_error(err)
+                );
+                return Next::Abort(side);
+            }
+        }
+        if (hup || events & libc::EPOLLRDHUP as u32 != 0) && !self.rd_closed[side] {
+            self.rd_closed[side] = true;
+            self.drain[side] = Some(Drain {
+                last_written: 0,
+                last_progress: Instant::now(),
+            });
+        }
+        self.progress(maps)
+    }
+
+    /// Forwards pending EOFs whose bytes have all reached the peer.
+    fn progress(&mut self, maps: &ConnMaps) -> Next {
+        for from in [0, 1] {
+            let to = 1 - from;
+            let Some(d) = self.drain[from].as_mut() else {
+                continue;
+            };
+            // tcpi_bytes_received counts the FIN, which is in by now.
+            let received = sys::tcp_bytes_received(&self.socks[from])
+                .unwrap_or(1)
+                .saturating_sub(1);
+            let redirected = maps.redirected(self.cookies[from]).unwrap_or(0);
+            let written = sys::tcp_bytes_written(&self.socks[to])
+                .unwrap_or(0)
+                .saturating_sub(self.written_base[to]);
+            log::trace!(
+                "drain {}: received {received} redirected {redirected} written {written}",
+                side_name(from)
+            );
+            if redirected >= received && written >= redirected {
+                // Errors here mean the peer is already gone; its own event follows.
+                let _ = self.socks[to].shutdown(Shutdown::Write);
+                self.wr_shut[to] = true;
+                self.drain[from] = None;
+            } else if written > d.last_written {
+                d.last_written = written;
+                d.last_progress = Instant::now();
+            } else if d.last_progress.elapsed() > DRAIN_STALL {
+                log::warn!(
+                    "{} accepted no bytes for {DRAIN_STALL:?} after the {} closed ({written} of {redirected} \
+                     bytes delivered); resetting",
+                    side_name(to),
+                    side_name(from)
+                );
+                return Next::Abort(to);
+            }
+        }
+        if self.rd_closed == [true; 2] && self.wr_shut == [true; 2] {
+            Next::Close
+        } else {
+            Next::Keep
+        }
+    }
+
+    fn pending(&self) -> bool {
+        self.drain.iter().any(Option::is_some)
+    }
+}
+
+fn side_name(side: usize) -> &'static str {
+    if side == CLIENT { "client" } else { "server" }
+}
+
+struct Table {
+    next_id: u64,
+    conns: HashMap<u64, Conn>,
+    /// Connections with a pending EOF forward, polled every millisecond.
+    pending: HashSet<u64>,
+}
+
+struct Shared {
+    epoll: Epoll,
+    wake: EventFd,
+    table: Mutex<Table>,
+    stopping: AtomicBool,
+    maps: Arc<Mutex<ConnMaps>>,
+    stats: Arc<ProxyStats>,
+}
+
+pub(super) struct Watcher {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Watcher {
+    pub fn start(maps: Arc<Mutex<ConnMaps>>, stats: Arc<ProxyStats>) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            epoll: Epoll::new()?,
+            wake: EventFd::new()?,
+            table: Mutex::new(Table {
+                next_id: 0,
+                conns: HashMap::new(),
+                pending: HashSet::new(),
+            }),
+            stopping: AtomicBool::new(false),
+            maps,
+            stats,
+        });
+        shared
+            .epoll
+            .add(shared.wake.raw(), libc::EPOLLIN as u32, WAKE)?;
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("lb-splice-watch".into())
+            .spawn(move || run(&s))?;
+        Ok(Self {
+            shared,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Starts watching a spliced connection; from here on it owns both sockets.
+    pub fn watch(
+        &self,
+        conn: Spliced,
+        cookies: [u64; 2],
+        written_base: [u64; 2],
+    ) -> Result<(), SpliceError> {
+        let mut t = self.shared.table.lock().unwrap_or_else(|e| e.into_inner());
+        if self.shared.stopping.load(Ordering::Acquire) {
+            return Err(SpliceError::ShuttingDown);
+        }
+        let id = t.next_id;
+        t.next_id += 1;
+        let fds = [conn.client.as_raw_fd(), conn.server.as_raw_fd()];
+        t.conns.insert(
+            id,
+            Conn {
+                socks: [conn.client, conn.server],
+                cookies,
+                written_base,
+                rd_closed: [false; 2],
+                wr_shut: [false; 2],
+                drain: [None, None],
+                _guard: conn.guard,
+            },
+        );
+        let events = (libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+        for (side, fd) in fds.into_iter().enumerate() {
+            if let Err(e) = self.shared.epoll.add(fd, events, id << 1 | side as u64) {
+                let _ = self.shared.epoll.delete(fds[0]);
+                t.conns.remove(&id);
+                return Err(SpliceError::Socket(e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes every connection and ends the thread.
+    pub fn stop(&self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        self.shared.wake.notify();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(shared: &Shared) {
+    let mut buf = vec![libc::epoll_event { events: 0, u64: 0 }; 512];
+    loop {
+        let timeout = {
+            let t = shared.table.lock().unwrap_or_else(|e| e.into_inner());
+            if t.pending.is_empty() { -1 } else { 1 }
+        };
+        let events = match shared.epoll.wait(&mut buf, timeout) {
+            Ok(ev) => ev,
+            Err(e) => {
+                log::error!("close watcher: epoll_wait failed: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let mut t = shared.table.lock().unwrap_or_else(|e| e.into_inner());
+        let maps = shared.maps.lock().unwrap_or_else(|e| e.into_inner());
+        let mut done: Vec<(u64, Next)> = Vec::new();
+        for ev in events {
+            if ev.u64 == WAKE {
+                shared.wake.drain();
+                continue;
+            }
+            let (id, side) = (ev.u64 >> 1, (ev.u64 & 1) as usize);
+            let Some(conn) = t.conns.get_mut(&id) else {
+                continue;
+            };
+            match conn.on_event(side, ev.events, &maps) {
+                Next::Keep if conn.pending() => {
+                    t.pending.insert(id);
+                }
+                Next::Keep => {}
+                next => done.push((id, next)),
+            }
+        }
+        let pending: Vec<u64> = t.pending.iter().copied().collect();
+        for id in pending {
+            let Some(conn) = t.conns.get_mut(&id) else {
+                t.pending.remove(&id);
+                continue;
+            };
+            match conn.progress(&maps) {
+                Next::Keep if conn.pending() => {}
+                Next::Keep => {
+                    t.pending.remove(&id);
+                }
+                next => done.push((id, next)),
+            }
+        }
+        drop(maps);
+        for (id, next) in done {
+            t.pending.remove(&id);
+            let Some(conn) = t.conns.remove(&id) else {
+                continue;
+            };
+            if let Next::Abort(side) = next {
+                let _ = sys::set_linger_zero(&conn.socks[1 - side]);
+                shared.stats.aborted.fetch_add(1, Ordering::Relaxed);
+            }
+            close(shared, conn);
+        }
+        if shared.stopping.load(Ordering::Acquire) {
+            let all: Vec<Conn> = t.conns.drain().map(|(_, c)| c).collect();
+            t.pending.clear();
+            drop(t);
+            for conn in all {
+                close(shared, conn);
+            }
+            return;
+        }
+    }
+}
+
+fn close(shared: &Shared, conn: Conn) {
+    shared
+        .maps
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .forget(conn.cookies);
+    drop(conn); // closes both sockets, exactly once
+}

@@ -1,0 +1,15 @@
+//! `lb`: a TCP load balancer for very many long-lived connections. Bytes are
+//! spliced between client and server sockets inside the kernel (eBPF sockmap),
+//! or copied in userspace where the kernel path is not available.
+
+pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod dataplane;
+pub mod proxy;
+pub mod select;
+pub mod stats;
+pub mod sys;
+
+/// The eBPF object built from `lb-ebpf` by `build.rs`.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
