@@ -1,1 +1,97 @@
-fn main() {}
+//! `cargo xtask <setup|demo|test>`: the one entry point for people and CI.
+
+mod demo;
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "lb's developer and CI entry point")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install everything lb needs (idempotent): nightly rust-src, bpf-linker, bpftool, bpffs.
+    Setup,
+    /// Build, then run lb on loopback with backends and thousands of clients, and print stats.
+    Demo {
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 2000)]
+        clients: usize,
+        /// Seconds of traffic.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
+    /// Run every check and test: fmt, clippy, unit and integration tests on both data planes.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+/// Runs a command, failing with its name if it fails.
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed: {status}");
+    }
+    Ok(())
+}
+
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent")
+        .to_owned()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+/// Builds the release `lb` binary and returns its path.
+pub fn build_lb() -> anyhow::Result<std::path::PathBuf> {
+    run(cargo().args(["build", "--release", "-p", "lb-user", "--bin", "lb"]))?;
+    Ok(workspace_root().join("target/release/lb"))
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup => setup::setup(),
+        Cmd::Demo { clients, seconds } => {
+            setup::setup()?;
+            let lb = build_lb()?;
+            demo::demo(&lb, clients, seconds)
+        }
+        Cmd::Test { args } => {
+            setup::setup()?;
+            run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+            run(cargo().args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
+            let lb = build_lb()?;
+            let mut t = cargo();
+            t.args(["test", "--release", "--workspace"])
+                .env("LB_BIN", &lb);
+            if !args.is_empty() {
+                t.arg("--").args(&args);
+            }
+            run(&mut t)
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! Runs the real `lb` binary with a generated config and tears it down.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+/// Which data plane a test asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Kernel,
+    Userspace,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Kernel => "kernel",
+            Mode::Userspace => "userspace",
+        }
+    }
+}
+
+/// The `lb` binary: `$LB_BIN` (set by `cargo xtask test`) or the workspace's release build.
+pub fn lb_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("LB_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    for profile in ["release", "debug"] {
+        let p = root.join("target").join(profile).join("lb");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("lb binary not found: run `cargo xtask test` (or set LB_BIN)");
+}
+
+/// Whether the kernel data plane can run here. Under `CI=true` a missing
+/// prerequisite is a failure, not a skip.
+pub fn kernel_available(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let bpffs = std::fs::read_to_string("/proc/mounts")
+        .map(|m| {
+            m.lines()
+                .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+        })
+        .unwrap_or(false);
+    let why = match (root, bpffs) {
+        (true, true) => return true,
+        (false, _) => "not running as root (the kernel data plane needs CAP_BPF + CAP_NET_ADMIN)",
+        (_, false) => "bpffs is not mounted at /sys/fs/bpf (run `cargo xtask setup`)",
+    };
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test}: kernel data plane required under CI=true, but {why}");
+    }
+    eprintln!("SKIP {test} [kernel]: {why}");
+    false
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh scratch directory and a pin path, both unique to this call.
+pub fn scratch() -> (PathBuf, PathBuf) {
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    let tag = format!("lb-test-{}-{n}", std::process::id());
+    let dir = std::env::temp_dir().join(&tag);
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    (dir, PathBuf::from("/sys/fs/bpf").join(&tag))
+}
+
+/// A running `lb run` process. Dropping it sends SIGTERM, waits, and removes
+/// anything it left (config dir, pins).
+pub struct Lb {
+    child: Option<Child>,
+    pub pid: u32,
+    /// The first frontend's bound address.
+    pub addr: SocketAddr,
+    pub frontends: Vec<SocketAddr>,
+    pub dataplane: String,
+    pub pin_path: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Lb {
+    /// Starts lb in `mode` with one frontend on 127.0.0.1:0 and one backend.
+    /// Returns `None` only when the kernel plane is unavailable outside CI.
+    pub fn start(mode: Mode, test: &str, servers: &[SocketAddr]) -> Option<Lb> {
+        let list: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
+        let cfg = format!(
+            "[[frontend]]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\nbackend = \"b\"\n\n\
+             [[backend]]\nname = \"b\"\nservers = [{}]\n",
+            list.join(", ")
+        );
+        Self::start_with(mode, test, &cfg)
+    }
+
+    /// Starts lb with `body` (without `dataplane`/`pin_path`, which are added).
+    pub fn start_with(mode: Mode, test: &str, body: &str) -> Option<Lb> {
+        if mode == Mode::Kernel && !kernel_available(test) {
+            return None;
+        }
+        let (dir, pin_path) = scratch();
+        let cfg = format!(
+            "dataplane = \"{}\"\npin_path = \"{}\"\nmax_connections = 16384\n{body}",
+            mode.as_str(),
+            pin_path.display()
+        );
+        let lb = Self::launch(test, dir, pin_path, &cfg);
+        assert_eq!(
+            lb.dataplane,
+            mode.as_str(),
+            "{test}: lb runs the wrong data plane"
+        );
+        Some(lb)
+    }
+
+    /// Runs lb on the complete config `cfg` (its `pin_path` must be `pin_path`),
+    /// keeping files in `dir`; waits until it announces readiness.
+    pub fn launch(test: &str, dir: PathBuf, pin_path: PathBuf, cfg: &str) -> Lb {
+        let cfg_path = dir.join("lb.toml");
+        std::fs::write(&cfg_path, cfg).unwrap_or_else(|e| panic!("writing config: {e}"));
+        let stderr = std::fs::File::create(dir.join("stderr")).expect("stderr file");
+        let mut child = Command::new(lb_bin())
+            .args(["run", "--announce", "--config"])
+            .arg(&cfg_path)
+            .env(
+                "RUST_LOG",
+                std::env::var("LB_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", lb_bin().display()));
+        let pid = child.id();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let mut lb = Lb {
+            child: Some(child),
+            pid,
+            addr: "0.0.0.0:0".parse().unwrap(),
+            frontends: vec![],
+            dataplane: String::new(),
+            pin_path,
+            dir,
+        };
+        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+        let ready: serde_json::Value = serde_json::from_str(line.trim()).unwrap_or_else(|_| {
+            panic!(
+                "{test}: lb did not announce readiness; stderr:\n{}",
+                lb.stderr()
+            )
+        });
+        lb.dataplane = ready["dataplane"].as_str().unwrap_or_default().to_owned();
+        lb.frontends = ready["frontends"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|f| f["listen"].as_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        lb.addr = *lb
+            .frontends
+            .first()
+            .unwrap_or_else(|| panic!("{test}: no frontend announced"));
+        lb
+    }
+
+    /// What lb wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
+    }
+
+    /// `lb stats --json` against this instance's pins (kernel mode).
+    pub fn pinned_stats(&self) -> serde_json::Value {
+        let out = Command::new(lb_bin())
+            .args(["stats", "--json", "--pin-path"])
+            .arg(&self.pin_path)
+            .output()
+            .expect("running lb stats");
+        assert!(
+            out.status.success(),
+            "lb stats failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("lb stats --json output is JSON")
+    }
+
+    /// Sends SIGTERM and waits for exit; returns whether it exited 0.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        for _ in 0..200 {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+}
+
+impl Drop for Lb {
+    fn drop(&mut self) {
+        self.stop();
+        if self.pin_path.exists() {
+            for e in std::fs::read_dir(&self.pin_path)
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let _ = std::fs::remove_file(e.path());
+            }
+            let _ = std::fs::remove_dir(&self.pin_path);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
