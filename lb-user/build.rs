@@ -4,24 +4,14 @@ use aya_build::Toolchain;
 /// Builds `lb-ebpf` for the BPF target with the nightly toolchain and
 /// bpf-linker (both installed by `cargo xtask setup`).
 fn main() -> anyhow::Result<()> {
-    let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
-        .no_deps()
-        .exec()
-        .context("MetadataCommand::exec")?;
+    let cargo_metadata::Metadata { packages, .. } =
+        cargo_metadata::MetadataCommand::new().no_deps().exec().context("MetadataCommand::exec")?;
     let ebpf = packages
         .into_iter()
         .find(|p| p.name.as_str() == "lb-ebpf")
         .ok_or_else(|| anyhow!("lb-ebpf package not found in the workspace"))?;
-    let root_dir = ebpf
-        .manifest_path
-        .parent()
-        .ok_or_else(|| anyhow!("no parent for {}", ebpf.manifest_path))?;
-    let package = aya_build::Package {
-        name: ebpf.name.as_str(),
-        root_dir: root_dir.as_str(),
-        ..Default::default()
-    };
-    aya_build::build_ebpf([package], Toolchain::default()).context(
-        "building the eBPF object failed; run `cargo xtask setup` (nightly rust-src, bpf-linker)",
-    )
+    let root_dir = ebpf.manifest_path.parent().ok_or_else(|| anyhow!("no parent for {}", ebpf.manifest_path))?;
+    let package = aya_build::Package { name: ebpf.name.as_str(), root_dir: root_dir.as_str(), ..Default::default() };
+    aya_build::build_ebpf([package], Toolchain::default())
+        .context("building the eBPF object failed; run `cargo xtask setup` (nightly rust-src, bpf-linker)")
 }

@@ -64,11 +64,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Run {
-            config,
-            dataplane,
-            announce,
-        } => {
+        Command::Run { config, dataplane, announce } => {
             let mut cfg = Config::load(&config)?;
             if let Some(d) = dataplane {
                 cfg.dataplane = d;

@@ -63,9 +63,7 @@ pub struct Timeouts {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Self {
-            connect: default_connect_timeout(),
-        }
+        Self { connect: default_connect_timeout() }
     }
 }
 
@@ -165,19 +163,14 @@ impl Locator<'_> {
         self.text[..end].bytes().filter(|&b| b == b'\n').count() + 1
     }
     fn err(&self, offset: usize, message: impl Into<String>) -> ConfigError {
-        ConfigError {
-            file: self.file.to_owned(),
-            line: self.line(offset),
-            message: message.into(),
-        }
+        ConfigError { file: self.file.to_owned(), line: self.line(offset), message: message.into() }
     }
 }
 
 impl Config {
     /// Reads, parses and validates `path`.
     pub fn load(path: &Path) -> Result<Self, LoadError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| LoadError::Read(path.display().to_string(), e))?;
+        let text = std::fs::read_to_string(path).map_err(|e| LoadError::Read(path.display().to_string(), e))?;
         Ok(Self::parse(&path.display().to_string(), &text)?)
     }
 
@@ -186,7 +179,11 @@ impl Config {
         let loc = Locator { file, text };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let offset = e.span().map(|s| s.start).unwrap_or(0);
-            loc.err(offset, e.message().trim_end().to_owned())
+            let mut msg = e.message().trim_end().to_owned();
+            if let Some(key) = key_at(text, offset).filter(|k| !msg.contains(k.as_str())) {
+                msg.push_str(&format!(" (key {key})"));
+            }
+            loc.err(offset, msg)
         })?;
         raw.validate(&loc)
     }
@@ -209,10 +206,7 @@ impl RawConfig {
         }
         let connect_attempts = *self.connect_attempts.get_ref();
         if connect_attempts == 0 {
-            return Err(loc.err(
-                self.connect_attempts.span().start,
-                "connect_attempts = 0: must be at least 1",
-            ));
+            return Err(loc.err(self.connect_attempts.span().start, "connect_attempts = 0: must be at least 1"));
         }
         if self.timeouts.connect.is_zero() {
             return Err(loc.err(0, "timeouts.connect: must be greater than 0"));
@@ -224,10 +218,7 @@ impl RawConfig {
             let name = b.name.get_ref();
             check_name(loc, &b.name, "backend.name")?;
             if !names.insert(name.as_str()) {
-                return Err(loc.err(
-                    b.name.span().start,
-                    format!("backend.name: duplicate backend \"{name}\""),
-                ));
+                return Err(loc.err(b.name.span().start, format!("backend.name: duplicate backend \"{name}\"")));
             }
             if b.servers.get_ref().is_empty() {
                 return Err(loc.err(
@@ -240,10 +231,7 @@ impl RawConfig {
                 let addr: SocketAddr = s.get_ref().parse().map_err(|_| {
                     loc.err(
                         s.span().start,
-                        format!(
-                            "backend \"{name}\": servers: \"{}\" is not an ip:port address",
-                            s.get_ref()
-                        ),
+                        format!("backend \"{name}\": servers: \"{}\" is not an ip:port address", s.get_ref()),
                     )
                 })?;
                 if addr.port() == 0 || addr.ip().is_unspecified() {
@@ -254,17 +242,13 @@ impl RawConfig {
                 }
                 let addr = ServerAddr(addr);
                 if servers.contains(&addr) {
-                    return Err(loc.err(
-                        s.span().start,
-                        format!("backend \"{name}\": servers: \"{addr}\" is listed twice"),
-                    ));
+                    return Err(
+                        loc.err(s.span().start, format!("backend \"{name}\": servers: \"{addr}\" is listed twice"))
+                    );
                 }
                 servers.push(addr);
             }
-            backends.push(BackendConfig {
-                name: name.clone(),
-                servers,
-            });
+            backends.push(BackendConfig { name: name.clone(), servers });
         }
 
         let mut frontends = Vec::with_capacity(self.frontend.len());
@@ -274,43 +258,26 @@ impl RawConfig {
             let name = f.name.get_ref();
             check_name(loc, &f.name, "frontend.name")?;
             if !fnames.insert(name.as_str()) {
-                return Err(loc.err(
-                    f.name.span().start,
-                    format!("frontend.name: duplicate frontend \"{name}\""),
-                ));
+                return Err(loc.err(f.name.span().start, format!("frontend.name: duplicate frontend \"{name}\"")));
             }
             let listen: SocketAddr = f.listen.get_ref().parse().map_err(|_| {
                 loc.err(
                     f.listen.span().start,
-                    format!(
-                        "frontend \"{name}\": listen: \"{}\" is not an ip:port address",
-                        f.listen.get_ref()
-                    ),
+                    format!("frontend \"{name}\": listen: \"{}\" is not an ip:port address", f.listen.get_ref()),
                 )
             })?;
             if listen.port() != 0 && !listens.insert(listen) {
-                return Err(loc.err(
-                    f.listen.span().start,
-                    format!("frontend \"{name}\": listen: {listen} is used twice"),
-                ));
+                return Err(
+                    loc.err(f.listen.span().start, format!("frontend \"{name}\": listen: {listen} is used twice"))
+                );
             }
-            let backend = backends
-                .iter()
-                .position(|b| &b.name == f.backend.get_ref())
-                .ok_or_else(|| {
-                    loc.err(
-                        f.backend.span().start,
-                        format!(
-                            "frontend \"{name}\": backend: no [[backend]] named \"{}\"",
-                            f.backend.get_ref()
-                        ),
-                    )
-                })?;
-            frontends.push(FrontendConfig {
-                name: name.clone(),
-                listen,
-                backend,
-            });
+            let backend = backends.iter().position(|b| &b.name == f.backend.get_ref()).ok_or_else(|| {
+                loc.err(
+                    f.backend.span().start,
+                    format!("frontend \"{name}\": backend: no [[backend]] named \"{}\"", f.backend.get_ref()),
+                )
+            })?;
+            frontends.push(FrontendConfig { name: name.clone(), listen, backend });
         }
 
         Ok(Config {
@@ -325,19 +292,36 @@ impl RawConfig {
     }
 }
 
+/// The dotted key whose value sits at `offset` (`timeouts.connect`), if the
+/// line there is a `key = value` line.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[start..].lines().next()?;
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim();
+    if key.is_empty() || key.starts_with('[') {
+        return None;
+    }
+    let table = text[..start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
+    Some(match table {
+        Some(t) => format!("{t}.{key}"),
+        None => key.to_owned(),
+    })
+}
+
 fn check_name(loc: &Locator<'_>, name: &Spanned<String>, key: &str) -> Result<(), ConfigError> {
     let n = name.get_ref();
-    let ok = !n.is_empty()
-        && n.len() <= 64
-        && n.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    let ok = !n.is_empty() && n.len() <= 64 && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     if ok {
         Ok(())
     } else {
-        Err(loc.err(
-            name.span().start,
-            format!("{key}: \"{n}\" must be 1-64 characters of [A-Za-z0-9._-]"),
-        ))
+        Err(loc.err(name.span().start, format!("{key}: \"{n}\" must be 1-64 characters of [A-Za-z0-9._-]")))
     }
 }
 
@@ -362,9 +346,6 @@ mod tests {
             "[[frontend]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nbackend = \"nope\"\n\n[[backend]]\nname = \"app\"\nservers = [\"127.0.0.1:1\"]\n",
         )
         .unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "x.toml:4: frontend \"web\": backend: no [[backend]] named \"nope\""
-        );
+        assert_eq!(e.to_string(), "x.toml:4: frontend \"web\": backend: no [[backend]] named \"nope\"");
     }
 }

@@ -55,11 +55,7 @@ struct Shared {
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let sock = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
+    let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     sock.set_reuseaddr(true)?;
     sock.bind(addr)?;
     sock.listen(BACKLOG as u32)
@@ -86,8 +82,7 @@ pub async fn run(cfg: Config, announce: bool) -> anyhow::Result<()> {
     // Bind everything first: a busy address is an error before anything starts.
     let mut listeners = Vec::new();
     for f in &cfg.frontends {
-        let l = bind(f.listen)
-            .with_context(|| format!("frontend \"{}\": listen {}", f.name, f.listen))?;
+        let l = bind(f.listen).with_context(|| format!("frontend \"{}\": listen {}", f.name, f.listen))?;
         listeners.push((f.clone(), l));
     }
 
@@ -96,26 +91,15 @@ pub async fn run(cfg: Config, announce: bool) -> anyhow::Result<()> {
     log::info!("data plane: {}", dataplane.kind());
 
     let shared = Arc::new(Shared {
-        backends: cfg
-            .backends
-            .iter()
-            .map(|b| BackendRt {
-                cfg: b.clone(),
-                balancer: RoundRobin::default(),
-            })
-            .collect(),
+        backends: cfg.backends.iter().map(|b| BackendRt { cfg: b.clone(), balancer: RoundRobin::default() }).collect(),
         dataplane: dataplane.clone(),
         stats: stats.clone(),
         connect_timeout: cfg.timeouts.connect,
         connect_attempts: cfg.connect_attempts,
     });
 
-    let mut ready = Ready {
-        event: "ready",
-        pid: std::process::id(),
-        dataplane: dataplane.kind().to_string(),
-        frontends: vec![],
-    };
+    let mut ready =
+        Ready { event: "ready", pid: std::process::id(), dataplane: dataplane.kind().to_string(), frontends: vec![] };
     let mut accepts = JoinSet::new();
     for (f, l) in listeners {
         let addr = l.local_addr()?;
@@ -124,10 +108,7 @@ pub async fn run(cfg: Config, announce: bool) -> anyhow::Result<()> {
             f.name,
             shared.backends[f.backend].cfg.name
         );
-        ready.frontends.push(ReadyFrontend {
-            name: f.name.clone(),
-            listen: addr,
-        });
+        ready.frontends.push(ReadyFrontend { name: f.name.clone(), listen: addr });
         accepts.spawn(accept_loop(l, f.backend, shared.clone()));
     }
     if announce {
@@ -135,10 +116,7 @@ pub async fn run(cfg: Config, announce: bool) -> anyhow::Result<()> {
     }
 
     wait_for_signal().await?;
-    log::info!(
-        "stopping: closing listeners and {} connections",
-        stats.active.load(Relaxed)
-    );
+    log::info!("stopping: closing listeners and {} connections", stats.active.load(Relaxed));
     accepts.abort_all();
     while accepts.join_next().await.is_some() {}
     dataplane.shutdown();
@@ -184,17 +162,10 @@ async fn accept_loop(listener: TcpListener, backend: usize, shared: Arc<Shared>)
 }
 
 async fn connect(server: ServerAddr, timeout: Duration) -> std::io::Result<TcpStream> {
-    let sock = if server.0.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
+    let sock = if server.0.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     match tokio::time::timeout(timeout, sock.connect(server.0)).await {
         Ok(r) => r,
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("no answer within {timeout:?}"),
-        )),
+        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {timeout:?}"))),
     }
 }
 
@@ -214,20 +185,14 @@ async fn handle(client: TcpStream, addr: ClientAddr, backend: usize, shared: Arc
             }
             Err(e) => {
                 shared.stats.connect_failures.fetch_add(1, Relaxed);
-                log::debug!(
-                    "client {addr}: connect to {target} failed (attempt {}): {e}",
-                    attempt + 1
-                );
+                log::debug!("client {addr}: connect to {target} failed (attempt {}): {e}", attempt + 1);
                 idx = be.balancer.next(idx, n);
             }
         }
     }
     let Some((server, target)) = server else {
         shared.stats.rejected.fetch_add(1, Relaxed);
-        log::debug!(
-            "client {addr}: no server of backend \"{}\" reachable; closing",
-            be.cfg.name
-        );
+        log::debug!("client {addr}: no server of backend \"{}\" reachable; closing", be.cfg.name);
         return;
     };
     for s in [&client, &server] {
@@ -240,11 +205,7 @@ async fn handle(client: TcpStream, addr: ClientAddr, backend: usize, shared: Arc
             return;
         }
     };
-    if let Err(e) = shared.dataplane.splice(Spliced {
-        client,
-        server,
-        guard,
-    }) {
+    if let Err(e) = shared.dataplane.splice(Spliced { client, server, guard }) {
         log::warn!("client {addr} -> {target}: {e}");
     }
 }

@@ -19,6 +19,9 @@ pub struct ProxyStats {
     pub connect_failures: AtomicU64,
     /// Connections ended by a reset forwarded from one side to the other.
     pub aborted: AtomicU64,
+    /// Connections the kernel plane handed to the userspace copy because a
+    /// side had already half-closed (sockmap only takes established sockets).
+    pub userspace_fallbacks: AtomicU64,
     /// Bytes client -> server copied by the userspace data plane.
     pub userspace_bytes_in: AtomicU64,
     /// Bytes server -> client copied by the userspace data plane.
@@ -34,6 +37,7 @@ pub struct ProxySnapshot {
     pub rejected: u64,
     pub connect_failures: u64,
     pub aborted: u64,
+    pub userspace_fallbacks: u64,
     pub userspace_bytes_in: u64,
     pub userspace_bytes_out: u64,
 }
@@ -47,6 +51,7 @@ impl ProxyStats {
             rejected: self.rejected.load(Relaxed),
             connect_failures: self.connect_failures.load(Relaxed),
             aborted: self.aborted.load(Relaxed),
+            userspace_fallbacks: self.userspace_fallbacks.load(Relaxed),
             userspace_bytes_in: self.userspace_bytes_in.load(Relaxed),
             userspace_bytes_out: self.userspace_bytes_out.load(Relaxed),
         }

@@ -7,11 +7,7 @@ use std::{
 };
 
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
+    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
 }
 
 fn getsockopt<T: Copy>(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<T> {
@@ -25,16 +21,8 @@ fn getsockopt<T: Copy>(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::
 
 fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, val: &T) -> io::Result<()> {
     // SAFETY: val points to size_of::<T>() readable bytes.
-    check(unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (val as *const T).cast(),
-            size_of::<T>() as libc::socklen_t,
-        )
-    })
-    .map(drop)
+    check(unsafe { libc::setsockopt(fd, level, name, (val as *const T).cast(), size_of::<T>() as libc::socklen_t) })
+        .map(drop)
 }
 
 /// The socket's cookie (`SO_COOKIE`), the same value `bpf_get_socket_cookie` returns.
@@ -55,10 +43,7 @@ pub fn set_rcvlowat(s: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {
 
 /// Arms an abortive close: the next `close()` sends RST instead of FIN.
 pub fn set_linger_zero(s: &impl AsRawFd) -> io::Result<()> {
-    let l = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
+    let l = libc::linger { l_onoff: 1, l_linger: 0 };
     setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, &l)
 }
 
@@ -76,17 +61,11 @@ pub fn tcp_bytes_written(s: &impl AsRawFd) -> io::Result<u64> {
 
 /// Raises the soft open-files limit to the hard limit; returns (soft, hard).
 pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: valid out-pointer.
     check(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
     if lim.rlim_cur < lim.rlim_max {
-        let new = libc::rlimit {
-            rlim_cur: lim.rlim_max,
-            rlim_max: lim.rlim_max,
-        };
+        let new = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
         // SAFETY: valid pointer.
         check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) })?;
         lim.rlim_cur = lim.rlim_max;
@@ -104,46 +83,24 @@ impl Epoll {
         // SAFETY: plain syscall.
         let fd = check(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
         // SAFETY: fresh fd we own.
-        Ok(Self {
-            fd: unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) },
-        })
+        Ok(Self { fd: unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) } })
     }
 
     pub fn add(&self, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
         let mut ev = libc::epoll_event { events, u64: token };
         // SAFETY: valid event pointer.
-        check(unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) })
-            .map(drop)
+        check(unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) }).map(drop)
     }
 
     pub fn delete(&self, fd: RawFd) -> io::Result<()> {
         // SAFETY: the event pointer may be null for EPOLL_CTL_DEL.
-        check(unsafe {
-            libc::epoll_ctl(
-                self.fd.as_raw_fd(),
-                libc::EPOLL_CTL_DEL,
-                fd,
-                std::ptr::null_mut(),
-            )
-        })
-        .map(drop)
+        check(unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) }).map(drop)
     }
 
     /// Waits up to `timeout_ms` (-1: forever); returns the filled events.
-    pub fn wait<'a>(
-        &self,
-        buf: &'a mut [libc::epoll_event],
-        timeout_ms: i32,
-    ) -> io::Result<&'a [libc::epoll_event]> {
+    pub fn wait<'a>(&self, buf: &'a mut [libc::epoll_event], timeout_ms: i32) -> io::Result<&'a [libc::epoll_event]> {
         // SAFETY: buf is valid for buf.len() events.
-        let n = unsafe {
-            libc::epoll_wait(
-                self.fd.as_raw_fd(),
-                buf.as_mut_ptr(),
-                buf.len() as i32,
-                timeout_ms,
-            )
-        };
+        let n = unsafe { libc::epoll_wait(self.fd.as_raw_fd(), buf.as_mut_ptr(), buf.len() as i32, timeout_ms) };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -165,9 +122,7 @@ impl EventFd {
         // SAFETY: plain syscall.
         let fd = check(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
         // SAFETY: fresh fd we own.
-        Ok(Self {
-            fd: unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) },
-        })
+        Ok(Self { fd: unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) } })
     }
     pub fn raw(&self) -> RawFd {
         self.fd.as_raw_fd()
@@ -188,4 +143,11 @@ impl EventFd {
 pub fn tcp_bytes_received(s: &impl AsRawFd) -> io::Result<u64> {
     let info: libc::tcp_info = getsockopt(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO)?;
     Ok(info.tcpi_bytes_received)
+}
+
+/// Whether a TCP socket is still `ESTABLISHED` (sockmap accepts no other state).
+pub fn tcp_established(s: &impl AsRawFd) -> bool {
+    getsockopt::<libc::tcp_info>(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO)
+        .map(|i| i.tcpi_state == 1)
+        .unwrap_or(false)
 }

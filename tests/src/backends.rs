@@ -39,9 +39,7 @@ impl Backend {
         F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let l = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind backend");
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
         let addr = l.local_addr().expect("backend addr");
         let accepted = Arc::new(AtomicU64::new(0));
         let acc = accepted.clone();
@@ -52,11 +50,7 @@ impl Backend {
                 tokio::spawn(handler(s));
             }
         });
-        Backend {
-            addr,
-            accepted,
-            task,
-        }
+        Backend { addr, accepted, task }
     }
 
     /// Echoes every byte, then closes after the client's EOF.
@@ -137,13 +131,7 @@ pub struct TransferReport {
 /// shuts down. Each side checks every byte it receives and the EOF position.
 async fn serve_transfer(mut s: TcpStream) -> TransferReport {
     let mut hdr = [0u8; 24];
-    let mut rep = TransferReport {
-        seed: 0,
-        up_expected: 0,
-        up_received: 0,
-        up_intact: false,
-        error: None,
-    };
+    let mut rep = TransferReport { seed: 0, up_expected: 0, up_received: 0, up_intact: false, error: None };
     if let Err(e) = s.read_exact(&mut hdr).await {
         rep.error = Some(format!("reading header: {e}"));
         return rep;
@@ -176,11 +164,7 @@ async fn serve_transfer(mut s: TcpStream) -> TransferReport {
 }
 
 /// Writes `len` bytes of `Stream(seed)`.
-pub async fn write_stream<W: AsyncWriteExt + Unpin>(
-    w: &mut W,
-    seed: u64,
-    len: u64,
-) -> std::io::Result<()> {
+pub async fn write_stream<W: AsyncWriteExt + Unpin>(w: &mut W, seed: u64, len: u64) -> std::io::Result<()> {
     let mut st = Stream::new(seed);
     let mut buf = vec![0u8; CHUNK];
     let mut left = len;
@@ -219,9 +203,7 @@ pub async fn read_and_check<R: AsyncReadExt + Unpin>(
 
 /// Client side of the transfer protocol through `addr`.
 pub async fn transfer(addr: SocketAddr, seed: u64, up: u64, down: u64) -> Result<(), String> {
-    let mut s = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let mut s = TcpStream::connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
     let mut hdr = Vec::with_capacity(24);
     for v in [seed, up, down] {
         hdr.extend_from_slice(&v.to_le_bytes());
@@ -237,9 +219,7 @@ pub async fn transfer(addr: SocketAddr, seed: u64, up: u64, down: u64) -> Result
     sv.map_err(|e| format!("seed {seed}: sending {up} bytes: {e}"))?;
     match rv {
         Ok((_, true)) => Ok(()),
-        Ok((n, false)) => Err(format!(
-            "seed {seed}: download corrupt or wrong length: got {n} of {down} bytes"
-        )),
+        Ok((n, false)) => Err(format!("seed {seed}: download corrupt or wrong length: got {n} of {down} bytes")),
         Err(e) => Err(format!("seed {seed}: receiving: {e}")),
     }
 }

@@ -28,7 +28,9 @@ impl Mode {
 /// The `lb` binary: `$LB_BIN` (set by `cargo xtask test`) or the workspace's release build.
 pub fn lb_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("LB_BIN") {
-        return PathBuf::from(p);
+        // Tests run in their crate's directory; a relative path means the workspace's.
+        let p = PathBuf::from(p);
+        return if p.is_absolute() { p } else { PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(p) };
     }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     for profile in ["release", "debug"] {
@@ -46,10 +48,7 @@ pub fn kernel_available(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let bpffs = std::fs::read_to_string("/proc/mounts")
-        .map(|m| {
-            m.lines()
-                .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
-        })
+        .map(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")))
         .unwrap_or(false);
     let why = match (root, bpffs) {
         (true, true) => return true,
@@ -112,11 +111,7 @@ impl Lb {
             pin_path.display()
         );
         let lb = Self::launch(test, dir, pin_path, &cfg);
-        assert_eq!(
-            lb.dataplane,
-            mode.as_str(),
-            "{test}: lb runs the wrong data plane"
-        );
+        assert_eq!(lb.dataplane, mode.as_str(), "{test}: lb runs the wrong data plane");
         Some(lb)
     }
 
@@ -129,10 +124,7 @@ impl Lb {
         let mut child = Command::new(lb_bin())
             .args(["run", "--announce", "--config"])
             .arg(&cfg_path)
-            .env(
-                "RUST_LOG",
-                std::env::var("LB_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("RUST_LOG", std::env::var("LB_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
@@ -155,25 +147,14 @@ impl Lb {
             dir,
         };
         let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
-        let ready: serde_json::Value = serde_json::from_str(line.trim()).unwrap_or_else(|_| {
-            panic!(
-                "{test}: lb did not announce readiness; stderr:\n{}",
-                lb.stderr()
-            )
-        });
+        let ready: serde_json::Value = serde_json::from_str(line.trim())
+            .unwrap_or_else(|_| panic!("{test}: lb did not announce readiness; stderr:\n{}", lb.stderr()));
         lb.dataplane = ready["dataplane"].as_str().unwrap_or_default().to_owned();
         lb.frontends = ready["frontends"]
             .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|f| f["listen"].as_str()?.parse().ok())
-                    .collect()
-            })
+            .map(|a| a.iter().filter_map(|f| f["listen"].as_str()?.parse().ok()).collect())
             .unwrap_or_default();
-        lb.addr = *lb
-            .frontends
-            .first()
-            .unwrap_or_else(|| panic!("{test}: no frontend announced"));
+        lb.addr = *lb.frontends.first().unwrap_or_else(|| panic!("{test}: no frontend announced"));
         lb
     }
 
@@ -189,11 +170,7 @@ impl Lb {
             .arg(&self.pin_path)
             .output()
             .expect("running lb stats");
-        assert!(
-            out.status.success(),
-            "lb stats failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "lb stats failed: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).expect("lb stats --json output is JSON")
     }
 
@@ -219,12 +196,16 @@ impl Lb {
 impl Drop for Lb {
     fn drop(&mut self) {
         self.stop();
+        if std::thread::panicking() {
+            let log = self.stderr();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- lb (pid {}) stderr, last lines ---", self.pid);
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
         if self.pin_path.exists() {
-            for e in std::fs::read_dir(&self.pin_path)
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
+            for e in std::fs::read_dir(&self.pin_path).into_iter().flatten().flatten() {
                 let _ = std::fs::remove_file(e.path());
             }
             let _ = std::fs::remove_dir(&self.pin_path);

@@ -25,9 +25,7 @@ pub async fn retry_until<T>(deadline: Duration, mut f: impl FnMut() -> Option<T>
 
 /// Open file descriptors of a process.
 pub fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
 }
 
 /// CPU time (user + system) of a process, from /proc/PID/stat.
@@ -36,8 +34,8 @@ pub fn cpu_time(pid: u32) -> Duration {
     // Fields after the command name (which may contain spaces) start at ')'.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let ticks: u64 =
+        f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Duration::from_nanos(ticks * 1_000_000_000 / hz)
@@ -48,14 +46,7 @@ pub fn status_kb(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| {
-            l.strip_prefix(field)?
-                .strip_prefix(':')?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':')?.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
 
@@ -67,9 +58,7 @@ pub fn tcp_mem_pages() -> u64 {
         .find(|l| l.starts_with("TCP:"))
         .and_then(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            f.iter()
-                .position(|&x| x == "mem")
-                .and_then(|i| f.get(i + 1)?.parse().ok())
+            f.iter().position(|&x| x == "mem").and_then(|i| f.get(i + 1)?.parse().ok())
         })
         .unwrap_or(0)
 }

@@ -11,11 +11,7 @@ pub struct Stream {
 
 impl Stream {
     pub fn new(seed: u64) -> Self {
-        Self {
-            state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
-            word: [0; 8],
-            used: 8,
-        }
+        Self { state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1, word: [0; 8], used: 8 }
     }
 
     fn next_word(&mut self) -> u64 {
@@ -71,11 +67,7 @@ impl Rng {
     pub fn size(&mut self, max: u64) -> u64 {
         let bits = 64 - max.leading_zeros() as u64;
         let b = self.next_u64() % (bits + 1);
-        if b == 0 {
-            0
-        } else {
-            (self.next_u64() % (1 << b)).min(max)
-        }
+        if b == 0 { 0 } else { (self.next_u64() % (1 << b)).min(max) }
     }
 }
 
@@ -91,10 +83,7 @@ mod tests {
         let mut scratch = Vec::new();
         let mut off = 0;
         for n in [1, 3, 8, 13, 200, 775] {
-            assert!(
-                s.check(&whole[off..off + n], &mut scratch),
-                "chunk at {off}"
-            );
+            assert!(s.check(&whole[off..off + n], &mut scratch), "chunk at {off}");
             off += n;
         }
         let mut other = vec![0u8; 16];

@@ -32,35 +32,18 @@ struct Totals {
 pub fn demo(lb_bin: &Path, clients: usize, seconds: u64) -> anyhow::Result<()> {
     // SAFETY: setting an env var before any thread is started.
     unsafe { std::env::set_var("LB_BIN", lb_bin) };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(run(clients, seconds))
 }
 
 async fn run(clients: usize, seconds: u64) -> anyhow::Result<()> {
-    let backends = [
-        Backend::echo().await,
-        Backend::echo().await,
-        Backend::echo().await,
-    ];
+    let backends = [Backend::echo().await, Backend::echo().await, Backend::echo().await];
     let servers: Vec<String> = backends.iter().map(|b| format!("\"{}\"", b.addr)).collect();
     let (dir, pin_path) = lbproc::scratch();
-    let cfg = CONFIG
-        .replace("{SERVERS}", &servers.join(", "))
-        .replace("{PIN_PATH}", &pin_path.to_string_lossy());
-    println!(
-        "== config\n{}",
-        cfg.lines()
-            .filter(|l| !l.starts_with('#'))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    let cfg = CONFIG.replace("{SERVERS}", &servers.join(", ")).replace("{PIN_PATH}", &pin_path.to_string_lossy());
+    println!("== config\n{}", cfg.lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n"));
     let mut lb = Lb::launch("demo", dir, pin_path, &cfg);
-    println!(
-        "== lb pid {} listening on {}, data plane: {}",
-        lb.pid, lb.addr, lb.dataplane
-    );
+    println!("== lb pid {} listening on {}, data plane: {}", lb.pid, lb.addr, lb.dataplane);
 
     let totals = Arc::new(Totals::default());
     let deadline = Instant::now() + Duration::from_secs(seconds);
@@ -69,10 +52,10 @@ async fn run(clients: usize, seconds: u64) -> anyhow::Result<()> {
     for i in 0..clients {
         let (t, addr) = (totals.clone(), lb.addr);
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = client(addr, i as u64, deadline, &t).await {
-                if t.errors.fetch_add(1, Relaxed) < 5 {
-                    eprintln!("client {i}: {e}");
-                }
+            if let Err(e) = client(addr, i as u64, deadline, &t).await
+                && t.errors.fetch_add(1, Relaxed) < 5
+            {
+                eprintln!("client {i}: {e}");
             }
         }));
     }
@@ -93,33 +76,17 @@ async fn run(clients: usize, seconds: u64) -> anyhow::Result<()> {
         let _ = t.await;
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let (ex, bytes, errors) = (
-        totals.exchanges.load(Relaxed),
-        totals.bytes.load(Relaxed),
-        totals.errors.load(Relaxed),
-    );
+    let (ex, bytes, errors) = (totals.exchanges.load(Relaxed), totals.bytes.load(Relaxed), totals.errors.load(Relaxed));
     println!("== traffic");
     println!("  clients            {clients} concurrent, peak connected {peak_active}");
     println!("  exchanges          {ex} request/replies, every reply byte checked");
-    println!(
-        "  bytes through lb   {bytes} ({:.1} MiB/s each way)",
-        bytes as f64 / 2.0 / elapsed / 1048576.0
-    );
+    println!("  bytes through lb   {bytes} ({:.1} MiB/s each way)", bytes as f64 / 2.0 / elapsed / 1048576.0);
     println!("  client errors      {errors}");
-    println!(
-        "  lb CPU time        {:.2}s over {elapsed:.1}s",
-        testkit::cpu_time(lb.pid).as_secs_f64()
-    );
-    println!(
-        "  lb peak RSS        {} KiB",
-        testkit::status_kb(lb.pid, "VmHWM")
-    );
+    println!("  lb CPU time        {:.2}s over {elapsed:.1}s", testkit::cpu_time(lb.pid).as_secs_f64());
+    println!("  lb peak RSS        {} KiB", testkit::status_kb(lb.pid, "VmHWM"));
     if lb.dataplane == "kernel" {
         let s = lb.pinned_stats();
-        println!(
-            "== kernel counters (lb stats --json --pin-path {})",
-            lb.pin_path.display()
-        );
+        println!("== kernel counters (lb stats --json --pin-path {})", lb.pin_path.display());
         println!("{}", serde_json::to_string_pretty(&s)?);
     }
     let clean = lb.stop();
@@ -141,15 +108,8 @@ async fn run(clients: usize, seconds: u64) -> anyhow::Result<()> {
 }
 
 /// Until `deadline`: send a message of 1..16 KiB, read the echo, check it.
-async fn client(
-    addr: std::net::SocketAddr,
-    id: u64,
-    deadline: Instant,
-    t: &Totals,
-) -> anyhow::Result<()> {
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("connect {addr}"))?;
+async fn client(addr: std::net::SocketAddr, id: u64, deadline: Instant, t: &Totals) -> anyhow::Result<()> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
     t.connected.fetch_add(1, Relaxed);
     let mut rng = Rng::new(id * 7919 + 1);
     let mut out = vec![0u8; 16384];

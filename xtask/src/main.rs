@@ -47,10 +47,7 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 pub fn workspace_root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask has a parent")
-        .to_owned()
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_owned()
 }
 
 fn cargo() -> Command {
@@ -76,18 +73,10 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { args } => {
             setup::setup()?;
             run(cargo().args(["fmt", "--all", "--", "--check"]))?;
-            run(cargo().args([
-                "clippy",
-                "--workspace",
-                "--all-targets",
-                "--",
-                "-D",
-                "warnings",
-            ]))?;
+            run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
             let lb = build_lb()?;
             let mut t = cargo();
-            t.args(["test", "--release", "--workspace"])
-                .env("LB_BIN", &lb);
+            t.args(["test", "--release", "--workspace"]).env("LB_BIN", &lb);
             if !args.is_empty() {
                 t.arg("--").args(&args);
             }

@@ -14,10 +14,7 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
     let shown = format!("{cmd:?}");
     let out = cmd.output().with_context(|| format!("starting {shown}"))?;
     if !out.status.success() {
-        bail!(
-            "{shown} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{shown} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -42,30 +39,13 @@ fn nightly_rust_src() -> anyhow::Result<()> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
         step("installing the nightly toolchain");
-        run(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
-        ]))?;
+        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
     }
-    let installed = output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--toolchain",
-        "nightly",
-        "--installed",
-    ]))?;
+    let installed =
+        output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
     if !installed.lines().any(|l| l.starts_with("rust-src")) {
         step("adding rust-src to nightly");
-        run(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
     }
     Ok(())
 }
@@ -82,21 +62,14 @@ fn bpf_linker() -> anyhow::Result<()> {
         .trim()
         .to_owned();
     let major = llvm.split('.').next().unwrap_or_default().to_owned();
-    let sysroot = PathBuf::from(
-        output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim(),
-    );
+    let sysroot = PathBuf::from(output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim());
     let libdir = sysroot.join("lib");
     let lib = std::fs::read_dir(&libdir)
         .with_context(|| format!("reading {}", libdir.display()))?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .find(|n| n.starts_with("libLLVM.so."))
-        .with_context(|| {
-            format!(
-                "no libLLVM.so.* in {} (nightly rustc without its LLVM?)",
-                libdir.display()
-            )
-        })?;
+        .with_context(|| format!("no libLLVM.so.* in {} (nightly rustc without its LLVM?)", libdir.display()))?;
 
     let cargo_home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
@@ -105,24 +78,17 @@ fn bpf_linker() -> anyhow::Result<()> {
     let prefix = cargo_home.join("lb-llvm").join(&lib);
     let stamp = cargo_home.join("lb-llvm").join("bpf-linker.stamp");
     let want = format!("{lib}\n");
-    let works = Command::new("bpf-linker")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
+    let works = Command::new("bpf-linker").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
     if works && std::fs::read_to_string(&stamp).ok().as_deref() == Some(want.as_str()) {
         return Ok(());
     }
-    step(&format!(
-        "building bpf-linker against rustc's LLVM {llvm} ({lib}); takes about a minute"
-    ));
+    step(&format!("building bpf-linker against rustc's LLVM {llvm} ({lib}); takes about a minute"));
     let plib = prefix.join("lib");
     std::fs::create_dir_all(&plib).with_context(|| format!("creating {}", plib.display()))?;
     for name in ["libLLVM.so".to_owned(), lib.clone()] {
         let link = plib.join(&name);
         let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(libdir.join(&lib), &link)
-            .with_context(|| format!("linking {}", link.display()))?;
+        std::os::unix::fs::symlink(libdir.join(&lib), &link).with_context(|| format!("linking {}", link.display()))?;
     }
     run(Command::new("cargo")
         .args(["install", "--locked", "--force", "bpf-linker", "--no-default-features", "--features"])
@@ -150,15 +116,9 @@ fn debian_packages(pkgs: &[&str]) -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    step(&format!(
-        "installing Debian packages: {}",
-        missing.join(" ")
-    ));
+    step(&format!("installing Debian packages: {}", missing.join(" ")));
     if Command::new("apt-get").arg("--version").output().is_err() {
-        bail!(
-            "packages {} are missing and there is no apt-get; install them by hand",
-            missing.join(", ")
-        );
+        bail!("packages {} are missing and there is no apt-get; install them by hand", missing.join(", "));
     }
     run(Command::new("apt-get").args(["update", "-q"]))
         .context("apt-get update failed (run as root, with the Debian mirrors reachable)")?;
@@ -171,16 +131,12 @@ fn debian_packages(pkgs: &[&str]) -> anyhow::Result<()> {
 
 fn bpffs() -> anyhow::Result<()> {
     let mounted = std::fs::read_to_string("/proc/mounts")
-        .map(|m| {
-            m.lines()
-                .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
-        })
+        .map(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf ")))
         .unwrap_or(false);
     if mounted {
         return Ok(());
     }
     step("mounting bpffs at /sys/fs/bpf");
-    run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"])).context(
-        "mounting bpffs failed: lb's kernel data plane needs root (or CAP_SYS_ADMIN) for this once",
-    )
+    run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+        .context("mounting bpffs failed: lb's kernel data plane needs root (or CAP_SYS_ADMIN) for this once")
 }

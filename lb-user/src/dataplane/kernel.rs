@@ -23,7 +23,7 @@ use lb_common::{
     stats::{COUNTERS_KEY, DataplaneCounters},
 };
 
-use super::{Dataplane, Kind, SpliceError, Spliced, watcher::Watcher};
+use super::{Dataplane, Kind, SpliceError, Spliced, UserspaceDataplane, watcher::Watcher};
 use crate::{config::Config, stats::ProxyStats, sys};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -31,30 +31,20 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Why the kernel data plane cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
-    #[error(
-        "bpffs is not mounted at {0} (mount it: `mount -t bpf bpf {0}`, or run `cargo xtask setup`)"
-    )]
+    #[error("bpffs is not mounted at {0} (mount it: `mount -t bpf bpf {0}`, or run `cargo xtask setup`)")]
     BpffsMissing(PathBuf),
     #[error("another lb is running with pin_path {path} (lock {lock} is held)")]
     PinPathBusy { path: PathBuf, lock: PathBuf },
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
-    #[error(
-        "loading the eBPF object: {0} (needs root or CAP_BPF + CAP_NET_ADMIN, and a kernel with sockmap)"
-    )]
+    #[error("loading the eBPF object: {0} (needs root or CAP_BPF + CAP_NET_ADMIN, and a kernel with sockmap)")]
     Load(#[from] aya::EbpfError),
     #[error("{0}")]
     Program(String),
     #[error("map {name}: {source}")]
-    Map {
-        name: &'static str,
-        source: MapError,
-    },
+    Map { name: &'static str, source: MapError },
     #[error("pinning {path}: {source}")]
-    Pin {
-        path: PathBuf,
-        source: aya::pin::PinError,
-    },
+    Pin { path: PathBuf, source: aya::pin::PinError },
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> KernelError {
@@ -90,6 +80,9 @@ pub struct KernelDataplane {
     maps: Arc<Mutex<ConnMaps>>,
     counters: PerCpuArray<MapData, DataplaneCounters>,
     watcher: Watcher,
+    /// Serves connections the kernel cannot splice (a side already half-closed).
+    fallback: UserspaceDataplane,
+    stats: Arc<ProxyStats>,
     pin_path: PathBuf,
     /// Owns the program (and its attachment); dropped at shutdown.
     ebpf: Mutex<Option<Ebpf>>,
@@ -112,11 +105,8 @@ fn check_bpffs(pin_path: &Path) -> Result<(), KernelError> {
 
 /// Takes an exclusive lock for `pin_path`, so two instances never share pins.
 fn lock_pin_path(pin_path: &Path) -> Result<fs::File, KernelError> {
-    let name: String = pin_path
-        .to_string_lossy()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
+    let name: String =
+        pin_path.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
     let dir = Path::new("/run/lb");
     fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
     let lock = dir.join(format!("{name}.lock"));
@@ -128,10 +118,7 @@ fn lock_pin_path(pin_path: &Path) -> Result<fs::File, KernelError> {
         .map_err(io_err(format!("opening {}", lock.display())))?;
     // SAFETY: valid fd.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(KernelError::PinPathBusy {
-            path: pin_path.to_owned(),
-            lock,
-        });
+        return Err(KernelError::PinPathBusy { path: pin_path.to_owned(), lock });
     }
     Ok(file)
 }
@@ -148,9 +135,7 @@ fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
 {
-    let map = ebpf.take_map(name).ok_or(KernelError::Program(format!(
-        "map {name} missing from the eBPF object"
-    )))?;
+    let map = ebpf.take_map(name).ok_or(KernelError::Program(format!("map {name} missing from the eBPF object")))?;
     T::try_from(map).map_err(|source| KernelError::Map { name, source })
 }
 
@@ -162,10 +147,7 @@ impl KernelDataplane {
         let lock = lock_pin_path(&pin_path)?;
         // We hold the lock: whatever is pinned there was left by a dead instance.
         if pin_path.exists() {
-            log::warn!(
-                "removing stale pins under {} left by an earlier lb",
-                pin_path.display()
-            );
+            log::warn!("removing stale pins under {} left by an earlier lb", pin_path.display());
             remove_pins(&pin_path);
         }
 
@@ -176,16 +158,13 @@ impl KernelDataplane {
             .map_max_entries(CONN, sockets)
             .load(crate::EBPF_OBJECT)?;
 
-        fs::create_dir_all(&pin_path)
-            .map_err(io_err(format!("creating {}", pin_path.display())))?;
+        fs::create_dir_all(&pin_path).map_err(io_err(format!("creating {}", pin_path.display())))?;
         let result = (|| {
             for name in PINNED {
-                let map = ebpf.map(name).ok_or(KernelError::Program(format!(
-                    "map {name} missing from the eBPF object"
-                )))?;
+                let map =
+                    ebpf.map(name).ok_or(KernelError::Program(format!("map {name} missing from the eBPF object")))?;
                 let path = pin_path.join(name);
-                map.pin(&path)
-                    .map_err(|source| KernelError::Pin { path, source })?;
+                map.pin(&path).map_err(|source| KernelError::Pin { path, source })?;
             }
             let peer: SockHash<MapData, u64> = take(&mut ebpf, PEER)?;
             let splice: SockHash<MapData, u64> = take(&mut ebpf, SPLICE)?;
@@ -194,19 +173,14 @@ impl KernelDataplane {
 
             let prog: &mut SkSkb = ebpf
                 .program_mut(PROG_VERDICT)
-                .ok_or(KernelError::Program(format!(
-                    "program {PROG_VERDICT} missing from the eBPF object"
-                )))?
+                .ok_or(KernelError::Program(format!("program {PROG_VERDICT} missing from the eBPF object")))?
                 .try_into()
                 .map_err(|e| KernelError::Program(format!("program {PROG_VERDICT}: {e}")))?;
-            prog.load()
-                .map_err(|e| KernelError::Program(format!("loading {PROG_VERDICT}: {e}")))?;
-            prog.attach(splice.fd()).map_err(|e| {
-                KernelError::Program(format!("attaching {PROG_VERDICT} to {SPLICE}: {e}"))
-            })?;
+            prog.load().map_err(|e| KernelError::Program(format!("loading {PROG_VERDICT}: {e}")))?;
+            prog.attach(splice.fd())
+                .map_err(|e| KernelError::Program(format!("attaching {PROG_VERDICT} to {SPLICE}: {e}")))?;
             let path = pin_path.join(PROG_VERDICT);
-            prog.pin(&path)
-                .map_err(|source| KernelError::Pin { path, source })?;
+            prog.pin(&path).map_err(|source| KernelError::Pin { path, source })?;
             Ok((peer, splice, conn, counters))
         })();
         let (peer, splice, conn, counters) = match result {
@@ -218,47 +192,50 @@ impl KernelDataplane {
             }
         };
         let maps = Arc::new(Mutex::new(ConnMaps { peer, splice, conn }));
-        let watcher = Watcher::start(maps.clone(), stats)
-            .map_err(io_err("starting the close watcher thread"))?;
+        let watcher =
+            Watcher::start(maps.clone(), stats.clone()).map_err(io_err("starting the close watcher thread"))?;
         Ok(Self {
             maps,
             counters,
             watcher,
+            fallback: UserspaceDataplane::new(stats.clone()),
+            stats,
             pin_path,
             ebpf: Mutex::new(Some(ebpf)),
             _lock: lock,
         })
     }
 
-    fn insert(&self, s: &Spliced, cookies: [u64; 2]) -> Result<(), SpliceError> {
+    /// Inserts the four map entries. On error, everything inserted is
+    /// removed again, and the flag says whether the verdict may already have
+    /// moved bytes (an `LB_SPLICE` insert had succeeded).
+    fn insert(&self, s: &Spliced, cookies: [u64; 2]) -> Result<(), (SpliceError, bool)> {
         let [cc, sc] = cookies;
         let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        let mut spliced = false;
         let r = (|| {
             let ins = |map: &'static str| move |source| SpliceError::MapInsert { map, source };
-            m.conn
-                .insert(cc, ConnTraffic::default(), 0)
-                .map_err(ins(CONN))?;
-            m.conn
-                .insert(sc, ConnTraffic::default(), 0)
-                .map_err(ins(CONN))?;
-            m.peer
-                .insert(cc, s.server.as_raw_fd(), 0)
-                .map_err(ins(PEER))?;
-            m.peer
-                .insert(sc, s.client.as_raw_fd(), 0)
-                .map_err(ins(PEER))?;
-            m.splice
-                .insert(cc, s.client.as_raw_fd(), 0)
-                .map_err(ins(SPLICE))?;
-            m.splice
-                .insert(sc, s.server.as_raw_fd(), 0)
-                .map_err(ins(SPLICE))?;
+            m.conn.insert(cc, ConnTraffic::default(), 0).map_err(ins(CONN))?;
+            m.conn.insert(sc, ConnTraffic::default(), 0).map_err(ins(CONN))?;
+            m.peer.insert(cc, s.server.as_raw_fd(), 0).map_err(ins(PEER))?;
+            m.peer.insert(sc, s.client.as_raw_fd(), 0).map_err(ins(PEER))?;
+            m.splice.insert(cc, s.client.as_raw_fd(), 0).map_err(ins(SPLICE))?;
+            spliced = true;
+            m.splice.insert(sc, s.server.as_raw_fd(), 0).map_err(ins(SPLICE))?;
             Ok(())
         })();
-        if r.is_err() {
+        if let Err(e) = r {
             m.forget(cookies);
+            return Err((e, spliced));
         }
-        r
+        Ok(())
+    }
+
+    /// Hands a connection the kernel cannot take to the userspace copy.
+    fn fall_back(&self, conn: Spliced, why: &str) -> Result<(), SpliceError> {
+        log::debug!("connection served by the userspace copy: {why}");
+        self.stats.userspace_fallbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.fallback.splice(conn)
     }
 }
 
@@ -276,30 +253,32 @@ impl Dataplane for KernelDataplane {
         for (base, s) in written_base.iter_mut().zip([&conn.client, &conn.server]) {
             *base = sys::tcp_bytes_written(s).map_err(SpliceError::Socket)?;
         }
-        self.insert(&conn, cookies)?;
+        // sockmap takes only ESTABLISHED sockets: a client that already sent
+        // its FIN (CLOSE_WAIT) is served by the userspace copy instead.
+        if !sys::tcp_established(&conn.client) || !sys::tcp_established(&conn.server) {
+            return self.fall_back(conn, "a side closed before the splice");
+        }
+        match self.insert(&conn, cookies) {
+            Ok(()) => {}
+            Err((e, false)) => return self.fall_back(conn, &e.to_string()),
+            Err((e, true)) => return Err(e),
+        }
         // Bytes that arrived before the sockets were spliced sit in their
         // receive queues; re-arming data-ready runs them through the verdict.
         for s in [&conn.client, &conn.server] {
             if let Err(e) = sys::set_rcvlowat(s, 1) {
-                self.maps
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .forget(cookies);
+                self.maps.lock().unwrap_or_else(|e| e.into_inner()).forget(cookies);
                 return Err(SpliceError::Socket(e));
             }
         }
-        self.watcher
-            .watch(conn, cookies, written_base)
-            .inspect_err(|_| {
-                self.maps
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .forget(cookies);
-            })
+        self.watcher.watch(conn, cookies, written_base).inspect_err(|_| {
+            self.maps.lock().unwrap_or_else(|e| e.into_inner()).forget(cookies);
+        })
     }
 
     fn shutdown(&self) {
         self.watcher.stop();
+        self.fallback.shutdown();
         if let Some(ebpf) = self.ebpf.lock().unwrap_or_else(|e| e.into_inner()).take() {
             drop(ebpf); // detaches and unloads the program
         }
@@ -311,13 +290,9 @@ impl Dataplane for KernelDataplane {
     }
 }
 
-fn sum_counters(
-    map: &PerCpuArray<MapData, DataplaneCounters>,
-) -> Result<DataplaneCounters, MapError> {
+fn sum_counters(map: &PerCpuArray<MapData, DataplaneCounters>) -> Result<DataplaneCounters, MapError> {
     let per_cpu = map.get(&COUNTERS_KEY, 0)?;
-    Ok(per_cpu
-        .iter()
-        .fold(DataplaneCounters::default(), |acc, c| acc.add(c)))
+    Ok(per_cpu.iter().fold(DataplaneCounters::default(), |acc, c| acc.add(c)))
 }
 
 /// Read-only view of a running instance's pinned maps (for `lb stats`).
@@ -350,11 +325,7 @@ pub struct DataplaneCountersJson {
 
 impl From<DataplaneCounters> for DataplaneCountersJson {
     fn from(c: DataplaneCounters) -> Self {
-        Self {
-            skbs_redirected: c.skbs_redirected,
-            bytes_redirected: c.bytes_redirected,
-            peer_missing: c.peer_missing,
-        }
+        Self { skbs_redirected: c.skbs_redirected, bytes_redirected: c.bytes_redirected, peer_missing: c.peer_missing }
     }
 }
 
@@ -364,10 +335,8 @@ impl PinnedMaps {
             dir: &Path,
             name: &'static str,
         ) -> Result<T, KernelError> {
-            let data = MapData::from_pin(dir.join(name))
-                .map_err(|source| KernelError::Map { name, source })?;
-            let map = aya::maps::Map::from_map_data(data)
-                .map_err(|source| KernelError::Map { name, source })?;
+            let data = MapData::from_pin(dir.join(name)).map_err(|source| KernelError::Map { name, source })?;
+            let map = aya::maps::Map::from_map_data(data).map_err(|source| KernelError::Map { name, source })?;
             T::try_from(map).map_err(|source| KernelError::Map { name, source })
         }
         Ok(Self {
@@ -379,10 +348,7 @@ impl PinnedMaps {
     }
 
     pub fn snapshot(&self) -> Result<PinnedSnapshot, KernelError> {
-        let counters = sum_counters(&self.counters).map_err(|source| KernelError::Map {
-            name: COUNTERS,
-            source,
-        })?;
+        let counters = sum_counters(&self.counters).map_err(|source| KernelError::Map { name: COUNTERS, source })?;
         Ok(PinnedSnapshot {
             counters: counters.into(),
             spliced_sockets: self.splice.keys().filter(Result::is_ok).count() as u64,

@@ -60,10 +60,7 @@ pub enum SpliceError {
     #[error("reading socket cookie: {0}")]
     Cookie(std::io::Error),
     #[error("inserting socket into {map}: {source}")]
-    MapInsert {
-        map: &'static str,
-        source: aya::maps::MapError,
-    },
+    MapInsert { map: &'static str, source: aya::maps::MapError },
     #[error("socket setup: {0}")]
     Socket(std::io::Error),
     #[error("data plane is shutting down")]
@@ -91,4 +88,16 @@ pub fn start(cfg: &Config, stats: Arc<ProxyStats>) -> anyhow::Result<Arc<dyn Dat
             }
         },
     }
+}
+
+/// `error: cause: cause…`, for errors whose Display omits their source.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }

@@ -28,10 +28,7 @@ pub struct UserspaceDataplane {
 
 impl UserspaceDataplane {
     pub fn new(stats: Arc<ProxyStats>) -> Self {
-        Self {
-            stop: watch::channel(false).0,
-            _stats: stats,
-        }
+        Self { stop: watch::channel(false).0, _stats: stats }
     }
 }
 
@@ -78,11 +75,7 @@ impl Dataplane for UserspaceDataplane {
     }
 
     fn splice(&self, conn: Spliced) -> Result<(), SpliceError> {
-        let Spliced {
-            client,
-            server,
-            guard,
-        } = conn;
+        let Spliced { client, server, guard } = conn;
         for s in [&client, &server] {
             s.set_nonblocking(true).map_err(SpliceError::Socket)?;
         }
@@ -110,11 +103,7 @@ impl Dataplane for UserspaceDataplane {
                 // dir 0: client -> server, dir 1: server -> client. A read
                 // error is the source's reset, a write error the destination's:
                 // reset the other one.
-                let (src, dst) = if dir == 0 {
-                    (&client, &server)
-                } else {
-                    (&server, &client)
-                };
+                let (src, dst) = if dir == 0 { (&client, &server) } else { (&server, &client) };
                 let (other, err) = match e {
                     PumpError::Read(err) => (dst, err),
                     PumpError::Write(err) => (src, err),

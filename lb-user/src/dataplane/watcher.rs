@@ -66,20 +66,13 @@ impl Conn {
         if hup {
             let err = sys::take_error(&self.socks[side]).unwrap_or(libc::EIO);
             if err != 0 || events & libc::EPOLLERR as u32 != 0 {
-                log::debug!(
-                    "{} side reset or failed: {}",
-                    side_name(side),
-                    std::io::Error::from_raw_os_error(err)
-                );
+                log::debug!("{} side reset or failed: {}", side_name(side), std::io::Error::from_raw_os_error(err));
                 return Next::Abort(side);
             }
         }
         if (hup || events & libc::EPOLLRDHUP as u32 != 0) && !self.rd_closed[side] {
             self.rd_closed[side] = true;
-            self.drain[side] = Some(Drain {
-                last_written: 0,
-                last_progress: Instant::now(),
-            });
+            self.drain[side] = Some(Drain { last_written: 0, last_progress: Instant::now() });
         }
         self.progress(maps)
     }
@@ -92,17 +85,10 @@ impl Conn {
                 continue;
             };
             // tcpi_bytes_received counts the FIN, which is in by now.
-            let received = sys::tcp_bytes_received(&self.socks[from])
-                .unwrap_or(1)
-                .saturating_sub(1);
+            let received = sys::tcp_bytes_received(&self.socks[from]).unwrap_or(1).saturating_sub(1);
             let redirected = maps.redirected(self.cookies[from]).unwrap_or(0);
-            let written = sys::tcp_bytes_written(&self.socks[to])
-                .unwrap_or(0)
-                .saturating_sub(self.written_base[to]);
-            log::trace!(
-                "drain {}: received {received} redirected {redirected} written {written}",
-                side_name(from)
-            );
+            let written = sys::tcp_bytes_written(&self.socks[to]).unwrap_or(0).saturating_sub(self.written_base[to]);
+            log::trace!("drain {}: received {received} redirected {redirected} written {written}", side_name(from));
             if redirected >= received && written >= redirected {
                 // Errors here mean the peer is already gone; its own event follows.
                 let _ = self.socks[to].shutdown(Shutdown::Write);
@@ -121,11 +107,7 @@ impl Conn {
                 return Next::Abort(to);
             }
         }
-        if self.rd_closed == [true; 2] && self.wr_shut == [true; 2] {
-            Next::Close
-        } else {
-            Next::Keep
-        }
+        if self.rd_closed == [true; 2] && self.wr_shut == [true; 2] { Next::Close } else { Next::Keep }
     }
 
     fn pending(&self) -> bool {
@@ -163,35 +145,19 @@ impl Watcher {
         let shared = Arc::new(Shared {
             epoll: Epoll::new()?,
             wake: EventFd::new()?,
-            table: Mutex::new(Table {
-                next_id: 0,
-                conns: HashMap::new(),
-                pending: HashSet::new(),
-            }),
+            table: Mutex::new(Table { next_id: 0, conns: HashMap::new(), pending: HashSet::new() }),
             stopping: AtomicBool::new(false),
             maps,
             stats,
         });
-        shared
-            .epoll
-            .add(shared.wake.raw(), libc::EPOLLIN as u32, WAKE)?;
+        shared.epoll.add(shared.wake.raw(), libc::EPOLLIN as u32, WAKE)?;
         let s = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("lb-splice-watch".into())
-            .spawn(move || run(&s))?;
-        Ok(Self {
-            shared,
-            thread: Mutex::new(Some(thread)),
-        })
+        let thread = std::thread::Builder::new().name("lb-splice-watch".into()).spawn(move || run(&s))?;
+        Ok(Self { shared, thread: Mutex::new(Some(thread)) })
     }
 
     /// Starts watching a spliced connection; from here on it owns both sockets.
-    pub fn watch(
-        &self,
-        conn: Spliced,
-        cookies: [u64; 2],
-        written_base: [u64; 2],
-    ) -> Result<(), SpliceError> {
+    pub fn watch(&self, conn: Spliced, cookies: [u64; 2], written_base: [u64; 2]) -> Result<(), SpliceError> {
         let mut t = self.shared.table.lock().unwrap_or_else(|e| e.into_inner());
         if self.shared.stopping.load(Ordering::Acquire) {
             return Err(SpliceError::ShuttingDown);
@@ -306,10 +272,6 @@ fn run(shared: &Shared) {
 }
 
 fn close(shared: &Shared, conn: Conn) {
-    shared
-        .maps
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .forget(conn.cookies);
+    shared.maps.lock().unwrap_or_else(|e| e.into_inner()).forget(conn.cookies);
     drop(conn); // closes both sockets, exactly once
 }

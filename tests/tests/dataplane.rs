@@ -1,0 +1,358 @@
+//! The data-path suite, run against both data planes. Kernel variants need
+//! root and bpffs; under CI=true they fail instead of skipping.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use testkit::{
+    Lb, Mode,
+    backends::{self, Backend},
+    retry_until,
+    stream::{Rng, Stream},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+const MIB: u64 = 1 << 20;
+
+macro_rules! both_planes {
+    ($($name:ident),* $(,)?) => {
+        mod kernel {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(testkit::Mode::Kernel).await })*
+        }
+        mod userspace {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(testkit::Mode::Userspace).await })*
+        }
+    };
+}
+
+both_planes!(
+    transfers_200_random_sizes_both_ways,
+    client_first_200_at_t0,
+    server_first_200_banner_at_accept,
+    half_close_request_then_reply,
+    backend_reset_reaches_client_within_1s,
+    vanishing_client_reaches_backend_within_1s,
+    fast_sender_slow_reader_256mib,
+    connect_close_10k_leaks_nothing,
+);
+
+fn counters(lb: &Lb) -> (u64, u64) {
+    let s = lb.pinned_stats();
+    (s["counters"]["bytes_redirected"].as_u64().unwrap(), s["counters"]["skbs_redirected"].as_u64().unwrap())
+}
+
+async fn transfers_200_random_sizes_both_ways(mode: Mode) {
+    let reports = Arc::new(Mutex::new(Vec::new()));
+    let be = Backend::transfer(reports.clone()).await;
+    let Some(lb) = Lb::start(mode, "transfers_200", &[be.addr]) else { return };
+    let mut rng = Rng::new(0x5eed);
+    // Both ends of the range are always in: empty and 64 MiB, each direction.
+    let mut sizes = vec![(0, 0), (64 * MIB, 0), (0, 64 * MIB), (64 * MIB, 64 * MIB)];
+    while sizes.len() < 200 {
+        sizes.push((rng.size(64 * MIB), rng.size(64 * MIB)));
+    }
+    let total: u64 = sizes.iter().map(|(u, d)| u + d + 24).sum();
+    let before = if mode == Mode::Kernel { counters(&lb).0 } else { 0 };
+    let tasks: Vec<_> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &(up, down))| tokio::spawn(backends::transfer(lb.addr, 1000 + i as u64, up, down)))
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap_or_else(|e| panic!("client: {e}"));
+    }
+    let reps = retry_until(Duration::from_secs(5), || {
+        let r = reports.lock().unwrap();
+        (r.len() == 200).then(|| r.clone())
+    })
+    .await
+    .expect("backend saw all 200 transfers end");
+    for r in &reps {
+        assert!(r.up_intact && r.error.is_none(), "upload corrupt at the backend: {r:?}");
+    }
+    eprintln!("[{}] 200 transfers, {} MiB checked byte by byte", mode.as_str(), total / MIB);
+    if mode == Mode::Kernel {
+        // sockmap takes only ESTABLISHED sockets. A side that sends all of
+        // its bytes and its FIN before lb splices (an empty upload, a small
+        // download) is served by lb's userspace copy instead. Neither side of
+        // a transfer of 16 MiB or more each way can finish that early (socket
+        // buffers are smaller), so those bytes must all cross the kernel.
+        let must_cross: u64 =
+            sizes.iter().filter(|(u, d)| *u >= 16 * MIB && *d >= 16 * MIB).map(|(u, d)| u + d + 24).sum();
+        assert!(must_cross >= 128 * MIB, "the size mix lost its large transfers");
+        let moved = counters(&lb).0 - before;
+        assert!(
+            moved >= must_cross,
+            "kernel redirected {moved} bytes, fewer than the {must_cross} that had to cross it"
+        );
+    }
+}
+
+async fn client_first_200_at_t0(mode: Mode) {
+    let be = Backend::echo().await;
+    let Some(lb) = Lb::start(mode, "client_first", &[be.addr]) else { return };
+    let tasks: Vec<_> = (0..200u64)
+        .map(|i| {
+            let addr = lb.addr;
+            tokio::spawn(async move {
+                let mut msg = vec![0u8; 100 + i as usize];
+                Stream::new(i).fill(&mut msg);
+                let mut s = TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("connect: {e}"));
+                // Written at t=0: before lb has even connected to the backend.
+                s.write_all(&msg).await.unwrap();
+                let mut back = vec![0u8; msg.len()];
+                tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+                    .await
+                    .unwrap_or_else(|_| panic!("client {i}: early data stalled (no echo within 5 s)"))
+                    .unwrap_or_else(|e| panic!("client {i}: {e}"));
+                assert_eq!(back, msg, "client {i}: echo differs");
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+async fn server_first_200_banner_at_accept(mode: Mode) {
+    const BANNER: &[u8] = b"220 lb-test ready\r\n";
+    let be = Backend::banner(BANNER).await;
+    let Some(lb) = Lb::start(mode, "server_first", &[be.addr]) else { return };
+    let tasks: Vec<_> = (0..200u64)
+        .map(|i| {
+            let addr = lb.addr;
+            tokio::spawn(async move {
+                let mut s = TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("connect: {e}"));
+                let mut got = vec![0u8; BANNER.len()];
+                tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+                    .await
+                    .unwrap_or_else(|_| panic!("client {i}: banner stalled (none within 5 s)"))
+                    .unwrap_or_else(|e| panic!("client {i}: {e}"));
+                assert_eq!(got, BANNER);
+                s.write_all(b"QUIT\r\n").await.unwrap();
+                let mut back = [0u8; 6];
+                s.read_exact(&mut back).await.unwrap();
+                assert_eq!(&back, b"QUIT\r\n");
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+async fn half_close_request_then_reply(mode: Mode) {
+    const REQ: u64 = 300_000;
+    const REPLY: usize = 1 << 20;
+    let be = Backend::read_then_reply(REPLY).await;
+    let Some(lb) = Lb::start(mode, "half_close", &[be.addr]) else { return };
+    for round in 0..20 {
+        let mut s = TcpStream::connect(lb.addr).await.unwrap();
+        backends::write_stream(&mut s, round, REQ).await.unwrap();
+        // Half-close: the backend only answers after it has seen our EOF.
+        s.shutdown().await.unwrap();
+        let (n, ok) =
+            tokio::time::timeout(Duration::from_secs(10), backends::read_and_check(&mut s, REQ, REPLY as u64))
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: reply not complete within 10 s (EOF not forwarded?)"))
+                .unwrap();
+        assert!(ok, "round {round}: reply corrupt or short: {n} of {REPLY} bytes");
+    }
+}
+
+async fn backend_reset_reaches_client_within_1s(mode: Mode) {
+    let be = Backend::reset_after_first_byte().await;
+    let Some(lb) = Lb::start(mode, "backend_reset", &[be.addr]) else { return };
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(lb.addr).await.unwrap();
+        s.write_all(b"x").await.unwrap();
+        let t0 = Instant::now();
+        let mut buf = [0u8; 16];
+        let r = tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf))
+            .await
+            .expect("client did not see the backend's reset within 1 s");
+        match r {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("expected reset or EOF, got {other:?}"),
+        }
+        assert!(t0.elapsed() < Duration::from_secs(1));
+    }
+}
+
+async fn vanishing_client_reaches_backend_within_1s(mode: Mode) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(&'static str, Instant)>();
+    let be = Backend::spawn(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            let mut hello = [0u8; 5];
+            s.read_exact(&mut hello).await.unwrap();
+            let _ = tx.send(("hello", Instant::now()));
+            let mut buf = [0u8; 64];
+            let r = s.read(&mut buf).await;
+            let what = match r {
+                Ok(0) => "eof",
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => "reset",
+                _ => "data",
+            };
+            let _ = tx.send((what, Instant::now()));
+        }
+    })
+    .await;
+    let Some(lb) = Lb::start(mode, "vanishing_client", &[be.addr]) else { return };
+    for abortive in [false, true, false, true] {
+        let mut s = TcpStream::connect(lb.addr).await.unwrap();
+        s.write_all(b"hello").await.unwrap();
+        let (what, _) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+        assert_eq!(what, "hello");
+        if abortive {
+            socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+        }
+        let t0 = Instant::now();
+        drop(s);
+        let (what, at) = tokio::time::timeout(Duration::from_secs(1), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("backend saw nothing within 1 s of the client vanishing (abortive: {abortive})"))
+            .unwrap();
+        assert!(what == "eof" || what == "reset", "backend saw {what}");
+        assert!(at - t0 < Duration::from_secs(1));
+    }
+}
+
+async fn fast_sender_slow_reader_256mib(mode: Mode) {
+    const LEN: u64 = 256 * MIB;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let be = Backend::spawn(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            // A slow reader: 256 KiB every 5 ms (~50 MiB/s).
+            let mut st = Stream::new(77);
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut scratch = Vec::new();
+            let (mut total, mut ok) = (0u64, true);
+            loop {
+                let n = match s.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(_) => {
+                        ok = false;
+                        break;
+                    }
+                };
+                ok &= total + n as u64 <= LEN && st.check(&buf[..n], &mut scratch);
+                total += n as u64;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let _ = tx.send((total, ok));
+        }
+    })
+    .await;
+    let Some(lb) = Lb::start(mode, "slow_reader", &[be.addr]) else { return };
+    let rss0 = testkit::status_kb(lb.pid, "VmRSS");
+    let tcp0 = testkit::tcp_mem_pages();
+    let pid = lb.pid;
+    let sampler = tokio::spawn(async move {
+        let mut peak = 0;
+        loop {
+            peak = peak.max(testkit::tcp_mem_pages());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if testkit::status_kb(pid, "VmRSS") == 0 {
+                return peak;
+            }
+        }
+    });
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    let t0 = Instant::now();
+    backends::write_stream(&mut s, 77, LEN).await.unwrap();
+    s.shutdown().await.unwrap();
+    let (total, ok) =
+        tokio::time::timeout(Duration::from_secs(120), rx.recv()).await.expect("reader finished").unwrap();
+    assert!(ok && total == LEN, "slow reader got {total} of {LEN} bytes, intact: {ok}");
+    let hwm = testkit::status_kb(lb.pid, "VmHWM");
+    sampler.abort();
+    let tcp_peak = testkit::tcp_mem_pages().max(tcp0);
+    eprintln!(
+        "[{}] 256 MiB to a slow reader in {:.1}s: lb peak RSS {hwm} KiB (start {rss0} KiB); kernel TCP memory now {} pages (start {tcp0})",
+        mode.as_str(),
+        t0.elapsed().as_secs_f64(),
+        tcp_peak
+    );
+    assert!(hwm < 256 * 1024, "lb peak RSS {hwm} KiB: the slow reader's backlog is being buffered in lb");
+}
+
+async fn connect_close_10k_leaks_nothing(mode: Mode) {
+    let be = Backend::echo().await;
+    let Some(lb) = Lb::start(mode, "connect_close_10k", &[be.addr]) else { return };
+    let fds0 = testkit::fd_count(lb.pid);
+    let addr = lb.addr;
+    let workers: Vec<_> = (0..50u64)
+        .map(|w| {
+            tokio::spawn(async move {
+                for i in 0..200u64 {
+                    let mut s = TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("connect {w}/{i}: {e}"));
+                    s.write_all(&[w as u8]).await.unwrap();
+                    let mut b = [0u8; 1];
+                    s.read_exact(&mut b).await.unwrap_or_else(|e| panic!("echo {w}/{i}: {e}"));
+                    assert_eq!(b[0], w as u8);
+                    if i % 2 == 0 {
+                        s.shutdown().await.unwrap();
+                        let mut rest = Vec::new();
+                        s.read_to_end(&mut rest).await.unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let settled = retry_until(Duration::from_secs(10), || (testkit::fd_count(lb.pid) <= fds0).then_some(())).await;
+    assert!(
+        settled.is_some(),
+        "lb holds {} fds after 10,000 closed connections (started with {fds0})",
+        testkit::fd_count(lb.pid)
+    );
+    if mode == Mode::Kernel {
+        let empty = retry_until(Duration::from_secs(5), || {
+            let s = lb.pinned_stats();
+            (s["spliced_sockets"] == 0 && s["peer_entries"] == 0 && s["conn_entries"] == 0).then_some(())
+        })
+        .await;
+        assert!(empty.is_some(), "kernel maps not empty after all connections closed: {}", lb.pinned_stats());
+        assert!(counters(&lb).1 >= 10_000, "fewer skbs redirected than connections: kernel path unused");
+    }
+}
+
+/// Kernel only: userspace does no per-byte work, so lb's CPU time for 1 GiB
+/// is a small fraction of the wall time, and the counter proves the path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_1gib_costs_lb_little_cpu() {
+    const LEN: u64 = 1 << 30;
+    let reports = Arc::new(Mutex::new(Vec::new()));
+    let be = Backend::transfer(reports.clone()).await;
+    let Some(lb) = Lb::start(Mode::Kernel, "kernel_1gib_cpu", &[be.addr]) else { return };
+    let (bytes0, _) = counters(&lb);
+    let cpu0 = testkit::cpu_time(lb.pid);
+    let t0 = Instant::now();
+    backends::transfer(lb.addr, 42, LEN, 0).await.unwrap_or_else(|e| panic!("{e}"));
+    let wall = t0.elapsed();
+    let cpu = testkit::cpu_time(lb.pid) - cpu0;
+    let moved = counters(&lb).0 - bytes0;
+    let frac = cpu.as_secs_f64() / wall.as_secs_f64();
+    eprintln!(
+        "[kernel] 1 GiB in {:.2}s ({:.2} GiB/s): lb CPU {:.3}s = {:.1}% of wall; kernel redirected {moved} bytes",
+        wall.as_secs_f64(),
+        1.0 / wall.as_secs_f64(),
+        cpu.as_secs_f64(),
+        frac * 100.0
+    );
+    assert!(moved >= LEN, "redirect counter grew by {moved}, less than 1 GiB");
+    assert!(frac < 0.2, "lb used {:.1}% of wall time in CPU for a spliced transfer", frac * 100.0);
+}
