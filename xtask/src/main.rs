@@ -112,9 +112,8 @@ fn main() -> anyhow::Result<()> {
             let lb = build_lb()?;
             let mut t = cargo();
             t.args(["test", "--release", "--workspace"]).env("LB_BIN", &lb);
-            if !args.is_empty() {
-                t.arg("--").args(&args);
-            }
+            // --show-output: the data-path tests report lb's memory and CPU figures.
+            t.args(["--", "--show-output"]).args(&args);
             run_tests(&mut t)
         }
     }
