@@ -52,10 +52,12 @@ pub fn set_linger_zero(s: &impl AsRawFd) -> io::Result<()> {
 /// Read in that order the sum never exceeds the true figure at return time.
 pub fn tcp_bytes_written(s: &impl AsRawFd) -> io::Result<u64> {
     let fd = s.as_raw_fd();
+    // Acked first: bytes acked between the two reads then move from the
+    // second figure into the first unseen, instead of being counted twice.
+    let info: libc::tcp_info = getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
     let mut outq: libc::c_int = 0;
     // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int.
     check(unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut outq) })?;
-    let info: libc::tcp_info = getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
     Ok(info.tcpi_bytes_acked + outq.max(0) as u64)
 }
 
