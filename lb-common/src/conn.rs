@@ -1,8 +1,11 @@
-//! Per-socket traffic record written by the verdict program.
+//! Per-socket connection record: identity written by userspace, traffic
+//! written by the verdict program.
 
-/// Traffic seen on one socket of a spliced connection, keyed by its cookie.
+/// One socket of a spliced connection, keyed by its cookie in `LB_CONN`.
 /// Userspace creates the entry before the socket is spliced and deletes it
-/// after the connection is closed; the verdict program only updates it.
+/// after the connection is closed; the verdict program only updates the
+/// first three fields. Addresses are IPv6 (IPv4 as `::ffff:a.b.c.d`), ports
+/// in host order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnTraffic {
@@ -10,15 +13,37 @@ pub struct ConnTraffic {
     pub bytes: u64,
     /// Redirected skbs.
     pub skbs: u64,
-    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC, coarse) of the last redirect.
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC, coarse) of the last
+    /// redirect; userspace sets it to the splice time.
     pub last_active_ns: u64,
+    /// CLOCK_MONOTONIC_COARSE ns when the connection was spliced.
+    pub start_ns: u64,
+    /// Cookie of the other socket of the connection.
+    pub peer_cookie: u64,
+    pub client_ip: [u8; 16],
+    pub server_ip: [u8; 16],
+    /// Local address of the server-side socket (from the source pool).
+    pub source_ip: [u8; 16],
+    pub client_port: u16,
+    pub server_port: u16,
+    pub source_port: u16,
+    /// Index of the lb worker process that owns the sockets.
+    pub worker: u16,
+    /// 0: this socket faces the client; 1: it faces the server.
+    pub side: u8,
+    pub _pad: [u8; 7],
 }
-const _: () = assert!(core::mem::size_of::<ConnTraffic>() == 24);
+const _: () = assert!(core::mem::size_of::<ConnTraffic>() == 104);
+
+/// [`ConnTraffic::side`] of the client-facing socket.
+pub const SIDE_CLIENT: u8 = 0;
+/// [`ConnTraffic::side`] of the server-facing socket.
+pub const SIDE_SERVER: u8 = 1;
 
 #[cfg(feature = "user")]
 mod user {
     use super::ConnTraffic;
-    // SAFETY: repr(C), only u64 fields, no padding.
+    // SAFETY: repr(C), explicit padding, every bit pattern valid.
     unsafe impl aya::Pod for ConnTraffic {}
     unsafe impl bytemuck::Zeroable for ConnTraffic {}
     unsafe impl bytemuck::Pod for ConnTraffic {}

@@ -7,4 +7,5 @@
 
 pub mod conn;
 pub mod maps;
+pub mod pool;
 pub mod stats;

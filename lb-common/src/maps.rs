@@ -16,6 +16,22 @@ pub const CONN: &str = "LB_CONN";
 /// PERCPU_ARRAY with one entry: [`crate::stats::DataplaneCounters`].
 pub const COUNTERS: &str = "LB_COUNTERS";
 
+/// HASH: [`crate::pool::SourceKey`] -> [`crate::pool::SourceStats`].
+pub const SOURCES: &str = "LB_SOURCES";
+
+/// HASH: [`crate::pool::ServerKey`] -> [`crate::pool::ServerStats`].
+pub const SERVERS: &str = "LB_SERVERS";
+
+/// HASH: worker index (u32) -> [`crate::pool::WorkerStats`].
+pub const WORKERS: &str = "LB_WORKERS";
+
+/// Capacity of `LB_SOURCES` (pairs × workers).
+pub const MAX_SOURCE_ENTRIES: u32 = 1 << 16;
+/// Capacity of `LB_SERVERS` (servers × workers).
+pub const MAX_SERVER_ENTRIES: u32 = 1 << 14;
+/// Capacity of `LB_WORKERS`.
+pub const MAX_WORKERS: u32 = 256;
+
 /// Name of the sk_skb stream-verdict program in the object file.
 pub const PROG_VERDICT: &str = "lb_verdict";
 
@@ -23,4 +39,4 @@ pub const PROG_VERDICT: &str = "lb_verdict";
 pub const DEFAULT_MAX_SOCKETS: u32 = 1 << 18;
 
 /// The maps `lb` pins under its `pin_path`.
-pub const PINNED: [&str; 4] = [PEER, SPLICE, CONN, COUNTERS];
+pub const PINNED: [&str; 7] = [PEER, SPLICE, CONN, COUNTERS, SOURCES, SERVERS, WORKERS];

@@ -5,7 +5,12 @@ use aya_ebpf::{
     btf_maps::{HashMap, PerCpuArray, SockHash},
     macros::btf_map,
 };
-use lb_common::{conn::ConnTraffic, maps::DEFAULT_MAX_SOCKETS, stats::DataplaneCounters};
+use lb_common::{
+    conn::ConnTraffic,
+    maps::{DEFAULT_MAX_SOCKETS, MAX_SERVER_ENTRIES, MAX_SOURCE_ENTRIES, MAX_WORKERS},
+    pool::{ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats},
+    stats::DataplaneCounters,
+};
 
 const MAX: usize = DEFAULT_MAX_SOCKETS as usize;
 
@@ -17,10 +22,22 @@ pub static LB_PEER: SockHash<u64, MAX> = SockHash::new();
 #[btf_map(name = "LB_SPLICE")]
 pub static LB_SPLICE: SockHash<u64, MAX> = SockHash::new();
 
-/// Socket cookie -> traffic record.
+/// Socket cookie -> connection record (identity from userspace, traffic from the verdict).
 #[btf_map(name = "LB_CONN")]
 pub static LB_CONN: HashMap<u64, ConnTraffic, MAX> = HashMap::new();
 
 /// One slot per CPU.
 #[btf_map(name = "LB_COUNTERS")]
 pub static LB_COUNTERS: PerCpuArray<DataplaneCounters, 1> = PerCpuArray::new();
+
+/// Per (source IP, server, worker) port counts, written by userspace.
+#[btf_map(name = "LB_SOURCES")]
+pub static LB_SOURCES: HashMap<SourceKey, SourceStats, { MAX_SOURCE_ENTRIES as usize }> = HashMap::new();
+
+/// Per (server, worker) connection and byte counts, written by userspace.
+#[btf_map(name = "LB_SERVERS")]
+pub static LB_SERVERS: HashMap<ServerKey, ServerStats, { MAX_SERVER_ENTRIES as usize }> = HashMap::new();
+
+/// Per worker process counters, written by userspace.
+#[btf_map(name = "LB_WORKERS")]
+pub static LB_WORKERS: HashMap<u32, WorkerStats, { MAX_WORKERS as usize }> = HashMap::new();

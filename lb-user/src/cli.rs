@@ -5,10 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
-use crate::{
-    config::{Config, DataplaneMode},
-    dataplane::PinnedMaps,
-};
+use crate::config::{Config, DataplaneMode, MAX_WORKERS, Overrides};
 
 /// A TCP load balancer for very many long-lived connections: bytes between
 /// client and server are spliced inside the kernel with eBPF sockmap.
@@ -29,7 +26,10 @@ pub enum Command {
         /// Override the file's `dataplane` key.
         #[arg(long, value_enum)]
         dataplane: Option<DataplaneMode>,
-        /// Print one JSON line on stdout (bound addresses, data plane) once serving.
+        /// Override the file's `workers` key: processes sharing the listeners with SO_REUSEPORT.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_WORKERS)))]
+        workers: Option<u32>,
+        /// Print one JSON line on stdout (bound addresses, data plane, worker pids) once serving.
         #[arg(long)]
         announce: bool,
     },
@@ -39,15 +39,26 @@ pub enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Show the kernel data plane's counters from the pinned maps of a running lb.
+    /// Show connections, servers and source ports of a running lb, from its pinned maps.
     Stats {
         /// The running instance's `pin_path`.
         #[arg(long, default_value = "/sys/fs/bpf/lb", value_name = "DIR")]
         pin_path: PathBuf,
-        /// Print JSON instead of a table.
+        /// Print JSON instead of tables.
         #[arg(long)]
         json: bool,
     },
+    /// Internal: a worker process started by `lb run` with workers > 1 (spec on stdin).
+    #[command(hide = true)]
+    Worker,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("lb-worker")
+        .build()
+        .context("starting the tokio runtime")
 }
 
 pub fn main(cli: Cli) -> anyhow::Result<()> {
@@ -55,43 +66,37 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Check { config } => {
             let cfg = Config::load(&config)?;
             println!(
-                "{}: ok ({} frontend(s), {} backend(s), {} server(s), dataplane = {})",
+                "{}: ok ({} frontend(s), {} backend(s), {} server(s), dataplane = {}, workers = {}, maxconn = {})",
                 config.display(),
                 cfg.frontends.len(),
                 cfg.backends.len(),
                 cfg.backends.iter().map(|b| b.servers.len()).sum::<usize>(),
-                cfg.dataplane
+                cfg.dataplane,
+                cfg.workers,
+                cfg.maxconn
             );
             Ok(())
         }
-        Command::Run { config, dataplane, announce } => {
-            let mut cfg = Config::load(&config)?;
-            if let Some(d) = dataplane {
-                cfg.dataplane = d;
+        Command::Run { config, dataplane, workers, announce } => {
+            let (cfg, text) = Config::load_with(&config, &Overrides { workers, dataplane })?;
+            if cfg.workers > 1 {
+                runtime()?.block_on(crate::supervisor::run(cfg, config.display().to_string(), text, announce))
+            } else {
+                runtime()?.block_on(crate::proxy::run(cfg, announce))
             }
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .thread_name("lb-worker")
-                .build()
-                .context("starting the tokio runtime")?;
-            rt.block_on(crate::proxy::run(cfg, announce))
         }
+        Command::Worker => runtime()?.block_on(crate::supervisor::worker()),
         Command::Stats { pin_path, json } => {
-            let maps = PinnedMaps::open(&pin_path).with_context(|| {
+            let r = crate::report::read(&pin_path).with_context(|| {
                 format!(
-                    "no running kernel data plane at {} (is `lb run` up with dataplane kernel?)",
+                    "no running lb with pinned maps at {} (is `lb run` up, with that pin_path?)",
                     pin_path.display()
                 )
             })?;
-            let s = maps.snapshot()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                let c = s.counters;
-                println!("{:<20} {:>16}", "spliced sockets", s.spliced_sockets);
-                println!("{:<20} {:>16}", "skbs redirected", c.skbs_redirected);
-                println!("{:<20} {:>16}", "bytes redirected", c.bytes_redirected);
-                println!("{:<20} {:>16}", "peer missing", c.peer_missing);
+                print!("{}", crate::report::render(&r));
             }
             Ok(())
         }

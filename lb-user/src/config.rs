@@ -6,7 +6,7 @@
 use std::{
     collections::HashSet,
     fmt,
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -45,12 +45,30 @@ fn default_pin_path() -> PathBuf {
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)
 }
+fn default_queue_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(3600)
+}
 fn default_connect_attempts() -> Spanned<u32> {
     Spanned::new(0..0, 3)
 }
-fn default_max_connections() -> Spanned<u32> {
-    Spanned::new(0..0, lb_common::maps::DEFAULT_MAX_SOCKETS / 2)
+fn default_workers() -> Spanned<u32> {
+    Spanned::new(0..0, 1)
 }
+fn default_queue() -> Spanned<u32> {
+    Spanned::new(0..0, 1024)
+}
+
+/// Largest `workers`.
+pub const MAX_WORKERS: u32 = 64;
+/// Largest `maxconn` (connections; the socket maps hold two entries each).
+pub const MAX_MAXCONN: u32 = 1 << 23;
+/// Open files a process keeps besides two per connection (maps, logs, listeners).
+pub const FD_RESERVE: u64 = 64;
+/// Largest number of addresses one `source_pool` CIDR may expand to.
+const MAX_CIDR_ADDRS: u128 = 1 << 16;
 
 /// `[timeouts]`.
 #[derive(Clone, Debug, Deserialize)]
@@ -59,11 +77,17 @@ pub struct Timeouts {
     /// Time allowed for one connect attempt to a server.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect: Duration,
+    /// Longest a client waits for a server slot (server `maxconn`) before it is closed.
+    #[serde(default = "default_queue_timeout", with = "humantime_serde")]
+    pub queue: Duration,
+    /// A spliced connection with no bytes in either direction for this long is closed.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle: Duration,
 }
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Self { connect: default_connect_timeout() }
+        Self { connect: default_connect_timeout(), queue: default_queue_timeout(), idle: default_idle_timeout() }
     }
 }
 
@@ -74,6 +98,32 @@ pub struct Frontend {
     pub name: Spanned<String>,
     pub listen: Spanned<String>,
     pub backend: Spanned<String>,
+    /// Connections this frontend holds at most; beyond it, accepting pauses.
+    pub maxconn: Option<Spanned<u32>>,
+}
+
+/// One entry of `servers`: `"ip:port"` or `{ addr = "ip:port", maxconn = N }`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ServerEntry {
+    Addr(String),
+    Table(ServerTable),
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTable {
+    pub addr: String,
+    pub maxconn: Option<u32>,
+}
+
+impl ServerEntry {
+    fn addr(&self) -> &str {
+        match self {
+            Self::Addr(a) => a,
+            Self::Table(t) => &t.addr,
+        }
+    }
 }
 
 /// `[[backend]]`: a named set of servers.
@@ -81,7 +131,16 @@ pub struct Frontend {
 #[serde(deny_unknown_fields)]
 pub struct Backend {
     pub name: Spanned<String>,
-    pub servers: Spanned<Vec<Spanned<String>>>,
+    pub servers: Spanned<Vec<Spanned<ServerEntry>>>,
+    /// Source addresses for connections to these servers (overrides the global pool).
+    pub source_pool: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Local port range for those connections (`"20000-60999"`).
+    pub source_port_range: Option<Spanned<String>>,
+    /// Default `maxconn` of every server of this backend.
+    pub server_maxconn: Option<Spanned<u32>>,
+    /// Clients that may wait for a server slot at once; more are closed.
+    #[serde(default = "default_queue")]
+    pub queue: Spanned<u32>,
 }
 
 /// The file as written.
@@ -92,12 +151,18 @@ pub struct RawConfig {
     pub dataplane: DataplaneMode,
     #[serde(default = "default_pin_path")]
     pub pin_path: PathBuf,
-    /// Capacity of the kernel connection tables (entries are preallocated lazily).
-    #[serde(default = "default_max_connections")]
-    pub max_connections: Spanned<u32>,
+    /// Worker processes (each with its own SO_REUSEPORT listeners).
+    #[serde(default = "default_workers")]
+    pub workers: Spanned<u32>,
+    /// Connections lb holds at most, over all workers.
+    pub maxconn: Option<Spanned<u32>>,
     /// How many servers to try for one client before giving up.
     #[serde(default = "default_connect_attempts")]
     pub connect_attempts: Spanned<u32>,
+    /// Default source pool of every backend.
+    pub source_pool: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Default local port range of the default pool.
+    pub source_port_range: Option<Spanned<String>>,
     #[serde(default)]
     pub timeouts: Timeouts,
     #[serde(default)]
@@ -113,13 +178,33 @@ pub struct FrontendConfig {
     pub listen: SocketAddr,
     /// Index into [`Config::backends`].
     pub backend: usize,
+    pub maxconn: Option<u32>,
+}
+
+/// A validated server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerConfig {
+    pub addr: ServerAddr,
+    pub maxconn: Option<u32>,
+}
+
+/// Where connections to a backend's servers come from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SourcePool {
+    /// Local addresses, each bound with `IP_BIND_ADDRESS_NO_PORT`. Empty:
+    /// the kernel picks the source address.
+    pub addrs: Vec<IpAddr>,
+    /// `IP_LOCAL_PORT_RANGE` for these sockets.
+    pub port_range: Option<(u16, u16)>,
 }
 
 /// A validated backend.
 #[derive(Clone, Debug)]
 pub struct BackendConfig {
     pub name: String,
-    pub servers: Vec<ServerAddr>,
+    pub servers: Vec<ServerConfig>,
+    pub pool: SourcePool,
+    pub queue: u32,
 }
 
 /// A validated configuration: everything `lb run` needs, nothing unchecked.
@@ -127,11 +212,25 @@ pub struct BackendConfig {
 pub struct Config {
     pub dataplane: DataplaneMode,
     pub pin_path: PathBuf,
-    pub max_connections: u32,
+    pub workers: u32,
+    /// Over all workers.
+    pub maxconn: u32,
     pub connect_attempts: u32,
     pub timeouts: Timeouts,
     pub frontends: Vec<FrontendConfig>,
     pub backends: Vec<BackendConfig>,
+}
+
+impl Config {
+    /// Connections one worker process may hold.
+    pub fn maxconn_per_worker(&self) -> u32 {
+        self.maxconn.div_ceil(self.workers)
+    }
+}
+
+/// Open files one process needs for `maxconn` connections.
+pub fn fds_needed(maxconn: u32) -> u64 {
+    u64::from(maxconn) * 2 + FD_RESERVE
 }
 
 /// A configuration error, located in its file.
@@ -165,28 +264,76 @@ impl Locator<'_> {
     fn err(&self, offset: usize, message: impl Into<String>) -> ConfigError {
         ConfigError { file: self.file.to_owned(), line: self.line(offset), message: message.into() }
     }
+    /// Offset of the first line that starts with `key` (for keys whose
+    /// value carries no span, such as durations), else 0.
+    fn key_offset(&self, table: &str, key: &str) -> usize {
+        let mut in_table = table.is_empty();
+        let mut offset = 0;
+        for line in self.text.split_inclusive('\n') {
+            let t = line.trim();
+            if t.starts_with('[') {
+                in_table = t.trim_matches(|c| c == '[' || c == ']').trim() == table;
+            } else if in_table && t.split('=').next().is_some_and(|k| k.trim() == key) {
+                return offset;
+            }
+            offset += line.len();
+        }
+        0
+    }
 }
 
 impl Config {
     /// Reads, parses and validates `path`.
     pub fn load(path: &Path) -> Result<Self, LoadError> {
+        Self::load_with(path, &Overrides::default()).map(|(c, _)| c)
+    }
+
+    /// Like [`Self::load`] with command-line overrides; also returns the text.
+    pub fn load_with(path: &Path, o: &Overrides) -> Result<(Self, String), LoadError> {
         let text = std::fs::read_to_string(path).map_err(|e| LoadError::Read(path.display().to_string(), e))?;
-        Ok(Self::parse(&path.display().to_string(), &text)?)
+        let cfg = Self::parse_with(&path.display().to_string(), &text, o)?;
+        Ok((cfg, text))
     }
 
     /// Parses and validates `text`; `file` only labels errors.
     pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
+        Self::parse_with(file, text, &Overrides::default())
+    }
+
+    /// [`Self::parse`] with command-line overrides applied before validation.
+    pub fn parse_with(file: &str, text: &str, o: &Overrides) -> Result<Self, ConfigError> {
         let loc = Locator { file, text };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let offset = e.span().map(|s| s.start).unwrap_or(0);
             let mut msg = e.message().trim_end().to_owned();
+            if msg.starts_with("data did not match any variant of untagged enum ServerEntry") {
+                msg = "servers: each entry must be \"ip:port\" or { addr = \"ip:port\", maxconn = N }".into();
+            }
             if let Some(key) = key_at(text, offset).filter(|k| !msg.contains(k.as_str())) {
                 msg.push_str(&format!(" (key {key})"));
             }
             loc.err(offset, msg)
         })?;
+        let mut raw = raw;
+        if let Some(w) = o.workers {
+            raw.workers = Spanned::new(0..0, w);
+        }
+        if let Some(d) = o.dataplane {
+            raw.dataplane = d;
+        }
         raw.validate(&loc)
     }
+}
+
+/// Values given on the command line that replace the file's.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Overrides {
+    pub workers: Option<u32>,
+    pub dataplane: Option<DataplaneMode>,
+}
+
+fn span_of<T>(s: &Spanned<T>) -> usize {
+    s.span().start
 }
 
 impl RawConfig {
@@ -197,20 +344,55 @@ impl RawConfig {
         if self.backend.is_empty() {
             return Err(loc.err(0, "no [[backend]]: at least one is needed"));
         }
-        let max_connections = *self.max_connections.get_ref();
-        if max_connections == 0 || max_connections > (1 << 24) {
-            return Err(loc.err(
-                self.max_connections.span().start,
-                format!("max_connections = {max_connections}: must be between 1 and 16777216"),
-            ));
+        let workers = *self.workers.get_ref();
+        if workers == 0 || workers > MAX_WORKERS {
+            return Err(
+                loc.err(span_of(&self.workers), format!("workers = {workers}: must be between 1 and {MAX_WORKERS}"))
+            );
         }
+        let hard = crate::sys::nofile_hard_limit().unwrap_or(1 << 20);
+        let fit = (hard.saturating_sub(FD_RESERVE) / 2).min(u64::from(MAX_MAXCONN)) as u32;
+        let maxconn = match &self.maxconn {
+            None => fit.saturating_mul(workers).min(MAX_MAXCONN),
+            Some(m) => {
+                let v = *m.get_ref();
+                if v == 0 || v > MAX_MAXCONN {
+                    return Err(loc.err(span_of(m), format!("maxconn = {v}: must be between 1 and {MAX_MAXCONN}")));
+                }
+                let per_worker = v.div_ceil(workers);
+                if fds_needed(per_worker) > hard {
+                    let need_workers = u64::from(v).div_ceil(u64::from(fit.max(1)));
+                    let fix = if need_workers <= u64::from(MAX_WORKERS) {
+                        format!("set workers = {need_workers} or more, lower maxconn, or raise LimitNOFILE")
+                    } else {
+                        "lower maxconn or raise LimitNOFILE".to_owned()
+                    };
+                    return Err(loc.err(
+                        span_of(m),
+                        format!(
+                            "maxconn = {v}: {per_worker} connections per worker need {} open files, but the \
+                             hard limit (ulimit -Hn) is {hard}; {fix}",
+                            fds_needed(per_worker)
+                        ),
+                    ));
+                }
+                v
+            }
+        };
         let connect_attempts = *self.connect_attempts.get_ref();
         if connect_attempts == 0 {
-            return Err(loc.err(self.connect_attempts.span().start, "connect_attempts = 0: must be at least 1"));
+            return Err(loc.err(span_of(&self.connect_attempts), "connect_attempts = 0: must be at least 1"));
         }
-        if self.timeouts.connect.is_zero() {
-            return Err(loc.err(0, "timeouts.connect: must be greater than 0"));
+        for (key, d) in
+            [("connect", self.timeouts.connect), ("queue", self.timeouts.queue), ("idle", self.timeouts.idle)]
+        {
+            if d.is_zero() {
+                return Err(loc.err(loc.key_offset("timeouts", key), format!("timeouts.{key}: must be greater than 0")));
+            }
         }
+
+        let default_pool =
+            parse_pool(loc, "source_pool", "source_port_range", &self.source_pool, &self.source_port_range)?;
 
         let mut backends = Vec::with_capacity(self.backend.len());
         let mut names = HashSet::new();
@@ -218,37 +400,79 @@ impl RawConfig {
             let name = b.name.get_ref();
             check_name(loc, &b.name, "backend.name")?;
             if !names.insert(name.as_str()) {
-                return Err(loc.err(b.name.span().start, format!("backend.name: duplicate backend \"{name}\"")));
+                return Err(loc.err(span_of(&b.name), format!("backend.name: duplicate backend \"{name}\"")));
             }
             if b.servers.get_ref().is_empty() {
                 return Err(loc.err(
-                    b.servers.span().start,
+                    span_of(&b.servers),
                     format!("backend \"{name}\": servers is empty; list at least one \"ip:port\""),
                 ));
             }
-            let mut servers = Vec::new();
-            for s in b.servers.get_ref() {
-                let addr: SocketAddr = s.get_ref().parse().map_err(|_| {
-                    loc.err(
-                        s.span().start,
-                        format!("backend \"{name}\": servers: \"{}\" is not an ip:port address", s.get_ref()),
-                    )
+            let server_maxconn = match &b.server_maxconn {
+                Some(m) if *m.get_ref() == 0 => {
+                    return Err(
+                        loc.err(span_of(m), format!("backend \"{name}\": server_maxconn = 0: must be at least 1"))
+                    );
+                }
+                m => m.as_ref().map(|m| *m.get_ref()),
+            };
+            let mut servers: Vec<ServerConfig> = Vec::new();
+            for entry in b.servers.get_ref() {
+                let at = span_of(entry);
+                let text = entry.get_ref().addr();
+                let addr: SocketAddr = text.parse().map_err(|_| {
+                    loc.err(at, format!("backend \"{name}\": servers: \"{text}\" is not an ip:port address"))
                 })?;
                 if addr.port() == 0 || addr.ip().is_unspecified() {
                     return Err(loc.err(
-                        s.span().start,
+                        at,
                         format!("backend \"{name}\": servers: \"{addr}\" needs a concrete ip and a non-zero port"),
                     ));
                 }
                 let addr = ServerAddr(addr);
-                if servers.contains(&addr) {
-                    return Err(
-                        loc.err(s.span().start, format!("backend \"{name}\": servers: \"{addr}\" is listed twice"))
-                    );
+                if servers.iter().any(|x| x.addr == addr) {
+                    return Err(loc.err(at, format!("backend \"{name}\": servers: \"{addr}\" is listed twice")));
                 }
-                servers.push(addr);
+                let maxconn = match entry.get_ref() {
+                    ServerEntry::Table(ServerTable { maxconn: Some(0), .. }) => {
+                        return Err(
+                            loc.err(at, format!("backend \"{name}\": server {addr}: maxconn = 0: must be at least 1"))
+                        );
+                    }
+                    ServerEntry::Table(ServerTable { maxconn: Some(m), .. }) => Some(*m),
+                    _ => server_maxconn,
+                };
+                servers.push(ServerConfig { addr, maxconn });
             }
-            backends.push(BackendConfig { name: name.clone(), servers });
+            let pool = if b.source_pool.is_some() || b.source_port_range.is_some() {
+                let mut p = parse_pool(loc, "source_pool", "source_port_range", &b.source_pool, &b.source_port_range)?;
+                if b.source_pool.is_none() {
+                    p.addrs = default_pool.addrs.clone();
+                }
+                p
+            } else {
+                default_pool.clone()
+            };
+            if !pool.addrs.is_empty() {
+                for s in &servers {
+                    if !pool.addrs.iter().any(|a| a.is_ipv4() == s.addr.0.is_ipv4()) {
+                        let at = b.source_pool.as_ref().map(span_of).or(self.source_pool.as_ref().map(span_of));
+                        return Err(loc.err(
+                            at.unwrap_or(0),
+                            format!(
+                                "backend \"{name}\": source_pool has no {} address for server {}",
+                                if s.addr.0.is_ipv4() { "IPv4" } else { "IPv6" },
+                                s.addr
+                            ),
+                        ));
+                    }
+                }
+            }
+            let queue = *b.queue.get_ref();
+            if queue > 1 << 20 {
+                return Err(loc.err(span_of(&b.queue), format!("backend \"{name}\": queue = {queue}: at most 1048576")));
+            }
+            backends.push(BackendConfig { name: name.clone(), servers, pool, queue });
         }
 
         let mut frontends = Vec::with_capacity(self.frontend.len());
@@ -258,37 +482,142 @@ impl RawConfig {
             let name = f.name.get_ref();
             check_name(loc, &f.name, "frontend.name")?;
             if !fnames.insert(name.as_str()) {
-                return Err(loc.err(f.name.span().start, format!("frontend.name: duplicate frontend \"{name}\"")));
+                return Err(loc.err(span_of(&f.name), format!("frontend.name: duplicate frontend \"{name}\"")));
             }
             let listen: SocketAddr = f.listen.get_ref().parse().map_err(|_| {
                 loc.err(
-                    f.listen.span().start,
+                    span_of(&f.listen),
                     format!("frontend \"{name}\": listen: \"{}\" is not an ip:port address", f.listen.get_ref()),
                 )
             })?;
             if listen.port() != 0 && !listens.insert(listen) {
-                return Err(
-                    loc.err(f.listen.span().start, format!("frontend \"{name}\": listen: {listen} is used twice"))
-                );
+                return Err(loc.err(span_of(&f.listen), format!("frontend \"{name}\": listen: {listen} is used twice")));
             }
             let backend = backends.iter().position(|b| &b.name == f.backend.get_ref()).ok_or_else(|| {
                 loc.err(
-                    f.backend.span().start,
+                    span_of(&f.backend),
                     format!("frontend \"{name}\": backend: no [[backend]] named \"{}\"", f.backend.get_ref()),
                 )
             })?;
-            frontends.push(FrontendConfig { name: name.clone(), listen, backend });
+            let maxconn = match &f.maxconn {
+                None => None,
+                Some(m) => {
+                    let v = *m.get_ref();
+                    if v == 0 || v > maxconn {
+                        return Err(loc.err(
+                            span_of(m),
+                            format!("frontend \"{name}\": maxconn = {v}: must be between 1 and the global maxconn ({maxconn})"),
+                        ));
+                    }
+                    Some(v)
+                }
+            };
+            frontends.push(FrontendConfig { name: name.clone(), listen, backend, maxconn });
         }
 
         Ok(Config {
             dataplane: self.dataplane,
             pin_path: self.pin_path,
-            max_connections,
+            workers,
+            maxconn,
             connect_attempts,
             timeouts: self.timeouts,
             frontends,
             backends,
         })
+    }
+}
+
+/// Validates a `source_pool` / `source_port_range` pair.
+fn parse_pool(
+    loc: &Locator<'_>,
+    pool_key: &str,
+    range_key: &str,
+    pool: &Option<Spanned<Vec<Spanned<String>>>>,
+    range: &Option<Spanned<String>>,
+) -> Result<SourcePool, ConfigError> {
+    let mut out = SourcePool::default();
+    if let Some(p) = pool {
+        if p.get_ref().is_empty() {
+            return Err(loc.err(
+                span_of(p),
+                format!("{pool_key} is empty: list addresses or CIDRs, or remove the key to let the kernel choose"),
+            ));
+        }
+        for entry in p.get_ref() {
+            let addrs = expand(entry.get_ref())
+                .map_err(|why| loc.err(span_of(entry), format!("{pool_key}: \"{}\" {why}", entry.get_ref())))?;
+            for a in addrs {
+                if out.addrs.contains(&a) {
+                    return Err(loc.err(span_of(entry), format!("{pool_key}: {a} is listed twice")));
+                }
+                match crate::sys::is_local_address(a) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        return Err(loc.err(
+                            span_of(entry),
+                            format!("{pool_key}: {a} is not an address of this host (add it to an interface first)"),
+                        ));
+                    }
+                    Err(e) => {
+                        return Err(loc.err(span_of(entry), format!("{pool_key}: cannot check {a}: {e}")));
+                    }
+                }
+                out.addrs.push(a);
+            }
+        }
+    }
+    if let Some(r) = range {
+        let bad = || {
+            loc.err(
+                span_of(r),
+                format!("{range_key} = \"{}\": expected \"LOW-HIGH\" with 1 <= LOW <= HIGH <= 65535", r.get_ref()),
+            )
+        };
+        let (lo, hi) = r.get_ref().split_once('-').ok_or_else(bad)?;
+        let lo: u16 = lo.trim().parse().map_err(|_| bad())?;
+        let hi: u16 = hi.trim().parse().map_err(|_| bad())?;
+        if lo == 0 || lo > hi {
+            return Err(bad());
+        }
+        if !crate::sys::has_local_port_range() {
+            return Err(loc.err(
+                span_of(r),
+                format!("{range_key}: this kernel has no IP_LOCAL_PORT_RANGE (Linux 6.3 or later); remove the key"),
+            ));
+        }
+        out.port_range = Some((lo, hi));
+    }
+    Ok(out)
+}
+
+/// `"127.0.1.1"` or `"127.0.2.0/29"` into addresses.
+fn expand(s: &str) -> Result<Vec<IpAddr>, String> {
+    let Some((ip, prefix)) = s.split_once('/') else {
+        return s.parse::<IpAddr>().map(|a| vec![a]).map_err(|_| "is not an IP address or CIDR".into());
+    };
+    let ip: IpAddr = ip.parse().map_err(|_| "is not a valid CIDR (address part)".to_owned())?;
+    let bits = if ip.is_ipv4() { 32 } else { 128 };
+    let prefix: u32 =
+        prefix.parse().ok().filter(|p| *p <= bits).ok_or(format!("has an invalid prefix length (0-{bits})"))?;
+    let count: u128 = 1u128 << (bits - prefix).min(127);
+    if count > MAX_CIDR_ADDRS {
+        return Err(format!("expands to more than {MAX_CIDR_ADDRS} addresses"));
+    }
+    let base: u128 = match ip {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    };
+    if base & (count - 1) != 0 {
+        return Err(format!("has host bits set (the network is {})", network(ip, base & !(count - 1))));
+    }
+    Ok((0..count).map(|i| network(ip, base + i)).collect())
+}
+
+fn network(like: IpAddr, v: u128) -> IpAddr {
+    match like {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::from(v as u32)),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(v)),
     }
 }
 
@@ -337,6 +666,17 @@ mod tests {
         let c = Config::parse("basic.toml", EXAMPLE).unwrap();
         assert_eq!(c.frontends[0].name, "web");
         assert_eq!(c.backends[0].servers.len(), 2);
+    }
+
+    #[test]
+    fn cidr_expansion() {
+        assert_eq!(expand("127.0.2.0/30").unwrap().len(), 4);
+        assert_eq!(expand("127.0.2.3/32").unwrap(), vec!["127.0.2.3".parse::<IpAddr>().unwrap()]);
+        assert_eq!(expand("::1/128").unwrap().len(), 1);
+        assert!(expand("127.0.2.1/30").unwrap_err().contains("host bits"));
+        assert!(expand("127.0.2.0/33").unwrap_err().contains("prefix"));
+        assert!(expand("10.0.0.0/8").unwrap_err().contains("more than"));
+        assert!(expand("nope").is_err());
     }
 
     #[test]

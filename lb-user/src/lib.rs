@@ -3,12 +3,16 @@
 //! or copied in userspace where the kernel path is not available.
 
 pub mod backend;
+pub mod bpf;
 pub mod cli;
 pub mod config;
 pub mod dataplane;
 pub mod proxy;
+pub mod publish;
+pub mod report;
 pub mod select;
 pub mod stats;
+pub mod supervisor;
 pub mod sys;
 
 /// The eBPF object built from `lb-ebpf` by `build.rs`.

@@ -1,49 +1,67 @@
-//! The proxy: accept clients, pick and connect a server, hand both sockets
-//! to the data plane.
+//! The proxy: accept clients, pick a server and a source address, connect,
+//! hand both sockets to the data plane.
 
 use std::{
-    net::SocketAddr,
-    sync::{Arc, atomic::Ordering::Relaxed},
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::{
     net::{TcpListener, TcpSocket, TcpStream},
+    sync::{Notify, OwnedSemaphorePermit, Semaphore},
     task::JoinSet,
 };
 
 use crate::{
-    backend::{ClientAddr, ServerAddr},
-    config::{BackendConfig, Config},
-    dataplane::{self, Dataplane, Spliced},
+    backend::ClientAddr,
+    config::{Config, FrontendConfig, fds_needed},
+    dataplane::{self, Dataplane, Kind, Spliced},
+    publish::Publisher,
     select::{Balancer, RoundRobin},
-    stats::{ConnGuard, ProxyStats},
+    stats::{ConnGuard, PairState, ProxyStats, ServerState},
     sys,
 };
 
 /// Listen backlog for frontends.
 const BACKLOG: i32 = 4096;
+/// Shortest gap between two "out of source ports" warnings of one backend.
+const EXHAUSTION_WARN_EVERY: Duration = Duration::from_secs(5);
 
 /// What `lb run --announce` prints on stdout once it serves traffic.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Ready {
-    pub event: &'static str,
+    pub event: String,
     pub pid: u32,
-    pub dataplane: String,
+    pub dataplane: Kind,
     pub frontends: Vec<ReadyFrontend>,
+    /// Worker processes (empty when lb runs as one process).
+    #[serde(default)]
+    pub workers: Vec<u32>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ReadyFrontend {
     pub name: String,
     pub listen: SocketAddr,
 }
 
 struct BackendRt {
-    cfg: BackendConfig,
+    name: String,
+    servers: Vec<Arc<ServerState>>,
     balancer: RoundRobin,
+    slot_freed: Arc<Notify>,
+    /// Clients waiting for a slot now.
+    waiting: AtomicU64,
+    queue: u32,
+    /// Last "out of source ports" warning, and rejections since.
+    exhaustion_warn: Mutex<(Option<Instant>, u64)>,
 }
 
 struct Shared {
@@ -51,75 +69,138 @@ struct Shared {
     dataplane: Arc<dyn Dataplane>,
     stats: Arc<ProxyStats>,
     connect_timeout: Duration,
+    queue_timeout: Duration,
     connect_attempts: u32,
 }
 
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// Binds a frontend listener; `reuseport` for workers sharing one address.
+pub fn bind(addr: SocketAddr, reuseport: bool) -> io::Result<TcpListener> {
     let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     sock.set_reuseaddr(true)?;
+    if reuseport {
+        sock.set_reuseport(true)?;
+    }
     sock.bind(addr)?;
     sock.listen(BACKLOG as u32)
 }
 
-/// Runs until SIGINT or SIGTERM; then stops accepting, closes every
-/// connection and releases the data plane.
-pub async fn run(cfg: Config, announce: bool) -> anyhow::Result<()> {
+/// Binds every frontend before anything else starts: a busy address is an
+/// error naming the frontend.
+pub fn bind_all(frontends: &[FrontendConfig], reuseport: bool) -> anyhow::Result<Vec<(FrontendConfig, TcpListener)>> {
+    frontends
+        .iter()
+        .map(|f| {
+            let l =
+                bind(f.listen, reuseport).with_context(|| format!("frontend \"{}\": listen {}", f.name, f.listen))?;
+            Ok((f.clone(), l))
+        })
+        .collect()
+}
+
+/// Raises the soft open-files limit to the hard one and warns when this
+/// process's share of `maxconn` cannot fit.
+pub fn raise_fd_limit(maxconn_here: u32) {
     match sys::raise_nofile_limit() {
         Ok((soft, _)) => {
-            let need = u64::from(cfg.max_connections) * 2 + 64;
+            let need = fds_needed(maxconn_here);
             if soft < need {
                 log::warn!(
-                    "open-files limit is {soft}: at most ~{} connections fit in this process \
-                     (max_connections = {}); raise LimitNOFILE",
-                    soft.saturating_sub(64) / 2,
-                    cfg.max_connections
+                    "open-files limit is {soft}: at most ~{} connections fit in this process (it may take \
+                     {maxconn_here}); raise LimitNOFILE or add workers",
+                    soft.saturating_sub(crate::config::FD_RESERVE) / 2,
                 );
             }
         }
         Err(e) => log::warn!("cannot read or raise the open-files limit: {e}"),
     }
+}
 
-    // Bind everything first: a busy address is an error before anything starts.
-    let mut listeners = Vec::new();
-    for f in &cfg.frontends {
-        let l = bind(f.listen).with_context(|| format!("frontend \"{}\": listen {}", f.name, f.listen))?;
-        listeners.push((f.clone(), l));
-    }
+/// How one process serves: as the only process, or as worker `worker`.
+pub struct Serve {
+    pub cfg: Config,
+    pub kind: Kind,
+    /// Whether the pinned maps exist (stats are published there).
+    pub maps: bool,
+    pub worker: u16,
+}
 
+/// Serves `listeners` until SIGINT or SIGTERM; then stops accepting, closes
+/// every connection and stops the data plane. `ready` gets the announcement.
+pub async fn serve(
+    spec: Serve,
+    listeners: Vec<(FrontendConfig, TcpListener)>,
+    ready: impl FnOnce(Ready),
+) -> anyhow::Result<()> {
+    let Serve { cfg, kind, maps, worker } = spec;
+    let per_worker = cfg.maxconn_per_worker();
+    raise_fd_limit(per_worker);
     let stats = Arc::new(ProxyStats::default());
-    let dataplane = dataplane::start(&cfg, stats.clone())?;
-    log::info!("data plane: {}", dataplane.kind());
+    let dataplane = dataplane::open(kind, &cfg.pin_path, stats.clone(), cfg.timeouts.idle, worker)?;
+
+    let backends: Vec<BackendRt> = cfg
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let slot_freed = Arc::new(Notify::new());
+            BackendRt {
+                name: b.name.clone(),
+                servers: b
+                    .servers
+                    .iter()
+                    .map(|s| Arc::new(ServerState::new(i, *s, &b.pool, slot_freed.clone())))
+                    .collect(),
+                balancer: RoundRobin::default(),
+                slot_freed,
+                waiting: AtomicU64::new(0),
+                queue: b.queue,
+                exhaustion_warn: Mutex::new((None, 0)),
+            }
+        })
+        .collect();
+    let all_servers: Vec<Arc<ServerState>> = backends.iter().flat_map(|b| b.servers.iter().cloned()).collect();
+    let publisher = if maps {
+        let m = crate::bpf::StatMaps::open(&cfg.pin_path)
+            .map_err(|e| anyhow::anyhow!("opening the stats maps at {}: {e}", cfg.pin_path.display()))?;
+        Some(Arc::new(Mutex::new(Publisher::new(m, worker, all_servers, stats.clone()))))
+    } else {
+        None
+    };
+    let publish_task = publisher.clone().map(|p| tokio::spawn(Publisher::run(p)));
 
     let shared = Arc::new(Shared {
-        backends: cfg.backends.iter().map(|b| BackendRt { cfg: b.clone(), balancer: RoundRobin::default() }).collect(),
+        backends,
         dataplane: dataplane.clone(),
         stats: stats.clone(),
         connect_timeout: cfg.timeouts.connect,
+        queue_timeout: cfg.timeouts.queue,
         connect_attempts: cfg.connect_attempts,
     });
 
-    let mut ready =
-        Ready { event: "ready", pid: std::process::id(), dataplane: dataplane.kind().to_string(), frontends: vec![] };
+    let global = Arc::new(Semaphore::new(per_worker as usize));
+    let mut announce =
+        Ready { event: "ready".into(), pid: std::process::id(), dataplane: kind, frontends: vec![], workers: vec![] };
     let mut accepts = JoinSet::new();
     for (f, l) in listeners {
         let addr = l.local_addr()?;
-        log::info!(
-            "frontend \"{}\" listening on {addr} -> backend \"{}\"",
-            f.name,
-            shared.backends[f.backend].cfg.name
-        );
-        ready.frontends.push(ReadyFrontend { name: f.name.clone(), listen: addr });
-        accepts.spawn(accept_loop(l, f.backend, shared.clone()));
+        log::info!("frontend \"{}\" listening on {addr} -> backend \"{}\"", f.name, shared.backends[f.backend].name);
+        announce.frontends.push(ReadyFrontend { name: f.name.clone(), listen: addr });
+        let own = f.maxconn.map(|m| Arc::new(Semaphore::new(m.div_ceil(cfg.workers) as usize)));
+        accepts.spawn(accept_loop(l, f.backend, global.clone(), own, shared.clone()));
     }
-    if announce {
-        println!("{}", serde_json::to_string(&ready)?);
-    }
+    ready(announce);
 
     wait_for_signal().await?;
     log::info!("stopping: closing listeners and {} connections", stats.active.load(Relaxed));
     accepts.abort_all();
     while accepts.join_next().await.is_some() {}
     dataplane.shutdown();
+    if let Some(t) = publish_task {
+        t.abort();
+    }
+    if let Some(p) = publisher {
+        p.lock().unwrap_or_else(|e| e.into_inner()).flush();
+    }
     let s = stats.snapshot();
     log::info!(
         "stopped: {} connections served, {} rejected, {} connect failures",
@@ -130,7 +211,26 @@ pub async fn run(cfg: Config, announce: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Runs lb as one process until SIGINT or SIGTERM.
+pub async fn run(cfg: Config, announce: bool) -> anyhow::Result<()> {
+    // Bind everything first: a busy address is an error before anything starts.
+    let listeners = bind_all(&cfg.frontends, false)?;
+    let (kind, mut objects) = dataplane::load(&cfg)?;
+    log::info!("data plane: {kind}");
+    let spec = Serve { cfg, kind, maps: objects.is_some(), worker: 0 };
+    let r = serve(spec, listeners, |ready| {
+        if announce {
+            println!("{}", serde_json::to_string(&ready).unwrap_or_default());
+        }
+    })
+    .await;
+    if let Some(o) = objects.as_mut() {
+        o.close();
+    }
+    r
+}
+
+pub async fn wait_for_signal() -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -141,13 +241,27 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn accept_loop(listener: TcpListener, backend: usize, shared: Arc<Shared>) {
+async fn accept_loop(
+    listener: TcpListener,
+    backend: usize,
+    global: Arc<Semaphore>,
+    frontend: Option<Arc<Semaphore>>,
+    shared: Arc<Shared>,
+) {
     let mut last_warn: Option<Instant> = None;
     loop {
+        // At maxconn, stop accepting: new clients wait in the listen backlog.
+        let mut permits = Vec::with_capacity(2);
+        if let Some(f) = &frontend {
+            let Ok(p) = f.clone().acquire_owned().await else { return };
+            permits.push(p);
+        }
+        let Ok(p) = global.clone().acquire_owned().await else { return };
+        permits.push(p);
         match listener.accept().await {
             Ok((client, addr)) => {
                 shared.stats.accepted.fetch_add(1, Relaxed);
-                tokio::spawn(handle(client, ClientAddr(addr), backend, shared.clone()));
+                tokio::spawn(handle(client, ClientAddr(addr), backend, permits, shared.clone()));
             }
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: back off instead of spinning.
@@ -161,40 +275,187 @@ async fn accept_loop(listener: TcpListener, backend: usize, shared: Arc<Shared>)
     }
 }
 
-async fn connect(server: ServerAddr, timeout: Duration) -> std::io::Result<TcpStream> {
-    let sock = if server.0.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-    match tokio::time::timeout(timeout, sock.connect(server.0)).await {
-        Ok(r) => r,
-        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {timeout:?}"))),
+enum ConnectError {
+    /// Every source address of the server is out of ports.
+    NoPort,
+    Io(io::Error),
+}
+
+/// A socket for `server` from `pair`'s source address.
+fn socket_for(server: &ServerState, pair: &PairState) -> io::Result<TcpSocket> {
+    let addr = server.cfg.addr.0;
+    let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    if let Some(src) = pair.source {
+        sys::set_bind_address_no_port(&sock)?;
+        sock.bind(SocketAddr::new(src, 0))?;
+    }
+    if let Some((lo, hi)) = server.port_range {
+        sys::set_local_port_range(&sock, lo, hi)?;
+    }
+    Ok(sock)
+}
+
+/// Connects to `server` from its least used source address that has ports left.
+async fn connect_server(server: &ServerState, timeout: Duration) -> Result<(TcpStream, Arc<PairState>), ConnectError> {
+    for pair in server.source_order() {
+        let attempt = async {
+            let sock = socket_for(server, &pair)?;
+            match tokio::time::timeout(timeout, sock.connect(server.cfg.addr.0)).await {
+                Ok(r) => r,
+                Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}"))),
+            }
+        };
+        match attempt.await {
+            Ok(s) => return Ok((s, pair)),
+            // No local port left for this (source, server) pair.
+            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+                log::debug!("{}: no free port from {}", server.cfg.addr, source_name(pair.source));
+                pair.mark_full();
+            }
+            Err(e) => return Err(ConnectError::Io(e)),
+        }
+    }
+    Err(ConnectError::NoPort)
+}
+
+fn source_name(s: Option<IpAddr>) -> String {
+    s.map_or_else(|| "the kernel-chosen address".into(), |a| a.to_string())
+}
+
+/// Why a client got no server.
+#[derive(Debug)]
+enum Reject {
+    Unreachable,
+    NoSourcePort,
+    QueueFull,
+    QueueTimeout,
+}
+
+/// Leaves the backend queue on drop.
+struct QueueTicket<'a>(&'a BackendRt, &'a ProxyStats);
+
+impl Drop for QueueTicket<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Relaxed);
+        self.1.queued.fetch_sub(1, Relaxed);
     }
 }
 
-async fn handle(client: TcpStream, addr: ClientAddr, backend: usize, shared: Arc<Shared>) {
-    let guard = ConnGuard::new(shared.stats.clone());
-    let be = &shared.backends[backend];
-    let n = be.cfg.servers.len();
-    let mut idx = be.balancer.first(n);
-    let attempts = (shared.connect_attempts as usize).min(n.max(1));
-    let mut server = None;
-    for attempt in 0..attempts {
-        let target = be.cfg.servers[idx];
-        match connect(target, shared.connect_timeout).await {
-            Ok(s) => {
-                server = Some((s, target));
+async fn pick_and_connect(
+    be: &BackendRt,
+    shared: &Shared,
+    client: ClientAddr,
+) -> Result<(TcpStream, Arc<ServerState>, Arc<PairState>), Reject> {
+    let deadline = tokio::time::Instant::now() + shared.queue_timeout;
+    let n = be.servers.len();
+    let mut ticket: Option<QueueTicket<'_>> = None;
+    loop {
+        // Registered before looking, so a slot freed meanwhile still wakes us.
+        let freed = be.slot_freed.notified();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+
+        let mut idx = be.balancer.first(n);
+        let (mut attempts, mut skipped_full, mut out_of_ports) = (0, false, false);
+        for _ in 0..n {
+            let server = &be.servers[idx];
+            idx = be.balancer.next(idx, n);
+            if attempts >= shared.connect_attempts {
                 break;
             }
-            Err(e) => {
-                shared.stats.connect_failures.fetch_add(1, Relaxed);
-                log::debug!("client {addr}: connect to {target} failed (attempt {}): {e}", attempt + 1);
-                idx = be.balancer.next(idx, n);
+            if !server.try_reserve() {
+                skipped_full = true;
+                continue;
+            }
+            match connect_server(server, shared.connect_timeout).await {
+                Ok((s, pair)) => return Ok((s, server.clone(), pair)),
+                Err(ConnectError::NoPort) => {
+                    server.release();
+                    server.connect_failures.fetch_add(1, Relaxed);
+                    out_of_ports = true;
+                }
+                Err(ConnectError::Io(e)) => {
+                    server.release();
+                    server.connect_failures.fetch_add(1, Relaxed);
+                    shared.stats.connect_failures.fetch_add(1, Relaxed);
+                    attempts += 1;
+                    log::debug!("client {client}: connect to {} failed (attempt {attempts}): {e}", server.cfg.addr);
+                }
             }
         }
+        if skipped_full && attempts < shared.connect_attempts {
+            if ticket.is_none() {
+                if be.waiting.load(Relaxed) >= u64::from(be.queue) {
+                    return Err(Reject::QueueFull);
+                }
+                be.waiting.fetch_add(1, Relaxed);
+                shared.stats.queued.fetch_add(1, Relaxed);
+                ticket = Some(QueueTicket(be, &shared.stats));
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return Err(Reject::QueueTimeout);
+            }
+            continue;
+        }
+        return Err(if out_of_ports { Reject::NoSourcePort } else { Reject::Unreachable });
     }
-    let Some((server, target)) = server else {
-        shared.stats.rejected.fetch_add(1, Relaxed);
-        log::debug!("client {addr}: no server of backend \"{}\" reachable; closing", be.cfg.name);
+}
+
+/// Warns, at most every few seconds per backend, which servers ran out of
+/// source ports on which addresses.
+fn warn_exhausted(be: &BackendRt) {
+    let mut w = be.exhaustion_warn.lock().unwrap_or_else(|e| e.into_inner());
+    w.1 += 1;
+    if w.0.is_some_and(|t| t.elapsed() < EXHAUSTION_WARN_EVERY) {
         return;
+    }
+    let full: Vec<String> = be
+        .servers
+        .iter()
+        .map(|s| {
+            let srcs: Vec<String> = s.pairs.iter().map(|p| source_name(p.source)).collect();
+            format!("{} on {}", s.cfg.addr, srcs.join(", "))
+        })
+        .collect();
+    log::warn!(
+        "backend \"{}\": out of source ports ({} client(s) closed): {}; add addresses to source_pool",
+        be.name,
+        w.1,
+        full.join("; ")
+    );
+    *w = (Some(Instant::now()), 0);
+}
+
+async fn handle(
+    client: TcpStream,
+    addr: ClientAddr,
+    backend: usize,
+    permits: Vec<OwnedSemaphorePermit>,
+    shared: Arc<Shared>,
+) {
+    let mut guard = ConnGuard::new(shared.stats.clone(), permits);
+    let be = &shared.backends[backend];
+    let (server, target, pair) = match pick_and_connect(be, &shared, addr).await {
+        Ok(v) => v,
+        Err(why) => {
+            let stats = &shared.stats;
+            stats.rejected.fetch_add(1, Relaxed);
+            match why {
+                Reject::NoSourcePort => {
+                    stats.no_source_port.fetch_add(1, Relaxed);
+                    warn_exhausted(be);
+                }
+                Reject::QueueFull | Reject::QueueTimeout => {
+                    stats.queue_rejected.fetch_add(1, Relaxed);
+                }
+                Reject::Unreachable => {}
+            }
+            log::debug!("client {addr}: no server of backend \"{}\" ({why:?}); closing", be.name);
+            return;
+        }
     };
+    let target_addr = target.cfg.addr;
+    guard.connected(target, pair);
     for s in [&client, &server] {
         let _ = s.set_nodelay(true);
     }
@@ -206,6 +467,6 @@ async fn handle(client: TcpStream, addr: ClientAddr, backend: usize, shared: Arc
         }
     };
     if let Err(e) = shared.dataplane.splice(Spliced { client, server, guard }) {
-        log::warn!("client {addr} -> {target}: {e}");
+        log::warn!("client {addr} -> {target_addr}: {e}");
     }
 }

@@ -153,3 +153,54 @@ pub fn tcp_established(s: &impl AsRawFd) -> bool {
         .map(|i| i.tcpi_state == 1)
         .unwrap_or(false)
 }
+
+/// `IP_LOCAL_PORT_RANGE` from `<linux/in.h>` (Linux 6.3).
+const IP_LOCAL_PORT_RANGE: libc::c_int = 51;
+
+/// `IP_BIND_ADDRESS_NO_PORT`: `bind(ip, 0)` then picks no port; `connect()`
+/// picks one unique per 4-tuple, so each server gets the whole range.
+pub fn set_bind_address_no_port(s: &impl AsRawFd) -> io::Result<()> {
+    setsockopt(s.as_raw_fd(), libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, &1 as &libc::c_int)
+}
+
+/// Restricts the socket's ephemeral ports to `low..=high` (`IP_LOCAL_PORT_RANGE`).
+pub fn set_local_port_range(s: &impl AsRawFd, low: u16, high: u16) -> io::Result<()> {
+    let v: u32 = (u32::from(high) << 16) | u32::from(low);
+    setsockopt(s.as_raw_fd(), libc::IPPROTO_IP, IP_LOCAL_PORT_RANGE, &v)
+}
+
+/// The hard open-files limit of this process.
+pub fn nofile_hard_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: valid out-pointer.
+    check(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
+    Ok(lim.rlim_max)
+}
+
+/// `CLOCK_MONOTONIC_COARSE` in ns: the clock `bpf_ktime_get_coarse_ns()` reads.
+pub fn monotonic_coarse_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out-pointer; this clock always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Whether `ip` is an address of this host (in this network namespace):
+/// binding a socket to it succeeds.
+pub fn is_local_address(ip: std::net::IpAddr) -> io::Result<bool> {
+    let domain = if ip.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+    set_bind_address_no_port(&s)?;
+    match s.bind(&std::net::SocketAddr::new(ip, 0).into()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether this kernel has `IP_LOCAL_PORT_RANGE`.
+pub fn has_local_port_range() -> bool {
+    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .and_then(|s| set_local_port_range(&s, 1024, 65535))
+        .is_ok()
+}

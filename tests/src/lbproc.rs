@@ -105,11 +105,7 @@ impl Lb {
             return None;
         }
         let (dir, pin_path) = scratch();
-        let cfg = format!(
-            "dataplane = \"{}\"\npin_path = \"{}\"\nmax_connections = 16384\n{body}",
-            mode.as_str(),
-            pin_path.display()
-        );
+        let cfg = format!("dataplane = \"{}\"\npin_path = \"{}\"\n{body}", mode.as_str(), pin_path.display());
         let lb = Self::launch(test, dir, pin_path, &cfg);
         assert_eq!(lb.dataplane, mode.as_str(), "{test}: lb runs the wrong data plane");
         Some(lb)

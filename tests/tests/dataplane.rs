@@ -323,7 +323,10 @@ async fn connect_close_10k_leaks_nothing(mode: Mode) {
     if mode == Mode::Kernel {
         let empty = retry_until(Duration::from_secs(5), || {
             let s = lb.pinned_stats();
-            (s["spliced_sockets"] == 0 && s["peer_entries"] == 0 && s["conn_entries"] == 0).then_some(())
+            (s["counters"]["spliced_sockets"] == 0
+                && s["counters"]["peer_entries"] == 0
+                && s["counters"]["conn_entries"] == 0)
+                .then_some(())
         })
         .await;
         assert!(empty.is_some(), "kernel maps not empty after all connections closed: {}", lb.pinned_stats());

@@ -5,13 +5,15 @@ mod kernel;
 mod userspace;
 mod watcher;
 
-use std::{fmt, net::TcpStream, sync::Arc};
+use std::{fmt, net::TcpStream, path::Path, sync::Arc, time::Duration};
 
-pub use kernel::{KernelDataplane, KernelError, PinnedMaps};
+pub use kernel::{KernelDataplane, ip16};
 use lb_common::stats::DataplaneCounters;
+use serde::{Deserialize, Serialize};
 pub use userspace::UserspaceDataplane;
 
 use crate::{
+    bpf::{KernelError, Objects},
     config::{Config, DataplaneMode},
     stats::{ConnGuard, ProxyStats},
 };
@@ -25,7 +27,8 @@ pub struct Spliced {
 }
 
 /// Which data plane is running.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Kind {
     Kernel,
     Userspace,
@@ -67,27 +70,58 @@ pub enum SpliceError {
     ShuttingDown,
 }
 
-/// Builds the data plane the config asks for. `auto` falls back to userspace
-/// with one warning that gives the reason.
-pub fn start(cfg: &Config, stats: Arc<ProxyStats>) -> anyhow::Result<Arc<dyn Dataplane>> {
-    match cfg.dataplane {
-        DataplaneMode::Userspace => Ok(Arc::new(UserspaceDataplane::new(stats))),
-        DataplaneMode::Kernel => {
-            let k = KernelDataplane::load(cfg, stats)
-                .map_err(|e| anyhow::anyhow!("dataplane = \"kernel\" cannot start: {e}"))?;
-            Ok(Arc::new(k))
+/// Loads the eBPF object for the data plane the config asks for, as the
+/// process that owns it. `auto` falls back to userspace with one warning
+/// that gives the reason. The userspace plane still gets the pinned stats
+/// maps when the kernel allows it; `None` means no maps at all.
+pub fn load(cfg: &Config) -> anyhow::Result<(Kind, Option<Objects>)> {
+    let maps_only = |why: Option<&KernelError>| match Objects::load(cfg, false) {
+        Ok(o) => Ok(Some(o)),
+        Err(e @ KernelError::PinPathBusy { .. }) => Err(anyhow::anyhow!("{e}")),
+        Err(e) => {
+            if why.is_none() {
+                log::warn!("pinned stats maps unavailable ({e}); `lb stats` cannot read this instance");
+            }
+            Ok(None)
         }
-        DataplaneMode::Auto => match KernelDataplane::load(cfg, stats.clone()) {
-            Ok(k) => Ok(Arc::new(k)),
+    };
+    match cfg.dataplane {
+        DataplaneMode::Userspace => Ok((Kind::Userspace, maps_only(None)?)),
+        DataplaneMode::Kernel => {
+            let o =
+                Objects::load(cfg, true).map_err(|e| anyhow::anyhow!("dataplane = \"kernel\" cannot start: {e}"))?;
+            Ok((Kind::Kernel, Some(o)))
+        }
+        DataplaneMode::Auto => match Objects::load(cfg, true) {
+            Ok(o) => Ok((Kind::Kernel, Some(o))),
+            Err(e @ KernelError::PinPathBusy { .. }) => Err(anyhow::anyhow!("{e}")),
             Err(e) => {
                 log::warn!(
                     "kernel data plane unavailable ({e}); falling back to the userspace data plane \
                      (every byte is copied through lb)"
                 );
-                Ok(Arc::new(UserspaceDataplane::new(stats)))
+                Ok((Kind::Userspace, maps_only(Some(&e))?))
             }
         },
     }
+}
+
+/// Starts this process's data plane of `kind`, on the maps pinned at
+/// `pin_path` for the kernel plane.
+pub fn open(
+    kind: Kind,
+    pin_path: &Path,
+    stats: Arc<ProxyStats>,
+    idle: Duration,
+    worker: u16,
+) -> anyhow::Result<Arc<dyn Dataplane>> {
+    Ok(match kind {
+        Kind::Userspace => Arc::new(UserspaceDataplane::new(idle)),
+        Kind::Kernel => Arc::new(
+            KernelDataplane::open(pin_path, stats, idle, worker)
+                .map_err(|e| anyhow::anyhow!("opening the kernel data plane at {}: {e}", pin_path.display()))?,
+        ),
+    })
 }
 
 /// `error: cause: cause…`, for errors whose Display omits their source.

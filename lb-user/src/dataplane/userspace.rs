@@ -7,28 +7,52 @@
 use std::{
     io,
     net::Shutdown,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering::Relaxed},
-    },
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+    time::{Duration, Instant},
 };
 
 use lb_common::stats::DataplaneCounters;
 use tokio::{net::TcpStream, sync::watch};
 
 use super::{Dataplane, Kind, SpliceError, Spliced};
-use crate::{stats::ProxyStats, sys};
+use crate::sys;
 
 const BUF: usize = 64 * 1024;
 
 pub struct UserspaceDataplane {
     stop: watch::Sender<bool>,
-    _stats: Arc<ProxyStats>,
+    idle: Duration,
 }
 
 impl UserspaceDataplane {
-    pub fn new(stats: Arc<ProxyStats>) -> Self {
-        Self { stop: watch::channel(false).0, _stats: stats }
+    /// `idle`: a connection with no byte either way for this long is closed.
+    pub fn new(idle: Duration) -> Self {
+        Self { stop: watch::channel(false).0, idle }
+    }
+}
+
+/// Bytes and last activity of one direction.
+struct Flow {
+    bytes: AtomicU64,
+    /// Milliseconds since the connection's start.
+    last_ms: AtomicU64,
+}
+
+impl Flow {
+    fn new() -> Self {
+        Self { bytes: AtomicU64::new(0), last_ms: AtomicU64::new(0) }
+    }
+}
+
+/// Resolves once neither flow moved a byte for `idle`.
+async fn idle_for(start: Instant, idle: Duration, flows: [&Flow; 2]) {
+    loop {
+        let last = flows.iter().map(|f| f.last_ms.load(Relaxed)).max().unwrap_or(0);
+        let deadline = start + Duration::from_millis(last) + idle;
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline.into()).await;
     }
 }
 
@@ -40,7 +64,13 @@ enum PumpError {
 }
 
 /// Copies `from` -> `to` until EOF, then shuts down `to`'s write side.
-async fn pump(from: &TcpStream, to: &TcpStream, counter: &AtomicU64) -> Result<(), PumpError> {
+async fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    counter: &AtomicU64,
+    flow: &Flow,
+    start: Instant,
+) -> Result<(), PumpError> {
     loop {
         from.readable().await.map_err(PumpError::Read)?;
         let mut buf = vec![0u8; BUF];
@@ -65,6 +95,8 @@ async fn pump(from: &TcpStream, to: &TcpStream, counter: &AtomicU64) -> Result<(
                 }
             }
             counter.fetch_add(n as u64, Relaxed);
+            flow.bytes.fetch_add(n as u64, Relaxed);
+            flow.last_ms.store(start.elapsed().as_millis() as u64, Relaxed);
         }
     }
 }
@@ -85,10 +117,13 @@ impl Dataplane for UserspaceDataplane {
         if *stop.borrow() {
             return Err(SpliceError::ShuttingDown);
         }
+        let idle = self.idle;
         tokio::spawn(async move {
             let stats = guard.stats();
-            let up = pump(&client, &server, &stats.userspace_bytes_in);
-            let down = pump(&server, &client, &stats.userspace_bytes_out);
+            let start = Instant::now();
+            let (flow_in, flow_out) = (Flow::new(), Flow::new());
+            let up = pump(&client, &server, &stats.userspace_bytes_in, &flow_in, start);
+            let down = pump(&server, &client, &stats.userspace_bytes_out, &flow_out, start);
             let both = async {
                 tokio::try_join!(async { up.await.map_err(|e| (e, 0usize)) }, async {
                     down.await.map_err(|e| (e, 1usize))
@@ -98,6 +133,14 @@ impl Dataplane for UserspaceDataplane {
             let result = tokio::select! {
                 r = both => r,
                 _ = stop.wait_for(|s| *s) => Ok(()),
+                _ = idle_for(start, idle, [&flow_in, &flow_out]) => {
+                    log::debug!("closing a connection idle for more than {idle:?}");
+                    for s in [&client, &server] {
+                        let _ = socket2::SockRef::from(s).shutdown(Shutdown::Both);
+                    }
+                    stats.idle_closed.fetch_add(1, Relaxed);
+                    Ok(())
+                }
             };
             if let Err((e, dir)) = result {
                 // dir 0: client -> server, dir 1: server -> client. A read
@@ -112,6 +155,7 @@ impl Dataplane for UserspaceDataplane {
                 let _ = sys::set_linger_zero(other);
                 stats.aborted.fetch_add(1, Relaxed);
             }
+            guard.add_bytes(flow_in.bytes.load(Relaxed), flow_out.bytes.load(Relaxed));
             drop((client, server));
             drop(guard);
         });

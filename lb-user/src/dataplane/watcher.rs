@@ -20,8 +20,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{SpliceError, Spliced, kernel::ConnMaps};
+use super::{SpliceError, Spliced};
 use crate::{
+    bpf::ConnMaps,
     stats::{ConnGuard, ProxyStats},
     sys::{self, Epoll, EventFd},
 };
@@ -49,7 +50,7 @@ struct Conn {
     wr_shut: [bool; 2],
     /// Pending EOF forward *from* this side to the other.
     drain: [Option<Drain>; 2],
-    _guard: ConnGuard,
+    guard: ConnGuard,
 }
 
 enum Next {
@@ -58,6 +59,8 @@ enum Next {
     Close,
     /// This side reset or failed; reset the other.
     Abort(usize),
+    /// No byte either way for `timeouts.idle`: close both sides.
+    Idle,
 }
 
 impl Conn {
@@ -113,6 +116,12 @@ impl Conn {
     fn pending(&self) -> bool {
         self.drain.iter().any(Option::is_some)
     }
+
+    /// Whether neither socket redirected a byte since `now_ns - idle_ns`.
+    fn idle(&self, maps: &ConnMaps, now_ns: u64, idle_ns: u64) -> bool {
+        let last = self.cookies.iter().filter_map(|c| maps.record(*c)).map(|r| r.last_active_ns).max();
+        last.is_some_and(|l| now_ns.saturating_sub(l) > idle_ns)
+    }
 }
 
 fn side_name(side: usize) -> &'static str {
@@ -133,6 +142,7 @@ struct Shared {
     stopping: AtomicBool,
     maps: Arc<Mutex<ConnMaps>>,
     stats: Arc<ProxyStats>,
+    idle: Duration,
 }
 
 pub(super) struct Watcher {
@@ -141,7 +151,7 @@ pub(super) struct Watcher {
 }
 
 impl Watcher {
-    pub fn start(maps: Arc<Mutex<ConnMaps>>, stats: Arc<ProxyStats>) -> std::io::Result<Self> {
+    pub fn start(maps: Arc<Mutex<ConnMaps>>, stats: Arc<ProxyStats>, idle: Duration) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             epoll: Epoll::new()?,
             wake: EventFd::new()?,
@@ -149,6 +159,7 @@ impl Watcher {
             stopping: AtomicBool::new(false),
             maps,
             stats,
+            idle,
         });
         shared.epoll.add(shared.wake.raw(), libc::EPOLLIN as u32, WAKE)?;
         let s = shared.clone();
@@ -174,7 +185,7 @@ impl Watcher {
                 rd_closed: [false; 2],
                 wr_shut: [false; 2],
                 drain: [None, None],
-                _guard: conn.guard,
+                guard: conn.guard,
             },
         );
         let events = (libc::EPOLLRDHUP | libc::EPOLLET) as u32;
@@ -198,12 +209,21 @@ impl Watcher {
     }
 }
 
+/// How often idle connections are looked for: a quarter of the idle
+/// timeout, between 50 ms and 10 s.
+fn sweep_interval(idle: Duration) -> Duration {
+    (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(10))
+}
+
 fn run(shared: &Shared) {
     let mut buf = vec![libc::epoll_event { events: 0, u64: 0 }; 512];
+    let sweep_every = sweep_interval(shared.idle);
+    let mut next_sweep = Instant::now() + sweep_every;
     loop {
         let timeout = {
             let t = shared.table.lock().unwrap_or_else(|e| e.into_inner());
-            if t.pending.is_empty() { -1 } else { 1 }
+            let until_sweep = next_sweep.saturating_duration_since(Instant::now()).as_millis() as i32 + 1;
+            if t.pending.is_empty() { until_sweep } else { 1 }
         };
         let events = match shared.epoll.wait(&mut buf, timeout) {
             Ok(ev) => ev,
@@ -247,15 +267,35 @@ fn run(shared: &Shared) {
                 next => done.push((id, next)),
             }
         }
+        if Instant::now() >= next_sweep {
+            next_sweep = Instant::now() + sweep_every;
+            let now = sys::monotonic_coarse_ns();
+            let idle_ns = shared.idle.as_nanos() as u64;
+            for (id, conn) in &t.conns {
+                if conn.idle(&maps, now, idle_ns) && !done.iter().any(|(d, _)| d == id) {
+                    done.push((*id, Next::Idle));
+                }
+            }
+        }
         drop(maps);
         for (id, next) in done {
             t.pending.remove(&id);
             let Some(conn) = t.conns.remove(&id) else {
                 continue;
             };
-            if let Next::Abort(side) = next {
-                let _ = sys::set_linger_zero(&conn.socks[1 - side]);
-                shared.stats.aborted.fetch_add(1, Ordering::Relaxed);
+            match next {
+                Next::Abort(side) => {
+                    let _ = sys::set_linger_zero(&conn.socks[1 - side]);
+                    shared.stats.aborted.fetch_add(1, Ordering::Relaxed);
+                }
+                Next::Idle => {
+                    log::debug!("closing a connection idle for more than {:?}", shared.idle);
+                    for s in &conn.socks {
+                        let _ = s.shutdown(Shutdown::Both);
+                    }
+                    shared.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+                }
+                Next::Keep | Next::Close => {}
             }
             close(shared, conn);
         }
@@ -272,6 +312,10 @@ fn run(shared: &Shared) {
 }
 
 fn close(shared: &Shared, conn: Conn) {
-    shared.maps.lock().unwrap_or_else(|e| e.into_inner()).forget(conn.cookies);
+    let mut maps = shared.maps.lock().unwrap_or_else(|e| e.into_inner());
+    let bytes = conn.cookies.map(|c| maps.redirected(c).unwrap_or(0));
+    conn.guard.add_bytes(bytes[CLIENT], bytes[1 - CLIENT]);
+    maps.forget(conn.cookies);
+    drop(maps);
     drop(conn); // closes both sockets, exactly once
 }

@@ -1,0 +1,107 @@
+//! Copies this process's counters into the pinned maps every 100 ms, so
+//! `lb stats` and `bpftool` see them from outside, summed over workers.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, atomic::Ordering::Relaxed},
+    time::Duration,
+};
+
+use lb_common::pool::{ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats};
+
+use crate::{
+    bpf::StatMaps,
+    dataplane::ip16,
+    stats::{ProxyStats, ServerState},
+};
+
+/// How often counters reach the maps.
+pub const INTERVAL: Duration = Duration::from_millis(100);
+
+pub struct Publisher {
+    maps: StatMaps,
+    worker: u16,
+    servers: Vec<Arc<ServerState>>,
+    stats: Arc<ProxyStats>,
+    last_sources: HashMap<SourceKey, SourceStats>,
+    last_servers: HashMap<ServerKey, ServerStats>,
+    last_worker: Option<WorkerStats>,
+}
+
+impl Publisher {
+    /// Clears what an earlier process with the same worker index left.
+    pub fn new(mut maps: StatMaps, worker: u16, servers: Vec<Arc<ServerState>>, stats: Arc<ProxyStats>) -> Self {
+        maps.clear_worker(worker);
+        Self {
+            maps,
+            worker,
+            servers,
+            stats,
+            last_sources: HashMap::new(),
+            last_servers: HashMap::new(),
+            last_worker: None,
+        }
+    }
+
+    /// Writes every entry that changed since the last call.
+    pub fn flush(&mut self) {
+        for s in &self.servers {
+            let server_ip = ip16(s.cfg.addr.0.ip());
+            let server_port = s.cfg.addr.0.port();
+            let key = ServerKey { server_ip, server_port, worker: self.worker, backend: s.backend as u16, _pad: 0 };
+            let val = ServerStats {
+                active: s.active.load(Relaxed),
+                total: s.total.load(Relaxed),
+                connect_failures: s.connect_failures.load(Relaxed),
+                bytes_in: s.bytes_in.load(Relaxed),
+                bytes_out: s.bytes_out.load(Relaxed),
+            };
+            if self.last_servers.get(&key) != Some(&val) && self.maps.servers.insert(key, val, 0).is_ok() {
+                self.last_servers.insert(key, val);
+            }
+            for p in &s.pairs {
+                let key = SourceKey {
+                    source_ip: p.source.map(ip16).unwrap_or_default(),
+                    server_ip,
+                    server_port,
+                    worker: self.worker,
+                    _pad: 0,
+                };
+                let val = SourceStats {
+                    ports_in_use: p.in_use.load(Relaxed),
+                    connects: p.connects.load(Relaxed),
+                    exhausted: p.exhausted.load(Relaxed),
+                };
+                if self.last_sources.get(&key) != Some(&val) && self.maps.sources.insert(key, val, 0).is_ok() {
+                    self.last_sources.insert(key, val);
+                }
+            }
+        }
+        let s = self.stats.snapshot();
+        let w = WorkerStats {
+            pid: u64::from(std::process::id()),
+            accepted: s.accepted,
+            active: s.active,
+            rejected: s.rejected,
+            no_source_port: s.no_source_port,
+            queue_rejected: s.queue_rejected,
+            connect_failures: s.connect_failures,
+            idle_closed: s.idle_closed,
+            userspace_fallbacks: s.userspace_fallbacks,
+            queued: s.queued,
+        };
+        if self.last_worker != Some(w) && self.maps.workers.insert(u32::from(self.worker), w, 0).is_ok() {
+            self.last_worker = Some(w);
+        }
+    }
+
+    /// Flushes every [`INTERVAL`] until the task is aborted.
+    pub async fn run(this: Arc<Mutex<Self>>) {
+        let mut tick = tokio::time::interval(INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            this.lock().unwrap_or_else(|e| e.into_inner()).flush();
+        }
+    }
+}

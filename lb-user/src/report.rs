@@ -1,0 +1,239 @@
+//! `lb stats`: what the pinned maps say, summed over workers.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    path::Path,
+};
+
+use lb_common::conn::SIDE_CLIENT;
+use serde::{Deserialize, Serialize};
+
+use crate::bpf::{KernelError, PinnedMaps};
+
+/// What the owner of the maps records next to them (bpffs holds only pins).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Meta {
+    pub pid: u32,
+    pub dataplane: String,
+    /// Backend names by index (`LB_SERVERS` keys carry the index).
+    pub backends: Vec<String>,
+}
+
+/// Where [`Meta`] of the instance pinned at `pin_path` lives.
+pub fn meta_path(pin_path: &Path) -> std::path::PathBuf {
+    let name: String =
+        pin_path.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    Path::new("/run/lb").join(format!("{name}.json"))
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ServerRow {
+    pub backend: String,
+    pub addr: SocketAddr,
+    pub active: u64,
+    pub total: u64,
+    /// Client -> server bytes (ended connections plus live kernel-spliced ones).
+    pub bytes_in: u64,
+    /// Server -> client bytes.
+    pub bytes_out: u64,
+    pub connect_failures: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SourceRow {
+    /// Source address; `"kernel"` when no pool is configured.
+    pub ip: String,
+    pub server: SocketAddr,
+    pub ports_in_use: u64,
+    pub connects: u64,
+    pub exhausted: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Totals {
+    pub active: u64,
+    pub total: u64,
+    pub rejected: u64,
+    pub no_source_port: u64,
+    pub queue_rejected: u64,
+    pub queued: u64,
+    pub connect_failures: u64,
+    pub idle_closed: u64,
+    pub userspace_fallbacks: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct WorkerRow {
+    pub worker: u32,
+    pub pid: u64,
+    pub active: u64,
+    pub accepted: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct KernelCounters {
+    pub skbs_redirected: u64,
+    pub bytes_redirected: u64,
+    pub peer_missing: u64,
+    /// Entries in LB_SPLICE (spliced sockets, two per connection).
+    pub spliced_sockets: u64,
+    pub peer_entries: u64,
+    pub conn_entries: u64,
+}
+
+/// The whole report.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Report {
+    pub dataplane: String,
+    pub servers: Vec<ServerRow>,
+    pub sources: Vec<SourceRow>,
+    pub totals: Totals,
+    pub workers: Vec<WorkerRow>,
+    pub counters: KernelCounters,
+}
+
+fn ip_of(b: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(b);
+    v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+}
+
+/// Reads the maps pinned at `pin_path`.
+pub fn read(pin_path: &Path) -> Result<Report, KernelError> {
+    let maps = PinnedMaps::open(pin_path)?;
+    let meta: Meta =
+        std::fs::read(meta_path(pin_path)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+    let mut r = Report { dataplane: if maps.kernel { "kernel" } else { "userspace" }.into(), ..Default::default() };
+
+    let mut servers: BTreeMap<(u16, SocketAddr), ServerRow> = BTreeMap::new();
+    for (k, v) in maps.stats.servers.iter().filter_map(Result::ok) {
+        let addr = SocketAddr::new(ip_of(k.server_ip), k.server_port);
+        let row = servers.entry((k.backend, addr)).or_insert_with(|| ServerRow {
+            backend: meta.backends.get(usize::from(k.backend)).cloned().unwrap_or_else(|| format!("#{}", k.backend)),
+            addr,
+            active: 0,
+            total: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            connect_failures: 0,
+        });
+        row.active += v.active;
+        row.total += v.total;
+        row.bytes_in += v.bytes_in;
+        row.bytes_out += v.bytes_out;
+        row.connect_failures += v.connect_failures;
+    }
+    // Live kernel-spliced connections: their bytes are still in LB_CONN.
+    let mut conn_entries = 0;
+    for (_, c) in maps.conn.conn.iter().filter_map(Result::ok) {
+        conn_entries += 1;
+        let addr = SocketAddr::new(ip_of(c.server_ip), c.server_port);
+        if let Some(row) = servers.values_mut().find(|s| s.addr == addr) {
+            if c.side == SIDE_CLIENT {
+                row.bytes_in += c.bytes;
+            } else {
+                row.bytes_out += c.bytes;
+            }
+        }
+    }
+    r.servers = servers.into_values().collect();
+
+    let mut sources: BTreeMap<(SocketAddr, [u8; 16]), SourceRow> = BTreeMap::new();
+    for (k, v) in maps.stats.sources.iter().filter_map(Result::ok) {
+        let server = SocketAddr::new(ip_of(k.server_ip), k.server_port);
+        let row = sources.entry((server, k.source_ip)).or_insert_with(|| SourceRow {
+            ip: if k.source_ip == [0; 16] { "kernel".into() } else { ip_of(k.source_ip).to_string() },
+            server,
+            ports_in_use: 0,
+            connects: 0,
+            exhausted: 0,
+        });
+        row.ports_in_use += v.ports_in_use;
+        row.connects += v.connects;
+        row.exhausted += v.exhausted;
+    }
+    r.sources = sources.into_values().collect();
+
+    let mut workers: Vec<_> = maps.stats.workers.iter().filter_map(Result::ok).collect();
+    workers.sort_by_key(|(k, _)| *k);
+    for (k, w) in workers {
+        let t = &mut r.totals;
+        t.active += w.active;
+        t.total += w.accepted;
+        t.rejected += w.rejected;
+        t.no_source_port += w.no_source_port;
+        t.queue_rejected += w.queue_rejected;
+        t.queued += w.queued;
+        t.connect_failures += w.connect_failures;
+        t.idle_closed += w.idle_closed;
+        t.userspace_fallbacks += w.userspace_fallbacks;
+        r.workers.push(WorkerRow { worker: k, pid: w.pid, active: w.active, accepted: w.accepted });
+    }
+
+    let c = maps.counters()?;
+    r.counters = KernelCounters {
+        skbs_redirected: c.skbs_redirected,
+        bytes_redirected: c.bytes_redirected,
+        peer_missing: c.peer_missing,
+        spliced_sockets: maps.conn.splice.keys().filter(Result::is_ok).count() as u64,
+        peer_entries: maps.conn.peer.keys().filter(Result::is_ok).count() as u64,
+        conn_entries,
+    };
+    Ok(r)
+}
+
+/// The human form: aligned tables.
+pub fn render(r: &Report) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let t = &r.totals;
+    let _ = writeln!(o, "data plane {}   workers {}", r.dataplane, r.workers.len());
+    let _ = writeln!(
+        o,
+        "active {}   total {}   rejected {} (no source port {}, queue {})   queued {}   idle closed {}",
+        t.active, t.total, t.rejected, t.no_source_port, t.queue_rejected, t.queued, t.idle_closed
+    );
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "{:<16} {:<40} {:>8} {:>10} {:>16} {:>16} {:>8}",
+        "BACKEND", "SERVER", "ACTIVE", "TOTAL", "BYTES_IN", "BYTES_OUT", "FAILS"
+    );
+    for s in &r.servers {
+        let _ = writeln!(
+            o,
+            "{:<16} {:<40} {:>8} {:>10} {:>16} {:>16} {:>8}",
+            s.backend,
+            s.addr.to_string(),
+            s.active,
+            s.total,
+            s.bytes_in,
+            s.bytes_out,
+            s.connect_failures
+        );
+    }
+    let _ = writeln!(o);
+    let _ =
+        writeln!(o, "{:<40} {:<40} {:>12} {:>10} {:>10}", "SOURCE", "SERVER", "PORTS_IN_USE", "CONNECTS", "EXHAUSTED");
+    for s in &r.sources {
+        let _ = writeln!(
+            o,
+            "{:<40} {:<40} {:>12} {:>10} {:>10}",
+            s.ip,
+            s.server.to_string(),
+            s.ports_in_use,
+            s.connects,
+            s.exhausted
+        );
+    }
+    if r.dataplane == "kernel" {
+        let c = &r.counters;
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "kernel: {} bytes in {} skbs redirected, {} spliced sockets, {} peer misses",
+            c.bytes_redirected, c.skbs_redirected, c.spliced_sockets, c.peer_missing
+        );
+    }
+    o
+}

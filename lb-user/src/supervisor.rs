@@ -1,0 +1,274 @@
+//! `workers = N`: one supervisor process owns the eBPF object and the pins
+//! and runs N worker processes. Each worker binds the frontends with
+//! `SO_REUSEPORT` (the kernel spreads new clients over them), opens the
+//! pinned maps and serves on its own. A worker that dies is restarted;
+//! SIGINT/SIGTERM stops them all.
+
+use std::{
+    net::SocketAddr,
+    process::{ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    process::{Child, Command},
+    task::JoinSet,
+};
+
+use crate::{
+    config::{Config, Overrides},
+    dataplane::{self, Kind},
+    proxy::{self, Ready, Serve},
+};
+
+/// What a worker gets on stdin.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WorkerSpec {
+    pub index: u16,
+    pub config_file: String,
+    /// The exact text the supervisor validated (the file may change later).
+    pub config_text: String,
+    pub workers: u32,
+    pub kind: Kind,
+    /// Whether the pinned maps exist.
+    pub maps: bool,
+    /// Concrete listen address of each frontend, in config order.
+    pub listen: Vec<SocketAddr>,
+}
+
+/// A worker that dies sooner than this after its start is restarted only
+/// after this long, so a crash loop does not spin.
+const MIN_LIFETIME: Duration = Duration::from_secs(1);
+/// How long a stopping worker may take before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long a worker may take to start serving.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Resolves each frontend's address once for all workers. Port 0 is bound
+/// here (with SO_REUSEPORT, not listening, held until exit) to pick the
+/// port; a fixed port is probed without SO_REUSEPORT so that a port held by
+/// anyone else is an error now rather than a silently shared listener.
+fn resolve_listeners(cfg: &Config) -> anyhow::Result<(Vec<SocketAddr>, Vec<socket2::Socket>)> {
+    let mut addrs = Vec::new();
+    let mut holders = Vec::new();
+    for f in &cfg.frontends {
+        let ctx = || format!("frontend \"{}\": listen {}", f.name, f.listen);
+        if f.listen.port() == 0 {
+            let s = socket2::Socket::new(socket2::Domain::for_address(f.listen), socket2::Type::STREAM, None)
+                .with_context(ctx)?;
+            s.set_reuse_address(true).with_context(ctx)?;
+            s.set_reuse_port(true).with_context(ctx)?;
+            s.bind(&f.listen.into()).with_context(ctx)?;
+            let addr = s.local_addr().with_context(ctx)?.as_socket().context("listen address is not IP")?;
+            addrs.push(addr);
+            holders.push(s);
+        } else {
+            drop(proxy::bind(f.listen, false).with_context(ctx)?);
+            addrs.push(f.listen);
+        }
+    }
+    Ok((addrs, holders))
+}
+
+struct Running {
+    pid: u32,
+    started: Instant,
+}
+
+/// Starts worker `index` and waits for its ready line.
+async fn spawn_worker(spec: &WorkerSpec) -> anyhow::Result<(Child, Ready)> {
+    let exe = std::env::current_exe().context("finding the lb executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("worker").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    cmd.env("LB_LOG_TAG", format!("worker-{}", spec.index));
+    // Own process group: a terminal's Ctrl-C reaches only the supervisor,
+    // which then stops the workers in order.
+    cmd.process_group(0);
+    // SAFETY: prctl is async-signal-safe; it makes the worker exit with its supervisor.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting a worker process")?;
+    let mut stdin = child.stdin.take().context("worker stdin")?;
+    stdin.write_all(&serde_json::to_vec(spec)?).await.context("sending the worker its spec")?;
+    drop(stdin);
+    let stdout = child.stdout.take().context("worker stdout")?;
+    let mut line = String::new();
+    let read = tokio::time::timeout(START_TIMEOUT, BufReader::new(stdout).read_line(&mut line)).await;
+    match read {
+        Ok(Ok(n)) if n > 0 => {
+            let ready: Ready = serde_json::from_str(line.trim()).context("reading the worker's ready line")?;
+            Ok((child, ready))
+        }
+        _ => {
+            let _ = child.start_kill();
+            let status = child.wait().await.ok();
+            bail!("worker {} did not start (exit: {status:?}); see its messages above", spec.index)
+        }
+    }
+}
+
+/// Runs the supervisor until SIGINT or SIGTERM.
+pub async fn run(cfg: Config, config_file: String, config_text: String, announce: bool) -> anyhow::Result<()> {
+    let (listen, _holders) = resolve_listeners(&cfg)?;
+    let (kind, mut objects) = dataplane::load(&cfg)?;
+    log::info!("data plane: {kind}; starting {} workers", cfg.workers);
+    let result = supervise(&cfg, config_file, config_text, kind, objects.is_some(), listen, announce).await;
+    if let Some(o) = objects.as_mut() {
+        o.close();
+    }
+    result
+}
+
+async fn supervise(
+    cfg: &Config,
+    config_file: String,
+    config_text: String,
+    kind: Kind,
+    maps: bool,
+    listen: Vec<SocketAddr>,
+    announce: bool,
+) -> anyhow::Result<()> {
+    let mut specs: Vec<WorkerSpec> = (0..cfg.workers)
+        .map(|i| WorkerSpec {
+            index: i as u16,
+            config_file: config_file.clone(),
+            config_text: config_text.clone(),
+            workers: cfg.workers,
+            kind,
+            maps,
+            listen: listen.clone(),
+        })
+        .collect();
+    let mut running: Vec<Option<Running>> = (0..specs.len()).map(|_| None).collect();
+    let mut waits: JoinSet<(usize, std::io::Result<ExitStatus>)> = JoinSet::new();
+    let mut first_ready = None;
+    for (i, spec) in specs.iter().enumerate() {
+        match spawn_worker(spec).await {
+            Ok((mut child, ready)) => {
+                running[i] = Some(Running { pid: ready.pid, started: Instant::now() });
+                first_ready.get_or_insert(ready);
+                waits.spawn(async move { (i, child.wait().await) });
+            }
+            Err(e) => {
+                stop_all(&running, &mut waits).await;
+                return Err(e);
+            }
+        }
+    }
+    let ready = first_ready.context("no workers")?;
+    log::info!(
+        "{} workers serving: pids {:?}",
+        specs.len(),
+        running.iter().flatten().map(|r| r.pid).collect::<Vec<_>>()
+    );
+    if announce {
+        let r = Ready {
+            event: "ready".into(),
+            pid: std::process::id(),
+            dataplane: kind,
+            frontends: ready.frontends,
+            workers: running.iter().flatten().map(|r| r.pid).collect(),
+        };
+        println!("{}", serde_json::to_string(&r)?);
+    }
+
+    let signal = proxy::wait_for_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            r = &mut signal => {
+                r?;
+                break;
+            }
+            Some(Ok((i, status))) = waits.join_next() => {
+                let Some(prev) = running[i].take() else { continue };
+                let why = match status {
+                    Ok(s) => describe(s),
+                    Err(e) => format!("could not be waited for: {e}"),
+                };
+                log::warn!("worker {i} (pid {}) {why}; restarting it", prev.pid);
+                if prev.started.elapsed() < MIN_LIFETIME {
+                    tokio::time::sleep(MIN_LIFETIME).await;
+                }
+                match spawn_worker(&specs[i]).await {
+                    Ok((mut child, ready)) => {
+                        log::info!("worker {i} restarted as pid {}", ready.pid);
+                        running[i] = Some(Running { pid: ready.pid, started: Instant::now() });
+                        waits.spawn(async move { (i, child.wait().await) });
+                    }
+                    Err(e) => {
+                        log::error!("restarting worker {i} failed: {e:#}; stopping");
+                        stop_all(&running, &mut waits).await;
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+    log::info!("stopping {} workers", running.iter().flatten().count());
+    stop_all(&running, &mut waits).await;
+    specs.clear();
+    Ok(())
+}
+
+fn describe(s: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt as _;
+    match (s.code(), s.signal()) {
+        (Some(c), _) => format!("exited with status {c}"),
+        (_, Some(sig)) => format!("was killed by signal {sig}{}", if s.core_dumped() { " (core dumped)" } else { "" }),
+        _ => "ended".into(),
+    }
+}
+
+async fn stop_all(running: &[Option<Running>], waits: &mut JoinSet<(usize, std::io::Result<ExitStatus>)>) {
+    for r in running.iter().flatten() {
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(r.pid as i32, libc::SIGTERM) };
+    }
+    let deadline = tokio::time::Instant::now() + STOP_GRACE;
+    while !waits.is_empty() {
+        match tokio::time::timeout_at(deadline, waits.join_next()).await {
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(_) => {
+                for r in running.iter().flatten() {
+                    log::warn!("worker pid {} did not stop within {STOP_GRACE:?}; killing it", r.pid);
+                    // SAFETY: as above.
+                    unsafe { libc::kill(r.pid as i32, libc::SIGKILL) };
+                }
+                while waits.join_next().await.is_some() {}
+                break;
+            }
+        }
+    }
+}
+
+/// `lb worker`: reads a [`WorkerSpec`] from stdin and serves.
+pub async fn worker() -> anyhow::Result<()> {
+    let mut input = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut input).await.context("reading the spec")?;
+    let spec: WorkerSpec = serde_json::from_slice(&input).context("the worker spec on stdin is not valid")?;
+    let o = Overrides { workers: Some(spec.workers), dataplane: None };
+    let mut cfg = Config::parse_with(&spec.config_file, &spec.config_text, &o)?;
+    if cfg.frontends.len() != spec.listen.len() {
+        bail!("the worker spec lists {} listen addresses for {} frontends", spec.listen.len(), cfg.frontends.len());
+    }
+    for (f, a) in cfg.frontends.iter_mut().zip(&spec.listen) {
+        f.listen = *a;
+    }
+    let listeners = proxy::bind_all(&cfg.frontends, true)?;
+    let serve = Serve { cfg, kind: spec.kind, maps: spec.maps, worker: spec.index };
+    proxy::serve(serve, listeners, |ready| {
+        println!("{}", serde_json::to_string(&ready).unwrap_or_default());
+    })
+    .await
+}
