@@ -307,8 +307,9 @@ async fn connect_server(server: &ServerState, timeout: Duration) -> Result<(TcpS
         };
         match attempt.await {
             Ok(s) => return Ok((s, pair)),
-            // No local port left for this (source, server) pair.
-            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+            // No local port left for this (source, server) pair: connect()
+            // says EADDRNOTAVAIL; a bind() that had to pick a port, EADDRINUSE.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EADDRNOTAVAIL | libc::EADDRINUSE)) => {
                 log::debug!("{}: no free port from {}", server.cfg.addr, source_name(pair.source));
                 pair.mark_full();
             }

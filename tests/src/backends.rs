@@ -39,7 +39,16 @@ impl Backend {
         F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+        Self::spawn_at("127.0.0.1:0".parse().unwrap(), handler).await
+    }
+
+    /// [`Self::spawn`] on a given address.
+    pub async fn spawn_at<F, Fut>(addr: SocketAddr, handler: F) -> Backend
+    where
+        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let l = TcpListener::bind(addr).await.unwrap_or_else(|e| panic!("bind backend {addr}: {e}"));
         let addr = l.local_addr().expect("backend addr");
         let accepted = Arc::new(AtomicU64::new(0));
         let acc = accepted.clone();
@@ -56,6 +65,11 @@ impl Backend {
     /// Echoes every byte, then closes after the client's EOF.
     pub async fn echo() -> Backend {
         Self::spawn(|s| async move { echo(s).await }).await
+    }
+
+    /// [`Self::echo`] on a given address.
+    pub async fn echo_at(addr: SocketAddr) -> Backend {
+        Self::spawn_at(addr, |s| async move { echo(s).await }).await
     }
 
     /// Sends `banner` at accept (server speaks first), then echoes.

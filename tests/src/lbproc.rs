@@ -82,6 +82,8 @@ pub struct Lb {
     pub addr: SocketAddr,
     pub frontends: Vec<SocketAddr>,
     pub dataplane: String,
+    /// Worker pids when lb runs with workers > 1.
+    pub workers: Vec<u32>,
     pub pin_path: PathBuf,
     pub dir: PathBuf,
 }
@@ -139,6 +141,7 @@ impl Lb {
             addr: "0.0.0.0:0".parse().unwrap(),
             frontends: vec![],
             dataplane: String::new(),
+            workers: vec![],
             pin_path,
             dir,
         };
@@ -146,6 +149,10 @@ impl Lb {
         let ready: serde_json::Value = serde_json::from_str(line.trim())
             .unwrap_or_else(|_| panic!("{test}: lb did not announce readiness; stderr:\n{}", lb.stderr()));
         lb.dataplane = ready["dataplane"].as_str().unwrap_or_default().to_owned();
+        lb.workers = ready["workers"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|w| w.as_u64().map(|p| p as u32)).collect())
+            .unwrap_or_default();
         lb.frontends = ready["frontends"]
             .as_array()
             .map(|a| a.iter().filter_map(|f| f["listen"].as_str()?.parse().ok()).collect())

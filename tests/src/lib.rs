@@ -3,6 +3,7 @@
 
 pub mod backends;
 pub mod lbproc;
+pub mod netns;
 pub mod stream;
 
 use std::time::{Duration, Instant};

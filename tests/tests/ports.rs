@@ -1,0 +1,179 @@
+//! Source-IP pools against the port wall, in a network namespace per test
+//! whose ephemeral range is narrowed to 100 ports (40000-40099).
+//!
+//! Listeners use fixed ports outside that range (a port-0 listener would
+//! take one of the 100), and clients bind fixed source ports from 50000 up,
+//! so only lb's connections to the backend draw from the narrowed range.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::atomic::{AtomicU16, Ordering},
+    time::{Duration, Instant},
+};
+
+use testkit::{Lb, Mode, backends::Backend, netns::NetNs, retry_until};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpSocket, TcpStream},
+};
+
+const RANGE: &str = "40000 40099";
+const PORTS: usize = 100;
+const LISTEN: &str = "127.0.0.1:7000";
+
+macro_rules! both_planes {
+    ($($name:ident),* $(,)?) => {
+        mod kernel { $( #[test] fn $name() { super::in_netns(stringify!($name), super::Mode::Kernel, super::$name); } )* }
+        mod userspace { $( #[test] fn $name() { super::in_netns(stringify!($name), super::Mode::Userspace, super::$name); } )* }
+    };
+}
+
+both_planes!(one_address_takes_the_whole_range_then_refuses, four_addresses_take_four_ranges, one_address_two_servers_get_a_range_each);
+
+/// Runs `f` on a current-thread runtime inside a fresh namespace.
+fn in_netns<F: std::future::Future<Output = ()>>(test: &str, mode: Mode, f: fn(Ctx) -> F) {
+    let ns = NetNs::enter(test);
+    ns.sysctl("net.ipv4.ip_local_port_range", RANGE);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(f(Ctx { ns, mode, test: test.to_owned(), next_port: AtomicU16::new(50000) }));
+}
+
+struct Ctx {
+    ns: NetNs,
+    mode: Mode,
+    test: String,
+    next_port: AtomicU16,
+}
+
+impl Ctx {
+    fn lb(&self, backend: &str) -> Option<Lb> {
+        let body = format!(
+            "[timeouts]\nconnect = \"2s\"\n\n[[frontend]]\nname = \"t\"\nlisten = \"{LISTEN}\"\nbackend = \"b\"\n\n\
+             [[backend]]\nname = \"b\"\n{backend}\n"
+        );
+        Lb::start_with(self.mode, &self.test, &body)
+    }
+
+    /// A client from 127.0.0.2 (fixed port) that got through: one byte echoed.
+    async fn client(&self) -> std::io::Result<TcpStream> {
+        let port = self.next_port.fetch_add(1, Ordering::Relaxed);
+        let s = TcpSocket::new_v4()?;
+        s.bind(SocketAddr::new("127.0.0.2".parse().unwrap(), port))?;
+        let mut c = s.connect(LISTEN.parse().unwrap()).await?;
+        c.write_all(b"x").await?;
+        let mut b = [0u8; 1];
+        match tokio::time::timeout(Duration::from_secs(3), c.read(&mut b)).await {
+            Ok(Ok(1)) => Ok(c),
+            Ok(Ok(_)) => Err(std::io::Error::other("closed by lb")),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(std::io::Error::other("no echo within 3 s")),
+        }
+    }
+
+    async fn clients(&self, n: usize) -> Vec<TcpStream> {
+        let mut v = Vec::with_capacity(n);
+        for i in 0..n {
+            v.push(self.client().await.unwrap_or_else(|e| panic!("client {i} of {n} should get through: {e}")));
+        }
+        v
+    }
+
+    /// The next client is closed by lb at once (within 1 s).
+    async fn refused(&self) {
+        let t0 = Instant::now();
+        match self.client().await {
+            Ok(_) => panic!("a client got through although every source port is taken"),
+            Err(e) => assert!(t0.elapsed() < Duration::from_secs(1), "refusal took {:?} ({e})", t0.elapsed()),
+        }
+    }
+}
+
+/// `sources` rows of `lb stats --json`: (source ip, server) -> (ports_in_use, exhausted).
+fn sources(lb: &Lb) -> HashMap<(String, String), (u64, u64)> {
+    let s = lb.pinned_stats();
+    s["sources"]
+        .as_array()
+        .expect("sources array")
+        .iter()
+        .map(|r| {
+            (
+                (r["ip"].as_str().unwrap().to_owned(), r["server"].as_str().unwrap().to_owned()),
+                (r["ports_in_use"].as_u64().unwrap(), r["exhausted"].as_u64().unwrap()),
+            )
+        })
+        .collect()
+}
+
+/// Waits until the published port counts equal `want` (published every 100 ms).
+async fn ports_in_use(lb: &Lb, want: &[(&str, &str, u64)]) {
+    let ok = retry_until(Duration::from_secs(3), || {
+        let s = sources(lb);
+        want.iter().all(|(ip, server, n)| s.get(&(ip.to_string(), server.to_string())).map(|v| v.0) == Some(*n)).then_some(())
+    })
+    .await;
+    assert!(ok.is_some(), "ports in use per source should be {want:?}; lb stats says {:?}", sources(lb));
+}
+
+async fn one_address_takes_the_whole_range_then_refuses(cx: Ctx) {
+    let _be = Backend::echo_at("127.0.0.1:9000".parse().unwrap()).await;
+    let Some(lb) = cx.lb("servers = [\"127.0.0.1:9000\"]\nsource_pool = [\"127.0.1.1\"]") else { return };
+    let mut held = cx.clients(PORTS).await;
+    cx.refused().await;
+    ports_in_use(&lb, &[("127.0.1.1", "127.0.0.1:9000", PORTS as u64)]).await;
+    assert_eq!(cx.ns.ss_count("127.0.1.1", "127.0.0.1:9000"), PORTS, "ss disagrees with the map");
+    let s = lb.pinned_stats();
+    assert!(s["totals"]["no_source_port"].as_u64().unwrap() >= 1, "exhaustion not counted: {s}");
+    assert!(sources(&lb)[&("127.0.1.1".into(), "127.0.0.1:9000".into())].1 >= 1, "pair exhaustion not counted");
+
+    // Close 50: the same number of new clients get through again, with no
+    // intervention (ports lb closed first sit in TIME_WAIT for about a
+    // second before loopback may reuse them, so allow a few seconds).
+    held.truncate(PORTS - 50);
+    let t0 = Instant::now();
+    let mut fresh = 0;
+    while fresh < 50 {
+        match cx.client().await {
+            Ok(c) => {
+                held.push(c);
+                fresh += 1;
+            }
+            Err(e) if t0.elapsed() < Duration::from_secs(10) => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("only {fresh} of 50 new clients got through after closing 50: {e}"),
+        }
+    }
+    ports_in_use(&lb, &[("127.0.1.1", "127.0.0.1:9000", PORTS as u64)]).await;
+    eprintln!("[{}] 100 through, 101st refused; 50 closed, 50 new through after {:?}", cx.mode.as_str(), t0.elapsed());
+}
+
+async fn four_addresses_take_four_ranges(cx: Ctx) {
+    let _be = Backend::echo_at("127.0.0.1:9000".parse().unwrap()).await;
+    let Some(lb) = cx.lb("servers = [\"127.0.0.1:9000\"]\nsource_pool = [\"127.0.1.0/30\"]") else { return };
+    let _held = cx.clients(4 * PORTS).await;
+    cx.refused().await;
+    let want: Vec<(&str, &str, u64)> = ["127.0.1.0", "127.0.1.1", "127.0.1.2", "127.0.1.3"]
+        .into_iter()
+        .map(|ip| (ip, "127.0.0.1:9000", PORTS as u64))
+        .collect();
+    ports_in_use(&lb, &want).await;
+    for (ip, server, _) in &want {
+        assert_eq!(cx.ns.ss_count(ip, server), PORTS, "ss: connections from {ip}");
+    }
+}
+
+async fn one_address_two_servers_get_a_range_each(cx: Ctx) {
+    let _a = Backend::echo_at("127.0.0.1:9000".parse().unwrap()).await;
+    let _b = Backend::echo_at("127.0.0.1:9001".parse().unwrap()).await;
+    let Some(lb) = cx.lb("servers = [\"127.0.0.1:9000\", \"127.0.0.1:9001\"]\nsource_pool = [\"127.0.1.1\"]") else {
+        return;
+    };
+    // Without IP_BIND_ADDRESS_NO_PORT, bind() would pick a port unique to
+    // the source address and both servers would share one range of 100.
+    let _held = cx.clients(2 * PORTS).await;
+    cx.refused().await;
+    ports_in_use(&lb, &[("127.0.1.1", "127.0.0.1:9000", PORTS as u64), ("127.0.1.1", "127.0.0.1:9001", PORTS as u64)])
+        .await;
+}
