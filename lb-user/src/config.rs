@@ -669,6 +669,16 @@ mod tests {
     }
 
     #[test]
+    fn defaults_keep_long_lived_connections() {
+        let c = Config::parse("basic.toml", EXAMPLE).unwrap();
+        // A client with a 4-minute heartbeat must never be closed as idle.
+        assert!(c.timeouts.idle > Duration::from_secs(4 * 60), "default idle {:?}", c.timeouts.idle);
+        assert_eq!(c.workers, 1);
+        assert!(c.maxconn >= 1);
+        assert!(c.backends[0].pool.addrs.is_empty() && c.backends[0].pool.port_range.is_none());
+    }
+
+    #[test]
     fn cidr_expansion() {
         assert_eq!(expand("127.0.2.0/30").unwrap().len(), 4);
         assert_eq!(expand("127.0.2.3/32").unwrap(), vec!["127.0.2.3".parse::<IpAddr>().unwrap()]);

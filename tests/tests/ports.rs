@@ -29,7 +29,11 @@ macro_rules! both_planes {
     };
 }
 
-both_planes!(one_address_takes_the_whole_range_then_refuses, four_addresses_take_four_ranges, one_address_two_servers_get_a_range_each);
+both_planes!(
+    one_address_takes_the_whole_range_then_refuses,
+    four_addresses_take_four_ranges,
+    one_address_two_servers_get_a_range_each
+);
 
 /// Runs `f` on a current-thread runtime inside a fresh namespace.
 fn in_netns<F: std::future::Future<Output = ()>>(test: &str, mode: Mode, f: fn(Ctx) -> F) {
@@ -109,7 +113,9 @@ fn sources(lb: &Lb) -> HashMap<(String, String), (u64, u64)> {
 async fn ports_in_use(lb: &Lb, want: &[(&str, &str, u64)]) {
     let ok = retry_until(Duration::from_secs(3), || {
         let s = sources(lb);
-        want.iter().all(|(ip, server, n)| s.get(&(ip.to_string(), server.to_string())).map(|v| v.0) == Some(*n)).then_some(())
+        want.iter()
+            .all(|(ip, server, n)| s.get(&(ip.to_string(), server.to_string())).map(|v| v.0) == Some(*n))
+            .then_some(())
     })
     .await;
     assert!(ok.is_some(), "ports in use per source should be {want:?}; lb stats says {:?}", sources(lb));

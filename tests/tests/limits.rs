@@ -1,0 +1,229 @@
+//! maxconn and its queue, the idle timeout, and worker processes.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use testkit::{Lb, Mode, backends::Backend, retry_until};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    task::JoinHandle,
+};
+
+macro_rules! both_planes {
+    ($($name:ident),* $(,)?) => {
+        mod kernel { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Mode::Kernel).await } )* }
+        mod userspace { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Mode::Userspace).await } )* }
+    };
+}
+
+both_planes!(
+    server_maxconn_queues_then_rejects,
+    global_and_frontend_maxconn_pause_accepting,
+    idle_connection_closed_active_kept
+);
+
+/// Connects and writes one byte; the echo is awaited separately.
+async fn open(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.write_all(b"x").await.unwrap();
+    s
+}
+
+/// Waits up to `within` for the echo of the byte; Err says what happened instead.
+async fn echoed(s: &mut TcpStream, within: Duration) -> Result<(), String> {
+    let mut b = [0u8; 1];
+    match tokio::time::timeout(within, s.read(&mut b)).await {
+        Ok(Ok(1)) => Ok(()),
+        Ok(Ok(_)) => Err("closed".into()),
+        Ok(Err(e)) => Err(format!("error: {e}")),
+        Err(_) => Err("no answer".into()),
+    }
+}
+
+async fn through(addr: SocketAddr) -> TcpStream {
+    let mut s = open(addr).await;
+    echoed(&mut s, Duration::from_secs(3)).await.unwrap_or_else(|e| panic!("client should get through: {e}"));
+    s
+}
+
+fn spawn_echo_wait(mut s: TcpStream, within: Duration) -> JoinHandle<(Result<(), String>, Duration, TcpStream)> {
+    tokio::spawn(async move {
+        let t0 = Instant::now();
+        let r = echoed(&mut s, within).await;
+        (r, t0.elapsed(), s)
+    })
+}
+
+fn totals(lb: &Lb, key: &str) -> u64 {
+    lb.pinned_stats()["totals"][key].as_u64().unwrap_or_else(|| panic!("totals.{key} missing"))
+}
+
+async fn server_maxconn_queues_then_rejects(mode: Mode) {
+    let be = Backend::echo().await;
+    let body = format!(
+        "[timeouts]\nqueue = \"700ms\"\n\n[[frontend]]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\nbackend = \"b\"\n\n\
+         [[backend]]\nname = \"b\"\nservers = [{{ addr = \"{}\", maxconn = 2 }}]\nqueue = 1\n",
+        be.addr
+    );
+    let Some(lb) = Lb::start_with(mode, "server_maxconn", &body) else { return };
+    let c1 = through(lb.addr).await;
+    let _c2 = through(lb.addr).await;
+    // Third: waits in the queue (one place).
+    let c3 = spawn_echo_wait(open(lb.addr).await, Duration::from_secs(5));
+    let queued = retry_until(Duration::from_secs(3), || (totals(&lb, "queued") == 1).then_some(())).await;
+    assert!(queued.is_some(), "third client is not queued: {}", lb.pinned_stats());
+    // Fourth: the queue is full, closed at once.
+    let mut c4 = open(lb.addr).await;
+    let t0 = Instant::now();
+    let r = echoed(&mut c4, Duration::from_secs(2)).await;
+    assert!(r.is_err() && t0.elapsed() < Duration::from_millis(500), "queue full: expected a quick close, got {r:?}");
+    // A slot frees: the queued client goes through.
+    drop(c1);
+    let (r, waited, _c3) = c3.await.unwrap();
+    assert_eq!(r, Ok(()), "queued client not served after a slot freed (waited {waited:?})");
+    // Fifth: queued, nothing frees, closed after timeouts.queue.
+    let mut c5 = open(lb.addr).await;
+    let t0 = Instant::now();
+    let r = echoed(&mut c5, Duration::from_secs(5)).await;
+    let waited = t0.elapsed();
+    assert!(r.is_err(), "fifth client got through past maxconn");
+    assert!(
+        waited >= Duration::from_millis(600) && waited < Duration::from_secs(2),
+        "queue timeout is 700 ms, client was closed after {waited:?}"
+    );
+    let ok = retry_until(Duration::from_secs(3), || (totals(&lb, "queue_rejected") == 2).then_some(())).await;
+    assert!(ok.is_some(), "queue rejections should be 2: {}", lb.pinned_stats());
+}
+
+async fn global_and_frontend_maxconn_pause_accepting(mode: Mode) {
+    let be = Backend::echo().await;
+    let body = format!(
+        "maxconn = 3\n\n[[frontend]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nbackend = \"b\"\nmaxconn = 2\n\n\
+         [[frontend]]\nname = \"b\"\nlisten = \"127.0.0.1:0\"\nbackend = \"b\"\n\n\
+         [[backend]]\nname = \"b\"\nservers = [\"{}\"]\n",
+        be.addr
+    );
+    let Some(lb) = Lb::start_with(mode, "maxconn", &body) else { return };
+    let (fa, fb) = (lb.frontends[0], lb.frontends[1]);
+    let a1 = through(fa).await;
+    let _a2 = through(fa).await;
+    // Frontend a is at its maxconn: the kernel completes the handshake, lb does not accept.
+    let a3 = spawn_echo_wait(open(fa).await, Duration::from_secs(5));
+    let b1 = through(fb).await;
+    // Now the global maxconn (3) is reached.
+    let b2 = spawn_echo_wait(open(fb).await, Duration::from_secs(5));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!a3.is_finished() && !b2.is_finished(), "a client was served beyond maxconn");
+    drop(b1); // frees a global slot, and only frontend b may use it
+    let (r, _, _b2) = b2.await.unwrap();
+    assert_eq!(r, Ok(()), "frontend b's waiting client not served after a global slot freed");
+    assert!(!a3.is_finished(), "frontend a served a third client beyond its maxconn of 2");
+    drop(a1);
+    drop(_b2);
+    let (r, _, _a3) = a3.await.unwrap();
+    assert_eq!(r, Ok(()), "frontend a's waiting client not served after its slot freed");
+}
+
+async fn idle_connection_closed_active_kept(mode: Mode) {
+    let be = Backend::echo().await;
+    let body = format!(
+        "[timeouts]\nidle = \"1s\"\n\n[[frontend]]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\nbackend = \"b\"\n\n\
+         [[backend]]\nname = \"b\"\nservers = [\"{}\"]\n",
+        be.addr
+    );
+    let Some(lb) = Lb::start_with(mode, "idle", &body) else { return };
+    let idle = through(lb.addr).await;
+    let t0 = Instant::now();
+    let idle = tokio::spawn(async move {
+        let mut s = idle;
+        let mut b = [0u8; 1];
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await;
+        (r.map(|r| r.map_err(|e| e.kind())), t0.elapsed())
+    });
+    // Heartbeat every 250 ms for 3 s: never idle for 1 s.
+    let mut busy = through(lb.addr).await;
+    while t0.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        busy.write_all(b"h").await.expect("active connection was closed");
+        echoed(&mut busy, Duration::from_secs(1)).await.expect("active connection lost its echo");
+    }
+    let (r, at) = idle.await.unwrap();
+    assert!(matches!(r, Ok(Ok(0))), "idle connection should get EOF, got {r:?}");
+    assert!(at >= Duration::from_secs(1) && at < Duration::from_millis(2500), "idle close after {at:?} (idle = 1 s)");
+    let ok = retry_until(Duration::from_secs(3), || (totals(&lb, "idle_closed") == 1).then_some(())).await;
+    assert!(ok.is_some(), "idle_closed should be 1: {}", lb.pinned_stats());
+}
+
+/// Two workers: connections spread over both, a killed worker is restarted,
+/// and the counts in the maps stay equal to the connections alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_spread_restart_and_stay_consistent() {
+    let mode = if testkit::lbproc::kernel_available("two_workers") { Mode::Kernel } else { Mode::Userspace };
+    let be = Backend::echo().await;
+    let body = format!(
+        "workers = 2\n\n[[frontend]]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\nbackend = \"b\"\n\n\
+         [[backend]]\nname = \"b\"\nservers = [\"{}\"]\n",
+        be.addr
+    );
+    let lb = Lb::start_with(mode, "two_workers", &body).expect("lb");
+    assert_eq!(lb.workers.len(), 2, "announced workers: {:?}", lb.workers);
+    let mut clients = Vec::new();
+    for _ in 0..200 {
+        clients.push(through(lb.addr).await);
+    }
+    let per_worker = |lb: &Lb| -> Vec<(u64, u64, u64)> {
+        let s = lb.pinned_stats();
+        s["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| (w["worker"].as_u64().unwrap(), w["pid"].as_u64().unwrap(), w["active"].as_u64().unwrap()))
+            .collect()
+    };
+    let spread = retry_until(Duration::from_secs(3), || {
+        let w = per_worker(&lb);
+        (w.len() == 2 && w.iter().map(|x| x.2).sum::<u64>() == 200).then_some(w)
+    })
+    .await
+    .unwrap_or_else(|| panic!("workers should hold 200 connections together: {}", lb.pinned_stats()));
+    assert!(spread.iter().all(|w| w.2 > 0), "connections not spread over both workers: {spread:?}");
+
+    // Kill worker 0 (a child of the lb we started) the hard way.
+    let victim = spread.iter().find(|w| w.0 == 0).unwrap().1 as i32;
+    // SAFETY: signalling a process this test started (through lb).
+    unsafe { libc::kill(victim, libc::SIGKILL) };
+    let restarted = retry_until(Duration::from_secs(10), || {
+        let w = per_worker(&lb);
+        w.iter().find(|w| w.0 == 0).filter(|w| w.1 as i32 != victim).map(|w| w.1)
+    })
+    .await;
+    assert!(restarted.is_some(), "worker 0 not restarted: {}", lb.pinned_stats());
+
+    // The killed worker's clients lost their connections; the others still echo.
+    let mut alive = Vec::new();
+    for mut c in clients {
+        let ok = c.write_all(b"y").await.is_ok() && echoed(&mut c, Duration::from_secs(2)).await.is_ok();
+        if ok {
+            alive.push(c);
+        }
+    }
+    let survivors = alive.len() as u64;
+    assert!(survivors > 0 && survivors < 200, "{survivors} of 200 survived a worker kill");
+    for _ in 0..100 {
+        alive.push(through(lb.addr).await);
+    }
+    let want = survivors + 100;
+    let consistent = retry_until(Duration::from_secs(5), || {
+        let s = lb.pinned_stats();
+        let active = s["totals"]["active"].as_u64().unwrap();
+        let server_active = s["servers"][0]["active"].as_u64().unwrap();
+        let kernel_ok = mode == Mode::Userspace || s["counters"]["conn_entries"].as_u64().unwrap() == 2 * want;
+        (active == want && server_active == want && kernel_ok).then_some(())
+    })
+    .await;
+    assert!(consistent.is_some(), "maps should count {want} live connections: {}", lb.pinned_stats());
+    eprintln!("[{}] 200 over 2 workers {spread:?}; worker 0 killed, {survivors} survived, restarted", mode.as_str());
+}
