@@ -1,6 +1,7 @@
 //! `cargo xtask <setup|demo|test>`: the one entry point for people and CI.
 
 mod demo;
+mod hold;
 mod setup;
 
 use std::process::Command;
@@ -27,6 +28,18 @@ enum Cmd {
         /// Seconds of traffic.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+    },
+    /// Hold N idle connections through lb to one backend ip:port and report ports, memory and time.
+    Hold {
+        /// Connections to hold.
+        #[arg(long, default_value_t = 40_000)]
+        conns: usize,
+        /// Source addresses in lb's pool (127.0.1.1 up).
+        #[arg(long, default_value_t = 4)]
+        pool: usize,
+        /// Data plane: kernel or userspace.
+        #[arg(long, default_value = "kernel")]
+        dataplane: String,
     },
     /// Run every check and test: fmt, clippy, unit and integration tests on both data planes.
     Test {
@@ -85,7 +98,7 @@ pub fn workspace_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_owned()
 }
 
-fn cargo() -> Command {
+pub fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(workspace_root());
     c
@@ -104,6 +117,12 @@ fn main() -> anyhow::Result<()> {
             setup::setup()?;
             let lb = build_lb()?;
             demo::demo(&lb, clients, seconds)
+        }
+        Cmd::Hold { conns, pool, dataplane } => {
+            setup::setup()?;
+            let lb = build_lb()?;
+            let hold = hold::build_hold()?;
+            hold::hold(&lb, &hold, &hold::Args { conns, pool, dataplane }).map(drop)
         }
         Cmd::Test { args } => {
             setup::setup()?;

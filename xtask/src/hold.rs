@@ -1,0 +1,181 @@
+//! `cargo xtask hold`: how many concurrent connections one backend
+//! `ip:port` takes through lb on this machine, with the default port range.
+//!
+//! Backend sinks, lb (with workers and a source pool) and client holders
+//! are separate processes, so none needs more than ~15,000 descriptors.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+use testkit::{Lb, lbproc};
+
+/// Connections one holder process opens at most.
+const PER_HOLDER: usize = 15_000;
+/// Connections one lb worker takes at most (two descriptors each, 20000 limit).
+const PER_WORKER: usize = 8_000;
+
+pub struct Args {
+    pub conns: usize,
+    pub pool: usize,
+    pub dataplane: String,
+}
+
+/// A started helper that prints one JSON line; killed (by its pid) on drop.
+struct Helper {
+    child: Child,
+}
+
+impl Helper {
+    fn start(bin: &Path, args: &[&str]) -> anyhow::Result<(Helper, Value)> {
+        let mut child = Command::new(bin)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        let v: Value = serde_json::from_str(line.trim()).with_context(|| format!("{args:?} printed {line:?}"))?;
+        Ok((Helper { child }, v))
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    testkit::status_kb(pid, "VmRSS")
+}
+
+pub fn sockstat_tcp_mem_pages() -> u64 {
+    std::fs::read_to_string("/proc/net/sockstat")
+        .ok()
+        .and_then(|s| {
+            let l = s.lines().find(|l| l.starts_with("TCP:"))?.to_owned();
+            let mut it = l.split_whitespace();
+            it.position(|w| w == "mem")?;
+            it.next()?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+pub fn hold(lb_bin: &Path, hold_bin: &Path, a: &Args) -> anyhow::Result<Value> {
+    // SAFETY: setting an env var before any thread is started.
+    unsafe { std::env::set_var("LB_BIN", lb_bin) };
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")?;
+    let r: Vec<u64> = range.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    let per_pair = r[1] - r[0] + 1;
+    println!("ephemeral range {} ({per_pair} ports per source address and server)", range.trim());
+
+    let sinks_n = a.conns.div_ceil(PER_HOLDER);
+    let (first, v) = Helper::start(hold_bin, &["sink", "--listen", "127.0.0.1:0"])?;
+    let backend = v["listen"].as_str().context("sink address")?.to_owned();
+    let mut sinks = vec![first];
+    for _ in 1..sinks_n {
+        sinks.push(Helper::start(hold_bin, &["sink", "--listen", &backend])?.0);
+    }
+    println!("backend {backend}: {sinks_n} sink process(es) sharing it with SO_REUSEPORT");
+
+    let workers = a.conns.div_ceil(PER_WORKER).max(1);
+    let pool: Vec<String> = (1..=a.pool).map(|i| format!("\"127.0.1.{i}\"")).collect();
+    let (dir, pin_path) = lbproc::scratch();
+    let maxconn = workers * 9000;
+    let cfg = format!(
+        "dataplane = \"{}\"\npin_path = \"{}\"\nworkers = {workers}\nmaxconn = {maxconn}\n\n\
+         [[frontend]]\nname = \"hold\"\nlisten = \"127.0.0.1:0\"\nbackend = \"one\"\n\n\
+         [[backend]]\nname = \"one\"\nservers = [\"{backend}\"]\nsource_pool = [{}]\n",
+        a.dataplane,
+        pin_path.display(),
+        pool.join(", ")
+    );
+    let mut lb = Lb::launch("hold", dir, pin_path, &cfg);
+    let pids: Vec<u32> = std::iter::once(lb.pid).chain(lb.workers.iter().copied()).collect();
+    let rss0: u64 = pids.iter().map(|p| rss_kb(*p)).sum();
+    let mem0 = sockstat_tcp_mem_pages();
+    println!("lb: {workers} workers, data plane {}, source pool of {}", lb.dataplane, a.pool);
+
+    let holders_n = a.conns.div_ceil(PER_HOLDER);
+    let t0 = Instant::now();
+    let mut holders = Vec::new();
+    let mut ok = 0;
+    let mut failed = 0;
+    let (tx, rx) = std::sync::mpsc::channel();
+    for i in 0..holders_n {
+        let count = (a.conns / holders_n + usize::from(i < a.conns % holders_n)).to_string();
+        let src = format!("127.0.3.{}", i + 1);
+        let (target, bin, tx) = (lb.addr.to_string(), hold_bin.to_owned(), tx.clone());
+        std::thread::spawn(move || {
+            let r = Helper::start(&bin, &["clients", "--target", &target, "--src", &src, "--count", &count]);
+            let _ = tx.send(r);
+        });
+    }
+    drop(tx);
+    for r in rx {
+        let (h, v) = r?;
+        ok += v["ok"].as_u64().unwrap_or(0);
+        failed += v["failed"].as_u64().unwrap_or(0);
+        if let Some(e) = v["error"].as_str() {
+            println!("  holder error: {e}");
+        }
+        holders.push(h);
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let s = lb.pinned_stats();
+    let rss1: u64 = pids.iter().map(|p| rss_kb(*p)).sum();
+    let mem1 = sockstat_tcp_mem_pages();
+    let ss = Command::new("ss").args(["-Htn", "state", "established", "dst", &backend]).output()?;
+    let ss_count = String::from_utf8_lossy(&ss.stdout).lines().count();
+    let active = s["totals"]["active"].as_u64().unwrap_or(0);
+    println!("== {ok} connections held through lb to {backend} ({failed} failed) in {secs:.1}s");
+    println!("  lb active (maps)           {active}");
+    println!("  established to {backend} (ss) {ss_count}");
+    for src in s["sources"].as_array().into_iter().flatten() {
+        println!(
+            "  from {:<12} ports in use {:>6}, exhausted {}",
+            src["ip"].as_str().unwrap_or("?"),
+            src["ports_in_use"],
+            src["exhausted"]
+        );
+    }
+    let per_conn_rss = (rss1.saturating_sub(rss0)) as f64 * 1024.0 / ok.max(1) as f64;
+    let per_conn_kernel = (mem1.saturating_sub(mem0)) as f64 * 4096.0 / ok.max(1) as f64;
+    println!("  lb RSS {rss0} -> {rss1} KiB over {} processes: {per_conn_rss:.0} B per connection", pids.len());
+    println!("  kernel TCP memory {mem0} -> {mem1} pages: {per_conn_kernel:.0} B per connection (all four sockets)");
+    let single_limit = per_pair;
+    println!(
+        "  single source address limit {single_limit}: {}",
+        if ok > single_limit { "exceeded" } else { "NOT exceeded" }
+    );
+    let out = serde_json::json!({
+        "conns_requested": a.conns, "held": ok, "failed": failed, "setup_secs": secs,
+        "lb_active": active, "ss_established": ss_count, "workers": workers, "pool": a.pool,
+        "dataplane": lb.dataplane, "per_pair_ports": per_pair,
+        "rss_bytes_per_conn": per_conn_rss, "kernel_bytes_per_conn": per_conn_kernel,
+        "sources": s["sources"].clone(),
+    });
+    drop(holders);
+    let clean = lb.stop();
+    drop(sinks);
+    if !clean {
+        bail!("lb did not stop cleanly");
+    }
+    if failed > 0 || active != ok {
+        bail!("{failed} connections failed; maps count {active} of {ok}");
+    }
+    Ok(out)
+}
+
+pub fn build_hold() -> anyhow::Result<PathBuf> {
+    crate::run(crate::cargo().args(["build", "--release", "-p", "tests", "--bin", "lb-hold"]))?;
+    Ok(crate::workspace_root().join("target/release/lb-hold"))
+}
