@@ -305,7 +305,14 @@ async fn connect_server(server: &ServerState, timeout: Duration) -> Result<(TcpS
                 Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}"))),
             }
         };
-        match attempt.await {
+        // Counted from the attempt on, so concurrent connects spread out
+        // instead of all picking the same least-used address.
+        pair.in_use.fetch_add(1, Relaxed);
+        let r = attempt.await;
+        if r.is_err() {
+            pair.in_use.fetch_sub(1, Relaxed);
+        }
+        match r {
             Ok(s) => return Ok((s, pair)),
             // No local port left for this (source, server) pair: connect()
             // says EADDRNOTAVAIL; a bind() that had to pick a port, EADDRINUSE.

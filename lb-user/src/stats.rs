@@ -215,11 +215,10 @@ impl ConnGuard {
     pub fn stats(&self) -> &ProxyStats {
         &self.stats
     }
-    /// The connection now holds a slot of `server` (already reserved) and a
-    /// port of `pair`.
+    /// The connection now holds a slot of `server` and a port of `pair`
+    /// (both already counted when they were reserved).
     pub fn connected(&mut self, server: Arc<ServerState>, pair: Arc<PairState>) {
         server.total.fetch_add(1, Relaxed);
-        pair.in_use.fetch_add(1, Relaxed);
         pair.connects.fetch_add(1, Relaxed);
         self.server = Some((server, pair));
     }

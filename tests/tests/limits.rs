@@ -22,7 +22,8 @@ macro_rules! both_planes {
 both_planes!(
     server_maxconn_queues_then_rejects,
     global_and_frontend_maxconn_pause_accepting,
-    idle_connection_closed_active_kept
+    idle_connection_closed_active_kept,
+    concurrent_connects_spread_over_the_pool,
 );
 
 /// Connects and writes one byte; the echo is awaited separately.
@@ -226,4 +227,30 @@ async fn two_workers_spread_restart_and_stay_consistent() {
     .await;
     assert!(consistent.is_some(), "maps should count {want} live connections: {}", lb.pinned_stats());
     eprintln!("[{}] 200 over 2 workers {spread:?}; worker 0 killed, {survivors} survived, restarted", mode.as_str());
+}
+
+/// 400 clients at once over a pool of 4: the least-used choice counts
+/// connects still in flight, so every address ends up with 100 ± 2.
+async fn concurrent_connects_spread_over_the_pool(mode: Mode) {
+    let be = Backend::echo().await;
+    let body = format!(
+        "[[frontend]]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\nbackend = \"b\"\n\n\
+         [[backend]]\nname = \"b\"\nservers = [\"{}\"]\nsource_pool = [\"127.0.4.0/30\"]\n",
+        be.addr
+    );
+    let Some(lb) = Lb::start_with(mode, "spread", &body) else { return };
+    let addr = lb.addr;
+    let tasks: Vec<_> = (0..400).map(|_| tokio::spawn(through(addr))).collect();
+    let mut held = Vec::new();
+    for t in tasks {
+        held.push(t.await.unwrap());
+    }
+    let counts = retry_until(Duration::from_secs(3), || {
+        let s = lb.pinned_stats();
+        let v: Vec<u64> = s["sources"].as_array()?.iter().filter_map(|r| r["ports_in_use"].as_u64()).collect();
+        (v.len() == 4 && v.iter().sum::<u64>() == 400).then_some(v)
+    })
+    .await
+    .unwrap_or_else(|| panic!("4 sources holding 400 connections expected: {}", lb.pinned_stats()));
+    assert!(counts.iter().all(|c| (98..=102).contains(c)), "uneven spread over the pool: {counts:?}");
 }

@@ -60,8 +60,12 @@ async fn run(clients: usize, seconds: u64) -> anyhow::Result<()> {
         }));
     }
     let mut peak_active = 0;
+    let mut stats_table = None;
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_secs(1)).await;
+        if stats_table.is_none() && deadline.saturating_duration_since(Instant::now()) < Duration::from_millis(1500) {
+            stats_table = Some(lb_stats(&lb.pin_path)?);
+        }
         let c = totals.connected.load(Relaxed);
         peak_active = peak_active.max(c);
         println!(
@@ -84,11 +88,8 @@ async fn run(clients: usize, seconds: u64) -> anyhow::Result<()> {
     println!("  client errors      {errors}");
     println!("  lb CPU time        {:.2}s over {elapsed:.1}s", testkit::cpu_time(lb.pid).as_secs_f64());
     println!("  lb peak RSS        {} KiB", testkit::status_kb(lb.pid, "VmHWM"));
-    if lb.dataplane == "kernel" {
-        let s = lb.pinned_stats();
-        println!("== kernel counters (lb stats --json --pin-path {})", lb.pin_path.display());
-        println!("{}", serde_json::to_string_pretty(&s)?);
-    }
+    println!("== lb stats --pin-path {} (one second before the end, all clients connected)", lb.pin_path.display());
+    print!("{}", stats_table.context("lb stats was not sampled")?);
     let clean = lb.stop();
     println!("== lb log");
     for l in lb.stderr().lines() {
@@ -105,6 +106,15 @@ async fn run(clients: usize, seconds: u64) -> anyhow::Result<()> {
         bail!("no exchange completed");
     }
     Ok(())
+}
+
+/// `lb stats` (the human table) of the instance pinned at `pin_path`.
+fn lb_stats(pin_path: &Path) -> anyhow::Result<String> {
+    let out = std::process::Command::new(lbproc::lb_bin()).arg("stats").arg("--pin-path").arg(pin_path).output()?;
+    if !out.status.success() {
+        bail!("lb stats failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Until `deadline`: send a message of 1..16 KiB, read the echo, check it.
