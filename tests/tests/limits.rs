@@ -202,6 +202,11 @@ async fn two_workers_spread_restart_and_stay_consistent() {
     })
     .await;
     assert!(restarted.is_some(), "worker 0 not restarted: {}", lb.pinned_stats());
+    let log = lb.stderr();
+    assert!(
+        log.contains(&format!("worker 0 (pid {victim}) was killed by signal 9; restarting it")),
+        "the supervisor did not log why worker 0 ended:\n{log}"
+    );
 
     // The killed worker's clients lost their connections; the others still echo.
     let mut alive = Vec::new();

@@ -32,7 +32,8 @@ macro_rules! both_planes {
 both_planes!(
     one_address_takes_the_whole_range_then_refuses,
     four_addresses_take_four_ranges,
-    one_address_two_servers_get_a_range_each
+    one_address_two_servers_get_a_range_each,
+    source_port_range_narrows_the_range,
 );
 
 /// Runs `f` on a current-thread runtime inside a fresh namespace.
@@ -131,6 +132,11 @@ async fn one_address_takes_the_whole_range_then_refuses(cx: Ctx) {
     let s = lb.pinned_stats();
     assert!(s["totals"]["no_source_port"].as_u64().unwrap() >= 1, "exhaustion not counted: {s}");
     assert!(sources(&lb)[&("127.0.1.1".into(), "127.0.0.1:9000".into())].1 >= 1, "pair exhaustion not counted");
+    let log = lb.stderr();
+    assert!(
+        log.contains("backend \"b\": out of source ports") && log.contains("127.0.0.1:9000 on 127.0.1.1"),
+        "no warning naming the server and address that ran out:\n{log}"
+    );
 
     // Close 50: the same number of new clients get through again, with no
     // intervention (ports lb closed first sit in TIME_WAIT for about a
@@ -182,4 +188,14 @@ async fn one_address_two_servers_get_a_range_each(cx: Ctx) {
     cx.refused().await;
     ports_in_use(&lb, &[("127.0.1.1", "127.0.0.1:9000", PORTS as u64), ("127.0.1.1", "127.0.0.1:9001", PORTS as u64)])
         .await;
+}
+
+async fn source_port_range_narrows_the_range(cx: Ctx) {
+    let _be = Backend::echo_at("127.0.0.1:9000".parse().unwrap()).await;
+    // IP_LOCAL_PORT_RANGE on each socket: 40000-40049 within the namespace's 40000-40099.
+    let backend = "servers = [\"127.0.0.1:9000\"]\nsource_pool = [\"127.0.1.1\"]\nsource_port_range = \"40000-40049\"";
+    let Some(lb) = cx.lb(backend) else { return };
+    let _held = cx.clients(50).await;
+    cx.refused().await;
+    ports_in_use(&lb, &[("127.0.1.1", "127.0.0.1:9000", 50)]).await;
 }
