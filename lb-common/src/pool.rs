@@ -56,8 +56,11 @@ pub struct ServerStats {
     pub bytes_in: u64,
     /// Server -> client bytes of connections that have ended.
     pub bytes_out: u64,
+    /// 0 up, 1 down (health check), 2 drain, 3 maint (disabled).
+    pub state: u32,
+    pub weight: u32,
 }
-const _: () = assert!(core::mem::size_of::<ServerStats>() == 40);
+const _: () = assert!(core::mem::size_of::<ServerStats>() == 48);
 
 /// Value of `LB_WORKERS`, keyed by worker index (u32).
 #[repr(C)]
@@ -79,8 +82,10 @@ pub struct WorkerStats {
     pub userspace_fallbacks: u64,
     /// Clients waiting now for a server slot (server `maxconn`).
     pub queued: u64,
+    /// Of `rejected`: no server could take new connections.
+    pub no_server_up: u64,
 }
-const _: () = assert!(core::mem::size_of::<WorkerStats>() == 80);
+const _: () = assert!(core::mem::size_of::<WorkerStats>() == 88);
 
 #[cfg(feature = "user")]
 mod user {

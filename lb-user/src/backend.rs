@@ -3,7 +3,8 @@
 use std::{fmt, net::SocketAddr};
 
 /// Address of a backend server (`ip:port`), never a client's.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
 pub struct ServerAddr(pub SocketAddr);
 
 impl fmt::Display for ServerAddr {

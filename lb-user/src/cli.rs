@@ -5,7 +5,13 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
-use crate::config::{Config, DataplaneMode, MAX_WORKERS, Overrides};
+use std::net::SocketAddr;
+
+use crate::{
+    config::{Config, DataplaneMode, MAX_WORKERS, Overrides},
+    control::Request,
+    runtime::Command,
+};
 
 /// A TCP load balancer for very many long-lived connections: bytes between
 /// client and server are spliced inside the kernel with eBPF sockmap.
@@ -13,11 +19,11 @@ use crate::config::{Config, DataplaneMode, MAX_WORKERS, Overrides};
 #[command(name = "lb", version, about, long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Cmd,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub enum Cmd {
     /// Run the load balancer in the foreground until SIGINT or SIGTERM.
     Run {
         /// Configuration file (TOML).
@@ -47,10 +53,106 @@ pub enum Command {
         /// Print JSON instead of tables.
         #[arg(long)]
         json: bool,
+        /// Refresh every SECS seconds until interrupted.
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "1")]
+        watch: Option<f64>,
+    },
+    /// List live kernel-spliced connections (client, server, source, age, idle, bytes) from the pinned maps.
+    Conns {
+        /// The running instance's `pin_path`.
+        #[arg(long, default_value = "/sys/fs/bpf/lb", value_name = "DIR")]
+        pin_path: PathBuf,
+        /// Only connections to this server (ip:port).
+        #[arg(long, value_name = "ADDR")]
+        server: Option<SocketAddr>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change the servers of a running lb (through its control socket); takes effect at once.
+    Server {
+        #[command(subcommand)]
+        action: ServerAction,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Re-read the running lb's configuration file and apply its server changes (same as SIGHUP).
+    Reload {
+        #[command(flatten)]
+        target: Target,
     },
     /// Internal: a worker process started by `lb run` with workers > 1 (spec on stdin).
     #[command(hide = true)]
     Worker,
+}
+
+/// Which running lb to talk to.
+#[derive(Debug, clap::Args)]
+pub struct Target {
+    /// The running instance's `pin_path` (its control socket is /run/lb/<pin_path>.sock).
+    #[arg(long, default_value = "/sys/fs/bpf/lb", value_name = "DIR", global = true)]
+    pin_path: PathBuf,
+    /// The control socket, when the config sets `control_socket`.
+    #[arg(long, value_name = "PATH", global = true)]
+    control_socket: Option<PathBuf>,
+}
+
+impl Target {
+    fn socket(&self) -> PathBuf {
+        self.control_socket.clone().unwrap_or_else(|| crate::control::default_path(&self.pin_path))
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServerAction {
+    /// Add a server to a backend.
+    Add {
+        backend: String,
+        addr: SocketAddr,
+        /// Share of new connections (0-256).
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+        /// Connections this server takes at most (others queue).
+        #[arg(long)]
+        maxconn: Option<u32>,
+    },
+    /// Remove a server: no new connections; existing ones continue until they end.
+    Remove { backend: String, addr: SocketAddr },
+    /// No new connections; existing ones continue until they end.
+    Drain { backend: String, addr: SocketAddr },
+    /// Take new connections again (after drain or disable).
+    Enable { backend: String, addr: SocketAddr },
+    /// Maintenance: no new connections; existing ones continue.
+    Disable { backend: String, addr: SocketAddr },
+    /// Set the server's weight (0-256; 0 takes no new connections).
+    Weight { backend: String, addr: SocketAddr, weight: u32 },
+}
+
+impl ServerAction {
+    fn command(self) -> Command {
+        use crate::{backend::ServerAddr as A, stats::Admin};
+        match self {
+            Self::Add { backend, addr, weight, maxconn } => {
+                Command::ServerAdd { backend, addr: A(addr), weight, maxconn }
+            }
+            Self::Remove { backend, addr } => Command::ServerRemove { backend, addr: A(addr) },
+            Self::Drain { backend, addr } => Command::ServerState { backend, addr: A(addr), state: Admin::Drain },
+            Self::Enable { backend, addr } => Command::ServerState { backend, addr: A(addr), state: Admin::Enabled },
+            Self::Disable { backend, addr } => Command::ServerState { backend, addr: A(addr), state: Admin::Disabled },
+            Self::Weight { backend, addr, weight } => Command::ServerWeight { backend, addr: A(addr), weight },
+        }
+    }
+}
+
+fn control(target: &Target, req: Request) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let reply = rt.block_on(crate::control::request(&target.socket(), &req))?;
+    if reply.ok {
+        println!("{}", reply.message);
+        Ok(())
+    } else {
+        anyhow::bail!("{}", reply.message)
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -63,7 +165,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 pub fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Check { config } => {
+        Cmd::Check { config } => {
             let cfg = Config::load(&config)?;
             println!(
                 "{}: ok ({} frontend(s), {} backend(s), {} server(s), dataplane = {}, workers = {}, maxconn = {})",
@@ -77,26 +179,62 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Run { config, dataplane, workers, announce } => {
-            let (cfg, text) = Config::load_with(&config, &Overrides { workers, dataplane })?;
+        Cmd::Run { config, dataplane, workers, announce } => {
+            let overrides = Overrides { workers, dataplane };
+            let (cfg, text) = Config::load_with(&config, &overrides)?;
+            let reload = crate::proxy::Reload { path: config, overrides };
             if cfg.workers > 1 {
-                runtime()?.block_on(crate::supervisor::run(cfg, config.display().to_string(), text, announce))
+                runtime()?.block_on(crate::supervisor::run(cfg, reload, text, announce))
             } else {
-                runtime()?.block_on(crate::proxy::run(cfg, announce))
+                runtime()?.block_on(crate::proxy::run(cfg, reload, announce))
             }
         }
-        Command::Worker => runtime()?.block_on(crate::supervisor::worker()),
-        Command::Stats { pin_path, json } => {
-            let r = crate::report::read(&pin_path).with_context(|| {
-                format!(
-                    "no running lb with pinned maps at {} (is `lb run` up, with that pin_path?)",
+        Cmd::Worker => runtime()?.block_on(crate::supervisor::worker()),
+        Cmd::Server { action, target } => control(&target, Request::Apply(action.command())),
+        Cmd::Reload { target } => control(&target, Request::Other { cmd: crate::control::Other::Reload }),
+        Cmd::Stats { pin_path, json, watch } => {
+            let read = || {
+                crate::report::read(&pin_path).with_context(|| {
+                    format!(
+                        "no running lb with pinned maps at {} (is `lb run` up, with that pin_path?)",
+                        pin_path.display()
+                    )
+                })
+            };
+            let show = |r: &crate::report::Report| -> anyhow::Result<String> {
+                Ok(if json { serde_json::to_string_pretty(r)? + "\n" } else { crate::report::render(r) })
+            };
+            match watch {
+                None => print!("{}", show(&read()?)?),
+                Some(secs) => {
+                    if !(secs > 0.0 && secs.is_finite()) {
+                        anyhow::bail!("--watch {secs}: must be a positive number of seconds");
+                    }
+                    loop {
+                        let out = show(&read()?)?;
+                        // Clear the screen and home the cursor, then redraw.
+                        print!("\x1b[2J\x1b[H{out}");
+                        std::io::Write::flush(&mut std::io::stdout())?;
+                        std::thread::sleep(std::time::Duration::from_secs_f64(secs));
+                    }
+                }
+            }
+            Ok(())
+        }
+        Cmd::Conns { pin_path, server, json } => {
+            let maps = crate::bpf::PinnedMaps::open(&pin_path)
+                .with_context(|| format!("no running lb with pinned maps at {}", pin_path.display()))?;
+            if !maps.kernel {
+                anyhow::bail!(
+                    "lb at {} runs the userspace data plane, which keeps no connection table; `lb stats` has its counts",
                     pin_path.display()
-                )
-            })?;
+                );
+            }
+            let rows = crate::report::conns(&pin_path, server)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                print!("{}", crate::report::render(&r));
+                print!("{}", crate::report::render_conns(&rows));
             }
             Ok(())
         }

@@ -54,6 +54,9 @@ fn default_idle_timeout() -> Duration {
 fn default_connect_attempts() -> Spanned<u32> {
     Spanned::new(0..0, 3)
 }
+fn default_true() -> bool {
+    true
+}
 fn default_workers() -> Spanned<u32> {
     Spanned::new(0..0, 1)
 }
@@ -110,11 +113,56 @@ pub enum ServerEntry {
     Table(ServerTable),
 }
 
+impl ServerEntry {
+    fn weight(&self) -> Option<u32> {
+        match self {
+            Self::Addr(_) => None,
+            Self::Table(t) => t.weight,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerTable {
     pub addr: String,
     pub maxconn: Option<u32>,
+    pub weight: Option<u32>,
+}
+
+/// Largest server weight.
+pub const MAX_WEIGHT: u32 = 256;
+
+fn default_health_interval() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
+}
+
+/// `[backend.health]`: active checks of every server of the backend.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Time between two checks of a server.
+    #[serde(default = "default_health_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Time one check may take (connect, and send/expect); default: the interval.
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// Consecutive successes that bring a down server up.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Consecutive failures that take an up server down.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+    /// Bytes to send after connecting (escapes: \r \n \t \\ \xHH).
+    pub send: Option<String>,
+    /// Bytes the reply must start with.
+    pub expect: Option<String>,
 }
 
 impl ServerEntry {
@@ -132,6 +180,11 @@ impl ServerEntry {
 pub struct Backend {
     pub name: Spanned<String>,
     pub servers: Spanned<Vec<Spanned<ServerEntry>>>,
+    /// How a server is chosen: "roundrobin" (default), "leastconn", "source".
+    #[serde(default)]
+    pub balance: crate::select::Algorithm,
+    /// Active health checks; none: every server counts as up.
+    pub health: Option<Spanned<HealthConfig>>,
     /// Source addresses for connections to these servers (overrides the global pool).
     pub source_pool: Option<Spanned<Vec<Spanned<String>>>>,
     /// Local port range for those connections (`"20000-60999"`).
@@ -151,6 +204,13 @@ pub struct RawConfig {
     pub dataplane: DataplaneMode,
     #[serde(default = "default_pin_path")]
     pub pin_path: PathBuf,
+    /// The runtime API's Unix socket (default: /run/lb/<pin_path mangled>.sock).
+    pub control_socket: Option<PathBuf>,
+    /// One log line per closed connection (target `lb::access`).
+    #[serde(default = "default_true")]
+    pub access_log: bool,
+    /// Prometheus text endpoint, `ip:port` (path /metrics).
+    pub metrics_listen: Option<Spanned<String>>,
     /// Worker processes (each with its own SO_REUSEPORT listeners).
     #[serde(default = "default_workers")]
     pub workers: Spanned<u32>,
@@ -186,6 +246,8 @@ pub struct FrontendConfig {
 pub struct ServerConfig {
     pub addr: ServerAddr,
     pub maxconn: Option<u32>,
+    /// Share of new connections (0: none).
+    pub weight: u32,
 }
 
 /// Where connections to a backend's servers come from.
@@ -205,6 +267,45 @@ pub struct BackendConfig {
     pub servers: Vec<ServerConfig>,
     pub pool: SourcePool,
     pub queue: u32,
+    pub balance: crate::select::Algorithm,
+    pub health: Option<HealthCheck>,
+}
+
+/// A validated health check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    pub send: Vec<u8>,
+    pub expect: Vec<u8>,
+}
+
+/// `"PING\r\n"` escapes into bytes.
+pub fn unescape(s: &str) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    let mut it = s.bytes();
+    while let Some(b) = it.next() {
+        if b != b'\\' {
+            out.push(b);
+            continue;
+        }
+        match it.next() {
+            Some(b'r') => out.push(b'\r'),
+            Some(b'n') => out.push(b'\n'),
+            Some(b't') => out.push(b'\t'),
+            Some(b'0') => out.push(0),
+            Some(b'\\') => out.push(b'\\'),
+            Some(b'x') => {
+                let h: Vec<u8> = it.by_ref().take(2).collect();
+                let hex = std::str::from_utf8(&h).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+                out.push(hex.ok_or_else(|| format!("bad \\x escape in \"{s}\""))?);
+            }
+            other => return Err(format!("unknown escape \\{} in \"{s}\"", other.map(char::from).unwrap_or(' '))),
+        }
+    }
+    Ok(out)
 }
 
 /// A validated configuration: everything `lb run` needs, nothing unchecked.
@@ -212,6 +313,9 @@ pub struct BackendConfig {
 pub struct Config {
     pub dataplane: DataplaneMode,
     pub pin_path: PathBuf,
+    pub control_socket: PathBuf,
+    pub access_log: bool,
+    pub metrics_listen: Option<SocketAddr>,
     pub workers: u32,
     /// Over all workers.
     pub maxconn: u32,
@@ -307,7 +411,8 @@ impl Config {
             let offset = e.span().map(|s| s.start).unwrap_or(0);
             let mut msg = e.message().trim_end().to_owned();
             if msg.starts_with("data did not match any variant of untagged enum ServerEntry") {
-                msg = "servers: each entry must be \"ip:port\" or { addr = \"ip:port\", maxconn = N }".into();
+                msg =
+                    "servers: each entry must be \"ip:port\" or { addr = \"ip:port\", weight = W, maxconn = N }".into();
             }
             if let Some(key) = key_at(text, offset).filter(|k| !msg.contains(k.as_str())) {
                 msg.push_str(&format!(" (key {key})"));
@@ -442,7 +547,16 @@ impl RawConfig {
                     ServerEntry::Table(ServerTable { maxconn: Some(m), .. }) => Some(*m),
                     _ => server_maxconn,
                 };
-                servers.push(ServerConfig { addr, maxconn });
+                let weight = entry.get_ref().weight().unwrap_or(1);
+                if weight > MAX_WEIGHT {
+                    return Err(loc.err(
+                        at,
+                        format!(
+                            "backend \"{name}\": server {addr}: weight = {weight}: must be between 0 and {MAX_WEIGHT}"
+                        ),
+                    ));
+                }
+                servers.push(ServerConfig { addr, maxconn, weight });
             }
             let pool = if b.source_pool.is_some() || b.source_port_range.is_some() {
                 let mut p = parse_pool(loc, "source_pool", "source_port_range", &b.source_pool, &b.source_port_range)?;
@@ -472,7 +586,29 @@ impl RawConfig {
             if queue > 1 << 20 {
                 return Err(loc.err(span_of(&b.queue), format!("backend \"{name}\": queue = {queue}: at most 1048576")));
             }
-            backends.push(BackendConfig { name: name.clone(), servers, pool, queue });
+            let health = match &b.health {
+                None => None,
+                Some(h) => {
+                    let at = span_of(h);
+                    let h = h.get_ref();
+                    let bad = |what: &str| loc.err(at, format!("backend \"{name}\": health: {what}"));
+                    if h.interval.is_zero() {
+                        return Err(bad("interval must be greater than 0"));
+                    }
+                    let timeout = h.timeout.unwrap_or(h.interval);
+                    if timeout.is_zero() {
+                        return Err(bad("timeout must be greater than 0"));
+                    }
+                    if h.rise == 0 || h.fall == 0 {
+                        return Err(bad("rise and fall must be at least 1"));
+                    }
+                    let send = unescape(h.send.as_deref().unwrap_or("")).map_err(|e| bad(&format!("send: {e}")))?;
+                    let expect =
+                        unescape(h.expect.as_deref().unwrap_or("")).map_err(|e| bad(&format!("expect: {e}")))?;
+                    Some(HealthCheck { interval: h.interval, timeout, rise: h.rise, fall: h.fall, send, expect })
+                }
+            };
+            backends.push(BackendConfig { name: name.clone(), servers, pool, queue, balance: b.balance, health });
         }
 
         let mut frontends = Vec::with_capacity(self.frontend.len());
@@ -515,7 +651,16 @@ impl RawConfig {
             frontends.push(FrontendConfig { name: name.clone(), listen, backend, maxconn });
         }
 
+        let metrics_listen = match &self.metrics_listen {
+            None => None,
+            Some(m) => Some(m.get_ref().parse::<SocketAddr>().map_err(|_| {
+                loc.err(span_of(m), format!("metrics_listen: \"{}\" is not an ip:port address", m.get_ref()))
+            })?),
+        };
         Ok(Config {
+            control_socket: self.control_socket.unwrap_or_else(|| crate::control::default_path(&self.pin_path)),
+            access_log: self.access_log,
+            metrics_listen,
             dataplane: self.dataplane,
             pin_path: self.pin_path,
             workers,

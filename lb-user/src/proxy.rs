@@ -4,10 +4,7 @@
 use std::{
     io,
     net::{IpAddr, SocketAddr},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering::Relaxed},
-    },
+    sync::{Arc, Mutex, atomic::Ordering::Relaxed},
     time::{Duration, Instant},
 };
 
@@ -15,17 +12,22 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 use tokio::{
     net::{TcpListener, TcpSocket, TcpStream},
-    sync::{Notify, OwnedSemaphorePermit, Semaphore},
+    sync::{OwnedSemaphorePermit, Semaphore},
     task::JoinSet,
 };
 
+use tokio::sync::mpsc;
+
 use crate::{
     backend::ClientAddr,
-    config::{Config, FrontendConfig, fds_needed},
+    config::{Config, FrontendConfig, Overrides, fds_needed},
+    control,
     dataplane::{self, Dataplane, Kind, Spliced},
     publish::Publisher,
-    select::{Balancer, RoundRobin},
-    stats::{ConnGuard, PairState, ProxyStats, ServerState},
+    runtime::Command,
+    runtime::{BackendRt, Backends},
+    select::Candidate,
+    stats::{CloseReason, ConnGuard, PairState, ProxyStats, ServerState},
     sys,
 };
 
@@ -44,6 +46,9 @@ pub struct Ready {
     /// Worker processes (empty when lb runs as one process).
     #[serde(default)]
     pub workers: Vec<u32>,
+    /// Where the metrics endpoint listens, if configured.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -52,20 +57,9 @@ pub struct ReadyFrontend {
     pub listen: SocketAddr,
 }
 
-struct BackendRt {
-    name: String,
-    servers: Vec<Arc<ServerState>>,
-    balancer: RoundRobin,
-    slot_freed: Arc<Notify>,
-    /// Clients waiting for a slot now.
-    waiting: AtomicU64,
-    queue: u32,
-    /// Last "out of source ports" warning, and rejections since.
-    exhaustion_warn: Mutex<(Option<Instant>, u64)>,
-}
-
 struct Shared {
-    backends: Vec<BackendRt>,
+    access_log: bool,
+    backends: Arc<Backends>,
     dataplane: Arc<dyn Dataplane>,
     stats: Arc<ProxyStats>,
     connect_timeout: Duration,
@@ -122,6 +116,35 @@ pub struct Serve {
     /// Whether the pinned maps exist (stats are published there).
     pub maps: bool,
     pub worker: u16,
+    /// Runtime commands to apply before serving (a restarted worker catches up).
+    pub replay: Vec<Command>,
+    /// Requests from the control socket (or, in a worker, from the supervisor).
+    pub ctl: mpsc::Receiver<control::Msg>,
+    /// Where `reload` and SIGHUP read the configuration from (single process only).
+    pub reload: Option<Reload>,
+}
+
+/// The file a reload reads, with the command line's overrides.
+pub struct Reload {
+    pub path: std::path::PathBuf,
+    pub overrides: Overrides,
+}
+
+/// Reads the file again and applies its server changes, or nothing.
+pub fn reload(src: &Reload, current: &mut Config, backends: &Backends) -> Result<String, String> {
+    let (new, _) = Config::load_with(&src.path, &src.overrides).map_err(|e| format!("reload rejected: {e}"))?;
+    let cmds = backends.diff(current, &new).map_err(|e| format!("reload rejected: {e}"))?;
+    for c in &cmds {
+        backends.check(c).map_err(|e| format!("reload rejected: {e}"))?;
+    }
+    for c in &cmds {
+        match backends.apply(c) {
+            Ok(m) => log::info!("reload: {m}"),
+            Err(e) => return Err(format!("reload stopped half-way: {e}")),
+        }
+    }
+    *current = new;
+    Ok(format!("reloaded {}: {} change(s)", src.path.display(), cmds.len()))
 }
 
 /// Serves `listeners` until SIGINT or SIGTERM; then stops accepting, closes
@@ -131,44 +154,30 @@ pub async fn serve(
     listeners: Vec<(FrontendConfig, TcpListener)>,
     ready: impl FnOnce(Ready),
 ) -> anyhow::Result<()> {
-    let Serve { cfg, kind, maps, worker } = spec;
+    let Serve { mut cfg, kind, maps, worker, replay, mut ctl, reload: reload_src } = spec;
     let per_worker = cfg.maxconn_per_worker();
     raise_fd_limit(per_worker);
     let stats = Arc::new(ProxyStats::default());
     let dataplane = dataplane::open(kind, &cfg.pin_path, stats.clone(), cfg.timeouts.idle, worker)?;
 
-    let backends: Vec<BackendRt> = cfg
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            let slot_freed = Arc::new(Notify::new());
-            BackendRt {
-                name: b.name.clone(),
-                servers: b
-                    .servers
-                    .iter()
-                    .map(|s| Arc::new(ServerState::new(i, *s, &b.pool, slot_freed.clone())))
-                    .collect(),
-                balancer: RoundRobin::default(),
-                slot_freed,
-                waiting: AtomicU64::new(0),
-                queue: b.queue,
-                exhaustion_warn: Mutex::new((None, 0)),
-            }
-        })
-        .collect();
-    let all_servers: Vec<Arc<ServerState>> = backends.iter().flat_map(|b| b.servers.iter().cloned()).collect();
+    let backends = Arc::new(Backends::new(&cfg));
+    for c in &replay {
+        if let Err(e) = backends.apply(c) {
+            log::warn!("replaying {c:?}: {e}");
+        }
+    }
+    crate::health::start(&backends);
     let publisher = if maps {
         let m = crate::bpf::StatMaps::open(&cfg.pin_path)
             .map_err(|e| anyhow::anyhow!("opening the stats maps at {}: {e}", cfg.pin_path.display()))?;
-        Some(Arc::new(Mutex::new(Publisher::new(m, worker, all_servers, stats.clone()))))
+        Some(Arc::new(Mutex::new(Publisher::new(m, worker, backends.clone(), stats.clone()))))
     } else {
         None
     };
     let publish_task = publisher.clone().map(|p| tokio::spawn(Publisher::run(p)));
 
     let shared = Arc::new(Shared {
+        access_log: cfg.access_log,
         backends,
         dataplane: dataplane.clone(),
         stats: stats.clone(),
@@ -178,19 +187,62 @@ pub async fn serve(
     });
 
     let global = Arc::new(Semaphore::new(per_worker as usize));
-    let mut announce =
-        Ready { event: "ready".into(), pid: std::process::id(), dataplane: kind, frontends: vec![], workers: vec![] };
+    let mut announce = Ready {
+        event: "ready".into(),
+        pid: std::process::id(),
+        dataplane: kind,
+        frontends: vec![],
+        workers: vec![],
+        metrics: None,
+    };
     let mut accepts = JoinSet::new();
     for (f, l) in listeners {
         let addr = l.local_addr()?;
-        log::info!("frontend \"{}\" listening on {addr} -> backend \"{}\"", f.name, shared.backends[f.backend].name);
+        log::info!(
+            "frontend \"{}\" listening on {addr} -> backend \"{}\"",
+            f.name,
+            shared.backends.list[f.backend].name
+        );
         announce.frontends.push(ReadyFrontend { name: f.name.clone(), listen: addr });
         let own = f.maxconn.map(|m| Arc::new(Semaphore::new(m.div_ceil(cfg.workers) as usize)));
         accepts.spawn(accept_loop(l, f.backend, global.clone(), own, shared.clone()));
     }
     ready(announce);
 
-    wait_for_signal().await?;
+    let stop = wait_for_signal();
+    tokio::pin!(stop);
+    let mut hup =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("installing SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            r = &mut stop => {
+                r?;
+                break;
+            }
+            _ = hup.recv(), if reload_src.is_some() => {
+                log::info!("SIGHUP received: reloading");
+                if let Some(src) = &reload_src {
+                    match reload(src, &mut cfg, &shared.backends) {
+                        Ok(m) => log::info!("{m}"),
+                        Err(e) => log::error!("{e}"),
+                    }
+                }
+            }
+            Some(m) = ctl.recv() => {
+                let r = match m.req {
+                    control::Request::Apply(c) => shared.backends.apply(&c).inspect(|msg| log::info!("{msg}")),
+                    control::Request::Other { cmd: control::Other::Reload } => match &reload_src {
+                        Some(src) => reload(src, &mut cfg, &shared.backends),
+                        None => Err("reload goes to the supervisor, not a worker".into()),
+                    },
+                };
+                if let Err(e) = &r {
+                    log::warn!("control request refused: {e}");
+                }
+                let _ = m.reply.send(r);
+            }
+        }
+    }
     log::info!("stopping: closing listeners and {} connections", stats.active.load(Relaxed));
     accepts.abort_all();
     while accepts.join_next().await.is_some() {}
@@ -212,18 +264,33 @@ pub async fn serve(
 }
 
 /// Runs lb as one process until SIGINT or SIGTERM.
-pub async fn run(cfg: Config, announce: bool) -> anyhow::Result<()> {
+pub async fn run(cfg: Config, reload_src: Reload, announce: bool) -> anyhow::Result<()> {
     // Bind everything first: a busy address is an error before anything starts.
     let listeners = bind_all(&cfg.frontends, false)?;
+    let metrics = match cfg.metrics_listen {
+        Some(a) => Some(crate::metrics::bind(a).await?),
+        None => None,
+    };
     let (kind, mut objects) = dataplane::load(&cfg)?;
+    let metrics_addr = metrics.as_ref().and_then(|l| l.local_addr().ok());
+    let metrics = metrics.map(|l| crate::metrics::serve(l, cfg.pin_path.clone()));
     log::info!("data plane: {kind}");
-    let spec = Serve { cfg, kind, maps: objects.is_some(), worker: 0 };
-    let r = serve(spec, listeners, |ready| {
+    let (tx, ctl) = mpsc::channel(16);
+    let path = cfg.control_socket.clone();
+    let server = control::listen(&path, tx)?;
+    let spec = Serve { cfg, kind, maps: objects.is_some(), worker: 0, replay: vec![], ctl, reload: Some(reload_src) };
+    let r = serve(spec, listeners, |mut ready| {
+        ready.metrics = metrics_addr;
         if announce {
             println!("{}", serde_json::to_string(&ready).unwrap_or_default());
         }
     })
     .await;
+    server.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
+    let _ = std::fs::remove_file(&path);
     if let Some(o) = objects.as_mut() {
         o.close();
     }
@@ -334,6 +401,8 @@ fn source_name(s: Option<IpAddr>) -> String {
 #[derive(Debug)]
 enum Reject {
     Unreachable,
+    /// Every server is down, draining, disabled or at weight 0.
+    NoServerUp,
     NoSourcePort,
     QueueFull,
     QueueTimeout,
@@ -355,7 +424,6 @@ async fn pick_and_connect(
     client: ClientAddr,
 ) -> Result<(TcpStream, Arc<ServerState>, Arc<PairState>), Reject> {
     let deadline = tokio::time::Instant::now() + shared.queue_timeout;
-    let n = be.servers.len();
     let mut ticket: Option<QueueTicket<'_>> = None;
     loop {
         // Registered before looking, so a slot freed meanwhile still wakes us.
@@ -363,11 +431,18 @@ async fn pick_and_connect(
         tokio::pin!(freed);
         freed.as_mut().enable();
 
-        let mut idx = be.balancer.first(n);
+        let servers = be.servers();
+        let eligible: Vec<&Arc<ServerState>> = servers.iter().filter(|s| s.eligible()).collect();
+        if eligible.is_empty() {
+            return Err(Reject::NoServerUp);
+        }
+        let cands: Vec<Candidate> = eligible
+            .iter()
+            .map(|s| Candidate { id: s.id, weight: s.weight.load(Relaxed), active: s.active.load(Relaxed) })
+            .collect();
         let (mut attempts, mut skipped_full, mut out_of_ports) = (0, false, false);
-        for _ in 0..n {
-            let server = &be.servers[idx];
-            idx = be.balancer.next(idx, n);
+        for i in be.balancer.order(&cands, client.0.ip()) {
+            let server = eligible[i];
             if attempts >= shared.connect_attempts {
                 break;
             }
@@ -418,7 +493,7 @@ fn warn_exhausted(be: &BackendRt) {
         return;
     }
     let full: Vec<String> = be
-        .servers
+        .servers()
         .iter()
         .map(|s| {
             let srcs: Vec<String> = s.pairs.iter().map(|p| source_name(p.source)).collect();
@@ -441,13 +516,20 @@ async fn handle(
     permits: Vec<OwnedSemaphorePermit>,
     shared: Arc<Shared>,
 ) {
-    let mut guard = ConnGuard::new(shared.stats.clone(), permits);
-    let be = &shared.backends[backend];
+    let mut guard = ConnGuard::new(shared.stats.clone(), permits, addr.0, shared.access_log);
+    let be = &shared.backends.list[backend];
     let (server, target, pair) = match pick_and_connect(be, &shared, addr).await {
         Ok(v) => v,
         Err(why) => {
             let stats = &shared.stats;
             stats.rejected.fetch_add(1, Relaxed);
+            guard.set_reason(CloseReason::Rejected(match why {
+                Reject::NoSourcePort => "no_source_port",
+                Reject::QueueFull => "queue_full",
+                Reject::QueueTimeout => "queue_timeout",
+                Reject::NoServerUp => "no_server_up",
+                Reject::Unreachable => "unreachable",
+            }));
             match why {
                 Reject::NoSourcePort => {
                     stats.no_source_port.fetch_add(1, Relaxed);
@@ -455,6 +537,9 @@ async fn handle(
                 }
                 Reject::QueueFull | Reject::QueueTimeout => {
                     stats.queue_rejected.fetch_add(1, Relaxed);
+                }
+                Reject::NoServerUp => {
+                    stats.no_server_up.fetch_add(1, Relaxed);
                 }
                 Reject::Unreachable => {}
             }
@@ -464,6 +549,9 @@ async fn handle(
     };
     let target_addr = target.cfg.addr;
     guard.connected(target, pair);
+    if let Ok(local) = server.local_addr() {
+        guard.set_source(local);
+    }
     for s in [&client, &server] {
         let _ = s.set_nodelay(true);
     }

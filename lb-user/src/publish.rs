@@ -9,11 +9,7 @@ use std::{
 
 use lb_common::pool::{ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats};
 
-use crate::{
-    bpf::StatMaps,
-    dataplane::ip16,
-    stats::{ProxyStats, ServerState},
-};
+use crate::{bpf::StatMaps, dataplane::ip16, runtime::Backends, stats::ProxyStats};
 
 /// How often counters reach the maps.
 pub const INTERVAL: Duration = Duration::from_millis(100);
@@ -21,7 +17,7 @@ pub const INTERVAL: Duration = Duration::from_millis(100);
 pub struct Publisher {
     maps: StatMaps,
     worker: u16,
-    servers: Vec<Arc<ServerState>>,
+    backends: Arc<Backends>,
     stats: Arc<ProxyStats>,
     last_sources: HashMap<SourceKey, SourceStats>,
     last_servers: HashMap<ServerKey, ServerStats>,
@@ -30,12 +26,12 @@ pub struct Publisher {
 
 impl Publisher {
     /// Clears what an earlier process with the same worker index left.
-    pub fn new(mut maps: StatMaps, worker: u16, servers: Vec<Arc<ServerState>>, stats: Arc<ProxyStats>) -> Self {
+    pub fn new(mut maps: StatMaps, worker: u16, backends: Arc<Backends>, stats: Arc<ProxyStats>) -> Self {
         maps.clear_worker(worker);
         Self {
             maps,
             worker,
-            servers,
+            backends,
             stats,
             last_sources: HashMap::new(),
             last_servers: HashMap::new(),
@@ -45,7 +41,10 @@ impl Publisher {
 
     /// Writes every entry that changed since the last call.
     pub fn flush(&mut self) {
-        for s in &self.servers {
+        let servers = self.backends.all_servers();
+        let mut seen_servers = std::collections::HashSet::new();
+        let mut seen_sources = std::collections::HashSet::new();
+        for s in &servers {
             let server_ip = ip16(s.cfg.addr.0.ip());
             let server_port = s.cfg.addr.0.port();
             let key = ServerKey { server_ip, server_port, worker: self.worker, backend: s.backend as u16, _pad: 0 };
@@ -55,7 +54,10 @@ impl Publisher {
                 connect_failures: s.connect_failures.load(Relaxed),
                 bytes_in: s.bytes_in.load(Relaxed),
                 bytes_out: s.bytes_out.load(Relaxed),
+                state: s.state(),
+                weight: s.weight.load(Relaxed),
             };
+            seen_servers.insert(key);
             if self.last_servers.get(&key) != Some(&val) && self.maps.servers.insert(key, val, 0).is_ok() {
                 self.last_servers.insert(key, val);
             }
@@ -72,10 +74,22 @@ impl Publisher {
                     connects: p.connects.load(Relaxed),
                     exhausted: p.exhausted.load(Relaxed),
                 };
+                seen_sources.insert(key);
                 if self.last_sources.get(&key) != Some(&val) && self.maps.sources.insert(key, val, 0).is_ok() {
                     self.last_sources.insert(key, val);
                 }
             }
+        }
+        // Servers removed at run time leave the maps.
+        let gone: Vec<_> = self.last_servers.keys().filter(|k| !seen_servers.contains(*k)).copied().collect();
+        for k in gone {
+            let _ = self.maps.servers.remove(&k);
+            self.last_servers.remove(&k);
+        }
+        let gone: Vec<_> = self.last_sources.keys().filter(|k| !seen_sources.contains(*k)).copied().collect();
+        for k in gone {
+            let _ = self.maps.sources.remove(&k);
+            self.last_sources.remove(&k);
         }
         let s = self.stats.snapshot();
         let w = WorkerStats {
@@ -89,6 +103,7 @@ impl Publisher {
             idle_closed: s.idle_closed,
             userspace_fallbacks: s.userspace_fallbacks,
             queued: s.queued,
+            no_server_up: s.no_server_up,
         };
         if self.last_worker != Some(w) && self.maps.workers.insert(u32::from(self.worker), w, 0).is_ok() {
             self.last_worker = Some(w);

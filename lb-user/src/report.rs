@@ -31,6 +31,9 @@ pub fn meta_path(pin_path: &Path) -> std::path::PathBuf {
 pub struct ServerRow {
     pub backend: String,
     pub addr: SocketAddr,
+    /// "up", "down" (health check), "drain", "maint" (disabled).
+    pub state: String,
+    pub weight: u32,
     pub active: u64,
     pub total: u64,
     /// Client -> server bytes (ended connections plus live kernel-spliced ones).
@@ -57,6 +60,7 @@ pub struct Totals {
     pub rejected: u64,
     pub no_source_port: u64,
     pub queue_rejected: u64,
+    pub no_server_up: u64,
     pub queued: u64,
     pub connect_failures: u64,
     pub idle_closed: u64,
@@ -111,6 +115,8 @@ pub fn read(pin_path: &Path) -> Result<Report, KernelError> {
         let row = servers.entry((k.backend, addr)).or_insert_with(|| ServerRow {
             backend: meta.backends.get(usize::from(k.backend)).cloned().unwrap_or_else(|| format!("#{}", k.backend)),
             addr,
+            state: crate::stats::state_name(v.state).into(),
+            weight: v.weight,
             active: 0,
             total: 0,
             bytes_in: 0,
@@ -163,6 +169,7 @@ pub fn read(pin_path: &Path) -> Result<Report, KernelError> {
         t.rejected += w.rejected;
         t.no_source_port += w.no_source_port;
         t.queue_rejected += w.queue_rejected;
+        t.no_server_up += w.no_server_up;
         t.queued += w.queued;
         t.connect_failures += w.connect_failures;
         t.idle_closed += w.idle_closed;
@@ -190,21 +197,23 @@ pub fn render(r: &Report) -> String {
     let _ = writeln!(o, "data plane {}   workers {}", r.dataplane, r.workers.len());
     let _ = writeln!(
         o,
-        "active {}   total {}   rejected {} (no source port {}, queue {})   queued {}   idle closed {}",
-        t.active, t.total, t.rejected, t.no_source_port, t.queue_rejected, t.queued, t.idle_closed
+        "active {}   total {}   rejected {} (no source port {}, queue {}, no server up {})   queued {}   idle closed {}",
+        t.active, t.total, t.rejected, t.no_source_port, t.queue_rejected, t.no_server_up, t.queued, t.idle_closed
     );
     let _ = writeln!(o);
     let _ = writeln!(
         o,
-        "{:<16} {:<40} {:>8} {:>10} {:>16} {:>16} {:>8}",
-        "BACKEND", "SERVER", "ACTIVE", "TOTAL", "BYTES_IN", "BYTES_OUT", "FAILS"
+        "{:<16} {:<40} {:<6} {:>6} {:>8} {:>10} {:>16} {:>16} {:>8}",
+        "BACKEND", "SERVER", "STATE", "WEIGHT", "ACTIVE", "TOTAL", "BYTES_IN", "BYTES_OUT", "FAILS"
     );
     for s in &r.servers {
         let _ = writeln!(
             o,
-            "{:<16} {:<40} {:>8} {:>10} {:>16} {:>16} {:>8}",
+            "{:<16} {:<40} {:<6} {:>6} {:>8} {:>10} {:>16} {:>16} {:>8}",
             s.backend,
             s.addr.to_string(),
+            s.state,
+            s.weight,
             s.active,
             s.total,
             s.bytes_in,
@@ -235,5 +244,75 @@ pub fn render(r: &Report) -> String {
             c.bytes_redirected, c.skbs_redirected, c.spliced_sockets, c.peer_missing
         );
     }
+    o
+}
+
+/// One spliced connection, from its two `LB_CONN` records.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConnRow {
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    /// The local address lb connected from.
+    pub source: SocketAddr,
+    pub worker: u16,
+    pub age_secs: f64,
+    pub idle_secs: f64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// Live kernel-spliced connections, optionally only those to `server`.
+pub fn conns(pin_path: &Path, server: Option<SocketAddr>) -> Result<Vec<ConnRow>, KernelError> {
+    let maps = PinnedMaps::open(pin_path)?;
+    let now = crate::sys::monotonic_coarse_ns();
+    let all: std::collections::HashMap<u64, lb_common::conn::ConnTraffic> =
+        maps.conn.conn.iter().filter_map(Result::ok).collect();
+    let mut rows: Vec<ConnRow> = all
+        .values()
+        .filter(|c| c.side == SIDE_CLIENT)
+        .map(|c| {
+            let peer = all.get(&c.peer_cookie);
+            let last = c.last_active_ns.max(peer.map_or(0, |p| p.last_active_ns));
+            ConnRow {
+                client: SocketAddr::new(ip_of(c.client_ip), c.client_port),
+                server: SocketAddr::new(ip_of(c.server_ip), c.server_port),
+                source: SocketAddr::new(ip_of(c.source_ip), c.source_port),
+                worker: c.worker,
+                age_secs: now.saturating_sub(c.start_ns) as f64 / 1e9,
+                idle_secs: now.saturating_sub(last) as f64 / 1e9,
+                bytes_in: c.bytes,
+                bytes_out: peer.map_or(0, |p| p.bytes),
+            }
+        })
+        .filter(|r| server.is_none_or(|s| s == r.server))
+        .collect();
+    rows.sort_by(|a, b| b.age_secs.total_cmp(&a.age_secs));
+    Ok(rows)
+}
+
+/// `lb conns` as an aligned table.
+pub fn render_conns(rows: &[ConnRow]) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{:<42} {:<42} {:<42} {:>6} {:>10} {:>10} {:>14} {:>14}",
+        "CLIENT", "SERVER", "SOURCE", "WORKER", "AGE_S", "IDLE_S", "BYTES_IN", "BYTES_OUT"
+    );
+    for r in rows {
+        let _ = writeln!(
+            o,
+            "{:<42} {:<42} {:<42} {:>6} {:>10.1} {:>10.1} {:>14} {:>14}",
+            r.client.to_string(),
+            r.server.to_string(),
+            r.source.to_string(),
+            r.worker,
+            r.age_secs,
+            r.idle_secs,
+            r.bytes_in,
+            r.bytes_out
+        );
+    }
+    let _ = writeln!(o, "{} connection(s)", rows.len());
     o
 }

@@ -27,6 +27,8 @@ pub struct ProxyStats {
     pub no_source_port: AtomicU64,
     /// Of `rejected`: the backend queue was full or `timeouts.queue` passed.
     pub queue_rejected: AtomicU64,
+    /// Of `rejected`: no server could take new connections (down, drained, disabled).
+    pub no_server_up: AtomicU64,
     /// Connect attempts to servers that failed (refused, timed out).
     pub connect_failures: AtomicU64,
     /// Connections ended by a reset forwarded from one side to the other.
@@ -53,6 +55,7 @@ pub struct ProxySnapshot {
     pub rejected: u64,
     pub no_source_port: u64,
     pub queue_rejected: u64,
+    pub no_server_up: u64,
     pub connect_failures: u64,
     pub aborted: u64,
     pub idle_closed: u64,
@@ -71,6 +74,7 @@ impl ProxyStats {
             rejected: self.rejected.load(Relaxed),
             no_source_port: self.no_source_port.load(Relaxed),
             queue_rejected: self.queue_rejected.load(Relaxed),
+            no_server_up: self.no_server_up.load(Relaxed),
             connect_failures: self.connect_failures.load(Relaxed),
             aborted: self.aborted.load(Relaxed),
             idle_closed: self.idle_closed.load(Relaxed),
@@ -128,11 +132,47 @@ impl PairState {
     }
 }
 
+/// Operator's state of a server (`lb server enable|drain|disable`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Admin {
+    /// Takes new connections (if healthy).
+    Enabled,
+    /// No new connections; existing ones continue until they end.
+    Drain,
+    /// No new connections (maintenance); existing ones continue.
+    Disabled,
+}
+
+/// `state` in stats: what a server does with new connections.
+pub const STATE_UP: u32 = 0;
+pub const STATE_DOWN: u32 = 1;
+pub const STATE_DRAIN: u32 = 2;
+pub const STATE_MAINT: u32 = 3;
+
+/// The name of a [`ServerState::state`] code.
+pub fn state_name(code: u32) -> &'static str {
+    match code {
+        STATE_UP => "up",
+        STATE_DOWN => "down",
+        STATE_DRAIN => "drain",
+        _ => "maint",
+    }
+}
+
+static NEXT_SERVER_ID: AtomicU64 = AtomicU64::new(1);
+
 /// A server at run time.
 #[derive(Debug)]
 pub struct ServerState {
+    /// Unique in this process; the balancers key their state by it.
+    pub id: u64,
     pub backend: usize,
     pub cfg: ServerConfig,
+    pub weight: std::sync::atomic::AtomicU32,
+    admin: std::sync::atomic::AtomicU8,
+    /// Health: true unless checks say otherwise.
+    pub up: std::sync::atomic::AtomicBool,
     /// One per pool address of the server's family (one `None` pair without a pool).
     pub pairs: Vec<Arc<PairState>>,
     pub port_range: Option<(u16, u16)>,
@@ -156,8 +196,12 @@ impl ServerState {
             pairs.push(Arc::new(PairState::new(None)));
         }
         Self {
+            id: NEXT_SERVER_ID.fetch_add(1, Relaxed),
             backend,
             cfg,
+            weight: std::sync::atomic::AtomicU32::new(cfg.weight),
+            admin: std::sync::atomic::AtomicU8::new(0),
+            up: std::sync::atomic::AtomicBool::new(true),
             pairs,
             port_range: pool.port_range,
             active: AtomicU64::new(0),
@@ -168,6 +212,43 @@ impl ServerState {
             slot_freed,
             cursor: AtomicU64::new(0),
         }
+    }
+
+    pub fn admin(&self) -> Admin {
+        match self.admin.load(Relaxed) {
+            0 => Admin::Enabled,
+            1 => Admin::Drain,
+            _ => Admin::Disabled,
+        }
+    }
+    pub fn set_admin(&self, a: Admin) {
+        self.admin.store(
+            match a {
+                Admin::Enabled => 0,
+                Admin::Drain => 1,
+                Admin::Disabled => 2,
+            },
+            Relaxed,
+        );
+        // Waiters re-check which servers they may use.
+        self.slot_freed.notify_waiters();
+    }
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, Relaxed);
+        self.slot_freed.notify_waiters();
+    }
+    /// `state` code for stats (see [`state_name`]).
+    pub fn state(&self) -> u32 {
+        match self.admin() {
+            Admin::Drain => STATE_DRAIN,
+            Admin::Disabled => STATE_MAINT,
+            Admin::Enabled if !self.up.load(Relaxed) => STATE_DOWN,
+            Admin::Enabled => STATE_UP,
+        }
+    }
+    /// May take new connections: enabled, healthy, weight above 0.
+    pub fn eligible(&self) -> bool {
+        self.state() == STATE_UP && self.weight.load(Relaxed) > 0
     }
 
     /// Takes a connection slot unless the server is at its `maxconn`.
@@ -198,19 +279,86 @@ impl ServerState {
     }
 }
 
+/// Why a connection ended (the access log's `close=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Both sides closed normally.
+    Fin,
+    /// One side reset; the other got a reset.
+    Rst,
+    /// `timeouts.idle` passed.
+    Idle,
+    /// lb was stopping.
+    Shutdown,
+    /// No server: none up, no source port, queue full or timed out, unreachable.
+    Rejected(&'static str),
+    /// Setting the connection up failed.
+    Error,
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Fin => f.write_str("fin"),
+            Self::Rst => f.write_str("rst"),
+            Self::Idle => f.write_str("idle"),
+            Self::Shutdown => f.write_str("shutdown"),
+            Self::Rejected(why) => write!(f, "rejected:{why}"),
+            Self::Error => f.write_str("error"),
+        }
+    }
+}
+
+/// Who and what, for the access log.
+#[derive(Debug)]
+struct AccessInfo {
+    client: std::net::SocketAddr,
+    source: Option<std::net::SocketAddr>,
+    start: Instant,
+    bytes: [u64; 2],
+    reason: CloseReason,
+}
+
 /// Counts one live connection; dropping it marks the connection closed and
-/// frees its server slot, source port and limit permits.
+/// frees its server slot, source port and limit permits, and writes the
+/// access-log line.
 #[derive(Debug)]
 pub struct ConnGuard {
     stats: Arc<ProxyStats>,
     server: Option<(Arc<ServerState>, Arc<PairState>)>,
     _permits: Vec<OwnedSemaphorePermit>,
+    access: Option<AccessInfo>,
 }
 
 impl ConnGuard {
-    pub fn new(stats: Arc<ProxyStats>, permits: Vec<OwnedSemaphorePermit>) -> Self {
+    /// `access_log`: write one line when the connection ends.
+    pub fn new(
+        stats: Arc<ProxyStats>,
+        permits: Vec<OwnedSemaphorePermit>,
+        client: std::net::SocketAddr,
+        access_log: bool,
+    ) -> Self {
         stats.active.fetch_add(1, Relaxed);
-        Self { stats, server: None, _permits: permits }
+        let access = access_log.then(|| AccessInfo {
+            client,
+            source: None,
+            start: Instant::now(),
+            bytes: [0; 2],
+            reason: CloseReason::Error,
+        });
+        Self { stats, server: None, _permits: permits, access }
+    }
+    /// Records why the connection ends (the last call wins).
+    pub fn set_reason(&mut self, r: CloseReason) {
+        if let Some(a) = &mut self.access {
+            a.reason = r;
+        }
+    }
+    /// The local address of the server-side socket.
+    pub fn set_source(&mut self, source: std::net::SocketAddr) {
+        if let Some(a) = &mut self.access {
+            a.source = Some(source);
+        }
     }
     pub fn stats(&self) -> &ProxyStats {
         &self.stats
@@ -223,7 +371,10 @@ impl ConnGuard {
         self.server = Some((server, pair));
     }
     /// Bytes moved by a connection that is ending (client->server, server->client).
-    pub fn add_bytes(&self, bytes_in: u64, bytes_out: u64) {
+    pub fn add_bytes(&mut self, bytes_in: u64, bytes_out: u64) {
+        if let Some(a) = &mut self.access {
+            a.bytes = [bytes_in, bytes_out];
+        }
         if let Some((s, _)) = &self.server {
             s.bytes_in.fetch_add(bytes_in, Relaxed);
             s.bytes_out.fetch_add(bytes_out, Relaxed);
@@ -236,6 +387,19 @@ impl ConnGuard {
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
+        if let Some(a) = &self.access {
+            let server = self.server.as_ref().map_or_else(|| "-".to_owned(), |(s, _)| s.cfg.addr.to_string());
+            let source = a.source.map_or_else(|| "-".to_owned(), |s| s.to_string());
+            log::info!(
+                target: "lb::access",
+                "client={} server={server} source={source} duration={:.3}s bytes_in={} bytes_out={} close={}",
+                a.client,
+                a.start.elapsed().as_secs_f64(),
+                a.bytes[0],
+                a.bytes[1],
+                a.reason
+            );
+        }
         if let Some((server, pair)) = self.server.take() {
             pair.release();
             server.release();
@@ -252,7 +416,7 @@ mod tests {
 
     fn server(pool: &[&str], maxconn: Option<u32>) -> ServerState {
         let pool = SourcePool { addrs: pool.iter().map(|a| a.parse().unwrap()).collect(), port_range: None };
-        let cfg = ServerConfig { addr: ServerAddr("127.0.0.1:9".parse().unwrap()), maxconn };
+        let cfg = ServerConfig { addr: ServerAddr("127.0.0.1:9".parse().unwrap()), maxconn, weight: 1 };
         ServerState::new(0, cfg, &pool, Arc::new(Notify::new()))
     }
 

@@ -13,15 +13,18 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    process::{Child, Command},
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines},
+    process::{Child, ChildStdin, ChildStdout},
+    sync::mpsc,
     task::JoinSet,
 };
 
 use crate::{
     config::{Config, Overrides},
+    control::{self, Reply},
     dataplane::{self, Kind},
-    proxy::{self, Ready, Serve},
+    proxy::{self, Ready, Reload, Serve},
+    runtime::{Backends, Command},
 };
 
 /// What a worker gets on stdin.
@@ -37,6 +40,34 @@ pub struct WorkerSpec {
     pub maps: bool,
     /// Concrete listen address of each frontend, in config order.
     pub listen: Vec<SocketAddr>,
+    /// Runtime commands applied so far, for a worker started later.
+    pub replay: Vec<Command>,
+}
+
+/// The pipes to a worker: commands down stdin, one reply line each up stdout.
+struct WorkerIo {
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+/// How long a worker may take to answer a command.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl WorkerIo {
+    async fn send(&mut self, cmd: &Command) -> Result<String, String> {
+        let mut line = serde_json::to_vec(cmd).map_err(|e| e.to_string())?;
+        line.push(b'\n');
+        self.stdin.write_all(&line).await.map_err(|e| format!("sending: {e}"))?;
+        match tokio::time::timeout(COMMAND_TIMEOUT, self.lines.next_line()).await {
+            Ok(Ok(Some(l))) => {
+                let r: Reply = serde_json::from_str(&l).map_err(|e| format!("bad reply {l:?}: {e}"))?;
+                if r.ok { Ok(r.message) } else { Err(r.message) }
+            }
+            Ok(Ok(None)) => Err("exited".into()),
+            Ok(Err(e)) => Err(format!("reading: {e}")),
+            Err(_) => Err(format!("no answer within {COMMAND_TIMEOUT:?}")),
+        }
+    }
 }
 
 /// A worker that dies sooner than this after its start is restarted only
@@ -79,9 +110,9 @@ struct Running {
 }
 
 /// Starts worker `index` and waits for its ready line.
-async fn spawn_worker(spec: &WorkerSpec) -> anyhow::Result<(Child, Ready)> {
+async fn spawn_worker(spec: &WorkerSpec) -> anyhow::Result<(Child, Ready, WorkerIo)> {
     let exe = std::env::current_exe().context("finding the lb executable")?;
-    let mut cmd = Command::new(exe);
+    let mut cmd = tokio::process::Command::new(exe);
     cmd.arg("worker").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
     cmd.env("LB_LOG_TAG", format!("worker-{}", spec.index));
     // Own process group: a terminal's Ctrl-C reaches only the supervisor,
@@ -96,17 +127,19 @@ async fn spawn_worker(spec: &WorkerSpec) -> anyhow::Result<(Child, Ready)> {
             Ok(())
         });
     }
+    cmd.kill_on_drop(false);
     let mut child = cmd.spawn().context("starting a worker process")?;
     let mut stdin = child.stdin.take().context("worker stdin")?;
-    stdin.write_all(&serde_json::to_vec(spec)?).await.context("sending the worker its spec")?;
-    drop(stdin);
+    let mut line = serde_json::to_vec(spec)?;
+    line.push(b'\n');
+    stdin.write_all(&line).await.context("sending the worker its spec")?;
     let stdout = child.stdout.take().context("worker stdout")?;
-    let mut line = String::new();
-    let read = tokio::time::timeout(START_TIMEOUT, BufReader::new(stdout).read_line(&mut line)).await;
+    let mut lines = BufReader::new(stdout).lines();
+    let read = tokio::time::timeout(START_TIMEOUT, lines.next_line()).await;
     match read {
-        Ok(Ok(n)) if n > 0 => {
+        Ok(Ok(Some(line))) => {
             let ready: Ready = serde_json::from_str(line.trim()).context("reading the worker's ready line")?;
-            Ok((child, ready))
+            Ok((child, ready, WorkerIo { stdin, lines }))
         }
         _ => {
             let _ = child.start_kill();
@@ -117,26 +150,74 @@ async fn spawn_worker(spec: &WorkerSpec) -> anyhow::Result<(Child, Ready)> {
 }
 
 /// Runs the supervisor until SIGINT or SIGTERM.
-pub async fn run(cfg: Config, config_file: String, config_text: String, announce: bool) -> anyhow::Result<()> {
+pub async fn run(cfg: Config, reload: Reload, config_text: String, announce: bool) -> anyhow::Result<()> {
     let (listen, _holders) = resolve_listeners(&cfg)?;
+    let metrics = match cfg.metrics_listen {
+        Some(a) => Some(crate::metrics::bind(a).await?),
+        None => None,
+    };
     let (kind, mut objects) = dataplane::load(&cfg)?;
+    let metrics_addr = metrics.as_ref().and_then(|l| l.local_addr().ok());
+    let metrics = metrics.map(|l| crate::metrics::serve(l, cfg.pin_path.clone()));
     log::info!("data plane: {kind}; starting {} workers", cfg.workers);
-    let result = supervise(&cfg, config_file, config_text, kind, objects.is_some(), listen, announce).await;
+    let (tx, ctl) = mpsc::channel(16);
+    let path = cfg.control_socket.clone();
+    let result = match control::listen(&path, tx) {
+        Ok(server) => {
+            let announce = announce.then_some(metrics_addr);
+            let r = supervise(cfg, reload, config_text, kind, objects.is_some(), listen, announce, ctl).await;
+            server.abort();
+            let _ = std::fs::remove_file(&path);
+            r
+        }
+        Err(e) => Err(e),
+    };
+    if let Some(m) = metrics {
+        m.abort();
+    }
     if let Some(o) = objects.as_mut() {
         o.close();
     }
     result
 }
 
+/// Checks a command against the model, sends it to every running worker,
+/// then applies it to the model and the replay log.
+async fn relay(
+    cmd: &Command,
+    model: &Backends,
+    io: &mut [Option<WorkerIo>],
+    specs: &mut [WorkerSpec],
+) -> Result<String, String> {
+    model.check(cmd)?;
+    let mut errors = Vec::new();
+    for (i, w) in io.iter_mut().enumerate() {
+        if let Some(w) = w
+            && let Err(e) = w.send(cmd).await
+        {
+            errors.push(format!("worker {i}: {e}"));
+        }
+    }
+    let msg = model.apply(cmd)?;
+    for s in specs.iter_mut() {
+        s.replay.push(cmd.clone());
+    }
+    if errors.is_empty() { Ok(msg) } else { Err(format!("{msg}, but {}", errors.join("; "))) }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn supervise(
-    cfg: &Config,
-    config_file: String,
+    mut cfg: Config,
+    reload: Reload,
     config_text: String,
     kind: Kind,
     maps: bool,
     listen: Vec<SocketAddr>,
-    announce: bool,
+    announce: Option<Option<SocketAddr>>,
+    mut ctl: mpsc::Receiver<control::Msg>,
 ) -> anyhow::Result<()> {
+    let config_file = reload.path.display().to_string();
+    let model = Backends::new(&cfg);
     let mut specs: Vec<WorkerSpec> = (0..cfg.workers)
         .map(|i| WorkerSpec {
             index: i as u16,
@@ -146,15 +227,18 @@ async fn supervise(
             kind,
             maps,
             listen: listen.clone(),
+            replay: vec![],
         })
         .collect();
+    let mut io: Vec<Option<WorkerIo>> = (0..specs.len()).map(|_| None).collect();
     let mut running: Vec<Option<Running>> = (0..specs.len()).map(|_| None).collect();
     let mut waits: JoinSet<(usize, std::io::Result<ExitStatus>)> = JoinSet::new();
     let mut first_ready = None;
     for (i, spec) in specs.iter().enumerate() {
         match spawn_worker(spec).await {
-            Ok((mut child, ready)) => {
+            Ok((mut child, ready, wio)) => {
                 running[i] = Some(Running { pid: ready.pid, started: Instant::now() });
+                io[i] = Some(wio);
                 first_ready.get_or_insert(ready);
                 waits.spawn(async move { (i, child.wait().await) });
             }
@@ -170,26 +254,50 @@ async fn supervise(
         specs.len(),
         running.iter().flatten().map(|r| r.pid).collect::<Vec<_>>()
     );
-    if announce {
+    if let Some(metrics) = announce {
         let r = Ready {
             event: "ready".into(),
             pid: std::process::id(),
             dataplane: kind,
             frontends: ready.frontends,
             workers: running.iter().flatten().map(|r| r.pid).collect(),
+            metrics,
         };
         println!("{}", serde_json::to_string(&r)?);
     }
 
     let signal = proxy::wait_for_signal();
     tokio::pin!(signal);
+    let mut hup =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("installing SIGHUP handler")?;
     loop {
         tokio::select! {
             r = &mut signal => {
                 r?;
                 break;
             }
+            _ = hup.recv() => {
+                log::info!("SIGHUP received: reloading");
+                match reload_all(&reload, &mut cfg, &model, &mut io, &mut specs).await {
+                    Ok(m) => log::info!("{m}"),
+                    Err(e) => log::error!("{e}"),
+                }
+            }
+            Some(m) = ctl.recv() => {
+                let r = match m.req {
+                    control::Request::Apply(c) => relay(&c, &model, &mut io, &mut specs).await,
+                    control::Request::Other { cmd: control::Other::Reload } => {
+                        reload_all(&reload, &mut cfg, &model, &mut io, &mut specs).await
+                    }
+                };
+                match &r {
+                    Ok(msg) => log::info!("{msg}"),
+                    Err(e) => log::warn!("control request refused: {e}"),
+                }
+                let _ = m.reply.send(r);
+            }
             Some(Ok((i, status))) = waits.join_next() => {
+                io[i] = None;
                 let Some(prev) = running[i].take() else { continue };
                 let why = match status {
                     Ok(s) => describe(s),
@@ -200,9 +308,10 @@ async fn supervise(
                     tokio::time::sleep(MIN_LIFETIME).await;
                 }
                 match spawn_worker(&specs[i]).await {
-                    Ok((mut child, ready)) => {
+                    Ok((mut child, ready, wio)) => {
                         log::info!("worker {i} restarted as pid {}", ready.pid);
                         running[i] = Some(Running { pid: ready.pid, started: Instant::now() });
+                        io[i] = Some(wio);
                         waits.spawn(async move { (i, child.wait().await) });
                     }
                     Err(e) => {
@@ -218,6 +327,27 @@ async fn supervise(
     stop_all(&running, &mut waits).await;
     specs.clear();
     Ok(())
+}
+
+/// Reload for all workers: every change is relayed like an operator's command.
+async fn reload_all(
+    src: &Reload,
+    current: &mut Config,
+    model: &Backends,
+    io: &mut [Option<WorkerIo>],
+    specs: &mut [WorkerSpec],
+) -> Result<String, String> {
+    let (new, _) = Config::load_with(&src.path, &src.overrides).map_err(|e| format!("reload rejected: {e}"))?;
+    let cmds = model.diff(current, &new).map_err(|e| format!("reload rejected: {e}"))?;
+    for c in &cmds {
+        model.check(c).map_err(|e| format!("reload rejected: {e}"))?;
+    }
+    for c in &cmds {
+        let m = relay(c, model, io, specs).await.map_err(|e| format!("reload stopped half-way: {e}"))?;
+        log::info!("reload: {m}");
+    }
+    *current = new;
+    Ok(format!("reloaded {}: {} change(s)", src.path.display(), cmds.len()))
 }
 
 fn describe(s: ExitStatus) -> String {
@@ -252,11 +382,12 @@ async fn stop_all(running: &[Option<Running>], waits: &mut JoinSet<(usize, std::
     }
 }
 
-/// `lb worker`: reads a [`WorkerSpec`] from stdin and serves.
+/// `lb worker`: reads a [`WorkerSpec`] (first line of stdin) and serves;
+/// later lines are commands from the supervisor, each answered on stdout.
 pub async fn worker() -> anyhow::Result<()> {
-    let mut input = Vec::new();
-    tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut input).await.context("reading the spec")?;
-    let spec: WorkerSpec = serde_json::from_slice(&input).context("the worker spec on stdin is not valid")?;
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let first = lines.next_line().await.context("reading the spec")?.context("no spec on stdin")?;
+    let spec: WorkerSpec = serde_json::from_str(&first).context("the worker spec on stdin is not valid")?;
     let o = Overrides { workers: Some(spec.workers), dataplane: None };
     let mut cfg = Config::parse_with(&spec.config_file, &spec.config_text, &o)?;
     if cfg.frontends.len() != spec.listen.len() {
@@ -266,7 +397,25 @@ pub async fn worker() -> anyhow::Result<()> {
         f.listen = *a;
     }
     let listeners = proxy::bind_all(&cfg.frontends, true)?;
-    let serve = Serve { cfg, kind: spec.kind, maps: spec.maps, worker: spec.index };
+    let (tx, ctl) = mpsc::channel(16);
+    // Commands arrive only after the ready line, so answers never precede it.
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let r: Result<String, String> = match serde_json::from_str::<Command>(&line) {
+                Err(e) => Err(format!("bad command: {e}")),
+                Ok(c) => {
+                    let (reply, rx) = tokio::sync::oneshot::channel();
+                    if tx.send(control::Msg { req: control::Request::Apply(c), reply }).await.is_err() {
+                        return;
+                    }
+                    rx.await.unwrap_or_else(|_| Err("stopping".into()))
+                }
+            };
+            println!("{}", serde_json::to_string(&Reply::from(r)).unwrap_or_default());
+        }
+    });
+    let serve =
+        Serve { cfg, kind: spec.kind, maps: spec.maps, worker: spec.index, replay: spec.replay, ctl, reload: None };
     proxy::serve(serve, listeners, |ready| {
         println!("{}", serde_json::to_string(&ready).unwrap_or_default());
     })

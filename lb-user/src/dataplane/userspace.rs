@@ -15,7 +15,7 @@ use lb_common::stats::DataplaneCounters;
 use tokio::{net::TcpStream, sync::watch};
 
 use super::{Dataplane, Kind, SpliceError, Spliced};
-use crate::sys;
+use crate::{stats::CloseReason, sys};
 
 const BUF: usize = 64 * 1024;
 
@@ -119,6 +119,7 @@ impl Dataplane for UserspaceDataplane {
         }
         let idle = self.idle;
         tokio::spawn(async move {
+            let mut guard = guard;
             let stats = guard.stats();
             let start = Instant::now();
             let (flow_in, flow_out) = (Flow::new(), Flow::new());
@@ -130,15 +131,20 @@ impl Dataplane for UserspaceDataplane {
                 })
                 .map(drop)
             };
+            let mut reason = CloseReason::Fin;
             let result = tokio::select! {
                 r = both => r,
-                _ = stop.wait_for(|s| *s) => Ok(()),
+                _ = stop.wait_for(|s| *s) => {
+                    reason = CloseReason::Shutdown;
+                    Ok(())
+                }
                 _ = idle_for(start, idle, [&flow_in, &flow_out]) => {
                     log::debug!("closing a connection idle for more than {idle:?}");
                     for s in [&client, &server] {
                         let _ = socket2::SockRef::from(s).shutdown(Shutdown::Both);
                     }
                     stats.idle_closed.fetch_add(1, Relaxed);
+                    reason = CloseReason::Idle;
                     Ok(())
                 }
             };
@@ -154,7 +160,9 @@ impl Dataplane for UserspaceDataplane {
                 log::debug!("connection aborted: {err}");
                 let _ = sys::set_linger_zero(other);
                 stats.aborted.fetch_add(1, Relaxed);
+                reason = CloseReason::Rst;
             }
+            guard.set_reason(reason);
             guard.add_bytes(flow_in.bytes.load(Relaxed), flow_out.bytes.load(Relaxed));
             drop((client, server));
             drop(guard);

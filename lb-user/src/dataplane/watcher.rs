@@ -23,7 +23,7 @@ use std::{
 use super::{SpliceError, Spliced};
 use crate::{
     bpf::ConnMaps,
-    stats::{ConnGuard, ProxyStats},
+    stats::{CloseReason, ConnGuard, ProxyStats},
     sys::{self, Epoll, EventFd},
 };
 
@@ -283,6 +283,12 @@ fn run(shared: &Shared) {
             let Some(conn) = t.conns.remove(&id) else {
                 continue;
             };
+            let mut conn = conn;
+            conn.guard.set_reason(match next {
+                Next::Abort(_) => CloseReason::Rst,
+                Next::Idle => CloseReason::Idle,
+                Next::Keep | Next::Close => CloseReason::Fin,
+            });
             match next {
                 Next::Abort(side) => {
                     let _ = sys::set_linger_zero(&conn.socks[1 - side]);
@@ -303,7 +309,8 @@ fn run(shared: &Shared) {
             let all: Vec<Conn> = t.conns.drain().map(|(_, c)| c).collect();
             t.pending.clear();
             drop(t);
-            for conn in all {
+            for mut conn in all {
+                conn.guard.set_reason(CloseReason::Shutdown);
                 close(shared, conn);
             }
             return;
@@ -311,7 +318,7 @@ fn run(shared: &Shared) {
     }
 }
 
-fn close(shared: &Shared, conn: Conn) {
+fn close(shared: &Shared, mut conn: Conn) {
     let mut maps = shared.maps.lock().unwrap_or_else(|e| e.into_inner());
     let bytes = conn.cookies.map(|c| maps.redirected(c).unwrap_or(0));
     conn.guard.add_bytes(bytes[CLIENT], bytes[1 - CLIENT]);

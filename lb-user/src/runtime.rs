@@ -1,0 +1,255 @@
+//! The live server set of every backend, and the operator's commands that
+//! change it (`lb server …`, reload). Changes affect only new connections:
+//! a connection holds its server's state until it ends.
+
+use std::{
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::Instant,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::{
+    backend::ServerAddr,
+    config::{BackendConfig, Config, MAX_WEIGHT, ServerConfig, SourcePool},
+    select::Balancer,
+    stats::{Admin, ServerState},
+};
+
+/// A backend at run time.
+pub struct BackendRt {
+    pub index: usize,
+    pub name: String,
+    servers: RwLock<Arc<Vec<Arc<ServerState>>>>,
+    pub balancer: Balancer,
+    pub slot_freed: Arc<Notify>,
+    pool: SourcePool,
+    pub health: Option<crate::config::HealthCheck>,
+    /// Clients waiting for a slot now.
+    pub waiting: AtomicU64,
+    pub queue: u32,
+    /// Last "out of source ports" warning, and rejections since.
+    pub exhaustion_warn: Mutex<(Option<Instant>, u64)>,
+}
+
+impl BackendRt {
+    fn new(index: usize, b: &BackendConfig) -> Self {
+        let slot_freed = Arc::new(Notify::new());
+        let servers =
+            b.servers.iter().map(|s| Arc::new(ServerState::new(index, *s, &b.pool, slot_freed.clone()))).collect();
+        Self {
+            index,
+            name: b.name.clone(),
+            servers: RwLock::new(Arc::new(servers)),
+            balancer: Balancer::new(b.balance),
+            slot_freed,
+            pool: b.pool.clone(),
+            health: b.health.clone(),
+            waiting: AtomicU64::new(0),
+            queue: b.queue,
+            exhaustion_warn: Mutex::new((None, 0)),
+        }
+    }
+
+    /// The current servers (a snapshot; cheap).
+    pub fn servers(&self) -> Arc<Vec<Arc<ServerState>>> {
+        self.servers.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn find(&self, addr: ServerAddr) -> Option<Arc<ServerState>> {
+        self.servers().iter().find(|s| s.cfg.addr == addr).cloned()
+    }
+}
+
+/// Called with each server added at run time.
+type OnAdd = Box<dyn Fn(&BackendRt, Arc<ServerState>) + Send + Sync>;
+
+/// Every backend.
+pub struct Backends {
+    pub list: Vec<BackendRt>,
+    /// Called with each server added at run time (starts its health check).
+    on_add: Mutex<Option<OnAdd>>,
+}
+
+/// An operator's command. Each worker applies the same list in the same order.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Command {
+    ServerAdd { backend: String, addr: ServerAddr, weight: u32, maxconn: Option<u32> },
+    ServerRemove { backend: String, addr: ServerAddr },
+    ServerState { backend: String, addr: ServerAddr, state: Admin },
+    ServerWeight { backend: String, addr: ServerAddr, weight: u32 },
+}
+
+impl Backends {
+    pub fn new(cfg: &Config) -> Self {
+        Self {
+            list: cfg.backends.iter().enumerate().map(|(i, b)| BackendRt::new(i, b)).collect(),
+            on_add: Mutex::new(None),
+        }
+    }
+
+    pub fn on_add(&self, f: impl Fn(&BackendRt, Arc<ServerState>) + Send + Sync + 'static) {
+        *self.on_add.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
+    }
+
+    pub fn all_servers(&self) -> Vec<Arc<ServerState>> {
+        self.list.iter().flat_map(|b| b.servers().iter().cloned().collect::<Vec<_>>()).collect()
+    }
+
+    fn backend(&self, name: &str) -> Result<&BackendRt, String> {
+        self.list.iter().find(|b| b.name == name).ok_or_else(|| format!("no backend named \"{name}\""))
+    }
+
+    /// Checks a command without applying it.
+    pub fn check(&self, cmd: &Command) -> Result<(), String> {
+        match cmd {
+            Command::ServerAdd { backend, addr, weight, maxconn } => {
+                let b = self.backend(backend)?;
+                if b.find(*addr).is_some() {
+                    return Err(format!("backend \"{backend}\" already has server {addr}"));
+                }
+                if addr.0.port() == 0 || addr.0.ip().is_unspecified() {
+                    return Err(format!("{addr}: needs a concrete ip and a non-zero port"));
+                }
+                if !b.pool.addrs.is_empty() && !b.pool.addrs.iter().any(|a| a.is_ipv4() == addr.0.is_ipv4()) {
+                    return Err(format!("backend \"{backend}\": source_pool has no address of {addr}'s family"));
+                }
+                check_weight(*weight)?;
+                if *maxconn == Some(0) {
+                    return Err("maxconn must be at least 1".into());
+                }
+            }
+            Command::ServerRemove { backend, addr } | Command::ServerState { backend, addr, .. } => {
+                self.backend(backend)?
+                    .find(*addr)
+                    .ok_or_else(|| format!("backend \"{backend}\" has no server {addr}"))?;
+            }
+            Command::ServerWeight { backend, addr, weight } => {
+                self.backend(backend)?
+                    .find(*addr)
+                    .ok_or_else(|| format!("backend \"{backend}\" has no server {addr}"))?;
+                check_weight(*weight)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a command; returns what changed, for the log and the reply.
+    pub fn apply(&self, cmd: &Command) -> Result<String, String> {
+        self.check(cmd)?;
+        let msg = match cmd {
+            Command::ServerAdd { backend, addr, weight, maxconn } => {
+                let b = self.backend(backend)?;
+                let cfg = ServerConfig { addr: *addr, maxconn: *maxconn, weight: *weight };
+                let s = Arc::new(ServerState::new(b.index, cfg, &b.pool, b.slot_freed.clone()));
+                {
+                    let mut list = b.servers.write().unwrap_or_else(|e| e.into_inner());
+                    let mut v = (**list).clone();
+                    v.push(s.clone());
+                    *list = Arc::new(v);
+                }
+                if let Some(f) = self.on_add.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                    f(b, s);
+                }
+                format!("backend \"{backend}\": server {addr} added (weight {weight})")
+            }
+            Command::ServerRemove { backend, addr } => {
+                let b = self.backend(backend)?;
+                let mut list = b.servers.write().unwrap_or_else(|e| e.into_inner());
+                let removed = list.iter().find(|s| s.cfg.addr == *addr).cloned();
+                let v: Vec<_> = list.iter().filter(|s| s.cfg.addr != *addr).cloned().collect();
+                *list = Arc::new(v);
+                let live = removed.map_or(0, |s| {
+                    // Its health check stops; its connections keep running.
+                    s.set_admin(Admin::Disabled);
+                    s.active.load(Relaxed)
+                });
+                format!("backend \"{backend}\": server {addr} removed ({live} connections continue until they end)")
+            }
+            Command::ServerState { backend, addr, state } => {
+                let s = self.backend(backend)?.find(*addr).expect("checked");
+                s.set_admin(*state);
+                format!("backend \"{backend}\": server {addr} {}", serde_json::to_string(state).unwrap_or_default())
+            }
+            Command::ServerWeight { backend, addr, weight } => {
+                let s = self.backend(backend)?.find(*addr).expect("checked");
+                s.weight.store(*weight, Relaxed);
+                format!("backend \"{backend}\": server {addr} weight {weight}")
+            }
+        };
+        Ok(msg)
+    }
+
+    /// The commands that turn the running server sets into `new`'s.
+    /// Everything else must be unchanged: a reload changes servers only.
+    pub fn diff(&self, old: &Config, new: &Config) -> Result<Vec<Command>, String> {
+        reload_compatible(old, new)?;
+        let mut cmds = Vec::new();
+        for (b, nb) in self.list.iter().zip(&new.backends) {
+            let cur = b.servers();
+            for s in cur.iter() {
+                match nb.servers.iter().find(|n| n.addr == s.cfg.addr) {
+                    None => cmds.push(Command::ServerRemove { backend: b.name.clone(), addr: s.cfg.addr }),
+                    Some(n) if n.maxconn != s.cfg.maxconn => {
+                        // maxconn is fixed per server state: replace it.
+                        cmds.push(Command::ServerRemove { backend: b.name.clone(), addr: s.cfg.addr });
+                        cmds.push(Command::ServerAdd {
+                            backend: b.name.clone(),
+                            addr: n.addr,
+                            weight: n.weight,
+                            maxconn: n.maxconn,
+                        });
+                    }
+                    Some(n) if n.weight != s.weight.load(Relaxed) => {
+                        cmds.push(Command::ServerWeight { backend: b.name.clone(), addr: n.addr, weight: n.weight })
+                    }
+                    Some(_) => {}
+                }
+            }
+            for n in &nb.servers {
+                if !cur.iter().any(|s| s.cfg.addr == n.addr) {
+                    cmds.push(Command::ServerAdd {
+                        backend: b.name.clone(),
+                        addr: n.addr,
+                        weight: n.weight,
+                        maxconn: n.maxconn,
+                    });
+                }
+            }
+        }
+        Ok(cmds)
+    }
+}
+
+fn check_weight(w: u32) -> Result<(), String> {
+    if w > MAX_WEIGHT { Err(format!("weight {w}: must be between 0 and {MAX_WEIGHT}")) } else { Ok(()) }
+}
+
+/// A reload may change backends' servers (addresses, weights, maxconn) only.
+fn reload_compatible(old: &Config, new: &Config) -> Result<(), String> {
+    let same = |what: &str, a: String, b: String| {
+        if a == b { Ok(()) } else { Err(format!("{what} changed: a reload changes servers only; restart lb for this")) }
+    };
+    same("dataplane", old.dataplane.to_string(), new.dataplane.to_string())?;
+    same("pin_path", format!("{:?}", old.pin_path), format!("{:?}", new.pin_path))?;
+    same("workers", old.workers.to_string(), new.workers.to_string())?;
+    same("maxconn", old.maxconn.to_string(), new.maxconn.to_string())?;
+    same("connect_attempts", old.connect_attempts.to_string(), new.connect_attempts.to_string())?;
+    same("timeouts", format!("{:?}", old.timeouts), format!("{:?}", new.timeouts))?;
+    same("frontend", format!("{:?}", old.frontends), format!("{:?}", new.frontends))?;
+    let names = |c: &Config| c.backends.iter().map(|b| b.name.clone()).collect::<Vec<_>>().join(",");
+    same("the list of backends", names(old), names(new))?;
+    for (a, b) in old.backends.iter().zip(&new.backends) {
+        let n = &a.name;
+        same(&format!("backend \"{n}\": source_pool"), format!("{:?}", a.pool), format!("{:?}", b.pool))?;
+        same(&format!("backend \"{n}\": balance"), format!("{:?}", a.balance), format!("{:?}", b.balance))?;
+        same(&format!("backend \"{n}\": health"), format!("{:?}", a.health), format!("{:?}", b.health))?;
+        same(&format!("backend \"{n}\": queue"), a.queue.to_string(), b.queue.to_string())?;
+    }
+    Ok(())
+}
