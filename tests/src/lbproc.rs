@@ -84,6 +84,8 @@ pub struct Lb {
     pub dataplane: String,
     /// Worker pids when lb runs with workers > 1.
     pub workers: Vec<u32>,
+    /// The metrics endpoint, when configured.
+    pub metrics: Option<SocketAddr>,
     pub pin_path: PathBuf,
     pub dir: PathBuf,
 }
@@ -142,6 +144,7 @@ impl Lb {
             frontends: vec![],
             dataplane: String::new(),
             workers: vec![],
+            metrics: None,
             pin_path,
             dir,
         };
@@ -149,6 +152,7 @@ impl Lb {
         let ready: serde_json::Value = serde_json::from_str(line.trim())
             .unwrap_or_else(|_| panic!("{test}: lb did not announce readiness; stderr:\n{}", lb.stderr()));
         lb.dataplane = ready["dataplane"].as_str().unwrap_or_default().to_owned();
+        lb.metrics = ready["metrics"].as_str().and_then(|m| m.parse().ok());
         lb.workers = ready["workers"]
             .as_array()
             .map(|a| a.iter().filter_map(|w| w.as_u64().map(|p| p as u32)).collect())
@@ -159,6 +163,29 @@ impl Lb {
             .unwrap_or_default();
         lb.addr = *lb.frontends.first().unwrap_or_else(|| panic!("{test}: no frontend announced"));
         lb
+    }
+
+    /// The config file lb runs with (rewrite it, then `reload`).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("lb.toml")
+    }
+
+    /// Runs `lb ARGS --pin-path <this instance's>`: (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(lb_bin())
+            .args(args)
+            .arg("--pin-path")
+            .arg(&self.pin_path)
+            .output()
+            .unwrap_or_else(|e| panic!("running lb {args:?}: {e}"));
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    }
+
+    /// Like [`Self::cli`], but the command must succeed.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.cli(args);
+        assert!(ok, "lb {args:?} failed: {err}");
+        out
     }
 
     /// What lb wrote to stderr so far.

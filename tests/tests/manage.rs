@@ -1,0 +1,450 @@
+//! Seeing and steering a running lb: stats against the traffic, bpftool,
+//! the control socket (drain, add/remove under load, other users refused),
+//! health checks, reload, metrics, conns and the access log.
+
+use std::{
+    net::SocketAddr,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use testkit::{Lb, Mode, backends::Backend, lbproc::lb_bin, retry_until, stream::Stream};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+macro_rules! both_planes {
+    ($($name:ident),* $(,)?) => {
+        mod kernel { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Mode::Kernel).await } )* }
+        mod userspace { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Mode::Userspace).await } )* }
+    };
+}
+
+both_planes!(
+    stats_equal_the_traffic,
+    drain_keeps_existing_and_sends_new_elsewhere,
+    add_and_remove_under_load_lose_no_bytes,
+    health_check_flips_after_fall_and_rise,
+    reload_applies_server_changes_or_rejects_the_whole_file,
+    metrics_agree_with_stats,
+);
+
+fn cfg(servers: &[SocketAddr], extra_backend: &str, extra_top: &str) -> String {
+    let list: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
+    format!(
+        "{extra_top}\n[[frontend]]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\nbackend = \"app\"\n\n\
+         [[backend]]\nname = \"app\"\nservers = [{}]\n{extra_backend}\n",
+        list.join(", ")
+    )
+}
+
+/// `n` bytes of stream `seed` through `s` and back, checked.
+async fn exchange(s: &mut TcpStream, seed: u64, n: usize) -> Result<(), String> {
+    let mut out = vec![0u8; n];
+    Stream::new(seed).fill(&mut out);
+    let (mut r, mut w) = s.split();
+    let send = w.write_all(&out);
+    let mut back = vec![0u8; n];
+    let recv = r.read_exact(&mut back);
+    let (a, b) = tokio::join!(send, recv);
+    a.map_err(|e| format!("send: {e}"))?;
+    b.map_err(|e| format!("receive: {e}"))?;
+    if back != out { Err("echo differs".into()) } else { Ok(()) }
+}
+
+async fn echo_once(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    exchange(&mut s, 1, 16).await.unwrap_or_else(|e| panic!("client through lb: {e}"));
+    s
+}
+
+fn server_row(lb: &Lb, addr: SocketAddr) -> serde_json::Value {
+    let s = lb.pinned_stats();
+    s["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["addr"] == addr.to_string())
+        .cloned()
+        .unwrap_or(serde_json::Value::Null)
+}
+
+async fn stats_equal_the_traffic(mode: Mode) {
+    let (a, b) = (Backend::echo().await, Backend::echo().await);
+    let Some(lb) = Lb::start_with(mode, "stats", &cfg(&[a.addr, b.addr], "source_pool = [\"127.0.5.1\"]", "")) else {
+        return;
+    };
+    // 30 connections, connection i moves 1000 + i bytes each way.
+    let mut want = [(0u64, 0u64); 2];
+    let mut held = Vec::new();
+    for i in 0..30u64 {
+        let mut s = TcpStream::connect(lb.addr).await.unwrap();
+        exchange(&mut s, i, 1000 + i as usize).await.unwrap();
+        held.push(s);
+        want[(i % 2) as usize].0 += 1;
+        want[(i % 2) as usize].1 += 1000 + i;
+    }
+    // While they are open: active counts and the JSON shape.
+    let live = retry_until(Duration::from_secs(3), || {
+        let s = lb.pinned_stats();
+        (s["totals"]["active"] == 30).then_some(s)
+    })
+    .await
+    .unwrap_or_else(|| panic!("30 active expected: {}", lb.pinned_stats()));
+    assert_eq!(live["dataplane"], mode.as_str());
+    for key in ["backend", "addr", "state", "active", "total", "bytes_in", "bytes_out"] {
+        assert!(live["servers"][0].get(key).is_some(), "servers[].{key} missing: {live}");
+    }
+    for key in ["ip", "server", "ports_in_use"] {
+        assert!(live["sources"][0].get(key).is_some(), "sources[].{key} missing: {live}");
+    }
+    for key in ["active", "total", "rejected"] {
+        assert!(live["totals"].get(key).is_some(), "totals.{key} missing: {live}");
+    }
+    assert_eq!(
+        live["sources"].as_array().unwrap().iter().map(|s| s["ports_in_use"].as_u64().unwrap()).sum::<u64>(),
+        30
+    );
+    drop(held);
+    // Round robin alternates a, b; each server's bytes are its connections' bytes.
+    let done = retry_until(Duration::from_secs(5), || {
+        let s = lb.pinned_stats();
+        (s["totals"]["active"] == 0 && server_row(&lb, b.addr)["bytes_out"].as_u64() == Some(want[1].1)).then_some(s)
+    })
+    .await;
+    assert!(done.is_some(), "stats did not settle: {}", lb.pinned_stats());
+    let rows = [server_row(&lb, a.addr), server_row(&lb, b.addr)];
+    let got: Vec<(u64, u64, u64)> = rows
+        .iter()
+        .map(|r| (r["total"].as_u64().unwrap(), r["bytes_in"].as_u64().unwrap(), r["bytes_out"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(got, vec![(want[0].0, want[0].1, want[0].1), (want[1].0, want[1].1, want[1].1)], "per-server stats");
+    assert_eq!(rows[0]["backend"], "app");
+    assert_eq!(rows[0]["state"], "up");
+    let human = lb.ctl(&["stats"]);
+    assert!(human.contains("BACKEND") && human.contains(&a.addr.to_string()), "table:\n{human}");
+    // The access log has one line per connection, with its bytes.
+    let log = lb.stderr();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("lb::access")).collect();
+    assert_eq!(lines.len(), 30, "access log lines:\n{log}");
+    assert!(
+        lines.iter().any(|l| l.contains("bytes_in=1029 bytes_out=1029 close=fin") && l.contains("source=127.0.5.1:"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bpftool_prints_field_names_and_lb_conns_lists_connections() {
+    if !testkit::lbproc::kernel_available("bpftool") {
+        return;
+    }
+    let be = Backend::echo().await;
+    let lb = Lb::start_with(Mode::Kernel, "bpftool", &cfg(&[be.addr], "", "")).unwrap();
+    let _c = echo_once(lb.addr).await;
+    retry_until(Duration::from_secs(3), || (lb.pinned_stats()["totals"]["active"] == 1).then_some(())).await;
+    for (map, fields) in [
+        ("LB_CONN", &["client_port", "server_ip", "last_active_ns", "bytes"][..]),
+        ("LB_SERVERS", &["bytes_in", "active", "server_port", "worker"][..]),
+        ("LB_SOURCES", &["ports_in_use", "source_ip"][..]),
+        ("LB_COUNTERS", &["bytes_redirected", "skbs_redirected"][..]),
+    ] {
+        let out = Command::new("bpftool").args(["map", "dump", "pinned"]).arg(lb.pin_path.join(map)).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "bpftool on {map}: {}", String::from_utf8_lossy(&out.stderr));
+        for f in fields {
+            assert!(text.contains(&format!("\"{f}\"")), "bpftool dump of {map} lacks field {f}:\n{text}");
+        }
+    }
+    let rows: serde_json::Value = serde_json::from_str(&lb.ctl(&["conns", "--json"])).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 1, "{rows}");
+    assert_eq!(rows[0]["server"], be.addr.to_string());
+    assert_eq!(rows[0]["bytes_in"], 16);
+    let other: serde_json::Value =
+        serde_json::from_str(&lb.ctl(&["conns", "--json", "--server", "127.0.0.1:1"])).unwrap();
+    assert_eq!(other.as_array().unwrap().len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_socket_is_root_only() {
+    let be = Backend::echo().await;
+    let lb = Lb::start_with(Mode::Userspace, "ctl_perms", &cfg(&[be.addr], "", "")).unwrap();
+    let sock = lb::control::default_path(&lb.pin_path);
+    let meta = std::fs::metadata(&sock).unwrap_or_else(|e| panic!("{}: {e}", sock.display()));
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600, "control socket mode");
+    assert_eq!(meta.uid(), 0, "control socket owner");
+    // The same command as user nobody is refused; as root it works.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(lb_bin())
+        .args(["server", "drain", "app"])
+        .arg(be.addr.to_string())
+        .arg("--pin-path")
+        .arg(&lb.pin_path)
+        .output()
+        .expect("setpriv");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a non-root user changed a server: {err}");
+    assert!(err.contains("Permission denied") || err.contains("permission denied"), "refusal should say why: {err}");
+    assert_eq!(server_row(&lb, be.addr)["state"], "up", "the refused command had an effect");
+    lb.ctl(&["server", "drain", "app", &be.addr.to_string()]);
+}
+
+async fn drain_keeps_existing_and_sends_new_elsewhere(mode: Mode) {
+    let (a, b) = (Backend::echo().await, Backend::echo().await);
+    let Some(lb) = Lb::start_with(mode, "drain", &cfg(&[a.addr, b.addr], "", "")) else { return };
+    let mut old = Vec::new();
+    for _ in 0..10 {
+        old.push(echo_once(lb.addr).await);
+    }
+    assert_eq!(a.accepted.load(Relaxed), 5);
+    let out = lb.ctl(&["server", "drain", "app", &a.addr.to_string()]);
+    assert!(out.contains("drain"), "{out}");
+    for _ in 0..10 {
+        old.push(echo_once(lb.addr).await);
+    }
+    assert_eq!(a.accepted.load(Relaxed), 5, "a drained server got new connections");
+    assert_eq!(b.accepted.load(Relaxed), 15);
+    for (i, s) in old.iter_mut().enumerate() {
+        exchange(s, 100 + i as u64, 4096).await.unwrap_or_else(|e| panic!("existing connection {i} after drain: {e}"));
+    }
+    let st = retry_until(Duration::from_secs(3), || (server_row(&lb, a.addr)["state"] == "drain").then_some(())).await;
+    assert!(st.is_some(), "stats should show drain: {}", lb.pinned_stats());
+    assert_eq!(server_row(&lb, a.addr)["active"], 5, "drained server keeps its connections");
+    lb.ctl(&["server", "enable", "app", &a.addr.to_string()]);
+    let _n = echo_once(lb.addr).await;
+    let _m = echo_once(lb.addr).await;
+    assert_eq!(a.accepted.load(Relaxed), 6, "an enabled server takes connections again");
+    // Bad requests name what is wrong and change nothing.
+    let (ok, _, err) = lb.cli(&["server", "drain", "nope", &a.addr.to_string()]);
+    assert!(!ok && err.contains("no backend named \"nope\""), "{err}");
+    let (ok, _, err) = lb.cli(&["server", "weight", "app", &a.addr.to_string(), "999"]);
+    assert!(!ok && err.contains("weight 999"), "{err}");
+}
+
+async fn add_and_remove_under_load_lose_no_bytes(mode: Mode) {
+    let (a, b) = (Backend::echo().await, Backend::echo().await);
+    let Some(lb) = Lb::start_with(mode, "add_remove", &cfg(&[a.addr], "", "")) else { return };
+    // 20 connections on a, each exchanging checked data for ~1.5 s.
+    let failures = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..20u64 {
+        let (addr, failures) = (lb.addr, failures.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            for round in 0..30 {
+                if let Err(e) = exchange(&mut s, i * 1000 + round, 64 * 1024).await {
+                    eprintln!("connection {i} round {round}: {e}");
+                    failures.fetch_add(1, Relaxed);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }));
+    }
+    retry_until(Duration::from_secs(3), || (a.accepted.load(Relaxed) == 20).then_some(())).await;
+    lb.ctl(&["server", "add", "app", &b.addr.to_string(), "--weight", "3"]);
+    lb.ctl(&["server", "remove", "app", &a.addr.to_string()]);
+    lb.ctl(&["server", "weight", "app", &b.addr.to_string(), "2"]);
+    for _ in 0..5 {
+        let _s = echo_once(lb.addr).await;
+    }
+    assert_eq!(a.accepted.load(Relaxed), 20, "a removed server got new connections");
+    assert_eq!(b.accepted.load(Relaxed), 5);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(failures.load(Relaxed), 0, "connections on the removed server lost bytes");
+    let (ok, _, err) = lb.cli(&["server", "add", "app", &b.addr.to_string()]);
+    assert!(!ok && err.contains("already has server"), "{err}");
+    let gone = retry_until(Duration::from_secs(3), || server_row(&lb, a.addr).is_null().then_some(())).await;
+    assert!(gone.is_some(), "removed server still in stats: {}", lb.pinned_stats());
+    assert_eq!(server_row(&lb, b.addr)["weight"], 2);
+}
+
+async fn health_check_flips_after_fall_and_rise(mode: Mode) {
+    let good = Backend::banner(b"PONG\r\n").await;
+    let wrong = Backend::echo().await; // replies PING: fails `expect`
+    let flappy = Backend::banner(b"PONG\r\n").await;
+    let flappy_addr = flappy.addr;
+    let health = "[backend.health]\ninterval = \"100ms\"\nrise = 2\nfall = 3\nsend = \"PING\\r\\n\"\nexpect = \"PONG\"";
+    let Some(lb) = Lb::start_with(mode, "health", &cfg(&[good.addr, wrong.addr, flappy_addr], health, "")) else {
+        return;
+    };
+    let state = |addr: SocketAddr| server_row(&lb, addr)["state"].as_str().unwrap_or("").to_owned();
+    let wrong_down = retry_until(Duration::from_secs(3), || (state(wrong.addr) == "down").then_some(())).await;
+    assert!(wrong_down.is_some(), "a server answering PING to PING should fail `expect`: {}", lb.pinned_stats());
+    assert_eq!(state(good.addr), "up");
+    // Stop flappy: down after 3 failed checks (300-400 ms), not before.
+    drop(flappy);
+    let t0 = Instant::now();
+    retry_until(Duration::from_secs(3), || (state(flappy_addr) == "down").then_some(())).await.expect("flappy down");
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_millis(200), "down after {took:?}: fall = 3 at 100 ms needs ~300 ms");
+    // Down servers get no new connections (not even attempts).
+    let total = |addr: SocketAddr| server_row(&lb, addr)["total"].as_u64().unwrap_or(0);
+    let fails = |addr: SocketAddr| server_row(&lb, addr)["connect_failures"].as_u64().unwrap_or(0);
+    let before = (total(good.addr), total(wrong.addr), fails(flappy_addr));
+    for _ in 0..6 {
+        let mut s = TcpStream::connect(lb.addr).await.unwrap();
+        let mut banner = [0u8; 6];
+        s.read_exact(&mut banner).await.expect("served by the healthy server");
+        assert_eq!(&banner, b"PONG\r\n");
+    }
+    let after = retry_until(Duration::from_secs(3), || {
+        let now = (total(good.addr), total(wrong.addr), fails(flappy_addr));
+        (now.0 == before.0 + 6).then_some(now)
+    })
+    .await;
+    assert_eq!(after, Some((before.0 + 6, before.1, before.2)), "only the up server may get connections");
+    // Back on the same port: up after 2 good checks.
+    let back = Backend::spawn_at(flappy_addr, |mut s| async move {
+        let _ = s.write_all(b"PONG\r\n").await;
+        let mut b = [0u8; 64];
+        while matches!(s.read(&mut b).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    retry_until(Duration::from_secs(3), || (state(flappy_addr) == "up").then_some(())).await.expect("flappy up again");
+    let log = lb.stderr();
+    let downs = log.matches(&format!("server {flappy_addr} is down after 3 failed checks")).count();
+    let ups = log.matches(&format!("server {flappy_addr} is up (2 checks passed)")).count();
+    assert_eq!((downs, ups), (1, 1), "each flip is logged once:\n{log}");
+    drop(back);
+    drop(good);
+    // Everything down: new clients are closed at once and counted.
+    retry_until(Duration::from_secs(3), || {
+        let s = lb.pinned_stats();
+        s["servers"].as_array().unwrap().iter().all(|r| r["state"] == "down").then_some(())
+    })
+    .await
+    .expect("all servers down");
+    let t0 = Instant::now();
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    let mut b = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_secs(2), s.read(&mut b)).await.expect("closed at once");
+    assert!(matches!(r, Ok(0) | Err(_)) && t0.elapsed() < Duration::from_millis(500), "{r:?} after {:?}", t0.elapsed());
+    let counted =
+        retry_until(Duration::from_secs(3), || (lb.pinned_stats()["totals"]["no_server_up"] == 1).then_some(())).await;
+    assert!(counted.is_some(), "no_server_up: {}", lb.pinned_stats());
+}
+
+async fn reload_applies_server_changes_or_rejects_the_whole_file(mode: Mode) {
+    let (a, b) = (Backend::echo().await, Backend::echo().await);
+    let Some(lb) = Lb::start_with(mode, "reload", &cfg(&[a.addr], "", "")) else { return };
+    let original = std::fs::read_to_string(lb.config_path()).unwrap();
+    let with = |from: &str, to: &str| original.replace(from, to);
+    let servers_a = format!("servers = [\"{}\"]", a.addr);
+    // Add b with weight 2.
+    std::fs::write(
+        lb.config_path(),
+        with(&servers_a, &format!("servers = [\"{}\", {{ addr = \"{}\", weight = 2 }}]", a.addr, b.addr)),
+    )
+    .unwrap();
+    let out = lb.ctl(&["reload"]);
+    assert!(out.contains("1 change(s)"), "{out}");
+    retry_until(Duration::from_secs(3), || (server_row(&lb, b.addr)["weight"] == 2).then_some(()))
+        .await
+        .expect("b added");
+    // A broken file is rejected whole, with the key named; nothing changes.
+    std::fs::write(lb.config_path(), with(&servers_a, &format!("{servers_a}\nbalance = \"random\""))).unwrap();
+    let (ok, _, err) = lb.cli(&["reload"]);
+    assert!(!ok && err.contains("reload rejected") && err.contains("(key backend.balance)"), "{err}");
+    // So is a change a reload cannot apply.
+    std::fs::write(lb.config_path(), original.replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\"")).unwrap();
+    let (ok, _, err) = lb.cli(&["reload"]);
+    assert!(!ok && err.contains("frontend changed"), "{err}");
+    assert!(!server_row(&lb, b.addr).is_null(), "a rejected reload changed the servers");
+    // SIGHUP: back to a only.
+    std::fs::write(lb.config_path(), &original).unwrap();
+    // SAFETY: signalling the lb this test started.
+    unsafe { libc::kill(lb.pid as i32, libc::SIGHUP) };
+    let gone = retry_until(Duration::from_secs(3), || server_row(&lb, b.addr).is_null().then_some(())).await;
+    assert!(gone.is_some(), "SIGHUP did not remove b: {}", lb.pinned_stats());
+}
+
+async fn metrics_agree_with_stats(mode: Mode) {
+    let be = Backend::echo().await;
+    let Some(lb) = Lb::start_with(mode, "metrics", &cfg(&[be.addr], "", "metrics_listen = \"127.0.0.1:0\"")) else {
+        return;
+    };
+    let addr = lb.metrics.expect("metrics address announced");
+    let mut held = Vec::new();
+    for _ in 0..7 {
+        held.push(echo_once(lb.addr).await);
+    }
+    retry_until(Duration::from_secs(3), || (lb.pinned_stats()["totals"]["active"] == 7).then_some(())).await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    let value = |line_start: &str| -> u64 {
+        text.lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {line_start} in:\n{text}"))
+    };
+    let stats = lb.pinned_stats();
+    assert_eq!(value("lb_connections_active "), stats["totals"]["active"].as_u64().unwrap());
+    assert_eq!(value("lb_connections_total "), 7);
+    assert_eq!(value(&format!("lb_server_active{{backend=\"app\",server=\"{}\"}}", be.addr)), 7);
+    assert_eq!(value(&format!("lb_server_up{{backend=\"app\",server=\"{}\"}}", be.addr)), 1);
+    assert!(text.contains("# TYPE lb_server_bytes_in_total counter"));
+}
+
+/// With workers, commands reach every worker, and a restarted worker
+/// catches up with the commands given before it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_apply_commands_and_restarted_ones_catch_up() {
+    let mode = if testkit::lbproc::kernel_available("workers_ctl") { Mode::Kernel } else { Mode::Userspace };
+    let (a, b) = (Backend::echo().await, Backend::echo().await);
+    let lb = Lb::start_with(mode, "workers_ctl", &cfg(&[a.addr, b.addr], "", "workers = 2")).unwrap();
+    lb.ctl(&["server", "disable", "app", &a.addr.to_string()]);
+    for _ in 0..20 {
+        let _s = echo_once(lb.addr).await;
+    }
+    assert_eq!(a.accepted.load(Relaxed), 0, "a worker ignored disable");
+    // SAFETY: a worker of the lb this test started.
+    unsafe { libc::kill(lb.workers[0] as i32, libc::SIGKILL) };
+    let restarted = retry_until(Duration::from_secs(10), || {
+        let s = lb.pinned_stats();
+        s["workers"].as_array()?.iter().find(|w| w["worker"] == 0 && w["pid"] != lb.workers[0]).map(|_| ())
+    })
+    .await;
+    assert!(restarted.is_some(), "worker 0 not restarted");
+    for _ in 0..20 {
+        let _s = echo_once(lb.addr).await;
+    }
+    assert_eq!(a.accepted.load(Relaxed), 0, "the restarted worker forgot the disable");
+    let st = retry_until(Duration::from_secs(3), || (server_row(&lb, a.addr)["state"] == "maint").then_some(())).await;
+    assert!(st.is_some(), "{}", lb.pinned_stats());
+}
+
+/// One lb per pin path: a second one refuses with the reason; pins left by
+/// a killed one are cleaned up by the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_instance_refused_and_stale_pins_cleaned() {
+    let mode = if testkit::lbproc::kernel_available("pins") { Mode::Kernel } else { Mode::Userspace };
+    let be = Backend::echo().await;
+    let mut first = Lb::start_with(mode, "pins", &cfg(&[be.addr], "", "")).unwrap();
+    let out = Command::new(lb_bin()).args(["run", "--config"]).arg(first.config_path()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second lb on the same pin path started");
+    assert!(err.contains("another lb is running with pin_path"), "{err}");
+    // SIGKILL: no cleanup; the pins stay behind.
+    // SAFETY: the lb this test started.
+    unsafe { libc::kill(first.pid as i32, libc::SIGKILL) };
+    first.stop(); // reaps it
+    assert!(first.pin_path.join("LB_CONN").exists(), "a killed lb's pins should still be there");
+    let cfg_text = std::fs::read_to_string(first.config_path()).unwrap();
+    let second = Lb::launch("pins2", first.dir.clone(), first.pin_path.clone(), &cfg_text);
+    assert!(second.stderr().contains("removing stale pins"), "{}", second.stderr());
+    let _c = echo_once(second.addr).await;
+    drop(second);
+    std::mem::forget(first); // its dir and pins belonged to `second`, now cleaned
+}
