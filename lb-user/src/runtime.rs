@@ -174,7 +174,12 @@ impl Backends {
             Command::ServerState { backend, addr, state } => {
                 let s = self.backend(backend)?.find(*addr).expect("checked");
                 s.set_admin(*state);
-                format!("backend \"{backend}\": server {addr} {}", serde_json::to_string(state).unwrap_or_default())
+                let what = match state {
+                    Admin::Enabled => "enabled",
+                    Admin::Drain => "draining: no new connections, existing ones continue",
+                    Admin::Disabled => "disabled (maint): no new connections, existing ones continue",
+                };
+                format!("backend \"{backend}\": server {addr} {what}")
             }
             Command::ServerWeight { backend, addr, weight } => {
                 let s = self.backend(backend)?.find(*addr).expect("checked");

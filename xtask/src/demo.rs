@@ -90,6 +90,16 @@ async fn run(clients: usize, seconds: u64) -> anyhow::Result<()> {
     println!("  lb peak RSS        {} KiB", testkit::status_kb(lb.pid, "VmHWM"));
     println!("== lb stats --pin-path {} (one second before the end, all clients connected)", lb.pin_path.display());
     print!("{}", stats_table.context("lb stats was not sampled")?);
+    println!("== bpftool map dump pinned {}/LB_SERVERS", lb.pin_path.display());
+    match std::process::Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(lb.pin_path.join("LB_SERVERS"))
+        .output()
+    {
+        Ok(o) if o.status.success() => print!("{}", String::from_utf8_lossy(&o.stdout)),
+        Ok(o) => println!("  (bpftool failed: {})", String::from_utf8_lossy(&o.stderr).trim()),
+        Err(e) => println!("  (bpftool not available: {e})"),
+    }
     let clean = lb.stop();
     println!("== lb log");
     for l in lb.stderr().lines() {
