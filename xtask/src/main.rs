@@ -1,10 +1,12 @@
 //! `cargo xtask <setup|demo|test>`: the one entry point for people and CI.
 
+mod bench;
 mod demo;
 mod hold;
+mod plot;
 mod setup;
 
-use std::process::Command;
+use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
@@ -28,6 +30,24 @@ enum Cmd {
         /// Seconds of traffic.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+    },
+    /// Benchmark lb (kernel and userspace) against a direct connection, HAProxy and nginx.
+    Bench {
+        /// Every scenario briefly (well under a minute): proves the bench runs, measures nothing.
+        #[arg(long)]
+        smoke: bool,
+        /// Counted rounds per system (after one warm-up round).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 3.0)]
+        secs: f64,
+        /// Idle connections for the memory scenario (lb; single-process proxies are capped at 9000).
+        #[arg(long, default_value_t = 50_000)]
+        conns: usize,
+        /// Where results go.
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
     },
     /// Hold N idle connections through lb to one backend ip:port and report ports, memory and time.
     Hold {
@@ -104,6 +124,24 @@ pub fn cargo() -> Command {
     c
 }
 
+/// Builds the load tools (`lb-bench`, `lb-hold`) and returns their paths.
+pub fn build_tools() -> anyhow::Result<(PathBuf, PathBuf)> {
+    run(cargo().args(["build", "--release", "-p", "tests", "--bin", "lb-bench", "--bin", "lb-hold"]))?;
+    let dir = workspace_root().join("target/release");
+    Ok((dir.join("lb-bench"), dir.join("lb-hold")))
+}
+
+/// Formats a number for a chart label.
+pub fn bench_label(x: f64) -> String {
+    if x >= 100.0 {
+        format!("{x:.0}")
+    } else if x >= 1.0 {
+        format!("{x:.2}")
+    } else {
+        format!("{x:.3}")
+    }
+}
+
 /// Builds the release `lb` binary and returns its path.
 pub fn build_lb() -> anyhow::Result<std::path::PathBuf> {
     run(cargo().args(["build", "--release", "-p", "lb-user", "--bin", "lb"]))?;
@@ -117,6 +155,17 @@ fn main() -> anyhow::Result<()> {
             setup::setup()?;
             let lb = build_lb()?;
             demo::demo(&lb, clients, seconds)
+        }
+        Cmd::Bench { smoke, runs, secs, conns, out } => {
+            setup::setup()?;
+            let lb = build_lb()?;
+            let tools = build_tools()?;
+            let opts = if smoke {
+                bench::Opts { smoke, runs: 1, secs: 0.3, conns: 300, out: workspace_root().join("target/bench-smoke") }
+            } else {
+                bench::Opts { smoke, runs: runs.max(1), secs, conns, out: workspace_root().join(out) }
+            };
+            bench::bench(&lb, &tools.0, &tools.1, &opts)
         }
         Cmd::Hold { conns, pool, dataplane } => {
             setup::setup()?;
@@ -133,7 +182,21 @@ fn main() -> anyhow::Result<()> {
             t.args(["test", "--release", "--workspace"]).env("LB_BIN", &lb);
             // --show-output: the data-path tests report lb's memory and CPU figures.
             t.args(["--", "--show-output"]).args(&args);
-            run_tests(&mut t)
+            run_tests(&mut t)?;
+            if args.is_empty() {
+                // The benchmark must keep working: every scenario, briefly.
+                let tools = build_tools()?;
+                let opts = bench::Opts {
+                    smoke: true,
+                    runs: 1,
+                    secs: 0.3,
+                    conns: 300,
+                    out: workspace_root().join("target/bench-smoke"),
+                };
+                bench::bench(&lb, &tools.0, &tools.1, &opts).context("cargo xtask bench --smoke")?;
+                println!("bench smoke: passed");
+            }
+            Ok(())
         }
     }
 }

@@ -26,7 +26,17 @@ fn step(name: &str) {
 pub fn setup() -> anyhow::Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
-    debian_packages(&["bpftool", "iproute2", "procps"])?;
+    // haproxy and nginx (stream module) are the benchmark's comparison points.
+    // fonts-dejavu-core: the benchmark's plots draw their labels with it.
+    debian_packages(&[
+        "bpftool",
+        "iproute2",
+        "procps",
+        "haproxy",
+        "nginx",
+        "libnginx-mod-stream",
+        "fonts-dejavu-core",
+    ])?;
     bpffs()?;
     eprintln!("setup: ready");
     Ok(())
@@ -122,11 +132,25 @@ fn debian_packages(pkgs: &[&str]) -> anyhow::Result<()> {
     }
     run(Command::new("apt-get").args(["update", "-q"]))
         .context("apt-get update failed (run as root, with the Debian mirrors reachable)")?;
-    run(Command::new("apt-get")
+    // Packages with services (haproxy, nginx) must not start them: the
+    // benchmark runs its own instances. policy-rc.d exit 101 tells
+    // invoke-rc.d so; it is ours only if it was not there before.
+    let policy = std::path::Path::new("/usr/sbin/policy-rc.d");
+    let ours = !policy.exists();
+    if ours {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::write(policy, "#!/bin/sh\n# written by lb's cargo xtask setup during apt-get install\nexit 101\n")?;
+        std::fs::set_permissions(policy, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let r = run(Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
-    .with_context(|| format!("installing {} failed", missing.join(" ")))
+    .with_context(|| format!("installing {} failed", missing.join(" ")));
+    if ours {
+        let _ = std::fs::remove_file(policy);
+    }
+    r
 }
 
 fn bpffs() -> anyhow::Result<()> {
