@@ -217,13 +217,21 @@ impl ConnMaps {
     pub fn redirected(&self, cookie: u64) -> Option<u64> {
         self.record(cookie).map(|t| t.bytes)
     }
+    /// Removes every entry of a connection whose sockets stay open (a
+    /// splice that could not be completed).
     pub fn forget(&mut self, cookies: [u64; 2]) {
         for c in cookies {
             let _ = self.conn.remove(&c);
-            // The kernel drops socket entries when a socket closes; removing
-            // them here too keeps the maps exact even if a close is delayed.
             let _ = self.peer.remove(&c);
             let _ = self.splice.remove(&c);
+        }
+    }
+    /// Removes the records of a connection about to be closed. Its socket
+    /// entries need no syscall: the kernel drops a socket from every
+    /// sockhash when it closes.
+    pub fn forget_closing(&mut self, cookies: [u64; 2]) {
+        for c in cookies {
+            let _ = self.conn.remove(&c);
         }
     }
     /// Deletes the records of a worker whose process is gone (its sockets

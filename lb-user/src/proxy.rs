@@ -22,7 +22,7 @@ use crate::{
     backend::ClientAddr,
     config::{Config, FrontendConfig, Overrides, fds_needed},
     control,
-    dataplane::{self, Dataplane, Kind, Spliced},
+    dataplane::{self, ConnAddrs, Dataplane, Kind, Spliced},
     publish::Publisher,
     runtime::Command,
     runtime::{BackendRt, Backends},
@@ -549,9 +549,15 @@ async fn handle(
     };
     let target_addr = target.cfg.addr;
     guard.connected(target, pair);
-    if let Ok(local) = server.local_addr() {
-        guard.set_source(local);
-    }
+    let source = match server.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            log::warn!("client {addr} -> {target_addr}: {e}");
+            return;
+        }
+    };
+    guard.set_source(source);
+    let addrs = ConnAddrs { client: addr.0, source, server: target_addr.0 };
     for s in [&client, &server] {
         let _ = s.set_nodelay(true);
     }
@@ -562,7 +568,7 @@ async fn handle(
             return;
         }
     };
-    if let Err(e) = shared.dataplane.splice(Spliced { client, server, guard }) {
+    if let Err(e) = shared.dataplane.splice(Spliced { client, server, guard, addrs }) {
         log::warn!("client {addr} -> {target_addr}: {e}");
     }
 }

@@ -204,3 +204,12 @@ pub fn has_local_port_range() -> bool {
         .and_then(|s| set_local_port_range(&s, 1024, 65535))
         .is_ok()
 }
+
+/// What the kernel plane needs of a socket before splicing it, in one
+/// `TCP_INFO` read: whether it is still `ESTABLISHED`, and the bytes it
+/// counts as written so far. lb writes nothing before the splice, so the
+/// send queue is empty and `tcpi_bytes_acked` (the SYN) is the whole count.
+pub fn tcp_splice_state(s: &impl AsRawFd) -> io::Result<(bool, u64)> {
+    let info: libc::tcp_info = getsockopt(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO)?;
+    Ok((info.tcpi_state == 1, info.tcpi_bytes_acked))
+}

@@ -45,6 +45,8 @@ impl System {
 
 pub struct Opts {
     pub smoke: bool,
+    /// Only these scenarios (empty: all).
+    pub only: Vec<String>,
     pub runs: usize,
     pub secs: f64,
     pub conns: usize,
@@ -298,16 +300,22 @@ fn measure_pingpong(bench: &Path, target: SocketAddr, secs: f64) -> anyhow::Resu
         .collect())
 }
 
-fn measure_connrate(bench: &Path, target: SocketAddr, secs: f64) -> anyhow::Result<Sample> {
+fn measure_connrate(bench: &Path, target: SocketAddr, pids: &[u32], secs: f64) -> anyhow::Result<Sample> {
+    let cpu0: f64 = pids.iter().map(|p| cpu_secs(*p)).sum();
     let v = client(
         bench,
         &["connrate", "--target", &target.to_string(), "--secs", &secs.to_string(), "--concurrency", "16"]
             .map(String::from),
     )?;
+    let cpu = pids.iter().map(|p| cpu_secs(*p)).sum::<f64>() - cpu0;
     if v["errors"].as_u64().unwrap_or(0) > 0 {
         bail!("connection rate through {target}: {v}");
     }
-    Ok([("conns_per_s".to_string(), v["per_s"].as_f64().unwrap_or(0.0))].into_iter().collect())
+    let mut s: Sample = [("conns_per_s".to_string(), v["per_s"].as_f64().unwrap_or(0.0))].into_iter().collect();
+    if let Some(n) = v["conns"].as_f64().filter(|n| *n > 0.0 && !pids.is_empty()) {
+        s.insert("cpu_us_per_conn".into(), cpu * 1e6 / n);
+    }
+    Ok(s)
 }
 
 fn slab_kb() -> f64 {
@@ -376,7 +384,11 @@ pub fn bench(lb_bin: &Path, bench_bin: &Path, hold_bin: &Path, o: &Opts) -> anyh
     // SAFETY: set before any thread starts.
     unsafe { std::env::set_var("LB_BIN", lb_bin) };
     let rounds = o.runs + usize::from(!o.smoke);
-    let plan = scenarios();
+    let plan: Vec<_> =
+        scenarios().into_iter().filter(|(n, _)| o.only.is_empty() || o.only.iter().any(|x| x == n)).collect();
+    if plan.is_empty() {
+        bail!("--only {:?}: no such scenario (throughput_1, throughput_8, pingpong, connrate, idle)", o.only);
+    }
     let total: usize = plan.iter().map(|(_, s)| s.len() * rounds).sum();
     let bar = indicatif::ProgressBar::new(total as u64);
     bar.set_style(
@@ -384,47 +396,73 @@ pub fn bench(lb_bin: &Path, bench_bin: &Path, hold_bin: &Path, o: &Opts) -> anyh
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let (_sink, v) = Helper::start(bench_bin, &["sink", "--listen", "127.0.0.1:0"])?;
     let sink: SocketAddr = v["listen"].as_str().context("sink address")?.parse()?;
     // results[scenario][system] = one Sample per counted round.
     let mut results: BTreeMap<String, BTreeMap<System, Vec<Sample>>> = BTreeMap::new();
+    let mut errors: Vec<String> = Vec::new();
     for (scenario, systems) in &plan {
         let idle_n = |sys: System| match sys {
             System::LbKernel | System::LbUserspace => o.conns,
             _ => o.conns.min(SINGLE_PROCESS_CAP),
         };
-        // Idle connections need the echoing lb-hold sink (it answers the holders' byte).
-        let hold_sink = if *scenario == "idle" {
+        // Idle connections need the echoing lb-hold sink (it answers the
+        // holders' byte), as several processes sharing one port so that
+        // none passes the open-files limit.
+        let mut hold_sinks = Vec::new();
+        let mut hold_addr = None;
+        if *scenario == "idle" {
             let (h, v) = Helper::start(hold_bin, &["sink", "--listen", "127.0.0.1:0"])?;
-            Some((h, v["listen"].as_str().context("hold sink")?.parse::<SocketAddr>()?))
-        } else {
-            None
-        };
+            let a: SocketAddr = v["listen"].as_str().context("hold sink")?.parse()?;
+            hold_sinks.push(h);
+            for _ in 1..o.conns.div_ceil(15_000) {
+                hold_sinks.push(Helper::start(hold_bin, &["sink", "--listen", &a.to_string()])?.0);
+            }
+            hold_addr = Some(a);
+        }
         for round in 0..rounds {
             let counted = o.smoke || round > 0;
             for &sys in systems {
-                bar.set_message(format!("{scenario} {} round {}/{}", sys.name(), round + 1, rounds));
-                let backend = hold_sink.as_ref().map_or(sink, |(_, a)| *a);
-                let proxy = start(sys, backend, (*scenario == "idle").then(|| idle_n(sys)))?;
-                let pids = proxy.pids();
-                let sample = match *scenario {
-                    "throughput_1" => measure_throughput(bench_bin, proxy.addr, &pids, 1, o.secs),
-                    "throughput_8" => measure_throughput(bench_bin, proxy.addr, &pids, 8, o.secs),
-                    "pingpong" => measure_pingpong(bench_bin, proxy.addr, o.secs),
-                    "connrate" => measure_connrate(bench_bin, proxy.addr, o.secs),
-                    _ => measure_idle(hold_bin, &proxy, idle_n(sys)),
+                let msg = format!("{scenario} {} round {}/{}", sys.name(), round + 1, rounds);
+                if !tty {
+                    // indicatif draws nothing without a terminal (CI logs): one line per step.
+                    eprintln!("[{:>3}/{total}] {msg}", bar.position() + 1);
                 }
-                .with_context(|| format!("{scenario} on {}", sys.name()))?;
-                drop(proxy);
-                if counted {
-                    results.entry(scenario.to_string()).or_default().entry(sys).or_default().push(sample);
+                bar.set_message(msg);
+                let backend = hold_addr.unwrap_or(sink);
+                let measured = start(sys, backend, (*scenario == "idle").then(|| idle_n(sys))).and_then(|proxy| {
+                    let pids = proxy.pids();
+                    match *scenario {
+                        "throughput_1" => measure_throughput(bench_bin, proxy.addr, &pids, 1, o.secs),
+                        "throughput_8" => measure_throughput(bench_bin, proxy.addr, &pids, 8, o.secs),
+                        "pingpong" => measure_pingpong(bench_bin, proxy.addr, o.secs),
+                        "connrate" => measure_connrate(bench_bin, proxy.addr, &pids, o.secs),
+                        _ => measure_idle(hold_bin, &proxy, idle_n(sys)),
+                    }
+                });
+                match measured {
+                    Ok(sample) if counted => {
+                        results.entry(scenario.to_string()).or_default().entry(sys).or_default().push(sample)
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        // Keep going: one failure must not throw away the rest of the run.
+                        let e = format!("{scenario} on {} (round {}): {e:#}", sys.name(), round + 1);
+                        bar.println(format!("FAILED {e}"));
+                        errors.push(e);
+                    }
                 }
                 bar.inc(1);
             }
         }
     }
     bar.finish_with_message("done");
-    report(&results, o)
+    report(&results, o)?;
+    if !errors.is_empty() {
+        bail!("{} measurement(s) failed:\n  {}", errors.len(), errors.join("\n  "));
+    }
+    Ok(())
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -471,6 +509,7 @@ const METRICS: &[(&str, &str, &str, bool)] = &[
     ("pingpong", "p99_us", "ping-pong p99 µs", false),
     ("pingpong", "p999_us", "ping-pong p99.9 µs", false),
     ("connrate", "conns_per_s", "new connections per s", true),
+    ("connrate", "cpu_us_per_conn", "proxy CPU µs per connection", false),
     ("idle", "held", "idle connections held", true),
     ("idle", "setup_s", "idle: setup s", false),
     ("idle", "rss_bytes_per_conn", "idle: proxy RSS bytes per conn", false),

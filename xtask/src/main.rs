@@ -48,6 +48,9 @@ enum Cmd {
         /// Where results go.
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
+        /// Only these scenarios: throughput_1, throughput_8, pingpong, connrate, idle.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// Hold N idle connections through lb to one backend ip:port and report ports, memory and time.
     Hold {
@@ -156,14 +159,21 @@ fn main() -> anyhow::Result<()> {
             let lb = build_lb()?;
             demo::demo(&lb, clients, seconds)
         }
-        Cmd::Bench { smoke, runs, secs, conns, out } => {
+        Cmd::Bench { smoke, runs, secs, conns, out, only } => {
             setup::setup()?;
             let lb = build_lb()?;
             let tools = build_tools()?;
             let opts = if smoke {
-                bench::Opts { smoke, runs: 1, secs: 0.3, conns: 300, out: workspace_root().join("target/bench-smoke") }
+                bench::Opts {
+                    smoke,
+                    only,
+                    runs: 1,
+                    secs: 0.3,
+                    conns: 300,
+                    out: workspace_root().join("target/bench-smoke"),
+                }
             } else {
-                bench::Opts { smoke, runs: runs.max(1), secs, conns, out: workspace_root().join(out) }
+                bench::Opts { smoke, only, runs: runs.max(1), secs, conns, out: workspace_root().join(out) }
             };
             bench::bench(&lb, &tools.0, &tools.1, &opts)
         }
@@ -188,6 +198,7 @@ fn main() -> anyhow::Result<()> {
                 let tools = build_tools()?;
                 let opts = bench::Opts {
                     smoke: true,
+                    only: vec![],
                     runs: 1,
                     secs: 0.3,
                     conns: 300,

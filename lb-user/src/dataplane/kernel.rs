@@ -7,7 +7,7 @@
 //! Peers go in first, so a socket is never spliced while its peer is missing.
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
     os::fd::AsRawFd,
     path::Path,
     sync::{Arc, Mutex},
@@ -63,10 +63,8 @@ impl KernelDataplane {
         Ok(Self { maps, counters, watcher, fallback: UserspaceDataplane::new(idle), stats, worker })
     }
 
-    fn records(&self, s: &Spliced, cookies: [u64; 2]) -> Result<[ConnTraffic; 2], std::io::Error> {
-        let client: SocketAddr = s.client.peer_addr()?;
-        let server: SocketAddr = s.server.peer_addr()?;
-        let source: SocketAddr = s.server.local_addr()?;
+    fn records(&self, s: &Spliced, cookies: [u64; 2]) -> [ConnTraffic; 2] {
+        let (client, server, source) = (s.addrs.client, s.addrs.server, s.addrs.source);
         let now = sys::monotonic_coarse_ns();
         let base = ConnTraffic {
             last_active_ns: now,
@@ -80,10 +78,10 @@ impl KernelDataplane {
             worker: self.worker,
             ..Default::default()
         };
-        Ok([
+        [
             ConnTraffic { peer_cookie: cookies[1], side: SIDE_CLIENT, ..base },
             ConnTraffic { peer_cookie: cookies[0], side: SIDE_SERVER, ..base },
-        ])
+        ]
     }
 
     /// Inserts the six map entries. On error, everything inserted is
@@ -130,18 +128,18 @@ impl Dataplane for KernelDataplane {
             sys::socket_cookie(&conn.server).map_err(SpliceError::Cookie)?,
         ];
         let mut written_base = [0; 2];
+        let mut established = true;
         for (base, s) in written_base.iter_mut().zip([&conn.client, &conn.server]) {
-            *base = sys::tcp_bytes_written(s).map_err(SpliceError::Socket)?;
+            let (est, written) = sys::tcp_splice_state(s).map_err(SpliceError::Socket)?;
+            established &= est;
+            *base = written;
         }
         // sockmap takes only ESTABLISHED sockets: a client that already sent
         // its FIN (CLOSE_WAIT) is served by the userspace copy instead.
-        if !sys::tcp_established(&conn.client) || !sys::tcp_established(&conn.server) {
+        if !established {
             return self.fall_back(conn, "a side closed before the splice");
         }
-        let records = match self.records(&conn, cookies) {
-            Ok(r) => r,
-            Err(e) => return self.fall_back(conn, &format!("reading addresses: {e}")),
-        };
+        let records = self.records(&conn, cookies);
         match self.insert(&conn, cookies, records) {
             Ok(()) => {}
             Err((e, false)) => return self.fall_back(conn, &e.to_string()),

@@ -24,6 +24,17 @@ pub struct Spliced {
     pub client: TcpStream,
     pub server: TcpStream,
     pub guard: ConnGuard,
+    /// Peer address of `client`, local and peer address of `server`
+    /// (known from accept and connect; saves the data plane three syscalls).
+    pub addrs: ConnAddrs,
+}
+
+/// The three addresses of a proxied connection.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnAddrs {
+    pub client: std::net::SocketAddr,
+    pub source: std::net::SocketAddr,
+    pub server: std::net::SocketAddr,
 }
 
 /// Which data plane is running.

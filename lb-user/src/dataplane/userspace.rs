@@ -107,7 +107,7 @@ impl Dataplane for UserspaceDataplane {
     }
 
     fn splice(&self, conn: Spliced) -> Result<(), SpliceError> {
-        let Spliced { client, server, guard } = conn;
+        let Spliced { client, server, guard, .. } = conn;
         for s in [&client, &server] {
             s.set_nonblocking(true).map_err(SpliceError::Socket)?;
         }

@@ -322,7 +322,7 @@ fn close(shared: &Shared, mut conn: Conn) {
     let mut maps = shared.maps.lock().unwrap_or_else(|e| e.into_inner());
     let bytes = conn.cookies.map(|c| maps.redirected(c).unwrap_or(0));
     conn.guard.add_bytes(bytes[CLIENT], bytes[1 - CLIENT]);
-    maps.forget(conn.cookies);
+    maps.forget_closing(conn.cookies);
     drop(maps);
     drop(conn); // closes both sockets, exactly once
 }
