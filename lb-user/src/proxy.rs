@@ -318,13 +318,13 @@ async fn accept_loop(
     let mut last_warn: Option<Instant> = None;
     loop {
         // At maxconn, stop accepting: new clients wait in the listen backlog.
-        let mut permits = Vec::with_capacity(2);
+        let mut permits = [None, None];
         if let Some(f) = &frontend {
             let Ok(p) = f.clone().acquire_owned().await else { return };
-            permits.push(p);
+            permits[0] = Some(p);
         }
         let Ok(p) = global.clone().acquire_owned().await else { return };
-        permits.push(p);
+        permits[1] = Some(p);
         match listener.accept().await {
             Ok((client, addr)) => {
                 shared.stats.accepted.fetch_add(1, Relaxed);
@@ -513,7 +513,7 @@ async fn handle(
     client: TcpStream,
     addr: ClientAddr,
     backend: usize,
-    permits: Vec<OwnedSemaphorePermit>,
+    permits: [Option<OwnedSemaphorePermit>; 2],
     shared: Arc<Shared>,
 ) {
     let mut guard = ConnGuard::new(shared.stats.clone(), permits, addr.0, shared.access_log);

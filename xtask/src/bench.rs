@@ -201,7 +201,7 @@ fn start(sys: System, backend: SocketAddr, hold: Option<usize>) -> anyhow::Resul
                 "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
                  daemon off;\nmaster_process on;\nworker_processes 2;\nworker_rlimit_nofile 20000;\n\
                  error_log {d}/error.log warn;\npid {d}/nginx.pid;\n\
-                 events {{ worker_connections {SINGLE_PROCESS_CAP}; }}\n\
+                 events {{ worker_connections 19000; }}\n\
                  stream {{\n  server {{\n    listen {addr} reuseport;\n    proxy_pass {backend};\n    proxy_timeout 1h;\n    proxy_half_close on;\n  }}\n}}\n",
                 d = dir.display()
             );
