@@ -70,12 +70,17 @@ fn check_bpffs(pin_path: &Path) -> Result<(), KernelError> {
 }
 
 /// Takes an exclusive lock for `pin_path`, so two instances never share pins.
-fn lock_pin_path(pin_path: &Path) -> Result<fs::File, KernelError> {
+/// `/run/lb/<pin path, mangled>.lock`.
+pub fn lock_path(pin_path: &Path) -> PathBuf {
     let name: String =
         pin_path.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
-    let dir = Path::new("/run/lb");
+    Path::new("/run/lb").join(format!("{name}.lock"))
+}
+
+fn lock_pin_path(pin_path: &Path) -> Result<fs::File, KernelError> {
+    let lock = lock_path(pin_path);
+    let dir = lock.parent().unwrap_or(Path::new("/"));
     fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
-    let lock = dir.join(format!("{name}.lock"));
     let file = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -182,6 +187,8 @@ impl Objects {
             drop(ebpf);
             remove_pins(&self.pin_path);
             let _ = fs::remove_file(crate::report::meta_path(&self.pin_path));
+            // Still held by us, so nobody waits on it; the next start makes a new one.
+            let _ = fs::remove_file(lock_path(&self.pin_path));
         }
     }
 }

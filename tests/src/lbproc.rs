@@ -211,7 +211,8 @@ impl Lb {
         };
         // SAFETY: signalling our own child by its pid.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        for _ in 0..200 {
+        // Up to 30 s: an lb holding tens of thousands of connections closes them all.
+        for _ in 0..1200 {
             if let Ok(Some(status)) = child.try_wait() {
                 return status.success();
             }
@@ -239,6 +240,12 @@ impl Drop for Lb {
                 let _ = std::fs::remove_file(e.path());
             }
             let _ = std::fs::remove_dir(&self.pin_path);
+        }
+        // What lb keeps in /run/lb for this pin path (left behind if it was killed).
+        let name: String =
+            self.pin_path.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+        for ext in ["lock", "json", "sock"] {
+            let _ = std::fs::remove_file(format!("/run/lb/{name}.{ext}"));
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
