@@ -70,11 +70,18 @@ fn check_bpffs(pin_path: &Path) -> Result<(), KernelError> {
 }
 
 /// Takes an exclusive lock for `pin_path`, so two instances never share pins.
-/// `/run/lb/<pin path, mangled>.lock`.
-pub fn lock_path(pin_path: &Path) -> PathBuf {
+/// `/run/lb/<pin path with every non-alphanumeric as _>.<ext>`: the files an
+/// instance keeps next to its pins (bpffs holds only pins): `lock`, `json`
+/// (its [`crate::report::Meta`]) and `sock` (its control socket).
+pub fn run_file(pin_path: &Path, ext: &str) -> PathBuf {
     let name: String =
         pin_path.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
-    Path::new("/run/lb").join(format!("{name}.lock"))
+    Path::new("/run/lb").join(format!("{name}.{ext}"))
+}
+
+/// `/run/lb/<pin path, mangled>.lock`.
+pub fn lock_path(pin_path: &Path) -> PathBuf {
+    run_file(pin_path, "lock")
 }
 
 fn lock_pin_path(pin_path: &Path) -> Result<fs::File, KernelError> {

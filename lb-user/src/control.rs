@@ -57,9 +57,7 @@ pub struct Msg {
 
 /// `/run/lb/<pin path, mangled>.sock`, unless the config names one.
 pub fn default_path(pin_path: &Path) -> PathBuf {
-    let name: String =
-        pin_path.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
-    Path::new("/run/lb").join(format!("{name}.sock"))
+    crate::bpf::run_file(pin_path, "sock")
 }
 
 /// Binds the socket (replacing a stale one: the caller holds the pin-path

@@ -22,9 +22,7 @@ pub struct Meta {
 
 /// Where [`Meta`] of the instance pinned at `pin_path` lives.
 pub fn meta_path(pin_path: &Path) -> std::path::PathBuf {
-    let name: String =
-        pin_path.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
-    Path::new("/run/lb").join(format!("{name}.json"))
+    crate::bpf::run_file(pin_path, "json")
 }
 
 #[derive(Clone, Debug, Serialize)]

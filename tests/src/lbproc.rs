@@ -241,7 +241,9 @@ impl Drop for Lb {
             }
             let _ = std::fs::remove_dir(&self.pin_path);
         }
-        // What lb keeps in /run/lb for this pin path (left behind if it was killed).
+        // What lb keeps in /run/lb for this pin path (left behind if it was killed);
+        // the same naming as lb's `bpf::run_file`, which the test kit cannot call:
+        // it must build before `cargo xtask setup` has installed the eBPF toolchain.
         let name: String =
             self.pin_path.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
         for ext in ["lock", "json", "sock"] {
