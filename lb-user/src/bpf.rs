@@ -114,8 +114,6 @@ pub struct Objects {
     pin_path: PathBuf,
     /// Owns the program (and its attachment) and the maps.
     ebpf: Option<Ebpf>,
-    /// Whether the verdict program is loaded and attached.
-    pub kernel: bool,
     _lock: fs::File,
 }
 
@@ -181,11 +179,7 @@ impl Objects {
                 crate::report::meta_path(&pin_path).display()
             );
         }
-        Ok(Self { pin_path, ebpf: Some(ebpf), kernel: program, _lock: lock })
-    }
-
-    pub fn pin_path(&self) -> &Path {
-        &self.pin_path
+        Ok(Self { pin_path, ebpf: Some(ebpf), _lock: lock })
     }
 
     /// Detaches and unloads the program and removes the pins.
@@ -319,9 +313,4 @@ impl PinnedMaps {
     pub fn counters(&self) -> Result<DataplaneCounters, KernelError> {
         sum_counters(&self.counters).map_err(|source| KernelError::Map { name: COUNTERS, source })
     }
-}
-
-/// The counters map, opened for the data plane's own reports.
-pub fn open_counters(pin_path: &Path) -> Result<PerCpuArray<MapData, DataplaneCounters>, KernelError> {
-    open(pin_path, COUNTERS)
 }

@@ -383,9 +383,6 @@ impl ConnGuard {
             s.bytes_out.fetch_add(bytes_out, Relaxed);
         }
     }
-    pub fn server(&self) -> Option<&ServerState> {
-        self.server.as_ref().map(|(s, _)| &**s)
-    }
 }
 
 impl Drop for ConnGuard {

@@ -147,13 +147,6 @@ pub fn tcp_bytes_received(s: &impl AsRawFd) -> io::Result<u64> {
     Ok(info.tcpi_bytes_received)
 }
 
-/// Whether a TCP socket is still `ESTABLISHED` (sockmap accepts no other state).
-pub fn tcp_established(s: &impl AsRawFd) -> bool {
-    getsockopt::<libc::tcp_info>(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO)
-        .map(|i| i.tcpi_state == 1)
-        .unwrap_or(false)
-}
-
 /// `IP_LOCAL_PORT_RANGE` from `<linux/in.h>` (Linux 6.3).
 const IP_LOCAL_PORT_RANGE: libc::c_int = 51;
 

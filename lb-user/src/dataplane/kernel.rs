@@ -14,16 +14,14 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{MapData, PerCpuArray};
 use lb_common::{
     conn::{ConnTraffic, SIDE_CLIENT, SIDE_SERVER},
     maps::{CONN, PEER, SPLICE},
-    stats::DataplaneCounters,
 };
 
 use super::{Dataplane, Kind, SpliceError, Spliced, UserspaceDataplane, watcher::Watcher};
 use crate::{
-    bpf::{self, ConnMaps, KernelError},
+    bpf::{ConnMaps, KernelError},
     stats::ProxyStats,
     sys,
 };
@@ -31,7 +29,6 @@ use crate::{
 /// The running kernel data plane of one process.
 pub struct KernelDataplane {
     maps: Arc<Mutex<ConnMaps>>,
-    counters: PerCpuArray<MapData, DataplaneCounters>,
     watcher: Watcher,
     /// Serves connections the kernel cannot splice (a side already half-closed).
     fallback: UserspaceDataplane,
@@ -56,11 +53,10 @@ impl KernelDataplane {
         if stale > 0 {
             log::info!("removed {stale} connection records left by the previous worker {worker}");
         }
-        let counters = bpf::open_counters(pin_path)?;
         let maps = Arc::new(Mutex::new(conn));
         let watcher = Watcher::start(maps.clone(), stats.clone(), idle)
             .map_err(|source| KernelError::Io { what: "starting the close watcher thread".into(), source })?;
-        Ok(Self { maps, counters, watcher, fallback: UserspaceDataplane::new(idle), stats, worker })
+        Ok(Self { maps, watcher, fallback: UserspaceDataplane::new(idle), stats, worker })
     }
 
     fn records(&self, s: &Spliced, cookies: [u64; 2]) -> [ConnTraffic; 2] {
@@ -161,9 +157,5 @@ impl Dataplane for KernelDataplane {
     fn shutdown(&self) {
         self.watcher.stop();
         self.fallback.shutdown();
-    }
-
-    fn counters(&self) -> Option<DataplaneCounters> {
-        bpf::sum_counters(&self.counters).ok()
     }
 }

@@ -8,7 +8,6 @@ mod watcher;
 use std::{fmt, net::TcpStream, path::Path, sync::Arc, time::Duration};
 
 pub use kernel::{KernelDataplane, ip16};
-use lb_common::stats::DataplaneCounters;
 use serde::{Deserialize, Serialize};
 pub use userspace::UserspaceDataplane;
 
@@ -64,8 +63,6 @@ pub trait Dataplane: Send + Sync {
     fn splice(&self, conn: Spliced) -> Result<(), SpliceError>;
     /// Closes every connection and releases kernel objects.
     fn shutdown(&self);
-    /// Kernel counters, where there are any.
-    fn counters(&self) -> Option<DataplaneCounters>;
 }
 
 /// Why a connection could not be handed to the data plane.

@@ -11,7 +11,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_common::stats::DataplaneCounters;
 use tokio::{net::TcpStream, sync::watch};
 
 use super::{Dataplane, Kind, SpliceError, Spliced};
@@ -172,9 +171,5 @@ impl Dataplane for UserspaceDataplane {
 
     fn shutdown(&self) {
         let _ = self.stop.send(true);
-    }
-
-    fn counters(&self) -> Option<DataplaneCounters> {
-        None
     }
 }
