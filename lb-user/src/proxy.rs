@@ -130,13 +130,20 @@ pub struct Reload {
     pub overrides: Overrides,
 }
 
-/// Reads the file again and applies its server changes, or nothing.
-pub fn reload(src: &Reload, current: &mut Config, backends: &Backends) -> Result<String, String> {
+/// Reads the file again: the new configuration and the commands that turn
+/// the running server sets into its servers, or why the file is rejected
+/// whole. The commands need no check of their own: the file was validated,
+/// and they are derived from the running state in the order they apply
+/// (a server whose `maxconn` changes is removed, then added again).
+pub fn plan_reload(src: &Reload, current: &Config, backends: &Backends) -> Result<(Config, Vec<Command>), String> {
     let (new, _) = Config::load_with(&src.path, &src.overrides).map_err(|e| format!("reload rejected: {e}"))?;
     let cmds = backends.diff(current, &new).map_err(|e| format!("reload rejected: {e}"))?;
-    for c in &cmds {
-        backends.check(c).map_err(|e| format!("reload rejected: {e}"))?;
-    }
+    Ok((new, cmds))
+}
+
+/// Reads the file again and applies its server changes, or nothing.
+pub fn reload(src: &Reload, current: &mut Config, backends: &Backends) -> Result<String, String> {
+    let (new, cmds) = plan_reload(src, current, backends)?;
     for c in &cmds {
         match backends.apply(c) {
             Ok(m) => log::info!("reload: {m}"),

@@ -337,11 +337,7 @@ async fn reload_all(
     io: &mut [Option<WorkerIo>],
     specs: &mut [WorkerSpec],
 ) -> Result<String, String> {
-    let (new, _) = Config::load_with(&src.path, &src.overrides).map_err(|e| format!("reload rejected: {e}"))?;
-    let cmds = model.diff(current, &new).map_err(|e| format!("reload rejected: {e}"))?;
-    for c in &cmds {
-        model.check(c).map_err(|e| format!("reload rejected: {e}"))?;
-    }
+    let (new, cmds) = proxy::plan_reload(src, current, model)?;
     for c in &cmds {
         let m = relay(c, model, io, specs).await.map_err(|e| format!("reload stopped half-way: {e}"))?;
         log::info!("reload: {m}");

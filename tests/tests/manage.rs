@@ -349,6 +349,14 @@ async fn reload_applies_server_changes_or_rejects_the_whole_file(mode: Mode) {
     retry_until(Duration::from_secs(3), || (server_row(&lb, b.addr)["weight"] == 2).then_some(()))
         .await
         .expect("b added");
+    // A new maxconn replaces the server: removed, then added again.
+    std::fs::write(
+        lb.config_path(),
+        with(&servers_a, &format!("servers = [\"{}\", {{ addr = \"{}\", weight = 2, maxconn = 5 }}]", a.addr, b.addr)),
+    )
+    .unwrap();
+    let out = lb.ctl(&["reload"]);
+    assert!(out.contains("2 change(s)"), "{out}");
     // A broken file is rejected whole, with the key named; nothing changes.
     std::fs::write(lb.config_path(), with(&servers_a, &format!("{servers_a}\nbalance = \"random\""))).unwrap();
     let (ok, _, err) = lb.cli(&["reload"]);
