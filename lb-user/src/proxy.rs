@@ -270,22 +270,67 @@ pub async fn serve(
     Ok(())
 }
 
+/// What the process that owns an instance runs besides serving traffic:
+/// the eBPF object and its pins, the metrics endpoint and the control
+/// socket. Dropping it stops them and removes the pins and the socket.
+pub struct Owner {
+    pub kind: Kind,
+    objects: Option<crate::bpf::Objects>,
+    /// Where the metrics endpoint listens, if configured.
+    pub metrics_addr: Option<SocketAddr>,
+    metrics: Option<tokio::task::JoinHandle<()>>,
+    control: Option<tokio::task::JoinHandle<()>>,
+    control_path: std::path::PathBuf,
+}
+
+impl Owner {
+    /// Starts everything, after the frontends are bound; requests to the
+    /// control socket arrive on the returned channel.
+    pub async fn start(cfg: &Config) -> anyhow::Result<(Self, mpsc::Receiver<control::Msg>)> {
+        let metrics = match cfg.metrics_listen {
+            Some(a) => Some(crate::metrics::bind(a).await?),
+            None => None,
+        };
+        let (kind, objects) = dataplane::load(cfg)?;
+        let metrics_addr = metrics.as_ref().and_then(|l| l.local_addr().ok());
+        let metrics = metrics.map(|l| crate::metrics::serve(l, cfg.pin_path.clone()));
+        let mut owner =
+            Owner { kind, objects, metrics_addr, metrics, control: None, control_path: cfg.control_socket.clone() };
+        let (tx, ctl) = mpsc::channel(16);
+        owner.control = Some(control::listen(&owner.control_path, tx)?);
+        Ok((owner, ctl))
+    }
+
+    /// Whether the pinned maps exist (the userspace plane may run without).
+    pub fn maps(&self) -> bool {
+        self.objects.is_some()
+    }
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        if let Some(c) = self.control.take() {
+            c.abort();
+            let _ = std::fs::remove_file(&self.control_path);
+        }
+        if let Some(m) = self.metrics.take() {
+            m.abort();
+        }
+        if let Some(o) = self.objects.as_mut() {
+            o.close();
+        }
+    }
+}
+
 /// Runs lb as one process until SIGINT or SIGTERM.
 pub async fn run(cfg: Config, reload_src: Reload, announce: bool) -> anyhow::Result<()> {
     // Bind everything first: a busy address is an error before anything starts.
     let listeners = bind_all(&cfg.frontends, false)?;
-    let metrics = match cfg.metrics_listen {
-        Some(a) => Some(crate::metrics::bind(a).await?),
-        None => None,
-    };
-    let (kind, mut objects) = dataplane::load(&cfg)?;
-    let metrics_addr = metrics.as_ref().and_then(|l| l.local_addr().ok());
-    let metrics = metrics.map(|l| crate::metrics::serve(l, cfg.pin_path.clone()));
-    log::info!("data plane: {kind}");
-    let (tx, ctl) = mpsc::channel(16);
-    let path = cfg.control_socket.clone();
-    let server = control::listen(&path, tx)?;
-    let spec = Serve { cfg, kind, maps: objects.is_some(), worker: 0, replay: vec![], ctl, reload: Some(reload_src) };
+    let (owner, ctl) = Owner::start(&cfg).await?;
+    log::info!("data plane: {}", owner.kind);
+    let metrics_addr = owner.metrics_addr;
+    let spec =
+        Serve { cfg, kind: owner.kind, maps: owner.maps(), worker: 0, replay: vec![], ctl, reload: Some(reload_src) };
     let r = serve(spec, listeners, |mut ready| {
         ready.metrics = metrics_addr;
         if announce {
@@ -293,14 +338,7 @@ pub async fn run(cfg: Config, reload_src: Reload, announce: bool) -> anyhow::Res
         }
     })
     .await;
-    server.abort();
-    if let Some(m) = metrics {
-        m.abort();
-    }
-    let _ = std::fs::remove_file(&path);
-    if let Some(o) = objects.as_mut() {
-        o.close();
-    }
+    drop(owner);
     r
 }
 

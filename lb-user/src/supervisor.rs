@@ -22,7 +22,7 @@ use tokio::{
 use crate::{
     config::{Config, Overrides},
     control::{self, Reply},
-    dataplane::{self, Kind},
+    dataplane::Kind,
     proxy::{self, Ready, Reload, Serve},
     runtime::{Backends, Command},
 };
@@ -152,33 +152,12 @@ async fn spawn_worker(spec: &WorkerSpec) -> anyhow::Result<(Child, Ready, Worker
 /// Runs the supervisor until SIGINT or SIGTERM.
 pub async fn run(cfg: Config, reload: Reload, config_text: String, announce: bool) -> anyhow::Result<()> {
     let (listen, _holders) = resolve_listeners(&cfg)?;
-    let metrics = match cfg.metrics_listen {
-        Some(a) => Some(crate::metrics::bind(a).await?),
-        None => None,
-    };
-    let (kind, mut objects) = dataplane::load(&cfg)?;
-    let metrics_addr = metrics.as_ref().and_then(|l| l.local_addr().ok());
-    let metrics = metrics.map(|l| crate::metrics::serve(l, cfg.pin_path.clone()));
-    log::info!("data plane: {kind}; starting {} workers", cfg.workers);
-    let (tx, ctl) = mpsc::channel(16);
-    let path = cfg.control_socket.clone();
-    let result = match control::listen(&path, tx) {
-        Ok(server) => {
-            let announce = announce.then_some(metrics_addr);
-            let r = supervise(cfg, reload, config_text, kind, objects.is_some(), listen, announce, ctl).await;
-            server.abort();
-            let _ = std::fs::remove_file(&path);
-            r
-        }
-        Err(e) => Err(e),
-    };
-    if let Some(m) = metrics {
-        m.abort();
-    }
-    if let Some(o) = objects.as_mut() {
-        o.close();
-    }
-    result
+    let (owner, ctl) = proxy::Owner::start(&cfg).await?;
+    log::info!("data plane: {}; starting {} workers", owner.kind, cfg.workers);
+    let announce = announce.then_some(owner.metrics_addr);
+    let r = supervise(cfg, reload, config_text, owner.kind, owner.maps(), listen, announce, ctl).await;
+    drop(owner);
+    r
 }
 
 /// Checks a command against the model, sends it to every running worker,
