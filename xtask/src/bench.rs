@@ -6,7 +6,6 @@
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader},
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -16,6 +15,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 use testkit::{Lb, lbproc};
+
+use crate::hold::{Helper, hold_clients, sinks};
 
 /// One system under test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -235,25 +236,6 @@ fn client(bin: &Path, args: &[String]) -> anyhow::Result<Value> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
-/// A backend process that prints `{"listen": …}` and runs until dropped.
-struct Helper(Child);
-
-impl Helper {
-    fn start(bin: &Path, args: &[&str]) -> anyhow::Result<(Helper, Value)> {
-        let mut c = Command::new(bin).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
-        let mut line = String::new();
-        BufReader::new(c.stdout.take().context("stdout")?).read_line(&mut line)?;
-        Ok((Helper(c), serde_json::from_str(line.trim()).with_context(|| format!("{args:?}: {line:?}"))?))
-    }
-}
-
-impl Drop for Helper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// One measurement: metric name -> value.
 type Sample = BTreeMap<String, f64>;
 
@@ -332,31 +314,15 @@ fn measure_idle(hold: &Path, proxy: &Proxy, n: usize) -> anyhow::Result<Sample> 
     let pids = proxy.pids();
     let rss = |pids: &[u32]| pids.iter().map(|p| testkit::status_kb(*p, "VmRSS") as f64).sum::<f64>();
     let (rss0, slab0) = (rss(&pids), slab_kb());
-    let holders_n = n.div_ceil(15_000);
     let t0 = Instant::now();
-    let mut holders = Vec::new();
-    let mut ok = 0u64;
-    let (tx, rx) = std::sync::mpsc::channel();
-    for i in 0..holders_n {
-        let count = (n / holders_n + usize::from(i < n % holders_n)).to_string();
-        let (bin, target, tx) = (hold.to_owned(), proxy.addr.to_string(), tx.clone());
-        let src = format!("127.0.3.{}", i + 1);
-        std::thread::spawn(move || {
-            let _ = tx.send(Helper::start(&bin, &["clients", "--target", &target, "--src", &src, "--count", &count]));
-        });
-    }
-    drop(tx);
-    for r in rx {
-        let (h, v) = r?;
-        ok += v["ok"].as_u64().unwrap_or(0);
-        holders.push(h);
-    }
+    let held = hold_clients(hold, proxy.addr, n)?;
+    let ok = held.ok;
     let setup = t0.elapsed().as_secs_f64();
     // Let the proxies settle their per-connection state.
     std::thread::sleep(Duration::from_millis(500));
     let pids = proxy.pids();
     let (rss1, slab1) = (rss(&pids), slab_kb());
-    drop(holders);
+    drop(held);
     if ok as usize != n {
         bail!("only {ok} of {n} idle connections got through {}", proxy.addr);
     }
@@ -410,17 +376,12 @@ pub fn bench(lb_bin: &Path, bench_bin: &Path, hold_bin: &Path, o: &Opts) -> anyh
         // Idle connections need the echoing lb-hold sink (it answers the
         // holders' byte), as several processes sharing one port so that
         // none passes the open-files limit.
-        let mut hold_sinks = Vec::new();
-        let mut hold_addr = None;
-        if *scenario == "idle" {
-            let (h, v) = Helper::start(hold_bin, &["sink", "--listen", "127.0.0.1:0"])?;
-            let a: SocketAddr = v["listen"].as_str().context("hold sink")?.parse()?;
-            hold_sinks.push(h);
-            for _ in 1..o.conns.div_ceil(15_000) {
-                hold_sinks.push(Helper::start(hold_bin, &["sink", "--listen", &a.to_string()])?.0);
-            }
-            hold_addr = Some(a);
-        }
+        let (_hold_sinks, hold_addr) = if *scenario == "idle" {
+            let (h, a) = sinks(hold_bin, o.conns)?;
+            (h, Some(a))
+        } else {
+            (Vec::new(), None)
+        };
         for round in 0..rounds {
             let counted = o.smoke || round > 0;
             for &sys in systems {

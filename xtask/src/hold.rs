@@ -6,6 +6,7 @@
 
 use std::{
     io::{BufRead as _, BufReader},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Instant,
@@ -27,12 +28,12 @@ pub struct Args {
 }
 
 /// A started helper that prints one JSON line; killed (by its pid) on drop.
-struct Helper {
+pub struct Helper {
     child: Child,
 }
 
 impl Helper {
-    fn start(bin: &Path, args: &[&str]) -> anyhow::Result<(Helper, Value)> {
+    pub fn start(bin: &Path, args: &[&str]) -> anyhow::Result<(Helper, Value)> {
         let mut child = Command::new(bin)
             .args(args)
             .stdin(Stdio::piped())
@@ -51,6 +52,55 @@ impl Drop for Helper {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Echoing `lb-hold sink` processes sharing one port (SO_REUSEPORT), enough
+/// for `conns` connections without any passing the open-files limit.
+pub fn sinks(hold_bin: &Path, conns: usize) -> anyhow::Result<(Vec<Helper>, SocketAddr)> {
+    let (first, v) = Helper::start(hold_bin, &["sink", "--listen", "127.0.0.1:0"])?;
+    let addr: SocketAddr = v["listen"].as_str().context("sink address")?.parse()?;
+    let mut all = vec![first];
+    for _ in 1..conns.div_ceil(PER_HOLDER) {
+        all.push(Helper::start(hold_bin, &["sink", "--listen", &addr.to_string()])?.0);
+    }
+    Ok((all, addr))
+}
+
+/// Idle connections held by `lb-hold clients` processes, at most
+/// [`PER_HOLDER`] each, each from its own source address (127.0.3.x).
+pub struct Held {
+    /// Dropping them closes every connection.
+    pub holders: Vec<Helper>,
+    pub ok: u64,
+    pub failed: u64,
+    /// The first error of each holder that had one.
+    pub errors: Vec<String>,
+}
+
+/// Opens `n` connections to `target`, all holders at once; returns when all are up or failed.
+pub fn hold_clients(hold_bin: &Path, target: SocketAddr, n: usize) -> anyhow::Result<Held> {
+    let holders_n = n.div_ceil(PER_HOLDER);
+    let (tx, rx) = std::sync::mpsc::channel();
+    for i in 0..holders_n {
+        let count = (n / holders_n + usize::from(i < n % holders_n)).to_string();
+        let src = format!("127.0.3.{}", i + 1);
+        let (target, bin, tx) = (target.to_string(), hold_bin.to_owned(), tx.clone());
+        std::thread::spawn(move || {
+            let _ = tx.send(Helper::start(&bin, &["clients", "--target", &target, "--src", &src, "--count", &count]));
+        });
+    }
+    drop(tx);
+    let mut held = Held { holders: Vec::new(), ok: 0, failed: 0, errors: Vec::new() };
+    for r in rx {
+        let (h, v) = r?;
+        held.ok += v["ok"].as_u64().unwrap_or(0);
+        held.failed += v["failed"].as_u64().unwrap_or(0);
+        if let Some(e) = v["error"].as_str() {
+            held.errors.push(e.to_owned());
+        }
+        held.holders.push(h);
+    }
+    Ok(held)
 }
 
 fn rss_kb(pid: u32) -> u64 {
@@ -77,14 +127,8 @@ pub fn hold(lb_bin: &Path, hold_bin: &Path, a: &Args) -> anyhow::Result<Value> {
     let per_pair = r[1] - r[0] + 1;
     println!("ephemeral range {} ({per_pair} ports per source address and server)", range.trim());
 
-    let sinks_n = a.conns.div_ceil(PER_HOLDER);
-    let (first, v) = Helper::start(hold_bin, &["sink", "--listen", "127.0.0.1:0"])?;
-    let backend = v["listen"].as_str().context("sink address")?.to_owned();
-    let mut sinks = vec![first];
-    for _ in 1..sinks_n {
-        sinks.push(Helper::start(hold_bin, &["sink", "--listen", &backend])?.0);
-    }
-    println!("backend {backend}: {sinks_n} sink process(es) sharing it with SO_REUSEPORT");
+    let (sinks, backend) = sinks(hold_bin, a.conns)?;
+    println!("backend {backend}: {} sink process(es) sharing it with SO_REUSEPORT", sinks.len());
 
     let workers = a.conns.div_ceil(PER_WORKER).max(1);
     let pool: Vec<String> = (1..=a.pool).map(|i| format!("\"127.0.1.{i}\"")).collect();
@@ -104,36 +148,17 @@ pub fn hold(lb_bin: &Path, hold_bin: &Path, a: &Args) -> anyhow::Result<Value> {
     let mem0 = sockstat_tcp_mem_pages();
     println!("lb: {workers} workers, data plane {}, source pool of {}", lb.dataplane, a.pool);
 
-    let holders_n = a.conns.div_ceil(PER_HOLDER);
     let t0 = Instant::now();
-    let mut holders = Vec::new();
-    let mut ok = 0;
-    let mut failed = 0;
-    let (tx, rx) = std::sync::mpsc::channel();
-    for i in 0..holders_n {
-        let count = (a.conns / holders_n + usize::from(i < a.conns % holders_n)).to_string();
-        let src = format!("127.0.3.{}", i + 1);
-        let (target, bin, tx) = (lb.addr.to_string(), hold_bin.to_owned(), tx.clone());
-        std::thread::spawn(move || {
-            let r = Helper::start(&bin, &["clients", "--target", &target, "--src", &src, "--count", &count]);
-            let _ = tx.send(r);
-        });
+    let held = hold_clients(hold_bin, lb.addr, a.conns)?;
+    for e in &held.errors {
+        println!("  holder error: {e}");
     }
-    drop(tx);
-    for r in rx {
-        let (h, v) = r?;
-        ok += v["ok"].as_u64().unwrap_or(0);
-        failed += v["failed"].as_u64().unwrap_or(0);
-        if let Some(e) = v["error"].as_str() {
-            println!("  holder error: {e}");
-        }
-        holders.push(h);
-    }
+    let (ok, failed, holders) = (held.ok, held.failed, held.holders);
     let secs = t0.elapsed().as_secs_f64();
     let s = lb.pinned_stats();
     let rss1: u64 = pids.iter().map(|p| rss_kb(*p)).sum();
     let mem1 = sockstat_tcp_mem_pages();
-    let ss = Command::new("ss").args(["-Htn", "state", "established", "dst", &backend]).output()?;
+    let ss = Command::new("ss").args(["-Htn", "state", "established", "dst", &backend.to_string()]).output()?;
     let ss_count = String::from_utf8_lossy(&ss.stdout).lines().count();
     let active = s["totals"]["active"].as_u64().unwrap_or(0);
     println!("== {ok} connections held through lb to {backend} ({failed} failed) in {secs:.1}s");
