@@ -155,7 +155,15 @@ pub fn hold(lb_bin: &Path, hold_bin: &Path, a: &Args) -> anyhow::Result<Value> {
     }
     let (ok, failed, holders) = (held.ok, held.failed, held.holders);
     let secs = t0.elapsed().as_secs_f64();
-    let s = lb.pinned_stats();
+    // The workers publish their counts every 100 ms: wait for them to catch up.
+    let deadline = Instant::now() + std::time::Duration::from_secs(3);
+    let s = loop {
+        let s = lb.pinned_stats();
+        if s["totals"]["active"].as_u64() == Some(ok) || Instant::now() >= deadline {
+            break s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
     let rss1: u64 = pids.iter().map(|p| rss_kb(*p)).sum();
     let mem1 = sockstat_tcp_mem_pages();
     let ss = Command::new("ss").args(["-Htn", "state", "established", "dst", &backend.to_string()]).output()?;
