@@ -10,6 +10,23 @@ use std::time::{Duration, Instant};
 
 pub use lbproc::{Lb, Mode};
 
+/// For each `async fn name(mode: Mode)` listed, a `kernel::name` and a
+/// `userspace::name` test (two runtime threads each) that call it with that
+/// data plane.
+#[macro_export]
+macro_rules! both_planes {
+    ($($name:ident),* $(,)?) => {
+        mod kernel {
+            $(#[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name($crate::Mode::Kernel).await })*
+        }
+        mod userspace {
+            $(#[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name($crate::Mode::Userspace).await })*
+        }
+    };
+}
+
 /// Polls `f` until it returns `Some` or `deadline` passes.
 pub async fn retry_until<T>(deadline: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let end = Instant::now() + deadline;

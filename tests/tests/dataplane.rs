@@ -19,20 +19,7 @@ use tokio::{
 
 const MIB: u64 = 1 << 20;
 
-macro_rules! both_planes {
-    ($($name:ident),* $(,)?) => {
-        mod kernel {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(testkit::Mode::Kernel).await })*
-        }
-        mod userspace {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(testkit::Mode::Userspace).await })*
-        }
-    };
-}
-
-both_planes!(
+testkit::both_planes!(
     transfers_200_random_sizes_both_ways,
     client_first_200_at_t0,
     server_first_200_banner_at_accept,

@@ -12,14 +12,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-macro_rules! both_planes {
-    ($($name:ident),* $(,)?) => {
-        mod kernel { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Mode::Kernel).await } )* }
-        mod userspace { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Mode::Userspace).await } )* }
-    };
-}
-
-both_planes!(
+testkit::both_planes!(
     server_maxconn_queues_then_rejects,
     global_and_frontend_maxconn_pause_accepting,
     idle_connection_closed_active_kept,

@@ -18,14 +18,7 @@ use tokio::{
     net::TcpStream,
 };
 
-macro_rules! both_planes {
-    ($($name:ident),* $(,)?) => {
-        mod kernel { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Mode::Kernel).await } )* }
-        mod userspace { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Mode::Userspace).await } )* }
-    };
-}
-
-both_planes!(
+testkit::both_planes!(
     stats_equal_the_traffic,
     drain_keeps_existing_and_sends_new_elsewhere,
     add_and_remove_under_load_lose_no_bytes,
