@@ -182,18 +182,10 @@ fn start(sys: System, backend: SocketAddr, hold: Option<usize>) -> anyhow::Resul
             );
             let path = dir.join("haproxy.cfg");
             std::fs::write(&path, cfg)?;
-            let child = Command::new("haproxy")
-                .arg("-db")
-                .arg("-f")
-                .arg(&path)
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(dir.join("stderr"))?)
-                .spawn()
-                .context("starting haproxy (run `cargo xtask setup`)")?;
             let log = dir.join("stderr");
-            let p = Proxy { addr, lb: None, child: Some(child), dir: Some(dir) };
-            wait_listening(addr, "haproxy").with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
-            Ok(p)
+            let mut cmd = Command::new("haproxy");
+            cmd.arg("-db").arg("-f").arg(&path).stderr(std::fs::File::create(&log)?);
+            external("haproxy", cmd, addr, dir, &log)
         }
         System::Nginx => {
             let dir = tmpdir("nginx")?;
@@ -208,23 +200,22 @@ fn start(sys: System, backend: SocketAddr, hold: Option<usize>) -> anyhow::Resul
             );
             let path = dir.join("nginx.conf");
             std::fs::write(&path, cfg)?;
-            let child = Command::new("nginx")
-                .arg("-p")
-                .arg(&dir)
-                .arg("-e")
-                .arg(dir.join("error.log"))
-                .arg("-c")
-                .arg(&path)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("starting nginx (run `cargo xtask setup`)")?;
             let log = dir.join("error.log");
-            let p = Proxy { addr, lb: None, child: Some(child), dir: Some(dir) };
-            wait_listening(addr, "nginx").with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
-            Ok(p)
+            let mut cmd = Command::new("nginx");
+            cmd.arg("-p").arg(&dir).arg("-e").arg(&log).arg("-c").arg(&path).stderr(Stdio::null());
+            external("nginx", cmd, addr, dir, &log)
         }
     }
+}
+
+/// Starts a third-party proxy (`what`) that will listen on `addr`; on
+/// failure the error carries its log. `dir` is removed when it stops.
+fn external(what: &str, mut cmd: Command, addr: SocketAddr, dir: PathBuf, log: &Path) -> anyhow::Result<Proxy> {
+    let child =
+        cmd.stdout(Stdio::null()).spawn().with_context(|| format!("starting {what} (run `cargo xtask setup`)"))?;
+    let p = Proxy { addr, lb: None, child: Some(child), dir: Some(dir) };
+    wait_listening(addr, what).with_context(|| std::fs::read_to_string(log).unwrap_or_default())?;
+    Ok(p)
 }
 
 /// Runs the load generator and returns its JSON line.
