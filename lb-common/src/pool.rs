@@ -84,8 +84,12 @@ pub struct WorkerStats {
     pub queued: u64,
     /// Of `rejected`: no server could take new connections.
     pub no_server_up: u64,
+    /// Publication sequence: odd while the worker is rewriting its
+    /// `LB_SERVERS`/`LB_SOURCES` entries, even once they agree with this
+    /// entry. Readers retry while it is odd or changes under them.
+    pub seq: u64,
 }
-const _: () = assert!(core::mem::size_of::<WorkerStats>() == 88);
+const _: () = assert!(core::mem::size_of::<WorkerStats>() == 96);
 
 #[cfg(feature = "user")]
 mod user {

@@ -22,6 +22,8 @@ pub struct Publisher {
     last_sources: HashMap<SourceKey, SourceStats>,
     last_servers: HashMap<ServerKey, ServerStats>,
     last_worker: Option<WorkerStats>,
+    /// Last even `WorkerStats::seq` published.
+    seq: u64,
 }
 
 impl Publisher {
@@ -36,15 +38,23 @@ impl Publisher {
             last_sources: HashMap::new(),
             last_servers: HashMap::new(),
             last_worker: None,
+            seq: 0,
         }
     }
 
     /// Writes every entry that changed since the last call.
+    ///
+    /// A reader must never see this worker's totals from one flush next to
+    /// its per-server rows from another (`lb stats` would show 30 active
+    /// connections on 1 port), so the worker's `LB_WORKERS` entry works as a
+    /// seqlock: its `seq` is made odd before the other maps are touched and
+    /// even again, with the new totals, after them.
     pub fn flush(&mut self) {
-        let servers = self.backends.all_servers();
+        let mut servers_changed = Vec::new();
+        let mut sources_changed = Vec::new();
         let mut seen_servers = std::collections::HashSet::new();
         let mut seen_sources = std::collections::HashSet::new();
-        for s in &servers {
+        for s in &self.backends.all_servers() {
             let server_ip = ip16(s.cfg.addr.0.ip());
             let server_port = s.cfg.addr.0.port();
             let key = ServerKey { server_ip, server_port, worker: self.worker, backend: s.backend as u16, _pad: 0 };
@@ -58,8 +68,8 @@ impl Publisher {
                 weight: s.weight.load(Relaxed),
             };
             seen_servers.insert(key);
-            if self.last_servers.get(&key) != Some(&val) && self.maps.servers.insert(key, val, 0).is_ok() {
-                self.last_servers.insert(key, val);
+            if self.last_servers.get(&key) != Some(&val) {
+                servers_changed.push((key, val));
             }
             for p in &s.pairs {
                 let key = SourceKey {
@@ -75,22 +85,14 @@ impl Publisher {
                     exhausted: p.exhausted.load(Relaxed),
                 };
                 seen_sources.insert(key);
-                if self.last_sources.get(&key) != Some(&val) && self.maps.sources.insert(key, val, 0).is_ok() {
-                    self.last_sources.insert(key, val);
+                if self.last_sources.get(&key) != Some(&val) {
+                    sources_changed.push((key, val));
                 }
             }
         }
         // Servers removed at run time leave the maps.
-        let gone: Vec<_> = self.last_servers.keys().filter(|k| !seen_servers.contains(*k)).copied().collect();
-        for k in gone {
-            let _ = self.maps.servers.remove(&k);
-            self.last_servers.remove(&k);
-        }
-        let gone: Vec<_> = self.last_sources.keys().filter(|k| !seen_sources.contains(*k)).copied().collect();
-        for k in gone {
-            let _ = self.maps.sources.remove(&k);
-            self.last_sources.remove(&k);
-        }
+        let servers_gone: Vec<_> = self.last_servers.keys().filter(|k| !seen_servers.contains(*k)).copied().collect();
+        let sources_gone: Vec<_> = self.last_sources.keys().filter(|k| !seen_sources.contains(*k)).copied().collect();
         let s = self.stats.snapshot();
         let w = WorkerStats {
             pid: u64::from(std::process::id()),
@@ -104,8 +106,38 @@ impl Publisher {
             userspace_fallbacks: s.userspace_fallbacks,
             queued: s.queued,
             no_server_up: s.no_server_up,
+            seq: self.seq + 2,
         };
-        if self.last_worker != Some(w) && self.maps.workers.insert(u32::from(self.worker), w, 0).is_ok() {
+        let quiet = servers_changed.is_empty()
+            && sources_changed.is_empty()
+            && servers_gone.is_empty()
+            && sources_gone.is_empty()
+            && self.last_worker.is_some_and(|l| WorkerStats { seq: w.seq, ..l } == w);
+        if quiet {
+            return;
+        }
+        let key = u32::from(self.worker);
+        let _ = self.maps.workers.insert(key, WorkerStats { seq: self.seq + 1, ..self.last_worker.unwrap_or(w) }, 0);
+        for (k, v) in servers_changed {
+            if self.maps.servers.insert(k, v, 0).is_ok() {
+                self.last_servers.insert(k, v);
+            }
+        }
+        for (k, v) in sources_changed {
+            if self.maps.sources.insert(k, v, 0).is_ok() {
+                self.last_sources.insert(k, v);
+            }
+        }
+        for k in servers_gone {
+            let _ = self.maps.servers.remove(&k);
+            self.last_servers.remove(&k);
+        }
+        for k in sources_gone {
+            let _ = self.maps.sources.remove(&k);
+            self.last_sources.remove(&k);
+        }
+        self.seq += 2;
+        if self.maps.workers.insert(key, w, 0).is_ok() {
             self.last_worker = Some(w);
         }
     }

@@ -100,13 +100,74 @@ fn ip_of(b: [u8; 16]) -> IpAddr {
     v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
 }
 
+/// How often [`read`] retries a snapshot that a worker's publication
+/// crossed, and how long it waits in between (a flush takes microseconds).
+const SNAPSHOT_TRIES: u32 = 50;
+const SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Each worker's publication sequence (see `WorkerStats::seq`).
+fn worker_seqs(maps: &PinnedMaps) -> Vec<(u32, u64)> {
+    let mut v: Vec<_> = maps.stats.workers.iter().filter_map(Result::ok).map(|(k, w)| (k, w.seq)).collect();
+    v.sort_unstable();
+    v
+}
+
 /// Reads the maps pinned at `pin_path`.
+///
+/// Per-server, per-source and per-worker figures come from one publication
+/// of each worker (retried while a worker is mid-flush); the bytes of live
+/// kernel-spliced connections are added from `LB_CONN` afterwards.
 pub fn read(pin_path: &Path) -> Result<Report, KernelError> {
     let maps = PinnedMaps::open(pin_path)?;
     let meta: Meta =
         std::fs::read(meta_path(pin_path)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
     let mut r = Report { dataplane: if maps.kernel { "kernel" } else { "userspace" }.into(), ..Default::default() };
 
+    let mut tries = 0;
+    let mut servers = loop {
+        tries += 1;
+        let before = worker_seqs(&maps);
+        let servers = read_published(&maps, &meta, &mut r);
+        let settled = before.iter().all(|(_, seq)| seq % 2 == 0) && worker_seqs(&maps) == before;
+        // A worker killed mid-flush stays odd until it is restarted: give
+        // the last read rather than nothing.
+        if settled || tries == SNAPSHOT_TRIES {
+            break servers;
+        }
+        std::thread::sleep(SNAPSHOT_WAIT);
+    };
+    // Live kernel-spliced connections: their bytes are still in LB_CONN.
+    let mut conn_entries = 0;
+    for (_, c) in maps.conn.conn.iter().filter_map(Result::ok) {
+        conn_entries += 1;
+        let addr = SocketAddr::new(ip_of(c.server_ip), c.server_port);
+        if let Some(row) = servers.values_mut().find(|s| s.addr == addr) {
+            if c.side == SIDE_CLIENT {
+                row.bytes_in += c.bytes;
+            } else {
+                row.bytes_out += c.bytes;
+            }
+        }
+    }
+    r.servers = servers.into_values().collect();
+
+    let c = maps.counters()?;
+    r.counters = KernelCounters {
+        skbs_redirected: c.skbs_redirected,
+        bytes_redirected: c.bytes_redirected,
+        peer_missing: c.peer_missing,
+        spliced_sockets: maps.conn.splice.keys().filter(Result::is_ok).count() as u64,
+        peer_entries: maps.conn.peer.keys().filter(Result::is_ok).count() as u64,
+        conn_entries,
+    };
+    Ok(r)
+}
+
+/// What the workers publish: server rows (returned, so that live bytes can
+/// be added), source rows, totals and workers (into `r`).
+fn read_published(maps: &PinnedMaps, meta: &Meta, r: &mut Report) -> BTreeMap<(u16, SocketAddr), ServerRow> {
+    r.totals = Totals::default();
+    r.workers.clear();
     let mut servers: BTreeMap<(u16, SocketAddr), ServerRow> = BTreeMap::new();
     for (k, v) in maps.stats.servers.iter().filter_map(Result::ok) {
         let addr = SocketAddr::new(ip_of(k.server_ip), k.server_port);
@@ -127,21 +188,6 @@ pub fn read(pin_path: &Path) -> Result<Report, KernelError> {
         row.bytes_out += v.bytes_out;
         row.connect_failures += v.connect_failures;
     }
-    // Live kernel-spliced connections: their bytes are still in LB_CONN.
-    let mut conn_entries = 0;
-    for (_, c) in maps.conn.conn.iter().filter_map(Result::ok) {
-        conn_entries += 1;
-        let addr = SocketAddr::new(ip_of(c.server_ip), c.server_port);
-        if let Some(row) = servers.values_mut().find(|s| s.addr == addr) {
-            if c.side == SIDE_CLIENT {
-                row.bytes_in += c.bytes;
-            } else {
-                row.bytes_out += c.bytes;
-            }
-        }
-    }
-    r.servers = servers.into_values().collect();
-
     let mut sources: BTreeMap<(SocketAddr, [u8; 16]), SourceRow> = BTreeMap::new();
     for (k, v) in maps.stats.sources.iter().filter_map(Result::ok) {
         let server = SocketAddr::new(ip_of(k.server_ip), k.server_port);
@@ -174,17 +220,7 @@ pub fn read(pin_path: &Path) -> Result<Report, KernelError> {
         t.userspace_fallbacks += w.userspace_fallbacks;
         r.workers.push(WorkerRow { worker: k, pid: w.pid, active: w.active, accepted: w.accepted });
     }
-
-    let c = maps.counters()?;
-    r.counters = KernelCounters {
-        skbs_redirected: c.skbs_redirected,
-        bytes_redirected: c.bytes_redirected,
-        peer_missing: c.peer_missing,
-        spliced_sockets: maps.conn.splice.keys().filter(Result::is_ok).count() as u64,
-        peer_entries: maps.conn.peer.keys().filter(Result::is_ok).count() as u64,
-        conn_entries,
-    };
-    Ok(r)
+    servers
 }
 
 /// The human form: aligned tables.
