@@ -28,7 +28,7 @@ use crate::{
 
 /// The running kernel data plane of one process.
 pub struct KernelDataplane {
-    maps: Arc<Mutex<ConnMaps>>,
+    maps: Mutex<ConnMaps>,
     watcher: Watcher,
     /// Serves connections the kernel cannot splice (a side already half-closed).
     fallback: UserspaceDataplane,
@@ -53,8 +53,9 @@ impl KernelDataplane {
         if stale > 0 {
             log::info!("removed {stale} connection records left by the previous worker {worker}");
         }
-        let maps = Arc::new(Mutex::new(conn));
-        let watcher = Watcher::start(maps.clone(), stats.clone(), idle)
+        let maps = Mutex::new(conn);
+        // The watcher has handles of its own: closing never waits for splicing.
+        let watcher = Watcher::start(ConnMaps::open(pin_path)?, stats.clone(), idle)
             .map_err(|source| KernelError::Io { what: "starting the close watcher thread".into(), source })?;
         Ok(Self { maps, watcher, fallback: UserspaceDataplane::new(idle), stats, worker })
     }

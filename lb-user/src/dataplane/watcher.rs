@@ -14,7 +14,7 @@ use std::{
     os::fd::AsRawFd,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -128,19 +128,38 @@ fn side_name(side: usize) -> &'static str {
     if side == CLIENT { "client" } else { "server" }
 }
 
+/// The watcher thread's own state: no other thread touches it.
 struct Table {
-    next_id: u64,
     conns: HashMap<u64, Conn>,
     /// Connections with a pending EOF forward, polled every millisecond.
     pending: HashSet<u64>,
+    /// Events (by epoll key) for connections still on their way from
+    /// `watch`, replayed when they arrive.
+    early: HashMap<u64, u32>,
+}
+
+/// Handed from [`Watcher::watch`] to the watcher thread.
+enum Msg {
+    Watch(u64, Conn),
+    /// Registering the sockets failed: forget events kept for this id.
+    Cancel(u64),
+}
+
+#[derive(Default)]
+struct Inbox {
+    msgs: Vec<Msg>,
+    /// Set by the thread's last drain; later connections are refused.
+    closed: bool,
 }
 
 struct Shared {
     epoll: Epoll,
     wake: EventFd,
-    table: Mutex<Table>,
+    /// New connections. `watch` holds this lock only to push, so accepting
+    /// never waits for the watcher's map work.
+    inbox: Mutex<Inbox>,
+    next_id: AtomicU64,
     stopping: AtomicBool,
-    maps: Arc<Mutex<ConnMaps>>,
     stats: Arc<ProxyStats>,
     idle: Duration,
 }
@@ -151,51 +170,60 @@ pub(super) struct Watcher {
 }
 
 impl Watcher {
-    pub fn start(maps: Arc<Mutex<ConnMaps>>, stats: Arc<ProxyStats>, idle: Duration) -> std::io::Result<Self> {
+    /// `maps`: the thread's own handles to the pinned maps.
+    pub fn start(maps: ConnMaps, stats: Arc<ProxyStats>, idle: Duration) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             epoll: Epoll::new()?,
             wake: EventFd::new()?,
-            table: Mutex::new(Table { next_id: 0, conns: HashMap::new(), pending: HashSet::new() }),
+            inbox: Mutex::new(Inbox::default()),
+            next_id: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
-            maps,
             stats,
             idle,
         });
         shared.epoll.add(shared.wake.raw(), libc::EPOLLIN as u32, WAKE)?;
         let s = shared.clone();
-        let thread = std::thread::Builder::new().name("lb-splice-watch".into()).spawn(move || run(&s))?;
+        let thread = std::thread::Builder::new().name("lb-splice-watch".into()).spawn(move || run(&s, maps))?;
         Ok(Self { shared, thread: Mutex::new(Some(thread)) })
     }
 
     /// Starts watching a spliced connection; from here on it owns both sockets.
+    ///
+    /// The sockets join the epoll set before the connection reaches the
+    /// thread (so nothing can close them while they are being added); an
+    /// event that beats the connection there is kept until it arrives.
     pub fn watch(&self, conn: Spliced, cookies: [u64; 2], written_base: [u64; 2]) -> Result<(), SpliceError> {
-        let mut t = self.shared.table.lock().unwrap_or_else(|e| e.into_inner());
-        if self.shared.stopping.load(Ordering::Acquire) {
-            return Err(SpliceError::ShuttingDown);
-        }
-        let id = t.next_id;
-        t.next_id += 1;
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let fds = [conn.client.as_raw_fd(), conn.server.as_raw_fd()];
-        t.conns.insert(
-            id,
-            Conn {
-                socks: [conn.client, conn.server],
-                cookies,
-                written_base,
-                rd_closed: [false; 2],
-                wr_shut: [false; 2],
-                drain: [None, None],
-                guard: conn.guard,
-            },
-        );
         let events = (libc::EPOLLRDHUP | libc::EPOLLET) as u32;
         for (side, fd) in fds.into_iter().enumerate() {
             if let Err(e) = self.shared.epoll.add(fd, events, id << 1 | side as u64) {
-                let _ = self.shared.epoll.delete(fds[0]);
-                t.conns.remove(&id);
+                if side == 1 {
+                    let _ = self.shared.epoll.delete(fds[0]);
+                }
+                let _ = self.send(Msg::Cancel(id));
                 return Err(SpliceError::Socket(e));
             }
         }
+        let conn = Conn {
+            socks: [conn.client, conn.server],
+            cookies,
+            written_base,
+            rd_closed: [false; 2],
+            wr_shut: [false; 2],
+            drain: [None, None],
+            guard: conn.guard,
+        };
+        self.send(Msg::Watch(id, conn))
+    }
+
+    fn send(&self, m: Msg) -> Result<(), SpliceError> {
+        let mut inbox = self.shared.inbox.lock().unwrap_or_else(|e| e.into_inner());
+        if inbox.closed {
+            // The thread has stopped: `m` (and the sockets it holds) is dropped here.
+            return Err(SpliceError::ShuttingDown);
+        }
+        inbox.msgs.push(m);
         Ok(())
     }
 
@@ -209,21 +237,42 @@ impl Watcher {
     }
 }
 
+impl Table {
+    /// Takes the connections `watch` queued; `last` refuses any later ones.
+    fn receive(&mut self, shared: &Shared, last: bool) {
+        let msgs = {
+            let mut inbox = shared.inbox.lock().unwrap_or_else(|e| e.into_inner());
+            inbox.closed |= last;
+            std::mem::take(&mut inbox.msgs)
+        };
+        for m in msgs {
+            match m {
+                Msg::Watch(id, conn) => {
+                    self.conns.insert(id, conn);
+                }
+                Msg::Cancel(id) => {
+                    self.early.retain(|key, _| key >> 1 != id);
+                }
+            }
+        }
+    }
+}
+
 /// How often idle connections are looked for: a quarter of the idle
 /// timeout, between 50 ms and 10 s.
 fn sweep_interval(idle: Duration) -> Duration {
     (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(10))
 }
 
-fn run(shared: &Shared) {
+fn run(shared: &Shared, mut maps: ConnMaps) {
     let mut buf = vec![libc::epoll_event { events: 0, u64: 0 }; 512];
     let sweep_every = sweep_interval(shared.idle);
     let mut next_sweep = Instant::now() + sweep_every;
+    let mut t = Table { conns: HashMap::new(), pending: HashSet::new(), early: HashMap::new() };
     loop {
         let timeout = {
-            let t = shared.table.lock().unwrap_or_else(|e| e.into_inner());
             let until_sweep = next_sweep.saturating_duration_since(Instant::now()).as_millis() as i32 + 1;
-            if t.pending.is_empty() { until_sweep } else { 1 }
+            if t.pending.is_empty() && t.early.is_empty() { until_sweep } else { 1 }
         };
         let events = match shared.epoll.wait(&mut buf, timeout) {
             Ok(ev) => ev,
@@ -233,19 +282,21 @@ fn run(shared: &Shared) {
                 continue;
             }
         };
-        let mut t = shared.table.lock().unwrap_or_else(|e| e.into_inner());
-        let maps = shared.maps.lock().unwrap_or_else(|e| e.into_inner());
+        t.receive(shared, false);
+        let arrived: Vec<u64> = t.early.keys().filter(|k| t.conns.contains_key(&(*k >> 1))).copied().collect();
+        let replay: Vec<(u64, u32)> = arrived.into_iter().filter_map(|k| t.early.remove_entry(&k)).collect();
         let mut done: Vec<(u64, Next)> = Vec::new();
-        for ev in events {
-            if ev.u64 == WAKE {
+        for (key, events) in replay.into_iter().chain(events.iter().map(|ev| (ev.u64, ev.events))) {
+            if key == WAKE {
                 shared.wake.drain();
                 continue;
             }
-            let (id, side) = (ev.u64 >> 1, (ev.u64 & 1) as usize);
+            let (id, side) = (key >> 1, (key & 1) as usize);
             let Some(conn) = t.conns.get_mut(&id) else {
+                *t.early.entry(key).or_default() |= events;
                 continue;
             };
-            match conn.on_event(side, ev.events, &maps) {
+            match conn.on_event(side, events, &maps) {
                 Next::Keep if conn.pending() => {
                     t.pending.insert(id);
                 }
@@ -277,7 +328,6 @@ fn run(shared: &Shared) {
                 }
             }
         }
-        drop(maps);
         for (id, next) in done {
             t.pending.remove(&id);
             let Some(conn) = t.conns.remove(&id) else {
@@ -303,26 +353,23 @@ fn run(shared: &Shared) {
                 }
                 Next::Keep | Next::Close => {}
             }
-            close(shared, conn);
+            close(&mut maps, conn);
         }
         if shared.stopping.load(Ordering::Acquire) {
-            let all: Vec<Conn> = t.conns.drain().map(|(_, c)| c).collect();
+            t.receive(shared, true);
             t.pending.clear();
-            drop(t);
-            for mut conn in all {
+            for (_, mut conn) in t.conns.drain() {
                 conn.guard.set_reason(CloseReason::Shutdown);
-                close(shared, conn);
+                close(&mut maps, conn);
             }
             return;
         }
     }
 }
 
-fn close(shared: &Shared, mut conn: Conn) {
-    let mut maps = shared.maps.lock().unwrap_or_else(|e| e.into_inner());
+fn close(maps: &mut ConnMaps, mut conn: Conn) {
     let bytes = conn.cookies.map(|c| maps.redirected(c).unwrap_or(0));
     conn.guard.add_bytes(bytes[CLIENT], bytes[1 - CLIENT]);
     maps.forget_closing(conn.cookies);
-    drop(maps);
     drop(conn); // closes both sockets, exactly once
 }
