@@ -9,7 +9,12 @@ use std::{
 
 use lb_common::pool::{ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats};
 
-use crate::{bpf::StatMaps, dataplane::ip16, runtime::Backends, stats::ProxyStats};
+use crate::{
+    bpf::StatMaps,
+    dataplane::ip16,
+    runtime::Backends,
+    stats::{ProxyStats, STATE_REMOVED},
+};
 
 /// How often counters reach the maps.
 pub const INTERVAL: Duration = Duration::from_millis(100);
@@ -50,27 +55,27 @@ impl Publisher {
     /// seqlock: its `seq` is made odd before the other maps are touched and
     /// even again, with the new totals, after them.
     pub fn flush(&mut self) {
-        let mut servers_changed = Vec::new();
-        let mut sources_changed = Vec::new();
-        let mut seen_servers = std::collections::HashSet::new();
-        let mut seen_sources = std::collections::HashSet::new();
-        for s in &self.backends.all_servers() {
+        // What this worker has now. A removed server is shown (as
+        // "removed") while its connections last; one removed and added
+        // again (a reload that changed its maxconn) shares its row.
+        let mut servers: HashMap<ServerKey, ServerStats> = HashMap::new();
+        let mut sources: HashMap<SourceKey, SourceStats> = HashMap::new();
+        let current = self.backends.all_servers();
+        let retiring = self.backends.retiring_servers();
+        for (s, removed) in current.iter().map(|s| (s, false)).chain(retiring.iter().map(|s| (s, true))) {
             let server_ip = ip16(s.cfg.addr.0.ip());
             let server_port = s.cfg.addr.0.port();
             let key = ServerKey { server_ip, server_port, worker: self.worker, backend: s.backend as u16, _pad: 0 };
-            let val = ServerStats {
-                active: s.active.load(Relaxed),
-                total: s.total.load(Relaxed),
-                connect_failures: s.connect_failures.load(Relaxed),
-                bytes_in: s.bytes_in.load(Relaxed),
-                bytes_out: s.bytes_out.load(Relaxed),
-                state: s.state(),
-                weight: s.weight.load(Relaxed),
-            };
-            seen_servers.insert(key);
-            if self.last_servers.get(&key) != Some(&val) {
-                servers_changed.push((key, val));
-            }
+            let row = servers.entry(key).or_insert(ServerStats {
+                state: if removed { STATE_REMOVED } else { s.state() },
+                weight: if removed { 0 } else { s.weight.load(Relaxed) },
+                ..Default::default()
+            });
+            row.active += s.active.load(Relaxed);
+            row.total += s.total.load(Relaxed);
+            row.connect_failures += s.connect_failures.load(Relaxed);
+            row.bytes_in += s.bytes_in.load(Relaxed);
+            row.bytes_out += s.bytes_out.load(Relaxed);
             for p in &s.pairs {
                 let key = SourceKey {
                     source_ip: p.source.map(ip16).unwrap_or_default(),
@@ -79,20 +84,23 @@ impl Publisher {
                     worker: self.worker,
                     _pad: 0,
                 };
-                let val = SourceStats {
-                    ports_in_use: p.in_use.load(Relaxed),
-                    connects: p.connects.load(Relaxed),
-                    exhausted: p.exhausted.load(Relaxed),
-                };
-                seen_sources.insert(key);
-                if self.last_sources.get(&key) != Some(&val) {
-                    sources_changed.push((key, val));
-                }
+                let row = sources.entry(key).or_default();
+                row.ports_in_use += p.in_use.load(Relaxed);
+                row.connects += p.connects.load(Relaxed);
+                row.exhausted += p.exhausted.load(Relaxed);
             }
         }
-        // Servers removed at run time leave the maps.
-        let servers_gone: Vec<_> = self.last_servers.keys().filter(|k| !seen_servers.contains(*k)).copied().collect();
-        let sources_gone: Vec<_> = self.last_sources.keys().filter(|k| !seen_sources.contains(*k)).copied().collect();
+        let servers_changed: Vec<_> =
+            servers.iter().filter(|(k, v)| self.last_servers.get(k) != Some(v)).map(|(k, v)| (*k, *v)).collect();
+        let sources_changed: Vec<_> =
+            sources.iter().filter(|(k, v)| self.last_sources.get(k) != Some(v)).map(|(k, v)| (*k, *v)).collect();
+        let seen_servers = servers;
+        let seen_sources = sources;
+        // Removed servers leave the maps once their last connection ended.
+        let servers_gone: Vec<_> =
+            self.last_servers.keys().filter(|k| !seen_servers.contains_key(*k)).copied().collect();
+        let sources_gone: Vec<_> =
+            self.last_sources.keys().filter(|k| !seen_sources.contains_key(*k)).copied().collect();
         let s = self.stats.snapshot();
         let w = WorkerStats {
             pid: u64::from(std::process::id()),

@@ -25,6 +25,8 @@ pub struct BackendRt {
     pub index: usize,
     pub name: String,
     servers: RwLock<Arc<Vec<Arc<ServerState>>>>,
+    /// Removed servers whose connections still run: stats keep showing them.
+    retiring: Mutex<Vec<Arc<ServerState>>>,
     pub balancer: Balancer,
     pub slot_freed: Arc<Notify>,
     pool: SourcePool,
@@ -45,6 +47,7 @@ impl BackendRt {
             index,
             name: b.name.clone(),
             servers: RwLock::new(Arc::new(servers)),
+            retiring: Mutex::new(Vec::new()),
             balancer: Balancer::new(b.balance),
             slot_freed,
             pool: b.pool.clone(),
@@ -99,6 +102,17 @@ impl Backends {
 
     pub fn all_servers(&self) -> Vec<Arc<ServerState>> {
         self.list.iter().flat_map(|b| b.servers().iter().cloned().collect::<Vec<_>>()).collect()
+    }
+
+    /// Removed servers that still have connections (the others are let go).
+    pub fn retiring_servers(&self) -> Vec<Arc<ServerState>> {
+        let mut all = Vec::new();
+        for b in &self.list {
+            let mut r = b.retiring.lock().unwrap_or_else(|e| e.into_inner());
+            r.retain(|s| s.active.load(Relaxed) > 0);
+            all.extend(r.iter().cloned());
+        }
+        all
     }
 
     fn backend(&self, name: &str) -> Result<&BackendRt, String> {
@@ -164,10 +178,15 @@ impl Backends {
                 let removed = list.iter().find(|s| s.cfg.addr == *addr).cloned();
                 let v: Vec<_> = list.iter().filter(|s| s.cfg.addr != *addr).cloned().collect();
                 *list = Arc::new(v);
+                drop(list);
                 let live = removed.map_or(0, |s| {
                     // Its health check stops; its connections keep running.
                     s.set_admin(Admin::Disabled);
-                    s.active.load(Relaxed)
+                    let live = s.active.load(Relaxed);
+                    if live > 0 {
+                        b.retiring.lock().unwrap_or_else(|e| e.into_inner()).push(s);
+                    }
+                    live
                 });
                 format!("backend \"{backend}\": server {addr} removed ({live} connections continue until they end)")
             }

@@ -149,6 +149,8 @@ pub const STATE_UP: u32 = 0;
 pub const STATE_DOWN: u32 = 1;
 pub const STATE_DRAIN: u32 = 2;
 pub const STATE_MAINT: u32 = 3;
+/// Removed at run time; shown while its connections last.
+pub const STATE_REMOVED: u32 = 4;
 
 /// The name of a [`ServerState::state`] code.
 pub fn state_name(code: u32) -> &'static str {
@@ -156,7 +158,8 @@ pub fn state_name(code: u32) -> &'static str {
         STATE_UP => "up",
         STATE_DOWN => "down",
         STATE_DRAIN => "drain",
-        _ => "maint",
+        STATE_MAINT => "maint",
+        _ => "removed",
     }
 }
 

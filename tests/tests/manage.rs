@@ -222,7 +222,8 @@ async fn drain_keeps_existing_and_sends_new_elsewhere(mode: Mode) {
 async fn add_and_remove_under_load_lose_no_bytes(mode: Mode) {
     let (a, b) = (Backend::echo().await, Backend::echo().await);
     let Some(lb) = Lb::start_with(mode, "add_remove", &cfg(&[a.addr], "", "")) else { return };
-    // 20 connections on a, each exchanging checked data for ~1.5 s.
+    // One idle connection on a, held until the end, and 20 exchanging checked data for ~1.5 s.
+    let held = echo_once(lb.addr).await;
     let failures = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for i in 0..20u64 {
@@ -239,23 +240,33 @@ async fn add_and_remove_under_load_lose_no_bytes(mode: Mode) {
             }
         }));
     }
-    retry_until(Duration::from_secs(3), || (a.accepted.load(Relaxed) == 20).then_some(())).await;
+    retry_until(Duration::from_secs(3), || (a.accepted.load(Relaxed) == 21).then_some(())).await;
     lb.ctl(&["server", "add", "app", &b.addr.to_string(), "--weight", "3"]);
-    lb.ctl(&["server", "remove", "app", &a.addr.to_string()]);
+    let reply = lb.ctl(&["server", "remove", "app", &a.addr.to_string()]);
+    assert!(reply.contains("connections continue until they end"), "{reply}");
     lb.ctl(&["server", "weight", "app", &b.addr.to_string(), "2"]);
     for _ in 0..5 {
         let _s = echo_once(lb.addr).await;
     }
-    assert_eq!(a.accepted.load(Relaxed), 20, "a removed server got new connections");
+    assert_eq!(a.accepted.load(Relaxed), 21, "a removed server got new connections");
     assert_eq!(b.accepted.load(Relaxed), 5);
+    // Stats keep the removed server, as "removed", while it has connections.
+    let shown = retry_until(Duration::from_secs(3), || {
+        let r = server_row(&lb, a.addr);
+        (r["state"] == "removed" && r["active"].as_u64() >= Some(1) && r["total"] == 21).then_some(())
+    })
+    .await;
+    assert!(shown.is_some(), "a removed server with live connections should show as removed: {}", lb.pinned_stats());
     for t in tasks {
         t.await.unwrap();
     }
     assert_eq!(failures.load(Relaxed), 0, "connections on the removed server lost bytes");
     let (ok, _, err) = lb.cli(&["server", "add", "app", &b.addr.to_string()]);
     assert!(!ok && err.contains("already has server"), "{err}");
+    assert_eq!(server_row(&lb, a.addr)["state"], "removed", "its last connection is still open");
+    drop(held);
     let gone = retry_until(Duration::from_secs(3), || server_row(&lb, a.addr).is_null().then_some(())).await;
-    assert!(gone.is_some(), "removed server still in stats: {}", lb.pinned_stats());
+    assert!(gone.is_some(), "a removed server stays in stats after its last connection: {}", lb.pinned_stats());
     assert_eq!(server_row(&lb, b.addr)["weight"], 2);
 }
 
