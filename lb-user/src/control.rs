@@ -92,6 +92,12 @@ async fn session(s: UnixStream, tx: mpsc::Sender<Msg>) {
         } else {
             match serde_json::from_str::<Request>(&line) {
                 Err(e) => Err(format!("bad request: {e}")).into(),
+                Ok(Request::Apply(crate::runtime::Command::ServerHealth { .. })) => {
+                    Err("bad request: server_health comes from lb's own health checks; \
+                         use `lb server disable|enable` instead"
+                        .to_owned())
+                    .into()
+                }
                 Ok(req) => {
                     let (reply, rx) = oneshot::channel();
                     if tx.send(Msg { req, reply }).await.is_err() {

@@ -1,18 +1,20 @@
 //! Active health checks: every `interval`, connect to each server (and
 //! optionally send bytes and expect a reply prefix). `fall` failures in a
 //! row take a server down, `rise` successes bring it back; each flip is
-//! logged once. Down servers get no new connections.
+//! logged once. Down servers get no new connections. With workers, the
+//! supervisor runs the checks and relays each flip to every worker.
 
 use std::sync::Arc;
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
+    sync::mpsc::UnboundedSender,
 };
 
 use crate::{
     config::HealthCheck,
-    runtime::{BackendRt, Backends},
+    runtime::{BackendRt, Backends, Command},
     stats::ServerState,
 };
 
@@ -50,7 +52,13 @@ pub async fn check_once(server: &ServerState, hc: &HealthCheck) -> Result<(), St
 }
 
 /// Checks `server` until it leaves its backend.
-async fn run(backends: Arc<Backends>, backend: usize, server: Arc<ServerState>, hc: HealthCheck) {
+async fn run(
+    backends: Arc<Backends>,
+    backend: usize,
+    server: Arc<ServerState>,
+    hc: HealthCheck,
+    flips: Option<UnboundedSender<Command>>,
+) {
     let name = backends.list[backend].name.clone();
     let (mut ok_run, mut fail_run) = (0u32, 0u32);
     let mut tick = tokio::time::interval(hc.interval);
@@ -68,6 +76,7 @@ async fn run(backends: Arc<Backends>, backend: usize, server: Arc<ServerState>, 
                 if !up && ok_run >= hc.rise {
                     server.set_up(true);
                     log::info!("backend \"{name}\": server {} is up ({ok_run} checks passed)", server.cfg.addr);
+                    flipped(&flips, &name, &server, true);
                 }
             }
             Err(why) => {
@@ -79,27 +88,34 @@ async fn run(backends: Arc<Backends>, backend: usize, server: Arc<ServerState>, 
                         "backend \"{name}\": server {} is down after {fail_run} failed checks: {why}",
                         server.cfg.addr
                     );
+                    flipped(&flips, &name, &server, false);
                 }
             }
         }
     }
 }
 
+fn flipped(flips: &Option<UnboundedSender<Command>>, backend: &str, server: &ServerState, up: bool) {
+    if let Some(tx) = flips {
+        let _ = tx.send(Command::ServerHealth { backend: backend.into(), addr: server.cfg.addr, up });
+    }
+}
+
 /// Starts the checks of every server of every backend that has them, and
-/// of servers added later.
-pub fn start(backends: &Arc<Backends>) {
+/// of servers added later. `flips`, if given, gets every state change.
+pub fn start(backends: &Arc<Backends>, flips: Option<UnboundedSender<Command>>) {
     let rt = tokio::runtime::Handle::current();
     for b in &backends.list {
         if let Some(hc) = &b.health {
             for s in b.servers().iter() {
-                rt.spawn(run(backends.clone(), b.index, s.clone(), hc.clone()));
+                rt.spawn(run(backends.clone(), b.index, s.clone(), hc.clone(), flips.clone()));
             }
         }
     }
     let weak = Arc::downgrade(backends);
     backends.on_add(move |b: &BackendRt, s: Arc<ServerState>| {
         if let (Some(hc), Some(all)) = (&b.health, weak.upgrade()) {
-            rt.spawn(run(all, b.index, s, hc.clone()));
+            rt.spawn(run(all, b.index, s, hc.clone(), flips.clone()));
         }
     });
 }

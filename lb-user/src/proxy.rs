@@ -120,7 +120,9 @@ pub struct Serve {
     pub replay: Vec<Command>,
     /// Requests from the control socket (or, in a worker, from the supervisor).
     pub ctl: mpsc::Receiver<control::Msg>,
-    /// Where `reload` and SIGHUP read the configuration from (single process only).
+    /// Where `reload` and SIGHUP read the configuration from: `Some` in a
+    /// single process; `None` in a supervised worker, whose supervisor also
+    /// runs the health checks and logs the commands it relays.
     pub reload: Option<Reload>,
 }
 
@@ -173,7 +175,10 @@ pub async fn serve(
             log::warn!("replaying {c:?}: {e}");
         }
     }
-    crate::health::start(&backends);
+    let supervised = reload_src.is_none();
+    if !supervised {
+        crate::health::start(&backends, None);
+    }
     let publisher = if maps {
         let m = crate::bpf::StatMaps::open(&cfg.pin_path)
             .map_err(|e| anyhow::anyhow!("opening the stats maps at {}: {e}", cfg.pin_path.display()))?;
@@ -237,7 +242,13 @@ pub async fn serve(
             }
             Some(m) = ctl.recv() => {
                 let r = match m.req {
-                    control::Request::Apply(c) => shared.backends.apply(&c).inspect(|msg| log::info!("{msg}")),
+                    control::Request::Apply(c) => shared.backends.apply(&c).inspect(|msg| {
+                        if supervised {
+                            log::debug!("{msg}");
+                        } else {
+                            log::info!("{msg}");
+                        }
+                    }),
                     control::Request::Other { cmd: control::Other::Reload } => match &reload_src {
                         Some(src) => reload(src, &mut cfg, &shared.backends),
                         None => Err("reload goes to the supervisor, not a worker".into()),

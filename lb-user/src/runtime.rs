@@ -82,10 +82,33 @@ pub struct Backends {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Command {
-    ServerAdd { backend: String, addr: ServerAddr, weight: u32, maxconn: Option<u32> },
-    ServerRemove { backend: String, addr: ServerAddr },
-    ServerState { backend: String, addr: ServerAddr, state: Admin },
-    ServerWeight { backend: String, addr: ServerAddr, weight: u32 },
+    ServerAdd {
+        backend: String,
+        addr: ServerAddr,
+        weight: u32,
+        maxconn: Option<u32>,
+    },
+    ServerRemove {
+        backend: String,
+        addr: ServerAddr,
+    },
+    ServerState {
+        backend: String,
+        addr: ServerAddr,
+        state: Admin,
+    },
+    ServerWeight {
+        backend: String,
+        addr: ServerAddr,
+        weight: u32,
+    },
+    /// A health check flipped (the supervisor checks for all its workers).
+    /// Not accepted from the control socket.
+    ServerHealth {
+        backend: String,
+        addr: ServerAddr,
+        up: bool,
+    },
 }
 
 impl Backends {
@@ -115,6 +138,18 @@ impl Backends {
         all
     }
 
+    /// The health of every server that is down, as commands: what a worker
+    /// started now must apply to agree with the checks so far.
+    pub fn health_commands(&self) -> Vec<Command> {
+        let mut v = Vec::new();
+        for b in &self.list {
+            for s in b.servers().iter().filter(|s| !s.up.load(Relaxed)) {
+                v.push(Command::ServerHealth { backend: b.name.clone(), addr: s.cfg.addr, up: false });
+            }
+        }
+        v
+    }
+
     fn backend(&self, name: &str) -> Result<&BackendRt, String> {
         self.list.iter().find(|b| b.name == name).ok_or_else(|| format!("no backend named \"{name}\""))
     }
@@ -138,7 +173,9 @@ impl Backends {
                     return Err("maxconn must be at least 1".into());
                 }
             }
-            Command::ServerRemove { backend, addr } | Command::ServerState { backend, addr, .. } => {
+            Command::ServerRemove { backend, addr }
+            | Command::ServerState { backend, addr, .. }
+            | Command::ServerHealth { backend, addr, .. } => {
                 self.backend(backend)?
                     .find(*addr)
                     .ok_or_else(|| format!("backend \"{backend}\" has no server {addr}"))?;
@@ -204,6 +241,10 @@ impl Backends {
                 let s = self.backend(backend)?.find(*addr).expect("checked");
                 s.weight.store(*weight, Relaxed);
                 format!("backend \"{backend}\": server {addr} weight {weight}")
+            }
+            Command::ServerHealth { backend, addr, up } => {
+                self.backend(backend)?.find(*addr).expect("checked").set_up(*up);
+                format!("backend \"{backend}\": server {addr} is {}", if *up { "up" } else { "down" })
             }
         };
         Ok(msg)

@@ -7,6 +7,7 @@
 use std::{
     net::SocketAddr,
     process::{ExitStatus, Stdio},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -28,7 +29,7 @@ use crate::{
 };
 
 /// What a worker gets on stdin.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct WorkerSpec {
     pub index: u16,
     pub config_file: String,
@@ -178,8 +179,11 @@ async fn relay(
         }
     }
     let msg = model.apply(cmd)?;
-    for s in specs.iter_mut() {
-        s.replay.push(cmd.clone());
+    // Health is replayed as it is now (see `spawn_spec`), not flip by flip.
+    if !matches!(cmd, Command::ServerHealth { .. }) {
+        for s in specs.iter_mut() {
+            s.replay.push(cmd.clone());
+        }
     }
     if errors.is_empty() { Ok(msg) } else { Err(format!("{msg}, but {}", errors.join("; "))) }
 }
@@ -196,7 +200,7 @@ async fn supervise(
     mut ctl: mpsc::Receiver<control::Msg>,
 ) -> anyhow::Result<()> {
     let config_file = reload.path.display().to_string();
-    let model = Backends::new(&cfg);
+    let model = Arc::new(Backends::new(&cfg));
     let mut specs: Vec<WorkerSpec> = (0..cfg.workers)
         .map(|i| WorkerSpec {
             index: i as u16,
@@ -245,6 +249,10 @@ async fn supervise(
         println!("{}", serde_json::to_string(&r)?);
     }
 
+    // One set of health checks for all workers: each flip is relayed (and logged) once.
+    let (flip_tx, mut flips) = mpsc::unbounded_channel();
+    crate::health::start(&model, Some(flip_tx));
+
     let signal = proxy::wait_for_signal();
     tokio::pin!(signal);
     let mut hup =
@@ -260,6 +268,11 @@ async fn supervise(
                 match reload_all(&reload, &mut cfg, &model, &mut io, &mut specs).await {
                     Ok(m) => log::info!("{m}"),
                     Err(e) => log::error!("{e}"),
+                }
+            }
+            Some(c) = flips.recv() => {
+                if let Err(e) = relay(&c, &model, &mut io, &mut specs).await {
+                    log::warn!("relaying a health check result: {e}");
                 }
             }
             Some(m) = ctl.recv() => {
@@ -286,7 +299,7 @@ async fn supervise(
                 if prev.started.elapsed() < MIN_LIFETIME {
                     tokio::time::sleep(MIN_LIFETIME).await;
                 }
-                match spawn_worker(&specs[i]).await {
+                match spawn_worker(&spawn_spec(&specs[i], &model)).await {
                     Ok((mut child, ready, wio)) => {
                         log::info!("worker {i} restarted as pid {}", ready.pid);
                         running[i] = Some(Running { pid: ready.pid, started: Instant::now() });
@@ -306,6 +319,11 @@ async fn supervise(
     stop_all(&running, &mut waits).await;
     specs.clear();
     Ok(())
+}
+
+/// `spec` with the servers' current health appended to its replay.
+fn spawn_spec(spec: &WorkerSpec, model: &Backends) -> WorkerSpec {
+    WorkerSpec { replay: spec.replay.iter().cloned().chain(model.health_commands()).collect(), ..spec.clone() }
 }
 
 /// Reload for all workers: every change is relayed like an operator's command.

@@ -23,6 +23,7 @@ testkit::both_planes!(
     drain_keeps_existing_and_sends_new_elsewhere,
     add_and_remove_under_load_lose_no_bytes,
     health_check_flips_after_fall_and_rise,
+    health_checks_with_workers_run_once_in_the_supervisor,
     reload_applies_server_changes_or_rejects_the_whole_file,
     metrics_agree_with_stats,
 );
@@ -271,12 +272,22 @@ async fn add_and_remove_under_load_lose_no_bytes(mode: Mode) {
 }
 
 async fn health_check_flips_after_fall_and_rise(mode: Mode) {
+    health_flips(mode, "health", "").await;
+}
+
+/// With workers, the supervisor checks and relays each flip: every worker
+/// follows it, and each flip is still logged once.
+async fn health_checks_with_workers_run_once_in_the_supervisor(mode: Mode) {
+    health_flips(mode, "health_workers", "workers = 2").await;
+}
+
+async fn health_flips(mode: Mode, name: &str, top: &str) {
     let good = Backend::banner(b"PONG\r\n").await;
     let wrong = Backend::echo().await; // replies PING: fails `expect`
     let flappy = Backend::banner(b"PONG\r\n").await;
     let flappy_addr = flappy.addr;
     let health = "[backend.health]\ninterval = \"100ms\"\nrise = 2\nfall = 3\nsend = \"PING\\r\\n\"\nexpect = \"PONG\"";
-    let Some(lb) = Lb::start_with(mode, "health", &cfg(&[good.addr, wrong.addr, flappy_addr], health, "")) else {
+    let Some(lb) = Lb::start_with(mode, name, &cfg(&[good.addr, wrong.addr, flappy_addr], health, top)) else {
         return;
     };
     let state = |addr: SocketAddr| server_row(&lb, addr)["state"].as_str().unwrap_or("").to_owned();
@@ -293,7 +304,7 @@ async fn health_check_flips_after_fall_and_rise(mode: Mode) {
     let total = |addr: SocketAddr| server_row(&lb, addr)["total"].as_u64().unwrap_or(0);
     let fails = |addr: SocketAddr| server_row(&lb, addr)["connect_failures"].as_u64().unwrap_or(0);
     let before = (total(good.addr), total(wrong.addr), fails(flappy_addr));
-    for _ in 0..6 {
+    for _ in 0..12 {
         let mut s = TcpStream::connect(lb.addr).await.unwrap();
         let mut banner = [0u8; 6];
         s.read_exact(&mut banner).await.expect("served by the healthy server");
@@ -301,10 +312,32 @@ async fn health_check_flips_after_fall_and_rise(mode: Mode) {
     }
     let after = retry_until(Duration::from_secs(3), || {
         let now = (total(good.addr), total(wrong.addr), fails(flappy_addr));
-        (now.0 == before.0 + 6).then_some(now)
+        (now.0 == before.0 + 12).then_some(now)
     })
     .await;
-    assert_eq!(after, Some((before.0 + 6, before.1, before.2)), "only the up server may get connections");
+    assert_eq!(after, Some((before.0 + 12, before.1, before.2)), "only the up server may get connections");
+    if !top.is_empty() {
+        // A worker started now learns which servers are down.
+        let worker0 = |s: &serde_json::Value| {
+            s["workers"].as_array().unwrap().iter().find(|w| w["worker"] == 0).and_then(|w| w["pid"].as_u64())
+        };
+        let victim = worker0(&lb.pinned_stats()).expect("worker 0 in stats");
+        // SAFETY: signalling a process this test started (through lb).
+        unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+        retry_until(Duration::from_secs(10), || worker0(&lb.pinned_stats()).filter(|p| *p != victim))
+            .await
+            .expect("worker 0 restarted");
+        let fails_before = fails(flappy_addr);
+        for _ in 0..12 {
+            let mut s = TcpStream::connect(lb.addr).await.unwrap();
+            let mut banner = [0u8; 6];
+            let r = tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut banner)).await;
+            assert!(matches!(r, Ok(Ok(_))), "not served by the healthy server after a worker restart: {r:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await; // two publications
+        assert_eq!(fails(flappy_addr), fails_before, "a restarted worker tried the down server");
+        assert_eq!(state(flappy_addr), "down");
+    }
     // Back on the same port: up after 2 good checks.
     let back = Backend::spawn_at(flappy_addr, |mut s| async move {
         let _ = s.write_all(b"PONG\r\n").await;
