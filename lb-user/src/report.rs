@@ -234,16 +234,17 @@ pub fn render(r: &Report) -> String {
         "active {}   total {}   rejected {} (no source port {}, queue {}, no server up {})   queued {}   idle closed {}",
         t.active, t.total, t.rejected, t.no_source_port, t.queue_rejected, t.no_server_up, t.queued, t.idle_closed
     );
+    // One format per table, for its header and its rows alike. STATE fits "removed".
+    macro_rules! server_line {
+        ($($col:expr),*) => { writeln!(o, "{:<16} {:<40} {:<7} {:>6} {:>8} {:>10} {:>16} {:>16} {:>8}", $($col),*) };
+    }
+    macro_rules! source_line {
+        ($($col:expr),*) => { writeln!(o, "{:<40} {:<40} {:>12} {:>10} {:>10}", $($col),*) };
+    }
     let _ = writeln!(o);
-    let _ = writeln!(
-        o,
-        "{:<16} {:<40} {:<6} {:>6} {:>8} {:>10} {:>16} {:>16} {:>8}",
-        "BACKEND", "SERVER", "STATE", "WEIGHT", "ACTIVE", "TOTAL", "BYTES_IN", "BYTES_OUT", "FAILS"
-    );
+    let _ = server_line!("BACKEND", "SERVER", "STATE", "WEIGHT", "ACTIVE", "TOTAL", "BYTES_IN", "BYTES_OUT", "FAILS");
     for s in &r.servers {
-        let _ = writeln!(
-            o,
-            "{:<16} {:<40} {:<6} {:>6} {:>8} {:>10} {:>16} {:>16} {:>8}",
+        let _ = server_line!(
             s.backend,
             s.addr.to_string(),
             s.state,
@@ -256,18 +257,9 @@ pub fn render(r: &Report) -> String {
         );
     }
     let _ = writeln!(o);
-    let _ =
-        writeln!(o, "{:<40} {:<40} {:>12} {:>10} {:>10}", "SOURCE", "SERVER", "PORTS_IN_USE", "CONNECTS", "EXHAUSTED");
+    let _ = source_line!("SOURCE", "SERVER", "PORTS_IN_USE", "CONNECTS", "EXHAUSTED");
     for s in &r.sources {
-        let _ = writeln!(
-            o,
-            "{:<40} {:<40} {:>12} {:>10} {:>10}",
-            s.ip,
-            s.server.to_string(),
-            s.ports_in_use,
-            s.connects,
-            s.exhausted
-        );
+        let _ = source_line!(s.ip, s.server.to_string(), s.ports_in_use, s.connects, s.exhausted);
     }
     if r.dataplane == "kernel" {
         let c = &r.counters;
@@ -349,4 +341,38 @@ pub fn render_conns(rows: &[ConnRow]) -> String {
     }
     let _ = writeln!(o, "{} connection(s)", rows.len());
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_table_stays_aligned_for_every_state() {
+        let row = |state: &str| ServerRow {
+            backend: "app".into(),
+            addr: "127.0.0.1:9001".parse().unwrap(),
+            state: state.into(),
+            weight: 1,
+            active: 2,
+            total: 3,
+            bytes_in: 4,
+            bytes_out: 5,
+            connect_failures: 0,
+        };
+        let r = Report {
+            dataplane: "userspace".into(),
+            servers: ["up", "down", "drain", "maint", "removed"].map(row).to_vec(),
+            ..Default::default()
+        };
+        let text = render(&r);
+        let table: Vec<&str> = text.lines().skip_while(|l| !l.starts_with("BACKEND")).take(6).collect();
+        assert_eq!(table.len(), 6, "{text}");
+        // WEIGHT is right-aligned: every line ends that column at the same place.
+        let end = table[0].find("WEIGHT").unwrap() + "WEIGHT".len();
+        for l in &table[1..] {
+            assert_eq!(&l[end - 1..end], "1", "misaligned row:\n{text}");
+            assert_eq!(&l[end..end + 1], " ", "misaligned row:\n{text}");
+        }
+    }
 }
