@@ -7,6 +7,10 @@ use std::{
     time::Duration,
 };
 
+use aya::{
+    Pod,
+    maps::{HashMap as BpfHashMap, MapData},
+};
 use lb_common::pool::{ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats};
 
 use crate::{
@@ -19,13 +23,58 @@ use crate::{
 /// How often counters reach the maps.
 pub const INTERVAL: Duration = Duration::from_millis(100);
 
+/// What this worker last wrote to one map, and what to write to make the map
+/// say `now`.
+struct Mirror<K, V> {
+    last: HashMap<K, V>,
+}
+
+impl<K, V> Default for Mirror<K, V> {
+    fn default() -> Self {
+        Self { last: HashMap::new() }
+    }
+}
+
+/// Entries to write and keys to delete.
+struct Changes<K, V> {
+    put: Vec<(K, V)>,
+    gone: Vec<K>,
+}
+
+impl<K: Pod + Eq + std::hash::Hash, V: Pod + PartialEq> Mirror<K, V> {
+    fn changes(&self, now: &HashMap<K, V>) -> Changes<K, V> {
+        Changes {
+            put: now.iter().filter(|(k, v)| self.last.get(k) != Some(v)).map(|(k, v)| (*k, *v)).collect(),
+            gone: self.last.keys().filter(|k| !now.contains_key(*k)).copied().collect(),
+        }
+    }
+
+    fn apply(&mut self, map: &mut BpfHashMap<MapData, K, V>, c: Changes<K, V>) {
+        for (k, v) in c.put {
+            if map.insert(k, v, 0).is_ok() {
+                self.last.insert(k, v);
+            }
+        }
+        for k in c.gone {
+            let _ = map.remove(&k);
+            self.last.remove(&k);
+        }
+    }
+}
+
+impl<K, V> Changes<K, V> {
+    fn is_empty(&self) -> bool {
+        self.put.is_empty() && self.gone.is_empty()
+    }
+}
+
 pub struct Publisher {
     maps: StatMaps,
     worker: u16,
     backends: Arc<Backends>,
     stats: Arc<ProxyStats>,
-    last_sources: HashMap<SourceKey, SourceStats>,
-    last_servers: HashMap<ServerKey, ServerStats>,
+    sources: Mirror<SourceKey, SourceStats>,
+    servers: Mirror<ServerKey, ServerStats>,
     last_worker: Option<WorkerStats>,
     /// Last even `WorkerStats::seq` published.
     seq: u64,
@@ -40,8 +89,8 @@ impl Publisher {
             worker,
             backends,
             stats,
-            last_sources: HashMap::new(),
-            last_servers: HashMap::new(),
+            sources: Mirror::default(),
+            servers: Mirror::default(),
             last_worker: None,
             seq: 0,
         }
@@ -90,17 +139,9 @@ impl Publisher {
                 row.exhausted += p.exhausted.load(Relaxed);
             }
         }
-        let servers_changed: Vec<_> =
-            servers.iter().filter(|(k, v)| self.last_servers.get(k) != Some(v)).map(|(k, v)| (*k, *v)).collect();
-        let sources_changed: Vec<_> =
-            sources.iter().filter(|(k, v)| self.last_sources.get(k) != Some(v)).map(|(k, v)| (*k, *v)).collect();
-        let seen_servers = servers;
-        let seen_sources = sources;
         // Removed servers leave the maps once their last connection ended.
-        let servers_gone: Vec<_> =
-            self.last_servers.keys().filter(|k| !seen_servers.contains_key(*k)).copied().collect();
-        let sources_gone: Vec<_> =
-            self.last_sources.keys().filter(|k| !seen_sources.contains_key(*k)).copied().collect();
+        let server_changes = self.servers.changes(&servers);
+        let source_changes = self.sources.changes(&sources);
         let s = self.stats.snapshot();
         let w = WorkerStats {
             pid: u64::from(std::process::id()),
@@ -116,34 +157,16 @@ impl Publisher {
             no_server_up: s.no_server_up,
             seq: self.seq + 2,
         };
-        let quiet = servers_changed.is_empty()
-            && sources_changed.is_empty()
-            && servers_gone.is_empty()
-            && sources_gone.is_empty()
+        let quiet = server_changes.is_empty()
+            && source_changes.is_empty()
             && self.last_worker.is_some_and(|l| WorkerStats { seq: w.seq, ..l } == w);
         if quiet {
             return;
         }
         let key = u32::from(self.worker);
         let _ = self.maps.workers.insert(key, WorkerStats { seq: self.seq + 1, ..self.last_worker.unwrap_or(w) }, 0);
-        for (k, v) in servers_changed {
-            if self.maps.servers.insert(k, v, 0).is_ok() {
-                self.last_servers.insert(k, v);
-            }
-        }
-        for (k, v) in sources_changed {
-            if self.maps.sources.insert(k, v, 0).is_ok() {
-                self.last_sources.insert(k, v);
-            }
-        }
-        for k in servers_gone {
-            let _ = self.maps.servers.remove(&k);
-            self.last_servers.remove(&k);
-        }
-        for k in sources_gone {
-            let _ = self.maps.sources.remove(&k);
-            self.last_sources.remove(&k);
-        }
+        self.servers.apply(&mut self.maps.servers, server_changes);
+        self.sources.apply(&mut self.maps.sources, source_changes);
         self.seq += 2;
         if self.maps.workers.insert(key, w, 0).is_ok() {
             self.last_worker = Some(w);
