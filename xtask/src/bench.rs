@@ -54,6 +54,20 @@ pub struct Opts {
     pub out: PathBuf,
 }
 
+impl Opts {
+    /// Every scenario (or `only`) briefly: the `--smoke` run of `cargo xtask test` and `bench`.
+    pub fn smoke(only: Vec<String>) -> Self {
+        Self {
+            smoke: true,
+            only,
+            runs: 1,
+            secs: 0.3,
+            conns: 300,
+            out: crate::workspace_root().join("target/bench-smoke"),
+        }
+    }
+}
+
 /// Connections one single-process proxy holds at most under the 20000-fd limit.
 const SINGLE_PROCESS_CAP: usize = 9_000;
 
@@ -546,14 +560,9 @@ fn report(results: &BTreeMap<String, BTreeMap<System, Vec<Sample>>>, o: &Opts) -
     Ok(())
 }
 
+/// A figure for the tables: 3 significant digits or so, 4 decimals below 1.
 fn num(x: f64) -> String {
-    if x >= 100.0 {
-        format!("{x:.0}")
-    } else if x >= 1.0 {
-        format!("{x:.2}")
-    } else {
-        format!("{x:.4}")
-    }
+    crate::format_figure(x, 4)
 }
 
 fn timestamp() -> String {

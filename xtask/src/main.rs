@@ -134,14 +134,14 @@ pub fn build_tools() -> anyhow::Result<(PathBuf, PathBuf)> {
     Ok((dir.join("lb-bench"), dir.join("lb-hold")))
 }
 
-/// Formats a number for a chart label.
-pub fn bench_label(x: f64) -> String {
+/// Formats a benchmark figure: no decimals from 100, 2 from 1, `small` below.
+pub fn format_figure(x: f64, small: usize) -> String {
     if x >= 100.0 {
         format!("{x:.0}")
     } else if x >= 1.0 {
         format!("{x:.2}")
     } else {
-        format!("{x:.3}")
+        format!("{x:.small$}")
     }
 }
 
@@ -164,14 +164,7 @@ fn main() -> anyhow::Result<()> {
             let lb = build_lb()?;
             let tools = build_tools()?;
             let opts = if smoke {
-                bench::Opts {
-                    smoke,
-                    only,
-                    runs: 1,
-                    secs: 0.3,
-                    conns: 300,
-                    out: workspace_root().join("target/bench-smoke"),
-                }
+                bench::Opts::smoke(only)
             } else {
                 bench::Opts { smoke, only, runs: runs.max(1), secs, conns, out: workspace_root().join(out) }
             };
@@ -196,14 +189,7 @@ fn main() -> anyhow::Result<()> {
             if args.is_empty() {
                 // The benchmark must keep working: every scenario, briefly.
                 let tools = build_tools()?;
-                let opts = bench::Opts {
-                    smoke: true,
-                    only: vec![],
-                    runs: 1,
-                    secs: 0.3,
-                    conns: 300,
-                    out: workspace_root().join("target/bench-smoke"),
-                };
+                let opts = bench::Opts::smoke(vec![]);
                 bench::bench(&lb, &tools.0, &tools.1, &opts).context("cargo xtask bench --smoke")?;
                 println!("bench smoke: passed");
             }

@@ -84,7 +84,7 @@ pub fn bars(
         )
     }))?;
     chart.draw_series(rows.iter().enumerate().map(|(i, r)| {
-        Text::new(crate::bench_label(r.1), (SegmentValue::CenterOf(i), r.3 + top * 0.02), ("sans-serif", 14))
+        Text::new(crate::format_figure(r.1, 3), (SegmentValue::CenterOf(i), r.3 + top * 0.02), ("sans-serif", 14))
     }))?;
     root.present()?;
     Ok(())
