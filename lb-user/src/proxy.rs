@@ -22,7 +22,7 @@ use crate::{
     backend::ClientAddr,
     config::{Config, FrontendConfig, Overrides, fds_needed},
     control,
-    dataplane::{self, ConnAddrs, Dataplane, Kind, Spliced},
+    dataplane::{self, ConnAddrs, Dataplane, Kind, Socks, Spliced},
     publish::Publisher,
     runtime::Command,
     runtime::{BackendRt, Backends},
@@ -599,7 +599,8 @@ async fn handle(
                 }
                 Reject::Unreachable => {}
             }
-            log::debug!("client {addr}: no server of backend \"{}\" ({why:?}); closing", be.name);
+            log::debug!("client {addr}: no server of backend \"{}\" ({why:?}); resetting", be.name);
+            let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
             return;
         }
     };
@@ -608,7 +609,10 @@ async fn handle(
     let source = match server.local_addr() {
         Ok(a) => a,
         Err(e) => {
-            log::warn!("client {addr} -> {target_addr}: {e}");
+            log::warn!("client {addr} -> {target_addr}: {e}; both sides reset");
+            for s in [&client, &server] {
+                let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+            }
             return;
         }
     };
@@ -619,12 +623,19 @@ async fn handle(
     }
     let (client, server) = match (client.into_std(), server.into_std()) {
         (Ok(c), Ok(s)) => (c, s),
-        (Err(e), _) | (_, Err(e)) => {
-            log::warn!("client {addr}: leaving the runtime failed: {e}");
+        (c, s) => {
+            for r in [&c, &s] {
+                match r {
+                    Ok(sock) => {
+                        let _ = sys::set_linger_zero(sock);
+                    }
+                    Err(e) => log::warn!("client {addr}: leaving the runtime failed: {e}"),
+                }
+            }
             return;
         }
     };
-    if let Err(e) = shared.dataplane.splice(Spliced { client, server, guard, addrs }) {
-        log::warn!("client {addr} -> {target_addr}: {e}");
+    if let Err(e) = shared.dataplane.splice(Spliced { socks: Socks::new(client, server), guard, addrs }) {
+        log::warn!("client {addr} -> {target_addr}: {e}; both sides reset");
     }
 }

@@ -9,18 +9,33 @@ use std::{
     time::Duration,
 };
 
-/// Which data plane a test asks for.
+/// Which data plane (and path through it) a test asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     Kernel,
     Userspace,
+    /// The kernel plane with the client side of every connection copied by
+    /// the close watcher (as when a client closes during the splice), the
+    /// server side spliced: `LB_TEST_COPY_CLIENT=1`.
+    KernelCopyClient,
 }
 
 impl Mode {
+    /// The `dataplane` this mode runs.
     pub fn as_str(self) -> &'static str {
         match self {
-            Mode::Kernel => "kernel",
+            Mode::Kernel | Mode::KernelCopyClient => "kernel",
             Mode::Userspace => "userspace",
+        }
+    }
+    pub fn is_kernel(self) -> bool {
+        self != Mode::Userspace
+    }
+    /// Environment lb runs with in this mode.
+    pub fn env(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Mode::KernelCopyClient => &[("LB_TEST_COPY_CLIENT", "1")],
+            _ => &[],
         }
     }
 }
@@ -42,8 +57,9 @@ pub fn lb_bin() -> PathBuf {
     panic!("lb binary not found: run `cargo xtask test` (or set LB_BIN)");
 }
 
-/// Whether the kernel data plane can run here. Under `CI=true` a missing
-/// prerequisite is a failure, not a skip.
+/// Whether the kernel data plane can run here. A missing prerequisite is a
+/// failure, unless `LB_SKIP_KERNEL_TESTS=1` says to skip (never under
+/// `CI=true`); a skip prints a `SKIP` line that `cargo xtask test` counts.
 pub fn kernel_available(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
@@ -55,10 +71,15 @@ pub fn kernel_available(test: &str) -> bool {
         (false, _) => "not running as root (the kernel data plane needs CAP_BPF + CAP_NET_ADMIN)",
         (_, false) => "bpffs is not mounted at /sys/fs/bpf (run `cargo xtask setup`)",
     };
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: kernel data plane required under CI=true, but {why}");
+    let ci = std::env::var("CI").as_deref() == Ok("true");
+    let opt_out = std::env::var("LB_SKIP_KERNEL_TESTS").as_deref() == Ok("1");
+    if ci || !opt_out {
+        panic!(
+            "{test}: the kernel data plane cannot run here: {why}{}",
+            if ci { " (required under CI=true)" } else { "; set LB_SKIP_KERNEL_TESTS=1 to skip kernel tests" }
+        );
     }
-    eprintln!("SKIP {test} [kernel]: {why}");
+    println!("SKIP {test} [kernel]: {why}");
     false
 }
 
@@ -105,12 +126,12 @@ impl Lb {
 
     /// Starts lb with `body` (without `dataplane`/`pin_path`, which are added).
     pub fn start_with(mode: Mode, test: &str, body: &str) -> Option<Lb> {
-        if mode == Mode::Kernel && !kernel_available(test) {
+        if mode.is_kernel() && !kernel_available(test) {
             return None;
         }
         let (dir, pin_path) = scratch();
         let cfg = format!("dataplane = \"{}\"\npin_path = \"{}\"\n{body}", mode.as_str(), pin_path.display());
-        let lb = Self::launch(test, dir, pin_path, &cfg);
+        let lb = Self::launch_with(test, dir, pin_path, &cfg, mode.env());
         assert_eq!(lb.dataplane, mode.as_str(), "{test}: lb runs the wrong data plane");
         Some(lb)
     }
@@ -118,6 +139,11 @@ impl Lb {
     /// Runs lb on the complete config `cfg` (its `pin_path` must be `pin_path`),
     /// keeping files in `dir`; waits until it announces readiness.
     pub fn launch(test: &str, dir: PathBuf, pin_path: PathBuf, cfg: &str) -> Lb {
+        Self::launch_with(test, dir, pin_path, cfg, &[])
+    }
+
+    /// [`Self::launch`] with extra environment variables.
+    pub fn launch_with(test: &str, dir: PathBuf, pin_path: PathBuf, cfg: &str, env: &[(&str, &str)]) -> Lb {
         let cfg_path = dir.join("lb.toml");
         std::fs::write(&cfg_path, cfg).unwrap_or_else(|e| panic!("writing config: {e}"));
         let stderr = std::fs::File::create(dir.join("stderr")).expect("stderr file");
@@ -125,6 +151,7 @@ impl Lb {
             .args(["run", "--announce", "--config"])
             .arg(&cfg_path)
             .env("RUST_LOG", std::env::var("LB_LOG").unwrap_or_else(|_| "info".into()))
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
@@ -250,5 +277,65 @@ impl Drop for Lb {
             let _ = std::fs::remove_file(format!("/run/lb/{name}.{ext}"));
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Proof, from the pinned maps, that the kernel data plane carried a test's
+/// bytes: counters read at [`KernelProof::start`] and compared at the end.
+/// On the userspace plane every check passes (there is nothing to prove).
+pub struct KernelProof {
+    kernel: bool,
+    skbs: u64,
+    fallbacks: u64,
+}
+
+fn kernel_counters(lb: &Lb) -> (u64, u64) {
+    let s = lb.pinned_stats();
+    let skbs = s["counters"]["skbs_redirected"].as_u64().expect("counters.skbs_redirected in lb stats --json");
+    let fallbacks = s["totals"]["userspace_fallbacks"].as_u64().expect("totals.userspace_fallbacks in lb stats --json");
+    (skbs, fallbacks)
+}
+
+impl KernelProof {
+    pub fn start(lb: &Lb) -> KernelProof {
+        if lb.dataplane != "kernel" {
+            return KernelProof { kernel: false, skbs: 0, fallbacks: 0 };
+        }
+        let (skbs, fallbacks) = kernel_counters(lb);
+        KernelProof { kernel: true, skbs, fallbacks }
+    }
+
+    /// The eBPF verdict redirected skbs since the start: the kernel path ran
+    /// (some connections may still have been served by the userspace copy).
+    pub fn assert_kernel_ran(&self, lb: &Lb, test: &str) -> u64 {
+        if !self.kernel {
+            return 0;
+        }
+        let (skbs, fallbacks) = kernel_counters(lb);
+        assert!(skbs > self.skbs, "{test}: the eBPF verdict redirected nothing: the kernel path did not run");
+        eprintln!(
+            "[kernel] {test}: {} skbs redirected in the kernel, {} connection(s) served by the userspace copy",
+            skbs - self.skbs,
+            fallbacks - self.fallbacks
+        );
+        skbs - self.skbs
+    }
+
+    /// Every connection since the start was spliced in the kernel: the
+    /// verdict ran and no connection fell back to the userspace copy
+    /// (counts are published every 100 ms, so this waits for one flush).
+    pub fn assert_all_spliced(&self, lb: &Lb, test: &str) {
+        if !self.kernel {
+            return;
+        }
+        self.assert_kernel_ran(lb, test);
+        std::thread::sleep(Duration::from_millis(250));
+        let (_, fallbacks) = kernel_counters(lb);
+        assert_eq!(
+            fallbacks - self.fallbacks,
+            0,
+            "{test}: {} connection(s) fell back to the userspace copy instead of the kernel splice",
+            fallbacks - self.fallbacks
+        );
     }
 }

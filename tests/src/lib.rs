@@ -2,13 +2,14 @@
 //! deterministic byte streams to check transfers, and /proc readers.
 
 pub mod backends;
+pub mod external;
 pub mod lbproc;
 pub mod netns;
 pub mod stream;
 
 use std::time::{Duration, Instant};
 
-pub use lbproc::{Lb, Mode};
+pub use lbproc::{KernelProof, Lb, Mode};
 
 /// For each `async fn name(mode: Mode)` listed, a `kernel::name` and a
 /// `userspace::name` test (two runtime threads each) that call it with that
@@ -16,13 +17,28 @@ pub use lbproc::{Lb, Mode};
 #[macro_export]
 macro_rules! both_planes {
     ($($name:ident),* $(,)?) => {
-        mod kernel {
+        $crate::plane_tests!(kernel, Kernel, $($name),*);
+        $crate::plane_tests!(userspace, Userspace, $($name),*);
+    };
+}
+
+/// [`both_planes!`] plus `kernel_copy_client::name`: the kernel plane with
+/// the client side of every connection copied by the close watcher.
+#[macro_export]
+macro_rules! every_path {
+    ($($name:ident),* $(,)?) => {
+        $crate::both_planes!($($name),*);
+        $crate::plane_tests!(kernel_copy_client, KernelCopyClient, $($name),*);
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! plane_tests {
+    ($module:ident, $mode:ident, $($name:ident),*) => {
+        mod $module {
             $(#[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name($crate::Mode::Kernel).await })*
-        }
-        mod userspace {
-            $(#[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name($crate::Mode::Userspace).await })*
+            async fn $name() { super::$name($crate::Mode::$mode).await })*
         }
     };
 }
@@ -38,6 +54,27 @@ pub async fn retry_until<T>(deadline: Duration, mut f: impl FnMut() -> Option<T>
             return None;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A client lb turns away: how long until it was reset (at connect, write
+/// or read), or why it was not. A rejected client sees a reset, never a
+/// clean EOF.
+pub async fn turned_away(addr: std::net::SocketAddr, within: Duration) -> Result<Duration, String> {
+    let t0 = Instant::now();
+    let mut s = match tokio::net::TcpStream::connect(addr).await {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(t0.elapsed()),
+        Err(e) => return Err(format!("connect: {e}")),
+    };
+    if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut s, b"x").await {
+        return if e.kind() == std::io::ErrorKind::ConnectionReset { Ok(t0.elapsed()) } else { Err(e.to_string()) };
+    }
+    let mut b = [0u8; 1];
+    match tokio::time::timeout(within, tokio::io::AsyncReadExt::read(&mut s, &mut b)).await {
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(t0.elapsed()),
+        Ok(other) => Err(format!("expected a reset, got {other:?}")),
+        Err(_) => Err(format!("neither served nor reset within {within:?}")),
     }
 }
 

@@ -1,5 +1,7 @@
-//! The data-path suite, run against both data planes. Kernel variants need
-//! root and bpffs; under CI=true they fail instead of skipping.
+//! The data-path suite, run against both data planes and against the kernel
+//! plane with the client side copied by the close watcher (the path a client
+//! that closes during the splice takes). Kernel variants need root and
+//! bpffs, and prove from the pinned maps that the verdict carried their bytes.
 
 use std::{
     sync::{Arc, Mutex},
@@ -7,7 +9,7 @@ use std::{
 };
 
 use testkit::{
-    Lb, Mode,
+    KernelProof, Lb, Mode,
     backends::{self, Backend},
     retry_until,
     stream::{Rng, Stream},
@@ -19,7 +21,7 @@ use tokio::{
 
 const MIB: u64 = 1 << 20;
 
-testkit::both_planes!(
+testkit::every_path!(
     transfers_200_random_sizes_both_ways,
     client_first_200_at_t0,
     server_first_200_banner_at_accept,
@@ -28,6 +30,19 @@ testkit::both_planes!(
     vanishing_client_reaches_backend_within_1s,
     connect_close_10k_leaks_nothing,
 );
+
+/// What the pinned maps must show after a test on `mode`: on the kernel
+/// plane every connection spliced; with the client side copied, the
+/// server's bytes (if it sent any) still redirected by the verdict.
+fn prove(proof: &KernelProof, lb: &Lb, mode: Mode, test: &str, server_sends: bool) {
+    match mode {
+        Mode::Kernel => proof.assert_all_spliced(lb, test),
+        Mode::KernelCopyClient if server_sends => {
+            proof.assert_kernel_ran(lb, test);
+        }
+        Mode::KernelCopyClient | Mode::Userspace => {}
+    }
+}
 
 fn counters(lb: &Lb) -> (u64, u64) {
     let s = lb.pinned_stats();
@@ -45,7 +60,7 @@ async fn transfers_200_random_sizes_both_ways(mode: Mode) {
         sizes.push((rng.size(64 * MIB), rng.size(64 * MIB)));
     }
     let total: u64 = sizes.iter().map(|(u, d)| u + d + 24).sum();
-    let before = if mode == Mode::Kernel { counters(&lb).0 } else { 0 };
+    let before = if mode.is_kernel() { counters(&lb).0 } else { 0 };
     let tasks: Vec<_> = sizes
         .iter()
         .enumerate()
@@ -64,14 +79,19 @@ async fn transfers_200_random_sizes_both_ways(mode: Mode) {
         assert!(r.up_intact && r.error.is_none(), "upload corrupt at the backend: {r:?}");
     }
     eprintln!("[{}] 200 transfers, {} MiB checked byte by byte", mode.as_str(), total / MIB);
-    if mode == Mode::Kernel {
+    if mode.is_kernel() {
         // sockmap takes only ESTABLISHED sockets. A side that sends all of
         // its bytes and its FIN before lb splices (an empty upload, a small
         // download) is served by lb's userspace copy instead. Neither side of
         // a transfer of 16 MiB or more each way can finish that early (socket
-        // buffers are smaller), so those bytes must all cross the kernel.
-        let must_cross: u64 =
-            sizes.iter().filter(|(u, d)| *u >= 16 * MIB && *d >= 16 * MIB).map(|(u, d)| u + d + 24).sum();
+        // buffers are smaller), so those bytes must all cross the kernel:
+        // both directions, or the downloads alone when the client side is
+        // copied in userspace.
+        let must_cross: u64 = sizes
+            .iter()
+            .filter(|(u, d)| *u >= 16 * MIB && *d >= 16 * MIB)
+            .map(|(u, d)| if mode == Mode::KernelCopyClient { *d } else { u + d + 24 })
+            .sum();
         assert!(must_cross >= 128 * MIB, "the size mix lost its large transfers");
         let moved = counters(&lb).0 - before;
         assert!(
@@ -84,6 +104,7 @@ async fn transfers_200_random_sizes_both_ways(mode: Mode) {
 async fn client_first_200_at_t0(mode: Mode) {
     let be = Backend::echo().await;
     let Some(lb) = Lb::start(mode, "client_first", &[be.addr]) else { return };
+    let proof = KernelProof::start(&lb);
     let tasks: Vec<_> = (0..200u64)
         .map(|i| {
             let addr = lb.addr;
@@ -105,12 +126,14 @@ async fn client_first_200_at_t0(mode: Mode) {
     for t in tasks {
         t.await.unwrap();
     }
+    prove(&proof, &lb, mode, "client_first", true);
 }
 
 async fn server_first_200_banner_at_accept(mode: Mode) {
     const BANNER: &[u8] = b"220 lb-test ready\r\n";
     let be = Backend::banner(BANNER).await;
     let Some(lb) = Lb::start(mode, "server_first", &[be.addr]) else { return };
+    let proof = KernelProof::start(&lb);
     let tasks: Vec<_> = (0..200u64)
         .map(|i| {
             let addr = lb.addr;
@@ -132,6 +155,7 @@ async fn server_first_200_banner_at_accept(mode: Mode) {
     for t in tasks {
         t.await.unwrap();
     }
+    prove(&proof, &lb, mode, "server_first", true);
 }
 
 async fn half_close_request_then_reply(mode: Mode) {
@@ -139,6 +163,7 @@ async fn half_close_request_then_reply(mode: Mode) {
     const REPLY: usize = 1 << 20;
     let be = Backend::read_then_reply(REPLY).await;
     let Some(lb) = Lb::start(mode, "half_close", &[be.addr]) else { return };
+    let proof = KernelProof::start(&lb);
     for round in 0..20 {
         let mut s = TcpStream::connect(lb.addr).await.unwrap();
         backends::write_stream(&mut s, round, REQ).await.unwrap();
@@ -151,11 +176,13 @@ async fn half_close_request_then_reply(mode: Mode) {
                 .unwrap();
         assert!(ok, "round {round}: reply corrupt or short: {n} of {REPLY} bytes");
     }
+    prove(&proof, &lb, mode, "half_close", true);
 }
 
 async fn backend_reset_reaches_client_within_1s(mode: Mode) {
     let be = Backend::reset_after_first_byte().await;
     let Some(lb) = Lb::start(mode, "backend_reset", &[be.addr]) else { return };
+    let proof = KernelProof::start(&lb);
     for _ in 0..20 {
         let mut s = TcpStream::connect(lb.addr).await.unwrap();
         s.write_all(b"x").await.unwrap();
@@ -164,12 +191,15 @@ async fn backend_reset_reaches_client_within_1s(mode: Mode) {
         let r = tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf))
             .await
             .expect("client did not see the backend's reset within 1 s");
+        // lb forwards a reset as a reset: never as a clean EOF.
         match r {
-            Ok(0) => {}
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-            other => panic!("expected reset or EOF, got {other:?}"),
+            other => panic!("expected the backend's reset, got {other:?}"),
         }
         assert!(t0.elapsed() < Duration::from_secs(1));
+    }
+    if mode == Mode::Kernel {
+        proof.assert_kernel_ran(&lb, "backend_reset");
     }
 }
 
@@ -193,6 +223,7 @@ async fn vanishing_client_reaches_backend_within_1s(mode: Mode) {
     })
     .await;
     let Some(lb) = Lb::start(mode, "vanishing_client", &[be.addr]) else { return };
+    let proof = KernelProof::start(&lb);
     for abortive in [false, true, false, true] {
         let mut s = TcpStream::connect(lb.addr).await.unwrap();
         s.write_all(b"hello").await.unwrap();
@@ -210,11 +241,13 @@ async fn vanishing_client_reaches_backend_within_1s(mode: Mode) {
         assert!(what == "eof" || what == "reset", "backend saw {what}");
         assert!(at - t0 < Duration::from_secs(1));
     }
+    prove(&proof, &lb, mode, "vanishing_client", false);
 }
 
 async fn connect_close_10k_leaks_nothing(mode: Mode) {
     let be = Backend::echo().await;
     let Some(lb) = Lb::start(mode, "connect_close_10k", &[be.addr]) else { return };
+    let proof = KernelProof::start(&lb);
     let fds0 = testkit::fd_count(lb.pid);
     let addr = lb.addr;
     let workers: Vec<_> = (0..50u64)
@@ -244,7 +277,7 @@ async fn connect_close_10k_leaks_nothing(mode: Mode) {
         "lb holds {} fds after 10,000 closed connections (started with {fds0})",
         testkit::fd_count(lb.pid)
     );
-    if mode == Mode::Kernel {
+    if mode.is_kernel() {
         let empty = retry_until(Duration::from_secs(5), || {
             let s = lb.pinned_stats();
             (s["counters"]["spliced_sockets"] == 0
@@ -254,7 +287,14 @@ async fn connect_close_10k_leaks_nothing(mode: Mode) {
         })
         .await;
         assert!(empty.is_some(), "kernel maps not empty after all connections closed: {}", lb.pinned_stats());
-        assert!(counters(&lb).1 >= 10_000, "fewer skbs redirected than connections: kernel path unused");
+    }
+    // Each client closes only after its echo came back through lb, so
+    // every connection was spliced before either side could close.
+    if mode == Mode::Kernel {
+        proof.assert_all_spliced(&lb, "connect_close_10k");
+        assert!(proof.assert_kernel_ran(&lb, "connect_close_10k") >= 20_000, "fewer skbs redirected than bytes sent");
+    } else {
+        proof.assert_kernel_ran(&lb, "connect_close_10k");
     }
 }
 

@@ -84,12 +84,15 @@ impl Ctx {
         v
     }
 
-    /// The next client is closed by lb at once (within 1 s).
+    /// The next client is reset by lb at once (within 1 s).
     async fn refused(&self) {
         let t0 = Instant::now();
         match self.client().await {
             Ok(_) => panic!("a client got through although every source port is taken"),
-            Err(e) => assert!(t0.elapsed() < Duration::from_secs(1), "refusal took {:?} ({e})", t0.elapsed()),
+            Err(e) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "a refused client must see a reset: {e}");
+                assert!(t0.elapsed() < Duration::from_secs(1), "refusal took {:?} ({e})", t0.elapsed());
+            }
         }
     }
 }

@@ -26,8 +26,9 @@ fn step(name: &str) {
 pub fn setup() -> anyhow::Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
-    // haproxy and nginx (stream module) are the benchmark's comparison points.
-    // fonts-dejavu-core: the benchmark's plots draw their labels with it.
+    // haproxy and nginx (stream module) are the benchmark's comparison points;
+    // nginx is also the tests' web server, ab (apache2-utils) their HTTP
+    // load tool. fonts-dejavu-core: the benchmark's plots draw their labels with it.
     debian_packages(&[
         "bpftool",
         "iproute2",
@@ -35,6 +36,7 @@ pub fn setup() -> anyhow::Result<()> {
         "haproxy",
         "nginx",
         "libnginx-mod-stream",
+        "apache2-utils",
         "fonts-dejavu-core",
     ])?;
     bpffs()?;

@@ -3,8 +3,10 @@
 //! Per connection, six map entries (cookies `c` client, `s` server):
 //! `LB_CONN[c]`, `LB_CONN[s]` (records), `LB_PEER[c] = server`,
 //! `LB_PEER[s] = client` (redirect targets, no program), then
-//! `LB_SPLICE[c] = client`, `LB_SPLICE[s] = server` (verdict attached).
-//! Peers go in first, so a socket is never spliced while its peer is missing.
+//! `LB_SPLICE[s] = server`, `LB_SPLICE[c] = client` (verdict attached).
+//! Peers go in first, so a socket is never spliced while its peer is
+//! missing. See [`KernelDataplane::insert`] for what a side that closes
+//! during the inserts gets.
 
 use std::{
     net::IpAddr,
@@ -19,7 +21,10 @@ use lb_common::{
     maps::{CONN, PEER, SPLICE},
 };
 
-use super::{Dataplane, Kind, SpliceError, Spliced, UserspaceDataplane, watcher::Watcher};
+use super::{
+    Dataplane, Kind, SpliceError, Spliced, UserspaceDataplane,
+    watcher::{Dir, Watcher},
+};
 use crate::{
     bpf::{ConnMaps, KernelError},
     stats::ProxyStats,
@@ -34,6 +39,10 @@ pub struct KernelDataplane {
     fallback: UserspaceDataplane,
     stats: Arc<ProxyStats>,
     worker: u16,
+    /// Test hook (`LB_TEST_COPY_CLIENT=1`): never splice the client side,
+    /// as if every client closed during the inserts, so the tests can run
+    /// real traffic through the watcher's userspace copy of that direction.
+    copy_client: bool,
 }
 
 /// An address as the maps store it: IPv6, IPv4 mapped.
@@ -57,7 +66,11 @@ impl KernelDataplane {
         // The watcher has handles of its own: closing never waits for splicing.
         let watcher = Watcher::start(ConnMaps::open(pin_path)?, stats.clone(), idle)
             .map_err(|source| KernelError::Io { what: "starting the close watcher thread".into(), source })?;
-        Ok(Self { maps, watcher, fallback: UserspaceDataplane::new(idle), stats, worker })
+        let copy_client = std::env::var_os("LB_TEST_COPY_CLIENT").is_some_and(|v| v == "1");
+        if copy_client {
+            log::warn!("LB_TEST_COPY_CLIENT=1: client bytes are copied in userspace (a test setting)");
+        }
+        Ok(Self { maps, watcher, fallback: UserspaceDataplane::new(idle), stats, worker, copy_client })
     }
 
     fn records(&self, s: &Spliced, cookies: [u64; 2]) -> [ConnTraffic; 2] {
@@ -81,29 +94,39 @@ impl KernelDataplane {
         ]
     }
 
-    /// Inserts the six map entries. On error, everything inserted is
-    /// removed again, and the flag says whether the verdict may already have
-    /// moved bytes (an `LB_SPLICE` insert had succeeded).
-    fn insert(&self, s: &Spliced, cookies: [u64; 2], records: [ConnTraffic; 2]) -> Result<(), (SpliceError, bool)> {
+    /// Inserts the six map entries: the records, both redirect targets,
+    /// then the server's splice and last the client's. A failure before the
+    /// client's splice removes everything again (the verdict has not run on
+    /// either socket yet, so no byte has moved) and is an error. The
+    /// client's splice alone may fail once the server's is in: the client
+    /// closed in between (sockmap takes only established sockets), and its
+    /// bytes go to the server through the watcher's userspace copy instead.
+    fn insert(&self, s: &Spliced, cookies: [u64; 2], records: [ConnTraffic; 2]) -> Result<Dir, SpliceError> {
         let [cc, sc] = cookies;
+        let (client, server) = (s.socks.client().as_raw_fd(), s.socks.server().as_raw_fd());
         let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
-        let mut spliced = false;
+        let ins = |map: &'static str| move |source| SpliceError::MapInsert { map, source };
         let r = (|| {
-            let ins = |map: &'static str| move |source| SpliceError::MapInsert { map, source };
             m.conn.insert(cc, records[0], 0).map_err(ins(CONN))?;
             m.conn.insert(sc, records[1], 0).map_err(ins(CONN))?;
-            m.peer.insert(cc, s.server.as_raw_fd(), 0).map_err(ins(PEER))?;
-            m.peer.insert(sc, s.client.as_raw_fd(), 0).map_err(ins(PEER))?;
-            m.splice.insert(cc, s.client.as_raw_fd(), 0).map_err(ins(SPLICE))?;
-            spliced = true;
-            m.splice.insert(sc, s.server.as_raw_fd(), 0).map_err(ins(SPLICE))?;
-            Ok(())
+            m.peer.insert(cc, server, 0).map_err(ins(PEER))?;
+            m.peer.insert(sc, client, 0).map_err(ins(PEER))?;
+            m.splice.insert(sc, server, 0).map_err(ins(SPLICE))
         })();
         if let Err(e) = r {
             m.forget(cookies);
-            return Err((e, spliced));
+            return Err(e);
         }
-        Ok(())
+        if self.copy_client {
+            return Ok(Dir::User);
+        }
+        Ok(match m.splice.insert(cc, client, 0) {
+            Ok(()) => Dir::Kernel,
+            Err(e) => {
+                log::debug!("client side copied in userspace: {}", ins(SPLICE)(e));
+                Dir::User
+            }
+        })
     }
 
     /// Hands a connection the kernel cannot take to the userspace copy.
@@ -121,12 +144,12 @@ impl Dataplane for KernelDataplane {
 
     fn splice(&self, conn: Spliced) -> Result<(), SpliceError> {
         let cookies = [
-            sys::socket_cookie(&conn.client).map_err(SpliceError::Cookie)?,
-            sys::socket_cookie(&conn.server).map_err(SpliceError::Cookie)?,
+            sys::socket_cookie(conn.socks.client()).map_err(SpliceError::Cookie)?,
+            sys::socket_cookie(conn.socks.server()).map_err(SpliceError::Cookie)?,
         ];
         let mut written_base = [0; 2];
         let mut established = true;
-        for (base, s) in written_base.iter_mut().zip([&conn.client, &conn.server]) {
+        for (base, s) in written_base.iter_mut().zip([conn.socks.client(), conn.socks.server()]) {
             let (est, written) = sys::tcp_splice_state(s).map_err(SpliceError::Socket)?;
             established &= est;
             *base = written;
@@ -137,20 +160,26 @@ impl Dataplane for KernelDataplane {
             return self.fall_back(conn, "a side closed before the splice");
         }
         let records = self.records(&conn, cookies);
-        match self.insert(&conn, cookies, records) {
-            Ok(()) => {}
-            Err((e, false)) => return self.fall_back(conn, &e.to_string()),
-            Err((e, true)) => return Err(e),
+        let client_dir = match self.insert(&conn, cookies, records) {
+            Ok(d) => d,
+            Err(e) => return self.fall_back(conn, &e.to_string()),
+        };
+        if client_dir == Dir::User {
+            self.stats.userspace_fallbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         // Bytes that arrived before the sockets were spliced sit in their
         // receive queues; re-arming data-ready runs them through the verdict.
-        for s in [&conn.client, &conn.server] {
-            if let Err(e) = sys::set_rcvlowat(s, 1) {
+        let spliced: &[&std::net::TcpStream] = match client_dir {
+            Dir::Kernel => &[conn.socks.client(), conn.socks.server()],
+            Dir::User => &[conn.socks.server()],
+        };
+        for s in spliced {
+            if let Err(e) = sys::set_rcvlowat(*s, 1) {
                 self.maps.lock().unwrap_or_else(|e| e.into_inner()).forget(cookies);
                 return Err(SpliceError::Socket(e));
             }
         }
-        self.watcher.watch(conn, cookies, written_base).inspect_err(|_| {
+        self.watcher.watch(conn, cookies, written_base, [client_dir, Dir::Kernel]).inspect_err(|_| {
             self.maps.lock().unwrap_or_else(|e| e.into_inner()).forget(cookies);
         })
     }

@@ -20,12 +20,46 @@ use crate::{
 /// A client and the server connected for it, ready to be spliced.
 #[derive(Debug)]
 pub struct Spliced {
-    pub client: TcpStream,
-    pub server: TcpStream,
+    pub socks: Socks,
     pub guard: ConnGuard,
     /// Peer address of `client`, local and peer address of `server`
     /// (known from accept and connect; saves the data plane three syscalls).
     pub addrs: ConnAddrs,
+}
+
+/// The two sockets of a connection, `[client, server]`. Dropped without
+/// [`Socks::take`], both are reset: a connection lb gives up on must never
+/// look like a clean end (FIN) to either side.
+#[derive(Debug)]
+pub struct Socks(Option<[TcpStream; 2]>);
+
+impl Socks {
+    pub fn new(client: TcpStream, server: TcpStream) -> Self {
+        Self(Some([client, server]))
+    }
+    fn get(&self) -> &[TcpStream; 2] {
+        self.0.as_ref().expect("sockets are only taken by value")
+    }
+    pub fn client(&self) -> &TcpStream {
+        &self.get()[0]
+    }
+    pub fn server(&self) -> &TcpStream {
+        &self.get()[1]
+    }
+    /// Hands the sockets over: from here on the caller closes them.
+    pub fn take(mut self) -> [TcpStream; 2] {
+        self.0.take().expect("sockets are only taken once")
+    }
+}
+
+impl Drop for Socks {
+    fn drop(&mut self) {
+        if let Some(socks) = self.0.take() {
+            for s in &socks {
+                let _ = crate::sys::set_linger_zero(s);
+            }
+        }
+    }
 }
 
 /// The three addresses of a proxied connection.
@@ -59,7 +93,7 @@ impl fmt::Display for Kind {
 pub trait Dataplane: Send + Sync {
     fn kind(&self) -> Kind;
     /// Takes over the connection; returns at once. On error both sockets are
-    /// closed and the error says why.
+    /// reset and the error says why.
     fn splice(&self, conn: Spliced) -> Result<(), SpliceError>;
     /// Closes every connection and releases kernel objects.
     fn shutdown(&self);

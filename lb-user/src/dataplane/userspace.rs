@@ -106,16 +106,25 @@ impl Dataplane for UserspaceDataplane {
     }
 
     fn splice(&self, conn: Spliced) -> Result<(), SpliceError> {
-        let Spliced { client, server, guard, .. } = conn;
-        for s in [&client, &server] {
+        let Spliced { socks, guard, .. } = conn;
+        for s in [socks.client(), socks.server()] {
             s.set_nonblocking(true).map_err(SpliceError::Socket)?;
         }
-        let client = TcpStream::from_std(client).map_err(SpliceError::Socket)?;
-        let server = TcpStream::from_std(server).map_err(SpliceError::Socket)?;
         let mut stop = self.stop.subscribe();
         if *stop.borrow() {
             return Err(SpliceError::ShuttingDown);
         }
+        // Registering with the runtime cannot fail for a socket it made;
+        // if it does, the second socket is reset by this guard.
+        let [client, server] = socks.take();
+        let client = TcpStream::from_std(client).map_err(SpliceError::Socket)?;
+        let server = match TcpStream::from_std(server) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = sys::set_linger_zero(&client);
+                return Err(SpliceError::Socket(e));
+            }
+        };
         let idle = self.idle;
         tokio::spawn(async move {
             let mut guard = guard;

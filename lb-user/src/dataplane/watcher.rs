@@ -31,10 +31,39 @@ const WAKE: u64 = u64::MAX;
 /// A half-closed direction whose peer accepts no bytes for this long is reset.
 const DRAIN_STALL: Duration = Duration::from_secs(60);
 const CLIENT: usize = 0;
+/// Buffer of a direction copied in userspace.
+const COPY_BUF: usize = 64 * 1024;
 
 struct Drain {
     last_written: u64,
     last_progress: Instant,
+}
+
+/// How the bytes one side receives reach the other side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// The eBPF verdict redirects them.
+    Kernel,
+    /// The watcher reads and writes them (the side could not be spliced).
+    User,
+}
+
+/// A direction copied by the watcher: non-blocking reads from the source,
+/// writes to the destination, both driven by edge-triggered epoll events.
+struct Copy {
+    buf: Box<[u8]>,
+    len: usize,
+    off: usize,
+    eof: bool,
+    bytes: u64,
+    /// `CLOCK_MONOTONIC_COARSE` ns of the last byte read.
+    last_ns: u64,
+}
+
+enum Flow {
+    /// Kernel splice; a pending EOF forward once the source sent its FIN.
+    Kernel(Option<Drain>),
+    User(Box<Copy>),
 }
 
 struct Conn {
@@ -48,8 +77,8 @@ struct Conn {
     rd_closed: [bool; 2],
     /// We sent FIN (shutdown(Write)) on this side.
     wr_shut: [bool; 2],
-    /// Pending EOF forward *from* this side to the other.
-    drain: [Option<Drain>; 2],
+    /// The bytes received on each side, on their way to the other.
+    flows: [Flow; 2],
     guard: ConnGuard,
 }
 
@@ -63,6 +92,21 @@ enum Next {
     Idle,
 }
 
+/// The epoll events a socket of a connection with `dirs` is watched for:
+/// its FIN always; its data when the watcher copies what it receives, and
+/// write space when the watcher copies to it. Data arriving on a spliced
+/// socket never wakes the watcher.
+fn interest(side: usize, dirs: [Dir; 2]) -> u32 {
+    let mut ev = (libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+    if dirs[side] == Dir::User {
+        ev |= libc::EPOLLIN as u32;
+    }
+    if dirs[1 - side] == Dir::User {
+        ev |= libc::EPOLLOUT as u32;
+    }
+    ev
+}
+
 impl Conn {
     fn on_event(&mut self, side: usize, events: u32, maps: &ConnMaps) -> Next {
         let hup = events & (libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0;
@@ -73,54 +117,133 @@ impl Conn {
                 return Next::Abort(side);
             }
         }
-        if (hup || events & libc::EPOLLRDHUP as u32 != 0) && !self.rd_closed[side] {
+        // A copied direction sees its FIN as the end of its reads instead.
+        if let Flow::Kernel(drain) = &mut self.flows[side]
+            && (hup || events & libc::EPOLLRDHUP as u32 != 0)
+            && !self.rd_closed[side]
+        {
             self.rd_closed[side] = true;
-            self.drain[side] = Some(Drain { last_written: 0, last_progress: Instant::now() });
+            *drain = Some(Drain { last_written: 0, last_progress: Instant::now() });
         }
         self.progress(maps)
     }
 
-    /// Forwards pending EOFs whose bytes have all reached the peer.
+    /// Moves copied bytes and forwards pending EOFs whose bytes have all
+    /// reached the peer.
     fn progress(&mut self, maps: &ConnMaps) -> Next {
         for from in [0, 1] {
             let to = 1 - from;
-            let Some(d) = self.drain[from].as_mut() else {
-                continue;
+            let next = match &mut self.flows[from] {
+                Flow::User(copy) => pump(copy, &self.socks, from, &mut self.rd_closed, &mut self.wr_shut),
+                Flow::Kernel(None) => Next::Keep,
+                Flow::Kernel(Some(d)) => {
+                    // tcpi_bytes_received counts the FIN, which is in by now.
+                    let received = sys::tcp_bytes_received(&self.socks[from]).unwrap_or(1).saturating_sub(1);
+                    let redirected = maps.redirected(self.cookies[from]).unwrap_or(0);
+                    let written =
+                        sys::tcp_bytes_written(&self.socks[to]).unwrap_or(0).saturating_sub(self.written_base[to]);
+                    log::trace!(
+                        "drain {}: received {received} redirected {redirected} written {written}",
+                        side_name(from)
+                    );
+                    if redirected >= received && written >= redirected {
+                        // Errors here mean the peer is already gone; its own event follows.
+                        let _ = self.socks[to].shutdown(Shutdown::Write);
+                        self.wr_shut[to] = true;
+                        self.flows[from] = Flow::Kernel(None);
+                        Next::Keep
+                    } else if written > d.last_written {
+                        d.last_written = written;
+                        d.last_progress = Instant::now();
+                        Next::Keep
+                    } else if d.last_progress.elapsed() > DRAIN_STALL {
+                        log::warn!(
+                            "{} accepted no bytes for {DRAIN_STALL:?} after the {} closed ({written} of \
+                             {redirected} bytes delivered); resetting",
+                            side_name(to),
+                            side_name(from)
+                        );
+                        Next::Abort(to)
+                    } else {
+                        Next::Keep
+                    }
+                }
             };
-            // tcpi_bytes_received counts the FIN, which is in by now.
-            let received = sys::tcp_bytes_received(&self.socks[from]).unwrap_or(1).saturating_sub(1);
-            let redirected = maps.redirected(self.cookies[from]).unwrap_or(0);
-            let written = sys::tcp_bytes_written(&self.socks[to]).unwrap_or(0).saturating_sub(self.written_base[to]);
-            log::trace!("drain {}: received {received} redirected {redirected} written {written}", side_name(from));
-            if redirected >= received && written >= redirected {
-                // Errors here mean the peer is already gone; its own event follows.
-                let _ = self.socks[to].shutdown(Shutdown::Write);
-                self.wr_shut[to] = true;
-                self.drain[from] = None;
-            } else if written > d.last_written {
-                d.last_written = written;
-                d.last_progress = Instant::now();
-            } else if d.last_progress.elapsed() > DRAIN_STALL {
-                log::warn!(
-                    "{} accepted no bytes for {DRAIN_STALL:?} after the {} closed ({written} of {redirected} \
-                     bytes delivered); resetting",
-                    side_name(to),
-                    side_name(from)
-                );
-                return Next::Abort(to);
+            if !matches!(next, Next::Keep) {
+                return next;
             }
         }
         if self.rd_closed == [true; 2] && self.wr_shut == [true; 2] { Next::Close } else { Next::Keep }
     }
 
+    /// Whether an EOF forward waits for the kernel to finish delivering.
     fn pending(&self) -> bool {
-        self.drain.iter().any(Option::is_some)
+        self.flows.iter().any(|f| matches!(f, Flow::Kernel(Some(_))))
     }
 
-    /// Whether neither socket redirected a byte since `now_ns - idle_ns`.
+    /// Bytes moved from each side to the other (client->server, server->client).
+    fn bytes(&self, maps: &ConnMaps) -> [u64; 2] {
+        [0, 1].map(|side| match &self.flows[side] {
+            Flow::User(c) => c.bytes,
+            Flow::Kernel(_) => maps.redirected(self.cookies[side]).unwrap_or(0),
+        })
+    }
+
+    /// Whether no byte moved either way since `now_ns - idle_ns`.
     fn idle(&self, maps: &ConnMaps, now_ns: u64, idle_ns: u64) -> bool {
-        let last = self.cookies.iter().filter_map(|c| maps.record(*c)).map(|r| r.last_active_ns).max();
+        let kernel = self.cookies.iter().filter_map(|c| maps.record(*c)).map(|r| r.last_active_ns);
+        let copied = self.flows.iter().filter_map(|f| match f {
+            Flow::User(c) => Some(c.last_ns),
+            Flow::Kernel(_) => None,
+        });
+        let last = kernel.chain(copied).max();
         last.is_some_and(|l| now_ns.saturating_sub(l) > idle_ns)
+    }
+}
+
+/// Copies what side `from` received to the other side until either would
+/// block; at the source's EOF, once everything is written, forwards it.
+fn pump(c: &mut Copy, socks: &[TcpStream; 2], from: usize, rd_closed: &mut [bool; 2], wr_shut: &mut [bool; 2]) -> Next {
+    use std::io::{ErrorKind, Read as _, Write as _};
+    let to = 1 - from;
+    if wr_shut[to] {
+        return Next::Keep;
+    }
+    loop {
+        if c.off < c.len {
+            match (&socks[to]).write(&c.buf[c.off..c.len]) {
+                Ok(n) => c.off += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Next::Keep,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::debug!("{} side failed while written to: {e}", side_name(to));
+                    return Next::Abort(to);
+                }
+            }
+            continue;
+        }
+        if c.eof {
+            let _ = socks[to].shutdown(Shutdown::Write);
+            wr_shut[to] = true;
+            return Next::Keep;
+        }
+        match (&socks[from]).read(&mut c.buf) {
+            Ok(0) => {
+                c.eof = true;
+                rd_closed[from] = true;
+            }
+            Ok(n) => {
+                (c.len, c.off) = (n, 0);
+                c.bytes += n as u64;
+                c.last_ns = sys::monotonic_coarse_ns();
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Next::Keep,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => {
+                log::debug!("{} side failed while read: {e}", side_name(from));
+                return Next::Abort(from);
+            }
+        }
     }
 }
 
@@ -192,12 +315,18 @@ impl Watcher {
     /// The sockets join the epoll set before the connection reaches the
     /// thread (so nothing can close them while they are being added); an
     /// event that beats the connection there is kept until it arrives.
-    pub fn watch(&self, conn: Spliced, cookies: [u64; 2], written_base: [u64; 2]) -> Result<(), SpliceError> {
+    /// `dirs`: how the bytes each side receives move (client's, server's).
+    pub fn watch(
+        &self,
+        conn: Spliced,
+        cookies: [u64; 2],
+        written_base: [u64; 2],
+        dirs: [Dir; 2],
+    ) -> Result<(), SpliceError> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let fds = [conn.client.as_raw_fd(), conn.server.as_raw_fd()];
-        let events = (libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+        let fds = [conn.socks.client().as_raw_fd(), conn.socks.server().as_raw_fd()];
         for (side, fd) in fds.into_iter().enumerate() {
-            if let Err(e) = self.shared.epoll.add(fd, events, id << 1 | side as u64) {
+            if let Err(e) = self.shared.epoll.add(fd, interest(side, dirs), id << 1 | side as u64) {
                 if side == 1 {
                     let _ = self.shared.epoll.delete(fds[0]);
                 }
@@ -205,13 +334,24 @@ impl Watcher {
                 return Err(SpliceError::Socket(e));
             }
         }
+        let flows = dirs.map(|d| match d {
+            Dir::Kernel => Flow::Kernel(None),
+            Dir::User => Flow::User(Box::new(Copy {
+                buf: vec![0; COPY_BUF].into_boxed_slice(),
+                len: 0,
+                off: 0,
+                eof: false,
+                bytes: 0,
+                last_ns: sys::monotonic_coarse_ns(),
+            })),
+        });
         let conn = Conn {
-            socks: [conn.client, conn.server],
+            socks: conn.socks.take(),
             cookies,
             written_base,
             rd_closed: [false; 2],
             wr_shut: [false; 2],
-            drain: [None, None],
+            flows,
             guard: conn.guard,
         };
         self.send(Msg::Watch(id, conn))
@@ -248,6 +388,13 @@ impl Table {
         for m in msgs {
             match m {
                 Msg::Watch(id, conn) => {
+                    // A copied side may have had all its bytes before the
+                    // watch began: look at it once, as if an event came.
+                    for (side, f) in conn.flows.iter().enumerate() {
+                        if matches!(f, Flow::User(_)) {
+                            *self.early.entry(id << 1 | side as u64).or_default() |= libc::EPOLLIN as u32;
+                        }
+                    }
                     self.conns.insert(id, conn);
                 }
                 Msg::Cancel(id) => {
@@ -368,7 +515,7 @@ fn run(shared: &Shared, mut maps: ConnMaps) {
 }
 
 fn close(maps: &mut ConnMaps, mut conn: Conn) {
-    let bytes = conn.cookies.map(|c| maps.redirected(c).unwrap_or(0));
+    let bytes = conn.bytes(maps);
     conn.guard.add_bytes(bytes[CLIENT], bytes[1 - CLIENT]);
     maps.forget_closing(conn.cookies);
     drop(conn); // closes both sockets, exactly once
