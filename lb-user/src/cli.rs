@@ -53,9 +53,9 @@ pub enum Cmd {
         /// Print JSON instead of tables.
         #[arg(long)]
         json: bool,
-        /// Refresh every SECS seconds until interrupted.
-        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "1")]
-        watch: Option<f64>,
+        /// Refresh every SECS seconds (0.1 to 3600, default 1) until interrupted.
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "1", value_parser = watch_interval)]
+        watch: Option<std::time::Duration>,
     },
     /// List live kernel-spliced connections (client, server, source, age, idle, bytes) from the pinned maps.
     Conns {
@@ -144,6 +144,15 @@ impl ServerAction {
     }
 }
 
+/// `--watch SECS`: a number of seconds from 0.1 to 3600.
+fn watch_interval(s: &str) -> Result<std::time::Duration, String> {
+    let secs: f64 = s.trim().parse().map_err(|_| format!("\"{s}\" is not a number of seconds"))?;
+    if !(0.1..=3600.0).contains(&secs) {
+        return Err(format!("{s} seconds: must be between 0.1 and 3600"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
 fn control(target: &Target, req: Request) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let reply = rt.block_on(crate::control::request(&target.socket(), &req))?;
@@ -206,16 +215,13 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             };
             match watch {
                 None => print!("{}", show(&read()?)?),
-                Some(secs) => {
-                    if !(secs > 0.0 && secs.is_finite()) {
-                        anyhow::bail!("--watch {secs}: must be a positive number of seconds");
-                    }
+                Some(every) => {
                     loop {
                         let out = show(&read()?)?;
                         // Clear the screen and home the cursor, then redraw.
                         print!("\x1b[2J\x1b[H{out}");
                         std::io::Write::flush(&mut std::io::stdout())?;
-                        std::thread::sleep(std::time::Duration::from_secs_f64(secs));
+                        std::thread::sleep(every);
                     }
                 }
             }
@@ -238,5 +244,15 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        super::Cli::command().debug_assert();
     }
 }

@@ -42,15 +42,6 @@ impl fmt::Display for DataplaneMode {
 fn default_pin_path() -> PathBuf {
     PathBuf::from("/sys/fs/bpf/lb")
 }
-fn default_connect_timeout() -> Duration {
-    Duration::from_secs(5)
-}
-fn default_queue_timeout() -> Duration {
-    Duration::from_secs(5)
-}
-fn default_idle_timeout() -> Duration {
-    Duration::from_secs(3600)
-}
 fn default_connect_attempts() -> Spanned<u32> {
     Spanned::new(0..0, 3)
 }
@@ -73,24 +64,50 @@ pub const FD_RESERVE: u64 = 64;
 /// Largest number of addresses one `source_pool` CIDR may expand to.
 const MAX_CIDR_ADDRS: u128 = 1 << 16;
 
-/// `[timeouts]`.
-#[derive(Clone, Debug, Deserialize)]
+/// Longest duration any key takes: longer ones are refused (timers and
+/// clocks must not overflow, and nobody means a timeout of years).
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A duration as written in the file: `"750ms"`, `"5s"`, `"4h"`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HumanDuration {
+    pub value: Duration,
+    pub text: String,
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match humantime::parse_duration(&text) {
+            Ok(value) => Ok(HumanDuration { value, text }),
+            Err(_) => Err(serde::de::Error::invalid_value(serde::de::Unexpected::Str(&text), &"a duration")),
+        }
+    }
+}
+
+/// `[timeouts]` as written.
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RawTimeouts {
+    pub connect: Option<Spanned<HumanDuration>>,
+    pub queue: Option<Spanned<HumanDuration>>,
+    pub idle: Option<Spanned<HumanDuration>>,
+}
+
+/// `[timeouts]`, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Timeouts {
     /// Time allowed for one connect attempt to a server.
-    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect: Duration,
-    /// Longest a client waits for a server slot (server `maxconn`) before it is closed.
-    #[serde(default = "default_queue_timeout", with = "humantime_serde")]
+    /// Longest a client waits for a server slot (server `maxconn`) before it is reset.
     pub queue: Duration,
     /// A spliced connection with no bytes in either direction for this long is closed.
-    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle: Duration,
 }
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Self { connect: default_connect_timeout(), queue: default_queue_timeout(), idle: default_idle_timeout() }
+        Self { connect: Duration::from_secs(5), queue: Duration::from_secs(5), idle: Duration::from_secs(3600) }
     }
 }
 
@@ -133,9 +150,6 @@ pub struct ServerTable {
 /// Largest server weight.
 pub const MAX_WEIGHT: u32 = 256;
 
-fn default_health_interval() -> Duration {
-    Duration::from_secs(2)
-}
 fn default_rise() -> u32 {
     2
 }
@@ -144,15 +158,13 @@ fn default_fall() -> u32 {
 }
 
 /// `[backend.health]`: active checks of every server of the backend.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthConfig {
-    /// Time between two checks of a server.
-    #[serde(default = "default_health_interval", with = "humantime_serde")]
-    pub interval: Duration,
+    /// Time between two checks of a server (default 2s).
+    pub interval: Option<Spanned<HumanDuration>>,
     /// Time one check may take (connect, and send/expect); default: the interval.
-    #[serde(default, with = "humantime_serde")]
-    pub timeout: Option<Duration>,
+    pub timeout: Option<Spanned<HumanDuration>>,
     /// Consecutive successes that bring a down server up.
     #[serde(default = "default_rise")]
     pub rise: u32,
@@ -224,7 +236,7 @@ pub struct RawConfig {
     /// Default local port range of the default pool.
     pub source_port_range: Option<Spanned<String>>,
     #[serde(default)]
-    pub timeouts: Timeouts,
+    pub timeouts: RawTimeouts,
     #[serde(default)]
     pub frontend: Vec<Frontend>,
     #[serde(default)]
@@ -368,22 +380,6 @@ impl Locator<'_> {
     fn err(&self, offset: usize, message: impl Into<String>) -> ConfigError {
         ConfigError { file: self.file.to_owned(), line: self.line(offset), message: message.into() }
     }
-    /// Offset of the first line that starts with `key` (for keys whose
-    /// value carries no span, such as durations), else 0.
-    fn key_offset(&self, table: &str, key: &str) -> usize {
-        let mut in_table = table.is_empty();
-        let mut offset = 0;
-        for line in self.text.split_inclusive('\n') {
-            let t = line.trim();
-            if t.starts_with('[') {
-                in_table = t.trim_matches(|c| c == '[' || c == ']').trim() == table;
-            } else if in_table && t.split('=').next().is_some_and(|k| k.trim() == key) {
-                return offset;
-            }
-            offset += line.len();
-        }
-        0
-    }
 }
 
 impl Config {
@@ -488,13 +484,13 @@ impl RawConfig {
         if connect_attempts == 0 {
             return Err(loc.err(span_of(&self.connect_attempts), "connect_attempts = 0: must be at least 1"));
         }
-        for (key, d) in
-            [("connect", self.timeouts.connect), ("queue", self.timeouts.queue), ("idle", self.timeouts.idle)]
-        {
-            if d.is_zero() {
-                return Err(loc.err(loc.key_offset("timeouts", key), format!("timeouts.{key}: must be greater than 0")));
-            }
-        }
+        let defaults = Timeouts::default();
+        let t = &self.timeouts;
+        let timeouts = Timeouts {
+            connect: duration(loc, "timeouts.connect", &t.connect, defaults.connect)?,
+            queue: duration(loc, "timeouts.queue", &t.queue, defaults.queue)?,
+            idle: duration(loc, "timeouts.idle", &t.idle, defaults.idle)?,
+        };
 
         let default_pool =
             parse_pool(loc, "source_pool", "source_port_range", &self.source_pool, &self.source_port_range)?;
@@ -592,20 +588,16 @@ impl RawConfig {
                     let at = span_of(h);
                     let h = h.get_ref();
                     let bad = |what: &str| loc.err(at, format!("backend \"{name}\": health: {what}"));
-                    if h.interval.is_zero() {
-                        return Err(bad("interval must be greater than 0"));
-                    }
-                    let timeout = h.timeout.unwrap_or(h.interval);
-                    if timeout.is_zero() {
-                        return Err(bad("timeout must be greater than 0"));
-                    }
+                    let key = |k: &str| format!("backend \"{name}\": health.{k}");
+                    let interval = duration(loc, &key("interval"), &h.interval, Duration::from_secs(2))?;
+                    let timeout = duration(loc, &key("timeout"), &h.timeout, interval)?;
                     if h.rise == 0 || h.fall == 0 {
                         return Err(bad("rise and fall must be at least 1"));
                     }
                     let send = unescape(h.send.as_deref().unwrap_or("")).map_err(|e| bad(&format!("send: {e}")))?;
                     let expect =
                         unescape(h.expect.as_deref().unwrap_or("")).map_err(|e| bad(&format!("expect: {e}")))?;
-                    Some(HealthCheck { interval: h.interval, timeout, rise: h.rise, fall: h.fall, send, expect })
+                    Some(HealthCheck { interval, timeout, rise: h.rise, fall: h.fall, send, expect })
                 }
             };
             backends.push(BackendConfig { name: name.clone(), servers, pool, queue, balance: b.balance, health });
@@ -666,11 +658,30 @@ impl RawConfig {
             workers,
             maxconn,
             connect_attempts,
-            timeouts: self.timeouts,
+            timeouts,
             frontends,
             backends,
         })
     }
+}
+
+/// A duration key's value, or `default` when absent: more than 0, at most
+/// [`MAX_DURATION`]. `key` names it in errors (`timeouts.idle`).
+fn duration(
+    loc: &Locator<'_>,
+    key: &str,
+    value: &Option<Spanned<HumanDuration>>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let Some(v) = value else { return Ok(default) };
+    let HumanDuration { value, text } = v.get_ref();
+    if value.is_zero() {
+        return Err(loc.err(span_of(v), format!("{key}: must be greater than 0")));
+    }
+    if *value > MAX_DURATION {
+        return Err(loc.err(span_of(v), format!("{key} = \"{text}\": at most 365 days")));
+    }
+    Ok(*value)
 }
 
 /// Validates a `source_pool` / `source_port_range` pair.

@@ -16,7 +16,7 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use crate::runtime::Command;
+use crate::runtime::{Command, CommandError, ReloadError};
 
 /// What a client asks.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -40,19 +40,42 @@ pub struct Reply {
     pub message: String,
 }
 
-impl From<Result<String, String>> for Reply {
-    fn from(r: Result<String, String>) -> Self {
+impl<E: std::fmt::Display> From<Result<String, E>> for Reply {
+    fn from(r: Result<String, E>) -> Self {
         match r {
             Ok(message) => Reply { ok: true, message },
-            Err(message) => Reply { ok: false, message },
+            Err(e) => Reply { ok: false, message: e.to_string() },
         }
     }
 }
 
+/// Why a request was refused (the reply's message says it).
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    #[error(transparent)]
+    Reload(#[from] ReloadError),
+    /// Applied by the supervisor, refused or unanswered by some workers.
+    #[error("{applied}, but {}", .failures.join("; "))]
+    Workers { applied: String, failures: Vec<String> },
+    #[error("permission denied: the control socket takes requests from root only")]
+    PermissionDenied,
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("bad request: server_health comes from lb's own health checks; use `lb server disable|enable` instead")]
+    InternalOnly,
+    #[error("lb is stopping")]
+    Stopping,
+}
+
+/// What a request gets: what changed, or why nothing did.
+pub type Response = Result<String, RequestError>;
+
 /// A request on its way to the owner, with where the answer goes.
 pub struct Msg {
     pub req: Request,
-    pub reply: oneshot::Sender<Result<String, String>>,
+    pub reply: oneshot::Sender<Response>,
 }
 
 /// `/run/lb/<pin path, mangled>.sock`, unless the config names one.
@@ -87,27 +110,23 @@ async fn session(s: UnixStream, tx: mpsc::Sender<Msg>) {
     };
     let mut lines = BufReader::new(r).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        let reply: Reply = if !allowed {
-            Err("permission denied: the control socket takes requests from root only".to_owned()).into()
+        let response: Response = if !allowed {
+            Err(RequestError::PermissionDenied)
         } else {
             match serde_json::from_str::<Request>(&line) {
-                Err(e) => Err(format!("bad request: {e}")).into(),
-                Ok(Request::Apply(crate::runtime::Command::ServerHealth { .. })) => {
-                    Err("bad request: server_health comes from lb's own health checks; \
-                         use `lb server disable|enable` instead"
-                        .to_owned())
-                    .into()
-                }
+                Err(e) => Err(RequestError::BadRequest(e.to_string())),
+                Ok(Request::Apply(crate::runtime::Command::ServerHealth { .. })) => Err(RequestError::InternalOnly),
                 Ok(req) => {
                     let (reply, rx) = oneshot::channel();
                     if tx.send(Msg { req, reply }).await.is_err() {
-                        Err("lb is stopping".to_owned()).into()
+                        Err(RequestError::Stopping)
                     } else {
-                        rx.await.unwrap_or_else(|_| Err("lb is stopping".into())).into()
+                        rx.await.unwrap_or(Err(RequestError::Stopping))
                     }
                 }
             }
         };
+        let reply = Reply::from(response);
         let mut out = serde_json::to_vec(&reply).unwrap_or_default();
         out.push(b'\n');
         if w.write_all(&out).await.is_err() || !allowed {

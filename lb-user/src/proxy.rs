@@ -25,7 +25,7 @@ use crate::{
     dataplane::{self, ConnAddrs, Dataplane, Kind, Socks, Spliced},
     publish::Publisher,
     runtime::Command,
-    runtime::{BackendRt, Backends},
+    runtime::{BackendRt, Backends, ReloadError},
     select::Candidate,
     stats::{CloseReason, ConnGuard, PairState, ProxyStats, ServerState},
     sys,
@@ -137,20 +137,18 @@ pub struct Reload {
 /// whole. The commands need no check of their own: the file was validated,
 /// and they are derived from the running state in the order they apply
 /// (a server whose `maxconn` changes is removed, then added again).
-pub fn plan_reload(src: &Reload, current: &Config, backends: &Backends) -> Result<(Config, Vec<Command>), String> {
-    let (new, _) = Config::load_with(&src.path, &src.overrides).map_err(|e| format!("reload rejected: {e}"))?;
-    let cmds = backends.diff(current, &new).map_err(|e| format!("reload rejected: {e}"))?;
+pub fn plan_reload(src: &Reload, current: &Config, backends: &Backends) -> Result<(Config, Vec<Command>), ReloadError> {
+    let (new, _) = Config::load_with(&src.path, &src.overrides)?;
+    let cmds = backends.diff(current, &new)?;
     Ok((new, cmds))
 }
 
 /// Reads the file again and applies its server changes, or nothing.
-pub fn reload(src: &Reload, current: &mut Config, backends: &Backends) -> Result<String, String> {
+pub fn reload(src: &Reload, current: &mut Config, backends: &Backends) -> Result<String, ReloadError> {
     let (new, cmds) = plan_reload(src, current, backends)?;
     for c in &cmds {
-        match backends.apply(c) {
-            Ok(m) => log::info!("reload: {m}"),
-            Err(e) => return Err(format!("reload stopped half-way: {e}")),
-        }
+        let m = backends.apply(c).map_err(ReloadError::Apply)?;
+        log::info!("reload: {m}");
     }
     *current = new;
     Ok(format!("reloaded {}: {} change(s)", src.path.display(), cmds.len()))
@@ -241,8 +239,8 @@ pub async fn serve(
                 }
             }
             Some(m) = ctl.recv() => {
-                let r = match m.req {
-                    control::Request::Apply(c) => shared.backends.apply(&c).inspect(|msg| {
+                let r: control::Response = match m.req {
+                    control::Request::Apply(c) => shared.backends.apply(&c).map_err(Into::into).inspect(|msg| {
                         if supervised {
                             log::debug!("{msg}");
                         } else {
@@ -250,8 +248,8 @@ pub async fn serve(
                         }
                     }),
                     control::Request::Other { cmd: control::Other::Reload } => match &reload_src {
-                        Some(src) => reload(src, &mut cfg, &shared.backends),
-                        None => Err("reload goes to the supervisor, not a worker".into()),
+                        Some(src) => reload(src, &mut cfg, &shared.backends).map_err(Into::into),
+                        None => Err(ReloadError::NotHere.into()),
                     },
                 };
                 if let Err(e) = &r {

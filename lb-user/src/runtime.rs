@@ -150,40 +150,41 @@ impl Backends {
         v
     }
 
-    fn backend(&self, name: &str) -> Result<&BackendRt, String> {
-        self.list.iter().find(|b| b.name == name).ok_or_else(|| format!("no backend named \"{name}\""))
+    fn backend(&self, name: &str) -> Result<&BackendRt, CommandError> {
+        self.list.iter().find(|b| b.name == name).ok_or_else(|| CommandError::NoBackend(name.to_owned()))
+    }
+
+    /// The server `addr` of backend `name`.
+    fn server(&self, name: &str, addr: ServerAddr) -> Result<Arc<ServerState>, CommandError> {
+        self.backend(name)?.find(addr).ok_or_else(|| CommandError::NoServer { backend: name.to_owned(), addr })
     }
 
     /// Checks a command without applying it.
-    pub fn check(&self, cmd: &Command) -> Result<(), String> {
+    pub fn check(&self, cmd: &Command) -> Result<(), CommandError> {
         match cmd {
             Command::ServerAdd { backend, addr, weight, maxconn } => {
                 let b = self.backend(backend)?;
                 if b.find(*addr).is_some() {
-                    return Err(format!("backend \"{backend}\" already has server {addr}"));
+                    return Err(CommandError::Duplicate { backend: backend.clone(), addr: *addr });
                 }
                 if addr.0.port() == 0 || addr.0.ip().is_unspecified() {
-                    return Err(format!("{addr}: needs a concrete ip and a non-zero port"));
+                    return Err(CommandError::NotConcrete(*addr));
                 }
                 if !b.pool.addrs.is_empty() && !b.pool.addrs.iter().any(|a| a.is_ipv4() == addr.0.is_ipv4()) {
-                    return Err(format!("backend \"{backend}\": source_pool has no address of {addr}'s family"));
+                    return Err(CommandError::NoSourceOfFamily { backend: backend.clone(), addr: *addr });
                 }
                 check_weight(*weight)?;
                 if *maxconn == Some(0) {
-                    return Err("maxconn must be at least 1".into());
+                    return Err(CommandError::ZeroMaxconn);
                 }
             }
             Command::ServerRemove { backend, addr }
             | Command::ServerState { backend, addr, .. }
             | Command::ServerHealth { backend, addr, .. } => {
-                self.backend(backend)?
-                    .find(*addr)
-                    .ok_or_else(|| format!("backend \"{backend}\" has no server {addr}"))?;
+                self.server(backend, *addr)?;
             }
             Command::ServerWeight { backend, addr, weight } => {
-                self.backend(backend)?
-                    .find(*addr)
-                    .ok_or_else(|| format!("backend \"{backend}\" has no server {addr}"))?;
+                self.server(backend, *addr)?;
                 check_weight(*weight)?;
             }
         }
@@ -191,7 +192,7 @@ impl Backends {
     }
 
     /// Applies a command; returns what changed, for the log and the reply.
-    pub fn apply(&self, cmd: &Command) -> Result<String, String> {
+    pub fn apply(&self, cmd: &Command) -> Result<String, CommandError> {
         self.check(cmd)?;
         let msg = match cmd {
             Command::ServerAdd { backend, addr, weight, maxconn } => {
@@ -228,7 +229,7 @@ impl Backends {
                 format!("backend \"{backend}\": server {addr} removed ({live} connections continue until they end)")
             }
             Command::ServerState { backend, addr, state } => {
-                let s = self.backend(backend)?.find(*addr).expect("checked");
+                let s = self.server(backend, *addr)?;
                 s.set_admin(*state);
                 let what = match state {
                     Admin::Enabled => "enabled",
@@ -238,12 +239,12 @@ impl Backends {
                 format!("backend \"{backend}\": server {addr} {what}")
             }
             Command::ServerWeight { backend, addr, weight } => {
-                let s = self.backend(backend)?.find(*addr).expect("checked");
+                let s = self.server(backend, *addr)?;
                 s.weight.store(*weight, Relaxed);
                 format!("backend \"{backend}\": server {addr} weight {weight}")
             }
             Command::ServerHealth { backend, addr, up } => {
-                self.backend(backend)?.find(*addr).expect("checked").set_up(*up);
+                self.server(backend, *addr)?.set_up(*up);
                 format!("backend \"{backend}\": server {addr} is {}", if *up { "up" } else { "down" })
             }
         };
@@ -252,8 +253,11 @@ impl Backends {
 
     /// The commands that turn the running server sets into `new`'s.
     /// Everything else must be unchanged: a reload changes servers only.
-    pub fn diff(&self, old: &Config, new: &Config) -> Result<Vec<Command>, String> {
-        reload_compatible(old, new)?;
+    pub fn diff(&self, old: &Config, new: &Config) -> Result<Vec<Command>, ReloadError> {
+        let needs_restart = restart_keys(old, new);
+        if !needs_restart.is_empty() {
+            return Err(ReloadError::NeedsRestart(needs_restart));
+        }
         let mut cmds = Vec::new();
         for (b, nb) in self.list.iter().zip(&new.backends) {
             let cur = b.servers();
@@ -291,30 +295,106 @@ impl Backends {
     }
 }
 
-fn check_weight(w: u32) -> Result<(), String> {
-    if w > MAX_WEIGHT { Err(format!("weight {w}: must be between 0 and {MAX_WEIGHT}")) } else { Ok(()) }
+fn check_weight(w: u32) -> Result<(), CommandError> {
+    if w > MAX_WEIGHT { Err(CommandError::Weight(w)) } else { Ok(()) }
 }
 
-/// A reload may change backends' servers (addresses, weights, maxconn) only.
-fn reload_compatible(old: &Config, new: &Config) -> Result<(), String> {
-    let same = |what: &str, a: String, b: String| {
-        if a == b { Ok(()) } else { Err(format!("{what} changed: a reload changes servers only; restart lb for this")) }
+/// Why an operator's command was refused. Nothing of it was applied.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("no backend named \"{0}\"")]
+    NoBackend(String),
+    #[error("backend \"{backend}\" has no server {addr}")]
+    NoServer { backend: String, addr: ServerAddr },
+    #[error("backend \"{backend}\" already has server {addr}")]
+    Duplicate { backend: String, addr: ServerAddr },
+    #[error("{0}: needs a concrete ip and a non-zero port")]
+    NotConcrete(ServerAddr),
+    #[error("backend \"{backend}\": source_pool has no address of {addr}'s family")]
+    NoSourceOfFamily { backend: String, addr: ServerAddr },
+    #[error("weight {0}: must be between 0 and {MAX_WEIGHT}")]
+    Weight(u32),
+    #[error("maxconn must be at least 1")]
+    ZeroMaxconn,
+}
+
+/// Why a reload was refused or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("reload rejected: {0}")]
+    Invalid(#[from] crate::config::LoadError),
+    #[error(
+        "reload rejected: {} changed; a reload applies server changes (servers, weight, maxconn) only: \
+         restart lb for the others",
+        .0.join(", ")
+    )]
+    NeedsRestart(Vec<String>),
+    #[error("reload stopped half-way: {0}")]
+    Apply(CommandError),
+    #[error("reload stopped half-way: {0}")]
+    Relay(String),
+    #[error("reload goes to the supervisor, not a worker")]
+    NotHere,
+}
+
+/// Every key that differs between `old` and `new` and that a reload cannot
+/// apply (everything but the servers of each backend). The destructuring
+/// names every field, so a new configuration key does not compile until
+/// this function decides what a reload does with it.
+fn restart_keys(old: &Config, new: &Config) -> Vec<String> {
+    let Config {
+        dataplane,
+        pin_path,
+        control_socket,
+        access_log,
+        metrics_listen,
+        workers,
+        maxconn,
+        connect_attempts,
+        timeouts,
+        frontends,
+        backends,
+    } = new;
+    let mut keys = Vec::new();
+    let mut differ = |key: &str, changed: bool| {
+        if changed {
+            keys.push(key.to_owned());
+        }
     };
-    same("dataplane", old.dataplane.to_string(), new.dataplane.to_string())?;
-    same("pin_path", format!("{:?}", old.pin_path), format!("{:?}", new.pin_path))?;
-    same("workers", old.workers.to_string(), new.workers.to_string())?;
-    same("maxconn", old.maxconn.to_string(), new.maxconn.to_string())?;
-    same("connect_attempts", old.connect_attempts.to_string(), new.connect_attempts.to_string())?;
-    same("timeouts", format!("{:?}", old.timeouts), format!("{:?}", new.timeouts))?;
-    same("frontend", format!("{:?}", old.frontends), format!("{:?}", new.frontends))?;
-    let names = |c: &Config| c.backends.iter().map(|b| b.name.clone()).collect::<Vec<_>>().join(",");
-    same("the list of backends", names(old), names(new))?;
-    for (a, b) in old.backends.iter().zip(&new.backends) {
-        let n = &a.name;
-        same(&format!("backend \"{n}\": source_pool"), format!("{:?}", a.pool), format!("{:?}", b.pool))?;
-        same(&format!("backend \"{n}\": balance"), format!("{:?}", a.balance), format!("{:?}", b.balance))?;
-        same(&format!("backend \"{n}\": health"), format!("{:?}", a.health), format!("{:?}", b.health))?;
-        same(&format!("backend \"{n}\": queue"), a.queue.to_string(), b.queue.to_string())?;
+    differ("dataplane", *dataplane != old.dataplane);
+    differ("pin_path", *pin_path != old.pin_path);
+    differ("control_socket", *control_socket != old.control_socket);
+    differ("access_log", *access_log != old.access_log);
+    differ("metrics_listen", *metrics_listen != old.metrics_listen);
+    differ("workers", *workers != old.workers);
+    differ("maxconn", *maxconn != old.maxconn);
+    differ("connect_attempts", *connect_attempts != old.connect_attempts);
+    let crate::config::Timeouts { connect, queue, idle } = timeouts;
+    differ("timeouts.connect", *connect != old.timeouts.connect);
+    differ("timeouts.queue", *queue != old.timeouts.queue);
+    differ("timeouts.idle", *idle != old.timeouts.idle);
+    if frontends.len() != old.frontends.len() {
+        differ("the list of [[frontend]]s", true);
     }
-    Ok(())
+    for (f, o) in frontends.iter().zip(&old.frontends) {
+        let crate::config::FrontendConfig { name, listen, backend, maxconn } = f;
+        let at = |k: &str| format!("frontend \"{}\": {k}", o.name);
+        differ(&at("name"), *name != o.name);
+        differ(&at("listen"), *listen != o.listen);
+        differ(&at("backend"), *backend != o.backend);
+        differ(&at("maxconn"), *maxconn != o.maxconn);
+    }
+    if backends.len() != old.backends.len() {
+        differ("the list of [[backend]]s", true);
+    }
+    for (b, o) in backends.iter().zip(&old.backends) {
+        let BackendConfig { name, servers: _, pool, queue, balance, health } = b;
+        let at = |k: &str| format!("backend \"{}\": {k}", o.name);
+        differ(&at("name"), *name != o.name);
+        differ(&at("source_pool or source_port_range"), *pool != o.pool);
+        differ(&at("queue"), *queue != o.queue);
+        differ(&at("balance"), *balance != o.balance);
+        differ(&at("health"), *health != o.health);
+    }
+    keys
 }

@@ -25,7 +25,7 @@ use crate::{
     control::{self, Reply},
     dataplane::Kind,
     proxy::{self, Ready, Reload, Serve},
-    runtime::{Backends, Command},
+    runtime::{Backends, Command, ReloadError},
 };
 
 /// What a worker gets on stdin.
@@ -168,7 +168,7 @@ async fn relay(
     model: &Backends,
     io: &mut [Option<WorkerIo>],
     specs: &mut [WorkerSpec],
-) -> Result<String, String> {
+) -> control::Response {
     model.check(cmd)?;
     let mut errors = Vec::new();
     for (i, w) in io.iter_mut().enumerate() {
@@ -185,7 +185,7 @@ async fn relay(
             s.replay.push(cmd.clone());
         }
     }
-    if errors.is_empty() { Ok(msg) } else { Err(format!("{msg}, but {}", errors.join("; "))) }
+    if errors.is_empty() { Ok(msg) } else { Err(control::RequestError::Workers { applied: msg, failures: errors }) }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -279,7 +279,7 @@ async fn supervise(
                 let r = match m.req {
                     control::Request::Apply(c) => relay(&c, &model, &mut io, &mut specs).await,
                     control::Request::Other { cmd: control::Other::Reload } => {
-                        reload_all(&reload, &mut cfg, &model, &mut io, &mut specs).await
+                        reload_all(&reload, &mut cfg, &model, &mut io, &mut specs).await.map_err(Into::into)
                     }
                 };
                 match &r {
@@ -333,10 +333,10 @@ async fn reload_all(
     model: &Backends,
     io: &mut [Option<WorkerIo>],
     specs: &mut [WorkerSpec],
-) -> Result<String, String> {
+) -> Result<String, ReloadError> {
     let (new, cmds) = proxy::plan_reload(src, current, model)?;
     for c in &cmds {
-        let m = relay(c, model, io, specs).await.map_err(|e| format!("reload stopped half-way: {e}"))?;
+        let m = relay(c, model, io, specs).await.map_err(|e| ReloadError::Relay(e.to_string()))?;
         log::info!("reload: {m}");
     }
     *current = new;
@@ -394,14 +394,14 @@ pub async fn worker() -> anyhow::Result<()> {
     // Commands arrive only after the ready line, so answers never precede it.
     tokio::spawn(async move {
         while let Ok(Some(line)) = lines.next_line().await {
-            let r: Result<String, String> = match serde_json::from_str::<Command>(&line) {
-                Err(e) => Err(format!("bad command: {e}")),
+            let r: control::Response = match serde_json::from_str::<Command>(&line) {
+                Err(e) => Err(control::RequestError::BadRequest(e.to_string())),
                 Ok(c) => {
                     let (reply, rx) = tokio::sync::oneshot::channel();
                     if tx.send(control::Msg { req: control::Request::Apply(c), reply }).await.is_err() {
                         return;
                     }
-                    rx.await.unwrap_or_else(|_| Err("stopping".into()))
+                    rx.await.unwrap_or(Err(control::RequestError::Stopping))
                 }
             };
             println!("{}", serde_json::to_string(&Reply::from(r)).unwrap_or_default());

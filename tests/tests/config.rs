@@ -83,4 +83,117 @@ fn bad_cli_arguments_are_named() {
     let out = Command::new(lb_bin()).args(["check", "--config", "/nonexistent/lb.toml"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/lb.toml: cannot read"));
+    // Numbers out of range are refused by name, never a panic (1e20 s overflowed a Duration).
+    for watch in ["1e20", "0", "NaN", "inf", "-5", "abc"] {
+        let out = Command::new(lb_bin()).args(["stats", &format!("--watch={watch}")]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "--watch {watch}: {err}");
+        assert!(err.contains("--watch") && !err.contains("panicked"), "--watch {watch}: {err}");
+    }
+    for args in [
+        &["run", "--config", "/x.toml", "--workers", "0"][..],
+        &["run", "--config", "/x.toml", "--workers", "99999999999"],
+    ] {
+        let out = Command::new(lb_bin()).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("--workers") && !err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+/// Values at and beyond the edges of every key in the configuration
+/// reference: each file parses or is refused with FILE:LINE, never a panic.
+#[test]
+fn no_configuration_value_makes_lb_panic() {
+    use proptest::prelude::*;
+    // Edge values, and mostly plausible ones (`lo..hi`) so that validation
+    // gets past the first key often enough.
+    let number = |lo: u64, hi: u64| {
+        prop_oneof![
+            1 => Just("0".to_owned()),
+            1 => Just("-1".to_owned()),
+            1 => Just("4294967295".to_owned()),
+            1 => Just("4294967296".to_owned()),
+            1 => Just("18446744073709551615".to_owned()),
+            1 => Just("1e30".to_owned()),
+            1 => Just("\"7\"".to_owned()),
+            80 => (lo..hi).prop_map(|n| n.to_string()),
+        ]
+    };
+    let duration = prop_oneof![
+        1 => Just("\"0s\"".to_owned()),
+        1 => Just("\"1ns\"".to_owned()),
+        1 => Just("\"365days\"".to_owned()),
+        1 => Just("\"366days\"".to_owned()),
+        1 => Just("\"300000000000y\"".to_owned()),
+        1 => Just("\"18446744073709551615s\"".to_owned()),
+        1 => Just("\"\"".to_owned()),
+        1 => Just("\"soon\"".to_owned()),
+        1 => Just("5".to_owned()),
+        60 => (1u64..10_000).prop_map(|n| format!("\"{n}ms\"")),
+    ];
+    let addr = prop_oneof![
+        40 => Just("\"127.0.0.1:0\"".to_owned()),
+        1 => Just("\"127.0.0.1:65535\"".to_owned()),
+        1 => Just("\"127.0.0.1:65536\"".to_owned()),
+        1 => Just("\"[::1]:9\"".to_owned()),
+        1 => Just("\"0.0.0.0:0\"".to_owned()),
+        1 => Just("\"300.1.1.1:9\"".to_owned()),
+        1 => Just("\"\"".to_owned()),
+        1 => Just("\"host:9\"".to_owned()),
+    ];
+    let pool = prop_oneof![
+        40 => Just("[\"127.0.1.1\"]".to_owned()),
+        1 => Just("[\"127.0.2.0/30\", \"::1\"]".to_owned()),
+        1 => Just("[\"127.0.0.0/33\"]".to_owned()),
+        1 => Just("[\"::/0\"]".to_owned()),
+        1 => Just("[\"10.0.0.0/8\"]".to_owned()),
+        1 => Just("[]".to_owned()),
+        1 => Just("[\"x\"]".to_owned()),
+    ];
+    let range = prop_oneof![
+        40 => Just("\"1-65535\"".to_owned()),
+        1 => Just("\"0-0\"".to_owned()),
+        1 => Just("\"65535-1\"".to_owned()),
+        1 => Just("\"1-70000\"".to_owned()),
+        1 => Just("\"-\"".to_owned()),
+    ];
+    let keys = (
+        (number(1, 5), number(100, 5_000), number(1, 5), number(1, 100), number(0, 5_000)),
+        (duration.clone(), duration.clone(), duration.clone(), duration.clone(), duration),
+        (addr.clone(), addr.clone().prop_map(|a| a.replace(":0\"", ":9001\"")), addr),
+        (pool, range),
+        (number(0, 257), number(1, 1_000), number(1, 5), number(1, 5)),
+    );
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 2000,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    let accepted = std::cell::Cell::new(0u32);
+    runner
+        .run(&keys, |((workers, maxconn, attempts, fmax, queue), (connect, qt, idle, interval, htimeout), (listen, server, metrics), (pool, range), (weight, smax, rise, fall))| {
+            let text = format!(
+                "workers = {workers}\nmaxconn = {maxconn}\nconnect_attempts = {attempts}\nmetrics_listen = {metrics}\n\
+                 source_pool = {pool}\nsource_port_range = {range}\n\
+                 [timeouts]\nconnect = {connect}\nqueue = {qt}\nidle = {idle}\n\
+                 [[frontend]]\nname = \"f\"\nlisten = {listen}\nbackend = \"b\"\nmaxconn = {fmax}\n\
+                 [[backend]]\nname = \"b\"\nqueue = {queue}\nservers = [{server}, {{ addr = \"127.0.0.1:9\", weight = {weight}, maxconn = {smax} }}]\n\
+                 [backend.health]\ninterval = {interval}\ntimeout = {htimeout}\nrise = {rise}\nfall = {fall}\n"
+            );
+            match std::panic::catch_unwind(|| Config::parse("edge.toml", &text)) {
+                Ok(Ok(_)) => accepted.set(accepted.get() + 1),
+                Ok(Err(e)) => {
+                    if std::env::var_os("LB_SHOW_EDGES").is_some() {
+                        eprintln!("{e}");
+                    }
+                    prop_assert!(e.to_string().starts_with("edge.toml:"), "{e}")
+                }
+                Err(_) => prop_assert!(false, "Config::parse panicked on:\n{text}"),
+            }
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The mix must reach the end of validation often enough to mean something.
+    assert!(accepted.get() >= 20, "only {} of 2000 generated files were valid", accepted.get());
 }

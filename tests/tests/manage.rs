@@ -398,11 +398,21 @@ async fn reload_applies_server_changes_or_rejects_the_whole_file(mode: Mode) {
     std::fs::write(lb.config_path(), with(&servers_a, &format!("{servers_a}\nbalance = \"random\""))).unwrap();
     let (ok, _, err) = lb.cli(&["reload"]);
     assert!(!ok && err.contains("reload rejected") && err.contains("(key backend.balance)"), "{err}");
-    // So is a change a reload cannot apply.
-    std::fs::write(lb.config_path(), original.replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\"")).unwrap();
-    let (ok, _, err) = lb.cli(&["reload"]);
-    assert!(!ok && err.contains("frontend changed"), "{err}");
-    assert!(!server_row(&lb, b.addr).is_null(), "a rejected reload changed the servers");
+    // So is a change a reload cannot apply, each key named (with a server
+    // change in the same file, which must not be applied either).
+    let drop_b = |text: String| text.replace(&format!(", {{ addr = \"{}\", weight = 2, maxconn = 5 }}", b.addr), "");
+    for (edit, key) in [
+        (original.replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\""), "frontend \"t\": listen"),
+        (format!("access_log = false\n{original}"), "access_log"),
+        (format!("metrics_listen = \"127.0.0.1:0\"\n{original}"), "metrics_listen"),
+        (format!("control_socket = \"{}/other.sock\"\n{original}", lb.dir.display()), "control_socket"),
+        (format!("{original}\n[timeouts]\nidle = \"2h\"\n"), "timeouts.idle"),
+    ] {
+        std::fs::write(lb.config_path(), drop_b(edit)).unwrap();
+        let (ok, _, err) = lb.cli(&["reload"]);
+        assert!(!ok && err.contains(&format!("{key} changed")) && err.contains("restart lb"), "{key}: {err}");
+        assert!(!server_row(&lb, b.addr).is_null(), "a rejected reload ({key}) changed the servers");
+    }
     // SIGHUP: back to a only.
     std::fs::write(lb.config_path(), &original).unwrap();
     // SAFETY: signalling the lb this test started.
