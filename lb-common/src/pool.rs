@@ -86,7 +86,9 @@ pub struct WorkerStats {
     pub no_server_up: u64,
     /// Publication sequence: odd while the worker is rewriting its
     /// `LB_SERVERS`/`LB_SOURCES` entries, even once they agree with this
-    /// entry. Readers retry while it is odd or changes under them.
+    /// entry. Readers retry while it is odd or changes under them. It
+    /// grows by 2 at every publication (every 100 ms), so a reader that
+    /// sees it move knows the worker is alive and its figures current.
     pub seq: u64,
 }
 const _: () = assert!(core::mem::size_of::<WorkerStats>() == 96);

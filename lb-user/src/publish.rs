@@ -157,13 +157,16 @@ impl Publisher {
             no_server_up: s.no_server_up,
             seq: self.seq + 2,
         };
-        let quiet = server_changes.is_empty()
-            && source_changes.is_empty()
-            && self.last_worker.is_some_and(|l| WorkerStats { seq: w.seq, ..l } == w);
-        if quiet {
+        let key = u32::from(self.worker);
+        // Nothing else changed: the new seq alone says this worker is alive
+        // and its figures current (readers and the supervisor watch it).
+        if server_changes.is_empty() && source_changes.is_empty() {
+            self.seq += 2;
+            if self.maps.workers.insert(key, w, 0).is_ok() {
+                self.last_worker = Some(w);
+            }
             return;
         }
-        let key = u32::from(self.worker);
         let _ = self.maps.workers.insert(key, WorkerStats { seq: self.seq + 1, ..self.last_worker.unwrap_or(w) }, 0);
         self.servers.apply(&mut self.maps.servers, server_changes);
         self.sources.apply(&mut self.maps.sources, source_changes);

@@ -71,6 +71,8 @@ pub struct WorkerRow {
     pub pid: u64,
     pub active: u64,
     pub accepted: u64,
+    /// Publication sequence: grows by 2 every 100 ms while the worker runs.
+    pub seq: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -218,7 +220,7 @@ fn read_published(maps: &PinnedMaps, meta: &Meta, r: &mut Report) -> BTreeMap<(u
         t.connect_failures += w.connect_failures;
         t.idle_closed += w.idle_closed;
         t.userspace_fallbacks += w.userspace_fallbacks;
-        r.workers.push(WorkerRow { worker: k, pid: w.pid, active: w.active, accepted: w.accepted });
+        r.workers.push(WorkerRow { worker: k, pid: w.pid, active: w.active, accepted: w.accepted, seq: w.seq });
     }
     servers
 }

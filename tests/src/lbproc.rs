@@ -79,7 +79,11 @@ pub fn kernel_available(test: &str) -> bool {
             if ci { " (required under CI=true)" } else { "; set LB_SKIP_KERNEL_TESTS=1 to skip kernel tests" }
         );
     }
-    println!("SKIP {test} [kernel]: {why}");
+    // Once per test (its thread), however often the test asks.
+    thread_local!(static REPORTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+    if !REPORTED.replace(true) {
+        println!("SKIP {test} [kernel]: {why}");
+    }
     false
 }
 
@@ -231,6 +235,27 @@ impl Lb {
         serde_json::from_slice(&out.stdout).expect("lb stats --json output is JSON")
     }
 
+    /// Waits until every worker published once more after this call (each
+    /// publishes every 100 ms), so the pinned counters include everything
+    /// that happened before it.
+    pub fn await_publication(&self) {
+        let seqs = |s: &serde_json::Value| -> Vec<u64> {
+            s["workers"].as_array().map(|w| w.iter().filter_map(|w| w["seq"].as_u64()).collect()).unwrap_or_default()
+        };
+        // A full publication that starts after now ends at the next even
+        // value past the current one, plus two.
+        let want: Vec<u64> = seqs(&self.pinned_stats()).iter().map(|s| s.div_ceil(2) * 2 + 2).collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let now = seqs(&self.pinned_stats());
+            if now.len() >= want.len() && now.iter().zip(&want).all(|(n, w)| n >= w) {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "workers did not publish within 5 s: {now:?}, want {want:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Sends SIGTERM and waits for exit; returns whether it exited 0.
     pub fn stop(&mut self) -> bool {
         let Some(mut child) = self.child.take() else {
@@ -323,13 +348,13 @@ impl KernelProof {
 
     /// Every connection since the start was spliced in the kernel: the
     /// verdict ran and no connection fell back to the userspace copy
-    /// (counts are published every 100 ms, so this waits for one flush).
+    /// (counts are published every 100 ms, so this waits for a publication).
     pub fn assert_all_spliced(&self, lb: &Lb, test: &str) {
         if !self.kernel {
             return;
         }
         self.assert_kernel_ran(lb, test);
-        std::thread::sleep(Duration::from_millis(250));
+        lb.await_publication();
         let (_, fallbacks) = kernel_counters(lb);
         assert_eq!(
             fallbacks - self.fallbacks,

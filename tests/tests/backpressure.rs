@@ -8,7 +8,7 @@ use std::{
 };
 
 use testkit::{
-    Lb, Mode,
+    KernelProof, Lb, Mode,
     backends::{self, Backend},
     stream::Stream,
 };
@@ -53,6 +53,7 @@ async fn fast_sender_slow_reader_256mib(mode: Mode) {
     })
     .await;
     let Some(lb) = Lb::start(mode, "slow_reader", &[be.addr]) else { return };
+    let proof = KernelProof::start(&lb);
     let rss0 = testkit::status_kb(lb.pid, "VmRSS");
     let tcp0 = testkit::tcp_mem_pages();
     // Peak of the kernel's TCP memory while the transfer runs (the psock
@@ -88,4 +89,5 @@ async fn fast_sender_slow_reader_256mib(mode: Mode) {
     // the kernel plane queued most of the 256 MiB (89,842 pages).
     let grew = tcp_peak.saturating_sub(tcp0);
     assert!(grew < 16 * 1024, "kernel TCP memory grew by {grew} pages (64 MiB allowed): no backpressure");
+    proof.assert_all_spliced(&lb, "slow_reader");
 }

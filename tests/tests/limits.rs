@@ -5,7 +5,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use testkit::{Lb, Mode, backends::Backend, retry_until, turned_away};
+use testkit::{KernelProof, Lb, Mode, backends::Backend, retry_until, turned_away};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -63,6 +63,7 @@ async fn server_maxconn_queues_then_rejects(mode: Mode) {
         be.addr
     );
     let Some(lb) = Lb::start_with(mode, "server_maxconn", &body) else { return };
+    let proof = KernelProof::start(&lb);
     let c1 = through(lb.addr).await;
     let _c2 = through(lb.addr).await;
     // Third: waits in the queue (one place).
@@ -86,6 +87,7 @@ async fn server_maxconn_queues_then_rejects(mode: Mode) {
     );
     let ok = retry_until(Duration::from_secs(3), || (totals(&lb, "queue_rejected") == 2).then_some(())).await;
     assert!(ok.is_some(), "queue rejections should be 2: {}", lb.pinned_stats());
+    proof.assert_all_spliced(&lb, "server_maxconn");
 }
 
 async fn global_and_frontend_maxconn_pause_accepting(mode: Mode) {
@@ -97,6 +99,7 @@ async fn global_and_frontend_maxconn_pause_accepting(mode: Mode) {
         be.addr
     );
     let Some(lb) = Lb::start_with(mode, "maxconn", &body) else { return };
+    let proof = KernelProof::start(&lb);
     let (fa, fb) = (lb.frontends[0], lb.frontends[1]);
     let a1 = through(fa).await;
     let _a2 = through(fa).await;
@@ -115,6 +118,7 @@ async fn global_and_frontend_maxconn_pause_accepting(mode: Mode) {
     drop(_b2);
     let (r, _, _a3) = a3.await.unwrap();
     assert_eq!(r, Ok(()), "frontend a's waiting client not served after its slot freed");
+    proof.assert_all_spliced(&lb, "maxconn");
 }
 
 async fn idle_connection_closed_active_kept(mode: Mode) {
@@ -125,13 +129,19 @@ async fn idle_connection_closed_active_kept(mode: Mode) {
         be.addr
     );
     let Some(lb) = Lb::start_with(mode, "idle", &body) else { return };
+    let proof = KernelProof::start(&lb);
+    // The idle clock starts at the last byte the connection moves: after
+    // `sent` (the byte is written then), before `through` returns (its echo
+    // is back), stamped by the verdict with a coarse clock that may run up
+    // to one jiffy (at most 10 ms) behind.
+    let sent = Instant::now();
     let idle = through(lb.addr).await;
     let t0 = Instant::now();
     let idle = tokio::spawn(async move {
         let mut s = idle;
         let mut b = [0u8; 1];
         let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await;
-        (r.map(|r| r.map_err(|e| e.kind())), t0.elapsed())
+        (r.map(|r| r.map_err(|e| e.kind())), sent.elapsed(), t0.elapsed())
     });
     // Heartbeat every 250 ms for 3 s: never idle for 1 s.
     let mut busy = through(lb.addr).await;
@@ -140,11 +150,15 @@ async fn idle_connection_closed_active_kept(mode: Mode) {
         busy.write_all(b"h").await.expect("active connection was closed");
         echoed(&mut busy, Duration::from_secs(1)).await.expect("active connection lost its echo");
     }
-    let (r, at) = idle.await.unwrap();
+    let (r, since_sent, since_echo) = idle.await.unwrap();
     assert!(matches!(r, Ok(Ok(0))), "idle connection should get EOF, got {r:?}");
-    assert!(at >= Duration::from_secs(1) && at < Duration::from_millis(2500), "idle close after {at:?} (idle = 1 s)");
+    assert!(
+        since_sent >= Duration::from_millis(990) && since_echo < Duration::from_millis(2500),
+        "idle close {since_sent:?} after the last byte was sent, {since_echo:?} after its echo (idle = 1 s)"
+    );
     let ok = retry_until(Duration::from_secs(3), || (totals(&lb, "idle_closed") == 1).then_some(())).await;
     assert!(ok.is_some(), "idle_closed should be 1: {}", lb.pinned_stats());
+    proof.assert_all_spliced(&lb, "idle");
 }
 
 /// Two workers: connections spread over both, a killed worker is restarted,
@@ -159,6 +173,7 @@ async fn two_workers_spread_restart_and_stay_consistent() {
         be.addr
     );
     let lb = Lb::start_with(mode, "two_workers", &body).expect("lb");
+    let proof = KernelProof::start(&lb);
     assert_eq!(lb.workers.len(), 2, "announced workers: {:?}", lb.workers);
     let mut clients = Vec::new();
     for _ in 0..200 {
@@ -220,6 +235,7 @@ async fn two_workers_spread_restart_and_stay_consistent() {
     })
     .await;
     assert!(consistent.is_some(), "maps should count {want} live connections: {}", lb.pinned_stats());
+    proof.assert_kernel_ran(&lb, "two_workers");
     eprintln!("[{}] 200 over 2 workers {spread:?}; worker 0 killed, {survivors} survived, restarted", mode.as_str());
 }
 
@@ -233,6 +249,7 @@ async fn concurrent_connects_spread_over_the_pool(mode: Mode) {
         be.addr
     );
     let Some(lb) = Lb::start_with(mode, "spread", &body) else { return };
+    let proof = KernelProof::start(&lb);
     let addr = lb.addr;
     let tasks: Vec<_> = (0..400).map(|_| tokio::spawn(through(addr))).collect();
     let mut held = Vec::new();
@@ -247,4 +264,5 @@ async fn concurrent_connects_spread_over_the_pool(mode: Mode) {
     .await
     .unwrap_or_else(|| panic!("4 sources holding 400 connections expected: {}", lb.pinned_stats()));
     assert!(counts.iter().all(|c| (98..=102).contains(c)), "uneven spread over the pool: {counts:?}");
+    proof.assert_all_spliced(&lb, "spread");
 }

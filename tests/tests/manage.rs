@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use testkit::{Lb, Mode, backends::Backend, lbproc::lb_bin, retry_until, stream::Stream};
+use testkit::{KernelProof, Lb, Mode, backends::Backend, lbproc::lb_bin, retry_until, stream::Stream};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -73,6 +73,7 @@ async fn stats_equal_the_traffic(mode: Mode) {
     let Some(lb) = Lb::start_with(mode, "stats", &cfg(&[a.addr, b.addr], "source_pool = [\"127.0.5.1\"]", "")) else {
         return;
     };
+    let proof = KernelProof::start(&lb);
     // 30 connections, connection i moves 1000 + i bytes each way.
     let mut want = [(0u64, 0u64); 2];
     let mut held = Vec::new();
@@ -129,6 +130,7 @@ async fn stats_equal_the_traffic(mode: Mode) {
     assert!(
         lines.iter().any(|l| l.contains("bytes_in=1029 bytes_out=1029 close=fin") && l.contains("source=127.0.5.1:"))
     );
+    proof.assert_all_spliced(&lb, "stats");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,7 +140,9 @@ async fn bpftool_prints_field_names_and_lb_conns_lists_connections() {
     }
     let be = Backend::echo().await;
     let lb = Lb::start_with(Mode::Kernel, "bpftool", &cfg(&[be.addr], "", "")).unwrap();
+    let proof = KernelProof::start(&lb);
     let _c = echo_once(lb.addr).await;
+    proof.assert_all_spliced(&lb, "bpftool");
     retry_until(Duration::from_secs(3), || (lb.pinned_stats()["totals"]["active"] == 1).then_some(())).await;
     for (map, fields) in [
         ("LB_CONN", &["client_port", "server_ip", "last_active_ns", "bytes"][..]),
@@ -191,6 +195,7 @@ async fn control_socket_is_root_only() {
 async fn drain_keeps_existing_and_sends_new_elsewhere(mode: Mode) {
     let (a, b) = (Backend::echo().await, Backend::echo().await);
     let Some(lb) = Lb::start_with(mode, "drain", &cfg(&[a.addr, b.addr], "", "")) else { return };
+    let proof = KernelProof::start(&lb);
     let mut old = Vec::new();
     for _ in 0..10 {
         old.push(echo_once(lb.addr).await);
@@ -218,11 +223,13 @@ async fn drain_keeps_existing_and_sends_new_elsewhere(mode: Mode) {
     assert!(!ok && err.contains("no backend named \"nope\""), "{err}");
     let (ok, _, err) = lb.cli(&["server", "weight", "app", &a.addr.to_string(), "999"]);
     assert!(!ok && err.contains("weight 999"), "{err}");
+    proof.assert_all_spliced(&lb, "drain");
 }
 
 async fn add_and_remove_under_load_lose_no_bytes(mode: Mode) {
     let (a, b) = (Backend::echo().await, Backend::echo().await);
     let Some(lb) = Lb::start_with(mode, "add_remove", &cfg(&[a.addr], "", "")) else { return };
+    let proof = KernelProof::start(&lb);
     // One idle connection on a, held until the end, and 20 exchanging checked data for ~1.5 s.
     let held = echo_once(lb.addr).await;
     let failures = Arc::new(AtomicU64::new(0));
@@ -269,6 +276,7 @@ async fn add_and_remove_under_load_lose_no_bytes(mode: Mode) {
     let gone = retry_until(Duration::from_secs(3), || server_row(&lb, a.addr).is_null().then_some(())).await;
     assert!(gone.is_some(), "a removed server stays in stats after its last connection: {}", lb.pinned_stats());
     assert_eq!(server_row(&lb, b.addr)["weight"], 2);
+    proof.assert_all_spliced(&lb, "add_remove");
 }
 
 async fn health_check_flips_after_fall_and_rise(mode: Mode) {
@@ -290,6 +298,7 @@ async fn health_flips(mode: Mode, name: &str, top: &str) {
     let Some(lb) = Lb::start_with(mode, name, &cfg(&[good.addr, wrong.addr, flappy_addr], health, top)) else {
         return;
     };
+    let proof = KernelProof::start(&lb);
     let state = |addr: SocketAddr| server_row(&lb, addr)["state"].as_str().unwrap_or("").to_owned();
     let wrong_down = retry_until(Duration::from_secs(3), || (state(wrong.addr) == "down").then_some(())).await;
     assert!(wrong_down.is_some(), "a server answering PING to PING should fail `expect`: {}", lb.pinned_stats());
@@ -367,11 +376,14 @@ async fn health_flips(mode: Mode, name: &str, top: &str) {
     let counted =
         retry_until(Duration::from_secs(3), || (lb.pinned_stats()["totals"]["no_server_up"] == 1).then_some(())).await;
     assert!(counted.is_some(), "no_server_up: {}", lb.pinned_stats());
+    // With workers, one was killed above: its published totals went with it.
+    proof.assert_kernel_ran(&lb, name);
 }
 
 async fn reload_applies_server_changes_or_rejects_the_whole_file(mode: Mode) {
     let (a, b) = (Backend::echo().await, Backend::echo().await);
     let Some(lb) = Lb::start_with(mode, "reload", &cfg(&[a.addr], "", "")) else { return };
+    let proof = KernelProof::start(&lb);
     let original = std::fs::read_to_string(lb.config_path()).unwrap();
     let with = |from: &str, to: &str| original.replace(from, to);
     let servers_a = format!("servers = [\"{}\"]", a.addr);
@@ -386,6 +398,11 @@ async fn reload_applies_server_changes_or_rejects_the_whole_file(mode: Mode) {
     retry_until(Duration::from_secs(3), || (server_row(&lb, b.addr)["weight"] == 2).then_some(()))
         .await
         .expect("b added");
+    // Traffic follows: weights 1:2, so 3 new clients give b two of them.
+    for _ in 0..3 {
+        let _s = echo_once(lb.addr).await;
+    }
+    assert_eq!(b.accepted.load(Relaxed), 2, "the reloaded server set is not the one serving");
     // A new maxconn replaces the server: removed, then added again.
     std::fs::write(
         lb.config_path(),
@@ -419,6 +436,7 @@ async fn reload_applies_server_changes_or_rejects_the_whole_file(mode: Mode) {
     unsafe { libc::kill(lb.pid as i32, libc::SIGHUP) };
     let gone = retry_until(Duration::from_secs(3), || server_row(&lb, b.addr).is_null().then_some(())).await;
     assert!(gone.is_some(), "SIGHUP did not remove b: {}", lb.pinned_stats());
+    proof.assert_all_spliced(&lb, "reload");
 }
 
 async fn metrics_agree_with_stats(mode: Mode) {
@@ -426,6 +444,7 @@ async fn metrics_agree_with_stats(mode: Mode) {
     let Some(lb) = Lb::start_with(mode, "metrics", &cfg(&[be.addr], "", "metrics_listen = \"127.0.0.1:0\"")) else {
         return;
     };
+    let proof = KernelProof::start(&lb);
     let addr = lb.metrics.expect("metrics address announced");
     let mut held = Vec::new();
     for _ in 0..7 {
@@ -450,6 +469,7 @@ async fn metrics_agree_with_stats(mode: Mode) {
     assert_eq!(value(&format!("lb_server_active{{backend=\"app\",server=\"{}\"}}", be.addr)), 7);
     assert_eq!(value(&format!("lb_server_up{{backend=\"app\",server=\"{}\"}}", be.addr)), 1);
     assert!(text.contains("# TYPE lb_server_bytes_in_total counter"));
+    proof.assert_all_spliced(&lb, "metrics");
 }
 
 /// With workers, commands reach every worker, and a restarted worker
@@ -459,6 +479,7 @@ async fn workers_apply_commands_and_restarted_ones_catch_up() {
     let mode = if testkit::lbproc::kernel_available("workers_ctl") { Mode::Kernel } else { Mode::Userspace };
     let (a, b) = (Backend::echo().await, Backend::echo().await);
     let lb = Lb::start_with(mode, "workers_ctl", &cfg(&[a.addr, b.addr], "", "workers = 2")).unwrap();
+    let proof = KernelProof::start(&lb);
     lb.ctl(&["server", "disable", "app", &a.addr.to_string()]);
     for _ in 0..20 {
         let _s = echo_once(lb.addr).await;
@@ -478,6 +499,7 @@ async fn workers_apply_commands_and_restarted_ones_catch_up() {
     assert_eq!(a.accepted.load(Relaxed), 0, "the restarted worker forgot the disable");
     let st = retry_until(Duration::from_secs(3), || (server_row(&lb, a.addr)["state"] == "maint").then_some(())).await;
     assert!(st.is_some(), "{}", lb.pinned_stats());
+    proof.assert_kernel_ran(&lb, "workers_ctl");
 }
 
 /// One lb per pin path: a second one refuses with the reason; pins left by

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use testkit::{Lb, Mode, backends::Backend, netns::NetNs, retry_until};
+use testkit::{KernelProof, Lb, Mode, backends::Backend, netns::NetNs, retry_until};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpSocket, TcpStream},
@@ -128,6 +128,7 @@ async fn ports_in_use(lb: &Lb, want: &[(&str, &str, u64)]) {
 async fn one_address_takes_the_whole_range_then_refuses(cx: Ctx) {
     let _be = Backend::echo_at("127.0.0.1:9000".parse().unwrap()).await;
     let Some(lb) = cx.lb("servers = [\"127.0.0.1:9000\"]\nsource_pool = [\"127.0.1.1\"]") else { return };
+    let proof = KernelProof::start(&lb);
     let mut held = cx.clients(PORTS).await;
     cx.refused().await;
     ports_in_use(&lb, &[("127.0.1.1", "127.0.0.1:9000", PORTS as u64)]).await;
@@ -162,11 +163,13 @@ async fn one_address_takes_the_whole_range_then_refuses(cx: Ctx) {
     }
     ports_in_use(&lb, &[("127.0.1.1", "127.0.0.1:9000", PORTS as u64)]).await;
     eprintln!("[{}] 100 through, 101st refused; 50 closed, 50 new through after {:?}", cx.mode.as_str(), t0.elapsed());
+    proof.assert_all_spliced(&lb, &cx.test);
 }
 
 async fn four_addresses_take_four_ranges(cx: Ctx) {
     let _be = Backend::echo_at("127.0.0.1:9000".parse().unwrap()).await;
     let Some(lb) = cx.lb("servers = [\"127.0.0.1:9000\"]\nsource_pool = [\"127.0.1.0/30\"]") else { return };
+    let proof = KernelProof::start(&lb);
     let _held = cx.clients(4 * PORTS).await;
     cx.refused().await;
     let want: Vec<(&str, &str, u64)> = ["127.0.1.0", "127.0.1.1", "127.0.1.2", "127.0.1.3"]
@@ -177,6 +180,7 @@ async fn four_addresses_take_four_ranges(cx: Ctx) {
     for (ip, server, _) in &want {
         assert_eq!(cx.ns.ss_count(ip, server), PORTS, "ss: connections from {ip}");
     }
+    proof.assert_all_spliced(&lb, &cx.test);
 }
 
 async fn one_address_two_servers_get_a_range_each(cx: Ctx) {
@@ -185,12 +189,14 @@ async fn one_address_two_servers_get_a_range_each(cx: Ctx) {
     let Some(lb) = cx.lb("servers = [\"127.0.0.1:9000\", \"127.0.0.1:9001\"]\nsource_pool = [\"127.0.1.1\"]") else {
         return;
     };
+    let proof = KernelProof::start(&lb);
     // Without IP_BIND_ADDRESS_NO_PORT, bind() would pick a port unique to
     // the source address and both servers would share one range of 100.
     let _held = cx.clients(2 * PORTS).await;
     cx.refused().await;
     ports_in_use(&lb, &[("127.0.1.1", "127.0.0.1:9000", PORTS as u64), ("127.0.1.1", "127.0.0.1:9001", PORTS as u64)])
         .await;
+    proof.assert_all_spliced(&lb, &cx.test);
 }
 
 async fn source_port_range_narrows_the_range(cx: Ctx) {
@@ -198,7 +204,9 @@ async fn source_port_range_narrows_the_range(cx: Ctx) {
     // IP_LOCAL_PORT_RANGE on each socket: 40000-40049 within the namespace's 40000-40099.
     let backend = "servers = [\"127.0.0.1:9000\"]\nsource_pool = [\"127.0.1.1\"]\nsource_port_range = \"40000-40049\"";
     let Some(lb) = cx.lb(backend) else { return };
+    let proof = KernelProof::start(&lb);
     let _held = cx.clients(50).await;
     cx.refused().await;
     ports_in_use(&lb, &[("127.0.1.1", "127.0.0.1:9000", 50)]).await;
+    proof.assert_all_spliced(&lb, &cx.test);
 }
