@@ -86,25 +86,23 @@ pub fn wait_listening(addr: SocketAddr, within: Duration) -> bool {
     false
 }
 
-/// Starts `program` with the configuration `config(addr, dir)` written to
-/// `dir/<file>`, and `args(config_path, dir)`; waits until it listens.
-/// Tries three ports before giving up with the program's log.
-fn start(
+/// Starts `program` with the arguments `args(addr, dir)` returns (after
+/// writing any configuration file into the scratch `dir`) for a free
+/// loopback `addr`, and waits until it listens there. Tries three ports
+/// before giving up with the program's log.
+pub fn server(
     program: &str,
-    file: &str,
-    config: impl Fn(SocketAddr, &Path) -> String,
-    args: impl Fn(&Path, &Path) -> Vec<String>,
+    args: impl Fn(SocketAddr, &Path) -> Result<Vec<String>, String>,
 ) -> Result<Process, String> {
     let mut last = String::new();
     for _ in 0..3 {
         let dir = scratch(program);
         let addr = free_addr();
-        let path = dir.join(file);
-        std::fs::write(&path, config(addr, &dir)).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        let argv = args(addr, &dir)?;
         let log = dir.join("stderr.log");
         let stderr = std::fs::File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
         let child = Command::new(program)
-            .args(args(&path, &dir))
+            .args(argv)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -119,10 +117,25 @@ fn start(
     Err(format!("{program} did not listen: {last}"))
 }
 
+/// [`server`] for a program configured by a file: `config(addr, dir)` is
+/// written to `dir/<file>`, and `args(path, dir)` start the program with it.
+fn configured(
+    program: &str,
+    file: &str,
+    config: impl Fn(SocketAddr, &Path) -> String,
+    args: impl Fn(&Path, &Path) -> Vec<String>,
+) -> Result<Process, String> {
+    server(program, |addr, dir| {
+        let path = dir.join(file);
+        std::fs::write(&path, config(addr, dir)).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        Ok(args(&path, dir))
+    })
+}
+
 /// nginx answering every HTTP request with status 200 and `body`.
 pub fn nginx_http(body: &str) -> Result<Process, String> {
     let body = body.replace('\\', "\\\\").replace('"', "\\\"");
-    start(
+    configured(
         "nginx",
         "nginx.conf",
         |addr, dir| {
@@ -147,7 +160,7 @@ fn nginx_args(path: &Path, dir: &Path) -> Vec<String> {
 
 /// nginx as a TCP (stream) proxy to `backend`, two workers.
 pub fn nginx_stream(backend: SocketAddr) -> Result<Process, String> {
-    start(
+    configured(
         "nginx",
         "nginx.conf",
         |addr, dir| {
@@ -169,7 +182,7 @@ pub fn nginx_stream(backend: SocketAddr) -> Result<Process, String> {
 /// `splice` turns on `option splice-auto`.
 pub fn haproxy(backend: SocketAddr, splice: bool, maxconn: usize) -> Result<Process, String> {
     let splice = if splice { "    option splice-auto\n" } else { "" };
-    start(
+    configured(
         "haproxy",
         "haproxy.cfg",
         |addr, _| {

@@ -3,7 +3,6 @@
 mod bench;
 mod demo;
 mod hold;
-mod plot;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
@@ -39,16 +38,16 @@ enum Cmd {
         /// Counted rounds per system (after one warm-up round).
         #[arg(long, default_value_t = 5)]
         runs: usize,
-        /// Seconds per measurement.
+        /// Seconds per measurement (whole seconds for iperf3, sockperf and wrk).
         #[arg(long, default_value_t = 3.0)]
         secs: f64,
-        /// Idle connections for the memory scenario (lb; single-process proxies are capped at 9000).
+        /// Idle connections for the memory scenario (lb and direct; single-process proxies are capped at 9000).
         #[arg(long, default_value_t = 50_000)]
         conns: usize,
         /// Where results go.
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
-        /// Only these scenarios: throughput_1, throughput_8, pingpong, connrate, idle.
+        /// Only these scenarios: throughput_1, throughput_4, pingpong, connrate, idle.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
@@ -133,13 +132,6 @@ pub fn cargo() -> Command {
     c
 }
 
-/// Builds the load tools (`lb-bench`, `lb-hold`) and returns their paths.
-pub fn build_tools() -> anyhow::Result<(PathBuf, PathBuf)> {
-    run(cargo().args(["build", "--release", "-p", "tests", "--bin", "lb-bench", "--bin", "lb-hold"]))?;
-    let dir = workspace_root().join("target/release");
-    Ok((dir.join("lb-bench"), dir.join("lb-hold")))
-}
-
 /// Formats a benchmark figure: no decimals from 100, 2 from 1, `small` below.
 pub fn format_figure(x: f64, small: usize) -> String {
     if x >= 100.0 {
@@ -168,13 +160,13 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench { smoke, runs, secs, conns, out, only } => {
             setup::setup()?;
             let lb = build_lb()?;
-            let tools = build_tools()?;
+            let hold = hold::build_hold()?;
             let opts = if smoke {
                 bench::Opts::smoke(only)
             } else {
                 bench::Opts { smoke, only, runs: runs.max(1), secs, conns, out: workspace_root().join(out) }
             };
-            bench::bench(&lb, &tools.0, &tools.1, &opts)
+            bench::bench(&lb, &hold, &opts)
         }
         Cmd::Hold { conns, pool, dataplane } => {
             setup::setup()?;
@@ -194,9 +186,9 @@ fn main() -> anyhow::Result<()> {
             run_tests(&mut t)?;
             if args.is_empty() {
                 // The benchmark must keep working: every scenario, briefly.
-                let tools = build_tools()?;
+                let hold = hold::build_hold()?;
                 let opts = bench::Opts::smoke(vec![]);
-                bench::bench(&lb, &tools.0, &tools.1, &opts).context("cargo xtask bench --smoke")?;
+                bench::bench(&lb, &hold, &opts).context("cargo xtask bench --smoke")?;
                 println!("bench smoke: passed");
             }
             Ok(())

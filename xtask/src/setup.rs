@@ -28,7 +28,8 @@ pub fn setup() -> anyhow::Result<()> {
     bpf_linker()?;
     // haproxy and nginx (stream module) are the benchmark's comparison points;
     // nginx is also the tests' web server, ab (apache2-utils) their HTTP
-    // load tool. fonts-dejavu-core: the benchmark's plots draw their labels with it.
+    // load tool. iperf3, sockperf and wrk are the benchmark's instruments.
+    // fonts-dejavu-core: the benchmark's plots draw their labels with it.
     debian_packages(&[
         "bpftool",
         "iproute2",
@@ -37,6 +38,9 @@ pub fn setup() -> anyhow::Result<()> {
         "nginx",
         "libnginx-mod-stream",
         "apache2-utils",
+        "iperf3",
+        "sockperf",
+        "wrk",
         "fonts-dejavu-core",
     ])?;
     bpffs()?;

@@ -5,7 +5,10 @@ use std::{collections::BTreeMap, path::Path, sync::Once};
 use anyhow::Context as _;
 use plotters::prelude::*;
 
-use crate::bench::System;
+use super::{
+    System,
+    stats::{Sample, stat},
+};
 
 static FONT: Once = Once::new();
 
@@ -23,23 +26,13 @@ fn register_font() -> anyhow::Result<()> {
     result
 }
 
-pub fn bars(
-    path: &Path,
-    title: &str,
-    by_sys: &BTreeMap<System, Vec<BTreeMap<String, f64>>>,
-    metric: &str,
-) -> anyhow::Result<()> {
+pub fn bars(path: &Path, title: &str, by_sys: &BTreeMap<System, Vec<Sample>>, metric: &str) -> anyhow::Result<()> {
     register_font()?;
     let rows: Vec<(&str, f64, f64, f64)> = by_sys
         .iter()
         .filter_map(|(sys, samples)| {
-            let mut v: Vec<f64> = samples.iter().filter_map(|s| s.get(metric).copied()).collect();
-            if v.is_empty() {
-                return None;
-            }
-            v.sort_by(f64::total_cmp);
-            let med = v[v.len() / 2];
-            Some((sys.name(), med, v[0], v[v.len() - 1]))
+            let st = stat(samples, metric)?;
+            Some((sys.name(), st.median, st.min, st.max))
         })
         .collect();
     if rows.is_empty() {

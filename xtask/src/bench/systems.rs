@@ -1,0 +1,102 @@
+//! The systems under test, each started in front of a backend address.
+
+use std::net::SocketAddr;
+
+use anyhow::bail;
+use testkit::{Lb, external, lbproc};
+
+/// One system under test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum System {
+    /// The client talks to the backend itself: the floor for every figure.
+    Direct,
+    LbKernel,
+    LbUserspace,
+    Haproxy,
+    /// HAProxy with `option splice-auto` (kernel splice(2) between sockets).
+    HaproxySplice,
+    /// nginx's `stream` module.
+    Nginx,
+}
+
+impl System {
+    pub const ALL: [System; 6] =
+        [Self::Direct, Self::LbKernel, Self::LbUserspace, Self::Haproxy, Self::HaproxySplice, Self::Nginx];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::LbKernel => "lb-kernel",
+            Self::LbUserspace => "lb-userspace",
+            Self::Haproxy => "haproxy",
+            Self::HaproxySplice => "haproxy-splice",
+            Self::Nginx => "nginx",
+        }
+    }
+}
+
+/// Connections one single-process proxy holds at most under the 20000-fd limit.
+pub const SINGLE_PROCESS_CAP: usize = 9_000;
+/// Connections one lb worker is given in the idle scenario.
+const PER_LB_WORKER: usize = 8_000;
+
+/// A running system: where clients connect, and its processes.
+pub enum Running {
+    Direct(SocketAddr),
+    Lb(Lb),
+    External(external::Process),
+}
+
+impl Running {
+    pub fn addr(&self) -> SocketAddr {
+        match self {
+            Self::Direct(a) => *a,
+            Self::Lb(lb) => lb.addr,
+            Self::External(p) => p.addr,
+        }
+    }
+
+    /// Every process of the proxy (lb's workers and nginx's included); none for direct.
+    pub fn pids(&self) -> Vec<u32> {
+        match self {
+            Self::Direct(_) => vec![],
+            Self::Lb(lb) => std::iter::once(lb.pid).chain(lb.workers.iter().copied()).collect(),
+            Self::External(p) => p.pids(),
+        }
+    }
+}
+
+/// Starts `sys` in front of `backend`; `hold`: sized for that many idle
+/// connections (lb gets workers, the others are single processes).
+pub fn start(sys: System, backend: SocketAddr, hold: Option<usize>) -> anyhow::Result<Running> {
+    let external = |r: Result<external::Process, String>| r.map(Running::External).map_err(anyhow::Error::msg);
+    match sys {
+        System::Direct => Ok(Running::Direct(backend)),
+        System::LbKernel | System::LbUserspace => {
+            let plane = if sys == System::LbKernel { "kernel" } else { "userspace" };
+            let (dir, pin_path) = lbproc::scratch();
+            let (workers, pool) = match hold {
+                Some(n) => (
+                    n.div_ceil(PER_LB_WORKER).max(1),
+                    "source_pool = [\"127.0.1.1\", \"127.0.1.2\", \"127.0.1.3\", \"127.0.1.4\"]",
+                ),
+                None => (1, ""),
+            };
+            let cfg = format!(
+                "dataplane = \"{plane}\"\npin_path = \"{}\"\nworkers = {workers}\nmaxconn = {}\naccess_log = false\n\n\
+                 [[frontend]]\nname = \"bench\"\nlisten = \"127.0.0.1:0\"\nbackend = \"sink\"\n\n\
+                 [[backend]]\nname = \"sink\"\nservers = [\"{backend}\"]\n{pool}\n",
+                pin_path.display(),
+                workers * (PER_LB_WORKER + 1_000)
+            );
+            let lb = Lb::launch("bench", dir, pin_path, &cfg);
+            if lb.dataplane != plane {
+                bail!("lb started the {} data plane, not {plane}", lb.dataplane);
+            }
+            Ok(Running::Lb(lb))
+        }
+        System::Haproxy => external(external::haproxy(backend, false, SINGLE_PROCESS_CAP)),
+        System::HaproxySplice => external(external::haproxy(backend, true, SINGLE_PROCESS_CAP)),
+        System::Nginx => external(external::nginx_stream(backend)),
+    }
+}
