@@ -8,6 +8,7 @@
 /// in host order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct ConnTraffic {
     /// Bytes received on this socket and redirected to its peer.
     pub bytes: u64,
@@ -20,10 +21,13 @@ pub struct ConnTraffic {
     pub start_ns: u64,
     /// Cookie of the other socket of the connection.
     pub peer_cookie: u64,
+    /// Client address: IPv6 bytes (IPv4 as `::ffff:a.b.c.d`), network order.
     pub client_ip: [u8; 16],
+    /// Server address, as `client_ip`.
     pub server_ip: [u8; 16],
-    /// Local address of the server-side socket (from the source pool).
+    /// Local address of the server-side socket (from the source pool), as `client_ip`.
     pub source_ip: [u8; 16],
+    /// Ports in host order.
     pub client_port: u16,
     pub server_port: u16,
     pub source_port: u16,
@@ -41,10 +45,4 @@ pub const SIDE_CLIENT: u8 = 0;
 pub const SIDE_SERVER: u8 = 1;
 
 #[cfg(feature = "user")]
-mod user {
-    use super::ConnTraffic;
-    // SAFETY: repr(C), explicit padding, every bit pattern valid.
-    unsafe impl aya::Pod for ConnTraffic {}
-    unsafe impl bytemuck::Zeroable for ConnTraffic {}
-    unsafe impl bytemuck::Pod for ConnTraffic {}
-}
+crate::pod!(ConnTraffic);

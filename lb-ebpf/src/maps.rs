@@ -8,8 +8,7 @@ use aya_ebpf::{
 use lb_common::{
     conn::ConnTraffic,
     maps::{DEFAULT_MAX_SOCKETS, MAX_SERVER_ENTRIES, MAX_SOURCE_ENTRIES, MAX_WORKERS},
-    pool::{ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats},
-    stats::DataplaneCounters,
+    stats::{DataplaneCounters, ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats},
 };
 
 const MAX: usize = DEFAULT_MAX_SOCKETS as usize;

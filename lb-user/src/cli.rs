@@ -10,7 +10,9 @@ use std::net::SocketAddr;
 use crate::{
     config::{Config, DataplaneMode, MAX_WORKERS, Overrides},
     control::Request,
-    runtime::Command,
+    instance::Reload,
+    observe::{read, render},
+    servers::command::Command,
 };
 
 /// A TCP load balancer for very many long-lived connections: bytes between
@@ -130,7 +132,7 @@ pub enum ServerAction {
 
 impl ServerAction {
     fn command(self) -> Command {
-        use crate::{backend::ServerAddr as A, stats::Admin};
+        use crate::{addr::ServerAddr as A, servers::server::Admin};
         match self {
             Self::Add { backend, addr, weight, maxconn } => {
                 Command::ServerAdd { backend, addr: A(addr), weight, maxconn }
@@ -191,27 +193,30 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Run { config, dataplane, workers, announce } => {
             let overrides = Overrides { workers, dataplane };
             let (cfg, text) = Config::load_with(&config, &overrides)?;
-            let reload = crate::proxy::Reload { path: config, overrides };
-            if cfg.workers > 1 {
-                runtime()?.block_on(crate::supervisor::run(cfg, reload, text, announce))
-            } else {
-                runtime()?.block_on(crate::proxy::run(cfg, reload, announce))
-            }
+            let reload = Reload { path: config, overrides };
+            runtime()?.block_on(crate::instance::supervisor::run(cfg, reload, text, announce))
         }
-        Cmd::Worker => runtime()?.block_on(crate::supervisor::worker()),
+        Cmd::Worker => {
+            // The task reading commands from stdin sits in a blocking read
+            // until the supervisor closes the pipe: do not wait for it.
+            let rt = runtime()?;
+            let r = rt.block_on(crate::instance::worker::run());
+            rt.shutdown_background();
+            r
+        }
         Cmd::Server { action, target } => control(&target, Request::Apply(action.command())),
         Cmd::Reload { target } => control(&target, Request::Other { cmd: crate::control::Other::Reload }),
         Cmd::Stats { pin_path, json, watch } => {
             let read = || {
-                crate::report::read(&pin_path).with_context(|| {
+                read::read(&pin_path, std::path::Path::new(lb_common::files::RUN_DIR)).with_context(|| {
                     format!(
                         "no running lb with pinned maps at {} (is `lb run` up, with that pin_path?)",
                         pin_path.display()
                     )
                 })
             };
-            let show = |r: &crate::report::Report| -> anyhow::Result<String> {
-                Ok(if json { serde_json::to_string_pretty(r)? + "\n" } else { crate::report::render(r) })
+            let show = |r: &read::Report| -> anyhow::Result<String> {
+                Ok(if json { serde_json::to_string_pretty(r)? + "\n" } else { render::stats(r) })
             };
             match watch {
                 None => print!("{}", show(&read()?)?),
@@ -228,7 +233,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Conns { pin_path, server, json } => {
-            let maps = crate::bpf::PinnedMaps::open(&pin_path)
+            let maps = crate::kernel::maps::PinnedMaps::open(&pin_path)
                 .with_context(|| format!("no running lb with pinned maps at {}", pin_path.display()))?;
             if !maps.kernel {
                 anyhow::bail!(
@@ -236,11 +241,11 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                     pin_path.display()
                 );
             }
-            let rows = crate::report::conns(&pin_path, server)?;
+            let rows = read::conns(&pin_path, server)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                print!("{}", crate::report::render_conns(&rows));
+                print!("{}", render::conns(&rows));
             }
             Ok(())
         }

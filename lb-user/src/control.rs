@@ -16,7 +16,10 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use crate::runtime::{Command, CommandError, ReloadError};
+use crate::servers::{
+    command::{Command, CommandError},
+    reload::ReloadError,
+};
 
 /// What a client asks.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -80,7 +83,7 @@ pub struct Msg {
 
 /// `/run/lb/<pin path, mangled>.sock`, unless the config names one.
 pub fn default_path(pin_path: &Path) -> PathBuf {
-    crate::bpf::run_file(pin_path, "sock")
+    lb_common::files::run_file(Path::new(lb_common::files::RUN_DIR), pin_path, "sock")
 }
 
 /// Binds the socket (replacing a stale one: the caller holds the pin-path
@@ -104,8 +107,7 @@ pub fn listen(path: &Path, tx: mpsc::Sender<Msg>) -> anyhow::Result<tokio::task:
 async fn session(s: UnixStream, tx: mpsc::Sender<Msg>) {
     let (r, mut w) = s.into_split();
     let allowed = match r.as_ref().peer_cred() {
-        // SAFETY: geteuid has no preconditions.
-        Ok(c) => c.uid() == 0 || c.uid() == unsafe { libc::geteuid() },
+        Ok(c) => c.uid() == 0 || c.uid() == rustix::process::geteuid().as_raw(),
         Err(_) => false,
     };
     let mut lines = BufReader::new(r).lines();
@@ -115,7 +117,7 @@ async fn session(s: UnixStream, tx: mpsc::Sender<Msg>) {
         } else {
             match serde_json::from_str::<Request>(&line) {
                 Err(e) => Err(RequestError::BadRequest(e.to_string())),
-                Ok(Request::Apply(crate::runtime::Command::ServerHealth { .. })) => Err(RequestError::InternalOnly),
+                Ok(Request::Apply(Command::ServerHealth { .. })) => Err(RequestError::InternalOnly),
                 Ok(req) => {
                     let (reply, rx) = oneshot::channel();
                     if tx.send(Msg { req, reply }).await.is_err() {

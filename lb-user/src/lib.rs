@@ -1,23 +1,22 @@
 //! `lb`: a TCP load balancer for very many long-lived connections. Bytes are
 //! spliced between client and server sockets inside the kernel (eBPF sockmap),
 //! or copied in userspace where the kernel path is not available.
+//!
+//! Modules, from the bottom up (each uses only those above it in this list):
+//! `addr`, `kernel` (eBPF object, maps, raw socket options), `config`,
+//! `servers`, `observe`, `dataplane`, `proxy`, `control`, `instance`, `cli`.
+//! See ARCHITECTURE.md.
 
-pub mod backend;
-pub mod bpf;
+pub mod addr;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod dataplane;
-pub mod health;
-pub mod metrics;
+pub mod instance;
+pub mod kernel;
+pub mod observe;
 pub mod proxy;
-pub mod publish;
-pub mod report;
-pub mod runtime;
-pub mod select;
-pub mod stats;
-pub mod supervisor;
-pub mod sys;
+pub mod servers;
 
 /// The eBPF object built from `lb-ebpf` by `build.rs`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));

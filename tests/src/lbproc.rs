@@ -107,7 +107,7 @@ pub struct Lb {
     pub addr: SocketAddr,
     pub frontends: Vec<SocketAddr>,
     pub dataplane: String,
-    /// Worker pids when lb runs with workers > 1.
+    /// Worker pids (one with `workers = 1`).
     pub workers: Vec<u32>,
     /// The metrics endpoint, when configured.
     pub metrics: Option<SocketAddr>,
@@ -194,6 +194,17 @@ impl Lb {
             .unwrap_or_default();
         lb.addr = *lb.frontends.first().unwrap_or_else(|| panic!("{test}: no frontend announced"));
         lb
+    }
+
+    /// The first worker's pid (the process that holds the connections
+    /// with one worker).
+    pub fn worker(&self) -> u32 {
+        *self.workers.first().expect("lb announced no worker")
+    }
+
+    /// The supervisor and every worker.
+    pub fn pids(&self) -> Vec<u32> {
+        std::iter::once(self.pid).chain(self.workers.iter().copied()).collect()
     }
 
     /// The config file lb runs with (rewrite it, then `reload`).
@@ -293,13 +304,10 @@ impl Drop for Lb {
             }
             let _ = std::fs::remove_dir(&self.pin_path);
         }
-        // What lb keeps in /run/lb for this pin path (left behind if it was killed);
-        // the same naming as lb's `bpf::run_file`, which the test kit cannot call:
-        // it must build before `cargo xtask setup` has installed the eBPF toolchain.
-        let name: String =
-            self.pin_path.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
-        for ext in ["lock", "json", "sock"] {
-            let _ = std::fs::remove_file(format!("/run/lb/{name}.{ext}"));
+        // What lb keeps in /run/lb for this pin path (left behind if it was killed).
+        for ext in lb_common::files::EXTENSIONS {
+            let dir = std::path::Path::new(lb_common::files::RUN_DIR);
+            let _ = std::fs::remove_file(lb_common::files::run_file(dir, &self.pin_path, ext));
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

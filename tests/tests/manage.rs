@@ -98,7 +98,7 @@ async fn stats_equal_the_traffic(mode: Mode) {
     for key in ["ip", "server", "ports_in_use"] {
         assert!(live["sources"][0].get(key).is_some(), "sources[].{key} missing: {live}");
     }
-    for key in ["active", "total", "rejected"] {
+    for key in ["active", "accepted", "rejected", "userspace_fallbacks"] {
         assert!(live["totals"].get(key).is_some(), "totals.{key} missing: {live}");
     }
     assert_eq!(
@@ -468,7 +468,8 @@ async fn metrics_agree_with_stats(mode: Mode) {
     assert_eq!(value("lb_connections_total "), 7);
     assert_eq!(value(&format!("lb_server_active{{backend=\"app\",server=\"{}\"}}", be.addr)), 7);
     assert_eq!(value(&format!("lb_server_up{{backend=\"app\",server=\"{}\"}}", be.addr)), 1);
-    assert!(text.contains("# TYPE lb_server_bytes_in_total counter"));
+    assert!(text.contains("# TYPE lb_server_bytes_in counter"), "{text}");
+    assert!(text.contains(&format!("lb_server_bytes_in_total{{backend=\"app\",server=\"{}\"}}", be.addr)), "{text}");
     proof.assert_all_spliced(&lb, "metrics");
 }
 

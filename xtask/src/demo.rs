@@ -73,7 +73,7 @@ async fn run(clients: usize, seconds: u64) -> anyhow::Result<()> {
             start.elapsed().as_secs(),
             totals.exchanges.load(Relaxed),
             totals.bytes.load(Relaxed),
-            testkit::fd_count(lb.pid)
+            lb.pids().iter().map(|p| testkit::fd_count(*p)).sum::<usize>()
         );
     }
     for t in tasks {
@@ -86,8 +86,11 @@ async fn run(clients: usize, seconds: u64) -> anyhow::Result<()> {
     println!("  exchanges          {ex} request/replies, every reply byte checked");
     println!("  bytes through lb   {bytes} ({:.1} MiB/s each way)", bytes as f64 / 2.0 / elapsed / 1048576.0);
     println!("  client errors      {errors}");
-    println!("  lb CPU time        {:.2}s over {elapsed:.1}s", testkit::cpu_time(lb.pid).as_secs_f64());
-    println!("  lb peak RSS        {} KiB", testkit::status_kb(lb.pid, "VmHWM"));
+    println!(
+        "  lb CPU time        {:.2}s over {elapsed:.1}s",
+        lb.pids().iter().map(|p| testkit::cpu_time(*p).as_secs_f64()).sum::<f64>()
+    );
+    println!("  lb peak RSS        {} KiB", lb.pids().iter().map(|p| testkit::status_kb(*p, "VmHWM")).sum::<u64>());
     println!("== lb stats --pin-path {} (one second before the end, all clients connected)", lb.pin_path.display());
     print!("{}", stats_table.context("lb stats was not sampled")?);
     println!("== bpftool map dump pinned {}/LB_SERVERS", lb.pin_path.display());

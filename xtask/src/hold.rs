@@ -143,7 +143,7 @@ pub fn hold(lb_bin: &Path, hold_bin: &Path, a: &Args) -> anyhow::Result<Value> {
         pool.join(", ")
     );
     let mut lb = Lb::launch("hold", dir, pin_path, &cfg);
-    let pids: Vec<u32> = std::iter::once(lb.pid).chain(lb.workers.iter().copied()).collect();
+    let pids: Vec<u32> = lb.pids();
     let rss0: u64 = pids.iter().map(|p| rss_kb(*p)).sum();
     let mem0 = sockstat_tcp_mem_pages();
     println!("lb: {workers} workers, data plane {}, source pool of {}", lb.dataplane, a.pool);

@@ -9,26 +9,21 @@
 //! during the inserts gets.
 
 use std::{
-    net::IpAddr,
-    os::fd::AsRawFd,
     path::Path,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use lb_common::{
-    conn::{ConnTraffic, SIDE_CLIENT, SIDE_SERVER},
-    maps::{CONN, PEER, SPLICE},
-};
+use lb_common::conn::{ConnTraffic, SIDE_CLIENT, SIDE_SERVER};
 
 use super::{
     Dataplane, Kind, SpliceError, Spliced, UserspaceDataplane,
     watcher::{Dir, Watcher},
 };
 use crate::{
-    bpf::{ConnMaps, KernelError},
-    stats::ProxyStats,
-    sys,
+    addr::ip16,
+    kernel::{KernelError, maps::ConnMaps, sys},
+    observe::counters::Counters,
 };
 
 /// The running kernel data plane of one process.
@@ -37,7 +32,7 @@ pub struct KernelDataplane {
     watcher: Watcher,
     /// Serves connections the kernel cannot splice (a side already half-closed).
     fallback: UserspaceDataplane,
-    stats: Arc<ProxyStats>,
+    stats: Arc<Counters>,
     worker: u16,
     /// Test hook (`LB_TEST_COPY_CLIENT=1`): never splice the client side,
     /// as if every client closed during the inserts, so the tests can run
@@ -45,18 +40,10 @@ pub struct KernelDataplane {
     copy_client: bool,
 }
 
-/// An address as the maps store it: IPv6, IPv4 mapped.
-pub fn ip16(ip: IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
-        IpAddr::V6(a) => a.octets(),
-    }
-}
-
 impl KernelDataplane {
     /// Opens the pinned maps under `pin_path` (the program is attached by
     /// the owner of the object); `worker` tags this process's records.
-    pub fn open(pin_path: &Path, stats: Arc<ProxyStats>, idle: Duration, worker: u16) -> Result<Self, KernelError> {
+    pub fn open(pin_path: &Path, stats: Arc<Counters>, idle: Duration, worker: u16) -> Result<Self, KernelError> {
         let mut conn = ConnMaps::open(pin_path)?;
         let stale = conn.forget_worker(worker);
         if stale > 0 {
@@ -103,27 +90,26 @@ impl KernelDataplane {
     /// bytes go to the server through the watcher's userspace copy instead.
     fn insert(&self, s: &Spliced, cookies: [u64; 2], records: [ConnTraffic; 2]) -> Result<Dir, SpliceError> {
         let [cc, sc] = cookies;
-        let (client, server) = (s.socks.client().as_raw_fd(), s.socks.server().as_raw_fd());
+        let (client, server) = (s.socks.client(), s.socks.server());
         let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
-        let ins = |map: &'static str| move |source| SpliceError::MapInsert { map, source };
         let r = (|| {
-            m.conn.insert(cc, records[0], 0).map_err(ins(CONN))?;
-            m.conn.insert(sc, records[1], 0).map_err(ins(CONN))?;
-            m.peer.insert(cc, server, 0).map_err(ins(PEER))?;
-            m.peer.insert(sc, client, 0).map_err(ins(PEER))?;
-            m.splice.insert(sc, server, 0).map_err(ins(SPLICE))
+            m.insert_record(cc, records[0])?;
+            m.insert_record(sc, records[1])?;
+            m.insert_peer(cc, server)?;
+            m.insert_peer(sc, client)?;
+            m.insert_splice(sc, server)
         })();
         if let Err(e) = r {
             m.forget(cookies);
-            return Err(e);
+            return Err(e.into());
         }
         if self.copy_client {
             return Ok(Dir::User);
         }
-        Ok(match m.splice.insert(cc, client, 0) {
+        Ok(match m.insert_splice(cc, client) {
             Ok(()) => Dir::Kernel,
             Err(e) => {
-                log::debug!("client side copied in userspace: {}", ins(SPLICE)(e));
+                log::debug!("client side copied in userspace: {e}");
                 Dir::User
             }
         })

@@ -1,5 +1,6 @@
 //! The data planes: who moves bytes between a client and its server once the
-//! proxy has connected them. The only module that touches `aya`.
+//! proxy has connected them: the kernel splice ([`kernel`], with the close
+//! [`watcher`]) or the userspace copy ([`userspace`]).
 
 mod kernel;
 mod userspace;
@@ -7,14 +8,17 @@ mod watcher;
 
 use std::{fmt, net::TcpStream, path::Path, sync::Arc, time::Duration};
 
-pub use kernel::{KernelDataplane, ip16};
+pub use kernel::KernelDataplane;
 use serde::{Deserialize, Serialize};
 pub use userspace::UserspaceDataplane;
 
 use crate::{
-    bpf::{KernelError, Objects},
     config::{Config, DataplaneMode},
-    stats::{ConnGuard, ProxyStats},
+    kernel::{
+        KernelError,
+        object::{Objects, Spec},
+    },
+    observe::{conn::ConnGuard, counters::Counters},
 };
 
 /// A client and the server connected for it, ready to be spliced.
@@ -56,7 +60,7 @@ impl Drop for Socks {
     fn drop(&mut self) {
         if let Some(socks) = self.0.take() {
             for s in &socks {
-                let _ = crate::sys::set_linger_zero(s);
+                let _ = crate::kernel::sys::set_linger_zero(s);
             }
         }
     }
@@ -104,8 +108,8 @@ pub trait Dataplane: Send + Sync {
 pub enum SpliceError {
     #[error("reading socket cookie: {0}")]
     Cookie(std::io::Error),
-    #[error("inserting socket into {map}: {source}")]
-    MapInsert { map: &'static str, source: aya::maps::MapError },
+    #[error("inserting a socket: {0}")]
+    MapInsert(#[from] KernelError),
     #[error("socket setup: {0}")]
     Socket(std::io::Error),
     #[error("data plane is shutting down")]
@@ -117,7 +121,14 @@ pub enum SpliceError {
 /// that gives the reason. The userspace plane still gets the pinned stats
 /// maps when the kernel allows it; `None` means no maps at all.
 pub fn load(cfg: &Config) -> anyhow::Result<(Kind, Option<Objects>)> {
-    let maps_only = |why: Option<&KernelError>| match Objects::load(cfg, false) {
+    let spec = |program| Spec {
+        pin_path: &cfg.pin_path,
+        run_dir: std::path::Path::new(lb_common::files::RUN_DIR),
+        sockets: cfg.maxconn.saturating_mul(2),
+        program,
+        backends: cfg.backends.iter().map(|b| b.name.clone()).collect(),
+    };
+    let maps_only = |why: Option<&KernelError>| match Objects::load(spec(false)) {
         Ok(o) => Ok(Some(o)),
         Err(e @ KernelError::PinPathBusy { .. }) => Err(anyhow::anyhow!("{e}")),
         Err(e) => {
@@ -131,10 +142,10 @@ pub fn load(cfg: &Config) -> anyhow::Result<(Kind, Option<Objects>)> {
         DataplaneMode::Userspace => Ok((Kind::Userspace, maps_only(None)?)),
         DataplaneMode::Kernel => {
             let o =
-                Objects::load(cfg, true).map_err(|e| anyhow::anyhow!("dataplane = \"kernel\" cannot start: {e}"))?;
+                Objects::load(spec(true)).map_err(|e| anyhow::anyhow!("dataplane = \"kernel\" cannot start: {e}"))?;
             Ok((Kind::Kernel, Some(o)))
         }
-        DataplaneMode::Auto => match Objects::load(cfg, true) {
+        DataplaneMode::Auto => match Objects::load(spec(true)) {
             Ok(o) => Ok((Kind::Kernel, Some(o))),
             Err(e @ KernelError::PinPathBusy { .. }) => Err(anyhow::anyhow!("{e}")),
             Err(e) => {
@@ -153,7 +164,7 @@ pub fn load(cfg: &Config) -> anyhow::Result<(Kind, Option<Objects>)> {
 pub fn open(
     kind: Kind,
     pin_path: &Path,
-    stats: Arc<ProxyStats>,
+    stats: Arc<Counters>,
     idle: Duration,
     worker: u16,
 ) -> anyhow::Result<Arc<dyn Dataplane>> {

@@ -14,7 +14,7 @@ use std::{
 use tokio::{net::TcpStream, sync::watch};
 
 use super::{Dataplane, Kind, SpliceError, Spliced};
-use crate::{stats::CloseReason, sys};
+use crate::{kernel::sys, observe::conn::CloseReason};
 
 const BUF: usize = 64 * 1024;
 

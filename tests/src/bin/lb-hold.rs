@@ -19,8 +19,23 @@ use tokio::{
     net::{TcpSocket, TcpStream},
 };
 
-fn arg(args: &[String], name: &str) -> String {
-    args.windows(2).find(|w| w[0] == name).map(|w| w[1].clone()).unwrap_or_else(|| panic!("lb-hold: missing {name}"))
+#[derive(clap::Parser)]
+#[command(name = "lb-hold", about = "Hold many idle TCP connections (lb's benchmark and hold tool)")]
+enum Cmd {
+    /// An SO_REUSEPORT listener that echoes and holds every connection.
+    Sink {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Opens COUNT connections from SRC to TARGET, each checked by a one-byte echo, and holds them.
+    Clients {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        src: IpAddr,
+        #[arg(long)]
+        count: usize,
+    },
 }
 
 async fn wait_stdin_eof() {
@@ -58,6 +73,8 @@ async fn sink(listen: SocketAddr) {
 
 async fn one(target: SocketAddr, src: IpAddr) -> std::io::Result<TcpStream> {
     let sock = if target.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    // IP_BIND_ADDRESS_NO_PORT: the port is picked per 4-tuple at connect,
+    // so one source address reaches many sinks (no crate wraps it).
     let one: libc::c_int = 1;
     // SAFETY: valid fd and a c_int option value.
     let r = unsafe {
@@ -113,18 +130,9 @@ async fn clients(target: SocketAddr, src: IpAddr, count: usize) {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    match args.get(1).map(String::as_str) {
-        Some("sink") => rt.block_on(sink(arg(&args, "--listen").parse().expect("--listen ip:port"))),
-        Some("clients") => rt.block_on(clients(
-            arg(&args, "--target").parse().expect("--target ip:port"),
-            arg(&args, "--src").parse().expect("--src ip"),
-            arg(&args, "--count").parse().expect("--count n"),
-        )),
-        _ => {
-            eprintln!("usage: lb-hold sink --listen ADDR | lb-hold clients --target ADDR --src IP --count N");
-            std::process::exit(2);
-        }
+    match <Cmd as clap::Parser>::parse() {
+        Cmd::Sink { listen } => rt.block_on(sink(listen)),
+        Cmd::Clients { target, src, count } => rt.block_on(clients(target, src, count)),
     }
 }

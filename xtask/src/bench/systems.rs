@@ -60,7 +60,7 @@ impl Running {
     pub fn pids(&self) -> Vec<u32> {
         match self {
             Self::Direct(_) => vec![],
-            Self::Lb(lb) => std::iter::once(lb.pid).chain(lb.workers.iter().copied()).collect(),
+            Self::Lb(lb) => lb.pids(),
             Self::External(p) => p.pids(),
         }
     }

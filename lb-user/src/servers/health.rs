@@ -12,11 +12,8 @@ use tokio::{
     sync::mpsc::UnboundedSender,
 };
 
-use crate::{
-    config::HealthCheck,
-    runtime::{BackendRt, Backends, Command},
-    stats::ServerState,
-};
+use super::{BackendRt, Backends, command::Command, server::ServerState};
+use crate::config::HealthCheck;
 
 /// One check: Ok, or why it failed.
 pub async fn check_once(server: &ServerState, hc: &HealthCheck) -> Result<(), String> {

@@ -1,32 +1,29 @@
 //! Balancing algorithms: which server a new client goes to.
 //!
 //! The proxy passes the servers that may take new connections right now
-//! (enabled, healthy, weight > 0), each with a stable id, its weight and its
-//! live connection count; the balancer answers the order to try them in.
+//! (enabled, healthy, weight > 0), each with its identity (a hash of its
+//! address, see [`identity`]), its weight and its live connection count;
+//! the balancer answers the order to try them in. State is keyed by that
+//! identity, so a server removed and added again, or listed in another
+//! order, keeps its place: with `source`, only the clients whose server
+//! changed move.
 
 use std::{collections::HashMap, net::IpAddr, sync::Mutex};
 
-use serde::Deserialize;
+use crate::addr::{ServerAddr, ip16};
+pub use crate::config::Algorithm;
 
-/// `balance = "…"` of a backend.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Algorithm {
-    /// Smooth weighted round robin (as nginx): over every cycle of
-    /// sum(weights) picks each server gets exactly its weight, interleaved.
-    #[default]
-    Roundrobin,
-    /// Fewest live connections relative to weight; ties rotate.
-    Leastconn,
-    /// Consistent hash (Maglev) of the client IP: a client keeps its server,
-    /// and adding or removing one of N servers moves about 1/N of clients.
-    Source,
+/// A server's identity: a hash of its address, the same in every process
+/// and run, whatever else changes.
+pub fn identity(addr: ServerAddr) -> u64 {
+    let ip = u128::from_be_bytes(ip16(addr.0.ip()));
+    mix((ip as u64) ^ mix((ip >> 64) as u64 ^ u64::from(addr.0.port())))
 }
 
 /// A server the balancer may choose.
 #[derive(Clone, Copy, Debug)]
 pub struct Candidate {
-    /// Stable identity (survives changes to the set).
+    /// [`identity`] of its address.
     pub id: u64,
     pub weight: u32,
     pub active: u64,
@@ -80,13 +77,20 @@ impl Balancer {
                     .unwrap_or(0)
             }
             Algorithm::Source => {
-                let set: Vec<(u64, u32)> = c.iter().map(|x| (x.id, x.weight)).collect();
-                if st.maglev.as_ref().is_none_or(|(s, _)| *s != set) {
-                    let table = maglev_table(&set, MAGLEV_SIZE);
-                    st.maglev = Some((set, table));
-                }
-                let table = &st.maglev.as_ref().expect("built above").1;
-                table[(hash_ip(client) % MAGLEV_SIZE as u64) as usize] as usize
+                // Built over the set sorted by identity, so the order the
+                // servers are listed in does not matter.
+                let mut set: Vec<(u64, u32)> = c.iter().map(|x| (x.id, x.weight)).collect();
+                set.sort_unstable();
+                let (built, table) = match st.maglev.take() {
+                    Some((built, table)) if built == set => (built, table),
+                    _ => {
+                        let table = maglev_table(&set, MAGLEV_SIZE);
+                        (set, table)
+                    }
+                };
+                let id = built[table[(hash_ip(client) % MAGLEV_SIZE as u64) as usize] as usize].0;
+                st.maglev = Some((built, table));
+                c.iter().position(|x| x.id == id).unwrap_or(0)
             }
         };
         let n = c.len();
@@ -108,7 +112,9 @@ fn smooth_pick(current: &mut HashMap<u64, i64>, c: &[Candidate]) -> usize {
             best = i;
         }
     }
-    *current.get_mut(&c[best].id).expect("inserted above") -= total;
+    if let Some(w) = current.get_mut(&c[best].id) {
+        *w -= total;
+    }
     best
 }
 
@@ -168,6 +174,71 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
+
+    fn addr(i: u16) -> ServerAddr {
+        ServerAddr(format!("10.1.0.{}:{}", i % 250 + 1, 9000 + i).parse().unwrap())
+    }
+
+    fn servers(n: u16) -> Vec<Candidate> {
+        (0..n).map(|i| Candidate { id: identity(addr(i)), weight: 1, active: 0 }).collect()
+    }
+
+    #[test]
+    fn identity_is_a_function_of_the_address() {
+        assert_eq!(identity(addr(3)), identity(addr(3)));
+        assert_ne!(identity(addr(3)), identity(addr(4)));
+        let v4: ServerAddr = ServerAddr("10.0.0.1:80".parse().unwrap());
+        let v6: ServerAddr = ServerAddr("[::ffff:10.0.0.1]:80".parse().unwrap());
+        assert_eq!(identity(v4), identity(v6), "an IPv4 server and its mapped IPv6 form are one server");
+    }
+
+    /// Removing a server and adding it back (as a reload of its `maxconn`
+    /// does), or listing the servers in another order, moves no client.
+    #[test]
+    fn source_follows_identity_not_position() {
+        let b = Balancer::new(Algorithm::Source);
+        let all = servers(8);
+        let pick = |set: &[Candidate], i: u32| set[b.order(set, ip(i))[0]].id;
+        let before: Vec<u64> = (0..5_000).map(|i| pick(&all, i)).collect();
+        let mut reordered = all.clone();
+        reordered.reverse();
+        reordered.swap(1, 5);
+        let after: Vec<u64> = (0..5_000).map(|i| pick(&reordered, i)).collect();
+        assert_eq!(before, after, "reordering the servers moved clients");
+        // Remove server 2, then add it back at the end of the list.
+        let mut without: Vec<Candidate> = all.iter().copied().filter(|c| c.id != all[2].id).collect();
+        let moved = (0..5_000).filter(|&i| pick(&without, i) != before[i as usize]).count();
+        let on_removed = before.iter().filter(|&&s| s == all[2].id).count();
+        assert!(moved >= on_removed, "every client of the removed server moves");
+        assert!(
+            moved - on_removed <= 5_000 / 50,
+            "removing one of 8 servers moved {moved} clients ({on_removed} were its own)"
+        );
+        without.push(all[2]);
+        let back: Vec<u64> = (0..5_000).map(|i| pick(&without, i)).collect();
+        assert_eq!(back, before, "a server added back must get exactly its clients back");
+    }
+
+    /// Round robin's rotation state follows a server through a remove and
+    /// re-add: weights 1:1:2 still give exactly 1:1:2 per cycle.
+    #[test]
+    fn roundrobin_keeps_shares_across_remove_and_add() {
+        let b = Balancer::new(Algorithm::Roundrobin);
+        let mut c = servers(3);
+        c[2].weight = 2;
+        for _ in 0..7 {
+            b.order(&c, ip(0));
+        }
+        let removed = c.remove(1);
+        b.order(&c, ip(0));
+        c.insert(0, removed);
+        let mut hits: HashMap<u64, u32> = HashMap::new();
+        for _ in 0..400 {
+            *hits.entry(c[b.order(&c, ip(0))[0]].id).or_default() += 1;
+        }
+        let share = |i: usize| hits[&c[i].id];
+        assert_eq!((share(0), share(1), share(2)), (100, 100, 200), "{hits:?}");
+    }
 
     fn cands(weights: &[u32]) -> Vec<Candidate> {
         weights.iter().enumerate().map(|(i, w)| Candidate { id: 100 + i as u64, weight: *w, active: 0 }).collect()

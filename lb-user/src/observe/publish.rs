@@ -11,13 +11,13 @@ use aya::{
     Pod,
     maps::{HashMap as BpfHashMap, MapData},
 };
-use lb_common::pool::{ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats};
+use lb_common::stats::{ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats};
 
+use super::counters::Counters;
 use crate::{
-    bpf::StatMaps,
-    dataplane::ip16,
-    runtime::Backends,
-    stats::{ProxyStats, STATE_REMOVED},
+    addr::ip16,
+    kernel::maps::StatMaps,
+    servers::{Backends, server::STATE_REMOVED},
 };
 
 /// How often counters reach the maps.
@@ -72,7 +72,7 @@ pub struct Publisher {
     maps: StatMaps,
     worker: u16,
     backends: Arc<Backends>,
-    stats: Arc<ProxyStats>,
+    stats: Arc<Counters>,
     sources: Mirror<SourceKey, SourceStats>,
     servers: Mirror<ServerKey, ServerStats>,
     last_worker: Option<WorkerStats>,
@@ -82,7 +82,7 @@ pub struct Publisher {
 
 impl Publisher {
     /// Clears what an earlier process with the same worker index left.
-    pub fn new(mut maps: StatMaps, worker: u16, backends: Arc<Backends>, stats: Arc<ProxyStats>) -> Self {
+    pub fn new(mut maps: StatMaps, worker: u16, backends: Arc<Backends>, stats: Arc<Counters>) -> Self {
         maps.clear_worker(worker);
         Self {
             maps,
@@ -142,21 +142,7 @@ impl Publisher {
         // Removed servers leave the maps once their last connection ended.
         let server_changes = self.servers.changes(&servers);
         let source_changes = self.sources.changes(&sources);
-        let s = self.stats.snapshot();
-        let w = WorkerStats {
-            pid: u64::from(std::process::id()),
-            accepted: s.accepted,
-            active: s.active,
-            rejected: s.rejected,
-            no_source_port: s.no_source_port,
-            queue_rejected: s.queue_rejected,
-            connect_failures: s.connect_failures,
-            idle_closed: s.idle_closed,
-            userspace_fallbacks: s.userspace_fallbacks,
-            queued: s.queued,
-            no_server_up: s.no_server_up,
-            seq: self.seq + 2,
-        };
+        let w = WorkerStats { pid: u64::from(std::process::id()), seq: self.seq + 2, counters: self.stats.snapshot() };
         let key = u32::from(self.worker);
         // Nothing else changed: the new seq alone says this worker is alive
         // and its figures current (readers and the supervisor watch it).

@@ -1,0 +1,45 @@
+//! What validation needs to know about the host it runs on, behind a trait
+//! so that parsing itself makes no system call a test cannot replace.
+
+use std::net::IpAddr;
+
+pub trait Host {
+    /// Whether `ip` is an address of this host (in this network namespace).
+    fn is_local(&self, ip: IpAddr) -> std::io::Result<bool>;
+    /// Whether the kernel has `IP_LOCAL_PORT_RANGE` (Linux 6.3+).
+    fn has_local_port_range(&self) -> bool;
+    /// The hard open-files limit (`ulimit -Hn`).
+    fn nofile_hard_limit(&self) -> u64;
+}
+
+/// The machine lb runs on.
+pub struct ThisHost;
+
+impl Host for ThisHost {
+    fn is_local(&self, ip: IpAddr) -> std::io::Result<bool> {
+        crate::kernel::sys::is_local_address(ip)
+    }
+    fn has_local_port_range(&self) -> bool {
+        crate::kernel::sys::has_local_port_range()
+    }
+    fn nofile_hard_limit(&self) -> u64 {
+        crate::kernel::sys::nofile_hard_limit()
+    }
+}
+
+/// For a text the supervisor has already validated on this host: a worker
+/// parses it again without repeating the address checks (one test bind per
+/// pool address per worker).
+pub struct AlreadyChecked;
+
+impl Host for AlreadyChecked {
+    fn is_local(&self, _: IpAddr) -> std::io::Result<bool> {
+        Ok(true)
+    }
+    fn has_local_port_range(&self) -> bool {
+        true
+    }
+    fn nofile_hard_limit(&self) -> u64 {
+        crate::kernel::sys::nofile_hard_limit()
+    }
+}

@@ -1,0 +1,290 @@
+//! From the file as written to a [`Config`]: each part checked where it is
+//! written, every error naming the key and its line.
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use toml::Spanned;
+
+use super::{
+    BackendConfig, Config, ConfigError, FD_RESERVE, FrontendConfig, HealthCheck, MAX_DURATION, MAX_MAXCONN, MAX_WEIGHT,
+    MAX_WORKERS, Overrides, ServerConfig, SourcePool, Timeouts,
+    error::Locator,
+    fds_needed,
+    host::Host,
+    pool,
+    raw::{self, DurationKey, HumanDuration, RawConfig},
+    unescape,
+};
+use crate::addr::ServerAddr;
+
+pub fn validate(raw: RawConfig, loc: &Locator<'_>, host: &dyn Host, o: &Overrides) -> Result<Config, ConfigError> {
+    if raw.frontend.is_empty() {
+        return Err(loc.err(0, "no [[frontend]]: at least one is needed"));
+    }
+    if raw.backend.is_empty() {
+        return Err(loc.err(0, "no [[backend]]: at least one is needed"));
+    }
+    let workers = match (o.workers, &raw.workers) {
+        (Some(w), _) => w,
+        (None, None) => 1,
+        (None, Some(w)) => {
+            let v = *w.get_ref();
+            if v == 0 || v > MAX_WORKERS {
+                return Err(loc.at(w, format!("workers = {v}: must be between 1 and {MAX_WORKERS}")));
+            }
+            v
+        }
+    };
+    let maxconn = maxconn(loc, host, &raw.maxconn, workers)?;
+    let connect_attempts = match &raw.connect_attempts {
+        None => 3,
+        Some(a) if *a.get_ref() == 0 => return Err(loc.at(a, "connect_attempts = 0: must be at least 1")),
+        Some(a) => *a.get_ref(),
+    };
+    let defaults = Timeouts::default();
+    let t = &raw.timeouts;
+    let timeouts = Timeouts {
+        connect: duration(loc, "timeouts.connect", &t.connect, defaults.connect)?,
+        queue: duration(loc, "timeouts.queue", &t.queue, defaults.queue)?,
+        idle: duration(loc, "timeouts.idle", &t.idle, defaults.idle)?,
+    };
+    let default_pool =
+        pool::parse(loc, host, ("source_pool", "source_port_range"), &raw.source_pool, &raw.source_port_range)?;
+    let mut backends = Vec::with_capacity(raw.backend.len());
+    let mut names = HashSet::new();
+    for b in &raw.backend {
+        let be = backend(loc, host, b, &default_pool, raw.source_pool.as_ref())?;
+        if !names.insert(be.name.clone()) {
+            return Err(loc.at(&b.name, format!("backend.name: duplicate backend \"{}\"", be.name)));
+        }
+        backends.push(be);
+    }
+    let frontends = frontends(loc, &raw.frontend, &backends, maxconn)?;
+    let metrics_listen = match &raw.metrics_listen {
+        None => None,
+        Some(m) => Some(
+            m.get_ref()
+                .parse::<SocketAddr>()
+                .map_err(|_| loc.at(m, format!("metrics_listen: \"{}\" is not an ip:port address", m.get_ref())))?,
+        ),
+    };
+    let pin_path = raw.pin_path.unwrap_or_else(|| PathBuf::from(super::DEFAULT_PIN_PATH));
+    Ok(Config {
+        control_socket: raw
+            .control_socket
+            .unwrap_or_else(|| lb_common::files::run_file(Path::new(lb_common::files::RUN_DIR), &pin_path, "sock")),
+        access_log: raw.access_log,
+        metrics_listen,
+        dataplane: o.dataplane.unwrap_or(raw.dataplane),
+        pin_path,
+        workers,
+        maxconn,
+        connect_attempts,
+        timeouts,
+        frontends,
+        backends,
+    })
+}
+
+/// The global `maxconn`: as written if each worker's share fits the
+/// open-files limit, else an error saying how many workers it needs; unset,
+/// as many as fit.
+fn maxconn(loc: &Locator<'_>, host: &dyn Host, m: &Option<Spanned<u32>>, workers: u32) -> Result<u32, ConfigError> {
+    let hard = host.nofile_hard_limit();
+    let fit = (hard.saturating_sub(FD_RESERVE) / 2).min(u64::from(MAX_MAXCONN)) as u32;
+    let Some(m) = m else { return Ok(fit.saturating_mul(workers).min(MAX_MAXCONN)) };
+    let v = *m.get_ref();
+    if v == 0 || v > MAX_MAXCONN {
+        return Err(loc.at(m, format!("maxconn = {v}: must be between 1 and {MAX_MAXCONN}")));
+    }
+    let per_worker = v.div_ceil(workers);
+    if fds_needed(per_worker) > hard {
+        let need_workers = u64::from(v).div_ceil(u64::from(fit.max(1)));
+        let fix = if need_workers <= u64::from(MAX_WORKERS) {
+            format!("set workers = {need_workers} or more, lower maxconn, or raise LimitNOFILE")
+        } else {
+            "lower maxconn or raise LimitNOFILE".to_owned()
+        };
+        return Err(loc.at(
+            m,
+            format!(
+                "maxconn = {v}: {per_worker} connections per worker need {} open files, but the hard limit \
+                 (ulimit -Hn) is {hard}; {fix}",
+                fds_needed(per_worker)
+            ),
+        ));
+    }
+    Ok(v)
+}
+
+/// A duration key's value, or `default` when absent: more than 0, at most
+/// [`MAX_DURATION`]. `key` names it in errors (`timeouts.idle`).
+fn duration(loc: &Locator<'_>, key: &str, value: &DurationKey, default: Duration) -> Result<Duration, ConfigError> {
+    let Some(v) = value else { return Ok(default) };
+    let HumanDuration { value, text } = v.get_ref();
+    if value.is_zero() {
+        return Err(loc.at(v, format!("{key}: must be greater than 0")));
+    }
+    if *value > MAX_DURATION {
+        return Err(loc.at(v, format!("{key} = \"{text}\": at most 365 days")));
+    }
+    Ok(*value)
+}
+
+fn check_name(loc: &Locator<'_>, name: &Spanned<String>, key: &str) -> Result<(), ConfigError> {
+    let n = name.get_ref();
+    let ok = !n.is_empty() && n.len() <= 64 && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok { Ok(()) } else { Err(loc.at(name, format!("{key}: \"{n}\" must be 1-64 characters of [A-Za-z0-9._-]"))) }
+}
+
+fn backend(
+    loc: &Locator<'_>,
+    host: &dyn Host,
+    b: &raw::Backend,
+    default_pool: &SourcePool,
+    global_pool: Option<&Spanned<Vec<Spanned<String>>>>,
+) -> Result<BackendConfig, ConfigError> {
+    check_name(loc, &b.name, "backend.name")?;
+    let name = b.name.get_ref();
+    if b.servers.get_ref().is_empty() {
+        return Err(loc.at(&b.servers, format!("backend \"{name}\": servers is empty; list at least one \"ip:port\"")));
+    }
+    let server_maxconn = match &b.server_maxconn {
+        Some(m) if *m.get_ref() == 0 => {
+            return Err(loc.at(m, format!("backend \"{name}\": server_maxconn = 0: must be at least 1")));
+        }
+        m => m.as_ref().map(|m| *m.get_ref()),
+    };
+    let mut servers: Vec<ServerConfig> = Vec::new();
+    for entry in b.servers.get_ref() {
+        let text = entry.get_ref().addr();
+        let addr: SocketAddr = text
+            .parse()
+            .map_err(|_| loc.at(entry, format!("backend \"{name}\": servers: \"{text}\" is not an ip:port address")))?;
+        if addr.port() == 0 || addr.ip().is_unspecified() {
+            return Err(loc.at(
+                entry,
+                format!("backend \"{name}\": servers: \"{addr}\" needs a concrete ip and a non-zero port"),
+            ));
+        }
+        let addr = ServerAddr(addr);
+        if servers.iter().any(|x| x.addr == addr) {
+            return Err(loc.at(entry, format!("backend \"{name}\": servers: \"{addr}\" is listed twice")));
+        }
+        let maxconn = match entry.get_ref().maxconn() {
+            Some(0) => {
+                return Err(
+                    loc.at(entry, format!("backend \"{name}\": server {addr}: maxconn = 0: must be at least 1"))
+                );
+            }
+            Some(m) => Some(m),
+            None => server_maxconn,
+        };
+        let weight = entry.get_ref().weight().unwrap_or(1);
+        if weight > MAX_WEIGHT {
+            return Err(loc.at(
+                entry,
+                format!("backend \"{name}\": server {addr}: weight = {weight}: must be between 0 and {MAX_WEIGHT}"),
+            ));
+        }
+        servers.push(ServerConfig { addr, maxconn, weight });
+    }
+    let pool = if b.source_pool.is_some() || b.source_port_range.is_some() {
+        let mut p = pool::parse(loc, host, ("source_pool", "source_port_range"), &b.source_pool, &b.source_port_range)?;
+        if b.source_pool.is_none() {
+            p.addrs = default_pool.addrs.clone();
+        }
+        p
+    } else {
+        default_pool.clone()
+    };
+    if !pool.addrs.is_empty() {
+        for s in &servers {
+            if !pool.addrs.iter().any(|a| a.is_ipv4() == s.addr.0.is_ipv4()) {
+                let at = b.source_pool.as_ref().or(global_pool).map_or(0, |p| p.span().start);
+                let family = if s.addr.0.is_ipv4() { "IPv4" } else { "IPv6" };
+                return Err(loc.err(
+                    at,
+                    format!("backend \"{name}\": source_pool has no {family} address for server {}", s.addr),
+                ));
+            }
+        }
+    }
+    let queue = match &b.queue {
+        None => 1024,
+        Some(q) if *q.get_ref() > 1 << 20 => {
+            return Err(loc.at(q, format!("backend \"{name}\": queue = {}: at most 1048576", q.get_ref())));
+        }
+        Some(q) => *q.get_ref(),
+    };
+    let health = b.health.as_ref().map(|h| health(loc, name, h)).transpose()?;
+    Ok(BackendConfig { name: name.clone(), servers, pool, queue, balance: b.balance, health })
+}
+
+fn health(loc: &Locator<'_>, name: &str, h: &Spanned<raw::Health>) -> Result<HealthCheck, ConfigError> {
+    let bad = |what: &str| loc.at(h, format!("backend \"{name}\": health: {what}"));
+    let key = |k: &str| format!("backend \"{name}\": health.{k}");
+    let raw = h.get_ref();
+    let interval = duration(loc, &key("interval"), &raw.interval, Duration::from_secs(2))?;
+    let timeout = duration(loc, &key("timeout"), &raw.timeout, interval)?;
+    if raw.rise == 0 || raw.fall == 0 {
+        return Err(bad("rise and fall must be at least 1"));
+    }
+    let send = unescape(raw.send.as_deref().unwrap_or("")).map_err(|e| bad(&format!("send: {e}")))?;
+    let expect = unescape(raw.expect.as_deref().unwrap_or("")).map_err(|e| bad(&format!("expect: {e}")))?;
+    Ok(HealthCheck { interval, timeout, rise: raw.rise, fall: raw.fall, send, expect })
+}
+
+fn frontends(
+    loc: &Locator<'_>,
+    raw: &[raw::Frontend],
+    backends: &[BackendConfig],
+    global_maxconn: u32,
+) -> Result<Vec<FrontendConfig>, ConfigError> {
+    let mut frontends = Vec::with_capacity(raw.len());
+    let (mut names, mut listens) = (HashSet::new(), HashSet::new());
+    for f in raw {
+        check_name(loc, &f.name, "frontend.name")?;
+        let name = f.name.get_ref();
+        if !names.insert(name.as_str()) {
+            return Err(loc.at(&f.name, format!("frontend.name: duplicate frontend \"{name}\"")));
+        }
+        let listen: SocketAddr = f.listen.get_ref().parse().map_err(|_| {
+            loc.at(
+                &f.listen,
+                format!("frontend \"{name}\": listen: \"{}\" is not an ip:port address", f.listen.get_ref()),
+            )
+        })?;
+        if listen.port() != 0 && !listens.insert(listen) {
+            return Err(loc.at(&f.listen, format!("frontend \"{name}\": listen: {listen} is used twice")));
+        }
+        let backend = backends.iter().position(|b| &b.name == f.backend.get_ref()).ok_or_else(|| {
+            loc.at(
+                &f.backend,
+                format!("frontend \"{name}\": backend: no [[backend]] named \"{}\"", f.backend.get_ref()),
+            )
+        })?;
+        let maxconn = match &f.maxconn {
+            None => None,
+            Some(m) => {
+                let v = *m.get_ref();
+                if v == 0 || v > global_maxconn {
+                    return Err(loc.at(
+                        m,
+                        format!(
+                            "frontend \"{name}\": maxconn = {v}: must be between 1 and the global maxconn ({global_maxconn})"
+                        ),
+                    ));
+                }
+                Some(v)
+            }
+        };
+        frontends.push(FrontendConfig { name: name.clone(), listen, backend, maxconn });
+    }
+    Ok(frontends)
+}

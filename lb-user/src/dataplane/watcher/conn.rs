@@ -1,0 +1,238 @@
+//! One spliced connection as the close watcher sees it: what each side's
+//! bytes do (the kernel redirects them, or the watcher copies them), the
+//! FIN and reset forwarding, and when the connection is over.
+
+use std::{
+    net::{Shutdown, TcpStream},
+    time::{Duration, Instant},
+};
+
+use rustix::event::epoll::EventFlags;
+
+use crate::{
+    kernel::{maps::ConnMaps, sys},
+    observe::conn::ConnGuard,
+};
+
+/// A half-closed direction whose peer accepts no bytes for this long is reset.
+const DRAIN_STALL: Duration = Duration::from_secs(60);
+pub(super) const CLIENT: usize = 0;
+/// Buffer of a direction copied in userspace.
+pub(super) const COPY_BUF: usize = 64 * 1024;
+
+pub(super) struct Drain {
+    last_written: u64,
+    last_progress: Instant,
+}
+
+/// How the bytes one side receives reach the other side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// The eBPF verdict redirects them.
+    Kernel,
+    /// The watcher reads and writes them (the side could not be spliced).
+    User,
+}
+
+/// A direction copied by the watcher: non-blocking reads from the source,
+/// writes to the destination, both driven by edge-triggered epoll events.
+pub(super) struct Copy {
+    pub buf: Box<[u8]>,
+    pub len: usize,
+    pub off: usize,
+    pub eof: bool,
+    pub bytes: u64,
+    /// `CLOCK_MONOTONIC_COARSE` ns of the last byte read.
+    pub last_ns: u64,
+}
+
+pub(super) enum Flow {
+    /// Kernel splice; a pending EOF forward once the source sent its FIN.
+    Kernel(Option<Drain>),
+    User(Box<Copy>),
+}
+
+pub(super) struct Conn {
+    /// `[client, server]`.
+    pub socks: [TcpStream; 2],
+    pub cookies: [u64; 2],
+    /// `tcp_bytes_written` of each socket just before it was spliced (the
+    /// kernel counts the SYN there; lb itself writes nothing).
+    pub written_base: [u64; 2],
+    /// FIN received on this side.
+    pub rd_closed: [bool; 2],
+    /// We sent FIN (shutdown(Write)) on this side.
+    pub wr_shut: [bool; 2],
+    /// The bytes received on each side, on their way to the other.
+    pub flows: [Flow; 2],
+    pub guard: ConnGuard,
+}
+
+pub(super) enum Next {
+    Keep,
+    /// Both directions finished.
+    Close,
+    /// This side reset or failed; reset the other.
+    Abort(usize),
+    /// No byte either way for `timeouts.idle`: close both sides.
+    Idle,
+}
+
+/// The epoll events a socket of a connection with `dirs` is watched for:
+/// its FIN always; its data when the watcher copies what it receives, and
+/// write space when the watcher copies to it. Data arriving on a spliced
+/// socket never wakes the watcher.
+pub(super) fn interest(side: usize, dirs: [Dir; 2]) -> EventFlags {
+    let mut ev = EventFlags::RDHUP | EventFlags::ET;
+    if dirs[side] == Dir::User {
+        ev |= EventFlags::IN;
+    }
+    if dirs[1 - side] == Dir::User {
+        ev |= EventFlags::OUT;
+    }
+    ev
+}
+
+impl Conn {
+    pub fn on_event(&mut self, side: usize, events: EventFlags, maps: &ConnMaps) -> Next {
+        let hup = events.intersects(EventFlags::HUP | EventFlags::ERR);
+        if hup {
+            let err = self.socks[side].take_error().unwrap_or_else(Some);
+            if err.is_some() || events.contains(EventFlags::ERR) {
+                log::debug!("{} side reset or failed: {err:?}", side_name(side));
+                return Next::Abort(side);
+            }
+        }
+        // A copied direction sees its FIN as the end of its reads instead.
+        if let Flow::Kernel(drain) = &mut self.flows[side]
+            && (hup || events.contains(EventFlags::RDHUP))
+            && !self.rd_closed[side]
+        {
+            self.rd_closed[side] = true;
+            *drain = Some(Drain { last_written: 0, last_progress: Instant::now() });
+        }
+        self.progress(maps)
+    }
+
+    /// Moves copied bytes and forwards pending EOFs whose bytes have all
+    /// reached the peer.
+    pub fn progress(&mut self, maps: &ConnMaps) -> Next {
+        for from in [0, 1] {
+            let to = 1 - from;
+            let next = match &mut self.flows[from] {
+                Flow::User(copy) => pump(copy, &self.socks, from, &mut self.rd_closed, &mut self.wr_shut),
+                Flow::Kernel(None) => Next::Keep,
+                Flow::Kernel(Some(d)) => {
+                    // tcpi_bytes_received counts the FIN, which is in by now.
+                    let received = sys::tcp_bytes_received(&self.socks[from]).unwrap_or(1).saturating_sub(1);
+                    let redirected = maps.redirected(self.cookies[from]).unwrap_or(0);
+                    let written =
+                        sys::tcp_bytes_written(&self.socks[to]).unwrap_or(0).saturating_sub(self.written_base[to]);
+                    log::trace!(
+                        "drain {}: received {received} redirected {redirected} written {written}",
+                        side_name(from)
+                    );
+                    if redirected >= received && written >= redirected {
+                        // Errors here mean the peer is already gone; its own event follows.
+                        let _ = self.socks[to].shutdown(Shutdown::Write);
+                        self.wr_shut[to] = true;
+                        self.flows[from] = Flow::Kernel(None);
+                        Next::Keep
+                    } else if written > d.last_written {
+                        d.last_written = written;
+                        d.last_progress = Instant::now();
+                        Next::Keep
+                    } else if d.last_progress.elapsed() > DRAIN_STALL {
+                        log::warn!(
+                            "{} accepted no bytes for {DRAIN_STALL:?} after the {} closed ({written} of \
+                             {redirected} bytes delivered); resetting",
+                            side_name(to),
+                            side_name(from)
+                        );
+                        Next::Abort(to)
+                    } else {
+                        Next::Keep
+                    }
+                }
+            };
+            if !matches!(next, Next::Keep) {
+                return next;
+            }
+        }
+        if self.rd_closed == [true; 2] && self.wr_shut == [true; 2] { Next::Close } else { Next::Keep }
+    }
+
+    /// Whether an EOF forward waits for the kernel to finish delivering.
+    pub fn pending(&self) -> bool {
+        self.flows.iter().any(|f| matches!(f, Flow::Kernel(Some(_))))
+    }
+
+    /// Bytes moved from each side to the other (client->server, server->client).
+    pub fn bytes(&self, maps: &ConnMaps) -> [u64; 2] {
+        [0, 1].map(|side| match &self.flows[side] {
+            Flow::User(c) => c.bytes,
+            Flow::Kernel(_) => maps.redirected(self.cookies[side]).unwrap_or(0),
+        })
+    }
+
+    /// Whether no byte moved either way since `now_ns - idle_ns`.
+    pub fn idle(&self, maps: &ConnMaps, now_ns: u64, idle_ns: u64) -> bool {
+        let kernel = self.cookies.iter().filter_map(|c| maps.record(*c)).map(|r| r.last_active_ns);
+        let copied = self.flows.iter().filter_map(|f| match f {
+            Flow::User(c) => Some(c.last_ns),
+            Flow::Kernel(_) => None,
+        });
+        let last = kernel.chain(copied).max();
+        last.is_some_and(|l| now_ns.saturating_sub(l) > idle_ns)
+    }
+}
+
+/// Copies what side `from` received to the other side until either would
+/// block; at the source's EOF, once everything is written, forwards it.
+fn pump(c: &mut Copy, socks: &[TcpStream; 2], from: usize, rd_closed: &mut [bool; 2], wr_shut: &mut [bool; 2]) -> Next {
+    use std::io::{ErrorKind, Read as _, Write as _};
+    let to = 1 - from;
+    if wr_shut[to] {
+        return Next::Keep;
+    }
+    loop {
+        if c.off < c.len {
+            match (&socks[to]).write(&c.buf[c.off..c.len]) {
+                Ok(n) => c.off += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Next::Keep,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::debug!("{} side failed while written to: {e}", side_name(to));
+                    return Next::Abort(to);
+                }
+            }
+            continue;
+        }
+        if c.eof {
+            let _ = socks[to].shutdown(Shutdown::Write);
+            wr_shut[to] = true;
+            return Next::Keep;
+        }
+        match (&socks[from]).read(&mut c.buf) {
+            Ok(0) => {
+                c.eof = true;
+                rd_closed[from] = true;
+            }
+            Ok(n) => {
+                (c.len, c.off) = (n, 0);
+                c.bytes += n as u64;
+                c.last_ns = sys::monotonic_coarse_ns();
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Next::Keep,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => {
+                log::debug!("{} side failed while read: {e}", side_name(from));
+                return Next::Abort(from);
+            }
+        }
+    }
+}
+
+pub(super) fn side_name(side: usize) -> &'static str {
+    if side == CLIENT { "client" } else { "server" }
+}

@@ -1,0 +1,77 @@
+//! The processes of an instance. `lb run` starts the supervisor
+//! ([`supervisor`]): it owns the eBPF object and its pins, the control
+//! socket, the metrics endpoint and the health checks ([`owner`]), and runs
+//! the workers ([`worker`]), which accept and serve connections. Even with
+//! `workers = 1` the worker is a process of its own.
+
+pub mod owner;
+pub mod supervisor;
+pub mod worker;
+
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::{FD_RESERVE, Overrides, fds_needed},
+    dataplane::Kind,
+    kernel::sys,
+};
+
+/// What `lb run --announce` prints on stdout once it serves traffic, and
+/// each worker tells its supervisor.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Ready {
+    pub event: String,
+    pub pid: u32,
+    pub dataplane: Kind,
+    pub frontends: Vec<ReadyFrontend>,
+    /// Worker processes.
+    #[serde(default)]
+    pub workers: Vec<u32>,
+    /// Where the metrics endpoint listens, if configured.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReadyFrontend {
+    pub name: String,
+    pub listen: SocketAddr,
+}
+
+/// The file a reload reads, with the command line's overrides.
+pub struct Reload {
+    pub path: std::path::PathBuf,
+    pub overrides: Overrides,
+}
+
+/// Raises the soft open-files limit to the hard one and warns when this
+/// process's share of `maxconn` cannot fit.
+pub fn raise_fd_limit(maxconn_here: u32) {
+    match sys::raise_nofile_limit() {
+        Ok((soft, _)) => {
+            if soft < fds_needed(maxconn_here) {
+                log::warn!(
+                    "open-files limit is {soft}: at most ~{} connections fit in this process (it may take \
+                     {maxconn_here}); raise LimitNOFILE or add workers",
+                    soft.saturating_sub(FD_RESERVE) / 2,
+                );
+            }
+        }
+        Err(e) => log::warn!("cannot read or raise the open-files limit: {e}"),
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => log::info!("SIGTERM received"),
+        _ = int.recv() => log::info!("SIGINT received"),
+    }
+    Ok(())
+}

@@ -1,0 +1,190 @@
+//! A worker process (`lb worker`, started by the supervisor): it binds the
+//! frontends with `SO_REUSEPORT` (the kernel spreads clients over the
+//! workers), opens the pinned maps, and serves until SIGTERM, applying the
+//! commands its supervisor sends on stdin (one JSON line each, answered
+//! with one line on stdout).
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex, atomic::Ordering::Relaxed},
+};
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    sync::{Semaphore, mpsc},
+    task::JoinSet,
+};
+
+use super::{Ready, ReadyFrontend, raise_fd_limit, wait_for_signal};
+use crate::{
+    config::{Config, Overrides, host::AlreadyChecked},
+    control::{self, Reply},
+    dataplane::{self, Kind},
+    kernel::maps::StatMaps,
+    observe::{counters::Counters, publish::Publisher},
+    proxy::{Shared, accept},
+    servers::{Backends, command::Command},
+};
+
+/// What a worker gets on stdin.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkerSpec {
+    pub index: u16,
+    pub config_file: String,
+    /// The exact text the supervisor validated (the file may change later).
+    pub config_text: String,
+    pub workers: u32,
+    pub kind: Kind,
+    /// Whether the pinned maps exist.
+    pub maps: bool,
+    /// Concrete listen address of each frontend, in config order.
+    pub listen: Vec<SocketAddr>,
+    /// Runtime commands applied so far, for a worker started later.
+    pub replay: Vec<Command>,
+    /// The supervisor's pid: the worker exits if that process goes.
+    pub supervisor: u32,
+}
+
+/// `lb worker`: reads a [`WorkerSpec`] (first line of stdin) and serves.
+pub async fn run() -> anyhow::Result<()> {
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let first = lines.next_line().await.context("reading the spec")?.context("no spec on stdin")?;
+    let spec: WorkerSpec = serde_json::from_str(&first).context("the worker spec on stdin is not valid")?;
+    // Ends with the supervisor (checked after arming, in case it is gone already).
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))
+        .context("arming the parent-death signal")?;
+    if rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32) != Some(spec.supervisor) {
+        bail!("the supervisor (pid {}) is gone", spec.supervisor);
+    }
+    let o = Overrides { workers: Some(spec.workers), dataplane: None };
+    let mut cfg = Config::parse_on(&AlreadyChecked, &spec.config_file, &spec.config_text, &o)?;
+    if cfg.frontends.len() != spec.listen.len() {
+        bail!("the worker spec lists {} listen addresses for {} frontends", spec.listen.len(), cfg.frontends.len());
+    }
+    for (f, a) in cfg.frontends.iter_mut().zip(&spec.listen) {
+        f.listen = *a;
+    }
+    let listeners = accept::bind_all(&cfg.frontends, true)?;
+    let (tx, ctl) = mpsc::channel(16);
+    // Commands arrive only after the ready line, so answers never precede it.
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let r: control::Response = match serde_json::from_str::<Command>(&line) {
+                Err(e) => Err(control::RequestError::BadRequest(e.to_string())),
+                Ok(c) => {
+                    let (reply, rx) = tokio::sync::oneshot::channel();
+                    if tx.send(control::Msg { req: control::Request::Apply(c), reply }).await.is_err() {
+                        return;
+                    }
+                    rx.await.unwrap_or(Err(control::RequestError::Stopping))
+                }
+            };
+            println!("{}", serde_json::to_string(&Reply::from(r)).unwrap_or_default());
+        }
+    });
+    serve(cfg, &spec, listeners, ctl).await
+}
+
+/// Serves `listeners` until SIGINT or SIGTERM, applying the commands that
+/// arrive on `ctl`; then stops accepting, closes every connection and
+/// stops the data plane.
+async fn serve(
+    cfg: Config,
+    spec: &WorkerSpec,
+    listeners: Vec<(crate::config::FrontendConfig, tokio::net::TcpListener)>,
+    mut ctl: mpsc::Receiver<control::Msg>,
+) -> anyhow::Result<()> {
+    let per_worker = cfg.maxconn_per_worker();
+    raise_fd_limit(per_worker);
+    let stats = Arc::new(Counters::default());
+    let dataplane = dataplane::open(spec.kind, &cfg.pin_path, stats.clone(), cfg.timeouts.idle, spec.index)?;
+    let backends = Arc::new(Backends::new(&cfg));
+    for c in &spec.replay {
+        if let Err(e) = backends.apply(c) {
+            log::warn!("replaying {c:?}: {e}");
+        }
+    }
+    let publisher = if spec.maps {
+        let m = StatMaps::open(&cfg.pin_path)
+            .map_err(|e| anyhow::anyhow!("opening the stats maps at {}: {e}", cfg.pin_path.display()))?;
+        Some(Arc::new(Mutex::new(Publisher::new(m, spec.index, backends.clone(), stats.clone()))))
+    } else {
+        None
+    };
+    let publish_task = publisher.clone().map(|p| tokio::spawn(Publisher::run(p)));
+    let shared = Arc::new(Shared {
+        access_log: cfg.access_log,
+        backends,
+        dataplane: dataplane.clone(),
+        stats: stats.clone(),
+        connect_timeout: cfg.timeouts.connect,
+        queue_timeout: cfg.timeouts.queue,
+        connect_attempts: cfg.connect_attempts,
+    });
+    let global = Arc::new(Semaphore::new(per_worker as usize));
+    let mut ready = Ready {
+        event: "ready".into(),
+        pid: std::process::id(),
+        dataplane: spec.kind,
+        frontends: vec![],
+        workers: vec![],
+        metrics: None,
+    };
+    let mut accepts = JoinSet::new();
+    for (f, l) in listeners {
+        let addr = l.local_addr()?;
+        log::info!(
+            "frontend \"{}\" listening on {addr} -> backend \"{}\"",
+            f.name,
+            shared.backends.list[f.backend].name
+        );
+        ready.frontends.push(ReadyFrontend { name: f.name.clone(), listen: addr });
+        let own = f.maxconn.map(|m| Arc::new(Semaphore::new(m.div_ceil(cfg.workers) as usize)));
+        accepts.spawn(accept::accept_loop(l, f.backend, global.clone(), own, shared.clone()));
+    }
+    println!("{}", serde_json::to_string(&ready).unwrap_or_default());
+
+    let stop = wait_for_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            r = &mut stop => {
+                r?;
+                break;
+            }
+            Some(m) = ctl.recv() => {
+                let r: control::Response = match m.req {
+                    control::Request::Apply(c) => shared.backends.apply(&c).map_err(Into::into),
+                    control::Request::Other { cmd: control::Other::Reload } => {
+                        Err(crate::servers::reload::ReloadError::NotHere.into())
+                    }
+                };
+                match &r {
+                    Ok(msg) => log::debug!("{msg}"),
+                    Err(e) => log::warn!("command refused: {e}"),
+                }
+                let _ = m.reply.send(r);
+            }
+        }
+    }
+    log::info!("stopping: closing listeners and {} connections", stats.active.load(Relaxed));
+    accepts.abort_all();
+    while accepts.join_next().await.is_some() {}
+    dataplane.shutdown();
+    if let Some(t) = publish_task {
+        t.abort();
+    }
+    if let Some(p) = publisher {
+        p.lock().unwrap_or_else(|e| e.into_inner()).flush();
+    }
+    let s = stats.snapshot();
+    log::info!(
+        "stopped: {} connections served, {} rejected, {} connect failures",
+        s.accepted,
+        s.rejected,
+        s.connect_failures
+    );
+    Ok(())
+}

@@ -1,0 +1,146 @@
+//! Typed handles to the pinned maps, opened by every process that serves
+//! or reads (workers, the supervisor, `lb stats`).
+
+use std::{os::fd::AsRawFd, path::Path};
+
+use aya::maps::{HashMap, MapData, MapError, PerCpuArray, SockHash};
+use lb_common::{
+    conn::ConnTraffic,
+    maps::{
+        CONN, COUNTERS, MAX_SERVER_ENTRIES, MAX_SOURCE_ENTRIES, MAX_WORKERS, PEER, PROG_VERDICT, SERVERS, SOURCES,
+        SPLICE, WORKERS,
+    },
+    stats::{COUNTERS_KEY, DataplaneCounters, ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats},
+};
+
+use super::KernelError;
+
+/// Opens the map `name` pinned under `dir`.
+pub(super) fn open<T: TryFrom<aya::maps::Map, Error = MapError>>(
+    dir: &Path,
+    name: &'static str,
+) -> Result<T, KernelError> {
+    let data = MapData::from_pin(dir.join(name)).map_err(|source| KernelError::Map { name, source })?;
+    let map = aya::maps::Map::from_map_data(data).map_err(|source| KernelError::Map { name, source })?;
+    T::try_from(map).map_err(|source| KernelError::Map { name, source })
+}
+
+/// The maps the connection path writes (kernel data plane).
+pub struct ConnMaps {
+    pub peer: SockHash<MapData, u64>,
+    pub splice: SockHash<MapData, u64>,
+    pub conn: HashMap<MapData, u64, ConnTraffic>,
+}
+
+impl ConnMaps {
+    pub fn open(pin_path: &Path) -> Result<Self, KernelError> {
+        Ok(Self { peer: open(pin_path, PEER)?, splice: open(pin_path, SPLICE)?, conn: open(pin_path, CONN)? })
+    }
+    /// Inserts the record of the socket with this cookie.
+    pub fn insert_record(&mut self, cookie: u64, record: ConnTraffic) -> Result<(), KernelError> {
+        self.conn.insert(cookie, record, 0).map_err(|source| KernelError::Map { name: CONN, source })
+    }
+    /// Makes `target` the socket that the bytes of the socket with `cookie`
+    /// are redirected to.
+    pub fn insert_peer(&mut self, cookie: u64, target: &impl AsRawFd) -> Result<(), KernelError> {
+        self.peer.insert(cookie, target.as_raw_fd(), 0).map_err(|source| KernelError::Map { name: PEER, source })
+    }
+    /// Splices the socket: the verdict runs on every byte it receives.
+    pub fn insert_splice(&mut self, cookie: u64, sock: &impl AsRawFd) -> Result<(), KernelError> {
+        self.splice.insert(cookie, sock.as_raw_fd(), 0).map_err(|source| KernelError::Map { name: SPLICE, source })
+    }
+    /// The record of the socket with this cookie.
+    pub fn record(&self, cookie: u64) -> Option<ConnTraffic> {
+        self.conn.get(&cookie, 0).ok()
+    }
+    /// Bytes the verdict redirected from the socket with this cookie.
+    pub fn redirected(&self, cookie: u64) -> Option<u64> {
+        self.record(cookie).map(|t| t.bytes)
+    }
+    /// Removes every entry of a connection whose sockets stay open (a
+    /// splice that could not be completed).
+    pub fn forget(&mut self, cookies: [u64; 2]) {
+        for c in cookies {
+            let _ = self.conn.remove(&c);
+            let _ = self.peer.remove(&c);
+            let _ = self.splice.remove(&c);
+        }
+    }
+    /// Removes the records of a connection about to be closed. Its socket
+    /// entries need no syscall: the kernel drops a socket from every
+    /// sockhash when it closes.
+    pub fn forget_closing(&mut self, cookies: [u64; 2]) {
+        for c in cookies {
+            let _ = self.conn.remove(&c);
+        }
+    }
+    /// Deletes the records of a worker whose process is gone (its sockets
+    /// closed with it, so the kernel already removed their socket entries).
+    pub fn forget_worker(&mut self, worker: u16) -> usize {
+        let stale: Vec<u64> =
+            self.conn.iter().filter_map(Result::ok).filter(|(_, r)| r.worker == worker).map(|(k, _)| k).collect();
+        for k in &stale {
+            let _ = self.conn.remove(k);
+        }
+        stale.len()
+    }
+}
+
+/// The counters userspace publishes.
+pub struct StatMaps {
+    pub sources: HashMap<MapData, SourceKey, SourceStats>,
+    pub servers: HashMap<MapData, ServerKey, ServerStats>,
+    pub workers: HashMap<MapData, u32, WorkerStats>,
+}
+
+impl StatMaps {
+    pub fn open(pin_path: &Path) -> Result<Self, KernelError> {
+        Ok(Self {
+            sources: open(pin_path, SOURCES)?,
+            servers: open(pin_path, SERVERS)?,
+            workers: open(pin_path, WORKERS)?,
+        })
+    }
+
+    /// Removes every entry of `worker` (a restarted worker starts from zero).
+    pub fn clear_worker(&mut self, worker: u16) {
+        let keys: Vec<SourceKey> = self.sources.keys().filter_map(Result::ok).filter(|k| k.worker == worker).collect();
+        for k in keys {
+            let _ = self.sources.remove(&k);
+        }
+        let keys: Vec<ServerKey> = self.servers.keys().filter_map(Result::ok).filter(|k| k.worker == worker).collect();
+        for k in keys {
+            let _ = self.servers.remove(&k);
+        }
+        let _ = self.workers.remove(&u32::from(worker));
+    }
+}
+
+const _: () = assert!(MAX_WORKERS > 0 && MAX_SOURCE_ENTRIES > 0 && MAX_SERVER_ENTRIES > 0);
+
+/// Every pinned map, read-only use (for `lb stats`).
+pub struct PinnedMaps {
+    /// Whether the verdict is pinned (the kernel data plane runs).
+    pub kernel: bool,
+    pub counters: PerCpuArray<MapData, DataplaneCounters>,
+    pub conn: ConnMaps,
+    pub stats: StatMaps,
+}
+
+impl PinnedMaps {
+    pub fn open(pin_path: &Path) -> Result<Self, KernelError> {
+        Ok(Self {
+            kernel: pin_path.join(PROG_VERDICT).exists(),
+            counters: open(pin_path, COUNTERS)?,
+            conn: ConnMaps::open(pin_path)?,
+            stats: StatMaps::open(pin_path)?,
+        })
+    }
+
+    /// The verdict's counters, summed over CPUs.
+    pub fn counters(&self) -> Result<DataplaneCounters, KernelError> {
+        let per_cpu =
+            self.counters.get(&COUNTERS_KEY, 0).map_err(|source| KernelError::Map { name: COUNTERS, source })?;
+        Ok(per_cpu.iter().fold(DataplaneCounters::default(), |acc, c| acc.add(c)))
+    }
+}

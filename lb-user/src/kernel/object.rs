@@ -1,0 +1,176 @@
+//! The eBPF object: one process (the supervisor) owns it. It takes the
+//! pin-path lock, loads the maps (and, for the kernel data plane, the
+//! verdict program), pins them under `pin_path`, writes the instance's
+//! metadata next to the lock, and removes all of it when it stops. Every
+//! process that serves connections opens the pins ([`super::maps`]).
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    EbpfLoader,
+    maps::{MapData, SockHash},
+    programs::SkSkb,
+};
+use lb_common::maps::{CONN, PEER, PINNED, PROG_VERDICT, SPLICE};
+use serde::{Deserialize, Serialize};
+
+use super::{KernelError, io_err, maps::open};
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// What the owner of the maps records next to them (bpffs holds only pins).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Meta {
+    pub pid: u32,
+    pub dataplane: String,
+    /// Backend names by index (`LB_SERVERS` keys carry the index).
+    pub backends: Vec<String>,
+}
+
+impl Meta {
+    /// The metadata of the instance pinned at `pin_path`, if it wrote any.
+    pub fn read(run_dir: &Path, pin_path: &Path) -> Option<Meta> {
+        let b = fs::read(run_file(run_dir, pin_path, "json")).ok()?;
+        serde_json::from_slice(&b).ok()
+    }
+}
+
+/// `<run_dir>/<pin path, mangled>.<ext>`: the files an instance keeps next
+/// to its pins (`lock`, `json` for [`Meta`], `sock` for the control socket).
+pub fn run_file(run_dir: &Path, pin_path: &Path, ext: &str) -> PathBuf {
+    lb_common::files::run_file(run_dir, pin_path, ext)
+}
+
+fn check_bpffs(pin_path: &Path) -> Result<(), KernelError> {
+    let parent = pin_path.parent().unwrap_or(Path::new("/"));
+    match rustix::fs::statfs(parent) {
+        Ok(st) if st.f_type == BPF_FS_MAGIC => Ok(()),
+        _ => Err(KernelError::BpffsMissing(parent.to_owned())),
+    }
+}
+
+/// Takes an exclusive lock for `pin_path`, so two instances never share pins.
+fn lock_pin_path(run_dir: &Path, pin_path: &Path) -> Result<fs::File, KernelError> {
+    let lock = run_file(run_dir, pin_path, "lock");
+    fs::create_dir_all(run_dir).map_err(io_err(format!("creating {}", run_dir.display())))?;
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock)
+        .map_err(io_err(format!("opening {}", lock.display())))?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        .map_err(|_| KernelError::PinPathBusy { path: pin_path.to_owned(), lock })?;
+    Ok(file)
+}
+
+/// What to load.
+pub struct Spec<'a> {
+    pub pin_path: &'a Path,
+    /// Directory of the lock and metadata files.
+    pub run_dir: &'a Path,
+    /// Capacity of the socket maps (two per connection).
+    pub sockets: u32,
+    /// Load and attach the verdict (kernel data plane), or only the maps.
+    pub program: bool,
+    /// Backend names, for `lb stats`.
+    pub backends: Vec<String>,
+}
+
+/// The loaded object, owned by one process.
+pub struct Objects {
+    pin_path: PathBuf,
+    run_dir: PathBuf,
+    /// Owns the program (and its attachment) and the maps.
+    ebpf: Option<aya::Ebpf>,
+    _lock: fs::File,
+}
+
+impl Objects {
+    /// Loads the maps, and with `spec.program` the verdict attached to
+    /// `LB_SPLICE`; pins everything under `spec.pin_path`.
+    pub fn load(spec: Spec<'_>) -> Result<Self, KernelError> {
+        let Spec { pin_path, run_dir, sockets, program, backends } = spec;
+        check_bpffs(pin_path)?;
+        let lock = lock_pin_path(run_dir, pin_path)?;
+        // We hold the lock: whatever is pinned there was left by a dead instance.
+        if pin_path.exists() {
+            log::warn!(
+                "removing stale pins under {} left by an earlier lb that did not stop cleanly",
+                pin_path.display()
+            );
+            remove_pins(pin_path);
+        }
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(PEER, sockets)
+            .map_max_entries(SPLICE, sockets)
+            .map_max_entries(CONN, sockets)
+            .load(crate::EBPF_OBJECT)?;
+
+        fs::create_dir_all(pin_path).map_err(io_err(format!("creating {}", pin_path.display())))?;
+        let result = (|| {
+            for name in PINNED {
+                let map =
+                    ebpf.map(name).ok_or(KernelError::Program(format!("map {name} missing from the eBPF object")))?;
+                let path = pin_path.join(name);
+                map.pin(&path).map_err(|source| KernelError::Pin { path, source })?;
+            }
+            if !program {
+                return Ok(());
+            }
+            let splice: SockHash<MapData, u64> = open(pin_path, SPLICE)?;
+            let prog: &mut SkSkb = ebpf
+                .program_mut(PROG_VERDICT)
+                .ok_or(KernelError::Program(format!("program {PROG_VERDICT} missing from the eBPF object")))?
+                .try_into()
+                .map_err(|e| KernelError::Program(format!("program {PROG_VERDICT}: {e}")))?;
+            prog.load().map_err(|e| KernelError::Program(format!("loading {PROG_VERDICT}: {e}")))?;
+            prog.attach(splice.fd())
+                .map_err(|e| KernelError::Program(format!("attaching {PROG_VERDICT} to {SPLICE}: {e}")))?;
+            let path = pin_path.join(PROG_VERDICT);
+            prog.pin(&path).map_err(|source| KernelError::Pin { path, source })?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            drop(ebpf);
+            remove_pins(pin_path);
+            return Err(e);
+        }
+        let meta =
+            Meta { pid: std::process::id(), dataplane: if program { "kernel" } else { "userspace" }.into(), backends };
+        let meta_path = run_file(run_dir, pin_path, "json");
+        if let Err(e) = fs::write(&meta_path, serde_json::to_vec(&meta).unwrap_or_default()) {
+            log::warn!("writing {}: {e} (`lb stats` will show backend numbers, not names)", meta_path.display());
+        }
+        Ok(Self { pin_path: pin_path.to_owned(), run_dir: run_dir.to_owned(), ebpf: Some(ebpf), _lock: lock })
+    }
+
+    /// Detaches and unloads the program and removes the pins, the metadata
+    /// and the lock file.
+    pub fn close(&mut self) {
+        if let Some(ebpf) = self.ebpf.take() {
+            drop(ebpf);
+            remove_pins(&self.pin_path);
+            let _ = fs::remove_file(run_file(&self.run_dir, &self.pin_path, "json"));
+            // Still held by us, so nobody waits on it; the next start makes a new one.
+            let _ = fs::remove_file(run_file(&self.run_dir, &self.pin_path, "lock"));
+        }
+    }
+}
+
+impl Drop for Objects {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Removes lb's pins under `pin_path` and the directory if it is then empty.
+fn remove_pins(pin_path: &Path) {
+    for name in PINNED.iter().chain([&PROG_VERDICT]) {
+        let _ = fs::remove_file(pin_path.join(name));
+    }
+    let _ = fs::remove_dir(pin_path);
+}

@@ -1,0 +1,137 @@
+//! Socket calls that neither std, socket2 nor rustix offer: the only
+//! `unsafe` system calls of lb, each with its reason.
+
+use std::{
+    io,
+    mem::{MaybeUninit, size_of},
+    os::fd::{AsFd, AsRawFd},
+    time::Duration,
+};
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+}
+
+fn getsockopt<T: Copy>(s: &impl AsRawFd, level: libc::c_int, name: libc::c_int) -> io::Result<T> {
+    let mut val = MaybeUninit::<T>::zeroed();
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: `val` is valid for `len` bytes; the kernel writes at most `len`.
+    check(unsafe { libc::getsockopt(s.as_raw_fd(), level, name, val.as_mut_ptr().cast(), &mut len) })?;
+    // SAFETY: zero-initialised, and T is plain data (an int or `tcp_info`).
+    Ok(unsafe { val.assume_init() })
+}
+
+fn setsockopt<T>(s: &impl AsRawFd, level: libc::c_int, name: libc::c_int, val: &T) -> io::Result<()> {
+    // SAFETY: `val` points to `size_of::<T>()` readable bytes.
+    check(unsafe {
+        libc::setsockopt(s.as_raw_fd(), level, name, (val as *const T).cast(), size_of::<T>() as libc::socklen_t)
+    })
+    .map(drop)
+}
+
+/// The socket's cookie (`SO_COOKIE`), the value `bpf_get_socket_cookie` returns.
+pub fn socket_cookie(s: &impl AsFd) -> io::Result<u64> {
+    Ok(rustix::net::sockopt::socket_cookie(s)?)
+}
+
+/// Sets `SO_RCVLOWAT`. On TCP this also calls `tcp_data_ready()`, which runs
+/// bytes already queued on the socket through a freshly attached verdict.
+pub fn set_rcvlowat(s: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {
+    setsockopt(s, libc::SOL_SOCKET, libc::SO_RCVLOWAT, &bytes)
+}
+
+/// Arms an abortive close: the next `close()` sends RST instead of FIN.
+pub fn set_linger_zero(s: &impl AsFd) -> io::Result<()> {
+    Ok(rustix::net::sockopt::set_socket_linger(s, Some(Duration::ZERO))?)
+}
+
+fn tcp_info(s: &impl AsRawFd) -> io::Result<libc::tcp_info> {
+    getsockopt(s, libc::IPPROTO_TCP, libc::TCP_INFO)
+}
+
+/// Total bytes the application (or the kernel on its behalf) has written to
+/// this TCP socket: bytes acknowledged by the peer plus bytes still queued.
+/// Read in that order the sum never exceeds the true figure at return time.
+pub fn tcp_bytes_written(s: &impl AsRawFd) -> io::Result<u64> {
+    // Acked first: bytes acked between the two reads then move from the
+    // second figure into the first unseen, instead of being counted twice.
+    let acked = tcp_info(s)?.tcpi_bytes_acked;
+    let mut outq: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int to the pointer.
+    check(unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut outq) })?;
+    Ok(acked + outq.max(0) as u64)
+}
+
+/// Bytes received in order on this TCP socket (`tcpi_bytes_received`).
+pub fn tcp_bytes_received(s: &impl AsRawFd) -> io::Result<u64> {
+    Ok(tcp_info(s)?.tcpi_bytes_received)
+}
+
+/// What the kernel plane needs of a socket before splicing it, in one
+/// `TCP_INFO` read: whether it is still `ESTABLISHED`, and the bytes it
+/// counts as written so far. lb writes nothing before the splice, so the
+/// send queue is empty and `tcpi_bytes_acked` (the SYN) is the whole count.
+pub fn tcp_splice_state(s: &impl AsRawFd) -> io::Result<(bool, u64)> {
+    let info = tcp_info(s)?;
+    // TCP_ESTABLISHED in include/net/tcp_states.h.
+    const ESTABLISHED: u8 = 1;
+    Ok((info.tcpi_state == ESTABLISHED, info.tcpi_bytes_acked))
+}
+
+/// `IP_LOCAL_PORT_RANGE` from `<linux/in.h>` (Linux 6.3).
+const IP_LOCAL_PORT_RANGE: libc::c_int = 51;
+
+/// `IP_BIND_ADDRESS_NO_PORT`: `bind(ip, 0)` then picks no port; `connect()`
+/// picks one unique per 4-tuple, so each server gets the whole range.
+pub fn set_bind_address_no_port(s: &impl AsRawFd) -> io::Result<()> {
+    setsockopt(s, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, &1 as &libc::c_int)
+}
+
+/// Restricts the socket's ephemeral ports to `low..=high` (`IP_LOCAL_PORT_RANGE`).
+pub fn set_local_port_range(s: &impl AsRawFd, low: u16, high: u16) -> io::Result<()> {
+    let v: u32 = (u32::from(high) << 16) | u32::from(low);
+    setsockopt(s, libc::IPPROTO_IP, IP_LOCAL_PORT_RANGE, &v)
+}
+
+/// Whether this kernel has `IP_LOCAL_PORT_RANGE`.
+pub fn has_local_port_range() -> bool {
+    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .and_then(|s| set_local_port_range(&s, 1024, 65535))
+        .is_ok()
+}
+
+/// Whether `ip` is an address of this host (in this network namespace):
+/// binding a socket to it succeeds.
+pub fn is_local_address(ip: std::net::IpAddr) -> io::Result<bool> {
+    let domain = if ip.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+    set_bind_address_no_port(&s)?;
+    match s.bind(&std::net::SocketAddr::new(ip, 0).into()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Raises the soft open-files limit to the hard limit; returns (soft, hard).
+pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let hard = lim.maximum.unwrap_or(u64::MAX);
+    if lim.current.unwrap_or(u64::MAX) < hard {
+        setrlimit(Resource::Nofile, Rlimit { current: lim.maximum, maximum: lim.maximum })?;
+    }
+    let now = getrlimit(Resource::Nofile);
+    Ok((now.current.unwrap_or(u64::MAX), hard))
+}
+
+/// The hard open-files limit of this process.
+pub fn nofile_hard_limit() -> u64 {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum.unwrap_or(u64::MAX)
+}
+
+/// `CLOCK_MONOTONIC_COARSE` in ns: the clock `bpf_ktime_get_coarse_ns()` reads.
+pub fn monotonic_coarse_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}

@@ -1,0 +1,144 @@
+//! The life of one connection as the counters and the access log see it:
+//! a [`ConnGuard`] is made when a client is accepted and dropped when the
+//! connection has ended, wherever that is (the proxy for a rejected client,
+//! a data plane for a spliced or copied one).
+
+use std::{
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::Instant,
+};
+
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::counters::Counters;
+use crate::servers::server::{PairState, ServerState};
+
+/// Why a connection ended (the access log's `close=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Both sides closed normally.
+    Fin,
+    /// One side reset; the other got a reset.
+    Rst,
+    /// `timeouts.idle` passed.
+    Idle,
+    /// lb was stopping.
+    Shutdown,
+    /// No server: none up, no source port, queue full or timed out, unreachable.
+    Rejected(&'static str),
+    /// Setting the connection up failed.
+    Error,
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Fin => f.write_str("fin"),
+            Self::Rst => f.write_str("rst"),
+            Self::Idle => f.write_str("idle"),
+            Self::Shutdown => f.write_str("shutdown"),
+            Self::Rejected(why) => write!(f, "rejected:{why}"),
+            Self::Error => f.write_str("error"),
+        }
+    }
+}
+
+/// Who and what, for the access log.
+#[derive(Debug)]
+struct AccessInfo {
+    client: std::net::SocketAddr,
+    source: Option<std::net::SocketAddr>,
+    start: Instant,
+    bytes: [u64; 2],
+    reason: CloseReason,
+}
+
+/// Counts one live connection; dropping it marks the connection closed and
+/// frees its server slot, source port and limit permits, and writes the
+/// access-log line.
+#[derive(Debug)]
+pub struct ConnGuard {
+    stats: Arc<Counters>,
+    server: Option<(Arc<ServerState>, Arc<PairState>)>,
+    _permits: [Option<OwnedSemaphorePermit>; 2],
+    /// Boxed: a connection without an access log carries 8 bytes, not ~120.
+    access: Option<Box<AccessInfo>>,
+}
+
+impl ConnGuard {
+    /// `access_log`: write one line when the connection ends.
+    pub fn new(
+        stats: Arc<Counters>,
+        permits: [Option<OwnedSemaphorePermit>; 2],
+        client: std::net::SocketAddr,
+        access_log: bool,
+    ) -> Self {
+        stats.active.fetch_add(1, Relaxed);
+        let access = access_log.then(|| {
+            Box::new(AccessInfo {
+                client,
+                source: None,
+                start: Instant::now(),
+                bytes: [0; 2],
+                reason: CloseReason::Error,
+            })
+        });
+        Self { stats, server: None, _permits: permits, access }
+    }
+    /// Records why the connection ends (the last call wins).
+    pub fn set_reason(&mut self, r: CloseReason) {
+        if let Some(a) = &mut self.access {
+            a.reason = r;
+        }
+    }
+    /// The local address of the server-side socket.
+    pub fn set_source(&mut self, source: std::net::SocketAddr) {
+        if let Some(a) = &mut self.access {
+            a.source = Some(source);
+        }
+    }
+    pub fn stats(&self) -> &Counters {
+        &self.stats
+    }
+    /// The connection now holds a slot of `server` and a port of `pair`
+    /// (both already counted when they were reserved).
+    pub fn connected(&mut self, server: Arc<ServerState>, pair: Arc<PairState>) {
+        server.total.fetch_add(1, Relaxed);
+        pair.connects.fetch_add(1, Relaxed);
+        self.server = Some((server, pair));
+    }
+    /// Bytes moved by a connection that is ending (client->server, server->client).
+    pub fn add_bytes(&mut self, bytes_in: u64, bytes_out: u64) {
+        if let Some(a) = &mut self.access {
+            a.bytes = [bytes_in, bytes_out];
+        }
+        if let Some((s, _)) = &self.server {
+            s.bytes_in.fetch_add(bytes_in, Relaxed);
+            s.bytes_out.fetch_add(bytes_out, Relaxed);
+        }
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        if let Some(a) = &self.access {
+            let server = self.server.as_ref().map_or_else(|| "-".to_owned(), |(s, _)| s.cfg.addr.to_string());
+            let source = a.source.map_or_else(|| "-".to_owned(), |s| s.to_string());
+            log::info!(
+                target: "lb::access",
+                "client={} server={server} source={source} duration={:.3}s bytes_in={} bytes_out={} close={}",
+                a.client,
+                a.start.elapsed().as_secs_f64(),
+                a.bytes[0],
+                a.bytes[1],
+                a.reason
+            );
+        }
+        if let Some((server, pair)) = self.server.take() {
+            pair.release();
+            server.release();
+        }
+        self.stats.active.fetch_sub(1, Relaxed);
+        self.stats.closed.fetch_add(1, Relaxed);
+    }
+}

@@ -1,0 +1,254 @@
+//! What the pinned maps say, summed over workers: the report behind
+//! `lb stats`, its JSON and `/metrics`, and the rows of `lb conns`. These
+//! read maps with system calls (a big instance has hundreds of thousands
+//! of entries): async callers run them on a blocking thread.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    path::Path,
+};
+
+use lb_common::{
+    conn::{ConnTraffic, SIDE_CLIENT},
+    stats::ServerStats,
+};
+use serde::Serialize;
+
+use super::counters::{self, WorkerCounters};
+use crate::{
+    addr::ip_of,
+    kernel::{KernelError, maps::PinnedMaps, object::Meta},
+    servers::server::state_name,
+};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ServerRow {
+    pub backend: String,
+    pub addr: SocketAddr,
+    /// "up", "down" (health check), "drain", "maint" (disabled), "removed".
+    pub state: String,
+    pub weight: u32,
+    pub active: u64,
+    pub total: u64,
+    /// Client -> server bytes (ended connections plus live kernel-spliced ones).
+    pub bytes_in: u64,
+    /// Server -> client bytes.
+    pub bytes_out: u64,
+    pub connect_failures: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SourceRow {
+    /// Source address; `"kernel"` when no pool is configured.
+    pub ip: String,
+    pub server: SocketAddr,
+    pub ports_in_use: u64,
+    pub connects: u64,
+    pub exhausted: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct WorkerRow {
+    pub worker: u32,
+    pub pid: u64,
+    pub active: u64,
+    pub accepted: u64,
+    /// Publication sequence: grows by 2 every 100 ms while the worker runs.
+    pub seq: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct KernelCounters {
+    pub skbs_redirected: u64,
+    pub bytes_redirected: u64,
+    pub peer_missing: u64,
+    /// Entries in LB_SPLICE (spliced sockets, two per connection).
+    pub spliced_sockets: u64,
+    pub peer_entries: u64,
+    pub conn_entries: u64,
+}
+
+/// The whole report.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Report {
+    pub dataplane: String,
+    pub servers: Vec<ServerRow>,
+    pub sources: Vec<SourceRow>,
+    /// Every worker counter, summed over workers.
+    #[serde(serialize_with = "totals")]
+    pub totals: WorkerCounters,
+    pub workers: Vec<WorkerRow>,
+    pub counters: KernelCounters,
+}
+
+fn totals<S: serde::Serializer>(t: &WorkerCounters, s: S) -> Result<S::Ok, S::Error> {
+    counters::to_json(t).serialize(s)
+}
+
+/// How often [`read`] retries a snapshot that a worker's publication
+/// crossed, and how long it waits in between (a flush takes microseconds).
+const SNAPSHOT_TRIES: u32 = 50;
+const SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Each worker's publication sequence (see `WorkerStats::seq`).
+fn worker_seqs(maps: &PinnedMaps) -> Vec<(u32, u64)> {
+    let mut v: Vec<_> = maps.stats.workers.iter().filter_map(Result::ok).map(|(k, w)| (k, w.seq)).collect();
+    v.sort_unstable();
+    v
+}
+
+/// Reads the maps pinned at `pin_path` (metadata from `run_dir`).
+///
+/// Per-server, per-source and per-worker figures come from one publication
+/// of each worker (retried while a worker is mid-flush); the bytes of live
+/// kernel-spliced connections are added from `LB_CONN` afterwards.
+pub fn read(pin_path: &Path, run_dir: &Path) -> Result<Report, KernelError> {
+    let maps = PinnedMaps::open(pin_path)?;
+    let meta = Meta::read(run_dir, pin_path).unwrap_or_default();
+    let mut r = Report { dataplane: if maps.kernel { "kernel" } else { "userspace" }.into(), ..Default::default() };
+    let mut tries = 0;
+    let mut servers = loop {
+        tries += 1;
+        let before = worker_seqs(&maps);
+        let servers = read_published(&maps, &meta, &mut r);
+        let settled = before.iter().all(|(_, seq)| seq % 2 == 0) && worker_seqs(&maps) == before;
+        // A worker killed mid-flush stays odd until it is restarted: give
+        // the last read rather than nothing.
+        if settled || tries == SNAPSHOT_TRIES {
+            break servers;
+        }
+        std::thread::sleep(SNAPSHOT_WAIT);
+    };
+    // Live kernel-spliced connections: their bytes are still in LB_CONN.
+    let mut conn_entries = 0;
+    for (_, c) in maps.conn.conn.iter().filter_map(Result::ok) {
+        conn_entries += 1;
+        let addr = SocketAddr::new(ip_of(c.server_ip), c.server_port);
+        if let Some(row) = servers.values_mut().find(|s| s.addr == addr) {
+            if c.side == SIDE_CLIENT {
+                row.bytes_in += c.bytes;
+            } else {
+                row.bytes_out += c.bytes;
+            }
+        }
+    }
+    r.servers = servers.into_values().collect();
+    let c = maps.counters()?;
+    r.counters = KernelCounters {
+        skbs_redirected: c.skbs_redirected,
+        bytes_redirected: c.bytes_redirected,
+        peer_missing: c.peer_missing,
+        spliced_sockets: maps.conn.splice.keys().filter(Result::is_ok).count() as u64,
+        peer_entries: maps.conn.peer.keys().filter(Result::is_ok).count() as u64,
+        conn_entries,
+    };
+    Ok(r)
+}
+
+/// What the workers publish: server rows (returned, so that live bytes can
+/// be added), source rows, totals and workers (into `r`).
+fn read_published(maps: &PinnedMaps, meta: &Meta, r: &mut Report) -> BTreeMap<(u16, SocketAddr), ServerRow> {
+    r.totals = WorkerCounters::default();
+    r.workers.clear();
+    let mut servers: BTreeMap<(u16, SocketAddr), ServerRow> = BTreeMap::new();
+    for (k, v) in maps.stats.servers.iter().filter_map(Result::ok) {
+        let addr = SocketAddr::new(ip_of(k.server_ip), k.server_port);
+        let backend =
+            || meta.backends.get(usize::from(k.backend)).cloned().unwrap_or_else(|| format!("#{}", k.backend));
+        let row = servers.entry((k.backend, addr)).or_insert_with(|| ServerRow::empty(backend(), addr, &v));
+        row.active += v.active;
+        row.total += v.total;
+        row.bytes_in += v.bytes_in;
+        row.bytes_out += v.bytes_out;
+        row.connect_failures += v.connect_failures;
+    }
+    let mut sources: BTreeMap<(SocketAddr, [u8; 16]), SourceRow> = BTreeMap::new();
+    for (k, v) in maps.stats.sources.iter().filter_map(Result::ok) {
+        let server = SocketAddr::new(ip_of(k.server_ip), k.server_port);
+        let row = sources.entry((server, k.source_ip)).or_insert_with(|| SourceRow::empty(k.source_ip, server));
+        (row.ports_in_use, row.connects, row.exhausted) =
+            (row.ports_in_use + v.ports_in_use, row.connects + v.connects, row.exhausted + v.exhausted);
+    }
+    r.sources = sources.into_values().collect();
+    let mut workers: Vec<_> = maps.stats.workers.iter().filter_map(Result::ok).collect();
+    workers.sort_by_key(|(k, _)| *k);
+    for (k, w) in workers {
+        r.totals.add(&w.counters);
+        r.workers.push(WorkerRow {
+            worker: k,
+            pid: w.pid,
+            active: w.counters.active,
+            accepted: w.counters.accepted,
+            seq: w.seq,
+        });
+    }
+    servers
+}
+
+impl ServerRow {
+    /// A row with the identity of `v` (state, weight) and no counts yet.
+    fn empty(backend: String, addr: SocketAddr, v: &ServerStats) -> Self {
+        let state = state_name(v.state).into();
+        ServerRow {
+            backend,
+            addr,
+            state,
+            weight: v.weight,
+            active: 0,
+            total: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            connect_failures: 0,
+        }
+    }
+}
+
+impl SourceRow {
+    fn empty(source_ip: [u8; 16], server: SocketAddr) -> Self {
+        let ip = if source_ip == [0; 16] { "kernel".into() } else { ip_of(source_ip).to_string() };
+        SourceRow { ip, server, ports_in_use: 0, connects: 0, exhausted: 0 }
+    }
+}
+
+/// One spliced connection, from its two `LB_CONN` records.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConnRow {
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    /// The local address lb connected from.
+    pub source: SocketAddr,
+    pub worker: u16,
+    pub age_secs: f64,
+    pub idle_secs: f64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// Live kernel-spliced connections, optionally only those to `server`.
+pub fn conns(pin_path: &Path, server: Option<SocketAddr>) -> Result<Vec<ConnRow>, KernelError> {
+    let maps = PinnedMaps::open(pin_path)?;
+    let now = crate::kernel::sys::monotonic_coarse_ns();
+    let all: HashMap<u64, ConnTraffic> = maps.conn.conn.iter().filter_map(Result::ok).collect();
+    let mut rows: Vec<ConnRow> = all
+        .values()
+        .filter(|c| c.side == SIDE_CLIENT)
+        .map(|c| {
+            let peer = all.get(&c.peer_cookie);
+            let last = c.last_active_ns.max(peer.map_or(0, |p| p.last_active_ns));
+            ConnRow {
+                client: SocketAddr::new(ip_of(c.client_ip), c.client_port),
+                server: SocketAddr::new(ip_of(c.server_ip), c.server_port),
+                source: SocketAddr::new(ip_of(c.source_ip), c.source_port),
+                worker: c.worker,
+                age_secs: now.saturating_sub(c.start_ns) as f64 / 1e9,
+                idle_secs: now.saturating_sub(last) as f64 / 1e9,
+                bytes_in: c.bytes,
+                bytes_out: peer.map_or(0, |p| p.bytes),
+            }
+        })
+        .filter(|r| server.is_none_or(|s| s == r.server))
+        .collect();
+    rows.sort_by(|a, b| b.age_secs.total_cmp(&a.age_secs));
+    Ok(rows)
+}

@@ -1,0 +1,120 @@
+//! The human forms of `lb stats` and `lb conns`: aligned tables whose
+//! columns grow with their content.
+
+use comfy_table::{CellAlignment, ContentArrangement, Table, presets};
+
+use super::{
+    counters::WorkerCounters,
+    read::{ConnRow, Report},
+};
+
+fn table(header: &[&str], right_from: usize) -> Table {
+    let mut t = Table::new();
+    t.load_style(presets::NOTHING).set_content_arrangement(ContentArrangement::Disabled).set_header(header.to_vec());
+    for i in right_from..header.len() {
+        if let Some(c) = t.column_mut(i) {
+            c.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    t
+}
+
+/// `lb stats`: the totals, then one table of servers and one of sources.
+pub fn stats(r: &Report) -> String {
+    let mut o = format!("data plane {}   workers {}\n", r.dataplane, r.workers.len());
+    let fields: Vec<String> = WorkerCounters::FIELDS
+        .iter()
+        .zip(r.totals.values())
+        .map(|(f, v)| format!("{} {v}", f.name.replace('_', " ")))
+        .collect();
+    for line in fields.chunks(5) {
+        o.push_str(&line.join("   "));
+        o.push('\n');
+    }
+    let mut servers =
+        table(&["BACKEND", "SERVER", "STATE", "WEIGHT", "ACTIVE", "TOTAL", "BYTES_IN", "BYTES_OUT", "FAILS"], 3);
+    for s in &r.servers {
+        servers.add_row(vec![
+            s.backend.clone(),
+            s.addr.to_string(),
+            s.state.clone(),
+            s.weight.to_string(),
+            s.active.to_string(),
+            s.total.to_string(),
+            s.bytes_in.to_string(),
+            s.bytes_out.to_string(),
+            s.connect_failures.to_string(),
+        ]);
+    }
+    let mut sources = table(&["SOURCE", "SERVER", "PORTS_IN_USE", "CONNECTS", "EXHAUSTED"], 2);
+    for s in &r.sources {
+        sources.add_row(vec![
+            s.ip.clone(),
+            s.server.to_string(),
+            s.ports_in_use.to_string(),
+            s.connects.to_string(),
+            s.exhausted.to_string(),
+        ]);
+    }
+    o.push_str(&format!("\n{servers}\n\n{sources}\n"));
+    if r.dataplane == "kernel" {
+        let c = &r.counters;
+        o.push_str(&format!(
+            "\nkernel: {} bytes in {} skbs redirected, {} spliced sockets, {} peer misses\n",
+            c.bytes_redirected, c.skbs_redirected, c.spliced_sockets, c.peer_missing
+        ));
+    }
+    o
+}
+
+/// `lb conns`.
+pub fn conns(rows: &[ConnRow]) -> String {
+    let mut t = table(&["CLIENT", "SERVER", "SOURCE", "WORKER", "AGE_S", "IDLE_S", "BYTES_IN", "BYTES_OUT"], 3);
+    for r in rows {
+        t.add_row(vec![
+            r.client.to_string(),
+            r.server.to_string(),
+            r.source.to_string(),
+            r.worker.to_string(),
+            format!("{:.1}", r.age_secs),
+            format!("{:.1}", r.idle_secs),
+            r.bytes_in.to_string(),
+            r.bytes_out.to_string(),
+        ]);
+    }
+    format!("{t}\n{} connection(s)\n", rows.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observe::read::ServerRow;
+
+    #[test]
+    fn server_table_stays_aligned_for_every_state_and_long_names() {
+        let row = |state: &str, backend: &str| ServerRow {
+            backend: backend.into(),
+            addr: "127.0.0.1:9001".parse().unwrap(),
+            state: state.into(),
+            weight: 1,
+            active: 2,
+            total: 3,
+            bytes_in: 4,
+            bytes_out: 5,
+            connect_failures: 0,
+        };
+        let long = "b".repeat(64);
+        let mut servers: Vec<ServerRow> = ["up", "down", "drain", "maint", "removed"].map(|s| row(s, "app")).to_vec();
+        servers.push(row("up", &long));
+        let r = Report { dataplane: "userspace".into(), servers, ..Default::default() };
+        let text = stats(&r);
+        let table: Vec<&str> = text.lines().skip_while(|l| !l.contains("BACKEND")).take(7).collect();
+        assert_eq!(table.len(), 7, "{text}");
+        // WEIGHT is right-aligned: every line ends that column at the same place.
+        let end = table[0].find("WEIGHT").unwrap() + "WEIGHT".len();
+        for l in &table[1..] {
+            assert_eq!(&l[end - 1..end], "1", "misaligned row:\n{text}");
+        }
+        assert!(text.contains(&long), "a 64-character name is shown whole:\n{text}");
+    }
+}

@@ -1,0 +1,162 @@
+//! Listening and accepting: the frontends' sockets, the loop that takes a
+//! client when the global and frontend `maxconn` allow it, and [`handle`],
+//! which sees each client through: a server and a connection to it, then
+//! the data plane, or a reset if lb must give up.
+
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use tokio::{
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
+
+use super::{
+    Shared,
+    connect::{Reject, pick_and_connect, warn_exhausted},
+};
+use crate::{
+    addr::ClientAddr,
+    config::FrontendConfig,
+    dataplane::{ConnAddrs, Socks, Spliced},
+    kernel::sys,
+    observe::{
+        Backoff,
+        conn::{CloseReason, ConnGuard},
+    },
+};
+
+/// Listen backlog for frontends.
+const BACKLOG: u32 = 4096;
+
+/// Binds a frontend listener; `reuseport` for workers sharing one address.
+pub fn bind(addr: SocketAddr, reuseport: bool) -> io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    sock.set_reuseaddr(true)?;
+    if reuseport {
+        sock.set_reuseport(true)?;
+    }
+    sock.bind(addr)?;
+    sock.listen(BACKLOG)
+}
+
+/// Binds every frontend before anything else starts: a busy address is an
+/// error naming the frontend.
+pub fn bind_all(frontends: &[FrontendConfig], reuseport: bool) -> anyhow::Result<Vec<(FrontendConfig, TcpListener)>> {
+    frontends
+        .iter()
+        .map(|f| {
+            let l =
+                bind(f.listen, reuseport).with_context(|| format!("frontend \"{}\": listen {}", f.name, f.listen))?;
+            Ok((f.clone(), l))
+        })
+        .collect()
+}
+
+pub async fn accept_loop(
+    listener: TcpListener,
+    backend: usize,
+    global: Arc<Semaphore>,
+    frontend: Option<Arc<Semaphore>>,
+    shared: Arc<Shared>,
+) {
+    let mut backoff = Backoff::new("frontend accept");
+    loop {
+        // At maxconn, stop accepting: new clients wait in the listen backlog.
+        let mut permits = [None, None];
+        if let Some(f) = &frontend {
+            let Ok(p) = f.clone().acquire_owned().await else { return };
+            permits[0] = Some(p);
+        }
+        let Ok(p) = global.clone().acquire_owned().await else { return };
+        permits[1] = Some(p);
+        match listener.accept().await {
+            Ok((client, addr)) => {
+                shared.stats.accepted.fetch_add(1, Relaxed);
+                tokio::spawn(handle(client, ClientAddr(addr), backend, permits, shared.clone()));
+            }
+            // EMFILE/ENFILE/ENOBUFS: back off instead of spinning.
+            Err(e) => backoff.failed(&e).await,
+        }
+    }
+}
+
+async fn handle(
+    client: TcpStream,
+    addr: ClientAddr,
+    backend: usize,
+    permits: [Option<OwnedSemaphorePermit>; 2],
+    shared: Arc<Shared>,
+) {
+    let mut guard = ConnGuard::new(shared.stats.clone(), permits, addr.0, shared.access_log);
+    let be = &shared.backends.list[backend];
+    let (server, target, pair) = match pick_and_connect(be, &shared, addr).await {
+        Ok(v) => v,
+        Err(why) => {
+            let stats = &shared.stats;
+            stats.rejected.fetch_add(1, Relaxed);
+            guard.set_reason(CloseReason::Rejected(match why {
+                Reject::NoSourcePort => "no_source_port",
+                Reject::QueueFull => "queue_full",
+                Reject::QueueTimeout => "queue_timeout",
+                Reject::NoServerUp => "no_server_up",
+                Reject::Unreachable => "unreachable",
+            }));
+            match why {
+                Reject::NoSourcePort => {
+                    stats.no_source_port.fetch_add(1, Relaxed);
+                    warn_exhausted(be);
+                }
+                Reject::QueueFull | Reject::QueueTimeout => {
+                    stats.queue_rejected.fetch_add(1, Relaxed);
+                }
+                Reject::NoServerUp => {
+                    stats.no_server_up.fetch_add(1, Relaxed);
+                }
+                Reject::Unreachable => {}
+            }
+            log::debug!("client {addr}: no server of backend \"{}\" ({why:?}); resetting", be.name);
+            let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+            return;
+        }
+    };
+    let target_addr = target.cfg.addr;
+    guard.connected(target, pair);
+    let source = match server.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            log::warn!("client {addr} -> {target_addr}: {e}; both sides reset");
+            for s in [&client, &server] {
+                let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+            }
+            return;
+        }
+    };
+    guard.set_source(source);
+    let addrs = ConnAddrs { client: addr.0, source, server: target_addr.0 };
+    for s in [&client, &server] {
+        let _ = s.set_nodelay(true);
+    }
+    let (client, server) = match (client.into_std(), server.into_std()) {
+        (Ok(c), Ok(s)) => (c, s),
+        (c, s) => {
+            for r in [&c, &s] {
+                match r {
+                    Ok(sock) => {
+                        let _ = sys::set_linger_zero(sock);
+                    }
+                    Err(e) => log::warn!("client {addr}: leaving the runtime failed: {e}"),
+                }
+            }
+            return;
+        }
+    };
+    if let Err(e) = shared.dataplane.splice(Spliced { socks: Socks::new(client, server), guard, addrs }) {
+        log::warn!("client {addr} -> {target_addr}: {e}; both sides reset");
+    }
+}

@@ -1,0 +1,198 @@
+//! Finding a server for a client and connecting to it: the backend's
+//! balancer gives the order, servers at their `maxconn` are skipped, and
+//! when all are full the client waits in the backend's queue for a slot, up
+//! to `timeouts.queue`. Each attempt connects from the server's least used
+//! source address, bound with `IP_BIND_ADDRESS_NO_PORT` so that each
+//! (source address, server) pair gets the whole ephemeral range.
+
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::{Duration, Instant},
+};
+
+use tokio::net::{TcpSocket, TcpStream};
+
+use super::Shared;
+use crate::{
+    addr::ClientAddr,
+    kernel::sys,
+    observe::counters::Counters,
+    servers::{
+        BackendRt,
+        balance::Candidate,
+        server::{PairState, ServerState},
+    },
+};
+
+/// Shortest gap between two "out of source ports" warnings of one backend.
+const EXHAUSTION_WARN_EVERY: Duration = Duration::from_secs(5);
+
+/// Why a client got no server.
+#[derive(Debug)]
+pub enum Reject {
+    Unreachable,
+    /// Every server is down, draining, disabled or at weight 0.
+    NoServerUp,
+    NoSourcePort,
+    QueueFull,
+    QueueTimeout,
+}
+
+/// Leaves the backend queue on drop.
+struct QueueTicket<'a>(&'a BackendRt, &'a Counters);
+
+impl Drop for QueueTicket<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Relaxed);
+        self.1.queued.fetch_sub(1, Relaxed);
+    }
+}
+
+pub async fn pick_and_connect(
+    be: &BackendRt,
+    shared: &Shared,
+    client: ClientAddr,
+) -> Result<(TcpStream, Arc<ServerState>, Arc<PairState>), Reject> {
+    let deadline = tokio::time::Instant::now() + shared.queue_timeout;
+    let mut ticket: Option<QueueTicket<'_>> = None;
+    loop {
+        // Registered before looking, so a slot freed meanwhile still wakes us.
+        let freed = be.slot_freed.notified();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+
+        let servers = be.servers();
+        let eligible: Vec<&Arc<ServerState>> = servers.iter().filter(|s| s.eligible()).collect();
+        if eligible.is_empty() {
+            return Err(Reject::NoServerUp);
+        }
+        let cands: Vec<Candidate> = eligible
+            .iter()
+            .map(|s| Candidate { id: s.id, weight: s.weight.load(Relaxed), active: s.active.load(Relaxed) })
+            .collect();
+        let (mut attempts, mut skipped_full, mut out_of_ports) = (0, false, false);
+        for i in be.balancer.order(&cands, client.0.ip()) {
+            let server = eligible[i];
+            if attempts >= shared.connect_attempts {
+                break;
+            }
+            if !server.try_reserve() {
+                skipped_full = true;
+                continue;
+            }
+            match connect_server(server, shared.connect_timeout).await {
+                Ok((s, pair)) => return Ok((s, server.clone(), pair)),
+                Err(ConnectError::NoPort) => {
+                    server.release();
+                    server.connect_failures.fetch_add(1, Relaxed);
+                    out_of_ports = true;
+                }
+                Err(ConnectError::Io(e)) => {
+                    server.release();
+                    server.connect_failures.fetch_add(1, Relaxed);
+                    shared.stats.connect_failures.fetch_add(1, Relaxed);
+                    attempts += 1;
+                    log::debug!("client {client}: connect to {} failed (attempt {attempts}): {e}", server.cfg.addr);
+                }
+            }
+        }
+        if skipped_full && attempts < shared.connect_attempts {
+            if ticket.is_none() {
+                if be.waiting.load(Relaxed) >= u64::from(be.queue) {
+                    return Err(Reject::QueueFull);
+                }
+                be.waiting.fetch_add(1, Relaxed);
+                shared.stats.queued.fetch_add(1, Relaxed);
+                ticket = Some(QueueTicket(be, &shared.stats));
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return Err(Reject::QueueTimeout);
+            }
+            continue;
+        }
+        return Err(if out_of_ports { Reject::NoSourcePort } else { Reject::Unreachable });
+    }
+}
+
+/// Warns, at most every few seconds per backend, which servers ran out of
+/// source ports on which addresses.
+pub fn warn_exhausted(be: &BackendRt) {
+    let mut w = be.exhaustion_warn.lock().unwrap_or_else(|e| e.into_inner());
+    w.1 += 1;
+    if w.0.is_some_and(|t| t.elapsed() < EXHAUSTION_WARN_EVERY) {
+        return;
+    }
+    let full: Vec<String> = be
+        .servers()
+        .iter()
+        .map(|s| {
+            let srcs: Vec<String> = s.pairs.iter().map(|p| source_name(p.source)).collect();
+            format!("{} on {}", s.cfg.addr, srcs.join(", "))
+        })
+        .collect();
+    log::warn!(
+        "backend \"{}\": out of source ports ({} client(s) closed): {}; add addresses to source_pool",
+        be.name,
+        w.1,
+        full.join("; ")
+    );
+    *w = (Some(Instant::now()), 0);
+}
+
+/// Why a connect attempt gave no connection.
+enum ConnectError {
+    /// Every source address of the server is out of ports.
+    NoPort,
+    Io(io::Error),
+}
+
+/// A socket for `server` from `pair`'s source address.
+fn socket_for(server: &ServerState, pair: &PairState) -> io::Result<TcpSocket> {
+    let addr = server.cfg.addr.0;
+    let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    if let Some(src) = pair.source {
+        sys::set_bind_address_no_port(&sock)?;
+        sock.bind(SocketAddr::new(src, 0))?;
+    }
+    if let Some((lo, hi)) = server.port_range {
+        sys::set_local_port_range(&sock, lo, hi)?;
+    }
+    Ok(sock)
+}
+
+/// Connects to `server` from its least used source address that has ports left.
+async fn connect_server(server: &ServerState, timeout: Duration) -> Result<(TcpStream, Arc<PairState>), ConnectError> {
+    for pair in server.source_order() {
+        let attempt = async {
+            let sock = socket_for(server, &pair)?;
+            match tokio::time::timeout(timeout, sock.connect(server.cfg.addr.0)).await {
+                Ok(r) => r,
+                Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}"))),
+            }
+        };
+        // Counted from the attempt on, so concurrent connects spread out
+        // instead of all picking the same least-used address.
+        pair.in_use.fetch_add(1, Relaxed);
+        let r = attempt.await;
+        if r.is_err() {
+            pair.in_use.fetch_sub(1, Relaxed);
+        }
+        match r {
+            Ok(s) => return Ok((s, pair)),
+            // No local port left for this (source, server) pair: connect()
+            // says EADDRNOTAVAIL; a bind() that had to pick a port, EADDRINUSE.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EADDRNOTAVAIL | libc::EADDRINUSE)) => {
+                log::debug!("{}: no free port from {}", server.cfg.addr, source_name(pair.source));
+                pair.mark_full();
+            }
+            Err(e) => return Err(ConnectError::Io(e)),
+        }
+    }
+    Err(ConnectError::NoPort)
+}
+
+fn source_name(s: Option<IpAddr>) -> String {
+    s.map_or_else(|| "the kernel-chosen address".into(), |a| a.to_string())
+}

@@ -1,0 +1,23 @@
+//! The proxy: the life of a client connection until its bytes are handed
+//! to a data plane. [`accept`] takes the client and sees it through;
+//! [`connect`] picks a server (queueing while all are full) and connects to
+//! it from the source pool. Then both sockets go to the data plane, or lb
+//! resets the client if it must give up.
+
+pub mod accept;
+mod connect;
+
+use std::{sync::Arc, time::Duration};
+
+use crate::{dataplane::Dataplane, observe::counters::Counters, servers::Backends};
+
+/// What every connection of one process shares.
+pub struct Shared {
+    pub access_log: bool,
+    pub backends: Arc<Backends>,
+    pub dataplane: Arc<dyn Dataplane>,
+    pub stats: Arc<Counters>,
+    pub connect_timeout: Duration,
+    pub queue_timeout: Duration,
+    pub connect_attempts: u32,
+}
