@@ -12,7 +12,7 @@ use std::{
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpSocket, TcpStream},
     task::JoinHandle,
 };
 
@@ -48,7 +48,16 @@ impl Backend {
         F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let l = TcpListener::bind(addr).await.unwrap_or_else(|e| panic!("bind backend {addr}: {e}"));
+        // The kernel's largest backlog (somaxconn 4096), not tokio's 1024: a
+        // burst of clients through lb must not overflow the backend's
+        // accept queue and time lb's connects out.
+        let listen = || -> std::io::Result<TcpListener> {
+            let s = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+            s.set_reuseaddr(true)?;
+            s.bind(addr)?;
+            s.listen(4096)
+        };
+        let l = listen().unwrap_or_else(|e| panic!("bind backend {addr}: {e}"));
         let addr = l.local_addr().expect("backend addr");
         let accepted = Arc::new(AtomicU64::new(0));
         let acc = accepted.clone();
