@@ -70,7 +70,19 @@ pub enum RequestError {
     InternalOnly,
     #[error("lb is stopping")]
     Stopping,
+    #[error("request too large: a request is one line of at most {MAX_REQUEST} bytes")]
+    TooLarge,
+    #[error("no complete request line within {READ_TIMEOUT:?}")]
+    Timeout,
 }
+
+/// Longest request line accepted (the largest real request, a server list
+/// change, is a few hundred bytes).
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// How long a session may take to send a complete request line.
+pub const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Sessions served at once; further clients wait in the listen backlog.
+const MAX_SESSIONS: usize = 16;
 
 /// What a request gets: what changed, or why nothing did.
 pub type Response = Result<String, RequestError>;
@@ -97,9 +109,23 @@ pub fn listen(path: &Path, tx: mpsc::Sender<Msg>) -> anyhow::Result<tokio::task:
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("chmod 0600 {}", path.display()))?;
     log::info!("control socket {}", path.display());
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_SESSIONS));
     Ok(tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            tokio::spawn(session(s, tx.clone()));
+        // Accept errors (running out of descriptors) are logged at most
+        // every 5 s and retried after a pause, never the end of the API.
+        let mut backoff = crate::observe::Backoff::new("control socket");
+        loop {
+            let Ok(permit) = slots.clone().acquire_owned().await else { return };
+            match l.accept().await {
+                Ok((s, _)) => {
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        session(s, tx).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => backoff.failed(&e).await,
+            }
         }
     }))
 }
@@ -110,13 +136,20 @@ async fn session(s: UnixStream, tx: mpsc::Sender<Msg>) {
         Ok(c) => c.uid() == 0 || c.uid() == rustix::process::geteuid().as_raw(),
         Err(_) => false,
     };
-    let mut lines = BufReader::new(r).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
+    let mut reader = BufReader::new(r);
+    loop {
+        let line = match read_request(&mut reader).await {
+            Ok(Some(line)) => Ok(line),
+            Ok(None) => return,
+            Err(e) => Err(e),
+        };
         let response: Response = if !allowed {
             Err(RequestError::PermissionDenied)
         } else {
-            match serde_json::from_str::<Request>(&line) {
-                Err(e) => Err(RequestError::BadRequest(e.to_string())),
+            match line
+                .and_then(|l| serde_json::from_str::<Request>(&l).map_err(|e| RequestError::BadRequest(e.to_string())))
+            {
+                Err(e) => Err(e),
                 Ok(Request::Apply(Command::ServerHealth { .. })) => Err(RequestError::InternalOnly),
                 Ok(req) => {
                     let (reply, rx) = oneshot::channel();
@@ -128,12 +161,33 @@ async fn session(s: UnixStream, tx: mpsc::Sender<Msg>) {
                 }
             }
         };
+        // After a framing error the rest of the stream means nothing.
+        let last = !allowed || matches!(response, Err(RequestError::TooLarge | RequestError::Timeout));
         let reply = Reply::from(response);
         let mut out = serde_json::to_vec(&reply).unwrap_or_default();
         out.push(b'\n');
-        if w.write_all(&out).await.is_err() || !allowed {
+        if w.write_all(&out).await.is_err() || last {
             return;
         }
+    }
+}
+
+/// One request line, within [`MAX_REQUEST`] bytes and [`READ_TIMEOUT`];
+/// `None` at a clean end of the stream.
+async fn read_request(r: &mut BufReader<tokio::net::unix::OwnedReadHalf>) -> Result<Option<String>, RequestError> {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = Vec::new();
+    let mut limited = (&mut *r).take(MAX_REQUEST as u64 + 1);
+    let read = limited.read_until(b'\n', &mut buf);
+    match tokio::time::timeout(READ_TIMEOUT, read).await {
+        Err(_) => Err(RequestError::Timeout),
+        Ok(Err(e)) => Err(RequestError::BadRequest(e.to_string())),
+        Ok(Ok(0)) => Ok(None),
+        Ok(Ok(_)) if buf.last() != Some(&b'\n') && buf.len() > MAX_REQUEST => Err(RequestError::TooLarge),
+        // A last line without a newline is a request too.
+        Ok(Ok(_)) => String::from_utf8(buf)
+            .map(|s| Some(s.trim_end_matches(['\n', '\r']).to_owned()))
+            .map_err(|_| RequestError::BadRequest("not UTF-8".into())),
     }
 }
 

@@ -526,3 +526,70 @@ async fn second_instance_refused_and_stale_pins_cleaned() {
     drop(second);
     std::mem::forget(first); // its dir and pins belonged to `second`, now cleaned
 }
+
+/// The runtime API outlives hostile clients: an over-long request line is
+/// refused with a reason and the session closed (lb reads no more than the
+/// limit), silent sessions are answered and closed after the read timeout,
+/// and while they hold every session slot an operator's command still gets
+/// through once they time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_socket_survives_oversized_and_silent_clients() {
+    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
+    let be = Backend::echo().await;
+    let lb = Lb::start_with(Mode::Userspace, "ctl_hostile", &cfg(&[be.addr], "", "")).unwrap();
+    let sock = lb::control::default_path(&lb.pin_path);
+    let reply_of = |line: &str| -> (bool, String) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("reply {line:?}: {e}"));
+        (v["ok"].as_bool().unwrap(), v["message"].as_str().unwrap().to_owned())
+    };
+
+    // 1 MiB without a newline: refused after the limit, then closed.
+    let mut big = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    let junk = vec![b'a'; 1 << 20];
+    let _ = tokio::time::timeout(Duration::from_secs(5), big.write_all(&junk)).await;
+    let mut r = BufReader::new(big);
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(15), r.read_line(&mut line))
+        .await
+        .expect("an oversized request is answered, not read forever")
+        .unwrap();
+    let (ok, msg) = reply_of(&line);
+    assert!(!ok && msg.contains("too large"), "oversized request: {msg}");
+    let mut rest = Vec::new();
+    let _ = r.read_to_end(&mut rest).await;
+    assert!(!rest.windows(2).any(|w| w == b"{\""), "lb answered again after refusing the framing");
+
+    // More silent sessions than lb serves at once.
+    let t0 = std::time::Instant::now();
+    let silent: Vec<_> = (0..20)
+        .map(|_| {
+            let sock = sock.clone();
+            tokio::spawn(async move {
+                let s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+                let mut line = String::new();
+                let _ = tokio::time::timeout(Duration::from_secs(30), BufReader::new(s).read_line(&mut line)).await;
+                line
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let drain = {
+        let pin = lb.pin_path.clone();
+        let addr = be.addr.to_string();
+        tokio::task::spawn_blocking(move || {
+            Command::new(lb_bin()).args(["server", "drain", "app", &addr, "--pin-path"]).arg(pin).output().unwrap()
+        })
+    };
+    let out = tokio::time::timeout(Duration::from_secs(30), drain).await.expect("command answered").unwrap();
+    assert!(out.status.success(), "operator command failed: {}", String::from_utf8_lossy(&out.stderr));
+    retry_until(Duration::from_secs(3), || (server_row(&lb, be.addr)["state"] == "drain").then_some(()))
+        .await
+        .expect("the operator's drain took effect");
+    for s in silent {
+        let line = s.await.unwrap();
+        let (ok, msg) = reply_of(&line);
+        assert!(!ok && msg.contains("no complete request line"), "silent session: {msg}");
+    }
+    let waited = t0.elapsed();
+    assert!(waited >= lb::control::READ_TIMEOUT, "silent sessions closed after {waited:?}");
+}
