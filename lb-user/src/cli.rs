@@ -207,6 +207,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Server { action, target } => control(&target, Request::Apply(action.command())),
         Cmd::Reload { target } => control(&target, Request::Other { cmd: crate::control::Other::Reload }),
         Cmd::Stats { pin_path, json, watch } => {
+            ensure_running(&pin_path)?;
             let read = || {
                 read::read(&pin_path, std::path::Path::new(lb_common::files::RUN_DIR)).with_context(|| {
                     format!(
@@ -233,6 +234,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Conns { pin_path, server, json } => {
+            ensure_running(&pin_path)?;
             let maps = crate::kernel::maps::PinnedMaps::open(&pin_path)
                 .with_context(|| format!("no running lb with pinned maps at {}", pin_path.display()))?;
             if !maps.kernel {
@@ -249,6 +251,24 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// Refuses to report from the pins of an instance that is gone: their
+/// counts would read as a running instance's.
+fn ensure_running(pin_path: &std::path::Path) -> anyhow::Result<()> {
+    let run_dir = std::path::Path::new(lb_common::files::RUN_DIR);
+    let lock = lb_common::files::run_file(run_dir, pin_path, "lock");
+    match crate::kernel::lock::holder(&lock) {
+        Some((true, _)) => Ok(()),
+        Some((false, pid)) => anyhow::bail!(
+            "lb at {} is not running (stale pins{}); `lb run` with this pin_path removes them",
+            pin_path.display(),
+            pid.map(|p| format!(" from pid {p}")).unwrap_or_default()
+        ),
+        // No lock file: nothing ran here, or an instance too old to write
+        // one; reading says which.
+        None => Ok(()),
     }
 }
 

@@ -16,6 +16,7 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
+use crate::kernel::lock::Lock;
 use crate::servers::{
     command::{Command, CommandError},
     reload::ReloadError,
@@ -98,36 +99,57 @@ pub fn default_path(pin_path: &Path) -> PathBuf {
     lb_common::files::run_file(Path::new(lb_common::files::RUN_DIR), pin_path, "sock")
 }
 
-/// Binds the socket (replacing a stale one: the caller holds the pin-path
-/// lock) with mode 0600, and serves it until the task is aborted.
-pub fn listen(path: &Path, tx: mpsc::Sender<Msg>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+/// The lock that makes a control socket one instance's.
+pub fn lock_path(path: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.lock", path.display()))
+}
+
+/// Takes the socket's lock (a second instance with the same
+/// `control_socket` is refused, naming the first), binds the socket
+/// (replacing a stale one) with mode 0600, and serves it until the task is
+/// aborted. The lock is held as long as the returned [`Lock`].
+pub fn listen(path: &Path, tx: mpsc::Sender<Msg>) -> anyhow::Result<(tokio::task::JoinHandle<()>, Lock)> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    let lock_at = lock_path(path);
+    let lock = match crate::kernel::lock::take(&lock_at).with_context(|| format!("opening {}", lock_at.display()))? {
+        Ok(l) => l,
+        Err(pid) => anyhow::bail!(
+            "control socket {} belongs to another running lb{} (lock {} is held); stop it or set another control_socket",
+            path.display(),
+            pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+            lock_at.display()
+        ),
+    };
+    // Held by no live instance: a socket left here is stale.
     let _ = std::fs::remove_file(path);
     let l = UnixListener::bind(path).with_context(|| format!("control socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("chmod 0600 {}", path.display()))?;
     log::info!("control socket {}", path.display());
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_SESSIONS));
-    Ok(tokio::spawn(async move {
-        // Accept errors (running out of descriptors) are logged at most
-        // every 5 s and retried after a pause, never the end of the API.
-        let mut backoff = crate::observe::Backoff::new("control socket");
-        loop {
-            let Ok(permit) = slots.clone().acquire_owned().await else { return };
-            match l.accept().await {
-                Ok((s, _)) => {
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        session(s, tx).await;
-                        drop(permit);
-                    });
+    Ok((
+        tokio::spawn(async move {
+            // Accept errors (running out of descriptors) are logged at most
+            // every 5 s and retried after a pause, never the end of the API.
+            let mut backoff = crate::observe::Backoff::new("control socket");
+            loop {
+                let Ok(permit) = slots.clone().acquire_owned().await else { return };
+                match l.accept().await {
+                    Ok((s, _)) => {
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            session(s, tx).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(e) => backoff.failed(&e).await,
                 }
-                Err(e) => backoff.failed(&e).await,
             }
-        }
-    }))
+        }),
+        lock,
+    ))
 }
 
 async fn session(s: UnixStream, tx: mpsc::Sender<Msg>) {

@@ -513,12 +513,39 @@ async fn second_instance_refused_and_stale_pins_cleaned() {
     let out = Command::new(lb_bin()).args(["run", "--config"]).arg(first.config_path()).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a second lb on the same pin path started");
-    assert!(err.contains("another lb is running with pin_path"), "{err}");
+    assert!(err.contains("another lb (pid ") && err.contains("is running with pin_path"), "{err}");
+    // Another pin_path but the first's control socket: refused, naming the
+    // first, whose socket is left alone.
+    let sock = lb::control::default_path(&first.pin_path);
+    let other = first.dir.join("other.toml");
+    let other_pins = format!("{}-other", first.pin_path.display());
+    std::fs::write(
+        &other,
+        format!(
+            "dataplane = \"userspace\"\npin_path = \"{other_pins}\"\ncontrol_socket = \"{}\"\n{}",
+            sock.display(),
+            cfg(&[be.addr], "", "")
+        ),
+    )
+    .unwrap();
+    let out = Command::new(lb_bin()).args(["run", "--config"]).arg(&other).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second lb took over the control socket");
+    assert!(err.contains(&format!("belongs to another running lb (pid {})", first.pid)), "{err}");
+    assert!(!std::path::Path::new(&other_pins).exists(), "the refused instance left pins behind");
+    first.ctl(&["server", "drain", "app", &be.addr.to_string()]);
     // SIGKILL: no cleanup; the pins stay behind.
     // SAFETY: the lb this test started.
     unsafe { libc::kill(first.pid as i32, libc::SIGKILL) };
     first.stop(); // reaps it
     assert!(first.pin_path.join("LB_CONN").exists(), "a killed lb's pins should still be there");
+    // Its pins are not reported as a running instance.
+    for cmd in [&["stats"][..], &["stats", "--json"], &["conns"]] {
+        let out = Command::new(lb_bin()).args(cmd).arg("--pin-path").arg(&first.pin_path).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "lb {cmd:?} on a killed instance's pins succeeded");
+        assert!(err.contains(&format!("is not running (stale pins from pid {})", first.pid)), "lb {cmd:?}: {err}");
+    }
     let cfg_text = std::fs::read_to_string(first.config_path()).unwrap();
     let second = Lb::launch("pins2", first.dir.clone(), first.pin_path.clone(), &cfg_text);
     assert!(second.stderr().contains("removing stale pins"), "{}", second.stderr());

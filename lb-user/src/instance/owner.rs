@@ -20,7 +20,7 @@ pub struct Owner {
     /// Where the metrics endpoint listens, if configured.
     pub metrics_addr: Option<SocketAddr>,
     metrics: Option<tokio::task::JoinHandle<()>>,
-    control: Option<tokio::task::JoinHandle<()>>,
+    control: Option<(tokio::task::JoinHandle<()>, crate::kernel::lock::Lock)>,
     control_path: PathBuf,
 }
 
@@ -51,9 +51,12 @@ impl Owner {
 
 impl Drop for Owner {
     fn drop(&mut self) {
-        if let Some(c) = self.control.take() {
-            c.abort();
+        if let Some((task, lock)) = self.control.take() {
+            // Only the instance holding the lock gets here: the socket and
+            // the lock file are its own.
+            task.abort();
             let _ = std::fs::remove_file(&self.control_path);
+            let _ = std::fs::remove_file(&lock.path);
         }
         if let Some(m) = self.metrics.take() {
             m.abort();

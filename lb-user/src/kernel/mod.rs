@@ -3,6 +3,7 @@
 //! and the few socket options no crate wraps ([`sys`]). The only module
 //! that uses `aya` or `unsafe`.
 
+pub mod lock;
 pub mod maps;
 pub mod object;
 pub mod sys;
@@ -16,8 +17,8 @@ use aya::maps::MapError;
 pub enum KernelError {
     #[error("bpffs is not mounted at {0} (mount it: `mount -t bpf bpf {0}`, or run `cargo xtask setup`)")]
     BpffsMissing(PathBuf),
-    #[error("another lb is running with pin_path {path} (lock {lock} is held); stop it or choose another pin_path")]
-    PinPathBusy { path: PathBuf, lock: PathBuf },
+    #[error("another lb{} is running with pin_path {path} (lock {lock} is held); stop it or choose another pin_path", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    PinPathBusy { path: PathBuf, lock: PathBuf, pid: Option<u32> },
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
     #[error("loading the eBPF object: {0} (needs root or CAP_BPF + CAP_NET_ADMIN, and a kernel with sockmap)")]

@@ -53,18 +53,12 @@ fn check_bpffs(pin_path: &Path) -> Result<(), KernelError> {
 }
 
 /// Takes an exclusive lock for `pin_path`, so two instances never share pins.
-fn lock_pin_path(run_dir: &Path, pin_path: &Path) -> Result<fs::File, KernelError> {
+fn lock_pin_path(run_dir: &Path, pin_path: &Path) -> Result<super::lock::Lock, KernelError> {
     let lock = run_file(run_dir, pin_path, "lock");
-    fs::create_dir_all(run_dir).map_err(io_err(format!("creating {}", run_dir.display())))?;
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock)
-        .map_err(io_err(format!("opening {}", lock.display())))?;
-    rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
-        .map_err(|_| KernelError::PinPathBusy { path: pin_path.to_owned(), lock })?;
-    Ok(file)
+    match super::lock::take(&lock).map_err(io_err(format!("opening {}", lock.display())))? {
+        Ok(l) => Ok(l),
+        Err(pid) => Err(KernelError::PinPathBusy { path: pin_path.to_owned(), lock, pid }),
+    }
 }
 
 /// What to load.
@@ -86,7 +80,7 @@ pub struct Objects {
     run_dir: PathBuf,
     /// Owns the program (and its attachment) and the maps.
     ebpf: Option<aya::Ebpf>,
-    _lock: fs::File,
+    _lock: super::lock::Lock,
 }
 
 impl Objects {
