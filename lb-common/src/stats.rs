@@ -89,6 +89,12 @@ macro_rules! worker_counters {
             pub fn add(&mut self, other: &Self) {
                 $(self.$name += other.$name;)*
             }
+
+            /// The [`CounterKind::Counter`] fields only, gauges zero: what a
+            /// worker restarted in the same slot carries on from.
+            pub fn counters_only(&self) -> Self {
+                Self { $($name: if matches!(CounterKind::$kind, CounterKind::Counter) { self.$name } else { 0 },)* }
+            }
         }
 
         /// The same counters as atomics, bumped by the proxy's tasks.

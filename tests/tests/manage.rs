@@ -486,6 +486,12 @@ async fn workers_apply_commands_and_restarted_ones_catch_up() {
         let _s = echo_once(lb.addr).await;
     }
     assert_eq!(a.accepted.load(Relaxed), 0, "a worker ignored disable");
+    let totals = |lb: &Lb| {
+        let s = lb.pinned_stats();
+        (s["totals"]["accepted"].as_u64().unwrap(), server_row(lb, b.addr)["total"].as_u64().unwrap())
+    };
+    let before = retry_until(Duration::from_secs(3), || (totals(&lb) == (20, 20)).then_some(())).await;
+    assert!(before.is_some(), "counts before the kill: {:?}", totals(&lb));
     // SAFETY: a worker of the lb this test started.
     unsafe { libc::kill(lb.workers[0] as i32, libc::SIGKILL) };
     let restarted = retry_until(Duration::from_secs(10), || {
@@ -498,6 +504,9 @@ async fn workers_apply_commands_and_restarted_ones_catch_up() {
         let _s = echo_once(lb.addr).await;
     }
     assert_eq!(a.accepted.load(Relaxed), 0, "the restarted worker forgot the disable");
+    // Counters carry on across the restart: nothing counted before is lost.
+    let after = retry_until(Duration::from_secs(3), || (totals(&lb) == (40, 40)).then_some(())).await;
+    assert!(after.is_some(), "accepted and server total after the restart: {:?}, want (40, 40)", totals(&lb));
     let st = retry_until(Duration::from_secs(3), || (server_row(&lb, a.addr)["state"] == "maint").then_some(())).await;
     assert!(st.is_some(), "{}", lb.pinned_stats());
     proof.assert_kernel_ran(&lb, "workers_ctl");

@@ -102,7 +102,17 @@ impl StatMaps {
         })
     }
 
-    /// Removes every entry of `worker` (a restarted worker starts from zero).
+    /// What an earlier process in `worker`'s slot published last: its
+    /// worker counters and its server and source rows.
+    pub fn worker_entries(&self, worker: u16) -> WorkerEntries {
+        WorkerEntries {
+            worker: self.workers.get(&u32::from(worker), 0).ok(),
+            servers: self.servers.iter().filter_map(Result::ok).filter(|(k, _)| k.worker == worker).collect(),
+            sources: self.sources.iter().filter_map(Result::ok).filter(|(k, _)| k.worker == worker).collect(),
+        }
+    }
+
+    /// Removes every entry of `worker`.
     pub fn clear_worker(&mut self, worker: u16) {
         let keys: Vec<SourceKey> = self.sources.keys().filter_map(Result::ok).filter(|k| k.worker == worker).collect();
         for k in keys {
@@ -114,6 +124,14 @@ impl StatMaps {
         }
         let _ = self.workers.remove(&u32::from(worker));
     }
+}
+
+/// See [`StatMaps::worker_entries`].
+#[derive(Debug, Default)]
+pub struct WorkerEntries {
+    pub worker: Option<WorkerStats>,
+    pub servers: Vec<(ServerKey, ServerStats)>,
+    pub sources: Vec<(SourceKey, SourceStats)>,
 }
 
 const _: () = assert!(MAX_WORKERS > 0 && MAX_SOURCE_ENTRIES > 0 && MAX_SERVER_ENTRIES > 0);

@@ -11,7 +11,7 @@ use aya::{
     Pod,
     maps::{HashMap as BpfHashMap, MapData},
 };
-use lb_common::stats::{ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats};
+use lb_common::stats::{ServerKey, ServerStats, SourceKey, SourceStats, WorkerCounters, WorkerStats};
 
 use super::counters::Counters;
 use crate::{
@@ -78,11 +78,34 @@ pub struct Publisher {
     last_worker: Option<WorkerStats>,
     /// Last even `WorkerStats::seq` published.
     seq: u64,
+    /// What earlier processes in this slot counted (counters only, no
+    /// levels), added to everything published: a restarted worker's
+    /// counters continue, and `/metrics` counters never go down.
+    base: Base,
+}
+
+#[derive(Default)]
+struct Base {
+    counters: WorkerCounters,
+    servers: HashMap<ServerKey, ServerStats>,
+    sources: HashMap<SourceKey, SourceStats>,
 }
 
 impl Publisher {
-    /// Clears what an earlier process with the same worker index left.
+    /// Takes over what an earlier process with the same worker index left:
+    /// its counters become this one's base, its levels (connections open,
+    /// ports in use: those connections died with it) are dropped.
     pub fn new(mut maps: StatMaps, worker: u16, backends: Arc<Backends>, stats: Arc<Counters>) -> Self {
+        let old = maps.worker_entries(worker);
+        let base = Base {
+            counters: old.worker.map(|w| w.counters.counters_only()).unwrap_or_default(),
+            servers: old
+                .servers
+                .into_iter()
+                .map(|(k, s)| (k, ServerStats { active: 0, state: 0, weight: 0, ..s }))
+                .collect(),
+            sources: old.sources.into_iter().map(|(k, s)| (k, SourceStats { ports_in_use: 0, ..s })).collect(),
+        };
         maps.clear_worker(worker);
         Self {
             maps,
@@ -93,6 +116,7 @@ impl Publisher {
             servers: Mirror::default(),
             last_worker: None,
             seq: 0,
+            base,
         }
     }
 
@@ -139,10 +163,26 @@ impl Publisher {
                 row.exhausted += p.exhausted.load(Relaxed);
             }
         }
+        // A predecessor's rows continue where the server still is (a server
+        // removed since then has no row to continue).
+        for (k, b) in &self.base.servers {
+            let Some(row) = servers.get_mut(k) else { continue };
+            row.total += b.total;
+            row.connect_failures += b.connect_failures;
+            row.bytes_in += b.bytes_in;
+            row.bytes_out += b.bytes_out;
+        }
+        for (k, b) in &self.base.sources {
+            let Some(row) = sources.get_mut(k) else { continue };
+            row.connects += b.connects;
+            row.exhausted += b.exhausted;
+        }
         // Removed servers leave the maps once their last connection ended.
         let server_changes = self.servers.changes(&servers);
         let source_changes = self.sources.changes(&sources);
-        let w = WorkerStats { pid: u64::from(std::process::id()), seq: self.seq + 2, counters: self.stats.snapshot() };
+        let mut counters = self.stats.snapshot();
+        counters.add(&self.base.counters);
+        let w = WorkerStats { pid: u64::from(std::process::id()), seq: self.seq + 2, counters };
         let key = u32::from(self.worker);
         // Nothing else changed: the new seq alone says this worker is alive
         // and its figures current (readers and the supervisor watch it).
