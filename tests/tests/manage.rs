@@ -629,3 +629,43 @@ async fn control_socket_survives_oversized_and_silent_clients() {
     let waited = t0.elapsed();
     assert!(waited >= lb::control::READ_TIMEOUT, "silent sessions closed after {waited:?}");
 }
+
+/// A worker that stops making progress (here: SIGSTOP) is killed and
+/// replaced within seconds, so the clients SO_REUSEPORT hands it are served
+/// by its successor instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_worker_is_replaced() {
+    let mode = if testkit::lbproc::kernel_available("hung") { Mode::Kernel } else { Mode::Userspace };
+    let be = Backend::echo().await;
+    let lb = Lb::start_with(mode, "hung", &cfg(&[be.addr], "", "workers = 2")).unwrap();
+    let stopped = lb.workers[0];
+    // SAFETY: a worker of the lb this test started.
+    unsafe { libc::kill(stopped as i32, libc::SIGSTOP) };
+    let t0 = std::time::Instant::now();
+    let clients: Vec<_> = (0..20)
+        .map(|i| {
+            let addr = lb.addr;
+            tokio::spawn(async move {
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                tokio::time::timeout(Duration::from_secs(10), exchange(&mut s, 500 + i, 1000)).await
+            })
+        })
+        .collect();
+    for (i, c) in clients.into_iter().enumerate() {
+        let r = c.await.unwrap();
+        // A client the stopped worker had accepted is reset when it is
+        // killed; every other one is served.
+        if let Ok(Err(e)) = &r {
+            assert!(e.contains("reset") || e.contains("closed"), "client {i}: {e}");
+        }
+        assert!(r.is_ok(), "client {i} hung for 10 s");
+    }
+    let replaced = retry_until(Duration::from_secs(10), || {
+        let s = lb.pinned_stats();
+        s["workers"].as_array()?.iter().find(|w| w["worker"] == 0 && w["pid"] != stopped).map(|_| ())
+    })
+    .await;
+    assert!(replaced.is_some(), "worker 0 not replaced: {}", lb.pinned_stats());
+    assert!(lb.stderr().contains("made no progress"), "{}", lb.stderr());
+    assert!(t0.elapsed() < Duration::from_secs(15));
+}

@@ -44,6 +44,37 @@ const MIN_LIFETIME: Duration = Duration::from_secs(1);
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long a worker may take to start serving.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// A worker whose publication (every 100 ms) has not advanced for this long
+/// is hung (stopped, deadlocked): it is killed and restarted, since
+/// `SO_REUSEPORT` keeps handing it new clients.
+const HUNG_AFTER: Duration = Duration::from_secs(3);
+
+/// Watches each worker's `LB_WORKERS` entry for progress.
+struct Watchdog {
+    maps: crate::kernel::maps::StatMaps,
+    /// Per slot: the last `seq` seen and when it changed.
+    seen: Vec<(u64, Instant)>,
+}
+
+impl Watchdog {
+    /// Kills the workers that stopped publishing; their exit restarts them.
+    fn check(&mut self, slots: &[Slot]) {
+        for (i, slot) in slots.iter().enumerate() {
+            let Some(pid) = slot.pid else { continue };
+            let seq = self.maps.workers.get(&(i as u32), 0).ok().filter(|w| w.pid == u64::from(pid)).map(|w| w.seq);
+            let seen = &mut self.seen[i];
+            match seq {
+                Some(s) if s != seen.0 => *seen = (s, Instant::now()),
+                _ if seen.1.elapsed().min(slot.started.elapsed()) > HUNG_AFTER => {
+                    log::warn!("worker {i} (pid {pid}) made no progress for {HUNG_AFTER:?} (hung); killing it");
+                    signal(pid, rustix::process::Signal::KILL);
+                    *seen = (0, Instant::now());
+                }
+                _ => {}
+            }
+        }
+    }
+}
 
 impl WorkerIo {
     async fn send(&mut self, cmd: &Command) -> Result<String, String> {
@@ -236,6 +267,11 @@ async fn supervise(
     mut ctl: mpsc::Receiver<control::Msg>,
 ) -> anyhow::Result<()> {
     let mut waits = Waits::new();
+    let mut watchdog = match crate::kernel::maps::StatMaps::open(&sup.cfg.pin_path) {
+        Ok(maps) if sup.spec.maps => Some(Watchdog { maps, seen: vec![(0, Instant::now()); sup.slots.len()] }),
+        _ => None,
+    };
+    let mut watch_tick = tokio::time::interval(Duration::from_millis(500));
     let mut first_ready = None;
     for i in 0..sup.slots.len() {
         match spawn_worker(sup.spec_for(i)).await {
@@ -285,6 +321,11 @@ async fn supervise(
                 match sup.reload().await {
                     Ok(m) => log::info!("{m}"),
                     Err(e) => log::error!("{e}"),
+                }
+            }
+            _ = watch_tick.tick(), if watchdog.is_some() => {
+                if let Some(w) = &mut watchdog {
+                    w.check(&sup.slots);
                 }
             }
             Some(c) = flips.recv() => {
