@@ -137,6 +137,8 @@ worker_counters! {
     Counter aborted => "aborted",
     /// Connections closed because neither side sent a byte for `timeouts.idle`.
     Counter idle_closed => "idle_closed",
+    /// Clients closed for sending nothing within their frontend's `first_byte_timeout`.
+    Counter first_byte_timeouts => "first_byte_timeouts",
     /// Clients waiting now for a server slot.
     Gauge queued => "queued",
     /// Connections the kernel plane copied (whole or one side) in userspace
@@ -147,7 +149,7 @@ worker_counters! {
     /// Bytes server -> client copied in userspace.
     Counter userspace_bytes_out => "userspace_bytes_out",
 }
-const _: () = assert!(core::mem::size_of::<WorkerCounters>() == 14 * 8);
+const _: () = assert!(core::mem::size_of::<WorkerCounters>() == 15 * 8);
 
 /// Value of `LB_WORKERS`, keyed by worker index (u32).
 #[repr(C)]
@@ -163,7 +165,7 @@ pub struct WorkerStats {
     pub seq: u64,
     pub counters: WorkerCounters,
 }
-const _: () = assert!(core::mem::size_of::<WorkerStats>() == 16 + 14 * 8);
+const _: () = assert!(core::mem::size_of::<WorkerStats>() == 16 + 15 * 8);
 
 /// Key of `LB_SOURCES`.
 #[repr(C)]

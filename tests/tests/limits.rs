@@ -16,6 +16,7 @@ testkit::both_planes!(
     server_maxconn_queues_then_rejects,
     global_and_frontend_maxconn_pause_accepting,
     idle_connection_closed_active_kept,
+    silent_clients_closed_after_first_byte_timeout,
     concurrent_connects_spread_over_the_pool,
 );
 
@@ -265,4 +266,35 @@ async fn concurrent_connects_spread_over_the_pool(mode: Mode) {
     .unwrap_or_else(|| panic!("4 sources holding 400 connections expected: {}", lb.pinned_stats()));
     assert!(counts.iter().all(|c| (98..=102).contains(c)), "uneven spread over the pool: {counts:?}");
     proof.assert_all_spliced(&lb, "spread");
+}
+
+/// With `first_byte_timeout`, clients that connect and send nothing cannot
+/// hold every `maxconn` slot: they are closed (and counted) after the
+/// timeout, and a client that talks gets through.
+async fn silent_clients_closed_after_first_byte_timeout(mode: Mode) {
+    let be = Backend::echo().await;
+    let body = format!(
+        "maxconn = 4\n\n[[frontend]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nbackend = \"b\"\n\
+         first_byte_timeout = \"300ms\"\n\n[[backend]]\nname = \"b\"\nservers = [\"{}\"]\n",
+        be.addr
+    );
+    let Some(lb) = Lb::start_with(mode, "first_byte", &body) else { return };
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(TcpStream::connect(lb.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Every slot is held by a silent client: this one waits in the backlog.
+    let talker = spawn_echo_wait(open(lb.addr).await, Duration::from_secs(5));
+    let (r, waited, _t) = talker.await.unwrap();
+    assert_eq!(r, Ok(()), "a talking client was not served once the silent ones timed out");
+    assert!(waited >= Duration::from_millis(150), "served after {waited:?}: the silent clients held no slot?");
+    for (i, mut s) in silent.into_iter().enumerate() {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut b)).await;
+        assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "silent client {i} not closed: {n:?}");
+    }
+    let ok = retry_until(Duration::from_secs(3), || (totals(&lb, "first_byte_timeouts") == 4).then_some(())).await;
+    assert!(ok.is_some(), "first_byte_timeouts should be 4: {}", lb.pinned_stats());
+    assert_eq!(be.accepted.load(std::sync::atomic::Ordering::Relaxed), 1, "silent clients reached the backend");
 }

@@ -99,6 +99,8 @@ pub struct FrontendConfig {
     /// Index into [`Config::backends`].
     pub backend: usize,
     pub maxconn: Option<u32>,
+    /// Close a client silent this long after its accept (`None`: never).
+    pub first_byte_timeout: Option<std::time::Duration>,
 }
 
 /// A validated server.

@@ -46,6 +46,10 @@ pub struct Frontend {
     pub backend: Spanned<String>,
     /// Connections this frontend holds at most; beyond it, accepting pauses.
     pub maxconn: Option<Spanned<u32>>,
+    /// Close a client that sends nothing this long after its accept (off
+    /// by default: server-first protocols wait for the server).
+    #[serde(default)]
+    pub first_byte_timeout: DurationKey,
 }
 
 /// One entry of `servers`: `"ip:port"` or `{ addr = "ip:port", maxconn = N }`.

@@ -284,7 +284,16 @@ fn frontends(
                 Some(v)
             }
         };
-        frontends.push(FrontendConfig { name: name.clone(), listen, backend, maxconn });
+        let first_byte_timeout = match &f.first_byte_timeout {
+            Some(_) => Some(duration(
+                loc,
+                &format!("frontend \"{name}\": first_byte_timeout"),
+                &f.first_byte_timeout,
+                Duration::ZERO,
+            )?),
+            None => None,
+        };
+        frontends.push(FrontendConfig { name: name.clone(), listen, backend, maxconn, first_byte_timeout });
     }
     Ok(frontends)
 }

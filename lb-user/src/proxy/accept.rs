@@ -61,6 +61,7 @@ pub fn bind_all(frontends: &[FrontendConfig], reuseport: bool) -> anyhow::Result
 pub async fn accept_loop(
     listener: TcpListener,
     backend: usize,
+    first_byte: Option<std::time::Duration>,
     global: Arc<Semaphore>,
     frontend: Option<Arc<Semaphore>>,
     shared: Arc<Shared>,
@@ -78,7 +79,7 @@ pub async fn accept_loop(
         match listener.accept().await {
             Ok((client, addr)) => {
                 shared.stats.accepted.fetch_add(1, Relaxed);
-                tokio::spawn(handle(client, ClientAddr(addr), backend, permits, shared.clone()));
+                tokio::spawn(handle(client, ClientAddr(addr), backend, first_byte, permits, shared.clone()));
             }
             // EMFILE/ENFILE/ENOBUFS: back off instead of spinning.
             Err(e) => backoff.failed(&e).await,
@@ -90,10 +91,22 @@ async fn handle(
     client: TcpStream,
     addr: ClientAddr,
     backend: usize,
+    first_byte: Option<std::time::Duration>,
     permits: [Option<OwnedSemaphorePermit>; 2],
     shared: Arc<Shared>,
 ) {
     let mut guard = ConnGuard::new(shared.stats.clone(), permits, addr.0, shared.access_log);
+    if let Some(t) = first_byte {
+        // Opt-in: no server is chosen (and no slot of it taken) before the
+        // client has sent something; a silent client is closed and counted.
+        // A byte, an EOF or an error ends the wait (the splice handles the
+        // last two as usual); nothing is consumed.
+        if tokio::time::timeout(t, client.peek(&mut [0u8; 1])).await.is_err() {
+            shared.stats.first_byte_timeouts.fetch_add(1, Relaxed);
+            guard.set_reason(CloseReason::Rejected("first_byte_timeout"));
+            return;
+        }
+    }
     let be = &shared.backends.list[backend];
     let (server, target, pair) = match pick_and_connect(be, &shared, addr).await {
         Ok(v) => v,

@@ -113,12 +113,13 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<String> {
         differ("the list of [[frontend]]s", true);
     }
     for (f, o) in frontends.iter().zip(&old.frontends) {
-        let crate::config::FrontendConfig { name, listen, backend, maxconn } = f;
+        let crate::config::FrontendConfig { name, listen, backend, maxconn, first_byte_timeout } = f;
         let at = |k: &str| format!("frontend \"{}\": {k}", o.name);
         differ(&at("name"), *name != o.name);
         differ(&at("listen"), *listen != o.listen);
         differ(&at("backend"), *backend != o.backend);
         differ(&at("maxconn"), *maxconn != o.maxconn);
+        differ(&at("first_byte_timeout"), *first_byte_timeout != o.first_byte_timeout);
     }
     if backends.len() != old.backends.len() {
         differ("the list of [[backend]]s", true);
