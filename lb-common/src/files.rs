@@ -8,8 +8,21 @@ use std::{
     string::String,
 };
 
-/// The default directory for those files (`runtime_dir`).
+/// The default directory for those files (`runtime_dir`) when systemd
+/// gives none.
 pub const RUN_DIR: &str = "/run/lb";
+
+/// The directory for those files when the config (or command line) names
+/// none: systemd's `RUNTIME_DIRECTORY` (its first entry), else [`RUN_DIR`].
+pub fn default_run_dir() -> PathBuf {
+    match std::env::var_os("RUNTIME_DIRECTORY") {
+        Some(v) if !v.is_empty() => {
+            let s = v.to_string_lossy();
+            PathBuf::from(s.split(':').next().unwrap_or(RUN_DIR))
+        }
+        _ => PathBuf::from(RUN_DIR),
+    }
+}
 
 /// `<run_dir>/<pin path with every non-alphanumeric as _>.<ext>`:
 /// `lock`, `json` (metadata) or `sock` (control socket).

@@ -52,6 +52,8 @@ pub enum Cmd {
         /// The running instance's `pin_path`.
         #[arg(long, default_value = "/sys/fs/bpf/lb", value_name = "DIR")]
         pin_path: PathBuf,
+        #[command(flatten)]
+        run: RunDir,
         /// Print JSON instead of tables.
         #[arg(long)]
         json: bool,
@@ -64,6 +66,8 @@ pub enum Cmd {
         /// The running instance's `pin_path`.
         #[arg(long, default_value = "/sys/fs/bpf/lb", value_name = "DIR")]
         pin_path: PathBuf,
+        #[command(flatten)]
+        run: RunDir,
         /// Only connections to this server (ip:port).
         #[arg(long, value_name = "ADDR")]
         server: Option<SocketAddr>,
@@ -88,12 +92,28 @@ pub enum Cmd {
     Worker,
 }
 
+/// Where the running instance keeps its lock, metadata and control socket.
+#[derive(Debug, clap::Args)]
+pub struct RunDir {
+    /// The running instance's `runtime_dir` [default: $RUNTIME_DIRECTORY, else /run/lb].
+    #[arg(long, value_name = "DIR", global = true)]
+    runtime_dir: Option<PathBuf>,
+}
+
+impl RunDir {
+    fn get(&self) -> PathBuf {
+        self.runtime_dir.clone().unwrap_or_else(lb_common::files::default_run_dir)
+    }
+}
+
 /// Which running lb to talk to.
 #[derive(Debug, clap::Args)]
 pub struct Target {
-    /// The running instance's `pin_path` (its control socket is /run/lb/<pin_path>.sock).
+    /// The running instance's `pin_path` (its control socket is <runtime_dir>/<pin_path mangled>.sock).
     #[arg(long, default_value = "/sys/fs/bpf/lb", value_name = "DIR", global = true)]
     pin_path: PathBuf,
+    #[command(flatten)]
+    run: RunDir,
     /// The control socket, when the config sets `control_socket`.
     #[arg(long, value_name = "PATH", global = true)]
     control_socket: Option<PathBuf>,
@@ -101,7 +121,7 @@ pub struct Target {
 
 impl Target {
     fn socket(&self) -> PathBuf {
-        self.control_socket.clone().unwrap_or_else(|| crate::control::default_path(&self.pin_path))
+        self.control_socket.clone().unwrap_or_else(|| crate::control::default_path(&self.run.get(), &self.pin_path))
     }
 }
 
@@ -206,10 +226,11 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Server { action, target } => control(&target, Request::Apply(action.command())),
         Cmd::Reload { target } => control(&target, Request::Other { cmd: crate::control::Other::Reload }),
-        Cmd::Stats { pin_path, json, watch } => {
-            ensure_running(&pin_path)?;
+        Cmd::Stats { pin_path, run, json, watch } => {
+            let run_dir = run.get();
+            ensure_running(&run_dir, &pin_path)?;
             let read = || {
-                read::read(&pin_path, std::path::Path::new(lb_common::files::RUN_DIR)).with_context(|| {
+                read::read(&pin_path, &run_dir).with_context(|| {
                     format!(
                         "no running lb with pinned maps at {} (is `lb run` up, with that pin_path?)",
                         pin_path.display()
@@ -233,8 +254,8 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Conns { pin_path, server, json } => {
-            ensure_running(&pin_path)?;
+        Cmd::Conns { pin_path, run, server, json } => {
+            ensure_running(&run.get(), &pin_path)?;
             let maps = crate::kernel::maps::PinnedMaps::open(&pin_path)
                 .with_context(|| format!("no running lb with pinned maps at {}", pin_path.display()))?;
             if !maps.kernel {
@@ -256,8 +277,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
 
 /// Refuses to report from the pins of an instance that is gone: their
 /// counts would read as a running instance's.
-fn ensure_running(pin_path: &std::path::Path) -> anyhow::Result<()> {
-    let run_dir = std::path::Path::new(lb_common::files::RUN_DIR);
+fn ensure_running(run_dir: &std::path::Path, pin_path: &std::path::Path) -> anyhow::Result<()> {
     let lock = lb_common::files::run_file(run_dir, pin_path, "lock");
     match crate::kernel::lock::holder(&lock) {
         Some((true, _)) => Ok(()),

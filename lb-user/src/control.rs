@@ -94,9 +94,9 @@ pub struct Msg {
     pub reply: oneshot::Sender<Response>,
 }
 
-/// `/run/lb/<pin path, mangled>.sock`, unless the config names one.
-pub fn default_path(pin_path: &Path) -> PathBuf {
-    lb_common::files::run_file(Path::new(lb_common::files::RUN_DIR), pin_path, "sock")
+/// `<runtime_dir>/<pin path, mangled>.sock`, unless the config names one.
+pub fn default_path(run_dir: &Path, pin_path: &Path) -> PathBuf {
+    lb_common::files::run_file(run_dir, pin_path, "sock")
 }
 
 /// The lock that makes a control socket one instance's.

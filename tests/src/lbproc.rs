@@ -112,7 +112,22 @@ pub struct Lb {
     /// The metrics endpoint, when configured.
     pub metrics: Option<SocketAddr>,
     pub pin_path: PathBuf,
+    /// Its `runtime_dir` (lock, metadata, control socket).
+    pub run_dir: PathBuf,
     pub dir: PathBuf,
+}
+
+/// How to start lb, beyond its config: for [`Lb::launch_as`].
+#[derive(Default)]
+pub struct Launch<'a> {
+    /// Extra environment variables.
+    pub env: &'a [(&'a str, &'a str)],
+    /// A command that runs lb (such as `setpriv … --`), before the binary.
+    pub wrapper: Vec<String>,
+    /// The binary (default: [`lb_bin`]).
+    pub bin: Option<PathBuf>,
+    /// The config's `runtime_dir` (default: /run/lb).
+    pub run_dir: Option<PathBuf>,
 }
 
 impl Lb {
@@ -148,18 +163,32 @@ impl Lb {
 
     /// [`Self::launch`] with extra environment variables.
     pub fn launch_with(test: &str, dir: PathBuf, pin_path: PathBuf, cfg: &str, env: &[(&str, &str)]) -> Lb {
+        Self::launch_as(test, dir, pin_path, cfg, Launch { env, ..Launch::default() })
+    }
+
+    /// [`Self::launch`] as `how` says (wrapped, another binary, another runtime_dir).
+    pub fn launch_as(test: &str, dir: PathBuf, pin_path: PathBuf, cfg: &str, how: Launch<'_>) -> Lb {
         let cfg_path = dir.join("lb.toml");
         std::fs::write(&cfg_path, cfg).unwrap_or_else(|e| panic!("writing config: {e}"));
         let stderr = std::fs::File::create(dir.join("stderr")).expect("stderr file");
-        let mut child = Command::new(lb_bin())
+        let bin = how.bin.unwrap_or_else(lb_bin);
+        let mut cmd = match how.wrapper.split_first() {
+            Some((w, args)) => {
+                let mut c = Command::new(w);
+                c.args(args).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        let mut child = cmd
             .args(["run", "--announce", "--config"])
             .arg(&cfg_path)
             .env("RUST_LOG", std::env::var("LB_LOG").unwrap_or_else(|_| "info".into()))
-            .envs(env.iter().copied())
+            .envs(how.env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", lb_bin().display()));
+            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
         let pid = child.id();
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = std::sync::mpsc::channel();
@@ -177,6 +206,7 @@ impl Lb {
             workers: vec![],
             metrics: None,
             pin_path,
+            run_dir: how.run_dir.unwrap_or_else(|| PathBuf::from(lb_common::files::RUN_DIR)),
             dir,
         };
         let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
@@ -218,6 +248,8 @@ impl Lb {
             .args(args)
             .arg("--pin-path")
             .arg(&self.pin_path)
+            .arg("--runtime-dir")
+            .arg(&self.run_dir)
             .output()
             .unwrap_or_else(|e| panic!("running lb {args:?}: {e}"));
         (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
@@ -240,6 +272,8 @@ impl Lb {
         let out = Command::new(lb_bin())
             .args(["stats", "--json", "--pin-path"])
             .arg(&self.pin_path)
+            .arg("--runtime-dir")
+            .arg(&self.run_dir)
             .output()
             .expect("running lb stats");
         assert!(out.status.success(), "lb stats failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -304,10 +338,9 @@ impl Drop for Lb {
             }
             let _ = std::fs::remove_dir(&self.pin_path);
         }
-        // What lb keeps in /run/lb for this pin path (left behind if it was killed).
+        // What lb keeps in its runtime_dir for this pin path (left behind if it was killed).
         for ext in lb_common::files::EXTENSIONS {
-            let dir = std::path::Path::new(lb_common::files::RUN_DIR);
-            let _ = std::fs::remove_file(lb_common::files::run_file(dir, &self.pin_path, ext));
+            let _ = std::fs::remove_file(lb_common::files::run_file(&self.run_dir, &self.pin_path, ext));
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -83,11 +83,22 @@ pub struct Timeouts {
     pub queue: Duration,
     /// A spliced connection with no bytes in either direction for this long is closed.
     pub idle: Duration,
+    /// A worker whose heartbeat (its stats publication, every 100 ms) has
+    /// not advanced for this long is hung: killed and replaced.
+    pub worker: Duration,
 }
+
+/// Shortest `timeouts.worker`: a few publication periods.
+pub const MIN_WORKER_TIMEOUT: Duration = Duration::from_millis(500);
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Self { connect: Duration::from_secs(5), queue: Duration::from_secs(5), idle: Duration::from_secs(3600) }
+        Self {
+            connect: Duration::from_secs(5),
+            queue: Duration::from_secs(5),
+            idle: Duration::from_secs(3600),
+            worker: Duration::from_secs(2),
+        }
     }
 }
 
@@ -149,6 +160,8 @@ pub struct HealthCheck {
 pub struct Config {
     pub dataplane: DataplaneMode,
     pub pin_path: PathBuf,
+    /// Where the lock, the metadata and the default control socket live.
+    pub runtime_dir: PathBuf,
     pub control_socket: PathBuf,
     pub access_log: bool,
     pub metrics_listen: Option<SocketAddr>,

@@ -35,6 +35,8 @@ pub struct Timeouts {
     pub connect: DurationKey,
     pub queue: DurationKey,
     pub idle: DurationKey,
+    /// A worker whose heartbeat stops this long is killed and replaced.
+    pub worker: DurationKey,
 }
 
 /// `[[frontend]]`: a listening address and the backend it feeds.
@@ -144,6 +146,9 @@ pub struct RawConfig {
     #[serde(default)]
     pub dataplane: DataplaneMode,
     pub pin_path: Option<PathBuf>,
+    /// The instance's lock, metadata and default control socket (default:
+    /// systemd's `RUNTIME_DIRECTORY`, else /run/lb).
+    pub runtime_dir: Option<Spanned<PathBuf>>,
     /// The runtime API's Unix socket (default: /run/lb/<pin_path mangled>.sock).
     pub control_socket: Option<PathBuf>,
     /// One log line per closed connection (target `lb::access`).

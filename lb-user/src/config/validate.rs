@@ -1,18 +1,13 @@
 //! From the file as written to a [`Config`]: each part checked where it is
 //! written, every error naming the key and its line.
 
-use std::{
-    collections::HashSet,
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{collections::HashSet, net::SocketAddr, path::PathBuf, time::Duration};
 
 use toml::Spanned;
 
 use super::{
     BackendConfig, Config, ConfigError, FD_RESERVE, FrontendConfig, HealthCheck, MAX_DURATION, MAX_MAXCONN, MAX_WEIGHT,
-    MAX_WORKERS, Overrides, ServerConfig, SourcePool, Timeouts,
+    MAX_WORKERS, MIN_WORKER_TIMEOUT, Overrides, ServerConfig, SourcePool, Timeouts,
     error::Locator,
     fds_needed,
     host::Host,
@@ -52,7 +47,19 @@ pub fn validate(raw: RawConfig, loc: &Locator<'_>, host: &dyn Host, o: &Override
         connect: duration(loc, "timeouts.connect", &t.connect, defaults.connect)?,
         queue: duration(loc, "timeouts.queue", &t.queue, defaults.queue)?,
         idle: duration(loc, "timeouts.idle", &t.idle, defaults.idle)?,
+        worker: duration(loc, "timeouts.worker", &t.worker, defaults.worker)?,
     };
+    if let Some(w) = &t.worker
+        && timeouts.worker < MIN_WORKER_TIMEOUT
+    {
+        return Err(loc.at(
+            w,
+            format!(
+                "timeouts.worker = \"{}\": at least {MIN_WORKER_TIMEOUT:?} (workers publish their heartbeat every 100 ms)",
+                w.get_ref().text
+            ),
+        ));
+    }
     let default_pool =
         pool::parse(loc, host, ("source_pool", "source_port_range"), &raw.source_pool, &raw.source_port_range)?;
     let mut backends = Vec::with_capacity(raw.backend.len());
@@ -74,10 +81,18 @@ pub fn validate(raw: RawConfig, loc: &Locator<'_>, host: &dyn Host, o: &Override
         ),
     };
     let pin_path = raw.pin_path.unwrap_or_else(|| PathBuf::from(super::DEFAULT_PIN_PATH));
+    let runtime_dir = match raw.runtime_dir {
+        Some(d) if !d.get_ref().is_absolute() => {
+            return Err(loc.at(&d, format!("runtime_dir = \"{}\": must be an absolute path", d.get_ref().display())));
+        }
+        Some(d) => d.into_inner(),
+        None => lb_common::files::default_run_dir(),
+    };
     Ok(Config {
         control_socket: raw
             .control_socket
-            .unwrap_or_else(|| lb_common::files::run_file(Path::new(lb_common::files::RUN_DIR), &pin_path, "sock")),
+            .unwrap_or_else(|| lb_common::files::run_file(&runtime_dir, &pin_path, "sock")),
+        runtime_dir,
         access_log: raw.access_log,
         metrics_listen,
         dataplane: o.dataplane.unwrap_or(raw.dataplane),

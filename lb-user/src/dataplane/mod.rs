@@ -123,7 +123,7 @@ pub enum SpliceError {
 pub fn load(cfg: &Config) -> anyhow::Result<(Kind, Option<Objects>)> {
     let spec = |program| Spec {
         pin_path: &cfg.pin_path,
-        run_dir: std::path::Path::new(lb_common::files::RUN_DIR),
+        run_dir: &cfg.runtime_dir,
         sockets: cfg.maxconn.saturating_mul(2),
         program,
         backends: cfg.backends.iter().map(|b| b.name.clone()).collect(),

@@ -34,8 +34,7 @@ impl Owner {
         };
         let (kind, objects) = dataplane::load(cfg)?;
         let metrics_addr = metrics.as_ref().and_then(|l| l.local_addr().ok());
-        let run_dir = PathBuf::from(lb_common::files::RUN_DIR);
-        let metrics = metrics.map(|l| metrics::serve(l, cfg.pin_path.clone(), run_dir));
+        let metrics = metrics.map(|l| metrics::serve(l, cfg.pin_path.clone(), cfg.runtime_dir.clone()));
         let mut owner =
             Owner { kind, objects, metrics_addr, metrics, control: None, control_path: cfg.control_socket.clone() };
         let (tx, ctl) = mpsc::channel(16);

@@ -44,14 +44,13 @@ const MIN_LIFETIME: Duration = Duration::from_secs(1);
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long a worker may take to start serving.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
-/// A worker whose publication (every 100 ms) has not advanced for this long
-/// is hung (stopped, deadlocked): it is killed and restarted, since
+/// Watches each worker's `LB_WORKERS` entry for progress: a worker whose
+/// publication (every 100 ms) has not advanced for `timeouts.worker` is
+/// hung (stopped, deadlocked) and is killed and restarted, since
 /// `SO_REUSEPORT` keeps handing it new clients.
-const HUNG_AFTER: Duration = Duration::from_secs(3);
-
-/// Watches each worker's `LB_WORKERS` entry for progress.
 struct Watchdog {
     maps: crate::kernel::maps::StatMaps,
+    hung_after: Duration,
     /// Per slot: the last `seq` seen and when it changed.
     seen: Vec<(u64, Instant)>,
 }
@@ -65,8 +64,11 @@ impl Watchdog {
             let seen = &mut self.seen[i];
             match seq {
                 Some(s) if s != seen.0 => *seen = (s, Instant::now()),
-                _ if seen.1.elapsed().min(slot.started.elapsed()) > HUNG_AFTER => {
-                    log::warn!("worker {i} (pid {pid}) made no progress for {HUNG_AFTER:?} (hung); killing it");
+                _ if seen.1.elapsed().min(slot.started.elapsed()) > self.hung_after => {
+                    log::warn!(
+                        "worker {i} (pid {pid}): no heartbeat for {:?} (timeouts.worker): hung; killing it",
+                        self.hung_after
+                    );
                     signal(pid, rustix::process::Signal::KILL);
                     *seen = (0, Instant::now());
                 }
@@ -268,10 +270,15 @@ async fn supervise(
 ) -> anyhow::Result<()> {
     let mut waits = Waits::new();
     let mut watchdog = match crate::kernel::maps::StatMaps::open(&sup.cfg.pin_path) {
-        Ok(maps) if sup.spec.maps => Some(Watchdog { maps, seen: vec![(0, Instant::now()); sup.slots.len()] }),
+        Ok(maps) if sup.spec.maps => Some(Watchdog {
+            maps,
+            hung_after: sup.cfg.timeouts.worker,
+            seen: vec![(0, Instant::now()); sup.slots.len()],
+        }),
         _ => None,
     };
-    let mut watch_tick = tokio::time::interval(Duration::from_millis(500));
+    // A hung worker is seen within a quarter of the timeout after it.
+    let mut watch_tick = tokio::time::interval((sup.cfg.timeouts.worker / 4).max(Duration::from_millis(100)));
     let mut first_ready = None;
     for i in 0..sup.slots.len() {
         match spawn_worker(sup.spec_for(i)).await {

@@ -90,8 +90,9 @@ impl Objects {
         let Spec { pin_path, run_dir, sockets, program, backends } = spec;
         check_bpffs(pin_path)?;
         let lock = lock_pin_path(run_dir, pin_path)?;
-        // We hold the lock: whatever is pinned there was left by a dead instance.
-        if pin_path.exists() {
+        // We hold the lock: whatever is pinned there was left by a dead
+        // instance. (An empty directory is a service's, made for lb.)
+        if fs::read_dir(pin_path).is_ok_and(|mut d| d.next().is_some()) {
             log::warn!(
                 "removing stale pins under {} left by an earlier lb that did not stop cleanly",
                 pin_path.display()

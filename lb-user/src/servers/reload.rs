@@ -81,6 +81,7 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<String> {
     let Config {
         dataplane,
         pin_path,
+        runtime_dir,
         control_socket,
         access_log,
         metrics_listen,
@@ -99,16 +100,18 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<String> {
     };
     differ("dataplane", *dataplane != old.dataplane);
     differ("pin_path", *pin_path != old.pin_path);
+    differ("runtime_dir", *runtime_dir != old.runtime_dir);
     differ("control_socket", *control_socket != old.control_socket);
     differ("access_log", *access_log != old.access_log);
     differ("metrics_listen", *metrics_listen != old.metrics_listen);
     differ("workers", *workers != old.workers);
     differ("maxconn", *maxconn != old.maxconn);
     differ("connect_attempts", *connect_attempts != old.connect_attempts);
-    let crate::config::Timeouts { connect, queue, idle } = timeouts;
+    let crate::config::Timeouts { connect, queue, idle, worker } = timeouts;
     differ("timeouts.connect", *connect != old.timeouts.connect);
     differ("timeouts.queue", *queue != old.timeouts.queue);
     differ("timeouts.idle", *idle != old.timeouts.idle);
+    differ("timeouts.worker", *worker != old.timeouts.worker);
     if frontends.len() != old.frontends.len() {
         differ("the list of [[frontend]]s", true);
     }

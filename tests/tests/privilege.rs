@@ -1,0 +1,187 @@
+//! lb as a non-root service: the user, the capabilities and the runtime
+//! directory of `dist/lb.service`, and nothing else.
+
+use std::{
+    os::unix::fs::{MetadataExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+};
+
+use testkit::{
+    KernelProof, Lb,
+    backends::Backend,
+    lbproc::{Launch, kernel_available, lb_bin, scratch},
+    stream::Stream,
+};
+
+/// 16 KiB of stream `seed` through `s` and back, checked.
+async fn echo_round(s: &mut TcpStream, seed: u64) {
+    let mut out = vec![0u8; 16 << 10];
+    Stream::new(seed).fill(&mut out);
+    s.write_all(&out).await.unwrap();
+    let mut back = vec![0u8; out.len()];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+        .await
+        .expect("echo within 5 s")
+        .expect("echo");
+    assert!(back == out, "seed {seed}: echo corrupt");
+}
+
+/// `nobody`: a user with no privilege of its own.
+const UID: u32 = 65534;
+const GID: u32 = 65534;
+
+/// The capabilities the unit file grants, as written there
+/// (`CAP_BPF CAP_NET_ADMIN`). Its bounding set must say the same.
+fn unit_capabilities() -> Vec<String> {
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/lb.service");
+    let text = std::fs::read_to_string(&unit).unwrap_or_else(|e| panic!("{}: {e}", unit.display()));
+    let key = |k: &str| -> Vec<String> {
+        let line = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("{}: no {k}=", unit.display()));
+        let mut v: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+        v.sort();
+        v
+    };
+    let ambient = key("AmbientCapabilities");
+    assert_eq!(ambient, key("CapabilityBoundingSet"), "the unit's ambient and bounding sets differ");
+    assert!(text.contains("\nUser=lb\n") && text.contains("\nRuntimeDirectory=lb\n"), "unit: User=/RuntimeDirectory=");
+    ambient
+}
+
+/// The bit of `CAP_X` in /proc/PID/status masks.
+fn cap_bit(name: &str) -> u64 {
+    match name {
+        "CAP_NET_ADMIN" => 1 << 12,
+        "CAP_SYS_ADMIN" => 1 << 21,
+        "CAP_PERFMON" => 1 << 38,
+        "CAP_BPF" => 1 << 39,
+        other => panic!("cap_bit: add {other}"),
+    }
+}
+
+fn status_field(pid: u32, field: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines().find_map(|l| l.strip_prefix(&format!("{field}:"))).map(|v| v.trim().to_owned()).unwrap_or_default()
+}
+
+/// Directories the test made for the service user, removed at the end
+/// (also when the test fails).
+struct Owned(Vec<PathBuf>);
+
+impl Owned {
+    fn dir(&mut self, p: PathBuf) -> PathBuf {
+        std::fs::create_dir_all(&p).unwrap_or_else(|e| panic!("creating {}: {e}", p.display()));
+        std::os::unix::fs::chown(&p, Some(UID), Some(GID)).unwrap_or_else(|e| panic!("chown {}: {e}", p.display()));
+        self.0.push(p.clone());
+        p
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        for p in self.0.iter().rev() {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
+/// lb started as `nobody` with only the unit's capabilities, its
+/// `runtime_dir` and its bpffs directory handed to that user: the kernel
+/// plane loads and splices, the process holds exactly those capabilities,
+/// and the control socket is the service user's alone (root may use it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_as_non_root_with_only_the_unit_capabilities() {
+    if !kernel_available("non_root") {
+        return;
+    }
+    let caps = unit_capabilities();
+    let be = Backend::echo().await;
+    let (dir, pins) = scratch();
+    let mut owned = Owned(Vec::new());
+    // As in the unit: a bpffs directory the service owns, the pins below it.
+    let bpf_dir = owned.dir(PathBuf::from(format!("{}-svc", pins.display())));
+    let pin_path = bpf_dir.join("pins");
+    let run_dir = owned.dir(dir.join("run"));
+    // The test's scratch directory may sit under a directory `nobody`
+    // cannot enter (a clone in a 0700 mktemp dir): lb runs from a copy.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.join("lb");
+    std::fs::copy(lb_bin(), &bin).expect("copying lb");
+    let cfg = format!(
+        "dataplane = \"kernel\"\npin_path = \"{}\"\nruntime_dir = \"{}\"\nmetrics_listen = \"127.0.0.1:0\"\n\
+         [[frontend]]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\nbackend = \"b\"\n\
+         [[backend]]\nname = \"b\"\nservers = [\"{}\"]\n",
+        pin_path.display(),
+        run_dir.display(),
+        be.addr
+    );
+    let setpriv_caps =
+        caps.iter().map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase())).collect::<Vec<_>>();
+    let set = format!("-all,{}", setpriv_caps.join(","));
+    let wrapper = vec![
+        "setpriv".to_owned(),
+        format!("--reuid={UID}"),
+        format!("--regid={GID}"),
+        "--clear-groups".to_owned(),
+        format!("--inh-caps={set}"),
+        format!("--ambient-caps={set}"),
+        format!("--bounding-set={set}"),
+        "--".to_owned(),
+    ];
+    let lb = Lb::launch_as(
+        "non_root",
+        dir.clone(),
+        pin_path.clone(),
+        &cfg,
+        Launch { wrapper, bin: Some(bin), run_dir: Some(run_dir.clone()), ..Launch::default() },
+    );
+    assert_eq!(lb.dataplane, "kernel", "lb as a non-root user did not run the kernel plane:\n{}", lb.stderr());
+
+    // Every process of the instance runs as nobody with exactly the unit's capabilities.
+    let want: u64 = caps.iter().map(|c| cap_bit(c)).fold(0, |a, b| a | b);
+    for pid in lb.pids() {
+        let uid = status_field(pid, "Uid");
+        assert!(uid.split_whitespace().all(|u| u == UID.to_string()), "pid {pid}: Uid {uid}");
+        let eff = u64::from_str_radix(&status_field(pid, "CapEff"), 16).expect("CapEff");
+        assert_eq!(eff, want, "pid {pid}: effective capabilities {eff:#x}, the unit grants {want:#x} ({caps:?})");
+    }
+
+    // Bytes arrive exact, through the kernel splice.
+    let proof = KernelProof::start(&lb);
+    let mut clients = Vec::new();
+    for i in 0..10u64 {
+        let mut s = TcpStream::connect(lb.addr).await.unwrap();
+        for round in 0..4 {
+            echo_round(&mut s, i * 10 + round).await;
+        }
+        clients.push(s);
+    }
+    proof.assert_all_spliced(&lb, "non_root");
+    drop(clients);
+
+    // Its files live in runtime_dir, owned by the service user; the control
+    // socket is owner-only, and root gets through it.
+    let sock = lb_common::files::run_file(&run_dir, &pin_path, "sock");
+    let meta = std::fs::metadata(&sock).unwrap_or_else(|e| panic!("{}: {e}", sock.display()));
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (UID, 0o600), "control socket owner and mode");
+    assert!(!Path::new(lb_common::files::RUN_DIR).join(sock.file_name().unwrap()).exists(), "a file in /run/lb");
+    let out = lb.ctl(&["server", "drain", "b", &be.addr.to_string()]);
+    assert!(out.contains("draining"), "{out}");
+    let metrics = lb.metrics.expect("metrics address");
+    let body = tokio::time::timeout(Duration::from_secs(5), testkit::http_get(metrics, "/metrics"))
+        .await
+        .expect("metrics within 5 s")
+        .expect("metrics");
+    assert!(body.contains("lb_connections_total 10"), "{body}");
+    drop(lb);
+    assert!(!pin_path.exists(), "pins left at {}", pin_path.display());
+    assert!(!sock.exists(), "control socket left at {}", sock.display());
+}
