@@ -197,7 +197,14 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 pub fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Cmd::Check { config } => {
-            let cfg = Config::load(&config)?;
+            let (cfg, _, running) = load_probed(&config, &Overrides::default())?;
+            if let Some(pid) = running {
+                println!(
+                    "note: lb (pid {pid}) runs with pin_path {}: its listen addresses are busy with its own \
+                     listeners, so they were not probed",
+                    cfg.pin_path.display()
+                );
+            }
             println!(
                 "{}: ok ({} frontend(s), {} backend(s), {} server(s), dataplane = {}, workers = {}, maxconn = {})",
                 config.display(),
@@ -212,7 +219,9 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Run { config, dataplane, workers, announce } => {
             let overrides = Overrides { workers, dataplane };
-            let (cfg, text) = Config::load_with(&config, &overrides)?;
+            // Busy ports are an error with their line now, unless this
+            // pin_path's instance runs (its lock says so just after).
+            let (cfg, text, _) = load_probed(&config, &overrides)?;
             let reload = Reload { path: config, overrides };
             runtime()?.block_on(crate::instance::supervisor::run(cfg, reload, text, announce))
         }
@@ -273,6 +282,20 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Loads and validates `path`, then validates it again probing each
+/// listen address with a test bind, so that a busy one is an error naming
+/// its line, as `lb run` would refuse it. Not when a live lb holds this
+/// `pin_path` (the ports are its own): then its pid is returned.
+fn load_probed(path: &std::path::Path, o: &Overrides) -> anyhow::Result<(Config, String, Option<u32>)> {
+    let (cfg, text) = Config::load_with(path, o)?;
+    let lock = lb_common::files::run_file(&cfg.runtime_dir, &cfg.pin_path, "lock");
+    if let Some((true, pid)) = crate::kernel::lock::holder(&lock) {
+        return Ok((cfg, text, Some(pid.unwrap_or(0))));
+    }
+    let cfg = Config::parse_on(&crate::config::host::Probing, &path.display().to_string(), &text, o)?;
+    Ok((cfg, text, None))
 }
 
 /// Refuses to report from the pins of an instance that is gone: their

@@ -197,3 +197,60 @@ fn no_configuration_value_makes_lb_panic() {
     // The mix must reach the end of validation often enough to mean something.
     assert!(accepted.get() >= 20, "only {} of 2000 generated files were valid", accepted.get());
 }
+
+/// `lb check` refuses a busy listen or metrics address, with its line, as
+/// `lb run` would; but not the ports of the running instance the file
+/// describes (checking a file before a reload is the common case).
+#[test]
+fn lb_check_probes_ports_unless_the_instance_runs() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap();
+    let (dir, pin_path) = testkit::lbproc::scratch();
+    let write = |name: &str, pins: &Path, top: &str, listen: &str| {
+        let p = dir.join(name);
+        std::fs::write(
+            &p,
+            format!(
+                "pin_path = \"{}\"\n{top}\n[[frontend]]\nname = \"web\"\nlisten = \"{listen}\"\nbackend = \"b\"\n\
+                 [[backend]]\nname = \"b\"\nservers = [\"127.0.0.1:9\"]\n",
+                pins.display()
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let check = |p: &Path| {
+        let out = Command::new(lb_bin()).arg("check").arg("--config").arg(p).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let f = write("busy.toml", &pin_path, "", &addr.to_string());
+    let (code, _, err) = check(&f);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(&format!("busy.toml:5: frontend \"web\": listen {addr}: Address already in use")), "{err}");
+    let f = write("metrics.toml", &pin_path, &format!("metrics_listen = \"{addr}\""), "127.0.0.1:0");
+    let (code, _, err) = check(&f);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(&format!("metrics.toml:2: metrics_listen {addr}: Address already in use")), "{err}");
+    drop(busy);
+
+    // The file of a running instance: its own port is busy, and that is fine.
+    let free = testkit::external::free_addr();
+    let body = format!(
+        "dataplane = \"userspace\"\npin_path = \"{}\"\n[[frontend]]\nname = \"web\"\nlisten = \"{free}\"\nbackend = \"b\"\n\
+         [[backend]]\nname = \"b\"\nservers = [\"127.0.0.1:9\"]\n",
+        pin_path.display()
+    );
+    let lb = testkit::Lb::launch("check_running", dir.clone(), pin_path.clone(), &body);
+    let (code, out, err) = check(&lb.config_path());
+    assert_eq!(code, Some(0), "lb check on the running instance's own file: {err}");
+    assert!(out.contains(&format!("note: lb (pid {}) runs with pin_path", lb.pid)), "{out}");
+    // Another instance's file with that port is refused.
+    let other = write("other.toml", &pin_path.with_extension("other"), "", &free.to_string());
+    let (code, _, err) = check(&other);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(&format!("frontend \"web\": listen {free}: Address already in use")), "{err}");
+}

@@ -1,7 +1,7 @@
 //! What validation needs to know about the host it runs on, behind a trait
 //! so that parsing itself makes no system call a test cannot replace.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 pub trait Host {
     /// Whether `ip` is an address of this host (in this network namespace).
@@ -10,6 +10,11 @@ pub trait Host {
     fn has_local_port_range(&self) -> bool;
     /// The hard open-files limit (`ulimit -Hn`).
     fn nofile_hard_limit(&self) -> u64;
+    /// Why a listening socket cannot be bound at `addr` now (busy), if it
+    /// cannot; `None` when it can or when this host does not probe.
+    fn bind_error(&self, _addr: SocketAddr) -> Option<std::io::Error> {
+        None
+    }
 }
 
 /// The machine lb runs on.
@@ -24,6 +29,28 @@ impl Host for ThisHost {
     }
     fn nofile_hard_limit(&self) -> u64 {
         crate::kernel::sys::nofile_hard_limit()
+    }
+}
+
+/// This machine, also probing each fixed listen address with a test bind
+/// (`lb check`, and `lb run` before it starts): a busy port is an error
+/// naming its line. Not for a reload, whose ports are the instance's own.
+pub struct Probing;
+
+impl Host for Probing {
+    fn is_local(&self, ip: IpAddr) -> std::io::Result<bool> {
+        ThisHost.is_local(ip)
+    }
+    fn has_local_port_range(&self) -> bool {
+        ThisHost.has_local_port_range()
+    }
+    fn nofile_hard_limit(&self) -> u64 {
+        ThisHost.nofile_hard_limit()
+    }
+    fn bind_error(&self, addr: SocketAddr) -> Option<std::io::Error> {
+        // As lb binds (SO_REUSEADDR, no SO_REUSEPORT): a listener anyone
+        // holds is busy, a port in TIME_WAIT is not.
+        std::net::TcpListener::bind(addr).err()
     }
 }
 

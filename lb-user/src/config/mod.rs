@@ -301,7 +301,7 @@ mod tests {
         }
         let text = |extra: &str| {
             format!(
-                "{extra}\n[[frontend]]\nname = \"w\"\nlisten = \"127.0.0.1:0\"\nbackend = \"a\"\n[[backend]]\nname = \"a\"\nservers = [\"127.0.0.1:1\"]\n"
+                "{extra}\n[[frontend]]\nname = \"w\"\nlisten = \"192.0.2.1:0\"\nbackend = \"a\"\n[[backend]]\nname = \"a\"\nservers = [\"127.0.0.1:1\"]\n"
             )
         };
         let o = Overrides::default();
@@ -309,6 +309,8 @@ mod tests {
         assert_eq!(c.maxconn, 468, "(1000 - 64) / 2 fit");
         let e = Config::parse_on(&Fake, "f.toml", &text("source_pool = [\"127.0.0.1\"]"), &o).unwrap_err();
         assert!(e.to_string().contains("is not an address of this host"), "{e}");
+        let e = Config::parse_on(&Fake, "f.toml", &text("").replace("192.0.2.1:0", "127.0.0.1:0"), &o).unwrap_err();
+        assert!(e.to_string().contains("listen: 127.0.0.1 is not an address of this host"), "{e}");
         let e = Config::parse_on(&Fake, "f.toml", &text("source_port_range = \"1-2\""), &o).unwrap_err();
         assert!(e.to_string().contains("no IP_LOCAL_PORT_RANGE"), "{e}");
     }

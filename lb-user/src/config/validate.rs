@@ -80,6 +80,7 @@ pub fn validate(raw: RawConfig, loc: &Locator<'_>, host: &dyn Host, o: &Override
                 .map_err(|_| loc.at(m, format!("metrics_listen: \"{}\" is not an ip:port address", m.get_ref())))?,
         ),
     };
+    listeners(loc, host, &raw, &frontends, metrics_listen)?;
     let pin_path = raw.pin_path.unwrap_or_else(|| PathBuf::from(super::DEFAULT_PIN_PATH));
     let runtime_dir = match raw.runtime_dir {
         Some(d) if !d.get_ref().is_absolute() => {
@@ -209,6 +210,15 @@ fn backend(
         }
         servers.push(ServerConfig { addr, maxconn, weight });
     }
+    if servers.iter().all(|s| s.weight == 0) {
+        return Err(loc.at(
+            &b.servers,
+            format!(
+                "backend \"{name}\": every server has weight 0, so every client would be refused; give one a weight \
+                 above 0 (`lb server weight` can still set all to 0 at run time)"
+            ),
+        ));
+    }
     let pool = if b.source_pool.is_some() || b.source_port_range.is_some() {
         let mut p = pool::parse(loc, host, ("source_pool", "source_port_range"), &b.source_pool, &b.source_port_range)?;
         if b.source_pool.is_none() {
@@ -253,6 +263,61 @@ fn health(loc: &Locator<'_>, name: &str, h: &Spanned<raw::Health>) -> Result<Hea
     let send = unescape(raw.send.as_deref().unwrap_or("")).map_err(|e| bad(&format!("send: {e}")))?;
     let expect = unescape(raw.expect.as_deref().unwrap_or("")).map_err(|e| bad(&format!("expect: {e}")))?;
     Ok(HealthCheck { interval, timeout, rise: raw.rise, fall: raw.fall, send, expect })
+}
+
+/// What `lb run` would refuse about the listening addresses (frontends and
+/// `metrics_listen`), each at its line: an address that is not this
+/// host's, two that overlap (a wildcard and an address on one port), and,
+/// when `host` probes, one that is busy now.
+fn listeners(
+    loc: &Locator<'_>,
+    host: &dyn Host,
+    raw: &RawConfig,
+    frontends: &[FrontendConfig],
+    metrics: Option<SocketAddr>,
+) -> Result<(), ConfigError> {
+    let mut all: Vec<(String, SocketAddr, &Spanned<String>)> = frontends
+        .iter()
+        .zip(&raw.frontend)
+        .map(|(f, r)| (format!("frontend \"{}\": listen", f.name), f.listen, &r.listen))
+        .collect();
+    if let (Some(m), Some(r)) = (metrics, &raw.metrics_listen) {
+        all.push(("metrics_listen".to_owned(), m, r));
+    }
+    for (i, (what, addr, at)) in all.iter().enumerate() {
+        let ip = addr.ip();
+        if !ip.is_unspecified() {
+            match host.is_local(ip) {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(loc.at(
+                        *at,
+                        format!("{what}: {ip} is not an address of this host (add it to an interface first)"),
+                    ));
+                }
+                Err(e) => return Err(loc.at(*at, format!("{what}: cannot check whether {ip} is local: {e}"))),
+            }
+        }
+        if addr.port() == 0 {
+            continue;
+        }
+        if let Some((other, o, _)) = all[..i].iter().find(|(_, o, _)| o.port() == addr.port() && overlap(*o, *addr)) {
+            return Err(loc
+                .at(*at, format!("{what}: {addr} overlaps {o} ({other}): both would listen on port {}", addr.port())));
+        }
+        if let Some(e) = host.bind_error(*addr) {
+            return Err(loc.at(*at, format!("{what} {addr}: {e}")));
+        }
+    }
+    Ok(())
+}
+
+/// Whether listeners on `a` and `b` (one port) take the same connections:
+/// equal, or one a wildcard of the other's family (`[::]` is dual-stack
+/// and takes IPv4 too).
+fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |w: SocketAddr, x: SocketAddr| w.ip().is_unspecified() && (w.is_ipv6() || x.is_ipv4());
+    a == b || covers(a, b) || covers(b, a)
 }
 
 fn frontends(
