@@ -131,6 +131,9 @@ worker_counters! {
     Counter queue_rejected => "rejected_by_reason" reason "queue",
     /// Of `rejected`: no server could take new connections (down, drained, disabled, weight 0).
     Counter no_server_up => "rejected_by_reason" reason "no_server_up",
+    /// Of `rejected`: lb itself had no descriptor or memory for the server socket
+    /// (EMFILE, ENFILE, ENOBUFS, ENOMEM); no server is blamed.
+    Counter no_local_resources => "rejected_by_reason" reason "local_resources",
     /// Connect attempts to servers that failed (refused, timed out).
     Counter connect_failures => "connect_failures",
     /// Connections ended by a reset forwarded from one side to the other.
@@ -149,7 +152,7 @@ worker_counters! {
     /// Bytes server -> client copied in userspace.
     Counter userspace_bytes_out => "userspace_bytes_out",
 }
-const _: () = assert!(core::mem::size_of::<WorkerCounters>() == 15 * 8);
+const _: () = assert!(core::mem::size_of::<WorkerCounters>() == 16 * 8);
 
 /// Value of `LB_WORKERS`, keyed by worker index (u32).
 #[repr(C)]
@@ -165,7 +168,7 @@ pub struct WorkerStats {
     pub seq: u64,
     pub counters: WorkerCounters,
 }
-const _: () = assert!(core::mem::size_of::<WorkerStats>() == 16 + 15 * 8);
+const _: () = assert!(core::mem::size_of::<WorkerStats>() == 16 + 16 * 8);
 
 /// Key of `LB_SOURCES`.
 #[repr(C)]

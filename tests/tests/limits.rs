@@ -17,6 +17,7 @@ testkit::both_planes!(
     global_and_frontend_maxconn_pause_accepting,
     idle_connection_closed_active_kept,
     silent_clients_closed_after_first_byte_timeout,
+    descriptor_exhaustion_spares_the_api_and_recovers,
     concurrent_connects_spread_over_the_pool,
 );
 
@@ -297,4 +298,141 @@ async fn silent_clients_closed_after_first_byte_timeout(mode: Mode) {
     let ok = retry_until(Duration::from_secs(3), || (totals(&lb, "first_byte_timeouts") == 4).then_some(())).await;
     assert!(ok.is_some(), "first_byte_timeouts should be 4: {}", lb.pinned_stats());
     assert_eq!(be.accepted.load(std::sync::atomic::Ordering::Relaxed), 1, "silent clients reached the backend");
+}
+
+/// Lowers the open-files limit (soft and hard) of process `pid`.
+fn set_nofile(pid: u32, limit: usize) {
+    let lim = libc::rlimit { rlim_cur: limit as u64, rlim_max: limit as u64 };
+    // SAFETY: a valid rlimit for a process this test started; lowering needs no privilege.
+    let r = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &lim, std::ptr::null_mut()) };
+    assert_eq!(r, 0, "prlimit({pid}): {}", std::io::Error::last_os_error());
+}
+
+/// What happened to a client while lb was out of descriptors.
+#[derive(Debug, PartialEq)]
+enum Fate {
+    Served,
+    Reset,
+    Waiting,
+}
+
+async fn fate(s: &mut TcpStream, within: Duration) -> Fate {
+    match echoed(s, within).await {
+        Ok(()) => Fate::Served,
+        Err(e) if e == "no answer" => Fate::Waiting,
+        Err(_) => Fate::Reset,
+    }
+}
+
+/// lb out of descriptors, in a worker and in the supervisor (their limits
+/// lowered under them): nothing dies, spins or blames a server. Clients a
+/// worker cannot take wait in the backlog or are reset and counted
+/// (`local_resources`); the runtime API lives in the supervisor, whose
+/// descriptors clients never take, and answers throughout; the
+/// supervisor's own listeners back off and resume; once descriptors are
+/// free, every client is served again.
+async fn descriptor_exhaustion_spares_the_api_and_recovers(mode: Mode) {
+    let be = Backend::echo().await;
+    let body = format!(
+        "metrics_listen = \"127.0.0.1:0\"\n[[frontend]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nbackend = \"b\"\n\n\
+         [[backend]]\nname = \"b\"\nservers = [\"{}\"]\n",
+        be.addr
+    );
+    let Some(lb) = Lb::start_with(mode, "emfile", &body) else { return };
+    let metrics = lb.metrics.expect("metrics address");
+    let worker = lb.worker();
+    drop(through(lb.addr).await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Room for a few connections (two descriptors each), not for 30.
+    set_nofile(worker, testkit::fd_count(worker) + 9);
+    let mut clients = Vec::new();
+    for _ in 0..30 {
+        clients.push(open(lb.addr).await);
+    }
+    // Half a second for lb to serve what it can, then a look at each.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut fates = Vec::new();
+    for c in &mut clients {
+        fates.push(fate(c, Duration::from_millis(20)).await);
+    }
+    let served = fates.iter().filter(|f| **f == Fate::Served).count();
+    assert!((1..=8).contains(&served), "{served} of 30 served with 9 spare descriptors: {fates:?}");
+
+    // The API answers while the worker is out of descriptors.
+    let srv = be.addr.to_string();
+    assert!(lb.ctl(&["server", "drain", "b", &srv]).contains("draining"));
+    assert!(lb.ctl(&["server", "enable", "b", &srv]).contains("enabled"));
+    let text = tokio::time::timeout(Duration::from_secs(5), testkit::http_get(metrics, "/metrics")).await;
+    assert!(matches!(&text, Ok(Ok(t)) if t.contains("lb_connections_active")), "/metrics: {text:?}");
+
+    // Descriptors come back as clients leave: every waiting client is then
+    // served or reset, none is left hanging.
+    let mut resets = fates.iter().filter(|f| **f == Fate::Reset).count();
+    for (c, f) in clients.iter_mut().zip(&fates) {
+        if *f == Fate::Served {
+            let _ = c.shutdown().await;
+        }
+    }
+    let mut later = Vec::new();
+    for (mut c, f) in clients.into_iter().zip(fates) {
+        if f != Fate::Waiting {
+            continue;
+        }
+        let got = fate(&mut c, Duration::from_secs(5)).await;
+        assert_ne!(got, Fate::Waiting, "a client still waits 5 s after descriptors were freed");
+        resets += usize::from(got == Fate::Reset);
+        later.push(got);
+        drop(c);
+    }
+    // All descriptors free again: every new client is served (spliced, on the kernel plane).
+    let proof = KernelProof::start(&lb);
+    let mut fresh = Vec::new();
+    for _ in 0..3 {
+        fresh.push(through(lb.addr).await);
+    }
+    proof.assert_all_spliced(&lb, "emfile");
+    drop(fresh);
+    assert!(lb.workers.contains(&worker) && testkit::fd_count(worker) > 0, "the worker died");
+    lb.await_publication();
+    let stats = lb.pinned_stats();
+    assert_eq!(
+        stats["totals"]["no_local_resources"].as_u64(),
+        Some(resets as u64),
+        "resets seen {resets} (later: {later:?}): {stats}"
+    );
+    assert_eq!(stats["totals"]["connect_failures"], 0, "the server was blamed for lb's own limit: {stats}");
+    let log = lb.stderr();
+    let warnings =
+        log.lines().filter(|l| l.contains("accept failed") || l.contains("no socket for the server")).count();
+    assert!((1..=6).contains(&warnings), "{warnings} rate-limited warnings expected 1-6:\n{log}");
+
+    // The supervisor out of descriptors: silent scrapers take them all, its
+    // metrics accept fails, then a control request waits for a descriptor
+    // and is answered once the scrapers leave.
+    let sup = lb.pid;
+    set_nofile(sup, testkit::fd_count(sup) + 6);
+    let mut silent = Vec::new();
+    for _ in 0..12 {
+        silent.push(TcpStream::connect(metrics).await.unwrap());
+    }
+    let failed =
+        retry_until(Duration::from_secs(5), || lb.stderr().contains("metrics endpoint: accept failed").then_some(()))
+            .await;
+    assert!(failed.is_some(), "the metrics endpoint never ran out of descriptors:\n{}", lb.stderr());
+    let (pin, run, sock) = (lb.pin_path.clone(), lb.run_dir.clone(), srv.clone());
+    let ctl = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(testkit::lbproc::lb_bin())
+            .args(["server", "drain", "b", &sock, "--pin-path"])
+            .arg(pin)
+            .arg("--runtime-dir")
+            .arg(run)
+            .output()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(silent);
+    let out =
+        tokio::time::timeout(Duration::from_secs(10), ctl).await.expect("control request answered").unwrap().unwrap();
+    assert!(out.status.success(), "control request: {}", String::from_utf8_lossy(&out.stderr));
+    let text = tokio::time::timeout(Duration::from_secs(5), testkit::http_get(metrics, "/metrics")).await;
+    assert!(matches!(&text, Ok(Ok(t)) if t.contains("lb_connections_active")), "/metrics after: {text:?}");
 }

@@ -21,6 +21,7 @@ use super::{
     counters::{CounterKind, WorkerCounters},
     read::Report,
 };
+use crate::kernel::{maps::PinnedMaps, object::Meta};
 
 /// Scrapes served at once; more wait for a slot.
 const MAX_SCRAPES: usize = 16;
@@ -148,7 +149,7 @@ pub fn serve(l: TcpListener, pin_path: PathBuf, run_dir: PathBuf) -> tokio::task
     if let Ok(a) = l.local_addr() {
         log::info!("metrics on http://{a}/metrics");
     }
-    let paths = Arc::new((pin_path, run_dir));
+    let paths = Arc::new(Source { pin_path, run_dir, opened: std::sync::Mutex::new(None) });
     let slots = Arc::new(Semaphore::new(MAX_SCRAPES));
     tokio::spawn(async move {
         let mut backoff = crate::observe::Backoff::new("metrics endpoint");
@@ -177,7 +178,33 @@ pub fn serve(l: TcpListener, pin_path: PathBuf, run_dir: PathBuf) -> tokio::task
     })
 }
 
-async fn scrape(req: Request<Incoming>, paths: Arc<(PathBuf, PathBuf)>) -> Result<Response<Full<Bytes>>, Infallible> {
+/// Where scrapes read from: the pinned maps, opened at the first scrape
+/// that finds them and kept open, so that a scrape takes no descriptor
+/// besides its connection's (and still works when lb's are scarce).
+struct Source {
+    pin_path: PathBuf,
+    run_dir: PathBuf,
+    opened: std::sync::Mutex<Option<Arc<(PinnedMaps, Meta)>>>,
+}
+
+impl Source {
+    fn report(&self) -> Result<Report, crate::kernel::KernelError> {
+        let opened = {
+            let mut o = self.opened.lock().unwrap_or_else(|p| p.into_inner());
+            match &*o {
+                Some(m) => m.clone(),
+                None => {
+                    let maps = PinnedMaps::open(&self.pin_path)?;
+                    let meta = Meta::read(&self.run_dir, &self.pin_path).unwrap_or_default();
+                    o.insert(Arc::new((maps, meta))).clone()
+                }
+            }
+        };
+        super::read::read_from(&opened.0, &opened.1)
+    }
+}
+
+async fn scrape(req: Request<Incoming>, paths: Arc<Source>) -> Result<Response<Full<Bytes>>, Infallible> {
     let reply = |status: StatusCode, body: String| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;
@@ -189,7 +216,7 @@ async fn scrape(req: Request<Incoming>, paths: Arc<(PathBuf, PathBuf)>) -> Resul
     if req.uri().path() != "/metrics" {
         return Ok(reply(StatusCode::NOT_FOUND, "see /metrics\n".into()));
     }
-    let read = tokio::task::spawn_blocking(move || super::read::read(&paths.0, &paths.1)).await;
+    let read = tokio::task::spawn_blocking(move || paths.report()).await;
     Ok(match read {
         Ok(Ok(report)) => {
             let mut r = reply(StatusCode::OK, render(&report));

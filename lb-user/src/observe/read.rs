@@ -106,13 +106,19 @@ fn worker_seqs(maps: &PinnedMaps) -> Vec<(u32, u64)> {
 pub fn read(pin_path: &Path, run_dir: &Path) -> Result<Report, KernelError> {
     let maps = PinnedMaps::open(pin_path)?;
     let meta = Meta::read(run_dir, pin_path).unwrap_or_default();
+    read_from(&maps, &meta)
+}
+
+/// [`read`] from maps and metadata opened earlier (the metrics endpoint
+/// keeps them open, so a scrape needs no descriptor but its connection's).
+pub fn read_from(maps: &PinnedMaps, meta: &Meta) -> Result<Report, KernelError> {
     let mut r = Report { dataplane: if maps.kernel { "kernel" } else { "userspace" }.into(), ..Default::default() };
     let mut tries = 0;
     let mut servers = loop {
         tries += 1;
-        let before = worker_seqs(&maps);
-        let servers = read_published(&maps, &meta, &mut r);
-        let settled = before.iter().all(|(_, seq)| seq % 2 == 0) && worker_seqs(&maps) == before;
+        let before = worker_seqs(maps);
+        let servers = read_published(maps, meta, &mut r);
+        let settled = before.iter().all(|(_, seq)| seq % 2 == 0) && worker_seqs(maps) == before;
         // A worker killed mid-flush stays odd until it is restarted: give
         // the last read rather than nothing.
         if settled || tries == SNAPSHOT_TRIES {

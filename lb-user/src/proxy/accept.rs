@@ -115,6 +115,7 @@ async fn handle(
             stats.rejected.fetch_add(1, Relaxed);
             guard.set_reason(CloseReason::Rejected(match why {
                 Reject::NoSourcePort => "no_source_port",
+                Reject::LocalResources => "local_resources",
                 Reject::QueueFull => "queue_full",
                 Reject::QueueTimeout => "queue_timeout",
                 Reject::NoServerUp => "no_server_up",
@@ -130,6 +131,9 @@ async fn handle(
                 }
                 Reject::NoServerUp => {
                     stats.no_server_up.fetch_add(1, Relaxed);
+                }
+                Reject::LocalResources => {
+                    stats.no_local_resources.fetch_add(1, Relaxed);
                 }
                 Reject::Unreachable => {}
             }

@@ -36,6 +36,8 @@ pub enum Reject {
     /// Every server is down, draining, disabled or at weight 0.
     NoServerUp,
     NoSourcePort,
+    /// lb had no descriptor (or memory) for the server socket.
+    LocalResources,
     QueueFull,
     QueueTimeout,
 }
@@ -88,6 +90,13 @@ pub async fn pick_and_connect(
                     server.release();
                     server.connect_failures.fetch_add(1, Relaxed);
                     out_of_ports = true;
+                }
+                Err(ConnectError::Local(e)) => {
+                    // lb's own limit, not the server's fault: no attempt
+                    // elsewhere would fare better.
+                    server.release();
+                    warn_local(&e);
+                    return Err(Reject::LocalResources);
                 }
                 Err(ConnectError::Io(e)) => {
                     server.release();
@@ -145,7 +154,22 @@ pub fn warn_exhausted(be: &BackendRt) {
 enum ConnectError {
     /// Every source address of the server is out of ports.
     NoPort,
+    /// No descriptor or memory for the socket (EMFILE, ENFILE, ENOBUFS, ENOMEM).
+    Local(io::Error),
     Io(io::Error),
+}
+
+/// Warns, at most every few seconds, that clients are reset for lack of
+/// descriptors or memory in lb itself.
+fn warn_local(e: &io::Error) {
+    static EVERY: std::sync::Mutex<crate::observe::Every> = std::sync::Mutex::new(crate::observe::Every::new());
+    let n = EVERY.lock().unwrap_or_else(|p| p.into_inner()).hit();
+    if let Some(n) = n {
+        log::warn!(
+            "{n} client(s) reset: no socket for the server: {e}; raise LimitNOFILE (`ulimit -n`), lower maxconn \
+             or add workers"
+        );
+    }
 }
 
 /// A socket for `server` from `pair`'s source address.
@@ -165,20 +189,25 @@ fn socket_for(server: &ServerState, pair: &PairState) -> io::Result<TcpSocket> {
 /// Connects to `server` from its least used source address that has ports left.
 async fn connect_server(server: &ServerState, timeout: Duration) -> Result<(TcpStream, Arc<PairState>), ConnectError> {
     for pair in server.source_order() {
-        let attempt = async {
-            let sock = socket_for(server, &pair)?;
-            match tokio::time::timeout(timeout, sock.connect(server.cfg.addr.0)).await {
-                Ok(r) => r,
-                Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}"))),
+        let r = match socket_for(server, &pair) {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) => {
+                return Err(ConnectError::Local(e));
+            }
+            Err(e) => Err(e),
+            Ok(sock) => {
+                // Counted from the attempt on, so concurrent connects spread
+                // out instead of all picking the same least-used address.
+                pair.in_use.fetch_add(1, Relaxed);
+                let r = match tokio::time::timeout(timeout, sock.connect(server.cfg.addr.0)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}"))),
+                };
+                if r.is_err() {
+                    pair.in_use.fetch_sub(1, Relaxed);
+                }
+                r
             }
         };
-        // Counted from the attempt on, so concurrent connects spread out
-        // instead of all picking the same least-used address.
-        pair.in_use.fetch_add(1, Relaxed);
-        let r = attempt.await;
-        if r.is_err() {
-            pair.in_use.fetch_sub(1, Relaxed);
-        }
         match r {
             Ok(s) => return Ok((s, pair)),
             // No local port left for this (source, server) pair: connect()
