@@ -253,6 +253,8 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 None => print!("{}", show(&read()?)?),
                 Some(every) => {
                     loop {
+                        // The instance may stop while watched: say so rather than freeze its last figures.
+                        ensure_running(&run_dir, &pin_path)?;
                         let out = show(&read()?)?;
                         // Clear the screen and home the cursor, then redraw.
                         print!("\x1b[2J\x1b[H{out}");

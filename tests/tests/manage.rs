@@ -543,10 +543,28 @@ async fn second_instance_refused_and_stale_pins_cleaned() {
     assert!(err.contains(&format!("belongs to another running lb (pid {})", first.pid)), "{err}");
     assert!(!std::path::Path::new(&other_pins).exists(), "the refused instance left pins behind");
     first.ctl(&["server", "drain", "app", &be.addr.to_string()]);
+    // Someone watches its stats; the watch must notice the instance is gone.
+    let mut watch = Command::new(lb_bin())
+        .args(["stats", "--watch", "0.1", "--pin-path"])
+        .arg(&first.pin_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(watch.try_wait().unwrap().is_none(), "lb stats --watch ended while the instance runs");
     // SIGKILL: no cleanup; the pins stay behind.
     // SAFETY: the lb this test started.
     unsafe { libc::kill(first.pid as i32, libc::SIGKILL) };
     first.stop(); // reaps it
+    let ended = retry_until(Duration::from_secs(5), || watch.try_wait().unwrap()).await;
+    if ended.is_none() {
+        let _ = watch.kill();
+    }
+    let out = watch.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(ended.is_some_and(|s| !s.success()), "lb stats --watch kept showing a killed instance: {err}");
+    assert!(err.contains(&format!("is not running (stale pins from pid {})", first.pid)), "lb stats --watch: {err}");
     assert!(first.pin_path.join("LB_CONN").exists(), "a killed lb's pins should still be there");
     // Its pins are not reported as a running instance.
     for cmd in [&["stats"][..], &["stats", "--json"], &["conns"]] {
