@@ -3,7 +3,8 @@
 //! or copied in userspace where the kernel path is not available.
 //!
 //! Modules, from the bottom up (each uses only those above it in this list):
-//! `addr`, `kernel` (eBPF object, maps, raw socket options), `config`,
+//! `addr`, `proxy_protocol` (the PROXY header's wire format), `kernel`
+//! (eBPF object, maps, raw socket options), `config`,
 //! `servers`, `observe`, `dataplane`, `proxy`, `control`, `instance`, `cli`.
 //! See ARCHITECTURE.md.
 
@@ -16,6 +17,7 @@ pub mod instance;
 pub mod kernel;
 pub mod observe;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod servers;
 
 /// The eBPF object built from `lb-ebpf` by `build.rs`.

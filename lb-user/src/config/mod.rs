@@ -59,6 +59,8 @@ pub enum Algorithm {
     Source,
 }
 
+pub use crate::proxy_protocol::SendProxy;
+
 /// Largest `workers`.
 pub const MAX_WORKERS: u32 = 64;
 const _: () = assert!(lb_common::maps::MAX_WORKERS >= MAX_WORKERS);
@@ -141,7 +143,10 @@ pub struct BackendConfig {
     pub pool: SourcePool,
     pub queue: u32,
     pub balance: Algorithm,
+    /// With a PROXY protocol v2 backend, the check's `send` starts with a
+    /// v2 `LOCAL` header.
     pub health: Option<HealthCheck>,
+    pub send_proxy: Option<SendProxy>,
 }
 
 /// A validated health check.

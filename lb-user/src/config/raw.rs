@@ -137,6 +137,8 @@ pub struct Backend {
     pub server_maxconn: Option<Spanned<u32>>,
     /// Clients that may wait for a server slot at once; more are reset.
     pub queue: Option<Spanned<u32>>,
+    /// PROXY protocol header to the servers: "v1" or "v2" (default none).
+    pub send_proxy: Option<super::SendProxy>,
 }
 
 /// The file as written.

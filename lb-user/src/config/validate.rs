@@ -7,7 +7,7 @@ use toml::Spanned;
 
 use super::{
     BackendConfig, Config, ConfigError, FD_RESERVE, FrontendConfig, HealthCheck, MAX_DURATION, MAX_MAXCONN, MAX_WEIGHT,
-    MAX_WORKERS, MIN_WORKER_TIMEOUT, Overrides, ServerConfig, SourcePool, Timeouts,
+    MAX_WORKERS, MIN_WORKER_TIMEOUT, Overrides, SendProxy, ServerConfig, SourcePool, Timeouts,
     error::Locator,
     fds_needed,
     host::Host,
@@ -247,8 +247,12 @@ fn backend(
         }
         Some(q) => *q.get_ref(),
     };
-    let health = b.health.as_ref().map(|h| health(loc, name, h)).transpose()?;
-    Ok(BackendConfig { name: name.clone(), servers, pool, queue, balance: b.balance, health })
+    let mut health = b.health.as_ref().map(|h| health(loc, name, h)).transpose()?;
+    if let (Some(h), Some(SendProxy::V2)) = (&mut health, b.send_proxy) {
+        // As HAProxy's check-send-proxy: the server expects a header first.
+        h.send.splice(0..0, crate::proxy_protocol::V2_LOCAL);
+    }
+    Ok(BackendConfig { name: name.clone(), servers, pool, queue, balance: b.balance, health, send_proxy: b.send_proxy })
 }
 
 fn health(loc: &Locator<'_>, name: &str, h: &Spanned<raw::Health>) -> Result<HealthCheck, ConfigError> {

@@ -107,10 +107,12 @@ impl ConnGuard {
         pair.connects.fetch_add(1, Relaxed);
         self.server = Some((server, pair));
     }
-    /// Bytes moved by a connection that is ending (client->server, server->client).
+    /// Bytes moved by a connection (client->server, server->client): the
+    /// data plane's figures as it ends, and lb's own header before them.
     pub fn add_bytes(&mut self, bytes_in: u64, bytes_out: u64) {
         if let Some(a) = &mut self.access {
-            a.bytes = [bytes_in, bytes_out];
+            a.bytes[0] += bytes_in;
+            a.bytes[1] += bytes_out;
         }
         if let Some((s, _)) = &self.server {
             s.bytes_in.fetch_add(bytes_in, Relaxed);

@@ -12,6 +12,7 @@ use std::{
 
 use anyhow::Context as _;
 use tokio::{
+    io::AsyncWriteExt as _,
     net::{TcpListener, TcpSocket, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
 };
@@ -108,7 +109,7 @@ async fn handle(
         }
     }
     let be = &shared.backends.list[backend];
-    let (server, target, pair) = match pick_and_connect(be, &shared, addr).await {
+    let (mut server, target, pair) = match pick_and_connect(be, &shared, addr).await {
         Ok(v) => v,
         Err(why) => {
             let stats = &shared.stats;
@@ -155,6 +156,27 @@ async fn handle(
         }
     };
     guard.set_source(source);
+    if let Some(version) = be.send_proxy {
+        // One write on a fresh socket, before it joins the data plane: no
+        // client byte can overtake it. Counted in the bytes to the server.
+        let sent = match client.local_addr() {
+            Ok(frontend) => {
+                let h = crate::proxy_protocol::header(version, addr.0, frontend);
+                server.write_all(&h).await.map(|()| h.len() as u64)
+            }
+            Err(e) => Err(e),
+        };
+        match sent {
+            Ok(n) => guard.add_bytes(n, 0),
+            Err(e) => {
+                log::warn!("client {addr} -> {target_addr}: writing the PROXY header: {e}; both sides reset");
+                for s in [&client, &server] {
+                    let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+                }
+                return;
+            }
+        }
+    }
     let addrs = ConnAddrs { client: addr.0, source, server: target_addr.0 };
     for s in [&client, &server] {
         let _ = s.set_nodelay(true);

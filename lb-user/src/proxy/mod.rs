@@ -1,8 +1,9 @@
 //! The proxy: the life of a client connection until its bytes are handed
 //! to a data plane. [`accept`] takes the client and sees it through;
 //! [`connect`] picks a server (queueing while all are full) and connects to
-//! it from the source pool. Then both sockets go to the data plane, or lb
-//! resets the client if it must give up.
+//! it from the source pool, and writes the PROXY protocol header if the
+//! backend wants one. Then both sockets go to the data plane, or lb resets
+//! the client if it must give up.
 
 pub mod accept;
 mod connect;

@@ -41,6 +41,8 @@ pub struct BackendRt {
     pub slot_freed: Arc<Notify>,
     pub(crate) pool: SourcePool,
     pub health: Option<crate::config::HealthCheck>,
+    /// PROXY protocol header written to each server connection.
+    pub send_proxy: Option<crate::config::SendProxy>,
     /// Clients waiting for a slot now.
     pub waiting: AtomicU64,
     pub queue: u32,
@@ -62,6 +64,7 @@ impl BackendRt {
             slot_freed,
             pool: b.pool.clone(),
             health: b.health.clone(),
+            send_proxy: b.send_proxy,
             waiting: AtomicU64::new(0),
             queue: b.queue,
             exhaustion_warn: Mutex::new((None, 0)),

@@ -128,13 +128,14 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<String> {
         differ("the list of [[backend]]s", true);
     }
     for (b, o) in backends.iter().zip(&old.backends) {
-        let BackendConfig { name, servers: _, pool, queue, balance, health } = b;
+        let BackendConfig { name, servers: _, pool, queue, balance, health, send_proxy } = b;
         let at = |k: &str| format!("backend \"{}\": {k}", o.name);
         differ(&at("name"), *name != o.name);
         differ(&at("source_pool or source_port_range"), *pool != o.pool);
         differ(&at("queue"), *queue != o.queue);
         differ(&at("balance"), *balance != o.balance);
         differ(&at("health"), *health != o.health);
+        differ(&at("send_proxy"), *send_proxy != o.send_proxy);
     }
     keys
 }
