@@ -142,6 +142,10 @@ worker_counters! {
     Counter idle_closed => "idle_closed",
     /// Clients closed for sending nothing within their frontend's `first_byte_timeout`.
     Counter first_byte_timeouts => "first_byte_timeouts",
+    /// Clients of an `sni` frontend closed for no complete ClientHello within `timeouts.client_hello`.
+    Counter client_hello_timeouts => "client_hello_timeouts",
+    /// Clients of an `sni` frontend closed for a ClientHello lb cannot read (malformed, over 16 KiB).
+    Counter client_hello_invalid => "client_hello_invalid",
     /// Clients waiting now for a server slot.
     Gauge queued => "queued",
     /// Connections the kernel plane copied (whole or one side) in userspace
@@ -152,7 +156,7 @@ worker_counters! {
     /// Bytes server -> client copied in userspace.
     Counter userspace_bytes_out => "userspace_bytes_out",
 }
-const _: () = assert!(core::mem::size_of::<WorkerCounters>() == 16 * 8);
+const _: () = assert!(core::mem::size_of::<WorkerCounters>() == 18 * 8);
 
 /// Value of `LB_WORKERS`, keyed by worker index (u32).
 #[repr(C)]
@@ -168,7 +172,7 @@ pub struct WorkerStats {
     pub seq: u64,
     pub counters: WorkerCounters,
 }
-const _: () = assert!(core::mem::size_of::<WorkerStats>() == 16 + 16 * 8);
+const _: () = assert!(core::mem::size_of::<WorkerStats>() == 16 + 18 * 8);
 
 /// Key of `LB_SOURCES`.
 #[repr(C)]

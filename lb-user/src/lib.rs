@@ -3,7 +3,8 @@
 //! or copied in userspace where the kernel path is not available.
 //!
 //! Modules, from the bottom up (each uses only those above it in this list):
-//! `addr`, `proxy_protocol` (the PROXY header's wire format), `kernel`
+//! `addr`, `proxy_protocol` (the PROXY header's wire format), `sni` (the
+//! server name of a TLS ClientHello), `kernel`
 //! (eBPF object, maps, raw socket options), `config`,
 //! `servers`, `observe`, `dataplane`, `proxy`, `control`, `instance`, `cli`.
 //! See ARCHITECTURE.md.
@@ -19,6 +20,7 @@ pub mod observe;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod servers;
+pub mod sni;
 
 /// The eBPF object built from `lb-ebpf` by `build.rs`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));

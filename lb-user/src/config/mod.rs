@@ -88,6 +88,8 @@ pub struct Timeouts {
     /// A worker whose heartbeat (its stats publication, every 100 ms) has
     /// not advanced for this long is hung: killed and replaced.
     pub worker: Duration,
+    /// Longest wait for a complete TLS ClientHello on a frontend with `sni`.
+    pub client_hello: Duration,
 }
 
 /// Shortest `timeouts.worker`: a few publication periods.
@@ -100,6 +102,7 @@ impl Default for Timeouts {
             queue: Duration::from_secs(5),
             idle: Duration::from_secs(3600),
             worker: Duration::from_secs(2),
+            client_hello: Duration::from_secs(5),
         }
     }
 }
@@ -114,6 +117,39 @@ pub struct FrontendConfig {
     pub maxconn: Option<u32>,
     /// Close a client silent this long after its accept (`None`: never).
     pub first_byte_timeout: Option<std::time::Duration>,
+    /// Backends chosen by the TLS server name (`None`: no TLS inspection).
+    pub sni: Option<SniRoutes>,
+}
+
+/// A frontend's `sni` table, validated: exact names, and `*.suffix`
+/// patterns (any name ending in `.suffix`, the longest suffix first).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SniRoutes {
+    exact: std::collections::BTreeMap<String, usize>,
+    /// `(".suffix", backend)`, longest first.
+    suffixes: Vec<(String, usize)>,
+}
+
+impl SniRoutes {
+    /// Adds a lowercase `pattern` (`a.example` or `*.b.example`).
+    pub fn add(&mut self, pattern: &str, backend: usize) {
+        match pattern.strip_prefix('*') {
+            Some(suffix) => {
+                self.suffixes.push((suffix.to_owned(), backend));
+                self.suffixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
+            }
+            None => {
+                self.exact.insert(pattern.to_owned(), backend);
+            }
+        }
+    }
+
+    /// The backend for server name `name` (lowercase), if a pattern matches.
+    pub fn route(&self, name: &str) -> Option<usize> {
+        self.exact.get(name).copied().or_else(|| {
+            self.suffixes.iter().find(|(s, _)| name.len() > s.len() && name.ends_with(s.as_str())).map(|r| r.1)
+        })
+    }
 }
 
 /// A validated server.

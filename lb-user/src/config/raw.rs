@@ -37,6 +37,8 @@ pub struct Timeouts {
     pub idle: DurationKey,
     /// A worker whose heartbeat stops this long is killed and replaced.
     pub worker: DurationKey,
+    /// Longest wait for a TLS ClientHello on a frontend with `sni`.
+    pub client_hello: DurationKey,
 }
 
 /// `[[frontend]]`: a listening address and the backend it feeds.
@@ -52,6 +54,8 @@ pub struct Frontend {
     /// by default: server-first protocols wait for the server).
     #[serde(default)]
     pub first_byte_timeout: DurationKey,
+    /// TLS server name (or `*.suffix`) → backend; others go to `backend`.
+    pub sni: Option<Spanned<std::collections::BTreeMap<String, String>>>,
 }
 
 /// One entry of `servers`: `"ip:port"` or `{ addr = "ip:port", maxconn = N }`.

@@ -7,7 +7,7 @@ use toml::Spanned;
 
 use super::{
     BackendConfig, Config, ConfigError, FD_RESERVE, FrontendConfig, HealthCheck, MAX_DURATION, MAX_MAXCONN, MAX_WEIGHT,
-    MAX_WORKERS, MIN_WORKER_TIMEOUT, Overrides, SendProxy, ServerConfig, SourcePool, Timeouts,
+    MAX_WORKERS, MIN_WORKER_TIMEOUT, Overrides, SendProxy, ServerConfig, SniRoutes, SourcePool, Timeouts,
     error::Locator,
     fds_needed,
     host::Host,
@@ -48,6 +48,7 @@ pub fn validate(raw: RawConfig, loc: &Locator<'_>, host: &dyn Host, o: &Override
         queue: duration(loc, "timeouts.queue", &t.queue, defaults.queue)?,
         idle: duration(loc, "timeouts.idle", &t.idle, defaults.idle)?,
         worker: duration(loc, "timeouts.worker", &t.worker, defaults.worker)?,
+        client_hello: duration(loc, "timeouts.client_hello", &t.client_hello, defaults.client_hello)?,
     };
     if let Some(w) = &t.worker
         && timeouts.worker < MIN_WORKER_TIMEOUT
@@ -324,6 +325,41 @@ fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
     a == b || covers(a, b) || covers(b, a)
 }
 
+/// A frontend's `sni` table: each pattern a host name or `*.` and one, each
+/// backend one that exists.
+fn sni_routes(
+    loc: &Locator<'_>,
+    frontend: &str,
+    table: &Spanned<std::collections::BTreeMap<String, String>>,
+    backends: &[BackendConfig],
+) -> Result<SniRoutes, ConfigError> {
+    let mut routes = SniRoutes::default();
+    let mut seen = HashSet::new();
+    if table.get_ref().is_empty() {
+        return Err(loc.at(table, format!("frontend \"{frontend}\": sni is empty; name at least one server name")));
+    }
+    for (pattern, backend) in table.get_ref() {
+        let at = |what: String| loc.at(table, format!("frontend \"{frontend}\": sni.\"{pattern}\": {what}"));
+        let p = pattern.to_ascii_lowercase();
+        let host = p.strip_prefix("*.").unwrap_or(&p);
+        let label_ok = |l: &str| {
+            !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if host.len() > 253 || !host.split('.').all(label_ok) {
+            return Err(at("not a host name or *.host.name pattern".into()));
+        }
+        if !seen.insert(p.clone()) {
+            return Err(at("listed twice (names are case-insensitive)".into()));
+        }
+        let b = backends
+            .iter()
+            .position(|b| &b.name == backend)
+            .ok_or_else(|| at(format!("no [[backend]] named \"{backend}\"")))?;
+        routes.add(&p, b);
+    }
+    Ok(routes)
+}
+
 fn frontends(
     loc: &Locator<'_>,
     raw: &[raw::Frontend],
@@ -377,7 +413,11 @@ fn frontends(
             )?),
             None => None,
         };
-        frontends.push(FrontendConfig { name: name.clone(), listen, backend, maxconn, first_byte_timeout });
+        let sni = match &f.sni {
+            None => None,
+            Some(table) => Some(sni_routes(loc, name, table, backends)?),
+        };
+        frontends.push(FrontendConfig { name: name.clone(), listen, backend, maxconn, first_byte_timeout, sni });
     }
     Ok(frontends)
 }

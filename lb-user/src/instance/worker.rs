@@ -142,7 +142,8 @@ async fn serve(
         );
         ready.frontends.push(ReadyFrontend { name: f.name.clone(), listen: addr });
         let own = f.maxconn.map(|m| Arc::new(Semaphore::new(m.div_ceil(cfg.workers) as usize)));
-        accepts.spawn(accept::accept_loop(l, f.backend, f.first_byte_timeout, global.clone(), own, shared.clone()));
+        let route = Arc::new(accept::Route::of(&f, cfg.timeouts.client_hello));
+        accepts.spawn(accept::accept_loop(l, route, global.clone(), own, shared.clone()));
     }
     println!("{}", serde_json::to_string(&ready).unwrap_or_default());
 

@@ -23,13 +23,14 @@ use super::{
 };
 use crate::{
     addr::ClientAddr,
-    config::FrontendConfig,
+    config::{FrontendConfig, SniRoutes},
     dataplane::{ConnAddrs, Socks, Spliced},
     kernel::sys,
     observe::{
         Backoff,
         conn::{CloseReason, ConnGuard},
     },
+    sni::{self, Hello},
 };
 
 /// Listen backlog for frontends.
@@ -59,10 +60,25 @@ pub fn bind_all(frontends: &[FrontendConfig], reuseport: bool) -> anyhow::Result
         .collect()
 }
 
+/// Where a frontend's clients go, and what lb waits for before choosing.
+#[derive(Debug)]
+pub struct Route {
+    pub backend: usize,
+    /// Close a client silent this long (`first_byte_timeout`).
+    pub first_byte: Option<Duration>,
+    /// Backends by TLS server name, and the longest wait for the ClientHello.
+    pub sni: Option<(SniRoutes, Duration)>,
+}
+
+impl Route {
+    pub fn of(f: &FrontendConfig, client_hello: Duration) -> Self {
+        Route { backend: f.backend, first_byte: f.first_byte_timeout, sni: f.sni.clone().map(|s| (s, client_hello)) }
+    }
+}
+
 pub async fn accept_loop(
     listener: TcpListener,
-    backend: usize,
-    first_byte: Option<std::time::Duration>,
+    route: Arc<Route>,
     global: Arc<Semaphore>,
     frontend: Option<Arc<Semaphore>>,
     shared: Arc<Shared>,
@@ -80,7 +96,7 @@ pub async fn accept_loop(
         match listener.accept().await {
             Ok((client, addr)) => {
                 shared.stats.accepted.fetch_add(1, Relaxed);
-                tokio::spawn(handle(client, ClientAddr(addr), backend, first_byte, permits, shared.clone()));
+                tokio::spawn(handle(client, ClientAddr(addr), route.clone(), permits, shared.clone()));
             }
             // EMFILE/ENFILE/ENOBUFS: back off instead of spinning.
             Err(e) => backoff.failed(&e).await,
@@ -91,13 +107,12 @@ pub async fn accept_loop(
 async fn handle(
     client: TcpStream,
     addr: ClientAddr,
-    backend: usize,
-    first_byte: Option<std::time::Duration>,
+    route: Arc<Route>,
     permits: [Option<OwnedSemaphorePermit>; 2],
     shared: Arc<Shared>,
 ) {
     let mut guard = ConnGuard::new(shared.stats.clone(), permits, addr.0, shared.access_log);
-    if let Some(t) = first_byte {
+    if let Some(t) = route.first_byte {
         // Opt-in: no server is chosen (and no slot of it taken) before the
         // client has sent something; a silent client is closed and counted.
         // A byte, an EOF or an error ends the wait (the splice handles the
@@ -108,6 +123,25 @@ async fn handle(
             return;
         }
     }
+    let backend = match &route.sni {
+        None => route.backend,
+        Some((routes, within)) => match by_server_name(&client, routes, route.backend, *within).await {
+            Ok(b) => b,
+            Err(hello) => {
+                let (counter, why) = match hello {
+                    HelloError::Timeout => (&shared.stats.client_hello_timeouts, "client_hello_timeout"),
+                    HelloError::Invalid(e) => {
+                        log::debug!("client {addr}: {e}; resetting");
+                        (&shared.stats.client_hello_invalid, "client_hello_invalid")
+                    }
+                };
+                counter.fetch_add(1, Relaxed);
+                guard.set_reason(CloseReason::Rejected(why));
+                let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+                return;
+            }
+        },
+    };
     let be = &shared.backends.list[backend];
     let (mut server, target, pair) = match pick_and_connect(be, &shared, addr).await {
         Ok(v) => v,
@@ -199,3 +233,46 @@ async fn handle(
         log::warn!("client {addr} -> {target_addr}: {e}; both sides reset");
     }
 }
+
+/// Why no backend could be chosen by server name.
+enum HelloError {
+    /// No complete ClientHello within `timeouts.client_hello` (or the client
+    /// left before sending one).
+    Timeout,
+    Invalid(&'static str),
+}
+
+/// Peeks at the client's first bytes until they are a complete ClientHello
+/// (however split), not TLS, or `within` passes, and picks the backend:
+/// the one its server name routes to, else `default`. Nothing is consumed.
+async fn by_server_name(
+    client: &TcpStream,
+    routes: &SniRoutes,
+    default: usize,
+    within: Duration,
+) -> Result<usize, HelloError> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut buf = vec![0u8; sni::MAX_HELLO];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, client.peek(&mut buf)).await {
+            Err(_) => return Err(HelloError::Timeout),
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(HelloError::Timeout),
+            Ok(Ok(n)) => n,
+        };
+        match sni::server_name(&buf[..n]) {
+            Hello::NotTls => return Ok(default),
+            Hello::Complete(name) => return Ok(name.and_then(|n| routes.route(&n)).unwrap_or(default)),
+            Hello::Invalid(why) => return Err(HelloError::Invalid(why)),
+            // The rest is on its way: peek again once it may have come
+            // (peek returns at once while anything is queued).
+            Hello::NeedMore => {
+                if tokio::time::timeout_at(deadline, tokio::time::sleep(HELLO_POLL)).await.is_err() {
+                    return Err(HelloError::Timeout);
+                }
+            }
+        }
+    }
+}
+
+/// How often an incomplete ClientHello is looked at again.
+const HELLO_POLL: Duration = Duration::from_millis(5);

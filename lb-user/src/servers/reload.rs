@@ -107,22 +107,24 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<String> {
     differ("workers", *workers != old.workers);
     differ("maxconn", *maxconn != old.maxconn);
     differ("connect_attempts", *connect_attempts != old.connect_attempts);
-    let crate::config::Timeouts { connect, queue, idle, worker } = timeouts;
+    let crate::config::Timeouts { connect, queue, idle, worker, client_hello } = timeouts;
     differ("timeouts.connect", *connect != old.timeouts.connect);
     differ("timeouts.queue", *queue != old.timeouts.queue);
     differ("timeouts.idle", *idle != old.timeouts.idle);
     differ("timeouts.worker", *worker != old.timeouts.worker);
+    differ("timeouts.client_hello", *client_hello != old.timeouts.client_hello);
     if frontends.len() != old.frontends.len() {
         differ("the list of [[frontend]]s", true);
     }
     for (f, o) in frontends.iter().zip(&old.frontends) {
-        let crate::config::FrontendConfig { name, listen, backend, maxconn, first_byte_timeout } = f;
+        let crate::config::FrontendConfig { name, listen, backend, maxconn, first_byte_timeout, sni } = f;
         let at = |k: &str| format!("frontend \"{}\": {k}", o.name);
         differ(&at("name"), *name != o.name);
         differ(&at("listen"), *listen != o.listen);
         differ(&at("backend"), *backend != o.backend);
         differ(&at("maxconn"), *maxconn != o.maxconn);
         differ(&at("first_byte_timeout"), *first_byte_timeout != o.first_byte_timeout);
+        differ(&at("sni"), *sni != o.sni);
     }
     if backends.len() != old.backends.len() {
         differ("the list of [[backend]]s", true);
