@@ -13,6 +13,7 @@ extern crate std;
 pub mod conn;
 #[cfg(feature = "user")]
 pub mod files;
+pub mod guard;
 pub mod maps;
 pub mod stats;
 

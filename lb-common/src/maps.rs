@@ -38,5 +38,42 @@ pub const PROG_VERDICT: &str = "lb_verdict";
 /// Default capacity of the socket maps (two sockets per connection).
 pub const DEFAULT_MAX_SOCKETS: u32 = 1 << 18;
 
+/// LPM_TRIE: source prefix (IPv6 bytes, IPv4 mapped) -> 1: the guard drops it.
+pub const GUARD_DENY: &str = "LB_GUARD_DENY";
+/// LPM_TRIE: source prefix -> 1: the guard lets it through, deny or rate aside.
+pub const GUARD_ALLOW: &str = "LB_GUARD_ALLOW";
+/// HASH: destination port (host order) -> 1: SYNs to it are rate limited.
+pub const GUARD_PORTS: &str = "LB_GUARD_PORTS";
+/// ARRAY with one entry: [`crate::guard::GuardConf`].
+pub const GUARD_CONF: &str = "LB_GUARD_CONF";
+/// LRU_HASH: source address (16 bytes) -> [`crate::guard::GuardBucket`].
+pub const GUARD_RATE: &str = "LB_GUARD_RATE";
+/// PERCPU_ARRAY with one entry: [`crate::guard::GuardCounters`].
+pub const GUARD_STATS: &str = "LB_GUARD_STATS";
+/// LRU_HASH: source address -> packets of it the guard dropped (the top offenders).
+pub const GUARD_TOP: &str = "LB_GUARD_TOP";
+/// Capacity of each guard trie.
+pub const MAX_GUARD_RULES: u32 = 1 << 16;
+/// Capacity of the guard's per-source maps.
+pub const MAX_GUARD_SOURCES: u32 = 1 << 16;
+
+/// Name of the XDP guard program in the object file.
+pub const PROG_GUARD: &str = "lb_guard";
+
 /// The maps `lb` pins under its `pin_path`.
-pub const PINNED: [&str; 7] = [PEER, SPLICE, CONN, COUNTERS, SOURCES, SERVERS, WORKERS];
+pub const PINNED: [&str; 14] = [
+    PEER,
+    SPLICE,
+    CONN,
+    COUNTERS,
+    SOURCES,
+    SERVERS,
+    WORKERS,
+    GUARD_DENY,
+    GUARD_ALLOW,
+    GUARD_PORTS,
+    GUARD_CONF,
+    GUARD_RATE,
+    GUARD_STATS,
+    GUARD_TOP,
+];

@@ -1,10 +1,13 @@
-//! lb's eBPF object: maps and the sk_skb verdict that splices sockets.
+//! lb's eBPF object: maps, the sk_skb verdict that splices sockets, and the
+//! XDP guard at the edge.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod sk_skb;
+#[cfg(target_arch = "bpf")]
+mod xdp;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -2,12 +2,15 @@
 //! Names come from `lb_common::maps`; sizes are overridden at load time.
 
 use aya_ebpf::{
-    btf_maps::{HashMap, PerCpuArray, SockHash},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
     macros::btf_map,
 };
 use lb_common::{
     conn::ConnTraffic,
-    maps::{DEFAULT_MAX_SOCKETS, MAX_SERVER_ENTRIES, MAX_SOURCE_ENTRIES, MAX_WORKERS},
+    guard::{GuardBucket, GuardConf, GuardCounters},
+    maps::{
+        DEFAULT_MAX_SOCKETS, MAX_GUARD_RULES, MAX_GUARD_SOURCES, MAX_SERVER_ENTRIES, MAX_SOURCE_ENTRIES, MAX_WORKERS,
+    },
     stats::{DataplaneCounters, ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats},
 };
 
@@ -40,3 +43,31 @@ pub static LB_SERVERS: HashMap<ServerKey, ServerStats, { MAX_SERVER_ENTRIES as u
 /// Per worker process counters, written by userspace.
 #[btf_map(name = "LB_WORKERS")]
 pub static LB_WORKERS: HashMap<u32, WorkerStats, { MAX_WORKERS as usize }> = HashMap::new();
+
+/// Source prefixes the guard drops.
+#[btf_map(name = "LB_GUARD_DENY")]
+pub static LB_GUARD_DENY: LpmTrie<[u8; 16], u8, { MAX_GUARD_RULES as usize }> = LpmTrie::new();
+
+/// Source prefixes the guard always lets through.
+#[btf_map(name = "LB_GUARD_ALLOW")]
+pub static LB_GUARD_ALLOW: LpmTrie<[u8; 16], u8, { MAX_GUARD_RULES as usize }> = LpmTrie::new();
+
+/// The frontends' ports (host order): SYNs to them are rate limited.
+#[btf_map(name = "LB_GUARD_PORTS")]
+pub static LB_GUARD_PORTS: HashMap<u16, u8, 1024> = HashMap::new();
+
+/// The guard's settings, written by userspace.
+#[btf_map(name = "LB_GUARD_CONF")]
+pub static LB_GUARD_CONF: Array<GuardConf, 1> = Array::new();
+
+/// Per-source SYN token buckets.
+#[btf_map(name = "LB_GUARD_RATE")]
+pub static LB_GUARD_RATE: LruHashMap<[u8; 16], GuardBucket, { MAX_GUARD_SOURCES as usize }> = LruHashMap::new();
+
+/// The guard's counters, one slot per CPU.
+#[btf_map(name = "LB_GUARD_STATS")]
+pub static LB_GUARD_STATS: PerCpuArray<GuardCounters, 1> = PerCpuArray::new();
+
+/// Packets dropped per source (the top offenders).
+#[btf_map(name = "LB_GUARD_TOP")]
+pub static LB_GUARD_TOP: LruHashMap<[u8; 16], u64, { MAX_GUARD_SOURCES as usize }> = LruHashMap::new();

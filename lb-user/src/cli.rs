@@ -82,6 +82,13 @@ pub enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Read or change the XDP guard's deny and allow lists of a running lb (until the next reload).
+    Guard {
+        #[command(subcommand)]
+        action: GuardAction,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Re-read the running lb's configuration file and apply its server changes (same as SIGHUP).
     Reload {
         #[command(flatten)]
@@ -166,6 +173,43 @@ impl ServerAction {
     }
 }
 
+#[derive(Debug, Subcommand)]
+pub enum GuardAction {
+    /// The lists, the counters and the sources dropped most.
+    Show,
+    /// Sources to drop (CIDR or address).
+    Deny {
+        #[command(subcommand)]
+        change: ListChange,
+    },
+    /// Sources always let through, deny and rate aside.
+    Allow {
+        #[command(subcommand)]
+        change: ListChange,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ListChange {
+    Add { cidr: String },
+    Remove { cidr: String },
+}
+
+impl GuardAction {
+    fn command(self) -> crate::control::GuardCmd {
+        use crate::{control::GuardCmd, kernel::guard::List};
+        let change = |list, c: ListChange| match c {
+            ListChange::Add { cidr } => GuardCmd::Add { list, cidr },
+            ListChange::Remove { cidr } => GuardCmd::Remove { list, cidr },
+        };
+        match self {
+            Self::Show => GuardCmd::Show,
+            Self::Deny { change: c } => change(List::Deny, c),
+            Self::Allow { change: c } => change(List::Allow, c),
+        }
+    }
+}
+
 /// `--watch SECS`: a number of seconds from 0.1 to 3600.
 fn watch_interval(s: &str) -> Result<std::time::Duration, String> {
     let secs: f64 = s.trim().parse().map_err(|_| format!("\"{s}\" is not a number of seconds"))?;
@@ -234,6 +278,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             r
         }
         Cmd::Server { action, target } => control(&target, Request::Apply(action.command())),
+        Cmd::Guard { action, target } => control(&target, Request::Guard { cmd: action.command() }),
         Cmd::Reload { target } => control(&target, Request::Other { cmd: crate::control::Other::Reload }),
         Cmd::Stats { pin_path, run, json, watch } => {
             let run_dir = run.get();

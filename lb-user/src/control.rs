@@ -27,7 +27,29 @@ use crate::servers::{
 #[serde(untagged)]
 pub enum Request {
     Apply(Command),
-    Other { cmd: Other },
+    Other {
+        cmd: Other,
+    },
+    /// The XDP guard's lists.
+    Guard {
+        cmd: GuardCmd,
+    },
+}
+
+/// `lb guard …`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum GuardCmd {
+    /// The lists and counters.
+    Show,
+    Add {
+        list: crate::kernel::guard::List,
+        cidr: String,
+    },
+    Remove {
+        list: crate::kernel::guard::List,
+        cidr: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -63,6 +85,8 @@ pub enum RequestError {
     /// Applied by the supervisor, refused or unanswered by some workers.
     #[error("{applied}, but {}", .failures.join("; "))]
     Workers { applied: String, failures: Vec<String> },
+    #[error("guard: {0}")]
+    Guard(String),
     #[error("permission denied: the control socket takes requests from root only")]
     PermissionDenied,
     #[error("bad request: {0}")]

@@ -10,6 +10,8 @@ pub trait Host {
     fn has_local_port_range(&self) -> bool;
     /// The hard open-files limit (`ulimit -Hn`).
     fn nofile_hard_limit(&self) -> u64;
+    /// Whether a network interface of this name exists (in this namespace).
+    fn has_interface(&self, name: &str) -> bool;
     /// Why a listening socket cannot be bound at `addr` now (busy), if it
     /// cannot; `None` when it can or when this host does not probe.
     fn bind_error(&self, _addr: SocketAddr) -> Option<std::io::Error> {
@@ -30,6 +32,9 @@ impl Host for ThisHost {
     fn nofile_hard_limit(&self) -> u64 {
         crate::kernel::sys::nofile_hard_limit()
     }
+    fn has_interface(&self, name: &str) -> bool {
+        crate::kernel::sys::interface_index(name).is_some()
+    }
 }
 
 /// This machine, also probing each fixed listen address with a test bind
@@ -46,6 +51,9 @@ impl Host for Probing {
     }
     fn nofile_hard_limit(&self) -> u64 {
         ThisHost.nofile_hard_limit()
+    }
+    fn has_interface(&self, name: &str) -> bool {
+        ThisHost.has_interface(name)
     }
     fn bind_error(&self, addr: SocketAddr) -> Option<std::io::Error> {
         // As lb binds (SO_REUSEADDR, no SO_REUSEPORT): a listener anyone
@@ -68,5 +76,8 @@ impl Host for AlreadyChecked {
     }
     fn nofile_hard_limit(&self) -> u64 {
         crate::kernel::sys::nofile_hard_limit()
+    }
+    fn has_interface(&self, _: &str) -> bool {
+        true
     }
 }

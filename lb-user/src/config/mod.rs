@@ -4,6 +4,7 @@
 //! the machine (local addresses, limits) goes through [`host::Host`].
 
 mod error;
+pub mod guard;
 pub mod host;
 mod pool;
 mod raw;
@@ -17,6 +18,7 @@ use std::{
 };
 
 pub use error::{ConfigError, LoadError};
+pub use guard::GuardConfig;
 use serde::Deserialize;
 
 use crate::addr::ServerAddr;
@@ -213,6 +215,8 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub frontends: Vec<FrontendConfig>,
     pub backends: Vec<BackendConfig>,
+    /// The XDP guard, if `[guard]` is set.
+    pub guard: Option<GuardConfig>,
 }
 
 impl Config {
@@ -338,6 +342,9 @@ mod tests {
             }
             fn nofile_hard_limit(&self) -> u64 {
                 1000
+            }
+            fn has_interface(&self, _: &str) -> bool {
+                false
             }
         }
         let text = |extra: &str| {

@@ -145,6 +145,20 @@ pub struct Backend {
     pub send_proxy: Option<super::SendProxy>,
 }
 
+/// `[guard]`: the XDP guard.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Guard {
+    #[serde(default)]
+    pub interfaces: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub deny: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub allow: Vec<Spanned<String>>,
+    pub syn_rate: Option<Spanned<u64>>,
+    pub syn_burst: Option<Spanned<u64>>,
+}
+
 /// The file as written.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -174,6 +188,8 @@ pub struct RawConfig {
     pub source_port_range: Option<Spanned<String>>,
     #[serde(default)]
     pub timeouts: Timeouts,
+    /// The XDP guard (default: none).
+    pub guard: Option<Spanned<Guard>>,
     #[serde(default)]
     pub frontend: Vec<Frontend>,
     #[serde(default)]

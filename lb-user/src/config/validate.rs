@@ -82,6 +82,7 @@ pub fn validate(raw: RawConfig, loc: &Locator<'_>, host: &dyn Host, o: &Override
         ),
     };
     listeners(loc, host, &raw, &frontends, metrics_listen)?;
+    let guard = raw.guard.as_ref().map(|g| super::guard::validate(loc, host, g)).transpose()?;
     let pin_path = raw.pin_path.unwrap_or_else(|| PathBuf::from(super::DEFAULT_PIN_PATH));
     let runtime_dir = match raw.runtime_dir {
         Some(d) if !d.get_ref().is_absolute() => {
@@ -105,6 +106,7 @@ pub fn validate(raw: RawConfig, loc: &Locator<'_>, host: &dyn Host, o: &Override
         timeouts,
         frontends,
         backends,
+        guard,
     })
 }
 

@@ -4,10 +4,11 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
+use anyhow::Context as _;
 use tokio::sync::mpsc;
 
 use crate::{
-    config::Config,
+    config::{Config, GuardConfig},
     control,
     dataplane::{self, Kind},
     kernel::object::Objects,
@@ -25,14 +26,23 @@ pub struct Owner {
 }
 
 impl Owner {
-    /// Starts everything, after the frontends are bound; requests to the
-    /// control socket arrive on the returned channel.
-    pub async fn start(cfg: &Config) -> anyhow::Result<(Self, mpsc::Receiver<control::Msg>)> {
+    /// Starts everything, after the frontends are bound (at `listen`);
+    /// requests to the control socket arrive on the returned channel.
+    pub async fn start(cfg: &Config, listen: &[SocketAddr]) -> anyhow::Result<(Self, mpsc::Receiver<control::Msg>)> {
         let metrics = match cfg.metrics_listen {
             Some(a) => Some(metrics::bind(a).await?),
             None => None,
         };
-        let (kind, objects) = dataplane::load(cfg)?;
+        let (kind, mut objects) = dataplane::load(cfg)?;
+        if let Some(g) = &cfg.guard {
+            let o = objects
+                .as_mut()
+                .context("[guard]: the XDP guard needs the eBPF object, which did not load (see the warning above)")?;
+            for (i, mode) in o.attach_guard(&g.interfaces).context("[guard]")? {
+                log::info!("guard: XDP attached to {i} ({mode} mode)");
+            }
+            guard::apply(&cfg.pin_path, g, listen).context("[guard]")?;
+        }
         let metrics_addr = metrics.as_ref().and_then(|l| l.local_addr().ok());
         let metrics = metrics.map(|l| metrics::serve(l, cfg.pin_path.clone(), cfg.runtime_dir.clone()));
         let mut owner =
@@ -62,6 +72,71 @@ impl Drop for Owner {
         }
         if let Some(o) = self.objects.as_mut() {
             o.close();
+        }
+    }
+}
+
+/// The guard's side of the owner: filling and changing its maps.
+pub mod guard {
+    use std::{net::SocketAddr, path::Path};
+
+    use lb_common::guard::GuardConf;
+
+    use super::GuardConfig;
+    use crate::{
+        config::guard::parse_cidr,
+        control::GuardCmd,
+        kernel::guard::{GuardMaps, List},
+    };
+
+    /// Makes the pinned guard maps say what `g` says, rate-limiting SYNs to
+    /// the ports of `listen`.
+    pub fn apply(pin_path: &Path, g: &GuardConfig, listen: &[SocketAddr]) -> anyhow::Result<()> {
+        let ports: Vec<u16> = listen.iter().map(|a| a.port()).collect();
+        let conf = GuardConf { syn_rate: g.syn_rate, syn_burst: g.syn_burst };
+        GuardMaps::open(pin_path)?.apply(&g.deny, &g.allow, conf, &ports)?;
+        Ok(())
+    }
+
+    /// Carries out `lb guard …` on the pinned maps.
+    pub fn command(pin_path: &Path, on: bool, cmd: &GuardCmd) -> Result<String, String> {
+        if !on {
+            return Err("no [guard] in this instance's configuration".into());
+        }
+        let mut maps = GuardMaps::open(pin_path).map_err(|e| e.to_string())?;
+        let name = |l: &List| match l {
+            List::Deny => "deny",
+            List::Allow => "allow",
+        };
+        match cmd {
+            GuardCmd::Show => {
+                let c = maps.counters().map_err(|e| e.to_string())?;
+                let show = |l: List| maps.list(l).iter().map(|n| n.to_string()).collect::<Vec<_>>().join(" ");
+                let top: Vec<String> = maps.top(5).iter().map(|(a, n)| format!("{a} ({n})")).collect();
+                Ok(format!(
+                    "deny: {}\nallow: {}\npassed {} denied {} rate_limited {}\ntop dropped sources: {}",
+                    show(List::Deny),
+                    show(List::Allow),
+                    c.passed,
+                    c.denied,
+                    c.rate_limited,
+                    top.join(", ")
+                ))
+            }
+            GuardCmd::Add { list, cidr } => {
+                let net = parse_cidr(cidr)?;
+                match maps.add(*list, &net).map_err(|e| e.to_string())? {
+                    true => Ok(format!("{net} added to the {} list", name(list))),
+                    false => Ok(format!("{net} is already in the {} list", name(list))),
+                }
+            }
+            GuardCmd::Remove { list, cidr } => {
+                let net = parse_cidr(cidr)?;
+                match maps.remove(*list, &net).map_err(|e| e.to_string())? {
+                    true => Ok(format!("{net} removed from the {} list", name(list))),
+                    false => Err(format!("{net} is not in the {} list", name(list))),
+                }
+            }
         }
     }
 }

@@ -214,6 +214,11 @@ impl Supervisor {
             let m = self.relay(c).await.map_err(|e| ReloadError::Relay(e.to_string()))?;
             log::info!("reload: {m}");
         }
+        if let Some(g) = new.guard.as_ref().filter(|g| Some(*g) != self.cfg.guard.as_ref()) {
+            super::owner::guard::apply(&new.pin_path, g, &self.spec.listen)
+                .map_err(|e| ReloadError::Relay(format!("guard: {e:#}")))?;
+            log::info!("reload: guard lists and rates applied");
+        }
         self.cfg = new;
         Ok(format!("reloaded {}: {} change(s)", self.reload.path.display(), cmds.len()))
     }
@@ -239,7 +244,7 @@ impl Supervisor {
 /// Runs the instance until SIGINT or SIGTERM.
 pub async fn run(cfg: Config, reload: Reload, config_text: String, announce: bool) -> anyhow::Result<()> {
     let (listen, _holders) = resolve_listeners(&cfg)?;
-    let (owner, ctl) = Owner::start(&cfg).await?;
+    let (owner, ctl) = Owner::start(&cfg, &listen).await?;
     log::info!("data plane: {}; starting {} worker(s)", owner.kind, cfg.workers);
     let spec = WorkerSpec {
         index: 0,
@@ -344,6 +349,10 @@ async fn supervise(
                 let r = match m.req {
                     control::Request::Apply(c) => sup.relay(&c).await,
                     control::Request::Other { cmd: control::Other::Reload } => sup.reload().await.map_err(Into::into),
+                    control::Request::Guard { cmd } => {
+                        super::owner::guard::command(&sup.cfg.pin_path, sup.cfg.guard.is_some(), &cmd)
+                            .map_err(control::RequestError::Guard)
+                    }
                 };
                 match &r {
                     Ok(msg) => log::info!("{msg}"),

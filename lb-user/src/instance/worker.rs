@@ -161,6 +161,9 @@ async fn serve(
                     control::Request::Other { cmd: control::Other::Reload } => {
                         Err(crate::servers::reload::ReloadError::NotHere.into())
                     }
+                    control::Request::Guard { .. } => {
+                        Err(control::RequestError::Guard("the guard is the supervisor's, not a worker's".into()))
+                    }
                 };
                 match &r {
                     Ok(msg) => log::debug!("{msg}"),

@@ -140,6 +140,8 @@ const _: () = assert!(MAX_WORKERS > 0 && MAX_SOURCE_ENTRIES > 0 && MAX_SERVER_EN
 pub struct PinnedMaps {
     /// Whether the verdict is pinned (the kernel data plane runs).
     pub kernel: bool,
+    /// The XDP guard's maps, when its program is pinned (it runs).
+    pub guard: Option<super::guard::GuardMaps>,
     pub counters: PerCpuArray<MapData, DataplaneCounters>,
     pub conn: ConnMaps,
     pub stats: StatMaps,
@@ -149,6 +151,11 @@ impl PinnedMaps {
     pub fn open(pin_path: &Path) -> Result<Self, KernelError> {
         Ok(Self {
             kernel: pin_path.join(PROG_VERDICT).exists(),
+            guard: if pin_path.join(lb_common::maps::PROG_GUARD).exists() {
+                Some(super::guard::GuardMaps::open(pin_path)?)
+            } else {
+                None
+            },
             counters: open(pin_path, COUNTERS)?,
             conn: ConnMaps::open(pin_path)?,
             stats: StatMaps::open(pin_path)?,

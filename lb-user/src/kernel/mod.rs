@@ -3,6 +3,7 @@
 //! and the few socket options no crate wraps ([`sys`]). The only module
 //! that uses `aya` or `unsafe`.
 
+pub mod guard;
 pub mod lock;
 pub mod maps;
 pub mod object;

@@ -12,9 +12,9 @@ use std::{
 use aya::{
     EbpfLoader,
     maps::{MapData, SockHash},
-    programs::SkSkb,
+    programs::{SkSkb, Xdp, XdpMode},
 };
-use lb_common::maps::{CONN, PEER, PINNED, PROG_VERDICT, SPLICE};
+use lb_common::maps::{CONN, PEER, PINNED, PROG_GUARD, PROG_VERDICT, SPLICE};
 use serde::{Deserialize, Serialize};
 
 use super::{KernelError, io_err, maps::open};
@@ -143,6 +143,35 @@ impl Objects {
         Ok(Self { pin_path: pin_path.to_owned(), run_dir: run_dir.to_owned(), ebpf: Some(ebpf), _lock: lock })
     }
 
+    /// Loads the XDP guard and attaches it to each of `interfaces`, natively
+    /// where the driver can, generically otherwise; pins it. Returns the
+    /// mode of each. Detached when the object is closed.
+    pub fn attach_guard(&mut self, interfaces: &[String]) -> Result<Vec<(String, &'static str)>, KernelError> {
+        let ebpf = self.ebpf.as_mut().ok_or(KernelError::Program("the eBPF object is closed".into()))?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(PROG_GUARD)
+            .ok_or(KernelError::Program(format!("program {PROG_GUARD} missing from the eBPF object")))?
+            .try_into()
+            .map_err(|e| KernelError::Program(format!("program {PROG_GUARD}: {e}")))?;
+        prog.load().map_err(|e| KernelError::Program(format!("loading {PROG_GUARD}: {e}")))?;
+        let mut modes = Vec::new();
+        for i in interfaces {
+            let mode = match prog.attach(i, XdpMode::Driver) {
+                Ok(_) => "native",
+                Err(native) => {
+                    prog.attach(i, XdpMode::Skb).map_err(|e| {
+                        KernelError::Program(format!("attaching {PROG_GUARD} to {i}: {e} (native mode: {native})"))
+                    })?;
+                    "generic"
+                }
+            };
+            modes.push((i.clone(), mode));
+        }
+        let path = self.pin_path.join(PROG_GUARD);
+        prog.pin(&path).map_err(|source| KernelError::Pin { path, source })?;
+        Ok(modes)
+    }
+
     /// Detaches and unloads the program and removes the pins, the metadata
     /// and the lock file.
     pub fn close(&mut self) {
@@ -164,7 +193,7 @@ impl Drop for Objects {
 
 /// Removes lb's pins under `pin_path` and the directory if it is then empty.
 fn remove_pins(pin_path: &Path) {
-    for name in PINNED.iter().chain([&PROG_VERDICT]) {
+    for name in PINNED.iter().chain([&PROG_VERDICT, &PROG_GUARD]) {
         let _ = fs::remove_file(pin_path.join(name));
     }
     let _ = fs::remove_dir(pin_path);

@@ -135,3 +135,9 @@ pub fn monotonic_coarse_ns() -> u64 {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse);
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
+
+/// The index of network interface `name` in this namespace, if it exists.
+pub fn interface_index(name: &str) -> Option<u32> {
+    let s = rustix::net::socket(rustix::net::AddressFamily::INET, rustix::net::SocketType::DGRAM, None).ok()?;
+    rustix::net::netdevice::name_to_index(&s, name).ok().filter(|i| *i != 0)
+}

@@ -131,6 +131,22 @@ pub fn render(report: &Report) -> String {
     family(&mut r, "kernel_bytes_redirected", "Bytes spliced by the eBPF verdict.", C, one(k.bytes_redirected));
     family(&mut r, "kernel_skbs_redirected", "skbs spliced by the eBPF verdict.", C, one(k.skbs_redirected));
     family(&mut r, "kernel_spliced_sockets", "Sockets in the splice map.", G, one(k.spliced_sockets));
+    if let Some(g) = &report.guard {
+        family(&mut r, "guard_passed", "Packets the XDP guard let through.", C, one(g.passed));
+        family(&mut r, "guard_denied", "Packets the XDP guard dropped: source denied.", C, one(g.denied));
+        family(
+            &mut r,
+            "guard_rate_limited",
+            "SYNs the XDP guard dropped: over the source's rate.",
+            C,
+            one(g.rate_limited),
+        );
+        let rules = vec![
+            (vec![("list".to_owned(), "deny".to_owned())], g.deny.len() as u64),
+            (vec![("list".to_owned(), "allow".to_owned())], g.allow.len() as u64),
+        ];
+        family(&mut r, "guard_rules", "Entries in the XDP guard's lists.", G, rules);
+    }
     let mut text = String::new();
     // Writing into a String does not fail.
     let _ = encode(&mut text, &r);

@@ -80,6 +80,27 @@ pub struct Report {
     pub totals: WorkerCounters,
     pub workers: Vec<WorkerRow>,
     pub counters: KernelCounters,
+    /// The XDP guard, when the instance runs one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guard: Option<GuardRow>,
+}
+
+/// The XDP guard's counters and lists.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct GuardRow {
+    pub passed: u64,
+    pub denied: u64,
+    pub rate_limited: u64,
+    pub deny: Vec<String>,
+    pub allow: Vec<String>,
+    /// The sources dropped most: `{source, dropped}`, most first.
+    pub top: Vec<GuardTop>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct GuardTop {
+    pub source: String,
+    pub dropped: u64,
 }
 
 fn totals<S: serde::Serializer>(t: &WorkerCounters, s: S) -> Result<S::Ok, S::Error> {
@@ -149,6 +170,18 @@ pub fn read_from(maps: &PinnedMaps, meta: &Meta) -> Result<Report, KernelError> 
         peer_entries: maps.conn.peer.keys().filter(Result::is_ok).count() as u64,
         conn_entries,
     };
+    if let Some(g) = &maps.guard {
+        let c = g.counters()?;
+        let list = |l| g.list(l).iter().map(|n| n.to_string()).collect();
+        r.guard = Some(GuardRow {
+            passed: c.passed,
+            denied: c.denied,
+            rate_limited: c.rate_limited,
+            deny: list(crate::kernel::guard::List::Deny),
+            allow: list(crate::kernel::guard::List::Allow),
+            top: g.top(10).into_iter().map(|(a, n)| GuardTop { source: a.to_string(), dropped: n }).collect(),
+        });
+    }
     Ok(r)
 }
 

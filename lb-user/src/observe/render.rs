@@ -31,6 +31,16 @@ pub fn stats(r: &Report) -> String {
         o.push_str(&line.join("   "));
         o.push('\n');
     }
+    if let Some(g) = &r.guard {
+        o.push_str(&format!(
+            "guard: passed {}   denied {}   rate limited {}   deny rules {}   allow rules {}\n",
+            g.passed,
+            g.denied,
+            g.rate_limited,
+            g.deny.len(),
+            g.allow.len()
+        ));
+    }
     let mut servers =
         table(&["BACKEND", "SERVER", "STATE", "WEIGHT", "ACTIVE", "TOTAL", "BYTES_IN", "BYTES_OUT", "FAILS"], 3);
     for s in &r.servers {

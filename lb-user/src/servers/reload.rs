@@ -91,6 +91,7 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<String> {
         timeouts,
         frontends,
         backends,
+        guard,
     } = new;
     let mut keys = Vec::new();
     let mut differ = |key: &str, changed: bool| {
@@ -113,6 +114,9 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<String> {
     differ("timeouts.idle", *idle != old.timeouts.idle);
     differ("timeouts.worker", *worker != old.timeouts.worker);
     differ("timeouts.client_hello", *client_hello != old.timeouts.client_hello);
+    // The guard's lists and rates are applied by a reload; where it is attached is not.
+    let ifaces = |g: &Option<crate::config::GuardConfig>| g.as_ref().map(|g| g.interfaces.clone());
+    differ("guard.interfaces", ifaces(guard) != ifaces(&old.guard));
     if frontends.len() != old.frontends.len() {
         differ("the list of [[frontend]]s", true);
     }

@@ -1,0 +1,150 @@
+//! The XDP guard's maps, pinned with the others: its deny and allow tries,
+//! the frontends' ports, its settings and its counters. The owner fills
+//! them from `[guard]` (and a reload or `lb guard deny` changes them);
+//! `lb stats` and `/metrics` read the counters.
+
+use std::{
+    net::{IpAddr, Ipv6Addr},
+    path::Path,
+};
+
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, lpm_trie::Key, lpm_trie::LpmTrie};
+use ipnet::IpNet;
+use lb_common::{
+    guard::{GuardConf, GuardCounters},
+    maps::{GUARD_ALLOW, GUARD_CONF, GUARD_DENY, GUARD_PORTS, GUARD_STATS, GUARD_TOP},
+};
+
+use super::{KernelError, maps::open};
+
+/// Which list of the guard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum List {
+    Deny,
+    Allow,
+}
+
+pub struct GuardMaps {
+    deny: LpmTrie<MapData, [u8; 16], u8>,
+    allow: LpmTrie<MapData, [u8; 16], u8>,
+    ports: HashMap<MapData, u16, u8>,
+    conf: Array<MapData, GuardConf>,
+    stats: PerCpuArray<MapData, GuardCounters>,
+    top: HashMap<MapData, [u8; 16], u64>,
+}
+
+/// The trie key of `net`: IPv6 bytes, IPv4 as `::ffff:a.b.c.d/96+n`.
+fn key(net: &IpNet) -> Key<[u8; 16]> {
+    match net {
+        IpNet::V4(n) => Key::new(96 + u32::from(n.prefix_len()), n.network().to_ipv6_mapped().octets()),
+        IpNet::V6(n) => Key::new(u32::from(n.prefix_len()), n.network().octets()),
+    }
+}
+
+/// The address of map bytes, IPv4-mapped ones as IPv4.
+pub fn addr(bytes: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(bytes);
+    v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+}
+
+fn net_of(k: &Key<[u8; 16]>) -> Option<IpNet> {
+    let (len, data) = (k.prefix_len(), k.data());
+    match addr(data) {
+        IpAddr::V4(a) if len >= 96 => IpNet::new(IpAddr::V4(a), (len - 96) as u8).ok(),
+        IpAddr::V4(_) => None,
+        a @ IpAddr::V6(_) => IpNet::new(a, len as u8).ok(),
+    }
+}
+
+impl GuardMaps {
+    pub fn open(pin_path: &Path) -> Result<Self, KernelError> {
+        Ok(Self {
+            deny: open(pin_path, GUARD_DENY)?,
+            allow: open(pin_path, GUARD_ALLOW)?,
+            ports: open(pin_path, GUARD_PORTS)?,
+            conf: open(pin_path, GUARD_CONF)?,
+            stats: open(pin_path, GUARD_STATS)?,
+            top: open(pin_path, GUARD_TOP)?,
+        })
+    }
+
+    fn trie(&mut self, list: List) -> (&mut LpmTrie<MapData, [u8; 16], u8>, &'static str) {
+        match list {
+            List::Deny => (&mut self.deny, GUARD_DENY),
+            List::Allow => (&mut self.allow, GUARD_ALLOW),
+        }
+    }
+
+    /// Adds `net` to `list` (false: it was there already).
+    pub fn add(&mut self, list: List, net: &IpNet) -> Result<bool, KernelError> {
+        let (t, name) = self.trie(list);
+        let k = key(net);
+        if t.keys().filter_map(Result::ok).any(|x| x.prefix_len() == k.prefix_len() && x.data() == k.data()) {
+            return Ok(false);
+        }
+        t.insert(&k, 1, 0).map_err(|source| KernelError::Map { name, source })?;
+        Ok(true)
+    }
+
+    /// Removes `net` from `list` (false: it was not there).
+    pub fn remove(&mut self, list: List, net: &IpNet) -> Result<bool, KernelError> {
+        let (t, _) = self.trie(list);
+        Ok(t.remove(&key(net)).is_ok())
+    }
+
+    /// The entries of `list`.
+    pub fn list(&self, list: List) -> Vec<IpNet> {
+        let t = match list {
+            List::Deny => &self.deny,
+            List::Allow => &self.allow,
+        };
+        let mut v: Vec<IpNet> = t.keys().filter_map(Result::ok).filter_map(|k| net_of(&k)).collect();
+        v.sort();
+        v
+    }
+
+    /// Makes the maps hold these lists, settings and frontend ports.
+    pub fn apply(
+        &mut self,
+        deny: &[IpNet],
+        allow: &[IpNet],
+        conf: GuardConf,
+        ports: &[u16],
+    ) -> Result<(), KernelError> {
+        for (list, want) in [(List::Deny, deny), (List::Allow, allow)] {
+            for have in self.list(list) {
+                if !want.contains(&have) {
+                    self.remove(list, &have)?;
+                }
+            }
+            for net in want {
+                self.add(list, net)?;
+            }
+        }
+        let old: Vec<u16> = self.ports.keys().filter_map(Result::ok).collect();
+        for p in old {
+            if !ports.contains(&p) {
+                let _ = self.ports.remove(&p);
+            }
+        }
+        for p in ports {
+            self.ports.insert(p, 1, 0).map_err(|source| KernelError::Map { name: GUARD_PORTS, source })?;
+        }
+        self.conf.set(0, conf, 0).map_err(|source| KernelError::Map { name: GUARD_CONF, source })
+    }
+
+    /// The counters, summed over CPUs.
+    pub fn counters(&self) -> Result<GuardCounters, KernelError> {
+        let per_cpu = self.stats.get(&0, 0).map_err(|source| KernelError::Map { name: GUARD_STATS, source })?;
+        Ok(per_cpu.iter().fold(GuardCounters::default(), |a, c| a.add(c)))
+    }
+
+    /// The `n` sources with the most dropped packets.
+    pub fn top(&self, n: usize) -> Vec<(IpAddr, u64)> {
+        let mut v: Vec<(IpAddr, u64)> = self.top.iter().filter_map(Result::ok).map(|(k, c)| (addr(k), c)).collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        v.truncate(n);
+        v
+    }
+}
