@@ -2,6 +2,7 @@
 //! directory of `dist/lb.service`, and nothing else.
 
 use std::{
+    net::SocketAddr,
     os::unix::fs::{MetadataExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     time::Duration,
@@ -59,6 +60,7 @@ fn unit_capabilities() -> Vec<String> {
 /// The bit of `CAP_X` in /proc/PID/status masks.
 fn cap_bit(name: &str) -> u64 {
     match name {
+        "CAP_NET_BIND_SERVICE" => 1 << 10,
         "CAP_NET_ADMIN" => 1 << 12,
         "CAP_SYS_ADMIN" => 1 << 21,
         "CAP_PERFMON" => 1 << 38,
@@ -115,9 +117,15 @@ async fn runs_as_non_root_with_only_the_unit_capabilities() {
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let bin = dir.join("lb");
     std::fs::copy(lb_bin(), &bin).expect("copying lb");
+    // A port below 1024, as a load balancer's usually is: it needs the
+    // unit's CAP_NET_BIND_SERVICE.
+    let low = (900..1024)
+        .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
+        .find(|a| std::net::TcpListener::bind(a).is_ok())
+        .expect("a free port below 1024");
     let cfg = format!(
         "dataplane = \"kernel\"\npin_path = \"{}\"\nruntime_dir = \"{}\"\nmetrics_listen = \"127.0.0.1:0\"\n\
-         [[frontend]]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\nbackend = \"b\"\n\
+         [[frontend]]\nname = \"t\"\nlisten = \"{low}\"\nbackend = \"b\"\n\
          [[backend]]\nname = \"b\"\nservers = [\"{}\"]\n",
         pin_path.display(),
         run_dir.display(),
@@ -144,6 +152,7 @@ async fn runs_as_non_root_with_only_the_unit_capabilities() {
         Launch { wrapper, bin: Some(bin), run_dir: Some(run_dir.clone()), ..Launch::default() },
     );
     assert_eq!(lb.dataplane, "kernel", "lb as a non-root user did not run the kernel plane:\n{}", lb.stderr());
+    assert_eq!(lb.addr, low, "listening on a port below 1024");
 
     // Every process of the instance runs as nobody with exactly the unit's capabilities.
     let want: u64 = caps.iter().map(|c| cap_bit(c)).fold(0, |a, b| a | b);
