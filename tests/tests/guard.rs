@@ -93,7 +93,7 @@ fn rules_on_hand_built_packets() {
         format!(
             "dataplane = \"kernel\"\npin_path = \"{}\"\n\
              [guard]\ninterfaces = [\"g0\"]\ndeny = [\"10.9.0.0/16\", \"2001:db8:bad::/48\"{deny_extra}]\n\
-             allow = [\"10.9.1.1\"]\nsyn_rate = 2\nsyn_burst = 3\n\
+             allow = [\"10.9.1.1\"]\nsyn_rate = 1\nsyn_burst = 3\n\
              [[frontend]]\nname = \"f\"\nlisten = \"127.0.0.1:7000\"\nbackend = \"b\"\n\
              [[backend]]\nname = \"b\"\nservers = [\"127.0.0.1:9\"]\n",
             pin_path.display()
@@ -132,8 +132,9 @@ fn rules_on_hand_built_packets() {
     arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
     assert_eq!(run(&prog, &arp), XDP_PASS, "ARP");
     assert_eq!(run(&prog, &tcp(a("10.9.2.2"), front, SYN)[..20]), XDP_PASS, "truncated");
-    // A refill: 2 per second.
-    std::thread::sleep(Duration::from_millis(600));
+    // A refill: 1 per second (slow enough that no stall of the test
+    // between the burst and the fourth SYN can refill the bucket early).
+    std::thread::sleep(Duration::from_millis(1100));
     assert_eq!(run(&prog, &tcp(a("192.0.2.7"), front, SYN)), XDP_PASS, "SYN after a refill");
 
     let g = guard_stats(&lb);
