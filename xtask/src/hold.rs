@@ -209,6 +209,16 @@ pub fn hold(lb_bin: &Path, hold_bin: &Path, a: &Args) -> anyhow::Result<Value> {
 }
 
 pub fn build_hold() -> anyhow::Result<PathBuf> {
-    crate::run(crate::cargo().args(["build", "--release", "-p", "tests", "--bin", "lb-hold"]))?;
+    // lb-xdp-flood sits beside it (the guard's figure in the bench).
+    crate::run(crate::cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "tests",
+        "--bin",
+        "lb-hold",
+        "--bin",
+        "lb-xdp-flood",
+    ]))?;
     Ok(crate::workspace_root().join("target/release/lb-hold"))
 }

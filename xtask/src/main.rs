@@ -47,7 +47,7 @@ enum Cmd {
         /// Where results go.
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
-        /// Only these scenarios: throughput_1, throughput_4, pingpong, connrate, idle.
+        /// Only these scenarios: throughput_1, throughput_4, pingpong, connrate, idle, guard.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },

@@ -6,8 +6,10 @@
 //! - `systems`: what runs (direct, lb on each plane, HAProxy, nginx);
 //! - `tools`: the backends and the measurements, machine CPU from /proc/stat;
 //! - `stats`: medians and per-round ratios;
-//! - `report`: JSON, the markdown table, the goals, the plots.
+//! - `report`: JSON, the markdown table, the goals, the plots;
+//! - `guard`: the XDP guard's drop rate against what reaches the listener.
 
+mod guard;
 mod plot;
 mod report;
 mod stats;
@@ -83,8 +85,9 @@ pub fn bench(lb_bin: &std::path::Path, hold_bin: &std::path::Path, o: &Opts) -> 
     let rounds = o.runs + usize::from(!o.smoke);
     let plan: Vec<Scenario> =
         Scenario::ALL.into_iter().filter(|s| o.only.is_empty() || o.only.iter().any(|x| x == s.name())).collect();
-    if plan.is_empty() {
-        let names: Vec<&str> = Scenario::ALL.iter().map(|s| s.name()).collect();
+    let run_guard = o.only.is_empty() || o.only.iter().any(|x| x == "guard");
+    if plan.is_empty() && !run_guard {
+        let names: Vec<&str> = Scenario::ALL.iter().map(|s| s.name()).chain(["guard"]).collect();
         bail!("--only {:?}: no such scenario ({})", o.only, names.join(", "));
     }
     let total = plan.len() * System::ALL.len() * rounds;
@@ -147,8 +150,20 @@ pub fn bench(lb_bin: &std::path::Path, hold_bin: &std::path::Path, o: &Opts) -> 
         }
     }
     bar.finish_with_message("done");
+    let guard = if run_guard {
+        eprintln!("guard: XDP drop rate against SYNs reaching the listener");
+        match guard::guard(lb_bin, &hold_bin.with_file_name("lb-xdp-flood"), o) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                errors.push(format!("guard: {e:#}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
     report::derive(&mut results);
-    report::write(&results, o)?;
+    report::write(&results, guard.as_ref(), o)?;
     if !errors.is_empty() {
         bail!("{} measurement(s) failed:\n  {}", errors.len(), errors.join("\n  "));
     }

@@ -104,13 +104,14 @@ fn num(x: f64) -> String {
     crate::format_figure(x, 4)
 }
 
-pub fn write(results: &Results, o: &Opts) -> anyhow::Result<()> {
+pub fn write(results: &Results, guard: Option<&super::guard::Figures>, o: &Opts) -> anyhow::Result<()> {
     std::fs::create_dir_all(&o.out)?;
     let machine = machine();
+    let only = if o.only.is_empty() { String::new() } else { format!(" --only {}", o.only.join(",")) };
     let command = if o.smoke {
-        "cargo xtask bench --smoke".to_owned()
+        format!("cargo xtask bench --smoke{only}")
     } else {
-        format!("cargo xtask bench --runs {} --secs {} --conns {}", o.runs, o.secs, o.conns)
+        format!("cargo xtask bench --runs {} --secs {} --conns {}{only}", o.runs, o.secs, o.conns)
     };
     let mut md = String::new();
     let _ = writeln!(md, "Command: `{command}`  \nMachine: {}  \n", machine["summary"].as_str().unwrap_or(""));
@@ -166,20 +167,46 @@ pub fn write(results: &Results, o: &Opts) -> anyhow::Result<()> {
     let _ = writeln!(md, "| goal | measured | |");
     let _ = writeln!(md, "|---|---:|---|");
     for (what, r, met) in &goals {
-        let m = r.map_or("–".to_owned(), |r| format!("{r:.2} ×"));
-        let _ = writeln!(md, "| {what} | {m} | {} |", if *met { "met" } else { "not met" });
+        let (m, verdict) = match r {
+            Some(r) => (format!("{r:.2} ×"), if *met { "met" } else { "not met" }),
+            None => ("–".to_owned(), "not measured in this run"),
+        };
+        let _ = writeln!(md, "| {what} | {m} | {verdict} |");
+    }
+    let mut guard_json = Value::Null;
+    if let Some(g) = guard {
+        let med = |v: &[f64]| super::stats::median(v);
+        let (d, r) = (med(&g.dropped), med(&g.reached));
+        let _ = writeln!(
+            md,
+            "\nXDP guard, one core, the kernel generating the frames (BPF_PROG_TEST_RUN live frames): SYNs per \
+             second dropped from a denied source against the same SYNs passed to the listener's TCP stack.\n"
+        );
+        let _ = writeln!(md, "| | median | min | max |");
+        let _ = writeln!(md, "|---|---:|---:|---:|");
+        let row = |v: &[f64]| {
+            let (lo, hi) = v.iter().fold((f64::MAX, 0f64), |(a, b), x| (a.min(*x), b.max(*x)));
+            format!("{} | {} | {}", num(med(v)), num(lo), num(hi))
+        };
+        let _ = writeln!(md, "| dropped by the guard, SYN/s | {} |", row(&g.dropped));
+        let _ = writeln!(md, "| reaching the listener without it, SYN/s | {} |", row(&g.reached));
+        let _ = writeln!(md, "| ratio | {:.2} × | | |", d / r);
+        guard_json = json!({"dropped_pps": g.dropped, "reached_pps": g.reached, "ratio": d / r});
     }
     let stamp = timestamp();
     let goals_json: Vec<Value> = goals.iter().map(|(g, r, met)| json!({"goal": g, "ratio": r, "met": met})).collect();
     let json = json!({
         "command": command, "machine": machine, "runs": o.runs, "secs": o.secs, "idle_conns": o.conns,
-        "results": json_rows, "goals": goals_json,
+        "results": json_rows, "goals": goals_json, "guard": guard_json,
     });
     let prefix = if o.smoke { "smoke" } else { "bench" };
     std::fs::write(o.out.join(format!("{prefix}-{stamp}.json")), serde_json::to_string_pretty(&json)?)?;
     std::fs::write(o.out.join(format!("{prefix}-{stamp}.md")), &md)?;
-    std::fs::write(o.out.join(format!("{prefix}-latest.md")), &md)?;
-    std::fs::write(o.out.join(format!("{prefix}-latest.json")), serde_json::to_string_pretty(&json)?)?;
+    // A partial run (--only) does not replace the latest full one.
+    if o.only.is_empty() {
+        std::fs::write(o.out.join(format!("{prefix}-latest.md")), &md)?;
+        std::fs::write(o.out.join(format!("{prefix}-latest.json")), serde_json::to_string_pretty(&json)?)?;
+    }
     for &(scenario, metric, label, _) in METRICS {
         if let Some(by_sys) = results.get(&scenario) {
             let path = o.out.join(format!("{prefix}-{}-{metric}.png", scenario.name()));
