@@ -159,6 +159,11 @@ fn rules_on_hand_built_packets() {
     assert_eq!(run(&prog, &tcp(a("203.0.113.5"), other, ACK)), XDP_DROP, "denied by a reload");
     let metrics = lb.pinned_stats();
     assert!(metrics["guard"]["deny"].as_array().unwrap().len() == 3, "{metrics}");
+    // A reload of an unchanged file still puts its lists back.
+    assert!(lb.ctl(&["guard", "deny", "add", "192.0.2.9"]).contains("added"));
+    assert_eq!(run(&prog, &tcp(a("192.0.2.9"), other, ACK)), XDP_DROP, "denied at run time");
+    assert!(lb.ctl(&["reload"]).contains("reloaded"));
+    assert_eq!(run(&prog, &tcp(a("192.0.2.9"), other, ACK)), XDP_PASS, "a reload keeps a run-time deny");
 
     drop(prog);
     drop(lb);

@@ -214,7 +214,9 @@ impl Supervisor {
             let m = self.relay(c).await.map_err(|e| ReloadError::Relay(e.to_string()))?;
             log::info!("reload: {m}");
         }
-        if let Some(g) = new.guard.as_ref().filter(|g| Some(*g) != self.cfg.guard.as_ref()) {
+        // The file's lists and rates, every time: they replace whatever
+        // `lb guard` changed since.
+        if let Some(g) = &new.guard {
             super::owner::guard::apply(&new.pin_path, g, &self.spec.listen)
                 .map_err(|e| ReloadError::Relay(format!("guard: {e:#}")))?;
             log::info!("reload: guard lists and rates applied");
