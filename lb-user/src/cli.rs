@@ -331,9 +331,10 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Loads and validates `path`, then validates it again probing each
-/// listen address with a test bind, so that a busy one is an error naming
-/// its line, as `lb run` would refuse it. Not when a live lb holds this
+/// Loads and validates `path`, then parses it again probing each listen
+/// address with a test bind (the host's other facts, checked by the first
+/// pass, are not asked again), so that a busy one is an error naming its
+/// line, as `lb run` would refuse it. Not when a live lb holds this
 /// `pin_path` (the ports are its own): then its pid is returned.
 fn load_probed(path: &std::path::Path, o: &Overrides) -> anyhow::Result<(Config, String, Option<u32>)> {
     let (cfg, text) = Config::load_with(path, o)?;

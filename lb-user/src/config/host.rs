@@ -3,6 +3,10 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use toml::Spanned;
+
+use super::{ConfigError, error::Locator};
+
 pub trait Host {
     /// Whether `ip` is an address of this host (in this network namespace).
     fn is_local(&self, ip: IpAddr) -> std::io::Result<bool>;
@@ -37,23 +41,25 @@ impl Host for ThisHost {
     }
 }
 
-/// This machine, also probing each fixed listen address with a test bind
-/// (`lb check`, and `lb run` before it starts): a busy port is an error
-/// naming its line. Not for a reload, whose ports are the instance's own.
+/// For a text already validated on this host with [`ThisHost`]: its facts
+/// are not asked again (as [`AlreadyChecked`]), but each fixed listen
+/// address is probed with a test bind (`lb check`, and `lb run` before it
+/// starts), so that a busy port is an error naming its line. Not for a
+/// reload, whose ports are the instance's own.
 pub struct Probing;
 
 impl Host for Probing {
     fn is_local(&self, ip: IpAddr) -> std::io::Result<bool> {
-        ThisHost.is_local(ip)
+        AlreadyChecked.is_local(ip)
     }
     fn has_local_port_range(&self) -> bool {
-        ThisHost.has_local_port_range()
+        AlreadyChecked.has_local_port_range()
     }
     fn nofile_hard_limit(&self) -> u64 {
-        ThisHost.nofile_hard_limit()
+        AlreadyChecked.nofile_hard_limit()
     }
     fn has_interface(&self, name: &str) -> bool {
-        ThisHost.has_interface(name)
+        AlreadyChecked.has_interface(name)
     }
     fn bind_error(&self, addr: SocketAddr) -> Option<std::io::Error> {
         // As lb binds (SO_REUSEADDR, no SO_REUSEPORT): a listener anyone
@@ -79,5 +85,23 @@ impl Host for AlreadyChecked {
     }
     fn has_interface(&self, _: &str) -> bool {
         true
+    }
+}
+
+/// Refuses `ip` unless `host` says it is one of its addresses; the error
+/// names `key` at the line of `at`.
+pub fn require_local<T>(
+    loc: &Locator<'_>,
+    host: &dyn Host,
+    at: &Spanned<T>,
+    key: &str,
+    ip: IpAddr,
+) -> Result<(), ConfigError> {
+    match host.is_local(ip) {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            Err(loc.at(at, format!("{key}: {ip} is not an address of this host (add it to an interface first)")))
+        }
+        Err(e) => Err(loc.at(at, format!("{key}: cannot check {ip}: {e}"))),
     }
 }

@@ -34,16 +34,7 @@ pub fn parse(
                 if out.addrs.contains(&a) {
                     return Err(loc.at(entry, format!("{pool_key}: {a} is listed twice")));
                 }
-                match host.is_local(a) {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        return Err(loc.at(
-                            entry,
-                            format!("{pool_key}: {a} is not an address of this host (add it to an interface first)"),
-                        ));
-                    }
-                    Err(e) => return Err(loc.at(entry, format!("{pool_key}: cannot check {a}: {e}"))),
-                }
+                super::host::require_local(loc, host, entry, pool_key, a)?;
                 out.addrs.push(a);
             }
         }

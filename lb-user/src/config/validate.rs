@@ -292,18 +292,8 @@ fn listeners(
         all.push(("metrics_listen".to_owned(), m, r));
     }
     for (i, (what, addr, at)) in all.iter().enumerate() {
-        let ip = addr.ip();
-        if !ip.is_unspecified() {
-            match host.is_local(ip) {
-                Ok(true) => {}
-                Ok(false) => {
-                    return Err(loc.at(
-                        *at,
-                        format!("{what}: {ip} is not an address of this host (add it to an interface first)"),
-                    ));
-                }
-                Err(e) => return Err(loc.at(*at, format!("{what}: cannot check whether {ip} is local: {e}"))),
-            }
+        if !addr.ip().is_unspecified() {
+            super::host::require_local(loc, host, at, what, addr.ip())?;
         }
         if addr.port() == 0 {
             continue;
