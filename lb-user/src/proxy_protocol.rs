@@ -5,6 +5,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use crate::addr::ip16;
+
 /// `send_proxy = "…"` of a backend: the PROXY protocol header lb writes
 /// to each server connection before any client byte.
 #[derive(Clone, Copy, Debug, serde::Deserialize, PartialEq, Eq)]
@@ -26,17 +28,11 @@ pub const V2_LOCAL: [u8; 16] =
 /// address of lb it reached): TCP4 or TCP6. An IPv4 client seen through a
 /// dual-stack IPv6 listener (`::ffff:a.b.c.d`) is given as IPv4.
 pub fn header(version: SendProxy, client: SocketAddr, frontend: SocketAddr) -> Vec<u8> {
+    let unmap = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
     let (src, dst) = (unmap(client), unmap(frontend));
     match version {
         SendProxy::V1 => v1(src, dst),
         SendProxy::V2 => v2(src, dst),
-    }
-}
-
-fn unmap(a: SocketAddr) -> SocketAddr {
-    match a.ip() {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a, |v4| SocketAddr::new(IpAddr::V4(v4), a.port())),
-        IpAddr::V4(_) => a,
     }
 }
 
@@ -63,14 +59,10 @@ fn v2(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
             h.extend_from_slice(&d.octets());
         }
         (s, d) => {
-            let v6 = |ip: IpAddr| match ip {
-                IpAddr::V6(a) => a.octets(),
-                IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
-            };
             h.push(0x21); // AF_INET6, STREAM
             h.extend_from_slice(&36u16.to_be_bytes());
-            h.extend_from_slice(&v6(s));
-            h.extend_from_slice(&v6(d));
+            h.extend_from_slice(&ip16(s));
+            h.extend_from_slice(&ip16(d));
         }
     }
     h.extend_from_slice(&src.port().to_be_bytes());

@@ -3,10 +3,7 @@
 //! them from `[guard]` (and a reload or `lb guard deny` changes them);
 //! `lb stats` and `/metrics` read the counters.
 
-use std::{
-    net::{IpAddr, Ipv6Addr},
-    path::Path,
-};
+use std::{collections::HashSet, net::IpAddr, path::Path};
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, lpm_trie::Key, lpm_trie::LpmTrie};
 use ipnet::IpNet;
@@ -16,6 +13,7 @@ use lb_common::{
 };
 
 use super::{KernelError, maps::open};
+use crate::addr::{ip_of, ip16};
 
 /// Which list of the guard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -36,21 +34,13 @@ pub struct GuardMaps {
 
 /// The trie key of `net`: IPv6 bytes, IPv4 as `::ffff:a.b.c.d/96+n`.
 fn key(net: &IpNet) -> Key<[u8; 16]> {
-    match net {
-        IpNet::V4(n) => Key::new(96 + u32::from(n.prefix_len()), n.network().to_ipv6_mapped().octets()),
-        IpNet::V6(n) => Key::new(u32::from(n.prefix_len()), n.network().octets()),
-    }
-}
-
-/// The address of map bytes, IPv4-mapped ones as IPv4.
-pub fn addr(bytes: [u8; 16]) -> IpAddr {
-    let v6 = Ipv6Addr::from(bytes);
-    v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+    let mapped = if net.addr().is_ipv4() { 96 } else { 0 };
+    Key::new(mapped + u32::from(net.prefix_len()), ip16(net.network()))
 }
 
 fn net_of(k: &Key<[u8; 16]>) -> Option<IpNet> {
     let (len, data) = (k.prefix_len(), k.data());
-    match addr(data) {
+    match ip_of(data) {
         IpAddr::V4(a) if len >= 96 => IpNet::new(IpAddr::V4(a), (len - 96) as u8).ok(),
         IpAddr::V4(_) => None,
         a @ IpAddr::V6(_) => IpNet::new(a, len as u8).ok(),
@@ -78,13 +68,16 @@ impl GuardMaps {
 
     /// Adds `net` to `list` (false: it was there already).
     pub fn add(&mut self, list: List, net: &IpNet) -> Result<bool, KernelError> {
-        let (t, name) = self.trie(list);
-        let k = key(net);
-        if t.keys().filter_map(Result::ok).any(|x| x.prefix_len() == k.prefix_len() && x.data() == k.data()) {
+        if self.list(list).contains(net) {
             return Ok(false);
         }
-        t.insert(&k, 1, 0).map_err(|source| KernelError::Map { name, source })?;
+        self.insert(list, net)?;
         Ok(true)
+    }
+
+    fn insert(&mut self, list: List, net: &IpNet) -> Result<(), KernelError> {
+        let (t, name) = self.trie(list);
+        t.insert(&key(net), 1, 0).map_err(|source| KernelError::Map { name, source })
     }
 
     /// Removes `net` from `list` (false: it was not there).
@@ -113,13 +106,15 @@ impl GuardMaps {
         ports: &[u16],
     ) -> Result<(), KernelError> {
         for (list, want) in [(List::Deny, deny), (List::Allow, allow)] {
-            for have in self.list(list) {
-                if !want.contains(&have) {
-                    self.remove(list, &have)?;
-                }
+            // One read of the trie, then only the differences: a list of
+            // 65,536 entries must not cost a scan of the trie per entry.
+            let have: HashSet<IpNet> = self.list(list).into_iter().collect();
+            let want_set: HashSet<&IpNet> = want.iter().collect();
+            for old in have.iter().filter(|n| !want_set.contains(n)) {
+                self.remove(list, old)?;
             }
-            for net in want {
-                self.add(list, net)?;
+            for net in want.iter().filter(|n| !have.contains(*n)) {
+                self.insert(list, net)?;
             }
         }
         let old: Vec<u16> = self.ports.keys().filter_map(Result::ok).collect();
@@ -142,7 +137,7 @@ impl GuardMaps {
 
     /// The `n` sources with the most dropped packets.
     pub fn top(&self, n: usize) -> Vec<(IpAddr, u64)> {
-        let mut v: Vec<(IpAddr, u64)> = self.top.iter().filter_map(Result::ok).map(|(k, c)| (addr(k), c)).collect();
+        let mut v: Vec<(IpAddr, u64)> = self.top.iter().filter_map(Result::ok).map(|(k, c)| (ip_of(k), c)).collect();
         v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         v.truncate(n);
         v
