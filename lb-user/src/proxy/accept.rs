@@ -137,7 +137,7 @@ async fn handle(
                 };
                 counter.fetch_add(1, Relaxed);
                 guard.set_reason(CloseReason::Rejected(why));
-                let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+                reset(&[&client]);
                 return;
             }
         },
@@ -173,7 +173,7 @@ async fn handle(
                 Reject::Unreachable => {}
             }
             log::debug!("client {addr}: no server of backend \"{}\" ({why:?}); resetting", be.name);
-            let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+            reset(&[&client]);
             return;
         }
     };
@@ -183,9 +183,7 @@ async fn handle(
         Ok(a) => a,
         Err(e) => {
             log::warn!("client {addr} -> {target_addr}: {e}; both sides reset");
-            for s in [&client, &server] {
-                let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
-            }
+            reset(&[&client, &server]);
             return;
         }
     };
@@ -204,9 +202,7 @@ async fn handle(
             Ok(n) => guard.add_bytes(n, 0),
             Err(e) => {
                 log::warn!("client {addr} -> {target_addr}: writing the PROXY header: {e}; both sides reset");
-                for s in [&client, &server] {
-                    let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
-                }
+                reset(&[&client, &server]);
                 return;
             }
         }
@@ -231,6 +227,14 @@ async fn handle(
     };
     if let Err(e) = shared.dataplane.splice(Spliced { socks: Socks::new(client, server), guard, addrs }) {
         log::warn!("client {addr} -> {target_addr}: {e}; both sides reset");
+    }
+}
+
+/// Makes each socket end with a reset when it is dropped (lb gave up on
+/// the connection: a clean EOF would read as a complete reply).
+fn reset(socks: &[&TcpStream]) {
+    for s in socks {
+        let _ = sys::set_linger_zero(*s);
     }
 }
 
