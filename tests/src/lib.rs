@@ -5,6 +5,7 @@ pub mod backends;
 pub mod external;
 pub mod lbproc;
 pub mod netns;
+pub mod packet;
 pub mod stream;
 
 use std::time::{Duration, Instant};

@@ -27,36 +27,9 @@ fn ip(args: &[&str]) {
     assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
 }
 
-/// An Ethernet frame with a TCP segment from `src` to `dst` with `flags`.
+/// A TCP segment from `src` to `dst` with `flags`, in an Ethernet frame.
 fn tcp(src: IpAddr, dst: SocketAddr, flags: u8) -> Vec<u8> {
-    let mut p = vec![0u8; 12];
-    let tcp = {
-        let mut t = vec![0u8; 20];
-        t[0..2].copy_from_slice(&40000u16.to_be_bytes());
-        t[2..4].copy_from_slice(&dst.port().to_be_bytes());
-        t[12] = 5 << 4;
-        t[13] = flags;
-        t
-    };
-    match (src, dst.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            p.extend_from_slice(&0x0800u16.to_be_bytes());
-            let mut h = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
-            h.extend_from_slice(&s.octets());
-            h.extend_from_slice(&d.octets());
-            p.extend(h);
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            p.extend_from_slice(&0x86ddu16.to_be_bytes());
-            let mut h = vec![0x60, 0, 0, 0, 0, 20, 6, 64];
-            h.extend_from_slice(&s.octets());
-            h.extend_from_slice(&d.octets());
-            p.extend(h);
-        }
-        _ => panic!("mixed families"),
-    }
-    p.extend(tcp);
-    p
+    testkit::packet::tcp([0; 6], src, dst, flags)
 }
 
 const SYN: u8 = 0x02;

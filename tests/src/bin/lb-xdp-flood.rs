@@ -30,48 +30,12 @@ struct Args {
     packets: u32,
 }
 
-/// A SYN in an Ethernet frame addressed to `mac` (the interface's own, so
-/// that the stack takes it for this host).
-fn syn(mac: [u8; 6], src: IpAddr, dst: SocketAddr) -> Vec<u8> {
-    let (IpAddr::V4(s), IpAddr::V4(d)) = (src, dst.ip()) else { panic!("IPv4 only") };
-    let mut p = mac.to_vec();
-    p.extend_from_slice(&[0x02, 0, 0, 0, 0, 2, 0x08, 0x00]);
-    let mut ip = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
-    ip.extend_from_slice(&s.octets());
-    ip.extend_from_slice(&d.octets());
-    let sum = !ip.chunks(2).fold(0u32, |a, c| {
-        let a = a + u32::from(u16::from_be_bytes([c[0], c[1]]));
-        (a & 0xffff) + (a >> 16)
-    }) as u16;
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    p.extend(ip);
-    let mut tcp = vec![0u8; 20];
-    tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
-    tcp[2..4].copy_from_slice(&dst.port().to_be_bytes());
-    tcp[4..8].copy_from_slice(&1u32.to_be_bytes());
-    tcp[12] = 5 << 4;
-    tcp[13] = 0x02;
-    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    // TCP checksum over the pseudo-header.
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&s.octets());
-    pseudo.extend_from_slice(&d.octets());
-    pseudo.extend_from_slice(&[0, 6, 0, 20]);
-    pseudo.extend_from_slice(&tcp);
-    let sum = !pseudo.chunks(2).fold(0u32, |a, c| {
-        let a = a + u32::from(u16::from_be_bytes([c[0], c[1]]));
-        (a & 0xffff) + (a >> 16)
-    }) as u16;
-    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
-    p.extend(tcp);
-    p
-}
-
 fn main() -> anyhow::Result<()> {
     let a: Args = clap::Parser::parse();
     let prog = Xdp::from_pin(&a.prog, aya_obj::programs::XdpAttachType::Interface)?;
     let (ifindex, mac) = interface(&a.interface)?;
-    let frame = syn(mac, a.src, a.dst);
+    // Addressed to the interface's own MAC, so that the stack takes it for this host.
+    let frame = testkit::packet::tcp(mac, a.src, a.dst, 0x02);
     // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
     let mut ctx = [0u8; 24];
     ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
