@@ -133,3 +133,14 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String, 
         _ => Err(format!("not a 200 answer: {text:?}")),
     }
 }
+
+/// Reads exactly `n` bytes from `s` within 5 s (what an echoing peer sends
+/// back); panics naming `what` if they do not come.
+pub async fn read_n(s: &mut tokio::net::TcpStream, n: usize, what: &str) -> Vec<u8> {
+    let mut back = vec![0u8; n];
+    tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read_exact(s, &mut back))
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no echo within 5 s"))
+        .unwrap_or_else(|e| panic!("{what}: echo: {e}"));
+    back
+}

@@ -6,10 +6,7 @@
 use std::{net::SocketAddr, process::Command, time::Duration};
 
 use testkit::{KernelProof, Lb, Mode, backends::Backend, netns::NetNs, retry_until, stream::Stream};
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
-};
+use tokio::{io::AsyncWriteExt as _, net::TcpStream};
 
 macro_rules! planes {
     ($($name:ident),* $(,)?) => {
@@ -64,8 +61,7 @@ async fn run(mode: Mode, test: &str, listen: &str, server: &str, pool: &[&str]) 
         let mut out = vec![0u8; 10_000 + i as usize];
         Stream::new(600 + i).fill(&mut out);
         s.write_all(&out).await.unwrap();
-        let mut back = vec![0u8; out.len()];
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back)).await.expect("echo").expect("echo");
+        let back = testkit::read_n(&mut s, out.len(), test).await;
         assert!(back == out, "{test}: client {i}: echo corrupt");
         clients.push(s);
     }

@@ -8,10 +8,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
-};
+use tokio::{io::AsyncWriteExt as _, net::TcpStream};
 
 use testkit::{
     KernelProof, Lb,
@@ -25,11 +22,7 @@ async fn echo_round(s: &mut TcpStream, seed: u64) {
     let mut out = vec![0u8; 16 << 10];
     Stream::new(seed).fill(&mut out);
     s.write_all(&out).await.unwrap();
-    let mut back = vec![0u8; out.len()];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
-        .await
-        .expect("echo within 5 s")
-        .expect("echo");
+    let back = testkit::read_n(s, out.len(), "non_root").await;
     assert!(back == out, "seed {seed}: echo corrupt");
 }
 

@@ -111,11 +111,7 @@ async fn check(mode: Mode, v2: bool, ipv6: bool) {
         let mut out = vec![0u8; 20_000];
         Stream::new(i).fill(&mut out);
         s.write_all(&out).await.unwrap();
-        let mut back = vec![0u8; out.len()];
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
-            .await
-            .unwrap_or_else(|_| panic!("{test}: no echo within 5 s"))
-            .unwrap();
+        let back = testkit::read_n(&mut s, out.len(), &test).await;
         assert!(back == out, "{test}: client {i}: echo corrupt");
         payload += out.len() as u64;
         clients.push(s);

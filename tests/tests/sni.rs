@@ -38,11 +38,7 @@ async fn through(lb: &Lb, parts: &[&[u8]]) -> TcpStream {
         s.write_all(p).await.unwrap();
         all.extend_from_slice(p);
     }
-    let mut back = vec![0u8; all.len()];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
-        .await
-        .expect("echo within 5 s")
-        .expect("echo");
+    let back = testkit::read_n(&mut s, all.len(), "sni").await;
     assert!(back == all, "the bytes came back changed");
     s
 }
