@@ -117,11 +117,7 @@ impl Objects {
                 return Ok(());
             }
             let splice: SockHash<MapData, u64> = open(pin_path, SPLICE)?;
-            let prog: &mut SkSkb = ebpf
-                .program_mut(PROG_VERDICT)
-                .ok_or(KernelError::Program(format!("program {PROG_VERDICT} missing from the eBPF object")))?
-                .try_into()
-                .map_err(|e| KernelError::Program(format!("program {PROG_VERDICT}: {e}")))?;
+            let prog: &mut SkSkb = typed_program(&mut ebpf, PROG_VERDICT)?;
             prog.load().map_err(|e| KernelError::Program(format!("loading {PROG_VERDICT}: {e}")))?;
             prog.attach(splice.fd())
                 .map_err(|e| KernelError::Program(format!("attaching {PROG_VERDICT} to {SPLICE}: {e}")))?;
@@ -148,11 +144,7 @@ impl Objects {
     /// mode of each. Detached when the object is closed.
     pub fn attach_guard(&mut self, interfaces: &[String]) -> Result<Vec<(String, &'static str)>, KernelError> {
         let ebpf = self.ebpf.as_mut().ok_or(KernelError::Program("the eBPF object is closed".into()))?;
-        let prog: &mut Xdp = ebpf
-            .program_mut(PROG_GUARD)
-            .ok_or(KernelError::Program(format!("program {PROG_GUARD} missing from the eBPF object")))?
-            .try_into()
-            .map_err(|e| KernelError::Program(format!("program {PROG_GUARD}: {e}")))?;
+        let prog: &mut Xdp = typed_program(ebpf, PROG_GUARD)?;
         prog.load().map_err(|e| KernelError::Program(format!("loading {PROG_GUARD}: {e}")))?;
         let mut modes = Vec::new();
         for i in interfaces {
@@ -189,6 +181,17 @@ impl Drop for Objects {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// The program `name` of the object, as its type `T`.
+fn typed_program<'a, T>(ebpf: &'a mut aya::Ebpf, name: &str) -> Result<&'a mut T, KernelError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(KernelError::Program(format!("program {name} missing from the eBPF object")))?
+        .try_into()
+        .map_err(|e| KernelError::Program(format!("program {name}: {e}")))
 }
 
 /// Removes lb's pins under `pin_path` and the directory if it is then empty.
