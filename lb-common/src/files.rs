@@ -34,3 +34,8 @@ pub fn run_file(run_dir: &Path, pin_path: &Path, ext: &str) -> PathBuf {
 
 /// Every file [`run_file`] names for one instance.
 pub const EXTENSIONS: [&str; 3] = ["lock", "json", "sock"];
+
+/// The socket of worker slot `index`'s holder (`<run file>.hold<index>`).
+pub fn holder_socket(run_dir: &Path, pin_path: &Path, index: u16) -> PathBuf {
+    run_file(run_dir, pin_path, &format!("hold{index}"))
+}

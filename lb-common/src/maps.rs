@@ -77,3 +77,32 @@ pub const PINNED: [&str; 14] = [
     GUARD_STATS,
     GUARD_TOP,
 ];
+
+/// What this build expects of the pinned maps: each map's name with its key
+/// and value sizes. `lb upgrade` hands a running instance's maps only to a
+/// binary whose layout is the same.
+#[cfg(feature = "user")]
+pub fn layout() -> std::string::String {
+    use core::mem::size_of;
+
+    use crate::{
+        conn::ConnTraffic,
+        guard::{GuardBucket, GuardConf, GuardCounters},
+        stats::{DataplaneCounters, ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats},
+    };
+    std::format!(
+        "{PEER}:8/4 {SPLICE}:8/4 {CONN}:8/{} {COUNTERS}:4/{} {SOURCES}:{}/{} {SERVERS}:{}/{} {WORKERS}:4/{} \
+         {GUARD_DENY}:20/1 {GUARD_ALLOW}:20/1 {GUARD_PORTS}:2/1 {GUARD_CONF}:4/{} {GUARD_RATE}:16/{} \
+         {GUARD_STATS}:4/{} {GUARD_TOP}:16/8",
+        size_of::<ConnTraffic>(),
+        size_of::<DataplaneCounters>(),
+        size_of::<SourceKey>(),
+        size_of::<SourceStats>(),
+        size_of::<ServerKey>(),
+        size_of::<ServerStats>(),
+        size_of::<WorkerStats>(),
+        size_of::<GuardConf>(),
+        size_of::<GuardBucket>(),
+        size_of::<GuardCounters>(),
+    )
+}

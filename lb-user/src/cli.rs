@@ -94,9 +94,12 @@ pub enum Cmd {
         #[command(flatten)]
         target: Target,
     },
-    /// Internal: a worker process started by `lb run` with workers > 1 (spec on stdin).
+    /// Internal: a worker process started by `lb run` (spec on stdin).
     #[command(hide = true)]
     Worker,
+    /// Internal: the holder of a worker slot's listeners and spliced connections, started by `lb run`.
+    #[command(hide = true)]
+    Holder,
 }
 
 /// Where the running instance keeps its lock, metadata and control socket.
@@ -274,6 +277,12 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             // until the supervisor closes the pipe: do not wait for it.
             let rt = runtime()?;
             let r = rt.block_on(crate::instance::worker::run());
+            rt.shutdown_background();
+            r
+        }
+        Cmd::Holder => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let r = rt.block_on(crate::instance::holder::run());
             rt.shutdown_background();
             r
         }

@@ -109,6 +109,8 @@ pub struct Lb {
     pub dataplane: String,
     /// Worker pids (one with `workers = 1`).
     pub workers: Vec<u32>,
+    /// Holder pids, one per worker slot (they keep the spliced connections).
+    pub holders: Vec<u32>,
     /// The metrics endpoint, when configured.
     pub metrics: Option<SocketAddr>,
     pub pin_path: PathBuf,
@@ -204,6 +206,7 @@ impl Lb {
             frontends: vec![],
             dataplane: String::new(),
             workers: vec![],
+            holders: vec![],
             metrics: None,
             pin_path,
             run_dir: how.run_dir.unwrap_or_else(|| PathBuf::from(lb_common::files::RUN_DIR)),
@@ -214,10 +217,14 @@ impl Lb {
             .unwrap_or_else(|_| panic!("{test}: lb did not announce readiness; stderr:\n{}", lb.stderr()));
         lb.dataplane = ready["dataplane"].as_str().unwrap_or_default().to_owned();
         lb.metrics = ready["metrics"].as_str().and_then(|m| m.parse().ok());
-        lb.workers = ready["workers"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|w| w.as_u64().map(|p| p as u32)).collect())
-            .unwrap_or_default();
+        let pids = |key: &str| -> Vec<u32> {
+            ready[key]
+                .as_array()
+                .map(|a| a.iter().filter_map(|w| w.as_u64().map(|p| p as u32)).collect())
+                .unwrap_or_default()
+        };
+        lb.workers = pids("workers");
+        lb.holders = pids("holders");
         lb.frontends = ready["frontends"]
             .as_array()
             .map(|a| a.iter().filter_map(|f| f["listen"].as_str()?.parse().ok()).collect())
@@ -226,15 +233,21 @@ impl Lb {
         lb
     }
 
-    /// The first worker's pid (the process that holds the connections
-    /// with one worker).
+    /// The first worker's pid (the process that accepts and connects with
+    /// one worker; its holder keeps the spliced connections).
     pub fn worker(&self) -> u32 {
         *self.workers.first().expect("lb announced no worker")
     }
 
-    /// The supervisor and every worker.
+    /// The supervisor, every worker and every holder.
     pub fn pids(&self) -> Vec<u32> {
-        std::iter::once(self.pid).chain(self.workers.iter().copied()).collect()
+        std::iter::once(self.pid).chain(self.workers.iter().copied()).chain(self.holders.iter().copied()).collect()
+    }
+
+    /// The first slot's worker and holder: the processes one connection
+    /// costs with `workers = 1`.
+    pub fn slot0(&self) -> Vec<u32> {
+        self.workers.iter().take(1).chain(self.holders.iter().take(1)).copied().collect()
     }
 
     /// The config file lb runs with (rewrite it, then `reload`).
@@ -341,6 +354,9 @@ impl Drop for Lb {
         // What lb keeps in its runtime_dir for this pin path (left behind if it was killed).
         for ext in lb_common::files::EXTENSIONS {
             let _ = std::fs::remove_file(lb_common::files::run_file(&self.run_dir, &self.pin_path, ext));
+        }
+        for i in 0..self.holders.len() as u16 {
+            let _ = std::fs::remove_file(lb_common::files::holder_socket(&self.run_dir, &self.pin_path, i));
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -6,7 +6,9 @@
 //! `LB_SPLICE[s] = server`, `LB_SPLICE[c] = client` (verdict attached).
 //! Peers go in first, so a socket is never spliced while its peer is
 //! missing. See [`KernelDataplane::insert`] for what a side that closes
-//! during the inserts gets.
+//! during the inserts gets. Then both sockets go to the slot's holder
+//! ([`super::holder`]), which watches them for their ends; this process
+//! closes its own descriptors.
 
 use std::{
     path::Path,
@@ -18,7 +20,8 @@ use lb_common::conn::{ConnTraffic, SIDE_CLIENT, SIDE_SERVER};
 
 use super::{
     Dataplane, Kind, SpliceError, Spliced, UserspaceDataplane,
-    watcher::{Dir, Watcher},
+    holder::{link::Link, wire::Held},
+    watcher::Dir,
 };
 use crate::{
     addr::ip16,
@@ -29,7 +32,7 @@ use crate::{
 /// The running kernel data plane of one process.
 pub struct KernelDataplane {
     maps: Mutex<ConnMaps>,
-    watcher: Watcher,
+    link: Arc<Link>,
     /// Serves connections the kernel cannot splice (a side already half-closed).
     fallback: UserspaceDataplane,
     stats: Arc<Counters>,
@@ -42,22 +45,21 @@ pub struct KernelDataplane {
 
 impl KernelDataplane {
     /// Opens the pinned maps under `pin_path` (the program is attached by
-    /// the owner of the object); `worker` tags this process's records.
-    pub fn open(pin_path: &Path, stats: Arc<Counters>, idle: Duration, worker: u16) -> Result<Self, KernelError> {
-        let mut conn = ConnMaps::open(pin_path)?;
-        let stale = conn.forget_worker(worker);
-        if stale > 0 {
-            log::info!("removed {stale} connection records left by the previous worker {worker}");
-        }
-        let maps = Mutex::new(conn);
-        // The watcher has handles of its own: closing never waits for splicing.
-        let watcher = Watcher::start(ConnMaps::open(pin_path)?, stats.clone(), idle)
-            .map_err(|source| KernelError::Io { what: "starting the close watcher thread".into(), source })?;
+    /// the owner of the object); `worker` tags this process's records, and
+    /// `link` is the slot's holder.
+    pub fn open(
+        pin_path: &Path,
+        stats: Arc<Counters>,
+        idle: Duration,
+        worker: u16,
+        link: Arc<Link>,
+    ) -> Result<Self, KernelError> {
+        let maps = Mutex::new(ConnMaps::open(pin_path)?);
         let copy_client = std::env::var_os("LB_TEST_COPY_CLIENT").is_some_and(|v| v == "1");
         if copy_client {
             log::warn!("LB_TEST_COPY_CLIENT=1: client bytes are copied in userspace (a test setting)");
         }
-        Ok(Self { maps, watcher, fallback: UserspaceDataplane::new(idle), stats, worker, copy_client })
+        Ok(Self { maps, link, fallback: UserspaceDataplane::new(idle), stats, worker, copy_client })
     }
 
     fn records(&self, s: &Spliced, cookies: [u64; 2]) -> [ConnTraffic; 2] {
@@ -165,13 +167,36 @@ impl Dataplane for KernelDataplane {
                 return Err(SpliceError::Socket(e));
             }
         }
-        self.watcher.watch(conn, cookies, written_base, [client_dir, Dir::Kernel]).inspect_err(|_| {
-            self.maps.lock().unwrap_or_else(|e| e.into_inner()).forget(cookies);
-        })
+        let a = conn.addrs;
+        let held = Held {
+            id: cookies[0],
+            cookies,
+            written_base,
+            client_copied: client_dir == Dir::User,
+            frontend: conn.route[0],
+            backend: conn.route[1],
+            client: a.client,
+            source: a.source,
+            server: a.server,
+            start_ns: records[0].start_ns,
+        };
+        let Spliced { socks, guard, .. } = conn;
+        match self.link.hold(held, guard, socks.take()) {
+            Ok(()) => Ok(()),
+            Err((_guard, socks, e)) => {
+                self.maps.lock().unwrap_or_else(|e| e.into_inner()).forget(cookies);
+                let [c, s] = socks;
+                drop(super::Socks::new(c, s)); // resets both
+                Err(SpliceError::Holder(e))
+            }
+        }
     }
 
     fn shutdown(&self) {
-        self.watcher.stop();
+        let n = self.link.release_all();
+        if n > 0 {
+            log::info!("{n} spliced connection(s) stay with the holder");
+        }
         self.fallback.shutdown();
     }
 }

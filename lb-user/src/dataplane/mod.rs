@@ -2,6 +2,7 @@
 //! proxy has connected them: the kernel splice ([`kernel`], with the close
 //! [`watcher`]) or the userspace copy ([`userspace`]).
 
+pub mod holder;
 mod kernel;
 mod userspace;
 mod watcher;
@@ -29,6 +30,8 @@ pub struct Spliced {
     /// Peer address of `client`, local and peer address of `server`
     /// (known from accept and connect; saves the data plane three syscalls).
     pub addrs: ConnAddrs,
+    /// Indexes of the frontend and the backend (config order).
+    pub route: [u16; 2],
 }
 
 /// The two sockets of a connection, `[client, server]`. Dropped without
@@ -114,6 +117,8 @@ pub enum SpliceError {
     Socket(std::io::Error),
     #[error("data plane is shutting down")]
     ShuttingDown,
+    #[error("handing the connection to the holder: {0}")]
+    Holder(std::io::Error),
 }
 
 /// Loads the eBPF object for the data plane the config asks for, as the
@@ -160,18 +165,19 @@ pub fn load(cfg: &Config) -> anyhow::Result<(Kind, Option<Objects>)> {
 }
 
 /// Starts this process's data plane of `kind`, on the maps pinned at
-/// `pin_path` for the kernel plane.
+/// `pin_path` for the kernel plane, handing spliced connections to `link`.
 pub fn open(
     kind: Kind,
     pin_path: &Path,
     stats: Arc<Counters>,
     idle: Duration,
     worker: u16,
+    link: Arc<holder::link::Link>,
 ) -> anyhow::Result<Arc<dyn Dataplane>> {
     Ok(match kind {
         Kind::Userspace => Arc::new(UserspaceDataplane::new(idle)),
         Kind::Kernel => Arc::new(
-            KernelDataplane::open(pin_path, stats, idle, worker)
+            KernelDataplane::open(pin_path, stats, idle, worker, link)
                 .map_err(|e| anyhow::anyhow!("opening the kernel data plane at {}: {e}", pin_path.display()))?,
         ),
     })

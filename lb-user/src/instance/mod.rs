@@ -1,9 +1,13 @@
 //! The processes of an instance. `lb run` starts the supervisor
 //! ([`supervisor`]): it owns the eBPF object and its pins, the control
 //! socket, the metrics endpoint and the health checks ([`owner`]), and runs
-//! the workers ([`worker`]), which accept and serve connections. Even with
-//! `workers = 1` the worker is a process of its own.
+//! the workers ([`worker`]), which accept and serve connections, and for
+//! each worker slot a holder ([`holder`]), which keeps the slot's listening
+//! sockets and spliced connections while workers come and go. Even with
+//! `workers = 1` the worker and its holder are processes of their own.
 
+mod children;
+pub mod holder;
 pub mod owner;
 pub mod supervisor;
 pub mod worker;
@@ -30,6 +34,9 @@ pub struct Ready {
     /// Worker processes.
     #[serde(default)]
     pub workers: Vec<u32>,
+    /// Holder processes, one per worker slot (same order).
+    #[serde(default)]
+    pub holders: Vec<u32>,
     /// Where the metrics endpoint listens, if configured.
     #[serde(default)]
     pub metrics: Option<SocketAddr>,

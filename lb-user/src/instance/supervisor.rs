@@ -3,47 +3,39 @@
 //! all of them, and is the one place that applies the operator's commands
 //! and reloads: it checks each against its model of the server set, relays
 //! it to every worker, and keeps the list to replay to a worker it starts
-//! later. SIGINT/SIGTERM stops the workers, then removes the pins.
+//! later. Each worker slot also has a holder process ([`super::holder`]),
+//! started before the slot's first worker and kept while workers come and
+//! go. SIGINT/SIGTERM stops the workers, then the holders (which close the
+//! connections), then removes the pins.
 
 use std::{
     net::SocketAddr,
-    process::{ExitStatus, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
-use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines},
-    process::{Child, ChildStdin, ChildStdout},
-    sync::mpsc,
-    task::JoinSet,
-};
+use anyhow::Context as _;
+use tokio::{sync::mpsc, task::JoinSet};
 
-use super::{Ready, Reload, owner::Owner, wait_for_signal, worker::WorkerSpec};
+use super::{
+    Ready, Reload,
+    children::{Started, Waits, WorkerIo, describe, signal, spawn_holder, spawn_worker, stop_all},
+    holder::HolderSpec,
+    owner::Owner,
+    wait_for_signal,
+    worker::WorkerSpec,
+};
 use crate::{
     config::Config,
-    control::{self, Reply},
+    control,
     dataplane::Kind,
     proxy::accept,
     servers::{Backends, command::Command, reload::ReloadError},
 };
 
-/// The pipes to a worker: commands down stdin, one reply line each up stdout.
-struct WorkerIo {
-    stdin: ChildStdin,
-    lines: Lines<BufReader<ChildStdout>>,
-}
-
-/// How long a worker may take to answer a command.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 /// A worker that dies sooner than this after its start is restarted only
 /// after this long, so a crash loop does not spin.
 const MIN_LIFETIME: Duration = Duration::from_secs(1);
-/// How long a stopping worker may take before it is killed.
-const STOP_GRACE: Duration = Duration::from_secs(10);
-/// How long a worker may take to start serving.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Watches each worker's `LB_WORKERS` entry for progress: a worker whose
 /// publication (every 100 ms) has not advanced for `timeouts.worker` is
 /// hung (stopped, deadlocked) and is killed and restarted, since
@@ -78,23 +70,6 @@ impl Watchdog {
     }
 }
 
-impl WorkerIo {
-    async fn send(&mut self, cmd: &Command) -> Result<String, String> {
-        let mut line = serde_json::to_vec(cmd).map_err(|e| e.to_string())?;
-        line.push(b'\n');
-        self.stdin.write_all(&line).await.map_err(|e| format!("sending: {e}"))?;
-        match tokio::time::timeout(COMMAND_TIMEOUT, self.lines.next_line()).await {
-            Ok(Ok(Some(l))) => {
-                let r: Reply = serde_json::from_str(&l).map_err(|e| format!("bad reply {l:?}: {e}"))?;
-                if r.ok { Ok(r.message) } else { Err(r.message) }
-            }
-            Ok(Ok(None)) => Err("exited".into()),
-            Ok(Err(e)) => Err(format!("reading: {e}")),
-            Err(_) => Err(format!("no answer within {COMMAND_TIMEOUT:?}")),
-        }
-    }
-}
-
 /// Resolves each frontend's address once for all workers. Port 0 is bound
 /// here (with SO_REUSEPORT, not listening, held until exit) to pick the
 /// port; a fixed port is probed without SO_REUSEPORT so that a port held by
@@ -121,43 +96,6 @@ fn resolve_listeners(cfg: &Config) -> anyhow::Result<(Vec<SocketAddr>, Vec<socke
     Ok((addrs, holders))
 }
 
-/// A worker started and ready to serve.
-struct Started {
-    child: Child,
-    ready: Ready,
-    io: WorkerIo,
-}
-
-/// Starts a worker and waits for its ready line.
-async fn spawn_worker(spec: WorkerSpec) -> anyhow::Result<Started> {
-    let exe = std::env::current_exe().context("finding the lb executable")?;
-    let mut cmd = tokio::process::Command::new(exe);
-    cmd.arg("worker").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
-    cmd.env("LB_LOG_TAG", format!("worker-{}", spec.index));
-    // Own process group: a terminal's Ctrl-C reaches only the supervisor,
-    // which then stops the workers in order.
-    cmd.process_group(0);
-    cmd.kill_on_drop(false);
-    let mut child = cmd.spawn().context("starting a worker process")?;
-    let mut stdin = child.stdin.take().context("worker stdin")?;
-    let mut line = serde_json::to_vec(&spec)?;
-    line.push(b'\n');
-    stdin.write_all(&line).await.context("sending the worker its spec")?;
-    let stdout = child.stdout.take().context("worker stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    match tokio::time::timeout(START_TIMEOUT, lines.next_line()).await {
-        Ok(Ok(Some(line))) => {
-            let ready: Ready = serde_json::from_str(line.trim()).context("reading the worker's ready line")?;
-            Ok(Started { child, ready, io: WorkerIo { stdin, lines } })
-        }
-        _ => {
-            let _ = child.start_kill();
-            let status = child.wait().await.ok();
-            bail!("worker {} did not start (exit: {status:?}); see its messages above", spec.index)
-        }
-    }
-}
-
 /// One worker place.
 struct Slot {
     io: Option<WorkerIo>,
@@ -175,6 +113,8 @@ struct Supervisor {
     /// Operator commands applied so far (health goes as current states).
     replay: Vec<Command>,
     slots: Vec<Slot>,
+    /// Each slot's holder: how to start it, and its pid while it runs.
+    holders: Vec<(HolderSpec, Option<u32>)>,
 }
 
 impl Supervisor {
@@ -182,7 +122,8 @@ impl Supervisor {
     /// servers' current health.
     fn spec_for(&self, index: usize) -> WorkerSpec {
         let replay = self.replay.iter().cloned().chain(self.model.health_commands()).collect();
-        WorkerSpec { index: index as u16, replay, ..self.spec.clone() }
+        let holder = self.holders[index].0.socket.clone();
+        WorkerSpec { index: index as u16, replay, holder, ..self.spec.clone() }
     }
 
     /// Checks a command against the model, sends it to every running
@@ -255,19 +196,33 @@ pub async fn run(cfg: Config, reload: Reload, config_text: String, announce: boo
         workers: cfg.workers,
         kind: owner.kind,
         maps: owner.maps(),
-        listen,
+        listen: listen.clone(),
         replay: vec![],
         supervisor: std::process::id(),
+        holder: Default::default(),
     };
     let model = Arc::new(Backends::new(&cfg));
     let slots = (0..cfg.workers).map(|_| Slot { io: None, pid: None, started: Instant::now() }).collect();
-    let mut sup = Supervisor { cfg, reload, spec, model, replay: Vec::new(), slots };
+    let holders = (0..cfg.workers as u16)
+        .map(|index| {
+            let spec = HolderSpec {
+                index,
+                pin_path: cfg.pin_path.clone(),
+                socket: lb_common::files::holder_socket(&cfg.runtime_dir, &cfg.pin_path, index),
+                listen: listen.clone(),
+                kernel: owner.kind == Kind::Kernel,
+                idle: cfg.timeouts.idle,
+                supervisor: std::process::id(),
+                takeover: false,
+            };
+            (spec, None)
+        })
+        .collect();
+    let mut sup = Supervisor { cfg, reload, spec, model, replay: Vec::new(), slots, holders };
     let r = supervise(&mut sup, owner.kind, announce.then_some(owner.metrics_addr), ctl).await;
     drop(owner);
     r
 }
-
-type Waits = JoinSet<(usize, std::io::Result<ExitStatus>)>;
 
 async fn supervise(
     sup: &mut Supervisor,
@@ -286,6 +241,19 @@ async fn supervise(
     };
     // A hung worker is seen within a quarter of the timeout after it.
     let mut watch_tick = tokio::time::interval((sup.cfg.timeouts.worker / 4).max(Duration::from_millis(100)));
+    let mut holder_waits = Waits::new();
+    for i in 0..sup.holders.len() {
+        match spawn_holder(&sup.holders[i].0).await {
+            Ok((mut child, pid)) => {
+                sup.holders[i].1 = Some(pid);
+                holder_waits.spawn(async move { (i, child.wait().await) });
+            }
+            Err(e) => {
+                stop_all(&holder_pids(sup), &mut holder_waits).await;
+                return Err(e);
+            }
+        }
+    }
     let mut first_ready = None;
     for i in 0..sup.slots.len() {
         match spawn_worker(sup.spec_for(i)).await {
@@ -295,7 +263,8 @@ async fn supervise(
                 waits.spawn(async move { (i, child.wait().await) });
             }
             Err(e) => {
-                stop_all(&sup.slots, &mut waits).await;
+                stop_all(&worker_pids(&sup.slots), &mut waits).await;
+                stop_all(&holder_pids(sup), &mut holder_waits).await;
                 return Err(e);
             }
         }
@@ -310,6 +279,7 @@ async fn supervise(
             dataplane: kind,
             frontends: ready.frontends,
             workers: pids,
+            holders: holder_pids(sup),
             metrics,
         };
         println!("{}", serde_json::to_string(&r)?);
@@ -378,6 +348,30 @@ async fn supervise(
                     (i, replayed, spawn_worker(spec).await)
                 });
             }
+            Some(Ok((i, status))) = holder_waits.join_next() => {
+                let Some(pid) = sup.holders[i].1.take() else { continue };
+                let why = match status {
+                    Ok(s) => describe(s),
+                    Err(e) => format!("could not be waited for: {e}"),
+                };
+                log::error!(
+                    "holder {i} (pid {pid}) {why}: the connections it held are lost; restarting it \
+                     (worker {i} restarts with it)"
+                );
+                match spawn_holder(&sup.holders[i].0).await {
+                    Ok((mut child, pid)) => {
+                        log::info!("holder {i} restarted as pid {pid}");
+                        sup.holders[i].1 = Some(pid);
+                        holder_waits.spawn(async move { (i, child.wait().await) });
+                    }
+                    Err(e) => {
+                        log::error!("restarting holder {i} failed: {e:#}; stopping");
+                        stop_all(&worker_pids(&sup.slots), &mut waits).await;
+                        stop_all(&holder_pids(sup), &mut holder_waits).await;
+                        return Err(e);
+                    }
+                }
+            }
             Some(Ok((i, replayed, started))) = restarts.join_next() => match started {
                 Ok(Started { mut child, ready, io }) => {
                     log::info!("worker {i} restarted as pid {}", ready.pid);
@@ -387,7 +381,8 @@ async fn supervise(
                 }
                 Err(e) => {
                     log::error!("restarting worker {i} failed: {e:#}; stopping");
-                    stop_all(&sup.slots, &mut waits).await;
+                    stop_all(&worker_pids(&sup.slots), &mut waits).await;
+                    stop_all(&holder_pids(sup), &mut holder_waits).await;
                     return Err(e);
                 }
             },
@@ -395,43 +390,16 @@ async fn supervise(
     }
     log::info!("stopping {} worker(s)", sup.slots.iter().filter(|s| s.pid.is_some()).count());
     restarts.abort_all();
-    stop_all(&sup.slots, &mut waits).await;
+    stop_all(&worker_pids(&sup.slots), &mut waits).await;
+    // Then the holders, which close the connections they keep.
+    stop_all(&holder_pids(sup), &mut holder_waits).await;
     Ok(())
 }
 
-fn describe(s: ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt as _;
-    match (s.code(), s.signal()) {
-        (Some(c), _) => format!("exited with status {c}"),
-        (_, Some(sig)) => format!("was killed by signal {sig}{}", if s.core_dumped() { " (core dumped)" } else { "" }),
-        _ => "ended".into(),
-    }
+fn worker_pids(slots: &[Slot]) -> Vec<u32> {
+    slots.iter().filter_map(|s| s.pid).collect()
 }
 
-fn signal(pid: u32, sig: rustix::process::Signal) {
-    if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
-        let _ = rustix::process::kill_process(p, sig);
-    }
-}
-
-async fn stop_all(slots: &[Slot], waits: &mut Waits) {
-    let pids: Vec<u32> = slots.iter().filter_map(|s| s.pid).collect();
-    for &pid in &pids {
-        signal(pid, rustix::process::Signal::TERM);
-    }
-    let deadline = tokio::time::Instant::now() + STOP_GRACE;
-    while !waits.is_empty() {
-        match tokio::time::timeout_at(deadline, waits.join_next()).await {
-            Ok(Some(_)) => {}
-            Ok(None) => break,
-            Err(_) => {
-                for &pid in &pids {
-                    log::warn!("worker pid {pid} did not stop within {STOP_GRACE:?}; killing it");
-                    signal(pid, rustix::process::Signal::KILL);
-                }
-                while waits.join_next().await.is_some() {}
-                break;
-            }
-        }
-    }
+fn holder_pids(sup: &Supervisor) -> Vec<u32> {
+    sup.holders.iter().filter_map(|h| h.1).collect()
 }

@@ -1,12 +1,16 @@
-//! A worker process (`lb worker`, started by the supervisor): it binds the
-//! frontends with `SO_REUSEPORT` (the kernel spreads clients over the
-//! workers), opens the pinned maps, and serves until SIGTERM, applying the
-//! commands its supervisor sends on stdin (one JSON line each, answered
-//! with one line on stdout).
+//! A worker process (`lb worker`, started by the supervisor): it takes its
+//! slot's frontend sockets from the slot's holder (bound there with
+//! `SO_REUSEPORT`: the kernel spreads clients over the slots), counts the
+//! connections the holder already keeps, opens the pinned maps, and serves
+//! until SIGTERM, applying the commands its supervisor sends on stdin (one
+//! JSON line each, answered with one line on stdout). Spliced connections
+//! go to the holder and outlive the worker.
 
 use std::{
     net::SocketAddr,
+    path::PathBuf,
     sync::{Arc, Mutex, atomic::Ordering::Relaxed},
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
@@ -21,9 +25,15 @@ use super::{Ready, ReadyFrontend, raise_fd_limit, wait_for_signal};
 use crate::{
     config::{Config, Overrides, host::AlreadyChecked},
     control::{self, Reply},
-    dataplane::{self, Kind},
-    kernel::maps::StatMaps,
-    observe::{counters::Counters, publish::Publisher},
+    dataplane::{
+        self, Kind,
+        holder::{
+            link::{Link, Welcome},
+            wire::Held,
+        },
+    },
+    kernel::{maps::StatMaps, sys},
+    observe::{conn::ConnGuard, counters::Counters, publish::Publisher},
     proxy::{Shared, accept},
     servers::{Backends, command::Command},
 };
@@ -45,7 +55,12 @@ pub struct WorkerSpec {
     pub replay: Vec<Command>,
     /// The supervisor's pid: the worker exits if that process goes.
     pub supervisor: u32,
+    /// The socket of the slot's holder.
+    pub holder: PathBuf,
 }
+
+/// How long a worker waits for its slot's holder (restarted beside it).
+const HOLDER_WAIT: Duration = Duration::from_secs(10);
 
 /// `lb worker`: reads a [`WorkerSpec`] (first line of stdin) and serves.
 pub async fn run() -> anyhow::Result<()> {
@@ -66,7 +81,10 @@ pub async fn run() -> anyhow::Result<()> {
     for (f, a) in cfg.frontends.iter_mut().zip(&spec.listen) {
         f.listen = *a;
     }
-    let listeners = accept::bind_all(&cfg.frontends, true)?;
+    let (link, welcome) = Link::connect(&spec.holder, HOLDER_WAIT)?;
+    if welcome.listeners.len() != cfg.frontends.len() {
+        bail!("the holder has {} listeners for {} frontends", welcome.listeners.len(), cfg.frontends.len());
+    }
     let (tx, ctl) = mpsc::channel(16);
     // Commands arrive only after the ready line, so answers never precede it.
     tokio::spawn(async move {
@@ -84,7 +102,35 @@ pub async fn run() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&Reply::from(r)).unwrap_or_default());
         }
     });
-    serve(cfg, &spec, listeners, ctl).await
+    serve(cfg, &spec, Arc::new(link), welcome, ctl).await
+}
+
+/// Counts the connections the holder kept from an earlier worker of the
+/// slot, as if this one had made them.
+fn adopt(live: Vec<Held>, link: &Link, shared: &Shared, permits: &[Option<Arc<Semaphore>>], global: &Arc<Semaphore>) {
+    let now = sys::monotonic_coarse_ns();
+    let n = live.len();
+    for h in live {
+        let server = shared.backends.list.get(usize::from(h.backend)).and_then(|b| {
+            let s = b
+                .servers()
+                .iter()
+                .chain(&shared.backends.retiring_servers())
+                .find(|s| s.cfg.addr.0 == h.server)?
+                .clone();
+            let want = (s.pairs.len() > 1 || s.pairs[0].source.is_some()).then(|| h.source.ip());
+            let p = s.pairs.iter().find(|p| p.source == want)?.clone();
+            Some((s, p))
+        });
+        let own = permits.get(usize::from(h.frontend)).cloned().flatten().and_then(|f| f.try_acquire_owned().ok());
+        let permits = [own, global.clone().try_acquire_owned().ok()];
+        let age = Duration::from_nanos(now.saturating_sub(h.start_ns));
+        let guard = ConnGuard::adopted(shared.stats.clone(), permits, h.client, shared.access_log, age, server);
+        link.adopt(h.id, guard);
+    }
+    if n > 0 {
+        log::info!("took over {n} spliced connection(s) from the slot's holder");
+    }
 }
 
 /// Serves `listeners` until SIGINT or SIGTERM, applying the commands that
@@ -93,13 +139,15 @@ pub async fn run() -> anyhow::Result<()> {
 async fn serve(
     cfg: Config,
     spec: &WorkerSpec,
-    listeners: Vec<(crate::config::FrontendConfig, tokio::net::TcpListener)>,
+    link: Arc<Link>,
+    welcome: Welcome,
     mut ctl: mpsc::Receiver<control::Msg>,
 ) -> anyhow::Result<()> {
     let per_worker = cfg.maxconn_per_worker();
     raise_fd_limit(per_worker);
     let stats = Arc::new(Counters::default());
-    let dataplane = dataplane::open(spec.kind, &cfg.pin_path, stats.clone(), cfg.timeouts.idle, spec.index)?;
+    let dataplane =
+        dataplane::open(spec.kind, &cfg.pin_path, stats.clone(), cfg.timeouts.idle, spec.index, link.clone())?;
     let backends = Arc::new(Backends::new(&cfg));
     for c in &spec.replay {
         if let Err(e) = backends.apply(c) {
@@ -124,16 +172,26 @@ async fn serve(
         connect_attempts: cfg.connect_attempts,
     });
     let global = Arc::new(Semaphore::new(per_worker as usize));
+    let own: Vec<Option<Arc<Semaphore>>> = cfg
+        .frontends
+        .iter()
+        .map(|f| f.maxconn.map(|m| Arc::new(Semaphore::new(m.div_ceil(cfg.workers) as usize))))
+        .collect();
+    adopt(welcome.live, &link, &shared, &own, &global);
+    std::thread::Builder::new().name("lb-holder-link".into()).spawn(move || link.run())?;
     let mut ready = Ready {
         event: "ready".into(),
         pid: std::process::id(),
         dataplane: spec.kind,
         frontends: vec![],
         workers: vec![],
+        holders: vec![],
         metrics: None,
     };
     let mut accepts = JoinSet::new();
-    for (f, l) in listeners {
+    for (i, (f, l)) in cfg.frontends.iter().zip(welcome.listeners).enumerate() {
+        l.set_nonblocking(true)?;
+        let l = tokio::net::TcpListener::from_std(l)?;
         let addr = l.local_addr()?;
         log::info!(
             "frontend \"{}\" listening on {addr} -> backend \"{}\"",
@@ -141,9 +199,8 @@ async fn serve(
             shared.backends.list[f.backend].name
         );
         ready.frontends.push(ReadyFrontend { name: f.name.clone(), listen: addr });
-        let own = f.maxconn.map(|m| Arc::new(Semaphore::new(m.div_ceil(cfg.workers) as usize)));
-        let route = Arc::new(accept::Route::of(&f, cfg.timeouts.client_hello));
-        accepts.spawn(accept::accept_loop(l, route, global.clone(), own, shared.clone()));
+        let route = Arc::new(accept::Route::of(i, f, cfg.timeouts.client_hello));
+        accepts.spawn(accept::accept_loop(l, route, global.clone(), own[i].clone(), shared.clone()));
     }
     println!("{}", serde_json::to_string(&ready).unwrap_or_default());
 
@@ -173,7 +230,7 @@ async fn serve(
             }
         }
     }
-    log::info!("stopping: closing listeners and {} connections", stats.active.load(Relaxed));
+    log::info!("stopping: {} connection(s) open", stats.active.load(Relaxed));
     accepts.abort_all();
     while accepts.join_next().await.is_some() {}
     dataplane.shutdown();

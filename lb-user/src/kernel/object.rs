@@ -28,6 +28,18 @@ pub struct Meta {
     pub dataplane: String,
     /// Backend names by index (`LB_SERVERS` keys carry the index).
     pub backends: Vec<String>,
+    /// [`lb_common::maps::layout`] of the binary that made the maps.
+    #[serde(default)]
+    pub layout: String,
+}
+
+impl Meta {
+    fn write(&self, run_dir: &Path, pin_path: &Path) {
+        let path = run_file(run_dir, pin_path, "json");
+        if let Err(e) = fs::write(&path, serde_json::to_vec(self).unwrap_or_default()) {
+            log::warn!("writing {}: {e} (`lb stats` will show backend numbers, not names)", path.display());
+        }
+    }
 }
 
 impl Meta {
@@ -80,7 +92,10 @@ pub struct Objects {
     run_dir: PathBuf,
     /// Owns the program (and its attachment) and the maps.
     ebpf: Option<aya::Ebpf>,
-    _lock: super::lock::Lock,
+    /// Taken over from an earlier binary's instance: no `ebpf` of its own,
+    /// but the pins are this process's to remove.
+    adopted: bool,
+    lock: Option<super::lock::Lock>,
 }
 
 impl Objects {
@@ -130,13 +145,76 @@ impl Objects {
             remove_pins(pin_path);
             return Err(e);
         }
-        let meta =
-            Meta { pid: std::process::id(), dataplane: if program { "kernel" } else { "userspace" }.into(), backends };
-        let meta_path = run_file(run_dir, pin_path, "json");
-        if let Err(e) = fs::write(&meta_path, serde_json::to_vec(&meta).unwrap_or_default()) {
-            log::warn!("writing {}: {e} (`lb stats` will show backend numbers, not names)", meta_path.display());
+        let meta = Meta {
+            pid: std::process::id(),
+            dataplane: if program { "kernel" } else { "userspace" }.into(),
+            backends,
+            layout: lb_common::maps::layout(),
+        };
+        meta.write(run_dir, pin_path);
+        Ok(Self {
+            pin_path: pin_path.to_owned(),
+            run_dir: run_dir.to_owned(),
+            ebpf: Some(ebpf),
+            adopted: false,
+            lock: Some(lock),
+        })
+    }
+
+    /// Takes over the object a running instance of an earlier binary
+    /// pinned at `pin_path` (`lb upgrade`): the maps and the attached
+    /// verdict stay as they are. Fails, changing nothing, unless the pins
+    /// are there and laid out as this binary expects. The pin-path lock is
+    /// still the old instance's: see [`Self::take_lock`]. Returns the data
+    /// plane the old instance ran.
+    pub fn adopt(run_dir: &Path, pin_path: &Path) -> Result<(Self, Meta), KernelError> {
+        check_bpffs(pin_path)?;
+        let meta = Meta::read(run_dir, pin_path).ok_or_else(|| {
+            KernelError::Program(format!("no instance metadata at {}", run_file(run_dir, pin_path, "json").display()))
+        })?;
+        let ours = lb_common::maps::layout();
+        if meta.layout != ours {
+            return Err(KernelError::Program(format!(
+                "the running instance's maps are laid out differently (theirs: {:?}; this binary: {ours:?}): \
+                 stop and start instead",
+                meta.layout
+            )));
         }
-        Ok(Self { pin_path: pin_path.to_owned(), run_dir: run_dir.to_owned(), ebpf: Some(ebpf), _lock: lock })
+        for name in PINNED {
+            MapData::from_pin(pin_path.join(name)).map_err(|source| KernelError::Map { name, source })?;
+        }
+        let me =
+            Self { pin_path: pin_path.to_owned(), run_dir: run_dir.to_owned(), ebpf: None, adopted: true, lock: None };
+        Ok((me, meta))
+    }
+
+    /// Takes the pin-path lock of an adopted object once the old instance
+    /// has let it go (waiting up to `within`), and records this process in
+    /// the metadata.
+    pub fn take_lock(&mut self, meta: Meta, within: std::time::Duration) -> Result<(), KernelError> {
+        let deadline = std::time::Instant::now() + within;
+        let lock = loop {
+            match lock_pin_path(&self.run_dir, &self.pin_path) {
+                Ok(l) => break l,
+                Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        };
+        self.lock = Some(lock);
+        Meta { pid: std::process::id(), ..meta }.write(&self.run_dir, &self.pin_path);
+        Ok(())
+    }
+
+    /// Hands the object to the instance of a new binary (`lb upgrade`):
+    /// the pins, the attached verdict and the metadata stay; the lock is
+    /// released at once.
+    pub fn leave(&mut self) {
+        if let Some(ebpf) = self.ebpf.take() {
+            // Dropping it would detach the verdict from LB_SPLICE.
+            std::mem::forget(ebpf);
+        }
+        self.adopted = false;
+        self.lock = None;
     }
 
     /// Loads the XDP guard and attaches it to each of `interfaces`, natively
@@ -167,8 +245,9 @@ impl Objects {
     /// Detaches and unloads the program and removes the pins, the metadata
     /// and the lock file.
     pub fn close(&mut self) {
-        if let Some(ebpf) = self.ebpf.take() {
-            drop(ebpf);
+        let owned = self.ebpf.is_some() || std::mem::take(&mut self.adopted);
+        drop(self.ebpf.take());
+        if owned {
             remove_pins(&self.pin_path);
             let _ = fs::remove_file(run_file(&self.run_dir, &self.pin_path, "json"));
             // Still held by us, so nobody waits on it; the next start makes a new one.

@@ -63,6 +63,8 @@ pub struct ConnGuard {
     _permits: [Option<OwnedSemaphorePermit>; 2],
     /// Boxed: a connection without an access log carries 8 bytes, not ~120.
     access: Option<Box<AccessInfo>>,
+    /// See [`Self::hand_over`].
+    handed_over: bool,
 }
 
 impl ConnGuard {
@@ -83,7 +85,7 @@ impl ConnGuard {
                 reason: CloseReason::Error,
             })
         });
-        Self { stats, server: None, _permits: permits, access }
+        Self { stats, server: None, _permits: permits, access, handed_over: false }
     }
     /// Records why the connection ends (the last call wins).
     pub fn set_reason(&mut self, r: CloseReason) {
@@ -121,6 +123,40 @@ impl ConnGuard {
     }
 }
 
+impl ConnGuard {
+    /// A connection a holder kept from an earlier worker: counted live
+    /// again here, on `server`'s slot and `pair`'s port (both taken even
+    /// above their limits: the connection exists), without counting it
+    /// accepted or connected a second time.
+    pub fn adopted(
+        stats: Arc<Counters>,
+        permits: [Option<OwnedSemaphorePermit>; 2],
+        client: std::net::SocketAddr,
+        access_log: bool,
+        age: std::time::Duration,
+        server: Option<(Arc<ServerState>, Arc<PairState>)>,
+    ) -> Self {
+        let mut g = Self::new(stats, permits, client, access_log);
+        if let Some(a) = &mut g.access {
+            a.start = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        }
+        if let Some((s, p)) = &server {
+            s.active.fetch_add(1, Relaxed);
+            p.in_use.fetch_add(1, Relaxed);
+        }
+        g.server = server;
+        g
+    }
+
+    /// This process stops counting a connection that goes on (another
+    /// process will adopt it): slots and permits are freed, no close is
+    /// counted and no access-log line written.
+    pub fn hand_over(mut self) {
+        self.access = None;
+        self.handed_over = true;
+    }
+}
+
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         if let Some(a) = &self.access {
@@ -141,6 +177,8 @@ impl Drop for ConnGuard {
             server.release();
         }
         self.stats.active.fetch_sub(1, Relaxed);
-        self.stats.closed.fetch_add(1, Relaxed);
+        if !self.handed_over {
+            self.stats.closed.fetch_add(1, Relaxed);
+        }
     }
 }

@@ -10,7 +10,6 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Context as _;
 use tokio::{
     io::AsyncWriteExt as _,
     net::{TcpListener, TcpSocket, TcpStream},
@@ -47,22 +46,11 @@ pub fn bind(addr: SocketAddr, reuseport: bool) -> io::Result<TcpListener> {
     sock.listen(BACKLOG)
 }
 
-/// Binds every frontend before anything else starts: a busy address is an
-/// error naming the frontend.
-pub fn bind_all(frontends: &[FrontendConfig], reuseport: bool) -> anyhow::Result<Vec<(FrontendConfig, TcpListener)>> {
-    frontends
-        .iter()
-        .map(|f| {
-            let l =
-                bind(f.listen, reuseport).with_context(|| format!("frontend \"{}\": listen {}", f.name, f.listen))?;
-            Ok((f.clone(), l))
-        })
-        .collect()
-}
-
 /// Where a frontend's clients go, and what lb waits for before choosing.
 #[derive(Debug)]
 pub struct Route {
+    /// Index of the frontend, in config order.
+    pub frontend: usize,
     pub backend: usize,
     /// Close a client silent this long (`first_byte_timeout`).
     pub first_byte: Option<Duration>,
@@ -71,8 +59,13 @@ pub struct Route {
 }
 
 impl Route {
-    pub fn of(f: &FrontendConfig, client_hello: Duration) -> Self {
-        Route { backend: f.backend, first_byte: f.first_byte_timeout, sni: f.sni.clone().map(|s| (s, client_hello)) }
+    pub fn of(frontend: usize, f: &FrontendConfig, client_hello: Duration) -> Self {
+        Route {
+            frontend,
+            backend: f.backend,
+            first_byte: f.first_byte_timeout,
+            sni: f.sni.clone().map(|s| (s, client_hello)),
+        }
     }
 }
 
@@ -225,7 +218,8 @@ async fn handle(
             return;
         }
     };
-    if let Err(e) = shared.dataplane.splice(Spliced { socks: Socks::new(client, server), guard, addrs }) {
+    let route = [route.frontend as u16, backend as u16];
+    if let Err(e) = shared.dataplane.splice(Spliced { socks: Socks::new(client, server), guard, addrs, route }) {
         log::warn!("client {addr} -> {target_addr}: {e}; both sides reset");
     }
 }

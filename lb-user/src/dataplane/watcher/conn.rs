@@ -9,10 +9,7 @@ use std::{
 
 use rustix::event::epoll::EventFlags;
 
-use crate::{
-    kernel::{maps::ConnMaps, sys},
-    observe::conn::ConnGuard,
-};
+use crate::kernel::{maps::ConnMaps, sys};
 
 /// A half-closed direction whose peer accepts no bytes for this long is reset.
 const DRAIN_STALL: Duration = Duration::from_secs(60);
@@ -65,7 +62,6 @@ pub(super) struct Conn {
     pub wr_shut: [bool; 2],
     /// The bytes received on each side, on their way to the other.
     pub flows: [Flow; 2],
-    pub guard: ConnGuard,
 }
 
 pub(super) enum Next {
@@ -160,6 +156,17 @@ impl Conn {
             }
         }
         if self.rd_closed == [true; 2] && self.wr_shut == [true; 2] { Next::Close } else { Next::Keep }
+    }
+
+    /// Lets go of the connection without closing it.
+    pub fn detach(self, id: u64) -> super::Detached {
+        let copy = match &self.flows[CLIENT] {
+            Flow::User(c) => {
+                Some(super::CopyState { pending: c.buf[c.off..c.len].to_vec(), eof: c.eof, bytes: c.bytes })
+            }
+            Flow::Kernel(_) => None,
+        };
+        super::Detached { id, socks: self.socks, copy }
     }
 
     /// Whether an EOF forward waits for the kernel to finish delivering.

@@ -6,22 +6,27 @@
 //! - on FIN from one side, waits until every byte that side sent has been
 //!   redirected and queued on the peer, then `shutdown(Write)`s the peer;
 //! - on a reset or error, closes the peer abortively (RST) and both sockets;
-//! - closes both sockets once both directions are finished.
+//! - closes both sockets once both directions are finished,
+//!
+//! and tells its [`Report`] how each connection ended. It runs in the
+//! holder process ([`super::holder`]), so a worker that dies takes none of
+//! these connections with it.
 
 mod conn;
 
 use std::{
     collections::{HashMap, HashSet},
-    net::Shutdown,
+    net::{Shutdown, TcpStream},
     os::fd::OwnedFd,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
 };
 
+use super::holder::wire::CopyState;
 pub use conn::Dir;
 use conn::{CLIENT, COPY_BUF, Conn, Copy, Flow, Next, interest};
 use rustix::event::{
@@ -29,11 +34,15 @@ use rustix::event::{
     epoll::{self, EventData, EventFlags},
 };
 
-use super::{SpliceError, Spliced};
-use crate::{
-    kernel::{maps::ConnMaps, sys},
-    observe::{conn::CloseReason, counters::Counters},
-};
+use super::holder::wire::{Closed, Ending};
+use crate::kernel::{maps::ConnMaps, sys};
+
+/// Where the watcher says how its connections ended.
+pub trait Report: Send + 'static {
+    fn closed(&mut self, c: Closed);
+    /// Called once per round of the watcher's loop, after its closes.
+    fn flush(&mut self);
+}
 
 /// Epoll key of the wake-up eventfd; sockets use `id << 1 | side`.
 const WAKE: u64 = u64::MAX;
@@ -69,10 +78,19 @@ struct Shared {
     /// New connections. `watch` holds this lock only to push, so accepting
     /// never waits for the watcher's map work.
     inbox: Mutex<Inbox>,
-    next_id: AtomicU64,
     stopping: AtomicBool,
-    stats: Arc<Counters>,
+    /// Set with `stopping`: keep the connections open and hand them out.
+    detach: AtomicBool,
+    detached: Mutex<Vec<Detached>>,
     idle: Duration,
+}
+
+/// A connection the watcher let go of without closing it ([`Watcher::detach`]).
+pub struct Detached {
+    pub id: u64,
+    pub socks: [TcpStream; 2],
+    /// Of the copied client side, if it is copied.
+    pub copy: Option<CopyState>,
 }
 
 impl Shared {
@@ -85,85 +103,105 @@ impl Shared {
     }
 }
 
-pub(super) struct Watcher {
+pub struct Watcher {
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Watcher {
     /// `maps`: the thread's own handles to the pinned maps.
-    pub fn start(maps: ConnMaps, stats: Arc<Counters>, idle: Duration) -> std::io::Result<Self> {
+    pub fn start(maps: ConnMaps, idle: Duration, report: impl Report) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             epoll: epoll::create(epoll::CreateFlags::CLOEXEC)?,
             wake: rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?,
             inbox: Mutex::new(Inbox::default()),
-            next_id: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
-            stats,
+            detach: AtomicBool::new(false),
+            detached: Mutex::new(Vec::new()),
             idle,
         });
         epoll::add(&shared.epoll, &shared.wake, EventData::new_u64(WAKE), EventFlags::IN)?;
         let s = shared.clone();
-        let thread = std::thread::Builder::new().name("lb-splice-watch".into()).spawn(move || run(&s, maps))?;
+        let thread = std::thread::Builder::new().name("lb-splice-watch".into()).spawn(move || run(&s, maps, report))?;
         Ok(Self { shared, thread: Mutex::new(Some(thread)) })
     }
 
-    /// Starts watching a spliced connection; from here on it owns both sockets.
+    /// Starts watching a spliced connection `[client, server]` under `id`
+    /// (unique among the connections watched, below 2^63); from here on it
+    /// owns both sockets, and on error it has reset them.
     ///
     /// The sockets join the epoll set before the connection reaches the
     /// thread (so nothing can close them while they are being added); an
-    /// event that beats the connection there is kept until it arrives.
-    /// `dirs`: how the bytes each side receives move (client's, server's).
+    /// event that beats the connection there is kept until it arrives. A
+    /// FIN or reset that came before this call is reported at once by the
+    /// registration itself.
+    /// `dirs`: how the bytes each side receives move (client's, server's);
+    /// `copy`: where a copied client side stands, for one handed over.
     pub fn watch(
         &self,
-        conn: Spliced,
+        id: u64,
+        socks: [TcpStream; 2],
         cookies: [u64; 2],
         written_base: [u64; 2],
         dirs: [Dir; 2],
-    ) -> Result<(), SpliceError> {
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let socks = [conn.socks.client(), conn.socks.server()];
-        for (side, sock) in socks.into_iter().enumerate() {
+        copy: Option<CopyState>,
+    ) -> std::io::Result<()> {
+        for (side, sock) in socks.iter().enumerate() {
             let key = EventData::new_u64(id << 1 | side as u64);
             if let Err(e) = epoll::add(&self.shared.epoll, sock, key, interest(side, dirs)) {
                 if side == 1 {
-                    let _ = epoll::delete(&self.shared.epoll, socks[0]);
+                    let _ = epoll::delete(&self.shared.epoll, &socks[0]);
                 }
                 let _ = self.send(Msg::Cancel(id));
-                return Err(SpliceError::Socket(e.into()));
+                for s in &socks {
+                    let _ = sys::set_linger_zero(s);
+                }
+                return Err(e.into());
             }
         }
+        let copy = copy.unwrap_or_default();
         let flows = dirs.map(|d| match d {
             Dir::Kernel => Flow::Kernel(None),
-            Dir::User => Flow::User(Box::new(Copy {
-                buf: vec![0; COPY_BUF].into_boxed_slice(),
-                len: 0,
-                off: 0,
-                eof: false,
-                bytes: 0,
-                last_ns: sys::monotonic_coarse_ns(),
-            })),
+            Dir::User => {
+                let mut buf = vec![0; COPY_BUF.max(copy.pending.len())].into_boxed_slice();
+                buf[..copy.pending.len()].copy_from_slice(&copy.pending);
+                Flow::User(Box::new(Copy {
+                    buf,
+                    len: copy.pending.len(),
+                    off: 0,
+                    eof: copy.eof,
+                    bytes: copy.bytes,
+                    last_ns: sys::monotonic_coarse_ns(),
+                }))
+            }
         });
-        let conn = Conn {
-            socks: conn.socks.take(),
-            cookies,
-            written_base,
-            rd_closed: [false; 2],
-            wr_shut: [false; 2],
-            flows,
-            guard: conn.guard,
-        };
-        self.send(Msg::Watch(id, conn))
+        let copied = dirs.contains(&Dir::User);
+        let conn = Conn { socks, cookies, written_base, rd_closed: [false; 2], wr_shut: [false; 2], flows };
+        self.send(Msg::Watch(id, conn))?;
+        if copied {
+            // A copied side is looked at once on arrival, even without an event.
+            self.shared.notify();
+        }
+        Ok(())
     }
 
-    fn send(&self, m: Msg) -> Result<(), SpliceError> {
+    fn send(&self, m: Msg) -> std::io::Result<()> {
         let mut inbox = self.shared.inbox.lock().unwrap_or_else(|e| e.into_inner());
         if inbox.closed {
             // The thread has stopped: `m` (and the sockets it holds) is dropped here.
-            return Err(SpliceError::ShuttingDown);
+            return Err(std::io::Error::other("the close watcher is stopping"));
         }
         inbox.msgs.push(m);
         Ok(())
+    }
+
+    /// Ends the thread without closing anything: every connection, with
+    /// its sockets, is handed back (their registrations go with the
+    /// watcher's epoll instance when it is dropped).
+    pub fn detach(&self) -> Vec<Detached> {
+        self.shared.detach.store(true, Ordering::Release);
+        self.stop();
+        std::mem::take(&mut *self.shared.detached.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Closes every connection and ends the thread.
@@ -210,7 +248,7 @@ fn sweep_interval(idle: Duration) -> Duration {
     (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(10))
 }
 
-fn run(shared: &Shared, mut maps: ConnMaps) {
+fn run(shared: &Shared, mut maps: ConnMaps, mut report: impl Report) {
     let mut buf: Vec<epoll::Event> = Vec::with_capacity(512);
     let sweep_every = sweep_interval(shared.idle);
     let mut next_sweep = Instant::now() + sweep_every;
@@ -283,43 +321,44 @@ fn run(shared: &Shared, mut maps: ConnMaps) {
             let Some(conn) = t.conns.remove(&id) else {
                 continue;
             };
-            let mut conn = conn;
-            conn.guard.set_reason(match next {
-                Next::Abort(_) => CloseReason::Rst,
-                Next::Idle => CloseReason::Idle,
-                Next::Keep | Next::Close => CloseReason::Fin,
-            });
-            match next {
+            let how = match next {
                 Next::Abort(side) => {
                     let _ = sys::set_linger_zero(&conn.socks[1 - side]);
-                    shared.stats.aborted.fetch_add(1, Ordering::Relaxed);
+                    Ending::Rst
                 }
                 Next::Idle => {
                     log::debug!("closing a connection idle for more than {:?}", shared.idle);
                     for s in &conn.socks {
                         let _ = s.shutdown(Shutdown::Both);
                     }
-                    shared.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+                    Ending::Idle
                 }
-                Next::Keep | Next::Close => {}
-            }
-            close(&mut maps, conn);
+                Next::Keep | Next::Close => Ending::Fin,
+            };
+            report.closed(close(&mut maps, id, conn, how));
         }
         if shared.stopping.load(Ordering::Acquire) {
             t.receive(shared, true);
             t.pending.clear();
-            for (_, mut conn) in t.conns.drain() {
-                conn.guard.set_reason(CloseReason::Shutdown);
-                close(&mut maps, conn);
+            if shared.detach.load(Ordering::Acquire) {
+                let mut out = shared.detached.lock().unwrap_or_else(|e| e.into_inner());
+                out.extend(t.conns.drain().map(|(id, c)| c.detach(id)));
+                report.flush();
+                return;
             }
+            for (id, conn) in t.conns.drain() {
+                report.closed(close(&mut maps, id, conn, Ending::Shutdown));
+            }
+            report.flush();
             return;
         }
+        report.flush();
     }
 }
 
-fn close(maps: &mut ConnMaps, mut conn: Conn) {
+fn close(maps: &mut ConnMaps, id: u64, conn: Conn, how: Ending) -> Closed {
     let bytes = conn.bytes(maps);
-    conn.guard.add_bytes(bytes[CLIENT], bytes[1 - CLIENT]);
     maps.forget_closing(conn.cookies);
     drop(conn); // closes both sockets, exactly once
+    Closed { id, bytes: [bytes[CLIENT], bytes[1 - CLIENT]], how }
 }

@@ -1,0 +1,276 @@
+//! The holder: the process that keeps a worker's spliced connections.
+//!
+//! Each worker slot has one holder. It binds the frontends (and hands the
+//! listening sockets to every worker started in the slot, so a worker that
+//! dies leaves its clients waiting in the backlog instead of refused),
+//! takes each connection the worker splices ([`wire::ToHolder::Hold`],
+//! both sockets in `SCM_RIGHTS`), and runs the close [`Watcher`] on them.
+//! The kernel splices for as long as a process holds the sockets, so a
+//! worker can crash or be killed without a spliced connection noticing.
+//! The holder parses no client input, no configuration and checks no
+//! server: what is left to go wrong in it is little.
+//!
+//! A worker that starts in the slot says [`wire::ToHolder::Hello`] and gets
+//! the listeners and the list of connections held (to count them, and to
+//! learn when each ends); then [`wire::ToWorker::Closed`] batches as they end.
+
+mod handover;
+pub mod link;
+pub mod wire;
+
+use std::{
+    collections::HashMap,
+    net::TcpStream,
+    os::fd::{AsFd, OwnedFd},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+
+pub use handover::take_over;
+use rustix::net::{AddressFamily, RecvFlags, SocketAddrUnix, SocketFlags, SocketType};
+use wire::{CHUNK, Closed, CopyState, Held, ToHolder, ToWorker, VERSION};
+
+use super::watcher::{Dir, Report, Watcher};
+use crate::kernel::maps::ConnMaps;
+
+/// How long a send to a worker may block before the worker is dropped.
+const SEND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the watcher thread and the worker connection share.
+#[derive(Default)]
+struct State {
+    /// The worker connected now, if any.
+    worker: Option<Arc<OwnedFd>>,
+    live: HashMap<u64, Held>,
+    /// Closes not yet sent to the worker.
+    closed: Vec<Closed>,
+}
+
+#[derive(Clone)]
+struct Reporter(Arc<Mutex<State>>);
+
+impl Report for Reporter {
+    fn closed(&mut self, c: Closed) {
+        let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        st.live.remove(&c.id);
+        if st.worker.is_some() {
+            st.closed.push(c);
+        }
+    }
+
+    fn flush(&mut self) {
+        let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if st.closed.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut st.closed);
+        let Some(w) = st.worker.clone() else { return };
+        for chunk in batch.chunks(CHUNK) {
+            if let Err(e) = wire::send(&*w, &ToWorker::Closed(chunk.to_vec()), &[]) {
+                log::warn!("telling the worker about {} closed connection(s): {e}; dropping it", chunk.len());
+                st.worker = None;
+                return;
+            }
+        }
+    }
+}
+
+/// The holder of one worker slot.
+pub struct Holder {
+    state: Arc<Mutex<State>>,
+    /// `None` on the userspace plane, and while connections are handed over.
+    watcher: Mutex<Option<Watcher>>,
+    /// The pinned maps, on the kernel plane.
+    pin_path: Option<PathBuf>,
+    idle: Duration,
+    listeners: Vec<std::net::TcpListener>,
+    socket: Option<OwnedFd>,
+}
+
+impl Holder {
+    /// A holder of `listeners`; with `pin_path` (the kernel plane's pinned
+    /// maps) it also keeps and watches spliced connections.
+    pub fn new(listeners: Vec<std::net::TcpListener>, pin_path: Option<&Path>, idle: Duration) -> anyhow::Result<Self> {
+        let state = Arc::new(Mutex::new(State::default()));
+        let mut h = Self {
+            state,
+            watcher: Mutex::new(None),
+            pin_path: pin_path.map(Path::to_owned),
+            idle,
+            listeners,
+            socket: None,
+        };
+        if pin_path.is_some() {
+            let w = h.start_watcher()?;
+            h.watcher = Mutex::new(Some(w));
+        }
+        Ok(h)
+    }
+
+    fn start_watcher(&self) -> anyhow::Result<Watcher> {
+        let path = self.pin_path.as_deref().context("no pinned maps")?;
+        let maps =
+            ConnMaps::open(path).map_err(|e| anyhow::anyhow!("opening the pinned maps at {}: {e}", path.display()))?;
+        Ok(Watcher::start(maps, self.idle, Reporter(self.state.clone()))?)
+    }
+
+    /// Binds the socket at `path` (mode 0600) where the slot's workers find it.
+    pub fn bind(&mut self, path: &Path) -> std::io::Result<()> {
+        let _ = std::fs::remove_file(path);
+        let socket = rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)?;
+        let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+        let bound = rustix::net::bind(&socket, &SocketAddrUnix::new(path)?);
+        rustix::process::umask(old);
+        bound?;
+        rustix::net::listen(&socket, 4)?;
+        self.socket = Some(socket);
+        Ok(())
+    }
+
+    /// Serves the slot's workers, one at a time, until the process ends
+    /// (or a holder of a new binary takes everything over).
+    pub fn serve(&self) {
+        let Some(socket) = &self.socket else { return };
+        loop {
+            let conn = match rustix::net::accept_with(socket, SocketFlags::CLOEXEC) {
+                Ok(c) => Arc::new(c),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    log::error!("holder: accepting a worker: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            if let Err(e) = rustix::net::sockopt::set_socket_timeout(
+                &*conn,
+                rustix::net::sockopt::Timeout::Send,
+                Some(SEND_TIMEOUT),
+            ) {
+                log::warn!("holder: send timeout: {e}");
+            }
+            match self.session(&conn) {
+                Ok(()) => log::info!("the worker left; {} connection(s) held", self.held()),
+                Err(e) => log::warn!("worker connection ended: {e}; {} connection(s) held", self.held()),
+            }
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if st.worker.as_ref().is_some_and(|w| Arc::ptr_eq(w, &conn)) {
+                st.worker = None;
+                st.closed.clear();
+            }
+        }
+    }
+
+    /// One peer: a worker of the slot, or a new holder taking over.
+    fn session(&self, conn: &Arc<OwnedFd>) -> std::io::Result<()> {
+        match wire::recv::<ToHolder>(&**conn)? {
+            Some((ToHolder::Hello { version: VERSION, pid }, _)) => {
+                log::info!("worker pid {pid} connected");
+                self.worker(conn)
+            }
+            Some((ToHolder::Takeover { version: VERSION, pid }, _)) => {
+                log::info!("holder pid {pid} of a new binary takes over");
+                self.hand_over(conn)
+            }
+            Some((ToHolder::Hello { version, .. } | ToHolder::Takeover { version, .. }, _)) => {
+                Err(std::io::Error::other(format!("peer speaks version {version}, this holder {VERSION}")))
+            }
+            other => Err(std::io::Error::other(format!("expected a hello, got {other:?}"))),
+        }
+    }
+
+    fn held(&self) -> usize {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).live.len()
+    }
+
+    /// One worker, from its hello to its end.
+    fn worker(&self, conn: &Arc<OwnedFd>) -> std::io::Result<()> {
+        {
+            // Under the lock: every close after this snapshot reaches the worker after it.
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let fds: Vec<_> = self.listeners.iter().map(|l| l.as_fd()).collect();
+            wire::send(&**conn, &ToWorker::Welcome { version: VERSION, listeners: fds.len() }, &fds)?;
+            let live: Vec<Held> = st.live.values().cloned().collect();
+            for chunk in live.chunks(CHUNK) {
+                wire::send(&**conn, &ToWorker::Live(chunk.to_vec()), &[])?;
+            }
+            wire::send(&**conn, &ToWorker::LiveEnd, &[])?;
+            st.closed.clear();
+            st.worker = Some(conn.clone());
+        }
+        // Answers go out when no message waits: one per burst, not per connection.
+        let (mut taken, mut refused) = (Vec::new(), Vec::new());
+        let mut refusals = crate::observe::Every::new();
+        loop {
+            let flags = if taken.is_empty() && refused.is_empty() { RecvFlags::empty() } else { RecvFlags::DONTWAIT };
+            let r = match wire::recv_with::<ToHolder>(&**conn, flags) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    for chunk in std::mem::take(&mut taken).chunks(CHUNK) {
+                        wire::send(&**conn, &ToWorker::Taken(chunk.to_vec()), &[])?;
+                    }
+                    for chunk in std::mem::take(&mut refused).chunks(CHUNK) {
+                        wire::send(&**conn, &ToWorker::Refused(chunk.to_vec()), &[])?;
+                    }
+                    continue;
+                }
+                r => r?,
+            };
+            let Some(r) = r else { return Ok(()) };
+            match r.msg {
+                ToHolder::Hold(h) => {
+                    let id = h.id;
+                    match self.hold(h, r.fds, r.fds_lost) {
+                        Ok(()) => taken.push(id),
+                        Err(why) => {
+                            if let Some(n) = refusals.hit() {
+                                log::warn!("holder: cannot take {n} connection(s): {why}; the worker resets them");
+                            }
+                            refused.push(id);
+                        }
+                    }
+                }
+                other => return Err(std::io::Error::other(format!("unexpected from a worker: {other:?}"))),
+            }
+        }
+    }
+
+    /// Takes one connection, or says why not (the worker still has its own
+    /// descriptors of both sockets and resets them).
+    fn hold(&self, h: Held, fds: Vec<OwnedFd>, fds_lost: bool) -> Result<(), String> {
+        if fds_lost {
+            return Err("out of descriptors".into());
+        }
+        let Ok::<[OwnedFd; 2], _>([c, s]) = fds.try_into() else {
+            return Err("not two descriptors".into());
+        };
+        self.keep(h, [TcpStream::from(c), TcpStream::from(s)], None)
+    }
+
+    /// Watches a connection from here on.
+    fn keep(&self, h: Held, socks: [TcpStream; 2], copy: Option<CopyState>) -> Result<(), String> {
+        let watcher = self.watcher.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(watcher) = &*watcher else {
+            return Err("this holder keeps no connections (userspace data plane)".into());
+        };
+        let id = h.id;
+        if id >= 1 << 63 {
+            return Err("id out of range".into());
+        }
+        let dirs = [if h.client_copied { Dir::User } else { Dir::Kernel }, Dir::Kernel];
+        let (cookies, written) = (h.cookies, h.written_base);
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).live.insert(id, h);
+        watcher.watch(id, socks, cookies, written, dirs, copy).map_err(|e| {
+            self.state.lock().unwrap_or_else(|e| e.into_inner()).live.remove(&id);
+            e.to_string()
+        })
+    }
+
+    /// Closes every connection held (the instance is stopping).
+    pub fn stop(&self) {
+        if let Some(w) = &*self.watcher.lock().unwrap_or_else(|e| e.into_inner()) {
+            w.stop();
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! What a worker and its holder say to each other: one JSON document per
+//! `SOCK_SEQPACKET` message, the sockets it is about in `SCM_RIGHTS`.
+//!
+//! - worker → holder: [`ToHolder::Hello`] once, then one [`ToHolder::Hold`]
+//!   per spliced connection, with its two sockets `[client, server]`;
+//! - holder → worker: [`ToWorker::Welcome`] with the frontends' listening
+//!   sockets, the connections it already holds in [`ToWorker::Live`]
+//!   chunks, [`ToWorker::LiveEnd`], then [`ToWorker::Taken`] for the
+//!   connections it now keeps (the worker closes its own descriptors only
+//!   then), [`ToWorker::Refused`] for those it could not take (out of
+//!   descriptors: the worker resets them) and [`ToWorker::Closed`] batches.
+
+use std::{
+    io::{IoSlice, IoSliceMut},
+    mem::MaybeUninit,
+    net::SocketAddr,
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
+};
+
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags,
+};
+use serde::{Deserialize, Serialize};
+
+/// Protocol version: a worker and a holder of different versions refuse
+/// each other instead of misreading.
+pub const VERSION: u32 = 1;
+/// Largest message either side sends or takes.
+pub const MAX_MSG: usize = 192 * 1024;
+/// Most descriptors in one message (the kernel's `SCM_MAX_FD` is 253).
+pub const MAX_FDS: usize = 252;
+/// Connections per [`ToWorker::Live`] and closes per [`ToWorker::Closed`].
+pub const CHUNK: usize = 256;
+
+/// One spliced connection, as the holder keeps it and hands it to a worker
+/// that starts later.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Held {
+    /// The client socket's cookie: unique for the machine's uptime.
+    pub id: u64,
+    /// `[client, server]` socket cookies.
+    pub cookies: [u64; 2],
+    /// `tcpi_bytes_sent` of each socket just before the splice.
+    pub written_base: [u64; 2],
+    /// The client's bytes are copied by the holder (its side could not be
+    /// spliced); the server's always go through the kernel.
+    pub client_copied: bool,
+    pub frontend: u16,
+    pub backend: u16,
+    pub client: SocketAddr,
+    pub source: SocketAddr,
+    pub server: SocketAddr,
+    /// `CLOCK_MONOTONIC_COARSE` ns when the connection was spliced.
+    pub start_ns: u64,
+}
+
+/// How a held connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ending {
+    Fin,
+    Rst,
+    Idle,
+    Shutdown,
+}
+
+/// A held connection that ended, with the bytes it moved each way.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Closed {
+    pub id: u64,
+    /// client → server, server → client.
+    pub bytes: [u64; 2],
+    pub how: Ending,
+}
+
+/// The state of a direction the holder copies itself (the client's, when
+/// it could not be spliced), handed from one holder to the next.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CopyState {
+    /// Read from the client, not yet written to the server.
+    pub pending: Vec<u8>,
+    /// The client's FIN was read.
+    pub eof: bool,
+    /// Bytes copied so far.
+    pub bytes: u64,
+}
+
+/// A connection handed from one holder to the next (`lb upgrade`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Handed {
+    pub held: Held,
+    /// `Some` when the client side is copied (`held.client_copied`).
+    pub copy: Option<CopyState>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ToHolder {
+    Hello {
+        version: u32,
+        pid: u32,
+    },
+    /// With the descriptors `[client, server]`.
+    Hold(Held),
+    /// A holder of a new binary asks for everything (`lb upgrade`).
+    Takeover {
+        version: u32,
+        pid: u32,
+    },
+    /// It has everything and watches it: the old holder may exit.
+    TookOver,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ToWorker {
+    /// With one listening socket per frontend, in config order.
+    Welcome {
+        version: u32,
+        listeners: usize,
+    },
+    Live(Vec<Held>),
+    LiveEnd,
+    Taken(Vec<u64>),
+    Refused(Vec<u64>),
+    Closed(Vec<Closed>),
+    /// To a new holder: one listening socket per frontend, in config order.
+    Handover {
+        version: u32,
+        listeners: usize,
+    },
+    /// To a new holder: connections with their descriptors, two each in order.
+    Conns(Vec<Handed>),
+    HandoverEnd,
+}
+
+/// Connections per [`ToWorker::Conns`] (two descriptors each).
+pub const HANDOVER_CHUNK: usize = MAX_FDS / 2;
+
+/// A message received, and whether descriptors sent with it were lost
+/// (the receiver had no room for them: `MSG_CTRUNC`).
+pub struct Received<T> {
+    pub msg: T,
+    pub fds: Vec<OwnedFd>,
+    pub fds_lost: bool,
+}
+
+/// Sends `msg` with `fds` as one message.
+pub fn send<T: Serialize>(sock: impl AsFd, msg: &T, fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
+    let body = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
+    if body.len() > MAX_MSG || fds.len() > MAX_FDS {
+        return Err(std::io::Error::other(format!("message too large: {} bytes, {} fds", body.len(), fds.len())));
+    }
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(std::io::Error::other("descriptors do not fit the control buffer"));
+    }
+    let sent = rustix::net::sendmsg(sock, &[IoSlice::new(&body)], &mut control, SendFlags::NOSIGNAL)?;
+    if sent != body.len() {
+        return Err(std::io::Error::other(format!("sent {sent} of {} bytes", body.len())));
+    }
+    Ok(())
+}
+
+/// Receives one message and the descriptors that came with it; `None` at
+/// the end of the stream (the other side is gone).
+pub fn recv<T: for<'de> Deserialize<'de>>(sock: impl AsFd) -> std::io::Result<Option<(T, Vec<OwnedFd>)>> {
+    match recv_with(sock, RecvFlags::empty())? {
+        None => Ok(None),
+        Some(r) if r.fds_lost => Err(std::io::Error::other("descriptors lost: out of descriptors")),
+        Some(r) => Ok(Some((r.msg, r.fds))),
+    }
+}
+
+/// [`recv`] with `flags` (`DONTWAIT`: `WouldBlock` when nothing waits),
+/// telling lost descriptors apart.
+pub fn recv_with<T: for<'de> Deserialize<'de>>(
+    sock: impl AsFd,
+    flags: RecvFlags,
+) -> std::io::Result<Option<Received<T>>> {
+    let mut buf = vec![0u8; MAX_MSG];
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let r = loop {
+        let flags = flags | RecvFlags::CMSG_CLOEXEC;
+        match rustix::net::recvmsg(&sock, &mut [IoSliceMut::new(&mut buf)], &mut control, flags) {
+            Err(rustix::io::Errno::INTR) => continue,
+            r => break r?,
+        }
+    };
+    let fds: Vec<OwnedFd> = control
+        .drain()
+        .flat_map(|m| match m {
+            RecvAncillaryMessage::ScmRights(fds) => fds.collect::<Vec<_>>(),
+            _ => Vec::new(),
+        })
+        .collect();
+    if r.bytes == 0 {
+        return Ok(None);
+    }
+    if r.flags.contains(rustix::net::ReturnFlags::TRUNC) {
+        return Err(std::io::Error::other("message truncated"));
+    }
+    let fds_lost = r.flags.contains(rustix::net::ReturnFlags::CTRUNC);
+    let msg = serde_json::from_slice(&buf[..r.bytes]).map_err(std::io::Error::other)?;
+    Ok(Some(Received { msg, fds, fds_lost }))
+}
+
+#[cfg(test)]
+mod tests {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+
+    use super::*;
+
+    #[test]
+    fn a_message_and_its_descriptors_arrive_together_and_the_end_is_none() {
+        let (a, b) =
+            rustix::net::socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None).unwrap();
+        let f = std::fs::File::open("/dev/null").unwrap();
+        send(&a, &ToWorker::Taken(vec![1, 2, 3]), &[f.as_fd(), f.as_fd()]).unwrap();
+        send(&a, &ToWorker::LiveEnd, &[]).unwrap();
+        let (m, fds) = recv::<ToWorker>(&b).unwrap().unwrap();
+        assert!(matches!(m, ToWorker::Taken(ids) if ids == [1, 2, 3]));
+        assert_eq!(fds.len(), 2);
+        let (m, fds) = recv::<ToWorker>(&b).unwrap().unwrap();
+        assert!(matches!(m, ToWorker::LiveEnd) && fds.is_empty());
+        let nothing = recv_with::<ToWorker>(&b, RecvFlags::DONTWAIT).err().map(|e| e.kind());
+        assert_eq!(nothing, Some(std::io::ErrorKind::WouldBlock));
+        drop(a);
+        assert!(recv::<ToWorker>(&b).unwrap().is_none());
+    }
+
+    #[test]
+    fn too_many_descriptors_are_refused_before_sending() {
+        let (a, _b) =
+            rustix::net::socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None).unwrap();
+        let f = std::fs::File::open("/dev/null").unwrap();
+        let fds = vec![f.as_fd(); MAX_FDS + 1];
+        assert!(send(&a, &ToWorker::LiveEnd, &fds).is_err());
+    }
+}
