@@ -94,6 +94,18 @@ pub enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Replace the running lb with a new binary, keeping every spliced connection and the listening sockets
+    /// (same as SIGUSR2 to `lb run`, which uses its own path).
+    Upgrade {
+        /// The new executable [default: the running one's path, read again from disk].
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Internal: the supervisor of a new binary, started by `lb upgrade` (spec on stdin).
+    #[command(hide = true)]
+    Takeover,
     /// Internal: a worker process started by `lb run` (spec on stdin).
     #[command(hide = true)]
     Worker,
@@ -289,6 +301,12 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Server { action, target } => control(&target, Request::Apply(action.command())),
         Cmd::Guard { action, target } => control(&target, Request::Guard { cmd: action.command() }),
         Cmd::Reload { target } => control(&target, Request::Other { cmd: crate::control::Other::Reload }),
+        Cmd::Upgrade { binary, target } => {
+            // A relative path means the caller's directory, not lb's.
+            let binary = binary.map(|b| std::path::absolute(&b).unwrap_or(b));
+            control(&target, Request::Upgrade { upgrade: crate::control::UpgradeReq { binary } })
+        }
+        Cmd::Takeover => runtime()?.block_on(crate::instance::upgrade::take_over()),
         Cmd::Stats { pin_path, run, json, watch } => {
             let run_dir = run.get();
             ensure_running(&run_dir, &pin_path)?;

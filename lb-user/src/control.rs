@@ -34,6 +34,17 @@ pub enum Request {
     Guard {
         cmd: GuardCmd,
     },
+    /// `lb upgrade`: replace the running binary, keeping every connection.
+    Upgrade {
+        upgrade: UpgradeReq,
+    },
+}
+
+/// `lb upgrade [--binary PATH]`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UpgradeReq {
+    /// The new executable; `None`: the running one's path, read again.
+    pub binary: Option<PathBuf>,
 }
 
 /// `lb guard …`.
@@ -87,6 +98,8 @@ pub enum RequestError {
     Workers { applied: String, failures: Vec<String> },
     #[error("guard: {0}")]
     Guard(String),
+    #[error("upgrade: {0}")]
+    Upgrade(String),
     #[error("permission denied: the control socket takes requests from root only")]
     PermissionDenied,
     #[error("bad request: {0}")]

@@ -117,6 +117,8 @@ pub struct Lb {
     /// Its `runtime_dir` (lock, metadata, control socket).
     pub run_dir: PathBuf,
     pub dir: PathBuf,
+    /// The supervisor of the binary that took this instance over (`lb upgrade`).
+    successor: Option<u32>,
 }
 
 /// How to start lb, beyond its config: for [`Lb::launch_as`].
@@ -211,6 +213,7 @@ impl Lb {
             pin_path,
             run_dir: how.run_dir.unwrap_or_else(|| PathBuf::from(lb_common::files::RUN_DIR)),
             dir,
+            successor: None,
         };
         let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
         let ready: serde_json::Value = serde_json::from_str(line.trim())
@@ -314,8 +317,33 @@ impl Lb {
         }
     }
 
-    /// Sends SIGTERM and waits for exit; returns whether it exited 0.
+    /// `lb upgrade` handed this instance to the supervisor `pid` (of
+    /// another binary): the one this test started has exited; from now on
+    /// [`Self::stop`] ends the new one.
+    pub fn upgraded_to(&mut self, pid: u32) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+        self.successor = Some(pid);
+        self.pid = pid;
+    }
+
+    /// Sends SIGTERM and waits for exit; returns whether it exited 0 (for
+    /// a successor, which is not our child: whether it is gone).
     pub fn stop(&mut self) -> bool {
+        if let Some(pid) = self.successor.take() {
+            // SAFETY: signalling the lb this test started, as it is now.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            for _ in 0..1200 {
+                if !crate::alive(pid) {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            // SAFETY: as above.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            return false;
+        }
         let Some(mut child) = self.child.take() else {
             return true;
         };

@@ -10,37 +10,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use testkit::{KernelProof, Lb, Mode, backends::Backend, retry_until};
+use testkit::{KernelProof, Lb, Mode, backends::Backend, retry_until, round_trip};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
-
-/// 64 bytes that only connection `conn`'s round `round` sends.
-fn pattern(conn: u32, round: u32) -> [u8; 64] {
-    let mut b = [0u8; 64];
-    let mut x = (u64::from(conn) << 32 | u64::from(round)).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for c in b.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        c.copy_from_slice(&x.to_le_bytes());
-    }
-    b
-}
-
-/// Sends round `round` on connection `conn` and checks its echo.
-async fn round_trip(s: &mut TcpStream, conn: u32, round: u32) -> Result<(), String> {
-    let want = pattern(conn, round);
-    s.write_all(&want).await.map_err(|e| format!("write: {e}"))?;
-    let mut got = [0u8; 64];
-    match tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await {
-        Err(_) => Err("no echo within 5 s".into()),
-        Ok(Err(e)) => Err(format!("read: {e}")),
-        Ok(Ok(_)) if got != want => Err("echo differs from what was sent".into()),
-        Ok(Ok(_)) => Ok(()),
-    }
-}
 
 fn worker_pid(lb: &Lb, index: u64) -> Option<u64> {
     let s = lb.pinned_stats();

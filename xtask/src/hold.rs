@@ -25,6 +25,8 @@ pub struct Args {
     pub conns: usize,
     pub pool: usize,
     pub dataplane: String,
+    /// Upgrade lb once the connections are held.
+    pub upgrade: bool,
 }
 
 /// A started helper that prints one JSON line; killed (by its pid) on drop.
@@ -189,12 +191,13 @@ pub fn hold(lb_bin: &Path, hold_bin: &Path, a: &Args) -> anyhow::Result<Value> {
         "  single source address limit {single_limit}: {}",
         if ok > single_limit { "exceeded" } else { "NOT exceeded" }
     );
+    let upgraded = if a.upgrade { Some(upgrade(&mut lb, lb_bin, &backend, ok)?) } else { None };
     let out = serde_json::json!({
         "conns_requested": a.conns, "held": ok, "failed": failed, "setup_secs": secs,
         "lb_active": active, "ss_established": ss_count, "workers": workers, "pool": a.pool,
         "dataplane": lb.dataplane, "per_pair_ports": per_pair,
         "rss_bytes_per_conn": per_conn_rss, "kernel_bytes_per_conn": per_conn_kernel,
-        "sources": s["sources"].clone(),
+        "sources": s["sources"].clone(), "upgrade": upgraded,
     });
     drop(holders);
     let clean = lb.stop();
@@ -206,6 +209,47 @@ pub fn hold(lb_bin: &Path, hold_bin: &Path, a: &Args) -> anyhow::Result<Value> {
         bail!("{failed} connections failed; maps count {active} of {ok}");
     }
     Ok(out)
+}
+
+/// Established connections to `backend`, by `ss`.
+fn established(backend: &SocketAddr) -> anyhow::Result<usize> {
+    let ss = Command::new("ss").args(["-Htn", "state", "established", "dst", &backend.to_string()]).output()?;
+    Ok(String::from_utf8_lossy(&ss.stdout).lines().count())
+}
+
+/// `lb upgrade` (to the binary at the same path, read again) with `held`
+/// connections: how long it took, and how many connections were lost (the
+/// maps' count and the backend's established sockets, before and after).
+fn upgrade(lb: &mut Lb, lb_bin: &Path, backend: &SocketAddr, held: u64) -> anyhow::Result<Value> {
+    let before = established(backend)?;
+    let t0 = Instant::now();
+    let out = Command::new(lb_bin)
+        .args(["upgrade", "--pin-path"])
+        .arg(&lb.pin_path)
+        .arg("--runtime-dir")
+        .arg(&lb.run_dir)
+        .output()?;
+    let secs = t0.elapsed().as_secs_f64();
+    let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if !out.status.success() {
+        bail!("lb upgrade failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let pid: u32 = answer
+        .split("new supervisor pid ")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .context("no new pid in lb upgrade's answer")?;
+    lb.upgraded_to(pid);
+    // The new workers publish within 100 ms.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let active = lb.pinned_stats()["totals"]["active"].as_u64().unwrap_or(0);
+    let after = established(backend)?;
+    let lost = held.saturating_sub(active).max(before.saturating_sub(after) as u64);
+    println!("== lb upgrade with {held} connections held: {secs:.2}s, {lost} lost ({answer})");
+    println!("  established to {backend} (ss) {before} -> {after}; lb active (maps) {active}");
+    Ok(serde_json::json!({ "secs": secs, "lost": lost, "established_before": before, "established_after": after,
+        "active_after": active }))
 }
 
 pub fn build_hold() -> anyhow::Result<PathBuf> {

@@ -62,6 +62,9 @@ enum Cmd {
         /// Data plane: kernel or userspace.
         #[arg(long, default_value = "kernel")]
         dataplane: String,
+        /// Once they are held, run `lb upgrade` (to the same binary) and report its time and the connections lost.
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Run every check and test: fmt, clippy, unit and integration tests on both data planes.
     Test {
@@ -168,11 +171,11 @@ fn main() -> anyhow::Result<()> {
             };
             bench::bench(&lb, &hold, &opts)
         }
-        Cmd::Hold { conns, pool, dataplane } => {
+        Cmd::Hold { conns, pool, dataplane, upgrade } => {
             setup::setup()?;
             let lb = build_lb()?;
             let hold = hold::build_hold()?;
-            hold::hold(&lb, &hold, &hold::Args { conns, pool, dataplane }).map(drop)
+            hold::hold(&lb, &hold, &hold::Args { conns, pool, dataplane, upgrade }).map(drop)
         }
         Cmd::Test { args } => {
             setup::setup()?;

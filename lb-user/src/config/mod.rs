@@ -24,7 +24,7 @@ use serde::Deserialize;
 use crate::addr::ServerAddr;
 
 /// Which data plane moves the bytes.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum DataplaneMode {
     /// Kernel when the eBPF programs load, otherwise userspace with a warning.
@@ -258,7 +258,7 @@ impl Config {
 }
 
 /// Values given on the command line that replace the file's.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, Deserialize)]
 pub struct Overrides {
     pub workers: Option<u32>,
     pub dataplane: Option<DataplaneMode>,

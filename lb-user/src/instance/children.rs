@@ -101,10 +101,11 @@ pub(super) async fn spawn_worker(spec: WorkerSpec) -> anyhow::Result<Started> {
     Ok(Started { child, ready, io })
 }
 
-/// Starts a holder and waits until it serves.
-pub(super) async fn spawn_holder(spec: &HolderSpec) -> anyhow::Result<(Child, u32)> {
+/// Starts a holder and waits until it serves: its pid, and how many
+/// connections it took over (`spec.takeover`).
+pub(super) async fn spawn_holder(spec: &HolderSpec) -> anyhow::Result<(Child, u32, usize)> {
     let (child, ready, _io) = spawn_child::<HolderReady>("holder", spec.index, spec).await?;
-    Ok((child, ready.pid))
+    Ok((child, ready.pid, ready.took))
 }
 
 pub(super) type Waits = JoinSet<(usize, std::io::Result<ExitStatus>)>;

@@ -10,6 +10,8 @@ mod children;
 pub mod holder;
 pub mod owner;
 pub mod supervisor;
+pub mod upgrade;
+mod watchdog;
 pub mod worker;
 
 use std::net::SocketAddr;

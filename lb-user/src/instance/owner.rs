@@ -11,7 +11,7 @@ use crate::{
     config::{Config, GuardConfig},
     control,
     dataplane::{self, Kind},
-    kernel::object::Objects,
+    kernel::object::{Meta, Objects},
     observe::metrics,
 };
 
@@ -56,7 +56,69 @@ impl Owner {
     pub fn maps(&self) -> bool {
         self.objects.is_some()
     }
+
+    /// The instance of a new binary takes over (`lb upgrade`): the control
+    /// socket, its lock and the metrics endpoint are let go at once; the
+    /// pins, the attached verdict and the metadata stay for the new owner.
+    pub fn hand_over(&mut self) {
+        if let Some((task, lock)) = self.control.take() {
+            task.abort();
+            drop(lock);
+        }
+        if let Some(m) = self.metrics.take() {
+            m.abort();
+        }
+        if let Some(o) = self.objects.as_mut() {
+            o.leave();
+        }
+    }
+
+    /// The owner of a new binary's instance (`lb upgrade`): takes the
+    /// adopted object's lock once the old instance let it go, then binds the
+    /// metrics endpoint (retrying while the old one closes it) and the
+    /// control socket. Never fails: what cannot be had is logged, and the
+    /// instance serves its connections without it.
+    pub async fn adopted(
+        cfg: &Config,
+        kind: Kind,
+        objects: Option<(Objects, Meta)>,
+    ) -> (Self, mpsc::Receiver<control::Msg>) {
+        let objects = objects.map(|(mut o, meta)| {
+            if let Err(e) = o.take_lock(meta, HAND_OVER_WAIT) {
+                log::error!("taking the pin-path lock after the upgrade: {e}");
+            }
+            o
+        });
+        let mut metrics = None;
+        if let Some(a) = cfg.metrics_listen {
+            let deadline = tokio::time::Instant::now() + HAND_OVER_WAIT;
+            metrics = loop {
+                match metrics::bind(a).await {
+                    Ok(l) => break Some(l),
+                    Err(e) if tokio::time::Instant::now() >= deadline => {
+                        log::error!("metrics after the upgrade: {e:#}");
+                        break None;
+                    }
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+                }
+            };
+        }
+        let metrics_addr = metrics.as_ref().and_then(|l| l.local_addr().ok());
+        let metrics = metrics.map(|l| metrics::serve(l, cfg.pin_path.clone(), cfg.runtime_dir.clone()));
+        let mut owner =
+            Owner { kind, objects, metrics_addr, metrics, control: None, control_path: cfg.control_socket.clone() };
+        let (tx, ctl) = mpsc::channel(16);
+        match control::listen(&owner.control_path, tx) {
+            Ok(c) => owner.control = Some(c),
+            Err(e) => log::error!("control socket after the upgrade: {e:#}"),
+        }
+        (owner, ctl)
+    }
 }
+
+/// How long the new instance waits for the old one to let go of its lock
+/// and endpoints.
+const HAND_OVER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Drop for Owner {
     fn drop(&mut self) {

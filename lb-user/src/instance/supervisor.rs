@@ -19,10 +19,11 @@ use tokio::{sync::mpsc, task::JoinSet};
 
 use super::{
     Ready, Reload,
-    children::{Started, Waits, WorkerIo, describe, signal, spawn_holder, spawn_worker, stop_all},
+    children::{Started, Waits, WorkerIo, describe, spawn_holder, spawn_worker, stop_all},
     holder::HolderSpec,
     owner::Owner,
     wait_for_signal,
+    watchdog::Watchdog,
     worker::WorkerSpec,
 };
 use crate::{
@@ -36,40 +37,6 @@ use crate::{
 /// A worker that dies sooner than this after its start is restarted only
 /// after this long, so a crash loop does not spin.
 const MIN_LIFETIME: Duration = Duration::from_secs(1);
-/// Watches each worker's `LB_WORKERS` entry for progress: a worker whose
-/// publication (every 100 ms) has not advanced for `timeouts.worker` is
-/// hung (stopped, deadlocked) and is killed and restarted, since
-/// `SO_REUSEPORT` keeps handing it new clients.
-struct Watchdog {
-    maps: crate::kernel::maps::StatMaps,
-    hung_after: Duration,
-    /// Per slot: the last `seq` seen and when it changed.
-    seen: Vec<(u64, Instant)>,
-}
-
-impl Watchdog {
-    /// Kills the workers that stopped publishing; their exit restarts them.
-    fn check(&mut self, slots: &[Slot]) {
-        for (i, slot) in slots.iter().enumerate() {
-            let Some(pid) = slot.pid else { continue };
-            let seq = self.maps.workers.get(&(i as u32), 0).ok().filter(|w| w.pid == u64::from(pid)).map(|w| w.seq);
-            let seen = &mut self.seen[i];
-            match seq {
-                Some(s) if s != seen.0 => *seen = (s, Instant::now()),
-                _ if seen.1.elapsed().min(slot.started.elapsed()) > self.hung_after => {
-                    log::warn!(
-                        "worker {i} (pid {pid}): no heartbeat for {:?} (timeouts.worker): hung; killing it",
-                        self.hung_after
-                    );
-                    signal(pid, rustix::process::Signal::KILL);
-                    *seen = (0, Instant::now());
-                }
-                _ => {}
-            }
-        }
-    }
-}
-
 /// Resolves each frontend's address once for all workers. Port 0 is bound
 /// here (with SO_REUSEPORT, not listening, held until exit) to pick the
 /// port; a fixed port is probed without SO_REUSEPORT so that a port held by
@@ -97,30 +64,30 @@ fn resolve_listeners(cfg: &Config) -> anyhow::Result<(Vec<SocketAddr>, Vec<socke
 }
 
 /// One worker place.
-struct Slot {
-    io: Option<WorkerIo>,
-    pid: Option<u32>,
-    started: Instant,
+pub(super) struct Slot {
+    pub(super) io: Option<WorkerIo>,
+    pub(super) pid: Option<u32>,
+    pub(super) started: Instant,
 }
 
 /// Everything the supervisor's loop works on.
-struct Supervisor {
-    cfg: Config,
-    reload: Reload,
+pub(super) struct Supervisor {
+    pub(super) cfg: Config,
+    pub(super) reload: Reload,
     /// The spec every worker starts from (its `replay` filled at spawn).
-    spec: WorkerSpec,
-    model: Arc<Backends>,
+    pub(super) spec: WorkerSpec,
+    pub(super) model: Arc<Backends>,
     /// Operator commands applied so far (health goes as current states).
-    replay: Vec<Command>,
-    slots: Vec<Slot>,
+    pub(super) replay: Vec<Command>,
+    pub(super) slots: Vec<Slot>,
     /// Each slot's holder: how to start it, and its pid while it runs.
-    holders: Vec<(HolderSpec, Option<u32>)>,
+    pub(super) holders: Vec<(HolderSpec, Option<u32>)>,
 }
 
 impl Supervisor {
     /// The spec for worker `index` now: the commands so far, then the
     /// servers' current health.
-    fn spec_for(&self, index: usize) -> WorkerSpec {
+    pub(super) fn spec_for(&self, index: usize) -> WorkerSpec {
         let replay = self.replay.iter().cloned().chain(self.model.health_commands()).collect();
         let holder = self.holders[index].0.socket.clone();
         WorkerSpec { index: index as u16, replay, holder, ..self.spec.clone() }
@@ -184,53 +151,135 @@ impl Supervisor {
     }
 }
 
-/// Runs the instance until SIGINT or SIGTERM.
+impl Supervisor {
+    /// The model of an instance of `cfg` serving `listen` on `kind`, no
+    /// process started yet.
+    pub(super) fn new(
+        cfg: Config,
+        reload: Reload,
+        config_text: String,
+        kind: Kind,
+        maps: bool,
+        listen: Vec<SocketAddr>,
+    ) -> Self {
+        let spec = WorkerSpec {
+            index: 0,
+            config_file: reload.path.display().to_string(),
+            config_text,
+            workers: cfg.workers,
+            kind,
+            maps,
+            listen: listen.clone(),
+            replay: vec![],
+            supervisor: std::process::id(),
+            holder: Default::default(),
+        };
+        let model = Arc::new(Backends::new(&cfg));
+        let slots = (0..cfg.workers).map(|_| Slot { io: None, pid: None, started: Instant::now() }).collect();
+        let holders = (0..cfg.workers as u16)
+            .map(|index| {
+                let spec = HolderSpec {
+                    index,
+                    pin_path: cfg.pin_path.clone(),
+                    socket: lb_common::files::holder_socket(&cfg.runtime_dir, &cfg.pin_path, index),
+                    listen: listen.clone(),
+                    kernel: kind == Kind::Kernel,
+                    idle: cfg.timeouts.idle,
+                    supervisor: std::process::id(),
+                    takeover: false,
+                };
+                (spec, None)
+            })
+            .collect();
+        Supervisor { cfg, reload, spec, model, replay: Vec::new(), slots, holders }
+    }
+}
+
+/// The supervisor's children, by slot, as their exits come in.
+#[derive(Default)]
+pub(super) struct Procs {
+    pub(super) workers: Waits,
+    pub(super) holders: Waits,
+}
+
+impl Procs {
+    pub(super) fn watch_worker(&mut self, i: usize, mut child: tokio::process::Child) {
+        self.workers.spawn(async move { (i, child.wait().await) });
+    }
+    pub(super) fn watch_holder(&mut self, i: usize, mut child: tokio::process::Child) {
+        self.holders.spawn(async move { (i, child.wait().await) });
+    }
+    /// Stops every worker, then every holder (which close their connections).
+    pub(super) async fn stop(&mut self, sup: &Supervisor) {
+        stop_all(&worker_pids(&sup.slots), &mut self.workers).await;
+        stop_all(&holder_pids(sup), &mut self.holders).await;
+    }
+}
+
+/// Runs the instance until SIGINT or SIGTERM, or until an upgrade hands it
+/// to a new binary.
 pub async fn run(cfg: Config, reload: Reload, config_text: String, announce: bool) -> anyhow::Result<()> {
     let (listen, _holders) = resolve_listeners(&cfg)?;
-    let (owner, ctl) = Owner::start(&cfg, &listen).await?;
+    let (mut owner, ctl) = Owner::start(&cfg, &listen).await?;
     log::info!("data plane: {}; starting {} worker(s)", owner.kind, cfg.workers);
-    let spec = WorkerSpec {
-        index: 0,
-        config_file: reload.path.display().to_string(),
-        config_text,
-        workers: cfg.workers,
-        kind: owner.kind,
-        maps: owner.maps(),
-        listen: listen.clone(),
-        replay: vec![],
-        supervisor: std::process::id(),
-        holder: Default::default(),
+    let kind = owner.kind;
+    let mut sup = Supervisor::new(cfg, reload, config_text, kind, owner.maps(), listen);
+    let mut procs = Procs::default();
+    let ready = match start_slots(&mut sup, &mut procs).await {
+        Ok(r) => r,
+        Err(e) => {
+            procs.stop(&sup).await;
+            return Err(e);
+        }
     };
-    let model = Arc::new(Backends::new(&cfg));
-    let slots = (0..cfg.workers).map(|_| Slot { io: None, pid: None, started: Instant::now() }).collect();
-    let holders = (0..cfg.workers as u16)
-        .map(|index| {
-            let spec = HolderSpec {
-                index,
-                pin_path: cfg.pin_path.clone(),
-                socket: lb_common::files::holder_socket(&cfg.runtime_dir, &cfg.pin_path, index),
-                listen: listen.clone(),
-                kernel: owner.kind == Kind::Kernel,
-                idle: cfg.timeouts.idle,
-                supervisor: std::process::id(),
-                takeover: false,
-            };
-            (spec, None)
-        })
-        .collect();
-    let mut sup = Supervisor { cfg, reload, spec, model, replay: Vec::new(), slots, holders };
-    let r = supervise(&mut sup, owner.kind, announce.then_some(owner.metrics_addr), ctl).await;
+    let pids: Vec<u32> = sup.slots.iter().filter_map(|s| s.pid).collect();
+    log::info!("{} worker(s) serving: pids {pids:?}", pids.len());
+    if announce {
+        let r = Ready {
+            event: "ready".into(),
+            pid: std::process::id(),
+            dataplane: kind,
+            frontends: ready.frontends,
+            workers: pids,
+            holders: holder_pids(&sup),
+            metrics: owner.metrics_addr,
+        };
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        log::warn!("telling systemd the instance is ready: {e}");
+    }
+    let r = serve(&mut sup, &mut procs, &mut owner, ctl).await;
     drop(owner);
     r
 }
 
-async fn supervise(
+/// Starts every slot's holder, then its worker; the first worker's ready line.
+async fn start_slots(sup: &mut Supervisor, procs: &mut Procs) -> anyhow::Result<Ready> {
+    for i in 0..sup.holders.len() {
+        let (child, pid, _) = spawn_holder(&sup.holders[i].0).await?;
+        sup.holders[i].1 = Some(pid);
+        procs.watch_holder(i, child);
+    }
+    let mut first_ready = None;
+    for i in 0..sup.slots.len() {
+        let Started { child, ready, io } = spawn_worker(sup.spec_for(i)).await?;
+        sup.slots[i] = Slot { io: Some(io), pid: Some(ready.pid), started: Instant::now() };
+        first_ready.get_or_insert(ready);
+        procs.watch_worker(i, child);
+    }
+    first_ready.context("no workers")
+}
+
+/// The supervisor's loop: signals, commands, health, restarts. Returns
+/// when the instance stops (every child stopped) or has been handed to a
+/// new binary (its children gone with the hand-over).
+pub(super) async fn serve(
     sup: &mut Supervisor,
-    kind: Kind,
-    announce: Option<Option<SocketAddr>>,
+    procs: &mut Procs,
+    owner: &mut Owner,
     mut ctl: mpsc::Receiver<control::Msg>,
 ) -> anyhow::Result<()> {
-    let mut waits = Waits::new();
     let mut watchdog = match crate::kernel::maps::StatMaps::open(&sup.cfg.pin_path) {
         Ok(maps) if sup.spec.maps => Some(Watchdog {
             maps,
@@ -241,49 +290,6 @@ async fn supervise(
     };
     // A hung worker is seen within a quarter of the timeout after it.
     let mut watch_tick = tokio::time::interval((sup.cfg.timeouts.worker / 4).max(Duration::from_millis(100)));
-    let mut holder_waits = Waits::new();
-    for i in 0..sup.holders.len() {
-        match spawn_holder(&sup.holders[i].0).await {
-            Ok((mut child, pid)) => {
-                sup.holders[i].1 = Some(pid);
-                holder_waits.spawn(async move { (i, child.wait().await) });
-            }
-            Err(e) => {
-                stop_all(&holder_pids(sup), &mut holder_waits).await;
-                return Err(e);
-            }
-        }
-    }
-    let mut first_ready = None;
-    for i in 0..sup.slots.len() {
-        match spawn_worker(sup.spec_for(i)).await {
-            Ok(Started { mut child, ready, io }) => {
-                sup.slots[i] = Slot { io: Some(io), pid: Some(ready.pid), started: Instant::now() };
-                first_ready.get_or_insert(ready);
-                waits.spawn(async move { (i, child.wait().await) });
-            }
-            Err(e) => {
-                stop_all(&worker_pids(&sup.slots), &mut waits).await;
-                stop_all(&holder_pids(sup), &mut holder_waits).await;
-                return Err(e);
-            }
-        }
-    }
-    let ready = first_ready.context("no workers")?;
-    let pids: Vec<u32> = sup.slots.iter().filter_map(|s| s.pid).collect();
-    log::info!("{} worker(s) serving: pids {pids:?}", pids.len());
-    if let Some(metrics) = announce {
-        let r = Ready {
-            event: "ready".into(),
-            pid: std::process::id(),
-            dataplane: kind,
-            frontends: ready.frontends,
-            workers: pids,
-            holders: holder_pids(sup),
-            metrics,
-        };
-        println!("{}", serde_json::to_string(&r)?);
-    }
     // One set of health checks for all workers: each flip is relayed (and logged) once.
     let (flip_tx, mut flips) = mpsc::unbounded_channel();
     crate::servers::health::start(&sup.model, Some(flip_tx));
@@ -294,6 +300,8 @@ async fn supervise(
     tokio::pin!(signal);
     let mut hup =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("installing SIGHUP handler")?;
+    let mut usr2 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2())
+        .context("installing SIGUSR2 handler")?;
     loop {
         tokio::select! {
             r = &mut signal => {
@@ -305,6 +313,16 @@ async fn supervise(
                 match sup.reload().await {
                     Ok(m) => log::info!("{m}"),
                     Err(e) => log::error!("{e}"),
+                }
+            }
+            _ = usr2.recv() => {
+                log::info!("SIGUSR2 received: upgrading to this executable's path");
+                match super::upgrade::hand_over(sup, procs, owner, None).await {
+                    Ok(m) => {
+                        log::info!("{m}");
+                        return Ok(());
+                    }
+                    Err(e) => log::error!("upgrade failed: {e}"),
                 }
             }
             _ = watch_tick.tick(), if watchdog.is_some() => {
@@ -319,6 +337,18 @@ async fn supervise(
             }
             Some(m) = ctl.recv() => {
                 let r = match m.req {
+                    control::Request::Upgrade { upgrade } => {
+                        match super::upgrade::hand_over(sup, procs, owner, upgrade.binary).await {
+                            Ok(msg) => {
+                                log::info!("{msg}");
+                                let _ = m.reply.send(Ok(msg));
+                                // Let the session write the answer before this process ends.
+                                tokio::time::sleep(Duration::from_millis(300)).await;
+                                return Ok(());
+                            }
+                            Err(e) => Err(control::RequestError::Upgrade(e)),
+                        }
+                    }
                     control::Request::Apply(c) => sup.relay(&c).await,
                     control::Request::Other { cmd: control::Other::Reload } => sup.reload().await.map_err(Into::into),
                     control::Request::Guard { cmd } => {
@@ -332,7 +362,7 @@ async fn supervise(
                 }
                 let _ = m.reply.send(r);
             }
-            Some(Ok((i, status))) = waits.join_next() => {
+            Some(Ok((i, status))) = procs.workers.join_next() => {
                 let slot = &mut sup.slots[i];
                 slot.io = None;
                 let Some(pid) = slot.pid.take() else { continue };
@@ -348,7 +378,7 @@ async fn supervise(
                     (i, replayed, spawn_worker(spec).await)
                 });
             }
-            Some(Ok((i, status))) = holder_waits.join_next() => {
+            Some(Ok((i, status))) = procs.holders.join_next() => {
                 let Some(pid) = sup.holders[i].1.take() else { continue };
                 let why = match status {
                     Ok(s) => describe(s),
@@ -359,30 +389,28 @@ async fn supervise(
                      (worker {i} restarts with it)"
                 );
                 match spawn_holder(&sup.holders[i].0).await {
-                    Ok((mut child, pid)) => {
+                    Ok((child, pid, _)) => {
                         log::info!("holder {i} restarted as pid {pid}");
                         sup.holders[i].1 = Some(pid);
-                        holder_waits.spawn(async move { (i, child.wait().await) });
+                        procs.watch_holder(i, child);
                     }
                     Err(e) => {
                         log::error!("restarting holder {i} failed: {e:#}; stopping");
-                        stop_all(&worker_pids(&sup.slots), &mut waits).await;
-                        stop_all(&holder_pids(sup), &mut holder_waits).await;
+                        procs.stop(sup).await;
                         return Err(e);
                     }
                 }
             }
             Some(Ok((i, replayed, started))) = restarts.join_next() => match started {
-                Ok(Started { mut child, ready, io }) => {
+                Ok(Started { child, ready, io }) => {
                     log::info!("worker {i} restarted as pid {}", ready.pid);
                     sup.slots[i] = Slot { io: Some(io), pid: Some(ready.pid), started: Instant::now() };
-                    waits.spawn(async move { (i, child.wait().await) });
+                    procs.watch_worker(i, child);
                     sup.catch_up(i, replayed).await;
                 }
                 Err(e) => {
                     log::error!("restarting worker {i} failed: {e:#}; stopping");
-                    stop_all(&worker_pids(&sup.slots), &mut waits).await;
-                    stop_all(&holder_pids(sup), &mut holder_waits).await;
+                    procs.stop(sup).await;
                     return Err(e);
                 }
             },
@@ -390,16 +418,14 @@ async fn supervise(
     }
     log::info!("stopping {} worker(s)", sup.slots.iter().filter(|s| s.pid.is_some()).count());
     restarts.abort_all();
-    stop_all(&worker_pids(&sup.slots), &mut waits).await;
-    // Then the holders, which close the connections they keep.
-    stop_all(&holder_pids(sup), &mut holder_waits).await;
+    procs.stop(sup).await;
     Ok(())
 }
 
-fn worker_pids(slots: &[Slot]) -> Vec<u32> {
+pub(super) fn worker_pids(slots: &[Slot]) -> Vec<u32> {
     slots.iter().filter_map(|s| s.pid).collect()
 }
 
-fn holder_pids(sup: &Supervisor) -> Vec<u32> {
+pub(super) fn holder_pids(sup: &Supervisor) -> Vec<u32> {
     sup.holders.iter().filter_map(|h| h.1).collect()
 }

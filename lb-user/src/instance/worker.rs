@@ -61,6 +61,8 @@ pub struct WorkerSpec {
 
 /// How long a worker waits for its slot's holder (restarted beside it).
 const HOLDER_WAIT: Duration = Duration::from_secs(10);
+/// How long a stopping worker lets clients it accepted finish their setup.
+const IN_FLIGHT_GRACE: Duration = Duration::from_secs(5);
 
 /// `lb worker`: reads a [`WorkerSpec`] (first line of stdin) and serves.
 pub async fn run() -> anyhow::Result<()> {
@@ -170,6 +172,7 @@ async fn serve(
         connect_timeout: cfg.timeouts.connect,
         queue_timeout: cfg.timeouts.queue,
         connect_attempts: cfg.connect_attempts,
+        in_flight: Default::default(),
     });
     let global = Arc::new(Semaphore::new(per_worker as usize));
     let own: Vec<Option<Arc<Semaphore>>> = cfg
@@ -218,6 +221,9 @@ async fn serve(
                     control::Request::Other { cmd: control::Other::Reload } => {
                         Err(crate::servers::reload::ReloadError::NotHere.into())
                     }
+                    control::Request::Upgrade { .. } => {
+                        Err(control::RequestError::Upgrade("upgrades are the supervisor's, not a worker's".into()))
+                    }
                     control::Request::Guard { .. } => {
                         Err(control::RequestError::Guard("the guard is the supervisor's, not a worker's".into()))
                     }
@@ -233,6 +239,12 @@ async fn serve(
     log::info!("stopping: {} connection(s) open", stats.active.load(Relaxed));
     accepts.abort_all();
     while accepts.join_next().await.is_some() {}
+    // Clients accepted already are seen through to the holder (or reset):
+    // the ones still in the listen backlog wait for the slot's next worker.
+    let deadline = std::time::Instant::now() + IN_FLIGHT_GRACE;
+    while shared.in_flight.load(Relaxed) > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     dataplane.shutdown();
     if let Some(t) = publish_task {
         t.abort();

@@ -89,6 +89,7 @@ pub async fn accept_loop(
         match listener.accept().await {
             Ok((client, addr)) => {
                 shared.stats.accepted.fetch_add(1, Relaxed);
+                shared.in_flight.fetch_add(1, Relaxed);
                 tokio::spawn(handle(client, ClientAddr(addr), route.clone(), permits, shared.clone()));
             }
             // EMFILE/ENFILE/ENOBUFS: back off instead of spinning.
@@ -104,6 +105,7 @@ async fn handle(
     permits: [Option<OwnedSemaphorePermit>; 2],
     shared: Arc<Shared>,
 ) {
+    let _in_flight = InFlight(&shared.in_flight);
     let mut guard = ConnGuard::new(shared.stats.clone(), permits, addr.0, shared.access_log);
     if let Some(t) = route.first_byte {
         // Opt-in: no server is chosen (and no slot of it taken) before the
@@ -221,6 +223,15 @@ async fn handle(
     let route = [route.frontend as u16, backend as u16];
     if let Err(e) = shared.dataplane.splice(Spliced { socks: Socks::new(client, server), guard, addrs, route }) {
         log::warn!("client {addr} -> {target_addr}: {e}; both sides reset");
+    }
+}
+
+/// Counts a client in [`Shared::in_flight`] until `handle` returns.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
     }
 }
 

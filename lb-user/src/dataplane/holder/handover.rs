@@ -31,6 +31,13 @@ impl Holder {
         rustix::net::sockopt::set_socket_timeout(&**conn, Timeout::Recv, Some(STEP_TIMEOUT))?;
         let taken = self.watcher.lock().unwrap_or_else(|e| e.into_inner()).take();
         let detached = taken.map(|w| w.detach()).unwrap_or_default();
+        if let Some(ms) = std::env::var("LB_TEST_HANDOVER_PAUSE_MS").ok().and_then(|v| v.parse().ok()) {
+            // Test hook: a window in which no process watches the connections.
+            log::warn!(
+                "LB_TEST_HANDOVER_PAUSE_MS: pausing the hand-over {ms} ms with nothing watching (a test setting)"
+            );
+            std::thread::sleep(Duration::from_millis(ms));
+        }
         let live = self.state.lock().unwrap_or_else(|e| e.into_inner()).live.clone();
         let handed: Vec<(Handed, [&TcpStream; 2])> = detached
             .iter()

@@ -1,0 +1,368 @@
+//! `lb upgrade` (and SIGUSR2): the running instance hands itself to a new
+//! binary without dropping a connection or refusing a client.
+//!
+//! The old supervisor starts `NEW takeover` and gives it, on stdin, the
+//! configuration it runs with and the commands applied since. The new one
+//! checks everything it can before touching anything (configuration, the
+//! pinned maps' layout, the protocol between holders) and says `standby`,
+//! or fails and the old instance goes on untouched. Then slot by slot: the
+//! old worker stops (it sees the clients it accepted through to its holder;
+//! clients that arrive meanwhile wait in the listen backlog, which the
+//! holder keeps), the new holder takes the old holder's listening sockets
+//! and connections (`dataplane::holder::take_over`) and the old holder
+//! exits, and a new worker starts on them. Last, the old supervisor lets go
+//! of its control socket, metrics endpoint and pin-path lock, and the new
+//! one takes them and says `ready`; the old one answers the operator and
+//! exits, leaving the pins and the attached verdict to the new one.
+
+use std::{
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines},
+    process::{ChildStdin, ChildStdout},
+};
+
+use super::{
+    Reload,
+    children::{Started, signal, spawn_holder, spawn_worker},
+    owner::Owner,
+    supervisor::{Procs, Slot, Supervisor, serve},
+};
+use crate::{
+    config::{Config, Overrides, host::AlreadyChecked},
+    dataplane::{Kind, holder::wire::VERSION},
+    kernel::object::Objects,
+    servers::command::Command,
+};
+
+/// What the old supervisor tells the new one (first line of its stdin).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UpgradeSpec {
+    /// [`VERSION`] of the holder protocol and [`lb_common::maps::layout`].
+    pub version: u32,
+    pub layout: String,
+    pub config_file: PathBuf,
+    pub config_text: String,
+    pub overrides: Overrides,
+    pub listen: Vec<std::net::SocketAddr>,
+    /// Operator commands applied so far, then the servers' health.
+    pub replay: Vec<Command>,
+}
+
+/// One line between the two supervisors after the spec.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// New → old: checked, ready to take slots.
+    Standby { pid: u32 },
+    /// New → old: cannot go on (before any slot: nothing changed).
+    Failed { why: String },
+    /// Old → new: slot `index`'s worker has stopped; take its holder.
+    Release { index: usize },
+    /// New → old: slot `index` serves again, with `took` connections.
+    Slot { index: usize, took: usize },
+    /// Old → new: the control socket, metrics and lock are free.
+    Services,
+    /// New → old: the new instance serves everything.
+    Ready { pid: u32 },
+}
+
+/// How long the new binary may take to say `standby`, and each slot.
+const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+
+async fn next_step(lines: &mut Lines<BufReader<ChildStdout>>) -> Result<Step, String> {
+    match tokio::time::timeout(STEP_TIMEOUT, lines.next_line()).await {
+        Err(_) => Err(format!("no answer within {STEP_TIMEOUT:?}")),
+        Ok(Err(e)) => Err(format!("reading its answer: {e}")),
+        Ok(Ok(None)) => Err("it exited (see its messages above)".into()),
+        Ok(Ok(Some(l))) => match serde_json::from_str(&l) {
+            Ok(Step::Failed { why }) => Err(why),
+            Ok(s) => Ok(s),
+            Err(_) => Err(format!("it said {l:?}")),
+        },
+    }
+}
+
+async fn send_step(stdin: &mut ChildStdin, step: &Step) -> Result<(), String> {
+    let mut line = serde_json::to_vec(step).map_err(|e| e.to_string())?;
+    line.push(b'\n');
+    stdin.write_all(&line).await.map_err(|e| format!("telling the new binary: {e}"))
+}
+
+/// The path this process runs from, as it is on disk now (the file may
+/// have been replaced since the start).
+fn own_binary() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("finding this executable: {e}"))?;
+    let s = exe.to_string_lossy();
+    Ok(PathBuf::from(s.strip_suffix(" (deleted)").unwrap_or(&s)))
+}
+
+/// The old side: hands the instance to `binary` (default: this
+/// executable's path). `Ok`: the new instance serves everything and this
+/// process's children are gone; the caller ends. `Err`: why not; this
+/// instance goes on (if a slot could not be handed over, it was restarted
+/// here, and the message says which connections were lost).
+pub(super) async fn hand_over(
+    sup: &mut Supervisor,
+    procs: &mut Procs,
+    owner: &mut Owner,
+    binary: Option<PathBuf>,
+) -> Result<String, String> {
+    if sup.cfg.guard.is_some() {
+        return Err("the XDP guard ([guard]) is not carried over by an upgrade yet: stop and start instead".into());
+    }
+    let binary = match binary {
+        Some(b) => b,
+        None => own_binary()?,
+    };
+    if !binary.is_file() {
+        return Err(format!("{} is not a file", binary.display()));
+    }
+    let t0 = Instant::now();
+    log::info!("upgrade: starting {}", binary.display());
+    let mut child = tokio::process::Command::new(&binary)
+        .arg("takeover")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .process_group(0)
+        .kill_on_drop(false)
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}; this instance goes on", binary.display()))?;
+    let (Some(mut stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        return Err("no pipes to the new binary".into());
+    };
+    let mut lines = BufReader::new(stdout).lines();
+    let spec = UpgradeSpec {
+        version: VERSION,
+        layout: lb_common::maps::layout(),
+        config_file: sup.reload.path.clone(),
+        config_text: sup.spec.config_text.clone(),
+        overrides: sup.reload.overrides,
+        listen: sup.spec.listen.clone(),
+        replay: sup.replay.iter().cloned().chain(sup.model.health_commands()).collect(),
+    };
+    let started = async {
+        let line = serde_json::to_string(&spec).map_err(|e| e.to_string())? + "\n";
+        stdin.write_all(line.as_bytes()).await.map_err(|e| format!("sending the spec: {e}"))?;
+        match next_step(&mut lines).await? {
+            Step::Standby { pid } => Ok(pid),
+            other => Err(format!("it said {other:?}")),
+        }
+    }
+    .await;
+    let new_pid = match started {
+        Ok(p) => p,
+        Err(why) => {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(format!("{} cannot take over: {why}; this instance goes on untouched", binary.display()));
+        }
+    };
+    let mut took = 0;
+    for i in 0..sup.slots.len() {
+        stop_worker(sup, procs, i).await;
+        let r = async {
+            send_step(&mut stdin, &Step::Release { index: i }).await?;
+            match next_step(&mut lines).await? {
+                Step::Slot { index, took } if index == i => Ok(took),
+                other => Err(format!("it said {other:?}")),
+            }
+        }
+        .await;
+        match r {
+            Ok(n) => {
+                took += n;
+                sup.holders[i].1 = None; // it exits now, by itself
+            }
+            Err(why) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                let lost = recover(sup, procs, i).await;
+                return Err(format!("the new binary failed at slot {i}: {why}; {lost}"));
+            }
+        }
+    }
+    owner.hand_over();
+    let ready = async {
+        send_step(&mut stdin, &Step::Services).await?;
+        match next_step(&mut lines).await? {
+            Step::Ready { pid } => Ok(pid),
+            other => Err(format!("it said {other:?}")),
+        }
+    }
+    .await;
+    if let Err(why) = ready {
+        // Every slot is the new instance's already; it serves without
+        // whatever it could not take, and says so in its log.
+        log::error!("upgrade: the new instance (pid {new_pid}) did not confirm its services: {why}");
+    }
+    // The old holders exit once their connections are handed over.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::timeout_at(deadline, procs.holders.join_next()).await.is_ok_and(|r| r.is_some()) {}
+    Ok(format!(
+        "upgraded to {} in {:.2}s: new supervisor pid {new_pid}, {took} spliced connection(s) handed over",
+        binary.display(),
+        t0.elapsed().as_secs_f64()
+    ))
+}
+
+/// Stops slot `i`'s worker (SIGTERM; it finishes the clients it accepted)
+/// and waits for it, without restarting it.
+async fn stop_worker(sup: &mut Supervisor, procs: &mut Procs, i: usize) {
+    let Some(pid) = sup.slots[i].pid.take() else { return };
+    sup.slots[i].io = None;
+    signal(pid, rustix::process::Signal::TERM);
+    let deadline = tokio::time::Instant::now() + super::children::STOP_GRACE;
+    loop {
+        match tokio::time::timeout_at(deadline, procs.workers.join_next()).await {
+            Ok(Some(Ok((j, _)))) if j == i => return,
+            Ok(Some(Ok((j, _)))) => {
+                // Another worker died meanwhile: the new instance replaces it too.
+                sup.slots[j].pid = None;
+                sup.slots[j].io = None;
+            }
+            Ok(_) => return,
+            Err(_) => {
+                log::warn!("worker {i} (pid {pid}) did not stop; killing it");
+                signal(pid, rustix::process::Signal::KILL);
+            }
+        }
+    }
+}
+
+/// The new binary failed after taking slots `..=failed`: this instance
+/// serves them again. A slot whose old holder had already handed over lost
+/// its connections with the new binary's holder.
+async fn recover(sup: &mut Supervisor, procs: &mut Procs, failed: usize) -> String {
+    let mut lost = Vec::new();
+    for i in 0..=failed {
+        let alive = sup.holders[i].1.is_some_and(|p| rustix::process::test_kill_process(pid_of(p)).is_ok());
+        if !alive {
+            lost.push(i);
+            match spawn_holder(&sup.holders[i].0).await {
+                Ok((child, pid, _)) => {
+                    sup.holders[i].1 = Some(pid);
+                    procs.watch_holder(i, child);
+                }
+                Err(e) => log::error!("restarting holder {i}: {e:#}"),
+            }
+        }
+        match spawn_worker(sup.spec_for(i)).await {
+            Ok(Started { child, ready, io }) => {
+                sup.slots[i] = Slot { io: Some(io), pid: Some(ready.pid), started: Instant::now() };
+                procs.watch_worker(i, child);
+            }
+            Err(e) => log::error!("restarting worker {i}: {e:#}"),
+        }
+    }
+    if lost.is_empty() {
+        "this instance serves every slot again; no connection was lost".into()
+    } else {
+        format!("this instance serves every slot again; the connections of slot(s) {lost:?} were lost")
+    }
+}
+
+fn pid_of(p: u32) -> rustix::process::Pid {
+    rustix::process::Pid::from_raw(p as i32).unwrap_or(rustix::process::Pid::INIT)
+}
+
+/// `lb takeover`: the new side. Checks, says `standby`, takes each slot
+/// the old side releases, then the services, and serves like `lb run`.
+pub async fn take_over() -> anyhow::Result<()> {
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let first = lines.next_line().await.context("reading the spec")?.context("no spec on stdin")?;
+    let prepared = prepare(&first);
+    let (mut sup, objects) = match prepared {
+        Ok(v) => v,
+        Err(e) => {
+            say(&Step::Failed { why: format!("{e:#}") });
+            return Err(e);
+        }
+    };
+    say(&Step::Standby { pid: std::process::id() });
+    let mut procs = Procs::default();
+    loop {
+        let line = lines.next_line().await.context("reading from the old instance")?;
+        let step: Step = serde_json::from_str(line.as_deref().context("the old instance went away")?)?;
+        match step {
+            Step::Release { index } if index < sup.slots.len() => {
+                let spec = super::holder::HolderSpec { takeover: true, ..sup.holders[index].0.clone() };
+                let (child, pid, took) = spawn_holder(&spec).await?;
+                sup.holders[index].1 = Some(pid);
+                procs.watch_holder(index, child);
+                let Started { child, ready, io } = spawn_worker(sup.spec_for(index)).await?;
+                sup.slots[index] = Slot { io: Some(io), pid: Some(ready.pid), started: Instant::now() };
+                procs.watch_worker(index, child);
+                log::info!("upgrade: slot {index} taken over with {took} connection(s)");
+                say(&Step::Slot { index, took });
+            }
+            Step::Services => break,
+            other => bail!("unexpected from the old instance: {other:?}"),
+        }
+    }
+    let (mut owner, ctl) = Owner::adopted(&sup.cfg, sup.spec.kind, objects).await;
+    // Under systemd (Type=notify, NotifyAccess=all) this process becomes the service's main one.
+    let main = [sd_notify::NotifyState::MainPid(std::process::id()), sd_notify::NotifyState::Ready];
+    if let Err(e) = sd_notify::notify(&main) {
+        log::warn!("telling systemd the new main pid: {e}");
+    }
+    say(&Step::Ready { pid: std::process::id() });
+    log::info!("upgrade: this instance (pid {}) serves", std::process::id());
+    let r = serve(&mut sup, &mut procs, &mut owner, ctl).await;
+    drop(owner);
+    r
+}
+
+/// Everything checked before `standby`.
+fn prepare(first: &str) -> anyhow::Result<(Supervisor, Option<(Objects, crate::kernel::object::Meta)>)> {
+    let spec: UpgradeSpec = serde_json::from_str(first).context("the upgrade spec is not valid")?;
+    if spec.version != VERSION {
+        bail!("the running instance's holders speak version {}, this binary {VERSION}", spec.version);
+    }
+    let ours = lb_common::maps::layout();
+    if spec.layout != ours {
+        bail!(
+            "the running instance's maps are laid out differently (theirs: {:?}; this binary: {ours:?})",
+            spec.layout
+        );
+    }
+    let file = spec.config_file.display().to_string();
+    let cfg = Config::parse_on(&AlreadyChecked, &file, &spec.config_text, &spec.overrides)?;
+    if cfg.guard.is_some() {
+        bail!("[guard] is not carried over by an upgrade yet");
+    }
+    if cfg.frontends.len() != spec.listen.len() {
+        bail!("{} listen addresses for {} frontends", spec.listen.len(), cfg.frontends.len());
+    }
+    let objects = match Objects::adopt(&cfg.runtime_dir, &cfg.pin_path) {
+        Ok(o) => Some(o),
+        Err(e) => bail!("the running instance's pins: {e}"),
+    };
+    let kind = match objects.as_ref().map(|(_, m)| m.dataplane.as_str()) {
+        Some("kernel") => Kind::Kernel,
+        _ => Kind::Userspace,
+    };
+    let reload = Reload { path: spec.config_file.clone(), overrides: spec.overrides };
+    let mut sup = Supervisor::new(cfg, reload, spec.config_text, kind, objects.is_some(), spec.listen);
+    for c in &spec.replay {
+        if let Err(e) = sup.model.apply(c) {
+            log::warn!("replaying {c:?}: {e}");
+        }
+        if !matches!(c, Command::ServerHealth { .. }) {
+            sup.replay.push(c.clone());
+        }
+    }
+    Ok((sup, objects))
+}
+
+/// One line to the old instance.
+fn say(step: &Step) {
+    println!("{}", serde_json::to_string(step).unwrap_or_default());
+}

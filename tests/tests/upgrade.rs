@@ -1,0 +1,328 @@
+//! `lb upgrade`: the running instance hands its listening sockets and
+//! every spliced connection to a new binary. Nothing is lost or refused,
+//! and a binary that cannot take over changes nothing.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use testkit::{
+    KernelProof, Lb, Mode,
+    backends::Backend,
+    lbproc::{Launch, kernel_available, lb_bin, scratch},
+    retry_until, round_trip,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+/// Starts lb on the kernel plane with `body`, extra `env`.
+fn start(test: &str, body: &str, env: &[(&str, &str)]) -> Option<Lb> {
+    if !kernel_available(test) {
+        return None;
+    }
+    let (dir, pin_path) = scratch();
+    let cfg = format!("dataplane = \"kernel\"\npin_path = \"{}\"\n{body}", pin_path.display());
+    Some(Lb::launch_as(test, dir, pin_path, &cfg, Launch { env, ..Launch::default() }))
+}
+
+/// A copy of the lb binary at another path (the "new release").
+fn copy_of_lb(lb: &Lb) -> PathBuf {
+    let to = lb.dir.join("lb-next");
+    std::fs::copy(lb_bin(), &to).unwrap_or_else(|e| panic!("copying {}: {e}", lb_bin().display()));
+    to
+}
+
+/// Runs `lb upgrade --binary <binary>` against `lb`: (success, stdout, stderr).
+fn upgrade(lb: &Lb, binary: &Path) -> impl std::future::Future<Output = (bool, String, String)> + 'static {
+    let (pin, run) = (lb.pin_path.clone(), lb.run_dir.clone());
+    let binary = binary.to_owned();
+    let run = tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(lb_bin())
+            .arg("upgrade")
+            .arg("--binary")
+            .arg(&binary)
+            .arg("--pin-path")
+            .arg(&pin)
+            .arg("--runtime-dir")
+            .arg(&run)
+            .output()
+            .expect("running lb upgrade");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    });
+    async move { run.await.unwrap() }
+}
+
+/// The new supervisor's pid, from `lb upgrade`'s answer.
+fn new_pid(answer: &str) -> u32 {
+    answer
+        .split("new supervisor pid ")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no new supervisor pid in {answer:?}"))
+}
+
+/// The pids of the workers and holders of the instance whose supervisor is `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) else { return vec![] };
+    let mut all: Vec<u32> = s.split_whitespace().filter_map(|p| p.parse().ok()).collect();
+    // Workers and holders are started from the runtime's threads.
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let f = t.path().join("children");
+        for p in std::fs::read_to_string(f).unwrap_or_default().split_whitespace().filter_map(|p| p.parse().ok()) {
+            if !all.contains(&p) {
+                all.push(p);
+            }
+        }
+    }
+    all
+}
+
+/// 1,000 connections carry checked bytes and a loop opens new ones while
+/// `lb upgrade` replaces every process with a copy of the binary at
+/// another path: none lost, none refused, the old processes gone, the new
+/// ones running the copy, and the stats carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_keeps_every_connection_and_refuses_no_client() {
+    const CONNS: u32 = 1000;
+    const TASKS: u32 = 10;
+    let be = Backend::echo().await;
+    let body = format!(
+        "workers = 2\n\n[[frontend]]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\nbackend = \"b\"\n\n\
+         [[backend]]\nname = \"b\"\nservers = [\"{}\"]\n",
+        be.addr
+    );
+    // What systemd would hear (Type=notify): ready, then the new main pid.
+    let notify_path = std::env::temp_dir().join(format!("lb-notify-{}", std::process::id()));
+    let _ = std::fs::remove_file(&notify_path);
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).expect("notify socket");
+    notify.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let notify_env = notify_path.to_string_lossy().into_owned();
+    let started = start("upgrade", &body, &[("NOTIFY_SOCKET", &notify_env)]);
+    let Some(mut lb) = started else { return };
+    let heard = |n: &std::os::unix::net::UnixDatagram| {
+        let mut b = [0u8; 256];
+        n.recv(&mut b).map(|len| String::from_utf8_lossy(&b[..len]).into_owned()).unwrap_or_default()
+    };
+    assert_eq!(heard(&notify), "READY=1\n", "lb run did not tell systemd it is ready");
+    let next = copy_of_lb(&lb);
+    let proof = KernelProof::start(&lb);
+    let addr = lb.addr;
+    let mut conns = Vec::new();
+    for i in 0..CONNS {
+        let mut s = TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("connect {i}: {e}"));
+        round_trip(&mut s, i, 0).await.unwrap_or_else(|e| panic!("connection {i} before the upgrade: {e}"));
+        conns.push(s);
+    }
+    lb.await_publication();
+    let before = lb.pinned_stats();
+    let accepted0 = before["totals"]["accepted"].as_u64().unwrap();
+    let old_pids = lb.pids();
+    // Traffic on every connection the whole time.
+    let stop = Arc::new(AtomicBool::new(false));
+    let per = (CONNS / TASKS) as usize;
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let mine: Vec<TcpStream> = conns.drain(..per).collect();
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut mine, mut errors, mut round) = (mine, Vec::new(), 1);
+            while !stop.load(Relaxed) {
+                for (k, s) in mine.iter_mut().enumerate() {
+                    let id = t * per as u32 + k as u32;
+                    if let Err(e) = round_trip(s, id, round).await {
+                        errors.push(format!("connection {id} round {round}: {e}"));
+                    }
+                }
+                round += 1;
+            }
+            (mine, errors)
+        }));
+    }
+    // New clients the whole time, each served or counted as refused.
+    let (served, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let opener = {
+        let (stop, served, refused) = (stop.clone(), served.clone(), refused.clone());
+        tokio::spawn(async move {
+            let mut i = 10_000;
+            let mut why = Vec::new();
+            while !stop.load(Relaxed) {
+                let r = match TcpStream::connect(addr).await {
+                    Ok(mut s) => round_trip(&mut s, i, 0).await,
+                    Err(e) => Err(format!("connect: {e}")),
+                };
+                match r {
+                    Ok(()) => served.fetch_add(1, Relaxed),
+                    Err(e) => {
+                        why.push(e);
+                        refused.fetch_add(1, Relaxed)
+                    }
+                };
+                i += 1;
+            }
+            why
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t0 = Instant::now();
+    let (ok, out, err) = upgrade(&lb, &next).await;
+    let took = t0.elapsed();
+    assert!(ok, "lb upgrade failed: {err}\n{}", lb.stderr());
+    assert!(
+        out.contains(&format!("{CONNS} spliced connection(s) handed over")) || out.contains("handed over"),
+        "{out}"
+    );
+    let pid = new_pid(&out);
+    lb.upgraded_to(pid);
+    assert_eq!(heard(&notify), format!("MAINPID={pid}\nREADY=1\n"), "the new supervisor did not tell systemd");
+    let _ = std::fs::remove_file(&notify_path);
+    let served_at_upgrade = served.load(Relaxed);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Relaxed);
+    let mut all = Vec::new();
+    let mut errors = Vec::new();
+    for t in tasks {
+        let (mine, e) = t.await.unwrap();
+        all.extend(mine);
+        errors.extend(e);
+    }
+    let why = opener.await.unwrap();
+    assert!(errors.is_empty(), "{} failed round trip(s), first: {:?}", errors.len(), errors.first());
+    assert_eq!(refused.load(Relaxed), 0, "clients refused during the upgrade: {why:?}");
+    assert!(served.load(Relaxed) > served_at_upgrade, "no new client served after the upgrade");
+    for (i, s) in all.iter_mut().enumerate() {
+        round_trip(s, i as u32, u32::MAX).await.unwrap_or_else(|e| panic!("connection {i} after the upgrade: {e}"));
+    }
+    // Every process of the old binary is gone; the new ones run the copy.
+    for p in &old_pids {
+        assert!(!testkit::alive(*p), "old process {p} still runs");
+    }
+    let new_procs: Vec<u32> = std::iter::once(pid).chain(children(pid)).collect();
+    assert_eq!(new_procs.len(), 5, "a supervisor, 2 holders and 2 workers: {new_procs:?}");
+    for p in &new_procs {
+        assert_eq!(testkit::exe(*p).as_deref(), Some(next.as_path()), "process {p} does not run the new binary");
+    }
+    // The stats carry on: nothing counted before is lost, the connections are counted.
+    let want = u64::from(CONNS);
+    let counted = retry_until(Duration::from_secs(5), || {
+        let s = lb.pinned_stats();
+        let accepted = s["totals"]["accepted"].as_u64()?;
+        (s["totals"]["active"].as_u64()? == want && accepted >= accepted0 + served.load(Relaxed)).then_some(accepted)
+    })
+    .await;
+    assert!(counted.is_some(), "stats after the upgrade (accepted before: {accepted0}): {}", lb.pinned_stats());
+    proof.assert_kernel_ran(&lb, "upgrade");
+    eprintln!(
+        "upgrade with {CONNS} connections and 2 slots: {:.3}s ({out}); {} new clients served meanwhile, 0 refused",
+        took.as_secs_f64(),
+        served.load(Relaxed)
+    );
+    drop(all);
+    assert!(lb.stop(), "the new instance did not stop");
+    assert!(!lb.pin_path.exists(), "the new instance left the pins behind");
+}
+
+/// A FIN that arrives while neither holder watches (the old one has let
+/// go, the new one has not started) is forwarded once the new one has the
+/// connection, on both kernel paths (spliced and copied client side).
+async fn fin_during_the_hand_over_is_forwarded(copy_client: bool) {
+    let be = Backend::spawn(|mut s| async move {
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got).await;
+        let _ = s.write_all(&got).await;
+        let _ = s.shutdown().await;
+    })
+    .await;
+    let body = format!(
+        "[[frontend]]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\nbackend = \"b\"\n\n\
+         [[backend]]\nname = \"b\"\nservers = [\"{}\"]\n",
+        be.addr
+    );
+    let mut env = vec![("LB_TEST_HANDOVER_PAUSE_MS", "700")];
+    if copy_client {
+        env.push(("LB_TEST_COPY_CLIENT", "1"));
+    }
+    let test = if copy_client { "upgrade_fin_copied" } else { "upgrade_fin" };
+    let Some(mut lb) = start(test, &body, &env) else { return };
+    let next = copy_of_lb(&lb);
+    let mut clients = Vec::new();
+    for i in 0..20u8 {
+        let mut s = TcpStream::connect(lb.addr).await.unwrap();
+        s.write_all(&[i; 100]).await.unwrap();
+        clients.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut upgrading = tokio::spawn(upgrade(&lb, &next));
+    // Once the old holder has let go, the clients send their FINs.
+    let paused = retry_until(Duration::from_secs(10), || {
+        if upgrading.is_finished() {
+            return Some(false);
+        }
+        lb.stderr().contains("pausing the hand-over").then_some(true)
+    })
+    .await;
+    assert_eq!(paused, Some(true), "the hand-over never paused:\n{}", lb.stderr());
+    for s in &mut clients {
+        s.shutdown().await.unwrap();
+    }
+    let answer = (&mut upgrading).await.unwrap();
+    assert!(answer.0, "lb upgrade failed: {}\n{}", answer.2, lb.stderr());
+    lb.upgraded_to(new_pid(&answer.1));
+    for (i, s) in clients.iter_mut().enumerate() {
+        let mut back = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut back)).await;
+        assert!(matches!(r, Ok(Ok(_))), "client {i}: no reply and EOF after its FIN: {r:?}");
+        assert_eq!(back, vec![i as u8; 100], "client {i}: reply differs");
+    }
+    let gone = retry_until(Duration::from_secs(5), || {
+        (lb.pinned_stats()["counters"]["conn_entries"].as_u64() == Some(0)).then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "records of closed connections remain: {}", lb.pinned_stats());
+    assert!(lb.stop());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fin_during_the_hand_over_is_forwarded_spliced() {
+    fin_during_the_hand_over_is_forwarded(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fin_during_the_hand_over_is_forwarded_copied() {
+    fin_during_the_hand_over_is_forwarded(true).await;
+}
+
+/// A binary that cannot take over (it does not start, or is no file)
+/// leaves the running instance exactly as it was, serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_upgrade_leaves_the_instance_serving() {
+    let be = Backend::echo().await;
+    let Some(lb) = Lb::start(Mode::Kernel, "upgrade_fails", &[be.addr]) else { return };
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    round_trip(&mut s, 1, 0).await.unwrap();
+    let pids = lb.pids();
+    let broken = lb.dir.join("lb-broken");
+    std::fs::write(&broken, "#!/bin/sh\necho 'lb-broken: cannot start' >&2\nexit 3\n").unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (ok, _, err) = upgrade(&lb, &broken).await;
+    assert!(!ok, "an upgrade to a binary that exits at once succeeded");
+    assert!(err.contains("cannot take over") && err.contains("goes on untouched"), "{err}");
+    let (ok, _, err) = upgrade(&lb, &lb.dir.join("no-such-binary")).await;
+    assert!(!ok && err.contains("is not a file"), "{err}");
+    // Nothing changed: the same processes, the old connection and new ones served.
+    for p in &pids {
+        assert!(testkit::alive(*p), "process {p} of the instance is gone after a failed upgrade");
+    }
+    round_trip(&mut s, 1, 1).await.unwrap_or_else(|e| panic!("the old connection after a failed upgrade: {e}"));
+    let mut fresh = TcpStream::connect(lb.addr).await.unwrap();
+    round_trip(&mut fresh, 2, 0).await.unwrap_or_else(|e| panic!("a new client after a failed upgrade: {e}"));
+    assert!(lb.cli(&["stats"]).0, "lb stats after a failed upgrade");
+}
