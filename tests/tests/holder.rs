@@ -36,6 +36,10 @@ async fn killing_every_worker_loses_no_spliced_connection() {
     );
     let Some(lb) = Lb::start_with(Mode::Kernel, "holder_kill", &body) else { return };
     assert_eq!(lb.holders.len(), 2, "one holder per worker slot: {:?}", lb.holders);
+    // The OOM killer takes a worker (nothing lost) before a holder.
+    let score =
+        |p: u32| std::fs::read_to_string(format!("/proc/{p}/oom_score_adj")).unwrap().trim().parse::<i32>().unwrap();
+    assert!(lb.workers.iter().all(|w| score(*w) > score(lb.holders[0])), "workers must be the OOM killer's first pick");
     let proof = KernelProof::start(&lb);
     let addr = lb.addr;
     let mut conns = Vec::new();

@@ -61,6 +61,9 @@ pub struct WorkerSpec {
 
 /// How long a worker waits for its slot's holder (restarted beside it).
 const HOLDER_WAIT: Duration = Duration::from_secs(10);
+/// `oom_score_adj` of a worker: above its holder's, so the OOM killer takes
+/// the worker first.
+const WORKER_OOM_SCORE_ADJ: &str = "500";
 /// How long a stopping worker lets clients it accepted finish their setup.
 const IN_FLIGHT_GRACE: Duration = Duration::from_secs(5);
 
@@ -74,6 +77,12 @@ pub async fn run() -> anyhow::Result<()> {
         .context("arming the parent-death signal")?;
     if rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32) != Some(spec.supervisor) {
         bail!("the supervisor (pid {}) is gone", spec.supervisor);
+    }
+    // Under memory pressure the kernel should pick a worker (restarted,
+    // nothing lost) before a holder (its connections go with it). Raising
+    // one's own score needs no privilege.
+    if let Err(e) = std::fs::write("/proc/self/oom_score_adj", WORKER_OOM_SCORE_ADJ) {
+        log::warn!("raising this worker's oom_score_adj: {e}");
     }
     let o = Overrides { workers: Some(spec.workers), dataplane: None };
     let mut cfg = Config::parse_on(&AlreadyChecked, &spec.config_file, &spec.config_text, &o)?;
