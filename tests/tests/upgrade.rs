@@ -12,7 +12,7 @@ use std::{
 };
 
 use testkit::{
-    KernelProof, Lb, Mode,
+    KernelProof, Lb,
     backends::Backend,
     lbproc::{Launch, kernel_available, lb_bin, scratch},
     retry_until, round_trip,
@@ -304,7 +304,14 @@ async fn fin_during_the_hand_over_is_forwarded_copied() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_upgrade_leaves_the_instance_serving() {
     let be = Backend::echo().await;
-    let Some(lb) = Lb::start(Mode::Kernel, "upgrade_fails", &[be.addr]) else { return };
+    let body = format!(
+        "[[frontend]]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\nbackend = \"b\"\n\n\
+         [[backend]]\nname = \"b\"\nservers = [\"{}\"]\n",
+        be.addr
+    );
+    // The new binary (and only it: the hook acts where a new binary checks
+    // the running instance) believes the maps are laid out otherwise.
+    let Some(lb) = start("upgrade_fails", &body, &[("LB_TEST_PRETEND_LAYOUT", " LB_NEW:8/8")]) else { return };
     let mut s = TcpStream::connect(lb.addr).await.unwrap();
     round_trip(&mut s, 1, 0).await.unwrap();
     let pids = lb.pids();
@@ -317,6 +324,8 @@ async fn a_failed_upgrade_leaves_the_instance_serving() {
     assert!(err.contains("cannot take over") && err.contains("goes on untouched"), "{err}");
     let (ok, _, err) = upgrade(&lb, &lb.dir.join("no-such-binary")).await;
     assert!(!ok && err.contains("is not a file"), "{err}");
+    let (ok, _, err) = upgrade(&lb, &copy_of_lb(&lb)).await;
+    assert!(!ok && err.contains("laid out differently") && err.contains("goes on untouched"), "{err}");
     // Nothing changed: the same processes, the old connection and new ones served.
     for p in &pids {
         assert!(testkit::alive(*p), "process {p} of the instance is gone after a failed upgrade");

@@ -326,7 +326,11 @@ fn prepare(first: &str) -> anyhow::Result<(Supervisor, Option<(Objects, crate::k
     if spec.version != VERSION {
         bail!("the running instance's holders speak version {}, this binary {VERSION}", spec.version);
     }
-    let ours = lb_common::maps::layout();
+    let mut ours = lb_common::maps::layout();
+    if let Ok(v) = std::env::var("LB_TEST_PRETEND_LAYOUT") {
+        // Test hook: this binary pretends to be built for other maps.
+        ours.push_str(&v);
+    }
     if spec.layout != ours {
         bail!(
             "the running instance's maps are laid out differently (theirs: {:?}; this binary: {ours:?})",
