@@ -335,3 +335,43 @@ async fn a_failed_upgrade_leaves_the_instance_serving() {
     round_trip(&mut fresh, 2, 0).await.unwrap_or_else(|e| panic!("a new client after a failed upgrade: {e}"));
     assert!(lb.cli(&["stats"]).0, "lb stats after a failed upgrade");
 }
+
+/// SIGUSR2 to `lb run` does what `lb upgrade` does, with the binary at the
+/// running one's path, read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_upgrades_in_place() {
+    let be = Backend::echo().await;
+    let Some(mut lb) = testkit::Lb::start(testkit::Mode::Kernel, "upgrade_usr2", &[be.addr]) else { return };
+    let mut conns = Vec::new();
+    for i in 0..50 {
+        let mut s = TcpStream::connect(lb.addr).await.unwrap();
+        round_trip(&mut s, i, 0).await.unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        conns.push(s);
+    }
+    let old = lb.pids();
+    // SAFETY: signalling the lb this test started.
+    unsafe { libc::kill(lb.pid as i32, libc::SIGUSR2) };
+    let pid = retry_until(Duration::from_secs(10), || {
+        let log = lb.stderr();
+        let line = log.lines().find(|l| l.contains("new supervisor pid"))?.to_owned();
+        Some(new_pid(&line))
+    })
+    .await
+    .unwrap_or_else(|| panic!("SIGUSR2 did not upgrade:\n{}", lb.stderr()));
+    lb.upgraded_to(pid);
+    for (i, s) in conns.iter_mut().enumerate() {
+        round_trip(s, i as u32, 1).await.unwrap_or_else(|e| panic!("connection {i} after SIGUSR2: {e}"));
+    }
+    let mut fresh = TcpStream::connect(lb.addr).await.unwrap();
+    round_trip(&mut fresh, 99, 0).await.unwrap_or_else(|e| panic!("a new client after SIGUSR2: {e}"));
+    for p in &old {
+        assert!(!testkit::alive(*p), "old process {p} still runs after SIGUSR2");
+    }
+    let counted = retry_until(Duration::from_secs(5), || {
+        (lb.pinned_stats()["totals"]["active"].as_u64() == Some(51)).then_some(())
+    })
+    .await;
+    assert!(counted.is_some(), "want 51 active after SIGUSR2: {}", lb.pinned_stats());
+    drop((conns, fresh));
+    assert!(lb.stop(), "the upgraded instance did not stop");
+}

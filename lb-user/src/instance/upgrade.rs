@@ -241,6 +241,26 @@ async fn stop_worker(sup: &mut Supervisor, procs: &mut Procs, i: usize) {
 /// serves them again. A slot whose old holder had already handed over lost
 /// its connections with the new binary's holder.
 async fn recover(sup: &mut Supervisor, procs: &mut Procs, failed: usize) -> String {
+    // The old holders that handed over have exited: forget their exits, so
+    // the loop does not take them for the holders started here.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    while let Some(r) = procs.holders.try_join_next() {
+        // A holder of a slot not handed over that died meanwhile: restart it
+        // here (its worker exits with it and the loop restarts that).
+        if let Ok((i, _)) = r
+            && i > failed
+            && sup.holders[i].1.take().is_some()
+        {
+            log::error!("holder {i} died during the upgrade; its connections are lost; restarting it");
+            match spawn_holder(&sup.holders[i].0).await {
+                Ok((child, pid, _)) => {
+                    sup.holders[i].1 = Some(pid);
+                    procs.watch_holder(i, child);
+                }
+                Err(e) => log::error!("restarting holder {i}: {e:#}"),
+            }
+        }
+    }
     let mut lost = Vec::new();
     for i in 0..=failed {
         let alive = sup.holders[i].1.is_some_and(|p| rustix::process::test_kill_process(pid_of(p)).is_ok());
