@@ -151,12 +151,20 @@ async fn fin_while_the_worker_is_dead_is_forwarded() {
     .await;
     let Some(lb) = Lb::start(Mode::Kernel, "holder_fin", &[be.addr]) else { return };
     let proof = KernelProof::start(&lb);
+    let holder = lb.holders[0];
+    let holder_fds = testkit::fd_count(holder);
     let mut clients = Vec::new();
     for i in 0..20u8 {
         let mut s = TcpStream::connect(lb.addr).await.unwrap();
         s.write_all(&[i; 100]).await.unwrap();
         clients.push(s);
     }
+    // The backend answers only after EOF: wait until the kernel carried
+    // every client's 100 bytes (all spliced) and the holder has all 40 sockets.
+    let redirected = |lb: &Lb| lb.pinned_stats()["counters"]["bytes_redirected"].as_u64().unwrap_or(0);
+    let held = || testkit::fd_count(holder) >= holder_fds + 40;
+    let ready = retry_until(Duration::from_secs(5), || (redirected(&lb) >= 2000 && held()).then_some(())).await;
+    assert!(ready.is_some(), "the clients' connections were not spliced and held: {}", lb.pinned_stats());
     proof.assert_all_spliced(&lb, "holder_fin");
     let victim = lb.worker();
     // SAFETY: signalling a process of the lb this test started.

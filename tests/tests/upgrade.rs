@@ -253,12 +253,16 @@ async fn fin_during_the_hand_over_is_forwarded(copy_client: bool) {
     let Some(mut lb) = start(test, &body, &env) else { return };
     let next = copy_of_lb(&lb);
     let mut clients = Vec::new();
+    let (holder, holder_fds) = (lb.holders[0], testkit::fd_count(lb.holders[0]));
     for i in 0..20u8 {
         let mut s = TcpStream::connect(lb.addr).await.unwrap();
         s.write_all(&[i; 100]).await.unwrap();
         clients.push(s);
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Every connection spliced and held before the upgrade starts.
+    let held =
+        retry_until(Duration::from_secs(5), || (testkit::fd_count(holder) >= holder_fds + 40).then_some(())).await;
+    assert!(held.is_some(), "the holder does not hold the 20 connections");
     let mut upgrading = tokio::spawn(upgrade(&lb, &next));
     // Once the old holder has let go, the clients send their FINs.
     let paused = retry_until(Duration::from_secs(10), || {

@@ -16,6 +16,8 @@ use std::{
     time::Duration,
 };
 
+use std::sync::atomic::Ordering::Relaxed;
+
 use lb_common::conn::{ConnTraffic, SIDE_CLIENT, SIDE_SERVER};
 
 use super::{
@@ -26,7 +28,7 @@ use super::{
 use crate::{
     addr::ip16,
     kernel::{KernelError, maps::ConnMaps, sys},
-    observe::counters::Counters,
+    observe::{conn::CloseReason, counters::Counters},
 };
 
 /// The running kernel data plane of one process.
@@ -37,6 +39,8 @@ pub struct KernelDataplane {
     fallback: UserspaceDataplane,
     stats: Arc<Counters>,
     worker: u16,
+    /// Failed hand-overs to the holder, for a rate-limited warning.
+    hold_failures: Mutex<crate::observe::Every>,
     /// Test hook (`LB_TEST_COPY_CLIENT=1`): never splice the client side,
     /// as if every client closed during the inserts, so the tests can run
     /// real traffic through the watcher's userspace copy of that direction.
@@ -59,7 +63,15 @@ impl KernelDataplane {
         if copy_client {
             log::warn!("LB_TEST_COPY_CLIENT=1: client bytes are copied in userspace (a test setting)");
         }
-        Ok(Self { maps, link, fallback: UserspaceDataplane::new(idle), stats, worker, copy_client })
+        Ok(Self {
+            maps,
+            link,
+            hold_failures: Mutex::new(crate::observe::Every::new()),
+            fallback: UserspaceDataplane::new(idle),
+            stats,
+            worker,
+            copy_client,
+        })
     }
 
     fn records(&self, s: &Spliced, cookies: [u64; 2]) -> [ConnTraffic; 2] {
@@ -183,11 +195,22 @@ impl Dataplane for KernelDataplane {
         let Spliced { socks, guard, .. } = conn;
         match self.link.hold(held, guard, socks.take()) {
             Ok(()) => Ok(()),
-            Err((_guard, socks, e)) => {
+            Err((mut guard, socks, e)) => {
+                // The holder's queue is full or too many descriptors are in
+                // flight (ETOOMANYREFS counts them against this process's
+                // open-files limit): lb has no room for this client now, so
+                // it is reset and counted like any other such client.
                 self.maps.lock().unwrap_or_else(|e| e.into_inner()).forget(cookies);
                 let [c, s] = socks;
                 drop(super::Socks::new(c, s)); // resets both
-                Err(SpliceError::Holder(e))
+                let stats = guard.stats();
+                stats.rejected.fetch_add(1, Relaxed);
+                stats.no_local_resources.fetch_add(1, Relaxed);
+                guard.set_reason(CloseReason::Rejected("local_resources"));
+                if let Some(n) = self.hold_failures.lock().unwrap_or_else(|e| e.into_inner()).hit() {
+                    log::warn!("cannot take {n} connection(s): handing them to the holder failed: {e}; reset");
+                }
+                Ok(())
             }
         }
     }

@@ -117,8 +117,6 @@ pub enum SpliceError {
     Socket(std::io::Error),
     #[error("data plane is shutting down")]
     ShuttingDown,
-    #[error("handing the connection to the holder: {0}")]
-    Holder(std::io::Error),
 }
 
 /// Loads the eBPF object for the data plane the config asks for, as the
