@@ -18,7 +18,7 @@ use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType, sockop
 
 use super::{
     Holder,
-    wire::{self, HANDOVER_CHUNK, Handed, ToHolder, ToWorker, VERSION},
+    wire::{self, Handed, ToHolder, ToWorker, VERSION},
 };
 
 /// How long each side waits for the other's next message.
@@ -49,7 +49,7 @@ impl Holder {
         let sent = (|| {
             let fds: Vec<BorrowedFd<'_>> = self.listeners.iter().map(|l| l.as_fd()).collect();
             wire::send(&**conn, &ToWorker::Handover { version: VERSION, listeners: fds.len() }, &fds)?;
-            for chunk in handed.chunks(HANDOVER_CHUNK) {
+            for chunk in wire::handover_chunks(&handed, |(h, _)| h.size_hint()) {
                 let fds: Vec<BorrowedFd<'_>> = chunk.iter().flat_map(|(_, s)| [s[0].as_fd(), s[1].as_fd()]).collect();
                 wire::send(&**conn, &ToWorker::Conns(chunk.iter().map(|(h, _)| h.clone()).collect()), &fds)?;
             }

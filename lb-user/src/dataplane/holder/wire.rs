@@ -77,7 +77,9 @@ pub struct Closed {
 /// it could not be spliced), handed from one holder to the next.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct CopyState {
-    /// Read from the client, not yet written to the server.
+    /// Read from the client, not yet written to the server (up to the
+    /// copy buffer's 64 KiB; hex in the message, so one fits in [`MAX_MSG`]).
+    #[serde(with = "hex_bytes")]
     pub pending: Vec<u8>,
     /// The client's FIN was read.
     pub eof: bool,
@@ -132,8 +134,56 @@ pub enum ToWorker {
     HandoverEnd,
 }
 
-/// Connections per [`ToWorker::Conns`] (two descriptors each).
+/// Connections per [`ToWorker::Conns`] at most (two descriptors each).
 pub const HANDOVER_CHUNK: usize = MAX_FDS / 2;
+
+impl Handed {
+    /// A generous bound on this connection's share of a message.
+    pub fn size_hint(&self) -> usize {
+        1024 + self.copy.as_ref().map_or(0, |c| 2 * c.pending.len())
+    }
+}
+
+/// Splits `items` into runs of at most [`HANDOVER_CHUNK`] whose
+/// [`Handed::size_hint`]s add up to at most half of [`MAX_MSG`] (a run
+/// always takes at least one).
+pub fn handover_chunks<T>(items: &[T], hint: impl Fn(&T) -> usize) -> Vec<&[T]> {
+    let mut out = Vec::new();
+    let (mut start, mut size) = (0, 0);
+    for (i, it) in items.iter().enumerate() {
+        let h = hint(it);
+        if i > start && (i - start == HANDOVER_CHUNK || size + h > MAX_MSG / 2) {
+            out.push(&items[start..i]);
+            (start, size) = (i, 0);
+        }
+        size += h;
+    }
+    if start < items.len() {
+        out.push(&items[start..]);
+    }
+    out
+}
+
+/// `Vec<u8>` as a hex string.
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        let mut out = String::with_capacity(b.len() * 2);
+        for x in b {
+            out.push_str(&format!("{x:02x}"));
+        }
+        s.serialize_str(&out)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.len() % 2 != 0 {
+            return Err(D::Error::custom("odd hex length"));
+        }
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(D::Error::custom)).collect()
+    }
+}
 
 /// A message received, and whether descriptors sent with it were lost
 /// (the receiver had no room for them: `MSG_CTRUNC`).
@@ -227,6 +277,39 @@ mod tests {
         assert_eq!(nothing, Some(std::io::ErrorKind::WouldBlock));
         drop(a);
         assert!(recv::<ToWorker>(&b).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_full_copy_buffer_fits_one_message_and_chunks_respect_the_size() {
+        let held = Held {
+            id: 1,
+            cookies: [1, 2],
+            written_base: [0; 2],
+            client_copied: true,
+            frontend: 0,
+            backend: 0,
+            client: "[2001:db8::1]:65535".parse().unwrap(),
+            source: "[2001:db8::2]:65535".parse().unwrap(),
+            server: "[2001:db8::3]:65535".parse().unwrap(),
+            start_ns: u64::MAX,
+        };
+        let full = Handed {
+            held: held.clone(),
+            copy: Some(CopyState { pending: vec![0xa5; 64 * 1024], eof: true, bytes: 7 }),
+        };
+        let body = serde_json::to_vec(&ToWorker::Conns(vec![full.clone()])).unwrap();
+        assert!(body.len() <= MAX_MSG, "{} bytes", body.len());
+        let back: ToWorker = serde_json::from_slice(&body).unwrap();
+        assert!(matches!(back, ToWorker::Conns(v) if v[0].copy.as_ref().unwrap().pending == vec![0xa5; 64 * 1024]));
+        let plain = Handed { held, copy: None };
+        let mixed: Vec<Handed> = (0..300).map(|i| if i % 50 == 7 { full.clone() } else { plain.clone() }).collect();
+        let chunks = handover_chunks(&mixed, Handed::size_hint);
+        assert_eq!(chunks.iter().map(|c| c.len()).sum::<usize>(), 300);
+        for c in &chunks {
+            assert!(c.len() <= HANDOVER_CHUNK);
+            let body = serde_json::to_vec(&ToWorker::Conns(c.to_vec())).unwrap();
+            assert!(body.len() <= MAX_MSG, "a chunk of {} is {} bytes", c.len(), body.len());
+        }
     }
 
     #[test]
