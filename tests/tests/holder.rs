@@ -187,3 +187,42 @@ async fn fin_while_the_worker_is_dead_is_forwarded() {
     assert!(gone.is_some(), "records of closed connections remain: {}", lb.pinned_stats());
     proof.assert_kernel_ran(&lb, "holder_fin");
 }
+
+/// A killed holder takes its slot's connections with it (said plainly in
+/// the log), and the slot serves new clients again: the supervisor starts
+/// a new holder, and the slot's worker restarts on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_holder_is_replaced_and_the_slot_serves_again() {
+    let be = Backend::echo().await;
+    let Some(lb) = Lb::start(Mode::Kernel, "holder_killed", &[be.addr]) else { return };
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    round_trip(&mut s, 1, 0).await.unwrap();
+    let victim = lb.holders[0];
+    // SAFETY: signalling a process of the lb this test started.
+    unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+    // Its connection is gone with it: the client sees the end.
+    let mut b = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await;
+    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "the killed holder's connection still answers: {r:?}");
+    let logged = retry_until(Duration::from_secs(5), || {
+        lb.stderr()
+            .contains(&format!("holder 0 (pid {victim}) was killed by signal 9: the connections it held are lost"))
+            .then_some(())
+    })
+    .await;
+    assert!(logged.is_some(), "the supervisor did not say what was lost:\n{}", lb.stderr());
+    // New clients are served again once the slot is back.
+    let served = retry_until(Duration::from_secs(15), || {
+        let addr = lb.addr;
+        let h = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            rt.block_on(async {
+                let mut c = TcpStream::connect(addr).await.ok()?;
+                round_trip(&mut c, 2, 0).await.ok()
+            })
+        });
+        h.join().ok().flatten()
+    })
+    .await;
+    assert!(served.is_some(), "no client served after the holder was replaced:\n{}", lb.stderr());
+}
