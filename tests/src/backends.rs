@@ -91,6 +91,18 @@ impl Backend {
         .await
     }
 
+    /// Reads everything to EOF, then sends it all back and closes: a reply
+    /// proves the client's FIN arrived.
+    pub async fn echo_after_eof() -> Backend {
+        Self::spawn(|mut s| async move {
+            let mut got = Vec::new();
+            let _ = s.read_to_end(&mut got).await;
+            let _ = s.write_all(&got).await;
+            let _ = s.shutdown().await;
+        })
+        .await
+    }
+
     /// Reads everything to EOF, then replies with `reply_len` stream bytes
     /// (seed = bytes received) and closes.
     pub async fn read_then_reply(reply_len: usize) -> Backend {

@@ -138,13 +138,18 @@ impl Lb {
     /// Starts lb in `mode` with one frontend on 127.0.0.1:0 and one backend.
     /// Returns `None` only when the kernel plane is unavailable outside CI.
     pub fn start(mode: Mode, test: &str, servers: &[SocketAddr]) -> Option<Lb> {
+        Self::start_with(mode, test, &Self::body(servers))
+    }
+
+    /// The config body of [`Self::start`]: frontend "t" on 127.0.0.1:0 to
+    /// backend "b" with `servers` (prepend top-level keys such as `workers`).
+    pub fn body(servers: &[SocketAddr]) -> String {
         let list: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
-        let cfg = format!(
+        format!(
             "[[frontend]]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\nbackend = \"b\"\n\n\
              [[backend]]\nname = \"b\"\nservers = [{}]\n",
             list.join(", ")
-        );
-        Self::start_with(mode, test, &cfg)
+        )
     }
 
     /// Starts lb with `body` (without `dataplane`/`pin_path`, which are added).

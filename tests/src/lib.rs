@@ -7,10 +7,12 @@ pub mod lbproc;
 pub mod netns;
 pub mod packet;
 pub mod stream;
+pub mod traffic;
 
 use std::time::{Duration, Instant};
 
 pub use lbproc::{KernelProof, Lb, Mode};
+pub use traffic::round_trip;
 
 /// For each `async fn name(mode: Mode)` listed, a `kernel::name` and a
 /// `userspace::name` test (two runtime threads each) that call it with that
@@ -55,33 +57,6 @@ pub fn alive(pid: u32) -> bool {
 /// The executable process `pid` runs.
 pub fn exe(pid: u32) -> Option<std::path::PathBuf> {
     std::fs::read_link(format!("/proc/{pid}/exe")).ok()
-}
-
-/// 64 bytes that only connection `conn`'s round `round` sends.
-pub fn pattern(conn: u32, round: u32) -> [u8; 64] {
-    let mut b = [0u8; 64];
-    let mut x = (u64::from(conn) << 32 | u64::from(round)).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for c in b.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        c.copy_from_slice(&x.to_le_bytes());
-    }
-    b
-}
-
-/// Sends [`pattern`]`(conn, round)` through an echo and checks what comes back.
-pub async fn round_trip(s: &mut tokio::net::TcpStream, conn: u32, round: u32) -> Result<(), String> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let want = pattern(conn, round);
-    s.write_all(&want).await.map_err(|e| format!("write: {e}"))?;
-    let mut got = [0u8; 64];
-    match tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await {
-        Err(_) => Err("no echo within 5 s".into()),
-        Ok(Err(e)) => Err(format!("read: {e}")),
-        Ok(Ok(_)) if got != want => Err("echo differs from what was sent".into()),
-        Ok(Ok(_)) => Ok(()),
-    }
 }
 
 /// Polls `f` until it returns `Some` or `deadline` passes.

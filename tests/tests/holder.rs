@@ -2,15 +2,14 @@
 //! are kept by each worker slot's holder, so killing the workers (the
 //! processes that accept, choose and connect) loses none of them.
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
-    },
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use testkit::{KernelProof, Lb, Mode, backends::Backend, retry_until, round_trip};
+use testkit::{
+    KernelProof, Lb, Mode,
+    backends::Backend,
+    retry_until, round_trip,
+    traffic::{Finished, Traffic, expect_replies_after_fin, open_checked},
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -27,13 +26,9 @@ fn worker_pid(lb: &Lb, index: u64) -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_every_worker_loses_no_spliced_connection() {
     const CONNS: u32 = 1000;
-    const TASKS: u32 = 10;
+    const TASKS: usize = 10;
     let be = Backend::echo().await;
-    let body = format!(
-        "workers = 2\n\n[[frontend]]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\nbackend = \"b\"\n\n\
-         [[backend]]\nname = \"b\"\nservers = [\"{}\"]\n",
-        be.addr
-    );
+    let body = format!("workers = 2\n{}", Lb::body(&[be.addr]));
     let Some(lb) = Lb::start_with(Mode::Kernel, "holder_kill", &body) else { return };
     assert_eq!(lb.holders.len(), 2, "one holder per worker slot: {:?}", lb.holders);
     // The OOM killer takes a worker (nothing lost) before a holder.
@@ -42,42 +37,14 @@ async fn killing_every_worker_loses_no_spliced_connection() {
     assert!(lb.workers.iter().all(|w| score(*w) > score(lb.holders[0])), "workers must be the OOM killer's first pick");
     let proof = KernelProof::start(&lb);
     let addr = lb.addr;
-    let mut conns = Vec::new();
-    for i in 0..CONNS {
-        let mut s = TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("connect {i}: {e}"));
-        round_trip(&mut s, i, 0).await.unwrap_or_else(|e| panic!("connection {i} before the kills: {e}"));
-        conns.push(s);
-    }
+    let conns = open_checked(addr, CONNS).await;
     proof.assert_all_spliced(&lb, "holder_kill");
     // Traffic the whole time: TASKS tasks, each round-tripping its share in turn.
-    let stop = Arc::new(AtomicBool::new(false));
-    let rounds = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    let per = (CONNS / TASKS) as usize;
-    for t in 0..TASKS {
-        let mine: Vec<TcpStream> = conns.drain(..per).collect();
-        let (stop, rounds) = (stop.clone(), rounds.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut mine = mine;
-            let mut errors = Vec::new();
-            let mut round = 1;
-            while !stop.load(Relaxed) {
-                for (k, s) in mine.iter_mut().enumerate() {
-                    let id = t * per as u32 + k as u32;
-                    if let Err(e) = round_trip(s, id, round).await {
-                        errors.push(format!("connection {id} round {round}: {e}"));
-                    }
-                }
-                rounds.fetch_add(1, Relaxed);
-                round += 1;
-            }
-            (mine, errors, round)
-        }));
-    }
+    let traffic = Traffic::start(conns, TASKS);
     let mut extra = Vec::new();
     for index in 0..2u64 {
         let victim = worker_pid(&lb, index).expect("worker in stats");
-        let before = rounds.load(Relaxed);
+        let before = traffic.rounds();
         // SAFETY: signalling a process of the lb this test started.
         unsafe { libc::kill(victim as i32, libc::SIGKILL) };
         let killed = Instant::now();
@@ -103,20 +70,12 @@ async fn killing_every_worker_loses_no_spliced_connection() {
         );
         // Traffic went on across the kill.
         let moved =
-            retry_until(Duration::from_secs(10), || (rounds.load(Relaxed) >= before + 2 * TASKS as u64).then_some(()))
+            retry_until(Duration::from_secs(10), || (traffic.rounds() >= before + 2 * traffic.tasks()).then_some(()))
                 .await;
         assert!(moved.is_some(), "traffic stopped after worker {index} was killed");
     }
-    stop.store(true, Relaxed);
-    let mut all = Vec::new();
-    let mut errors = Vec::new();
-    let mut min_rounds = u32::MAX;
-    for t in tasks {
-        let (mine, e, r) = t.await.unwrap();
-        all.extend(mine);
-        errors.extend(e);
-        min_rounds = min_rounds.min(r);
-    }
+    let rounds = traffic.rounds() / traffic.tasks();
+    let Finished { conns: mut all, errors } = traffic.finish().await;
     assert!(errors.is_empty(), "{} failed round trip(s), first: {:?}", errors.len(), errors.first());
     // Every connection is still there.
     for (i, s) in all.iter_mut().enumerate() {
@@ -133,7 +92,7 @@ async fn killing_every_worker_loses_no_spliced_connection() {
     .await;
     assert!(counted.is_some(), "want {} active connections after the kills: {}", want + 4, lb.pinned_stats());
     proof.assert_kernel_ran(&lb, "holder_kill");
-    eprintln!("{CONNS} connections, {min_rounds}+ checked rounds each, 2 workers killed: 0 lost, 0 bytes wrong");
+    eprintln!("{CONNS} connections, ~{rounds} checked rounds each, 2 workers killed: 0 lost, 0 bytes wrong");
 }
 
 /// A FIN sent while the worker is dead reaches the backend, and the
@@ -141,14 +100,7 @@ async fn killing_every_worker_loses_no_spliced_connection() {
 /// holder, not by the process that accepted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fin_while_the_worker_is_dead_is_forwarded() {
-    // The backend reads to EOF, then answers with what it read and closes.
-    let be = Backend::spawn(|mut s| async move {
-        let mut got = Vec::new();
-        let _ = s.read_to_end(&mut got).await;
-        let _ = s.write_all(&got).await;
-        let _ = s.shutdown().await;
-    })
-    .await;
+    let be = Backend::echo_after_eof().await;
     let Some(lb) = Lb::start(Mode::Kernel, "holder_fin", &[be.addr]) else { return };
     let proof = KernelProof::start(&lb);
     let holder = lb.holders[0];
@@ -173,12 +125,7 @@ async fn fin_while_the_worker_is_dead_is_forwarded() {
     for s in &mut clients {
         s.shutdown().await.unwrap();
     }
-    for (i, s) in clients.iter_mut().enumerate() {
-        let mut back = Vec::new();
-        let r = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut back)).await;
-        assert!(matches!(r, Ok(Ok(_))), "client {i}: no reply and EOF after its FIN: {r:?}");
-        assert_eq!(back, vec![i as u8; 100], "client {i}: reply differs");
-    }
+    expect_replies_after_fin(&mut clients).await;
     eprintln!("20 FINs sent right after the worker was killed: all forwarded, replies back in {:?}", t0.elapsed());
     let gone = retry_until(Duration::from_secs(5), || {
         (lb.pinned_stats()["counters"]["conn_entries"].as_u64() == Some(0)).then_some(())

@@ -16,11 +16,9 @@ use testkit::{
     backends::Backend,
     lbproc::{Launch, kernel_available, lb_bin, scratch},
     retry_until, round_trip,
+    traffic::{Finished, Traffic, expect_replies_after_fin, open_checked},
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 /// Starts lb on the kernel plane with `body`, extra `env`.
 fn start(test: &str, body: &str, env: &[(&str, &str)]) -> Option<Lb> {
@@ -92,13 +90,9 @@ fn children(pid: u32) -> Vec<u32> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrade_keeps_every_connection_and_refuses_no_client() {
     const CONNS: u32 = 1000;
-    const TASKS: u32 = 10;
+    const TASKS: usize = 10;
     let be = Backend::echo().await;
-    let body = format!(
-        "workers = 2\n\n[[frontend]]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\nbackend = \"b\"\n\n\
-         [[backend]]\nname = \"b\"\nservers = [\"{}\"]\n",
-        be.addr
-    );
+    let body = format!("workers = 2\n{}", Lb::body(&[be.addr]));
     // What systemd would hear (Type=notify): ready, then the new main pid.
     let notify_path = std::env::temp_dir().join(format!("lb-notify-{}", std::process::id()));
     let _ = std::fs::remove_file(&notify_path);
@@ -115,37 +109,14 @@ async fn upgrade_keeps_every_connection_and_refuses_no_client() {
     let next = copy_of_lb(&lb);
     let proof = KernelProof::start(&lb);
     let addr = lb.addr;
-    let mut conns = Vec::new();
-    for i in 0..CONNS {
-        let mut s = TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("connect {i}: {e}"));
-        round_trip(&mut s, i, 0).await.unwrap_or_else(|e| panic!("connection {i} before the upgrade: {e}"));
-        conns.push(s);
-    }
+    let conns = open_checked(addr, CONNS).await;
     lb.await_publication();
     let before = lb.pinned_stats();
     let accepted0 = before["totals"]["accepted"].as_u64().unwrap();
     let old_pids = lb.pids();
     // Traffic on every connection the whole time.
+    let traffic = Traffic::start(conns, TASKS);
     let stop = Arc::new(AtomicBool::new(false));
-    let per = (CONNS / TASKS) as usize;
-    let mut tasks = Vec::new();
-    for t in 0..TASKS {
-        let mine: Vec<TcpStream> = conns.drain(..per).collect();
-        let stop = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            let (mut mine, mut errors, mut round) = (mine, Vec::new(), 1);
-            while !stop.load(Relaxed) {
-                for (k, s) in mine.iter_mut().enumerate() {
-                    let id = t * per as u32 + k as u32;
-                    if let Err(e) = round_trip(s, id, round).await {
-                        errors.push(format!("connection {id} round {round}: {e}"));
-                    }
-                }
-                round += 1;
-            }
-            (mine, errors)
-        }));
-    }
     // New clients the whole time, each served or counted as refused.
     let (served, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let opener = {
@@ -186,13 +157,7 @@ async fn upgrade_keeps_every_connection_and_refuses_no_client() {
     let served_at_upgrade = served.load(Relaxed);
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Relaxed);
-    let mut all = Vec::new();
-    let mut errors = Vec::new();
-    for t in tasks {
-        let (mine, e) = t.await.unwrap();
-        all.extend(mine);
-        errors.extend(e);
-    }
+    let Finished { conns: mut all, errors } = traffic.finish().await;
     let why = opener.await.unwrap();
     assert!(errors.is_empty(), "{} failed round trip(s), first: {:?}", errors.len(), errors.first());
     assert_eq!(refused.load(Relaxed), 0, "clients refused during the upgrade: {why:?}");
@@ -233,18 +198,8 @@ async fn upgrade_keeps_every_connection_and_refuses_no_client() {
 /// go, the new one has not started) is forwarded once the new one has the
 /// connection, on both kernel paths (spliced and copied client side).
 async fn fin_during_the_hand_over_is_forwarded(copy_client: bool) {
-    let be = Backend::spawn(|mut s| async move {
-        let mut got = Vec::new();
-        let _ = s.read_to_end(&mut got).await;
-        let _ = s.write_all(&got).await;
-        let _ = s.shutdown().await;
-    })
-    .await;
-    let body = format!(
-        "[[frontend]]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\nbackend = \"b\"\n\n\
-         [[backend]]\nname = \"b\"\nservers = [\"{}\"]\n",
-        be.addr
-    );
+    let be = Backend::echo_after_eof().await;
+    let body = Lb::body(&[be.addr]);
     let mut env = vec![("LB_TEST_HANDOVER_PAUSE_MS", "700")];
     if copy_client {
         env.push(("LB_TEST_COPY_CLIENT", "1"));
@@ -279,12 +234,7 @@ async fn fin_during_the_hand_over_is_forwarded(copy_client: bool) {
     let answer = (&mut upgrading).await.unwrap();
     assert!(answer.0, "lb upgrade failed: {}\n{}", answer.2, lb.stderr());
     lb.upgraded_to(new_pid(&answer.1));
-    for (i, s) in clients.iter_mut().enumerate() {
-        let mut back = Vec::new();
-        let r = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut back)).await;
-        assert!(matches!(r, Ok(Ok(_))), "client {i}: no reply and EOF after its FIN: {r:?}");
-        assert_eq!(back, vec![i as u8; 100], "client {i}: reply differs");
-    }
+    expect_replies_after_fin(&mut clients).await;
     let gone = retry_until(Duration::from_secs(5), || {
         (lb.pinned_stats()["counters"]["conn_entries"].as_u64() == Some(0)).then_some(())
     })
@@ -308,11 +258,7 @@ async fn fin_during_the_hand_over_is_forwarded_copied() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_upgrade_leaves_the_instance_serving() {
     let be = Backend::echo().await;
-    let body = format!(
-        "[[frontend]]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\nbackend = \"b\"\n\n\
-         [[backend]]\nname = \"b\"\nservers = [\"{}\"]\n",
-        be.addr
-    );
+    let body = Lb::body(&[be.addr]);
     // The new binary (and only it: the hook acts where a new binary checks
     // the running instance) believes the maps are laid out otherwise.
     let Some(lb) = start("upgrade_fails", &body, &[("LB_TEST_PRETEND_LAYOUT", " LB_NEW:8/8")]) else { return };
