@@ -16,8 +16,6 @@ use std::{
     time::Duration,
 };
 
-use std::sync::atomic::Ordering::Relaxed;
-
 use lb_common::conn::{ConnTraffic, SIDE_CLIENT, SIDE_SERVER};
 
 use super::{
@@ -28,7 +26,7 @@ use super::{
 use crate::{
     addr::ip16,
     kernel::{KernelError, maps::ConnMaps, sys},
-    observe::{conn::CloseReason, counters::Counters},
+    observe::counters::Counters,
 };
 
 /// The running kernel data plane of one process.
@@ -203,10 +201,7 @@ impl Dataplane for KernelDataplane {
                 self.maps.lock().unwrap_or_else(|e| e.into_inner()).forget(cookies);
                 let [c, s] = socks;
                 drop(super::Socks::new(c, s)); // resets both
-                let stats = guard.stats();
-                stats.rejected.fetch_add(1, Relaxed);
-                stats.no_local_resources.fetch_add(1, Relaxed);
-                guard.set_reason(CloseReason::Rejected("local_resources"));
+                guard.no_local_resources();
                 if let Some(n) = self.hold_failures.lock().unwrap_or_else(|e| e.into_inner()).hit() {
                     log::warn!("cannot take {n} connection(s): handing them to the holder failed: {e}; reset");
                 }

@@ -148,6 +148,14 @@ impl ConnGuard {
         g
     }
 
+    /// lb had no room for this connection after all (out of descriptors
+    /// or memory): counted as rejected for `local_resources`.
+    pub fn no_local_resources(&mut self) {
+        self.stats.rejected.fetch_add(1, Relaxed);
+        self.stats.no_local_resources.fetch_add(1, Relaxed);
+        self.set_reason(CloseReason::Rejected("local_resources"));
+    }
+
     /// This process stops counting a connection that goes on (another
     /// process will adopt it): slots and permits are freed, no close is
     /// counted and no access-log line written.

@@ -15,7 +15,10 @@ use anyhow::{Context as _, bail};
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 
 use super::wire::{self, Closed, Ending, Held, ToHolder, ToWorker, VERSION};
-use crate::observe::conn::{CloseReason, ConnGuard};
+use crate::{
+    dataplane::Socks,
+    observe::conn::{CloseReason, ConnGuard},
+};
 
 /// How long a send to the holder may block.
 const SEND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -137,13 +140,10 @@ impl Link {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         for id in ids {
             let Some(Entry { mut guard, socks }) = held.remove(id) else { continue };
-            for s in socks.iter().flatten() {
-                let _ = crate::kernel::sys::set_linger_zero(s);
+            if let Some([c, s]) = socks {
+                drop(Socks::new(c, s)); // resets both
             }
-            let stats = guard.stats();
-            stats.rejected.fetch_add(1, Relaxed);
-            stats.no_local_resources.fetch_add(1, Relaxed);
-            guard.set_reason(CloseReason::Rejected("local_resources"));
+            guard.no_local_resources();
         }
     }
 
