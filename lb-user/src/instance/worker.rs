@@ -49,7 +49,8 @@ pub struct WorkerSpec {
     pub kind: Kind,
     /// Whether the pinned maps exist.
     pub maps: bool,
-    /// Concrete listen address of each frontend, in config order.
+    /// Concrete listen address of each frontend, in config order (the
+    /// supervisor's record; the worker takes the bound sockets from its holder).
     pub listen: Vec<SocketAddr>,
     /// Runtime commands applied so far, for a worker started later.
     pub replay: Vec<Command>,
@@ -85,13 +86,7 @@ pub async fn run() -> anyhow::Result<()> {
         log::warn!("raising this worker's oom_score_adj: {e}");
     }
     let o = Overrides { workers: Some(spec.workers), dataplane: None };
-    let mut cfg = Config::parse_on(&AlreadyChecked, &spec.config_file, &spec.config_text, &o)?;
-    if cfg.frontends.len() != spec.listen.len() {
-        bail!("the worker spec lists {} listen addresses for {} frontends", spec.listen.len(), cfg.frontends.len());
-    }
-    for (f, a) in cfg.frontends.iter_mut().zip(&spec.listen) {
-        f.listen = *a;
-    }
+    let cfg = Config::parse_on(&AlreadyChecked, &spec.config_file, &spec.config_text, &o)?;
     let (link, welcome) = Link::connect(&spec.holder, HOLDER_WAIT)?;
     if welcome.listeners.len() != cfg.frontends.len() {
         bail!("the holder has {} listeners for {} frontends", welcome.listeners.len(), cfg.frontends.len());
@@ -121,16 +116,13 @@ pub async fn run() -> anyhow::Result<()> {
 fn adopt(live: Vec<Held>, link: &Link, shared: &Shared, permits: &[Option<Arc<Semaphore>>], global: &Arc<Semaphore>) {
     let now = sys::monotonic_coarse_ns();
     let n = live.len();
+    // Removed servers that still have connections count too; listed once.
+    let retiring = shared.backends.retiring_servers();
     for h in live {
         let server = shared.backends.list.get(usize::from(h.backend)).and_then(|b| {
-            let s = b
-                .servers()
-                .iter()
-                .chain(&shared.backends.retiring_servers())
-                .find(|s| s.cfg.addr.0 == h.server)?
-                .clone();
-            let want = (s.pairs.len() > 1 || s.pairs[0].source.is_some()).then(|| h.source.ip());
-            let p = s.pairs.iter().find(|p| p.source == want)?.clone();
+            let s = b.servers().iter().chain(&retiring).find(|s| s.cfg.addr.0 == h.server)?.clone();
+            // Without a pool the one pair has no source address.
+            let p = s.pairs.iter().find(|p| p.source.is_none_or(|ip| ip == h.source.ip()))?.clone();
             Some((s, p))
         });
         let own = permits.get(usize::from(h.frontend)).cloned().flatten().and_then(|f| f.try_acquire_owned().ok());
