@@ -14,7 +14,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType, sockopt::Timeout};
+use rustix::net::sockopt::Timeout;
 
 use super::{
     Holder,
@@ -90,9 +90,7 @@ impl Holder {
 /// returns the new holder (not bound yet) and how many connections it
 /// took. On error the old holder keeps everything.
 pub fn take_over(path: &Path, pin_path: Option<&Path>, idle: Duration) -> anyhow::Result<(Holder, usize)> {
-    let sock = rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)?;
-    rustix::net::connect(&sock, &SocketAddrUnix::new(path)?)
-        .with_context(|| format!("connecting to the old holder at {}", path.display()))?;
+    let sock = wire::connect(path).with_context(|| format!("connecting to the old holder at {}", path.display()))?;
     rustix::net::sockopt::set_socket_timeout(&sock, Timeout::Recv, Some(STEP_TIMEOUT))?;
     wire::send(&sock, &ToHolder::Takeover { version: VERSION, pid: std::process::id() }, &[])?;
     let listeners = match wire::recv::<ToWorker>(&sock)? {

@@ -12,7 +12,6 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 
 use super::wire::{self, Closed, Ending, Held, ToHolder, ToWorker, VERSION};
 use crate::{
@@ -49,11 +48,11 @@ impl Link {
     /// appear, and takes its welcome.
     pub fn connect(path: &Path, within: Duration) -> anyhow::Result<(Self, Welcome)> {
         let deadline = Instant::now() + within;
-        let addr = SocketAddrUnix::new(path).with_context(|| format!("holder socket {}", path.display()))?;
+        // A path no socket can have is an error now, not after the wait.
+        rustix::net::SocketAddrUnix::new(path).with_context(|| format!("holder socket {}", path.display()))?;
         let sock = loop {
-            let s = rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)?;
-            match rustix::net::connect(&s, &addr) {
-                Ok(()) => break s,
+            match wire::connect(path) {
+                Ok(s) => break s,
                 Err(e) if Instant::now() < deadline => {
                     log::debug!("holder at {} not there yet: {e}", path.display());
                     std::thread::sleep(Duration::from_millis(50));

@@ -31,7 +31,7 @@ use anyhow::Context as _;
 
 pub use handover::take_over;
 use rustix::net::{AddressFamily, RecvFlags, SocketAddrUnix, SocketFlags, SocketType};
-use wire::{CHUNK, Closed, CopyState, Held, ToHolder, ToWorker, VERSION};
+use wire::{Closed, CopyState, Held, ToHolder, ToWorker, VERSION};
 
 use super::watcher::{Dir, Report, Watcher};
 use crate::kernel::maps::ConnMaps;
@@ -68,12 +68,9 @@ impl Report for Reporter {
         }
         let batch = std::mem::take(&mut st.closed);
         let Some(w) = st.worker.clone() else { return };
-        for chunk in batch.chunks(CHUNK) {
-            if let Err(e) = wire::send(&*w, &ToWorker::Closed(chunk.to_vec()), &[]) {
-                log::warn!("telling the worker about {} closed connection(s): {e}; dropping it", chunk.len());
-                st.worker = None;
-                return;
-            }
+        if let Err(e) = wire::send_chunked(&*w, &batch, ToWorker::Closed) {
+            log::warn!("telling the worker about {} closed connection(s): {e}; dropping it", batch.len());
+            st.worker = None;
         }
     }
 }
@@ -193,9 +190,7 @@ impl Holder {
             let fds: Vec<_> = self.listeners.iter().map(|l| l.as_fd()).collect();
             wire::send(&**conn, &ToWorker::Welcome { version: VERSION, listeners: fds.len() }, &fds)?;
             let live: Vec<Held> = st.live.values().cloned().collect();
-            for chunk in live.chunks(CHUNK) {
-                wire::send(&**conn, &ToWorker::Live(chunk.to_vec()), &[])?;
-            }
+            wire::send_chunked(&**conn, &live, ToWorker::Live)?;
             wire::send(&**conn, &ToWorker::LiveEnd, &[])?;
             st.closed.clear();
             st.worker = Some(conn.clone());
@@ -207,12 +202,8 @@ impl Holder {
             let flags = if taken.is_empty() && refused.is_empty() { RecvFlags::empty() } else { RecvFlags::DONTWAIT };
             let r = match wire::recv_with::<ToHolder>(&**conn, flags) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    for chunk in std::mem::take(&mut taken).chunks(CHUNK) {
-                        wire::send(&**conn, &ToWorker::Taken(chunk.to_vec()), &[])?;
-                    }
-                    for chunk in std::mem::take(&mut refused).chunks(CHUNK) {
-                        wire::send(&**conn, &ToWorker::Refused(chunk.to_vec()), &[])?;
-                    }
+                    wire::send_chunked(&**conn, &std::mem::take(&mut taken), ToWorker::Taken)?;
+                    wire::send_chunked(&**conn, &std::mem::take(&mut refused), ToWorker::Refused)?;
                     continue;
                 }
                 r => r?,

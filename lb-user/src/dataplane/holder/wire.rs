@@ -211,6 +211,23 @@ pub fn send<T: Serialize>(sock: impl AsFd, msg: &T, fds: &[BorrowedFd<'_>]) -> s
     Ok(())
 }
 
+/// Sends `items` as messages of at most [`CHUNK`] each, made by `msg`.
+pub fn send_chunked<T: Clone>(sock: impl AsFd, items: &[T], msg: fn(Vec<T>) -> ToWorker) -> std::io::Result<()> {
+    items.chunks(CHUNK).try_for_each(|c| send(&sock, &msg(c.to_vec()), &[]))
+}
+
+/// A `SOCK_SEQPACKET` socket connected to the holder socket at `path`.
+pub fn connect(path: &std::path::Path) -> std::io::Result<OwnedFd> {
+    let sock = rustix::net::socket_with(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::SEQPACKET,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::net::connect(&sock, &rustix::net::SocketAddrUnix::new(path)?)?;
+    Ok(sock)
+}
+
 /// Receives one message and the descriptors that came with it; `None` at
 /// the end of the stream (the other side is gone).
 pub fn recv<T: for<'de> Deserialize<'de>>(sock: impl AsFd) -> std::io::Result<Option<(T, Vec<OwnedFd>)>> {
