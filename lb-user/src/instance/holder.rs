@@ -6,9 +6,8 @@
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 use super::wait_for_signal;
 use crate::{
@@ -49,14 +48,7 @@ pub struct HolderReady {
 
 /// `lb holder`.
 pub async fn run() -> anyhow::Result<()> {
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
-    let first = lines.next_line().await.context("reading the spec")?.context("no spec on stdin")?;
-    let spec: HolderSpec = serde_json::from_str(&first).context("the holder spec on stdin is not valid")?;
-    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))
-        .context("arming the parent-death signal")?;
-    if rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32) != Some(spec.supervisor) {
-        bail!("the supervisor (pid {}) is gone", spec.supervisor);
-    }
+    let (spec, _stdin) = super::child_spec("holder", |s: &HolderSpec| s.supervisor).await?;
     // Two descriptors per connection held; the limit warning is the workers'.
     let _ = crate::kernel::sys::raise_nofile_limit();
     let pin_path = spec.kernel.then_some(spec.pin_path.as_path());

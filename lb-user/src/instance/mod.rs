@@ -73,6 +73,30 @@ pub fn raise_fd_limit(maxconn_here: u32) {
     }
 }
 
+/// The lines of a child's stdin (worker, holder): its spec, then commands.
+pub type Stdin = tokio::io::Lines<tokio::io::BufReader<tokio::io::Stdin>>;
+
+/// A child's start (`lb worker`, `lb holder`): reads its `what` spec, the
+/// first line of stdin, and arms its end with the supervisor, whose pid
+/// `supervisor` takes from the spec (checked after arming, in case it is
+/// gone already). Returns the spec and the rest of stdin.
+pub async fn child_spec<T: serde::de::DeserializeOwned>(
+    what: &str,
+    supervisor: impl Fn(&T) -> u32,
+) -> anyhow::Result<(T, Stdin)> {
+    use tokio::io::AsyncBufReadExt as _;
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let first = lines.next_line().await.context("reading the spec")?.context("no spec on stdin")?;
+    let spec: T = serde_json::from_str(&first).with_context(|| format!("the {what} spec on stdin is not valid"))?;
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))
+        .context("arming the parent-death signal")?;
+    let pid = supervisor(&spec);
+    if rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32) != Some(pid) {
+        anyhow::bail!("the supervisor (pid {pid}) is gone");
+    }
+    Ok((spec, lines))
+}
+
 /// Resolves on SIGINT or SIGTERM.
 pub async fn wait_for_signal() -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};

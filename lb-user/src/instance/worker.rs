@@ -13,10 +13,9 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncBufReadExt, BufReader},
     sync::{Semaphore, mpsc},
     task::JoinSet,
 };
@@ -70,15 +69,7 @@ const IN_FLIGHT_GRACE: Duration = Duration::from_secs(5);
 
 /// `lb worker`: reads a [`WorkerSpec`] (first line of stdin) and serves.
 pub async fn run() -> anyhow::Result<()> {
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
-    let first = lines.next_line().await.context("reading the spec")?.context("no spec on stdin")?;
-    let spec: WorkerSpec = serde_json::from_str(&first).context("the worker spec on stdin is not valid")?;
-    // Ends with the supervisor (checked after arming, in case it is gone already).
-    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))
-        .context("arming the parent-death signal")?;
-    if rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32) != Some(spec.supervisor) {
-        bail!("the supervisor (pid {}) is gone", spec.supervisor);
-    }
+    let (spec, mut lines) = super::child_spec("worker", |s: &WorkerSpec| s.supervisor).await?;
     // Under memory pressure the kernel should pick a worker (restarted,
     // nothing lost) before a holder (its connections go with it). Raising
     // one's own score needs no privilege.
