@@ -81,14 +81,12 @@ impl Owner {
     pub async fn adopted(
         cfg: &Config,
         kind: Kind,
-        objects: Option<(Objects, Meta)>,
+        (mut objects, meta): (Objects, Meta),
     ) -> (Self, mpsc::Receiver<control::Msg>) {
-        let objects = objects.map(|(mut o, meta)| {
-            if let Err(e) = o.take_lock(meta, HAND_OVER_WAIT) {
-                log::error!("taking the pin-path lock after the upgrade: {e}");
-            }
-            o
-        });
+        if let Err(e) = objects.take_lock(meta, HAND_OVER_WAIT) {
+            log::error!("taking the pin-path lock after the upgrade: {e}");
+        }
+        let objects = Some(objects);
         let mut metrics = None;
         if let Some(a) = cfg.metrics_listen {
             let deadline = tokio::time::Instant::now() + HAND_OVER_WAIT;

@@ -44,9 +44,8 @@ use crate::{
 /// What the old supervisor tells the new one (first line of its stdin).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct UpgradeSpec {
-    /// [`VERSION`] of the holder protocol and [`lb_common::maps::layout`].
+    /// [`VERSION`] of the holder protocol.
     pub version: u32,
-    pub layout: String,
     pub config_file: PathBuf,
     pub config_text: String,
     pub overrides: Overrides,
@@ -141,7 +140,6 @@ pub(super) async fn hand_over(
     let mut lines = BufReader::new(stdout).lines();
     let spec = UpgradeSpec {
         version: VERSION,
-        layout: lb_common::maps::layout(),
         config_file: sup.reload.path.clone(),
         config_text: sup.spec.config_text.clone(),
         overrides: sup.reload.overrides,
@@ -341,21 +339,10 @@ pub async fn take_over() -> anyhow::Result<()> {
 }
 
 /// Everything checked before `standby`.
-fn prepare(first: &str) -> anyhow::Result<(Supervisor, Option<(Objects, crate::kernel::object::Meta)>)> {
+fn prepare(first: &str) -> anyhow::Result<(Supervisor, (Objects, crate::kernel::object::Meta))> {
     let spec: UpgradeSpec = serde_json::from_str(first).context("the upgrade spec is not valid")?;
     if spec.version != VERSION {
         bail!("the running instance's holders speak version {}, this binary {VERSION}", spec.version);
-    }
-    let mut ours = lb_common::maps::layout();
-    if let Ok(v) = std::env::var("LB_TEST_PRETEND_LAYOUT") {
-        // Test hook: this binary pretends to be built for other maps.
-        ours.push_str(&v);
-    }
-    if spec.layout != ours {
-        bail!(
-            "the running instance's maps are laid out differently (theirs: {:?}; this binary: {ours:?})",
-            spec.layout
-        );
     }
     let file = spec.config_file.display().to_string();
     let cfg = Config::parse_on(&AlreadyChecked, &file, &spec.config_text, &spec.overrides)?;
@@ -365,16 +352,24 @@ fn prepare(first: &str) -> anyhow::Result<(Supervisor, Option<(Objects, crate::k
     if cfg.frontends.len() != spec.listen.len() {
         bail!("{} listen addresses for {} frontends", spec.listen.len(), cfg.frontends.len());
     }
-    let objects = match Objects::adopt(&cfg.runtime_dir, &cfg.pin_path) {
-        Ok(o) => Some(o),
-        Err(e) => bail!("the running instance's pins: {e}"),
-    };
-    let kind = match objects.as_ref().map(|(_, m)| m.dataplane.as_str()) {
-        Some("kernel") => Kind::Kernel,
-        _ => Kind::Userspace,
-    };
+    let (objects, meta) = Objects::adopt(&cfg.runtime_dir, &cfg.pin_path)
+        .map_err(|e| anyhow::anyhow!("the running instance's pins: {e}"))?;
+    // The maps on disk say what they are: the metadata records the layout
+    // of the binary that made them.
+    let mut ours = lb_common::maps::layout();
+    if let Ok(v) = std::env::var("LB_TEST_PRETEND_LAYOUT") {
+        // Test hook: this binary pretends to be built for other maps.
+        ours.push_str(&v);
+    }
+    if meta.layout != ours {
+        bail!(
+            "the running instance's maps are laid out differently (theirs: {:?}; this binary: {ours:?})",
+            meta.layout
+        );
+    }
+    let kind = if meta.dataplane == "kernel" { Kind::Kernel } else { Kind::Userspace };
     let reload = Reload { path: spec.config_file.clone(), overrides: spec.overrides };
-    let mut sup = Supervisor::new(cfg, reload, spec.config_text, kind, objects.is_some(), spec.listen);
+    let mut sup = Supervisor::new(cfg, reload, spec.config_text, kind, true, spec.listen);
     for c in &spec.replay {
         if let Err(e) = sup.model.apply(c) {
             log::warn!("replaying {c:?}: {e}");
@@ -383,7 +378,7 @@ fn prepare(first: &str) -> anyhow::Result<(Supervisor, Option<(Objects, crate::k
             sup.replay.push(c.clone());
         }
     }
-    Ok((sup, objects))
+    Ok((sup, (objects, meta)))
 }
 
 /// One line to the old instance.

@@ -92,8 +92,8 @@ pub struct Objects {
     run_dir: PathBuf,
     /// Owns the program (and its attachment) and the maps.
     ebpf: Option<aya::Ebpf>,
-    /// Taken over from an earlier binary's instance: no `ebpf` of its own,
-    /// but the pins are this process's to remove.
+    /// Taken over from an earlier binary's instance, lock included: no
+    /// `ebpf` of its own, but the pins are this process's to remove.
     adopted: bool,
     lock: Option<super::lock::Lock>,
 }
@@ -163,28 +163,22 @@ impl Objects {
 
     /// Takes over the object a running instance of an earlier binary
     /// pinned at `pin_path` (`lb upgrade`): the maps and the attached
-    /// verdict stay as they are. Fails, changing nothing, unless the pins
-    /// are there and laid out as this binary expects. The pin-path lock is
-    /// still the old instance's: see [`Self::take_lock`]. Returns the data
-    /// plane the old instance ran.
+    /// verdict stay as they are. Fails, changing nothing, unless the
+    /// metadata and every pin are there; the caller compares the
+    /// metadata's `layout` with its own before it uses the maps. The
+    /// pin-path lock is still the old instance's: see [`Self::take_lock`].
     pub fn adopt(run_dir: &Path, pin_path: &Path) -> Result<(Self, Meta), KernelError> {
         check_bpffs(pin_path)?;
         let meta = Meta::read(run_dir, pin_path).ok_or_else(|| {
             KernelError::Program(format!("no instance metadata at {}", run_file(run_dir, pin_path, "json").display()))
         })?;
-        let ours = lb_common::maps::layout();
-        if meta.layout != ours {
-            return Err(KernelError::Program(format!(
-                "the running instance's maps are laid out differently (theirs: {:?}; this binary: {ours:?}): \
-                 stop and start instead",
-                meta.layout
-            )));
-        }
         for name in PINNED {
             MapData::from_pin(pin_path.join(name)).map_err(|source| KernelError::Map { name, source })?;
         }
+        // Not ours to remove until the lock is (`take_lock`): a new binary
+        // that fails before must leave the running instance's pins alone.
         let me =
-            Self { pin_path: pin_path.to_owned(), run_dir: run_dir.to_owned(), ebpf: None, adopted: true, lock: None };
+            Self { pin_path: pin_path.to_owned(), run_dir: run_dir.to_owned(), ebpf: None, adopted: false, lock: None };
         Ok((me, meta))
     }
 
@@ -201,6 +195,7 @@ impl Objects {
             }
         };
         self.lock = Some(lock);
+        self.adopted = true;
         Meta { pid: std::process::id(), ..meta }.write(&self.run_dir, &self.pin_path);
         Ok(())
     }
