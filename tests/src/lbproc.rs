@@ -322,6 +322,12 @@ impl Lb {
         }
     }
 
+    /// The new supervisor's pid in what `lb upgrade` answered (and logged):
+    /// "… new supervisor pid N, …".
+    pub fn upgraded_pid(answer: &str) -> Option<u32> {
+        answer.split("new supervisor pid ").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    }
+
     /// `lb upgrade` handed this instance to the supervisor `pid` (of
     /// another binary): the one this test started has exited; from now on
     /// [`Self::stop`] ends the new one.

@@ -59,12 +59,7 @@ fn upgrade(lb: &Lb, binary: &Path) -> impl std::future::Future<Output = (bool, S
 
 /// The new supervisor's pid, from `lb upgrade`'s answer.
 fn new_pid(answer: &str) -> u32 {
-    answer
-        .split("new supervisor pid ")
-        .nth(1)
-        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no new supervisor pid in {answer:?}"))
+    Lb::upgraded_pid(answer).unwrap_or_else(|| panic!("no new supervisor pid in {answer:?}"))
 }
 
 /// The pids of the workers and holders of the instance whose supervisor is `pid`.

@@ -168,8 +168,7 @@ pub fn hold(lb_bin: &Path, hold_bin: &Path, a: &Args) -> anyhow::Result<Value> {
     };
     let rss1: u64 = pids.iter().map(|p| rss_kb(*p)).sum();
     let mem1 = sockstat_tcp_mem_pages();
-    let ss = Command::new("ss").args(["-Htn", "state", "established", "dst", &backend.to_string()]).output()?;
-    let ss_count = String::from_utf8_lossy(&ss.stdout).lines().count();
+    let ss_count = established(&backend)?;
     let active = s["totals"]["active"].as_u64().unwrap_or(0);
     println!("== {ok} connections held through lb to {backend} ({failed} failed) in {secs:.1}s");
     println!("  lb active (maps)           {active}");
@@ -234,12 +233,7 @@ fn upgrade(lb: &mut Lb, lb_bin: &Path, backend: &SocketAddr, held: u64) -> anyho
     if !out.status.success() {
         bail!("lb upgrade failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let pid: u32 = answer
-        .split("new supervisor pid ")
-        .nth(1)
-        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|p| p.parse().ok())
-        .context("no new pid in lb upgrade's answer")?;
+    let pid = Lb::upgraded_pid(&answer).context("no new pid in lb upgrade's answer")?;
     lb.upgraded_to(pid);
     // The new workers publish within 100 ms.
     std::thread::sleep(std::time::Duration::from_millis(500));
