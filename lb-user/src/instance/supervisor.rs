@@ -88,9 +88,14 @@ impl Supervisor {
     /// The spec for worker `index` now: the commands so far, then the
     /// servers' current health.
     pub(super) fn spec_for(&self, index: usize) -> WorkerSpec {
-        let replay = self.replay.iter().cloned().chain(self.model.health_commands()).collect();
         let holder = self.holders[index].0.socket.clone();
-        WorkerSpec { index: index as u16, replay, holder, ..self.spec.clone() }
+        WorkerSpec { index: index as u16, replay: self.replay_now(), holder, ..self.spec.clone() }
+    }
+
+    /// What a process started now must apply: the commands so far, then
+    /// the servers' current health.
+    pub(super) fn replay_now(&self) -> Vec<Command> {
+        self.replay.iter().cloned().chain(self.model.health_commands()).collect()
     }
 
     /// Checks a command against the model, sends it to every running

@@ -88,10 +88,24 @@ async fn next_step(lines: &mut Lines<BufReader<ChildStdout>>) -> Result<Step, St
     }
 }
 
-async fn send_step(stdin: &mut ChildStdin, step: &Step) -> Result<(), String> {
-    let mut line = serde_json::to_vec(step).map_err(|e| e.to_string())?;
+/// Tells the new binary `msg` (one line) and reads its answer.
+async fn ask(
+    stdin: &mut ChildStdin,
+    lines: &mut Lines<BufReader<ChildStdout>>,
+    msg: &impl Serialize,
+) -> Result<Step, String> {
+    let mut line = serde_json::to_vec(msg).map_err(|e| e.to_string())?;
     line.push(b'\n');
-    stdin.write_all(&line).await.map_err(|e| format!("telling the new binary: {e}"))
+    stdin.write_all(&line).await.map_err(|e| format!("telling the new binary: {e}"))?;
+    next_step(lines).await
+}
+
+/// Why an answer was not the one expected.
+fn unexpected(answer: Result<Step, String>) -> String {
+    match answer {
+        Ok(step) => format!("it said {step:?}"),
+        Err(why) => why,
+    }
 }
 
 /// The path this process runs from, as it is on disk now (the file may
@@ -144,20 +158,12 @@ pub(super) async fn hand_over(
         config_text: sup.spec.config_text.clone(),
         overrides: sup.reload.overrides,
         listen: sup.spec.listen.clone(),
-        replay: sup.replay.iter().cloned().chain(sup.model.health_commands()).collect(),
+        replay: sup.replay_now(),
     };
-    let started = async {
-        let line = serde_json::to_string(&spec).map_err(|e| e.to_string())? + "\n";
-        stdin.write_all(line.as_bytes()).await.map_err(|e| format!("sending the spec: {e}"))?;
-        match next_step(&mut lines).await? {
-            Step::Standby { pid } => Ok(pid),
-            other => Err(format!("it said {other:?}")),
-        }
-    }
-    .await;
-    let new_pid = match started {
-        Ok(p) => p,
-        Err(why) => {
+    let new_pid = match ask(&mut stdin, &mut lines, &spec).await {
+        Ok(Step::Standby { pid }) => pid,
+        other => {
+            let why = unexpected(other);
             let _ = child.start_kill();
             let _ = child.wait().await;
             return Err(format!("{} cannot take over: {why}; this instance goes on untouched", binary.display()));
@@ -166,20 +172,13 @@ pub(super) async fn hand_over(
     let mut took = 0;
     for i in 0..sup.slots.len() {
         stop_worker(sup, procs, i).await;
-        let r = async {
-            send_step(&mut stdin, &Step::Release { index: i }).await?;
-            match next_step(&mut lines).await? {
-                Step::Slot { index, took } if index == i => Ok(took),
-                other => Err(format!("it said {other:?}")),
-            }
-        }
-        .await;
-        match r {
-            Ok(n) => {
+        match ask(&mut stdin, &mut lines, &Step::Release { index: i }).await {
+            Ok(Step::Slot { index, took: n }) if index == i => {
                 took += n;
                 sup.holders[i].1 = None; // it exits now, by itself
             }
-            Err(why) => {
+            other => {
+                let why = unexpected(other);
                 let _ = child.start_kill();
                 let _ = child.wait().await;
                 let lost = recover(sup, procs, i).await;
@@ -188,18 +187,11 @@ pub(super) async fn hand_over(
         }
     }
     owner.hand_over();
-    let ready = async {
-        send_step(&mut stdin, &Step::Services).await?;
-        match next_step(&mut lines).await? {
-            Step::Ready { pid } => Ok(pid),
-            other => Err(format!("it said {other:?}")),
-        }
-    }
-    .await;
-    if let Err(why) = ready {
+    match ask(&mut stdin, &mut lines, &Step::Services).await {
+        Ok(Step::Ready { .. }) => {}
         // Every slot is the new instance's already; it serves without
         // whatever it could not take, and says so in its log.
-        log::error!("upgrade: the new instance (pid {new_pid}) did not confirm its services: {why}");
+        other => log::error!("upgrade: the new instance (pid {new_pid}) did not confirm its services: {other:?}"),
     }
     // The old holders exit once their connections are handed over.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
