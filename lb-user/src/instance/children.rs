@@ -110,8 +110,14 @@ pub(super) async fn spawn_holder(spec: &HolderSpec) -> anyhow::Result<(Child, u3
 
 pub(super) type Waits = JoinSet<(usize, std::io::Result<ExitStatus>)>;
 
-pub(super) fn describe(s: ExitStatus) -> String {
+/// How a child ended, for the log: "exited with status 1", "was killed by
+/// signal 9", or why it could not be waited for.
+pub(super) fn describe(status: &std::io::Result<ExitStatus>) -> String {
     use std::os::unix::process::ExitStatusExt as _;
+    let s = match status {
+        Ok(s) => s,
+        Err(e) => return format!("could not be waited for: {e}"),
+    };
     match (s.code(), s.signal()) {
         (Some(c), _) => format!("exited with status {c}"),
         (_, Some(sig)) => format!("was killed by signal {sig}{}", if s.core_dumped() { " (core dumped)" } else { "" }),

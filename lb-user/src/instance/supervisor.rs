@@ -371,10 +371,7 @@ pub(super) async fn serve(
                 let slot = &mut sup.slots[i];
                 slot.io = None;
                 let Some(pid) = slot.pid.take() else { continue };
-                let why = match status {
-                    Ok(s) => describe(s),
-                    Err(e) => format!("could not be waited for: {e}"),
-                };
+                let why = describe(&status);
                 log::warn!("worker {i} (pid {pid}) {why}; restarting it");
                 let pause = MIN_LIFETIME.saturating_sub(slot.started.elapsed());
                 let (spec, replayed) = (sup.spec_for(i), sup.replay.len());
@@ -385,10 +382,7 @@ pub(super) async fn serve(
             }
             Some(Ok((i, status))) = procs.holders.join_next() => {
                 let Some(pid) = sup.holders[i].1.take() else { continue };
-                let why = match status {
-                    Ok(s) => describe(s),
-                    Err(e) => format!("could not be waited for: {e}"),
-                };
+                let why = describe(&status);
                 log::error!(
                     "holder {i} (pid {pid}) {why}: the connections it held are lost; restarting it \
                      (worker {i} restarts with it)"
