@@ -182,6 +182,14 @@ fn socket_for(server: &ServerState, pair: &PairState) -> io::Result<TcpSocket> {
     }
     if let Some((lo, hi)) = server.port_range {
         sys::set_local_port_range(&sock, lo, hi)?;
+    } else if pair.in_use.load(Relaxed) >= server.sequential_ports_from {
+        // connect() tries the ports of one parity first; once those are all
+        // in use for this (source, server) pair, every connect walks all of
+        // them before trying the others (measured from one address: 80,000
+        // connects/s below half the range, 700/s above it). Any per-socket
+        // range makes the search sequential; the kernel clamps 1-65535 to
+        // the system's range. Older kernels lack the option: no harm.
+        let _ = sys::set_local_port_range(&sock, 1, u16::MAX);
     }
     Ok(sock)
 }
