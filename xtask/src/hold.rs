@@ -16,8 +16,14 @@ use anyhow::{Context as _, bail};
 use serde_json::Value;
 use testkit::{Lb, lbproc};
 
-/// Connections one holder process opens at most.
-const PER_HOLDER: usize = 15_000;
+/// Connections one holder process opens at most, all from its one source
+/// address to one target. Below half the ephemeral range on purpose:
+/// `connect()` tries the ports of one parity first (`__inet_hash_connect`),
+/// and once they are all in use for a 4-tuple every further connect walks
+/// all of them before it tries the other half (15,000 per address made the
+/// load tool itself the bottleneck: 86 % of the machine in
+/// `__inet_check_established`).
+const PER_HOLDER: usize = 12_000;
 /// Connections one lb worker takes at most (two descriptors each, 20000 limit).
 const PER_WORKER: usize = 8_000;
 
@@ -131,6 +137,9 @@ pub fn hold(lb_bin: &Path, hold_bin: &Path, a: &Args) -> anyhow::Result<Value> {
 
     let (sinks, backend) = sinks(hold_bin, a.conns)?;
     println!("backend {backend}: {} sink process(es) sharing it with SO_REUSEPORT", sinks.len());
+    if a.dataplane == "direct" {
+        return direct(hold_bin, backend, a.conns, sinks);
+    }
 
     let workers = a.conns.div_ceil(PER_WORKER).max(1);
     let pool: Vec<String> = (1..=a.pool).map(|i| format!("\"127.0.1.{i}\"")).collect();
@@ -151,9 +160,19 @@ pub fn hold(lb_bin: &Path, hold_bin: &Path, a: &Args) -> anyhow::Result<Value> {
     println!("lb: {workers} workers, data plane {}, source pool of {}", lb.dataplane, a.pool);
 
     let t0 = Instant::now();
+    let fill = Fill::start(4);
     let held = hold_clients(hold_bin, lb.addr, a.conns)?;
+    let curve = fill.curve(a.conns);
     for e in &held.errors {
         println!("  holder error: {e}");
+    }
+    if held.failed > 0 {
+        let log = lb.stderr();
+        let mut said: Vec<&str> = log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
+        said.dedup_by_key(|l| l.split_once("] ").map_or(*l, |x| x.1));
+        for l in said.iter().take(10) {
+            println!("  lb said: {l}");
+        }
     }
     let (ok, failed, holders) = (held.ok, held.failed, held.holders);
     let secs = t0.elapsed().as_secs_f64();
@@ -190,13 +209,14 @@ pub fn hold(lb_bin: &Path, hold_bin: &Path, a: &Args) -> anyhow::Result<Value> {
         "  single source address limit {single_limit}: {}",
         if ok > single_limit { "exceeded" } else { "NOT exceeded" }
     );
+    print_curve(&curve);
     let upgraded = if a.upgrade { Some(upgrade(&mut lb, lb_bin, &backend, ok)?) } else { None };
     let out = serde_json::json!({
         "conns_requested": a.conns, "held": ok, "failed": failed, "setup_secs": secs,
         "lb_active": active, "ss_established": ss_count, "workers": workers, "pool": a.pool,
         "dataplane": lb.dataplane, "per_pair_ports": per_pair,
         "rss_bytes_per_conn": per_conn_rss, "kernel_bytes_per_conn": per_conn_kernel,
-        "sources": s["sources"].clone(), "upgrade": upgraded,
+        "sources": s["sources"].clone(), "upgrade": upgraded, "fill": curve,
     });
     drop(holders);
     let clean = lb.stop();
@@ -208,6 +228,88 @@ pub fn hold(lb_bin: &Path, hold_bin: &Path, a: &Args) -> anyhow::Result<Value> {
         bail!("{failed} connections failed; maps count {active} of {ok}");
     }
     Ok(out)
+}
+
+/// The same clients straight to the sinks: the floor lb's setup rate is
+/// compared with.
+fn direct(hold_bin: &Path, backend: SocketAddr, conns: usize, sinks: Vec<Helper>) -> anyhow::Result<Value> {
+    let t0 = Instant::now();
+    let fill = Fill::start(2);
+    let held = hold_clients(hold_bin, backend, conns)?;
+    let curve = fill.curve(conns);
+    let secs = t0.elapsed().as_secs_f64();
+    for e in &held.errors {
+        println!("  holder error: {e}");
+    }
+    println!("== {} connections held directly to {backend} ({} failed) in {secs:.1}s", held.ok, held.failed);
+    print_curve(&curve);
+    let failed = held.failed;
+    drop(held);
+    drop(sinks);
+    if failed > 0 {
+        bail!("{failed} connections failed");
+    }
+    Ok(serde_json::json!({ "held": conns, "setup_secs": secs, "dataplane": "direct", "fill": curve }))
+}
+
+/// The machine's TCP sockets in use (`/proc/net/sockstat`), sampled while
+/// connections are opened: how fast they came as the count grew.
+struct Fill {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    samples: std::thread::JoinHandle<Vec<(f64, u64)>>,
+    /// Sockets one held connection adds (2 direct: client and sink; 4 through lb).
+    per_conn: u64,
+}
+
+fn sockets_in_use() -> u64 {
+    let s = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("TCP: inuse "))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+impl Fill {
+    fn start(per_conn: u64) -> Fill {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let samples = std::thread::spawn(move || {
+            let (t0, base) = (Instant::now(), sockets_in_use());
+            let mut v = Vec::new();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                v.push((t0.elapsed().as_secs_f64(), sockets_in_use().saturating_sub(base)));
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            v.push((t0.elapsed().as_secs_f64(), sockets_in_use().saturating_sub(base)));
+            v
+        });
+        Fill { stop, samples, per_conn }
+    }
+
+    /// For each tenth of `n`: connections held by then, and the rate (per
+    /// second) at which that tenth came.
+    fn curve(self, n: usize) -> Vec<Value> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let samples = self.samples.join().unwrap_or_default();
+        let mut out = Vec::new();
+        let mut last_t = 0.0;
+        for tenth in 1..=10u64 {
+            let want = n as u64 * tenth / 10;
+            let Some(&(t, _)) = samples.iter().find(|(_, socks)| socks / self.per_conn >= want) else { break };
+            let rate = (n as f64 / 10.0) / (t - last_t).max(0.2);
+            out.push(serde_json::json!({ "held": want, "secs": t, "per_sec": rate.round() }));
+            last_t = t;
+        }
+        out
+    }
+}
+
+fn print_curve(curve: &[Value]) {
+    let row: Vec<String> = curve
+        .iter()
+        .map(|c| format!("{}k {:.0}/s", c["held"].as_u64().unwrap_or(0) / 1000, c["per_sec"].as_f64().unwrap_or(0.0)))
+        .collect();
+    println!("  fill (connections held: rate of that tenth): {}", row.join(", "));
 }
 
 /// Established connections to `backend`, by `ss`.
