@@ -13,6 +13,7 @@ mod guard;
 mod plot;
 mod report;
 mod stats;
+mod syscalls;
 mod systems;
 mod tools;
 

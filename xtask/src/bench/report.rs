@@ -25,6 +25,8 @@ const METRICS: &[(Scenario, &str, &str, bool)] = &[
     (Scenario::Connrate, "conns_per_s", "wrk new connections per s", true),
     (Scenario::Connrate, "machine_cpu_us_per_conn", "machine CPU µs per connection", false),
     (Scenario::Connrate, "proxy_cpu_us_per_conn", "proxy process CPU µs per connection", false),
+    (Scenario::Connrate, "syscalls_per_conn", "proxy syscalls per connection (strace -f -c, ab)", false),
+    (Scenario::Connrate, "bpf_per_conn", "proxy bpf() calls per connection", false),
     (Scenario::Idle, "held", "idle connections held", true),
     (Scenario::Idle, "setup_s", "idle: setup s", false),
     (Scenario::Idle, "slab_bytes_per_conn", "idle: machine slab bytes per conn", false),
@@ -73,13 +75,19 @@ fn lb_ratio(results: &Results, scenario: Scenario, metric: &str, to: Option<Syst
 }
 
 /// The goals of the project's issues, against this run's ratios.
-fn goals(results: &Results) -> Vec<(String, Option<f64>, bool)> {
+fn goals(results: &Results) -> Vec<(String, Option<f64>, &'static str, bool)> {
     let hap = |sc, m, higher| lb_ratio(results, sc, m, haproxy(results, sc, m, higher));
     let direct = |sc, m| lb_ratio(results, sc, m, Some(System::Direct));
     let at_least = |r: Option<f64>, g: f64| r.is_some_and(|r| r >= g);
     let at_most = |r: Option<f64>, g: f64| r.is_some_and(|r| r <= g);
+    let lb = |sc, m| stat(results.get(&sc)?.get(&System::LbKernel)?, m).map(|s| s.median);
     let mut v = Vec::new();
-    let mut goal = |what: &str, r: Option<f64>, met: bool| v.push((what.to_owned(), r, met));
+    let mut count = |what: &str, n: Option<f64>, met: bool| v.push((what.to_owned(), n, "", met));
+    let n = lb(Scenario::Connrate, "syscalls_per_conn");
+    count("syscalls per connection ≤ 15", n, at_most(n, 15.0));
+    let n = lb(Scenario::Connrate, "bpf_per_conn");
+    count("bpf() calls per connection ≤ 2", n, at_most(n, 2.0));
+    let mut goal = |what: &str, r: Option<f64>, met: bool| v.push((what.to_owned(), r, " ×", met));
     let r = hap(Scenario::Connrate, "conns_per_s", true);
     goal("new connections per s ≥ 1.2 × HAProxy", r, at_least(r, 1.2));
     let r = hap(Scenario::Throughput1, "gbit_per_s", true);
@@ -166,9 +174,9 @@ pub fn write(results: &Results, guard: Option<&super::guard::Figures>, o: &Opts)
     let _ = writeln!(md, "\nGoals (lb-kernel, medians of per-round ratios):\n");
     let _ = writeln!(md, "| goal | measured | |");
     let _ = writeln!(md, "|---|---:|---|");
-    for (what, r, met) in &goals {
+    for (what, r, unit, met) in &goals {
         let (m, verdict) = match r {
-            Some(r) => (format!("{r:.2} ×"), if *met { "met" } else { "not met" }),
+            Some(r) => (format!("{r:.2}{unit}"), if *met { "met" } else { "not met" }),
             None => ("–".to_owned(), "not measured in this run"),
         };
         let _ = writeln!(md, "| {what} | {m} | {verdict} |");
@@ -194,7 +202,7 @@ pub fn write(results: &Results, guard: Option<&super::guard::Figures>, o: &Opts)
         guard_json = json!({"dropped_pps": g.dropped, "reached_pps": g.reached, "ratio": d / r});
     }
     let stamp = timestamp();
-    let goals_json: Vec<Value> = goals.iter().map(|(g, r, met)| json!({"goal": g, "ratio": r, "met": met})).collect();
+    let goals_json: Vec<Value> = goals.iter().map(|(g, r, unit, met)| json!({"goal": g, "measured": r, "unit": unit.trim(), "met": met})).collect();
     let json = json!({
         "command": command, "machine": machine, "runs": o.runs, "secs": o.secs, "idle_conns": o.conns,
         "results": json_rows, "goals": goals_json, "guard": guard_json,

@@ -202,6 +202,9 @@ pub fn connrate(target: SocketAddr, pids: &[u32], o: &Opts) -> anyhow::Result<Sa
     s.insert("machine_cpu_us_per_conn".into(), machine * 1e6 / requests);
     if !pids.is_empty() {
         s.insert("proxy_cpu_us_per_conn".into(), proxy * 1e6 / requests);
+        let (calls, bpf) = super::syscalls::per_conn(target, pids, if o.smoke { 200 } else { 2000 })?;
+        s.insert("syscalls_per_conn".into(), calls);
+        s.insert("bpf_per_conn".into(), bpf);
     }
     Ok(s)
 }
