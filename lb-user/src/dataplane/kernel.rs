@@ -145,18 +145,15 @@ impl Dataplane for KernelDataplane {
             sys::socket_cookie(conn.socks.client()).map_err(SpliceError::Cookie)?,
             sys::socket_cookie(conn.socks.server()).map_err(SpliceError::Cookie)?,
         ];
-        let mut written_base = [0; 2];
-        let mut established = true;
-        for (base, s) in written_base.iter_mut().zip([conn.socks.client(), conn.socks.server()]) {
-            let (est, written) = sys::tcp_splice_state(s).map_err(SpliceError::Socket)?;
-            established &= est;
-            *base = written;
-        }
-        // sockmap takes only ESTABLISHED sockets: a client that already sent
-        // its FIN (CLOSE_WAIT) is served by the userspace copy instead.
-        if !established {
-            return self.fall_back(conn, "a side closed before the splice");
-        }
+        // What each socket counts as written (`tcpi_bytes_acked` +
+        // `SIOCOUTQ`) at the splice, known without asking: the client's
+        // socket was accepted (the handshake's final ACK acknowledges
+        // nothing it counts), the server's was connected (its SYN counts
+        // one), plus what lb wrote itself.
+        let written_base = [0, 1 + conn.header];
+        // sockmap takes only ESTABLISHED sockets: a side that already sent
+        // its FIN (CLOSE_WAIT) fails the inserts below, and the connection
+        // goes to the userspace copy.
         let records = self.records(&conn, cookies);
         let client_dir = match self.insert(&conn, cookies, records) {
             Ok(d) => d,

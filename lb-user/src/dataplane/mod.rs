@@ -32,6 +32,9 @@ pub struct Spliced {
     pub addrs: ConnAddrs,
     /// Indexes of the frontend and the backend (config order).
     pub route: [u16; 2],
+    /// Bytes lb itself wrote to the server before the splice (the PROXY
+    /// protocol header).
+    pub header: u64,
 }
 
 /// The two sockets of a connection, `[client, server]`. Dropped without

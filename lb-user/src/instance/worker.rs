@@ -186,6 +186,10 @@ async fn serve(
     let mut accepts = JoinSet::new();
     for (i, (f, l)) in cfg.frontends.iter().zip(welcome.listeners).enumerate() {
         l.set_nonblocking(true)?;
+        // Accepted sockets inherit TCP_NODELAY from their listener: one
+        // syscall per worker instead of one per client. Set here, not only
+        // at bind, so listeners taken over from an older binary get it too.
+        socket2::SockRef::from(&l).set_tcp_nodelay(true)?;
         let l = tokio::net::TcpListener::from_std(l)?;
         let addr = l.local_addr()?;
         log::info!(

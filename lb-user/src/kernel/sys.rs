@@ -67,17 +67,6 @@ pub fn tcp_bytes_received(s: &impl AsRawFd) -> io::Result<u64> {
     Ok(tcp_info(s)?.tcpi_bytes_received)
 }
 
-/// What the kernel plane needs of a socket before splicing it, in one
-/// `TCP_INFO` read: whether it is still `ESTABLISHED`, and the bytes it
-/// counts as written so far. lb writes nothing before the splice, so the
-/// send queue is empty and `tcpi_bytes_acked` (the SYN) is the whole count.
-pub fn tcp_splice_state(s: &impl AsRawFd) -> io::Result<(bool, u64)> {
-    let info = tcp_info(s)?;
-    // TCP_ESTABLISHED in include/net/tcp_states.h.
-    const ESTABLISHED: u8 = 1;
-    Ok((info.tcpi_state == ESTABLISHED, info.tcpi_bytes_acked))
-}
-
 /// `IP_LOCAL_PORT_RANGE` from `<linux/in.h>` (Linux 6.3).
 const IP_LOCAL_PORT_RANGE: libc::c_int = 51;
 

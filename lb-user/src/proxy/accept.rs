@@ -183,6 +183,7 @@ async fn handle(
         }
     };
     guard.set_source(source);
+    let mut header = 0;
     if let Some(version) = be.send_proxy {
         // One write on a fresh socket, before it joins the data plane: no
         // client byte can overtake it. Counted in the bytes to the server.
@@ -194,7 +195,10 @@ async fn handle(
             Err(e) => Err(e),
         };
         match sent {
-            Ok(n) => guard.add_bytes(n, 0),
+            Ok(n) => {
+                header = n;
+                guard.add_bytes(n, 0);
+            }
             Err(e) => {
                 log::warn!("client {addr} -> {target_addr}: writing the PROXY header: {e}; both sides reset");
                 reset(&[&client, &server]);
@@ -203,9 +207,8 @@ async fn handle(
         }
     }
     let addrs = ConnAddrs { client: addr.0, source, server: target_addr.0 };
-    for s in [&client, &server] {
-        let _ = s.set_nodelay(true);
-    }
+    // The client's socket has TCP_NODELAY from its listener.
+    let _ = server.set_nodelay(true);
     let (client, server) = match (client.into_std(), server.into_std()) {
         (Ok(c), Ok(s)) => (c, s),
         (c, s) => {
@@ -221,7 +224,8 @@ async fn handle(
         }
     };
     let route = [route.frontend as u16, backend as u16];
-    if let Err(e) = shared.dataplane.splice(Spliced { socks: Socks::new(client, server), guard, addrs, route }) {
+    if let Err(e) = shared.dataplane.splice(Spliced { socks: Socks::new(client, server), guard, addrs, route, header })
+    {
         log::warn!("client {addr} -> {target_addr}: {e}; both sides reset");
     }
 }

@@ -202,7 +202,10 @@ pub fn write(results: &Results, guard: Option<&super::guard::Figures>, o: &Opts)
         guard_json = json!({"dropped_pps": g.dropped, "reached_pps": g.reached, "ratio": d / r});
     }
     let stamp = timestamp();
-    let goals_json: Vec<Value> = goals.iter().map(|(g, r, unit, met)| json!({"goal": g, "measured": r, "unit": unit.trim(), "met": met})).collect();
+    let goals_json: Vec<Value> = goals
+        .iter()
+        .map(|(g, r, unit, met)| json!({"goal": g, "measured": r, "unit": unit.trim(), "met": met}))
+        .collect();
     let json = json!({
         "command": command, "machine": machine, "runs": o.runs, "secs": o.secs, "idle_conns": o.conns,
         "results": json_rows, "goals": goals_json, "guard": guard_json,

@@ -2,7 +2,7 @@
 //! proxy while ApacheBench opens `n` connections (HTTP/1.0, one request
 //! each) through it to nginx. A count, not a timing: strace slows the
 //! proxy down, so this runs after the connection-rate measurement, never
-//! during it.
+//! during it. `LB_BENCH_STRACE_TABLE=1` prints each table (which calls).
 
 use std::{
     net::SocketAddr,
@@ -40,6 +40,9 @@ pub fn per_conn(target: SocketAddr, pids: &[u32], n: usize) -> anyhow::Result<(f
         bail!("ab through {target}: {complete:?} complete, {failed:?} failed of {n}");
     }
     let table = std::fs::read_to_string(&out);
+    if std::env::var_os("LB_BENCH_STRACE_TABLE").is_some() {
+        eprintln!("strace -c of pids {pids:?}:\n{}", table.as_deref().unwrap_or(""));
+    }
     let _ = std::fs::remove_file(&out);
     let (total, bpf) = parse(&table?).with_context(|| format!("strace -c wrote no table for pids {pids:?}"))?;
     Ok((total as f64 / n as f64, bpf as f64 / n as f64))

@@ -46,6 +46,9 @@ pub(super) struct Copy {
 pub(super) enum Flow {
     /// Kernel splice; a pending EOF forward once the source sent its FIN.
     Kernel(Option<Drain>),
+    /// Kernel splice finished: the source's FIN is forwarded after all of
+    /// the bytes the kernel redirected from it (the count, final now).
+    Done(u64),
     User(Box<Copy>),
 }
 
@@ -53,8 +56,8 @@ pub(super) struct Conn {
     /// `[client, server]`.
     pub socks: [TcpStream; 2],
     pub cookies: [u64; 2],
-    /// `tcp_bytes_written` of each socket just before it was spliced (the
-    /// kernel counts the SYN there; lb itself writes nothing).
+    /// `tcp_bytes_written` of each socket just before it was spliced: the
+    /// connected side's SYN, and the PROXY header lb may have written.
     pub written_base: [u64; 2],
     /// FIN received on this side.
     pub rd_closed: [bool; 2],
@@ -117,7 +120,7 @@ impl Conn {
             let to = 1 - from;
             let next = match &mut self.flows[from] {
                 Flow::User(copy) => pump(copy, &self.socks, from, &mut self.rd_closed, &mut self.wr_shut),
-                Flow::Kernel(None) => Next::Keep,
+                Flow::Kernel(None) | Flow::Done(_) => Next::Keep,
                 Flow::Kernel(Some(d)) => {
                     // tcpi_bytes_received counts the FIN, which is in by now.
                     let received = sys::tcp_bytes_received(&self.socks[from]).unwrap_or(1).saturating_sub(1);
@@ -132,7 +135,7 @@ impl Conn {
                         // Errors here mean the peer is already gone; its own event follows.
                         let _ = self.socks[to].shutdown(Shutdown::Write);
                         self.wr_shut[to] = true;
-                        self.flows[from] = Flow::Kernel(None);
+                        self.flows[from] = Flow::Done(redirected);
                         Next::Keep
                     } else if written > d.last_written {
                         d.last_written = written;
@@ -164,7 +167,7 @@ impl Conn {
             Flow::User(c) => {
                 Some(super::CopyState { pending: c.buf[c.off..c.len].to_vec(), eof: c.eof, bytes: c.bytes })
             }
-            Flow::Kernel(_) => None,
+            Flow::Kernel(_) | Flow::Done(_) => None,
         };
         super::Detached { id, socks: self.socks, copy }
     }
@@ -174,10 +177,13 @@ impl Conn {
         self.flows.iter().any(|f| matches!(f, Flow::Kernel(Some(_))))
     }
 
-    /// Bytes moved from each side to the other (client->server, server->client).
+    /// Bytes moved from each side to the other (client->server,
+    /// server->client); a finished direction's count is known without
+    /// reading its record again.
     pub fn bytes(&self, maps: &ConnMaps) -> [u64; 2] {
         [0, 1].map(|side| match &self.flows[side] {
             Flow::User(c) => c.bytes,
+            Flow::Done(n) => *n,
             Flow::Kernel(_) => maps.redirected(self.cookies[side]).unwrap_or(0),
         })
     }
@@ -187,7 +193,7 @@ impl Conn {
         let kernel = self.cookies.iter().filter_map(|c| maps.record(*c)).map(|r| r.last_active_ns);
         let copied = self.flows.iter().filter_map(|f| match f {
             Flow::User(c) => Some(c.last_ns),
-            Flow::Kernel(_) => None,
+            Flow::Kernel(_) | Flow::Done(_) => None,
         });
         let last = kernel.chain(copied).max();
         last.is_some_and(|l| now_ns.saturating_sub(l) > idle_ns)
