@@ -29,6 +29,7 @@ testkit::every_path!(
     backend_reset_reaches_client_within_1s,
     vanishing_client_reaches_backend_within_1s,
     connect_close_10k_leaks_nothing,
+    send_buffer_is_set_on_both_sockets,
 );
 
 /// What the pinned maps must show after a test on `mode`: on the kernel
@@ -293,6 +294,37 @@ async fn connect_close_10k_leaks_nothing(mode: Mode) {
         assert!(proof.assert_kernel_ran(&lb, "connect_close_10k") >= 20_000, "fewer skbs redirected than bytes sent");
     } else {
         proof.assert_kernel_ran(&lb, "connect_close_10k");
+    }
+}
+
+/// `send_buffer` reaches lb's two sockets of a connection: the client's
+/// through its listener, the server's at connect (`ss` shows the kernel's
+/// doubled figure as `tb`); unset, the default 8 MiB does.
+async fn send_buffer_is_set_on_both_sockets(mode: Mode) {
+    let be = Backend::echo().await;
+    for (key, tb) in [("send_buffer = \"1MiB\"\n", 2 * MIB), ("", 16 * MIB)] {
+        let body = format!("{key}{}", Lb::body(&[be.addr]));
+        let Some(lb) = Lb::start_with(mode, "send_buffer", &body) else { return };
+        let proof = KernelProof::start(&lb);
+        let mut s = TcpStream::connect(lb.addr).await.unwrap();
+        s.write_all(b"ping").await.unwrap();
+        let mut back = [0u8; 4];
+        s.read_exact(&mut back).await.unwrap();
+        let ss = std::process::Command::new("ss").args(["-tmnH", "state", "established"]).output().unwrap();
+        let text = String::from_utf8_lossy(&ss.stdout).replace("\n\t", " ");
+        // Columns: Recv-Q Send-Q Local Peer skmem:(…,tb<bytes>,…).
+        let tb_of = |local: Option<String>, peer: String| -> Vec<Option<u64>> {
+            text.lines()
+                .map(|l| l.split_whitespace().collect::<Vec<_>>())
+                .filter(|w| w.len() > 4 && local.as_deref().is_none_or(|a| w[2] == a) && w[3] == peer)
+                .map(|w| w[4].split("tb").nth(1).and_then(|t| t.split(',').next()?.parse::<u64>().ok()))
+                .collect()
+        };
+        let client = tb_of(Some(lb.addr.to_string()), s.local_addr().unwrap().to_string());
+        assert_eq!(client, vec![Some(tb)], "{key:?}: lb's client socket in ss:\n{text}");
+        let server = tb_of(None, be.addr.to_string());
+        assert_eq!(server, vec![Some(tb)], "{key:?}: lb's server socket in ss:\n{text}");
+        prove(&proof, &lb, mode, "send_buffer", true);
     }
 }
 

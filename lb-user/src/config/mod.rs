@@ -8,6 +8,7 @@ pub mod guard;
 pub mod host;
 mod pool;
 mod raw;
+mod size;
 mod validate;
 
 use std::{
@@ -212,6 +213,9 @@ pub struct Config {
     /// Over all workers.
     pub maxconn: u32,
     pub connect_attempts: u32,
+    /// `SO_SNDBUFFORCE` of every client and server socket, bytes (0: the
+    /// kernel's autotuning).
+    pub send_buffer: u32,
     pub timeouts: Timeouts,
     pub frontends: Vec<FrontendConfig>,
     pub backends: Vec<BackendConfig>,

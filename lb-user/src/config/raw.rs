@@ -182,6 +182,8 @@ pub struct RawConfig {
     pub maxconn: Option<Spanned<u32>>,
     /// How many servers to try for one client before giving up.
     pub connect_attempts: Option<Spanned<u32>>,
+    /// Send buffer of each socket ("8MiB"; "0": the kernel's autotuning).
+    pub send_buffer: Option<Spanned<String>>,
     /// Default source pool of every backend.
     pub source_pool: Option<Spanned<Vec<Spanned<String>>>>,
     /// Default local port range of the default pool.

@@ -41,6 +41,7 @@ pub fn validate(raw: RawConfig, loc: &Locator<'_>, host: &dyn Host, o: &Override
         Some(a) if *a.get_ref() == 0 => return Err(loc.at(a, "connect_attempts = 0: must be at least 1")),
         Some(a) => *a.get_ref(),
     };
+    let send_buffer = super::size::send_buffer(loc, &raw.send_buffer)?;
     let defaults = Timeouts::default();
     let t = &raw.timeouts;
     let timeouts = Timeouts {
@@ -103,6 +104,7 @@ pub fn validate(raw: RawConfig, loc: &Locator<'_>, host: &dyn Host, o: &Override
         workers,
         maxconn,
         connect_attempts,
+        send_buffer,
         timeouts,
         frontends,
         backends,

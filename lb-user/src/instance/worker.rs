@@ -164,6 +164,7 @@ async fn serve(
         connect_timeout: cfg.timeouts.connect,
         queue_timeout: cfg.timeouts.queue,
         connect_attempts: cfg.connect_attempts,
+        send_buffer: cfg.send_buffer,
         in_flight: Default::default(),
     });
     let global = Arc::new(Semaphore::new(per_worker as usize));
@@ -190,6 +191,8 @@ async fn serve(
         // syscall per worker instead of one per client. Set here, not only
         // at bind, so listeners taken over from an older binary get it too.
         socket2::SockRef::from(&l).set_tcp_nodelay(true)?;
+        // Their send buffer too (`send_buffer`).
+        accept::set_send_buffer(&l, cfg.send_buffer);
         let l = tokio::net::TcpListener::from_std(l)?;
         let addr = l.local_addr()?;
         log::info!(

@@ -40,6 +40,17 @@ pub fn set_rcvlowat(s: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {
     setsockopt(s, libc::SOL_SOCKET, libc::SO_RCVLOWAT, &bytes)
 }
 
+/// `SO_SNDBUFFORCE`: the send buffer limit, past `net.core.wmem_max`
+/// (needs `CAP_NET_ADMIN`); the kernel doubles `bytes` for its overhead.
+pub fn set_sndbuf_force(s: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {
+    setsockopt(s, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, &bytes)
+}
+
+/// `SO_SNDBUF`: the send buffer limit, at most `net.core.wmem_max`.
+pub fn set_sndbuf(s: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {
+    setsockopt(s, libc::SOL_SOCKET, libc::SO_SNDBUF, &bytes)
+}
+
 /// Arms an abortive close: the next `close()` sends RST instead of FIN.
 pub fn set_linger_zero(s: &impl AsFd) -> io::Result<()> {
     Ok(rustix::net::sockopt::set_socket_linger(s, Some(Duration::ZERO))?)

@@ -46,6 +46,22 @@ pub fn bind(addr: SocketAddr, reuseport: bool) -> io::Result<TcpListener> {
     sock.listen(BACKLOG)
 }
 
+/// Sets `send_buffer` (bytes; 0 leaves the kernel's autotuning) on a
+/// listener, whose accepted sockets inherit it, or on a server socket.
+/// One stream through the kernel splice stalls on a full send buffer: the
+/// psock retries a jiffy later (see ARCHITECTURE.md). Without
+/// `CAP_NET_ADMIN` the size is capped by `net.core.wmem_max`.
+pub fn set_send_buffer(s: &impl std::os::fd::AsRawFd, bytes: u32) {
+    static CAPPED: std::sync::Once = std::sync::Once::new();
+    let Ok(b) = libc::c_int::try_from(bytes) else { return };
+    if b == 0 || sys::set_sndbuf_force(s, b).is_ok() {
+        return;
+    }
+    if sys::set_sndbuf(s, b).is_ok() {
+        CAPPED.call_once(|| log::warn!("send_buffer: no CAP_NET_ADMIN, so capped at net.core.wmem_max"));
+    }
+}
+
 /// Where a frontend's clients go, and what lb waits for before choosing.
 #[derive(Debug)]
 pub struct Route {

@@ -84,7 +84,7 @@ pub async fn pick_and_connect(
                 skipped_full = true;
                 continue;
             }
-            match connect_server(server, shared.connect_timeout).await {
+            match connect_server(server, shared.connect_timeout, shared.send_buffer).await {
                 Ok((s, pair)) => return Ok((s, server.clone(), pair)),
                 Err(ConnectError::NoPort) => {
                     server.release();
@@ -173,13 +173,14 @@ fn warn_local(e: &io::Error) {
 }
 
 /// A socket for `server` from `pair`'s source address.
-fn socket_for(server: &ServerState, pair: &PairState) -> io::Result<TcpSocket> {
+fn socket_for(server: &ServerState, pair: &PairState, send_buffer: u32) -> io::Result<TcpSocket> {
     let addr = server.cfg.addr.0;
     let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     if let Some(src) = pair.source {
         sys::set_bind_address_no_port(&sock)?;
         sock.bind(SocketAddr::new(src, 0))?;
     }
+    super::accept::set_send_buffer(&sock, send_buffer);
     if let Some((lo, hi)) = server.port_range {
         sys::set_local_port_range(&sock, lo, hi)?;
     } else if pair.in_use.load(Relaxed) >= server.sequential_ports_from {
@@ -195,9 +196,13 @@ fn socket_for(server: &ServerState, pair: &PairState) -> io::Result<TcpSocket> {
 }
 
 /// Connects to `server` from its least used source address that has ports left.
-async fn connect_server(server: &ServerState, timeout: Duration) -> Result<(TcpStream, Arc<PairState>), ConnectError> {
+async fn connect_server(
+    server: &ServerState,
+    timeout: Duration,
+    send_buffer: u32,
+) -> Result<(TcpStream, Arc<PairState>), ConnectError> {
     for pair in server.source_order() {
-        let r = match socket_for(server, &pair) {
+        let r = match socket_for(server, &pair, send_buffer) {
             Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) => {
                 return Err(ConnectError::Local(e));
             }

@@ -21,6 +21,8 @@ pub struct Shared {
     pub connect_timeout: Duration,
     pub queue_timeout: Duration,
     pub connect_attempts: u32,
+    /// `send_buffer` for server sockets (client sockets inherit their listener's).
+    pub send_buffer: u32,
     /// Clients accepted and not yet handed to the data plane (or given up).
     pub in_flight: std::sync::atomic::AtomicUsize,
 }

@@ -88,6 +88,7 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<String> {
         workers,
         maxconn,
         connect_attempts,
+        send_buffer,
         timeouts,
         frontends,
         backends,
@@ -108,6 +109,7 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<String> {
     differ("workers", *workers != old.workers);
     differ("maxconn", *maxconn != old.maxconn);
     differ("connect_attempts", *connect_attempts != old.connect_attempts);
+    differ("send_buffer", *send_buffer != old.send_buffer);
     let crate::config::Timeouts { connect, queue, idle, worker, client_hello } = timeouts;
     differ("timeouts.connect", *connect != old.timeouts.connect);
     differ("timeouts.queue", *queue != old.timeouts.queue);
