@@ -193,8 +193,8 @@ async fn serve(
         socket2::SockRef::from(&l).set_tcp_nodelay(true)?;
         // Their send buffer too (`send_buffer`).
         accept::set_send_buffer(&l, cfg.send_buffer);
-        let l = tokio::net::TcpListener::from_std(l)?;
         let addr = l.local_addr()?;
+        let l = crate::kernel::sys::async_listener(l)?;
         log::info!(
             "frontend \"{}\" listening on {addr} -> backend \"{}\"",
             f.name,

@@ -51,6 +51,14 @@ pub fn set_sndbuf(s: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {
     setsockopt(s, libc::SOL_SOCKET, libc::SO_SNDBUF, &bytes)
 }
 
+/// A listener registered with the tokio runtime for readiness only, so
+/// that accepted sockets stay unregistered (see `proxy::accept`).
+pub fn async_listener(l: std::net::TcpListener) -> io::Result<tokio::io::unix::AsyncFd<std::net::TcpListener>> {
+    // SAFETY: the AsyncFd owns the listener, so its descriptor stays open
+    // (and is the same descriptor) for as long as it is registered.
+    unsafe { tokio::io::unix::AsyncFd::register(l).map_err(io::Error::from) }
+}
+
 /// Arms an abortive close: the next `close()` sends RST instead of FIN.
 pub fn set_linger_zero(s: &impl AsFd) -> io::Result<()> {
     Ok(rustix::net::sockopt::set_socket_linger(s, Some(Duration::ZERO))?)

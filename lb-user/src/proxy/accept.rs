@@ -12,6 +12,7 @@ use std::{
 
 use tokio::{
     io::AsyncWriteExt as _,
+    io::unix::AsyncFd,
     net::{TcpListener, TcpSocket, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
 };
@@ -85,8 +86,20 @@ impl Route {
     }
 }
 
+/// Accepts one client, non-blocking and close-on-exec in the same call,
+/// without registering it with the runtime: the kernel plane never waits
+/// on it (two `epoll_ctl` calls per client saved).
+fn accept_one(listener: &std::net::TcpListener) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+    use rustix::net::{SocketFlags, acceptfrom_with};
+    let (fd, addr) = acceptfrom_with(listener, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC)?;
+    let addr = addr
+        .and_then(|a| SocketAddr::try_from(a).ok())
+        .ok_or_else(|| io::Error::other("accept gave no peer address"))?;
+    Ok((std::net::TcpStream::from(fd), addr))
+}
+
 pub async fn accept_loop(
-    listener: TcpListener,
+    listener: AsyncFd<std::net::TcpListener>,
     route: Arc<Route>,
     global: Arc<Semaphore>,
     frontend: Option<Arc<Semaphore>>,
@@ -102,7 +115,14 @@ pub async fn accept_loop(
         }
         let Ok(p) = global.clone().acquire_owned().await else { return };
         permits[1] = Some(p);
-        match listener.accept().await {
+        let accepted = match listener.readable().await {
+            Ok(mut ready) => match ready.try_io(|l| accept_one(l.get_ref())) {
+                Ok(r) => r,
+                Err(_would_block) => continue,
+            },
+            Err(e) => Err(e),
+        };
+        match accepted {
             Ok((client, addr)) => {
                 shared.stats.accepted.fetch_add(1, Relaxed);
                 shared.in_flight.fetch_add(1, Relaxed);
@@ -115,7 +135,7 @@ pub async fn accept_loop(
 }
 
 async fn handle(
-    client: TcpStream,
+    client: std::net::TcpStream,
     addr: ClientAddr,
     route: Arc<Route>,
     permits: [Option<OwnedSemaphorePermit>; 2],
@@ -123,6 +143,40 @@ async fn handle(
 ) {
     let _in_flight = InFlight(&shared.in_flight);
     let mut guard = ConnGuard::new(shared.stats.clone(), permits, addr.0, shared.access_log);
+    let backend = if route.first_byte.is_none() && route.sni.is_none() {
+        route.backend
+    } else {
+        // Waiting on the client needs it registered with the runtime, for
+        // that wait only.
+        let waited = match TcpStream::from_std(client) {
+            Ok(c) => wait_for_client(&c, addr, &route, &shared, &mut guard).await.map(|b| (c, b)),
+            Err(e) => {
+                log::warn!("client {addr}: joining the runtime failed: {e}");
+                return;
+            }
+        };
+        let Some((c, backend)) = waited else { return };
+        match c.into_std() {
+            Ok(c) => return connect_and_splice(c, addr, backend, &route, guard, &shared).await,
+            Err(e) => {
+                log::warn!("client {addr}: leaving the runtime failed: {e}");
+                return;
+            }
+        }
+    };
+    connect_and_splice(client, addr, backend, &route, guard, &shared).await
+}
+
+/// What an opt-in frontend waits for before a server is chosen: a first
+/// byte (`first_byte_timeout`), the ClientHello (`sni`). `None`: the client
+/// was closed or reset and counted.
+async fn wait_for_client(
+    client: &TcpStream,
+    addr: ClientAddr,
+    route: &Route,
+    shared: &Shared,
+    guard: &mut ConnGuard,
+) -> Option<usize> {
     if let Some(t) = route.first_byte {
         // Opt-in: no server is chosen (and no slot of it taken) before the
         // client has sent something; a silent client is closed and counted.
@@ -131,13 +185,13 @@ async fn handle(
         if tokio::time::timeout(t, client.peek(&mut [0u8; 1])).await.is_err() {
             shared.stats.first_byte_timeouts.fetch_add(1, Relaxed);
             guard.set_reason(CloseReason::Rejected("first_byte_timeout"));
-            return;
+            return None;
         }
     }
-    let backend = match &route.sni {
-        None => route.backend,
-        Some((routes, within)) => match by_server_name(&client, routes, route.backend, *within).await {
-            Ok(b) => b,
+    match &route.sni {
+        None => Some(route.backend),
+        Some((routes, within)) => match by_server_name(client, routes, route.backend, *within).await {
+            Ok(b) => Some(b),
             Err(hello) => {
                 let (counter, why) = match hello {
                     HelloError::Timeout => (&shared.stats.client_hello_timeouts, "client_hello_timeout"),
@@ -148,13 +202,24 @@ async fn handle(
                 };
                 counter.fetch_add(1, Relaxed);
                 guard.set_reason(CloseReason::Rejected(why));
-                reset(&[&client]);
-                return;
+                reset(&[client]);
+                None
             }
         },
-    };
+    }
+}
+
+/// Connects to a server of `backend` and hands the pair to the data plane.
+async fn connect_and_splice(
+    client: std::net::TcpStream,
+    addr: ClientAddr,
+    backend: usize,
+    route: &Route,
+    mut guard: ConnGuard,
+    shared: &Shared,
+) {
     let be = &shared.backends.list[backend];
-    let (mut server, target, pair) = match pick_and_connect(be, &shared, addr).await {
+    let (mut server, target, pair) = match pick_and_connect(be, shared, addr).await {
         Ok(v) => v,
         Err(why) => {
             let stats = &shared.stats;
@@ -225,17 +290,11 @@ async fn handle(
     let addrs = ConnAddrs { client: addr.0, source, server: target_addr.0 };
     // The client's socket has TCP_NODELAY from its listener.
     let _ = server.set_nodelay(true);
-    let (client, server) = match (client.into_std(), server.into_std()) {
-        (Ok(c), Ok(s)) => (c, s),
-        (c, s) => {
-            for r in [&c, &s] {
-                match r {
-                    Ok(sock) => {
-                        let _ = sys::set_linger_zero(sock);
-                    }
-                    Err(e) => log::warn!("client {addr}: leaving the runtime failed: {e}"),
-                }
-            }
+    let server = match server.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            log::warn!("client {addr}: leaving the runtime failed: {e}");
+            reset(&[&client]);
             return;
         }
     };
@@ -257,9 +316,9 @@ impl Drop for InFlight<'_> {
 
 /// Makes each socket end with a reset when it is dropped (lb gave up on
 /// the connection: a clean EOF would read as a complete reply).
-fn reset(socks: &[&TcpStream]) {
+fn reset(socks: &[&dyn std::os::fd::AsFd]) {
     for s in socks {
-        let _ = sys::set_linger_zero(*s);
+        let _ = sys::set_linger_zero(s);
     }
 }
 
