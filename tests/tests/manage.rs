@@ -424,6 +424,7 @@ async fn reload_applies_server_changes_or_rejects_the_whole_file(mode: Mode) {
         (format!("metrics_listen = \"127.0.0.1:0\"\n{original}"), "metrics_listen"),
         (format!("control_socket = \"{}/other.sock\"\n{original}", lb.dir.display()), "control_socket"),
         (format!("{original}\n[timeouts]\nidle = \"2h\"\n"), "timeouts.idle"),
+        (format!("send_buffer = \"1MiB\"\n{original}"), "send_buffer"),
     ] {
         std::fs::write(lb.config_path(), drop_b(edit)).unwrap();
         let (ok, _, err) = lb.cli(&["reload"]);
