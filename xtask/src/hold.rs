@@ -33,6 +33,8 @@ pub struct Args {
     pub dataplane: String,
     /// Upgrade lb once the connections are held.
     pub upgrade: bool,
+    /// Print the slab caches that grew, per connection held.
+    pub slab: bool,
 }
 
 /// A started helper that prints one JSON line; killed (by its pid) on drop.
@@ -138,7 +140,7 @@ pub fn hold(lb_bin: &Path, hold_bin: &Path, a: &Args) -> anyhow::Result<Value> {
     let (sinks, backend) = sinks(hold_bin, a.conns)?;
     println!("backend {backend}: {} sink process(es) sharing it with SO_REUSEPORT", sinks.len());
     if a.dataplane == "direct" {
-        return direct(hold_bin, backend, a.conns, sinks);
+        return direct(hold_bin, backend, a, sinks);
     }
 
     let workers = a.conns.div_ceil(PER_WORKER).max(1);
@@ -159,10 +161,16 @@ pub fn hold(lb_bin: &Path, hold_bin: &Path, a: &Args) -> anyhow::Result<Value> {
     let mem0 = sockstat_tcp_mem_pages();
     println!("lb: {workers} workers, data plane {}, source pool of {}", lb.dataplane, a.pool);
 
+    let slab0 = a.slab.then(slabs);
     let t0 = Instant::now();
     let fill = Fill::start(4);
     let held = hold_clients(hold_bin, lb.addr, a.conns)?;
     let curve = fill.curve(a.conns);
+    if let Some(s0) = &slab0 {
+        // The workers hand their connections to the holders: let them finish.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        print_slab_growth(s0, held.ok);
+    }
     for e in &held.errors {
         println!("  holder error: {e}");
     }
@@ -232,11 +240,16 @@ pub fn hold(lb_bin: &Path, hold_bin: &Path, a: &Args) -> anyhow::Result<Value> {
 
 /// The same clients straight to the sinks: the floor lb's setup rate is
 /// compared with.
-fn direct(hold_bin: &Path, backend: SocketAddr, conns: usize, sinks: Vec<Helper>) -> anyhow::Result<Value> {
+fn direct(hold_bin: &Path, backend: SocketAddr, a: &Args, sinks: Vec<Helper>) -> anyhow::Result<Value> {
+    let conns = a.conns;
+    let slab0 = a.slab.then(slabs);
     let t0 = Instant::now();
     let fill = Fill::start(2);
     let held = hold_clients(hold_bin, backend, conns)?;
     let curve = fill.curve(conns);
+    if let Some(s0) = &slab0 {
+        print_slab_growth(s0, held.ok);
+    }
     let secs = t0.elapsed().as_secs_f64();
     for e in &held.errors {
         println!("  holder error: {e}");
@@ -250,6 +263,34 @@ fn direct(hold_bin: &Path, backend: SocketAddr, conns: usize, sinks: Vec<Helper>
         bail!("{failed} connections failed");
     }
     Ok(serde_json::json!({ "held": conns, "setup_secs": secs, "dataplane": "direct", "fill": curve }))
+}
+
+/// Bytes in use per slab cache (`/proc/slabinfo`: active objects × size).
+pub fn slabs() -> std::collections::BTreeMap<String, u64> {
+    let text = std::fs::read_to_string("/proc/slabinfo").unwrap_or_default();
+    text.lines()
+        .skip(2)
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            Some((w.first()?.to_string(), w.get(1)?.parse::<u64>().ok()? * w.get(3)?.parse::<u64>().ok()?))
+        })
+        .collect()
+}
+
+/// The caches that grew by at least 16 bytes per connection since `before`.
+fn print_slab_growth(before: &std::collections::BTreeMap<String, u64>, conns: u64) {
+    let after = slabs();
+    let mut grew: Vec<(String, f64)> = after
+        .iter()
+        .map(|(k, v)| (k.clone(), (*v as f64 - *before.get(k).unwrap_or(&0) as f64) / conns.max(1) as f64))
+        .filter(|(_, per)| *per >= 16.0)
+        .collect();
+    grew.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let total: f64 = grew.iter().map(|g| g.1).sum();
+    println!("  slab growth per connection held: {total:.0} B in caches that grew by 16 B or more");
+    for (name, per) in grew {
+        println!("    {name:<24} {per:>7.0} B");
+    }
 }
 
 /// The machine's TCP sockets in use (`/proc/net/sockstat`), sampled while

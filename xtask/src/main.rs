@@ -65,6 +65,9 @@ enum Cmd {
         /// Once they are held, run `lb upgrade` (to the same binary) and report its time and the connections lost.
         #[arg(long)]
         upgrade: bool,
+        /// Print which kernel slab caches grew, per connection held (/proc/slabinfo).
+        #[arg(long)]
+        slab: bool,
     },
     /// Run every check and test: fmt, clippy, unit and integration tests on both data planes.
     Test {
@@ -171,11 +174,11 @@ fn main() -> anyhow::Result<()> {
             };
             bench::bench(&lb, &hold, &opts)
         }
-        Cmd::Hold { conns, pool, dataplane, upgrade } => {
+        Cmd::Hold { conns, pool, dataplane, upgrade, slab } => {
             setup::setup()?;
             let lb = build_lb()?;
             let hold = hold::build_hold()?;
-            hold::hold(&lb, &hold, &hold::Args { conns, pool, dataplane, upgrade }).map(drop)
+            hold::hold(&lb, &hold, &hold::Args { conns, pool, dataplane, upgrade, slab }).map(drop)
         }
         Cmd::Test { args } => {
             setup::setup()?;
