@@ -93,7 +93,7 @@ pub(super) fn interest(side: usize, dirs: [Dir; 2]) -> EventFlags {
 }
 
 impl Conn {
-    pub fn on_event(&mut self, side: usize, events: EventFlags, maps: &ConnMaps) -> Next {
+    pub fn on_event(&mut self, side: usize, events: EventFlags) -> Next {
         let hup = events.intersects(EventFlags::HUP | EventFlags::ERR);
         if hup {
             let err = self.socks[side].take_error().unwrap_or_else(Some);
@@ -110,12 +110,12 @@ impl Conn {
             self.rd_closed[side] = true;
             *drain = Some(Drain { last_written: 0, last_progress: Instant::now() });
         }
-        self.progress(maps)
+        self.progress()
     }
 
     /// Moves copied bytes and forwards pending EOFs whose bytes have all
     /// reached the peer.
-    pub fn progress(&mut self, maps: &ConnMaps) -> Next {
+    pub fn progress(&mut self) -> Next {
         for from in [0, 1] {
             let to = 1 - from;
             let next = match &mut self.flows[from] {
@@ -123,19 +123,19 @@ impl Conn {
                 Flow::Kernel(None) | Flow::Done(_) => Next::Keep,
                 Flow::Kernel(Some(d)) => {
                     // tcpi_bytes_received counts the FIN, which is in by now.
+                    // Every byte written to `to` since the splice came from
+                    // `from` through the verdict, so written <= redirected <=
+                    // received, and written == received means all of them are
+                    // out: no record read needed.
                     let received = sys::tcp_bytes_received(&self.socks[from]).unwrap_or(1).saturating_sub(1);
-                    let redirected = maps.redirected(self.cookies[from]).unwrap_or(0);
                     let written =
                         sys::tcp_bytes_written(&self.socks[to]).unwrap_or(0).saturating_sub(self.written_base[to]);
-                    log::trace!(
-                        "drain {}: received {received} redirected {redirected} written {written}",
-                        side_name(from)
-                    );
-                    if redirected >= received && written >= redirected {
+                    log::trace!("drain {}: received {received} written {written}", side_name(from));
+                    if written >= received {
                         // Errors here mean the peer is already gone; its own event follows.
                         let _ = self.socks[to].shutdown(Shutdown::Write);
                         self.wr_shut[to] = true;
-                        self.flows[from] = Flow::Done(redirected);
+                        self.flows[from] = Flow::Done(received);
                         Next::Keep
                     } else if written > d.last_written {
                         d.last_written = written;
@@ -144,7 +144,7 @@ impl Conn {
                     } else if d.last_progress.elapsed() > DRAIN_STALL {
                         log::warn!(
                             "{} accepted no bytes for {DRAIN_STALL:?} after the {} closed ({written} of \
-                             {redirected} bytes delivered); resetting",
+                             {received} bytes delivered); resetting",
                             side_name(to),
                             side_name(from)
                         );

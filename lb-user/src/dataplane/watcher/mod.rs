@@ -284,7 +284,7 @@ fn run(shared: &Shared, mut maps: ConnMaps, mut report: impl Report) {
                 *t.early.entry(key).or_insert(EventFlags::empty()) |= events;
                 continue;
             };
-            match conn.on_event(side, events, &maps) {
+            match conn.on_event(side, events) {
                 Next::Keep if conn.pending() => {
                     t.pending.insert(id);
                 }
@@ -298,7 +298,7 @@ fn run(shared: &Shared, mut maps: ConnMaps, mut report: impl Report) {
                 t.pending.remove(&id);
                 continue;
             };
-            match conn.progress(&maps) {
+            match conn.progress() {
                 Next::Keep if conn.pending() => {}
                 Next::Keep => {
                     t.pending.remove(&id);
