@@ -165,6 +165,7 @@ async fn serve(
         queue_timeout: cfg.timeouts.queue,
         connect_attempts: cfg.connect_attempts,
         send_buffer: cfg.send_buffer,
+        sequential_ports_from: crate::proxy::connect::sequential_ports_from(cfg.workers),
         in_flight: Default::default(),
     });
     let global = Arc::new(Semaphore::new(per_worker as usize));
@@ -192,7 +193,7 @@ async fn serve(
         // at bind, so listeners taken over from an older binary get it too.
         socket2::SockRef::from(&l).set_tcp_nodelay(true)?;
         // Their send buffer too (`send_buffer`).
-        accept::set_send_buffer(&l, cfg.send_buffer);
+        crate::kernel::sys::set_send_buffer(&l, cfg.send_buffer);
         let addr = l.local_addr()?;
         let l = crate::kernel::sys::async_listener(l)?;
         log::info!(

@@ -40,15 +40,21 @@ pub fn set_rcvlowat(s: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {
     setsockopt(s, libc::SOL_SOCKET, libc::SO_RCVLOWAT, &bytes)
 }
 
-/// `SO_SNDBUFFORCE`: the send buffer limit, past `net.core.wmem_max`
-/// (needs `CAP_NET_ADMIN`); the kernel doubles `bytes` for its overhead.
-pub fn set_sndbuf_force(s: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {
-    setsockopt(s, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, &bytes)
-}
-
-/// `SO_SNDBUF`: the send buffer limit, at most `net.core.wmem_max`.
-pub fn set_sndbuf(s: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {
-    setsockopt(s, libc::SOL_SOCKET, libc::SO_SNDBUF, &bytes)
+/// Sets `send_buffer` (bytes; 0 leaves the kernel's autotuning) on a
+/// listener, whose accepted sockets inherit it, or on a server socket:
+/// `SO_SNDBUFFORCE`, past `net.core.wmem_max` (the kernel doubles it for
+/// its overhead). One stream through the kernel splice stalls on a full
+/// send buffer: the psock retries a jiffy later (see ARCHITECTURE.md).
+/// Without `CAP_NET_ADMIN`, `SO_SNDBUF`, capped by `net.core.wmem_max`.
+pub fn set_send_buffer(s: &impl AsRawFd, bytes: u32) {
+    static CAPPED: std::sync::Once = std::sync::Once::new();
+    let Ok(b) = libc::c_int::try_from(bytes) else { return };
+    if b == 0 || setsockopt(s, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, &b).is_ok() {
+        return;
+    }
+    if setsockopt(s, libc::SOL_SOCKET, libc::SO_SNDBUF, &b).is_ok() {
+        CAPPED.call_once(|| log::warn!("send_buffer: no CAP_NET_ADMIN, so capped at net.core.wmem_max"));
+    }
 }
 
 /// A listener registered with the tokio runtime for readiness only, so

@@ -47,22 +47,6 @@ pub fn bind(addr: SocketAddr, reuseport: bool) -> io::Result<TcpListener> {
     sock.listen(BACKLOG)
 }
 
-/// Sets `send_buffer` (bytes; 0 leaves the kernel's autotuning) on a
-/// listener, whose accepted sockets inherit it, or on a server socket.
-/// One stream through the kernel splice stalls on a full send buffer: the
-/// psock retries a jiffy later (see ARCHITECTURE.md). Without
-/// `CAP_NET_ADMIN` the size is capped by `net.core.wmem_max`.
-pub fn set_send_buffer(s: &impl std::os::fd::AsRawFd, bytes: u32) {
-    static CAPPED: std::sync::Once = std::sync::Once::new();
-    let Ok(b) = libc::c_int::try_from(bytes) else { return };
-    if b == 0 || sys::set_sndbuf_force(s, b).is_ok() {
-        return;
-    }
-    if sys::set_sndbuf(s, b).is_ok() {
-        CAPPED.call_once(|| log::warn!("send_buffer: no CAP_NET_ADMIN, so capped at net.core.wmem_max"));
-    }
-}
-
 /// Where a frontend's clients go, and what lb waits for before choosing.
 #[derive(Debug)]
 pub struct Route {
@@ -143,21 +127,21 @@ async fn handle(
 ) {
     let _in_flight = InFlight(&shared.in_flight);
     let mut guard = ConnGuard::new(shared.stats.clone(), permits, addr.0, shared.access_log);
-    let backend = if route.first_byte.is_none() && route.sni.is_none() {
-        route.backend
+    let (client, backend) = if route.first_byte.is_none() && route.sni.is_none() {
+        (client, route.backend)
     } else {
         // Waiting on the client needs it registered with the runtime, for
         // that wait only.
-        let waited = match TcpStream::from_std(client) {
-            Ok(c) => wait_for_client(&c, addr, &route, &shared, &mut guard).await.map(|b| (c, b)),
+        let c = match TcpStream::from_std(client) {
+            Ok(c) => c,
             Err(e) => {
                 log::warn!("client {addr}: joining the runtime failed: {e}");
                 return;
             }
         };
-        let Some((c, backend)) = waited else { return };
+        let Some(backend) = wait_for_client(&c, addr, &route, &shared, &mut guard).await else { return };
         match c.into_std() {
-            Ok(c) => return connect_and_splice(c, addr, backend, &route, guard, &shared).await,
+            Ok(c) => (c, backend),
             Err(e) => {
                 log::warn!("client {addr}: leaving the runtime failed: {e}");
                 return;

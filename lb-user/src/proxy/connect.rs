@@ -84,7 +84,7 @@ pub async fn pick_and_connect(
                 skipped_full = true;
                 continue;
             }
-            match connect_server(server, shared.connect_timeout, shared.send_buffer).await {
+            match connect_server(server, shared).await {
                 Ok((s, pair)) => return Ok((s, server.clone(), pair)),
                 Err(ConnectError::NoPort) => {
                     server.release();
@@ -172,18 +172,27 @@ fn warn_local(e: &io::Error) {
     }
 }
 
+/// How many connections of one (source, server) pair a worker makes before
+/// it gives their sockets a port range of their own: half the ephemeral
+/// range, shared out among the workers (`SO_REUSEPORT` spreads clients
+/// evenly, and each worker uses the pairs evenly). Past half the range
+/// `connect()`'s port search slows down a hundredfold without one.
+pub fn sequential_ports_from(workers: u32) -> u64 {
+    sys::ephemeral_ports().map_or(u64::MAX, |n| u64::from(n) / 2 / u64::from(workers.max(1)))
+}
+
 /// A socket for `server` from `pair`'s source address.
-fn socket_for(server: &ServerState, pair: &PairState, send_buffer: u32) -> io::Result<TcpSocket> {
+fn socket_for(server: &ServerState, pair: &PairState, shared: &Shared) -> io::Result<TcpSocket> {
     let addr = server.cfg.addr.0;
     let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     if let Some(src) = pair.source {
         sys::set_bind_address_no_port(&sock)?;
         sock.bind(SocketAddr::new(src, 0))?;
     }
-    super::accept::set_send_buffer(&sock, send_buffer);
+    sys::set_send_buffer(&sock, shared.send_buffer);
     if let Some((lo, hi)) = server.port_range {
         sys::set_local_port_range(&sock, lo, hi)?;
-    } else if pair.in_use.load(Relaxed) >= server.sequential_ports_from {
+    } else if pair.in_use.load(Relaxed) >= shared.sequential_ports_from {
         // connect() tries the ports of one parity first; once those are all
         // in use for this (source, server) pair, every connect walks all of
         // them before trying the others (measured from one address: 80,000
@@ -196,13 +205,10 @@ fn socket_for(server: &ServerState, pair: &PairState, send_buffer: u32) -> io::R
 }
 
 /// Connects to `server` from its least used source address that has ports left.
-async fn connect_server(
-    server: &ServerState,
-    timeout: Duration,
-    send_buffer: u32,
-) -> Result<(TcpStream, Arc<PairState>), ConnectError> {
+async fn connect_server(server: &ServerState, shared: &Shared) -> Result<(TcpStream, Arc<PairState>), ConnectError> {
+    let timeout = shared.connect_timeout;
     for pair in server.source_order() {
-        let r = match socket_for(server, &pair, send_buffer) {
+        let r = match socket_for(server, &pair, shared) {
             Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) => {
                 return Err(ConnectError::Local(e));
             }

@@ -6,7 +6,7 @@
 //! the client if it must give up.
 
 pub mod accept;
-mod connect;
+pub mod connect;
 
 use std::{sync::Arc, time::Duration};
 
@@ -23,6 +23,8 @@ pub struct Shared {
     pub connect_attempts: u32,
     /// `send_buffer` for server sockets (client sockets inherit their listener's).
     pub send_buffer: u32,
+    /// See [`connect::sequential_ports_from`].
+    pub sequential_ports_from: u64,
     /// Clients accepted and not yet handed to the data plane (or given up).
     pub in_flight: std::sync::atomic::AtomicUsize,
 }

@@ -87,8 +87,7 @@ impl Backends {
             Command::ServerAdd { backend, addr, weight, maxconn } => {
                 let b = self.backend(backend)?;
                 let cfg = ServerConfig { addr: *addr, maxconn: *maxconn, weight: *weight };
-                let s =
-                    Arc::new(ServerState::new(b.index, cfg, &b.pool, b.slot_freed.clone(), b.sequential_ports_from));
+                let s = Arc::new(ServerState::new(b.index, cfg, &b.pool, b.slot_freed.clone()));
                 {
                     let mut list = b.servers.write().unwrap_or_else(|e| e.into_inner());
                     let mut v = (**list).clone();

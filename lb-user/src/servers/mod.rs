@@ -30,15 +30,6 @@ use crate::{
     config::{BackendConfig, Config, SourcePool},
 };
 
-/// How many connections of one (source, server) pair a worker makes before
-/// it gives their sockets a port range of their own: half the ephemeral
-/// range, shared out among the workers (`SO_REUSEPORT` spreads clients
-/// evenly, and each worker uses the pairs evenly). Past half the range
-/// `connect()`'s port search slows down a hundredfold without one.
-fn sequential_ports_from(workers: u32) -> u64 {
-    crate::kernel::sys::ephemeral_ports().map_or(u64::MAX, |n| u64::from(n) / 2 / u64::from(workers.max(1)))
-}
-
 /// A backend at run time.
 pub struct BackendRt {
     pub index: usize,
@@ -49,8 +40,6 @@ pub struct BackendRt {
     pub balancer: Balancer,
     pub slot_freed: Arc<Notify>,
     pub(crate) pool: SourcePool,
-    /// See [`ServerState::sequential_ports_from`].
-    pub(crate) sequential_ports_from: u64,
     pub health: Option<crate::config::HealthCheck>,
     /// PROXY protocol header written to each server connection.
     pub send_proxy: Option<crate::config::SendProxy>,
@@ -62,14 +51,10 @@ pub struct BackendRt {
 }
 
 impl BackendRt {
-    fn new(index: usize, b: &BackendConfig, workers: u32) -> Self {
+    fn new(index: usize, b: &BackendConfig) -> Self {
         let slot_freed = Arc::new(Notify::new());
-        let sequential_ports_from = sequential_ports_from(workers);
-        let servers = b
-            .servers
-            .iter()
-            .map(|s| Arc::new(ServerState::new(index, *s, &b.pool, slot_freed.clone(), sequential_ports_from)))
-            .collect();
+        let servers =
+            b.servers.iter().map(|s| Arc::new(ServerState::new(index, *s, &b.pool, slot_freed.clone()))).collect();
         Self {
             index,
             name: b.name.clone(),
@@ -78,7 +63,6 @@ impl BackendRt {
             balancer: Balancer::new(b.balance),
             slot_freed,
             pool: b.pool.clone(),
-            sequential_ports_from,
             health: b.health.clone(),
             send_proxy: b.send_proxy,
             waiting: AtomicU64::new(0),
@@ -110,7 +94,7 @@ pub struct Backends {
 impl Backends {
     pub fn new(cfg: &Config) -> Self {
         Self {
-            list: cfg.backends.iter().enumerate().map(|(i, b)| BackendRt::new(i, b, cfg.workers)).collect(),
+            list: cfg.backends.iter().enumerate().map(|(i, b)| BackendRt::new(i, b)).collect(),
             on_add: Mutex::new(None),
         }
     }

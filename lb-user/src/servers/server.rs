@@ -107,9 +107,6 @@ pub struct ServerState {
     /// One per pool address of the server's family (one `None` pair without a pool).
     pub pairs: Vec<Arc<PairState>>,
     pub port_range: Option<(u16, u16)>,
-    /// Connections of one pair in this worker from which its sockets get a
-    /// port range of their own (see `proxy::connect::socket_for`).
-    pub sequential_ports_from: u64,
     pub active: AtomicU64,
     pub total: AtomicU64,
     pub connect_failures: AtomicU64,
@@ -122,13 +119,7 @@ pub struct ServerState {
 }
 
 impl ServerState {
-    pub fn new(
-        backend: usize,
-        cfg: ServerConfig,
-        pool: &SourcePool,
-        slot_freed: Arc<Notify>,
-        sequential_ports_from: u64,
-    ) -> Self {
+    pub fn new(backend: usize, cfg: ServerConfig, pool: &SourcePool, slot_freed: Arc<Notify>) -> Self {
         let v4 = cfg.addr.0.is_ipv4();
         let mut pairs: Vec<_> =
             pool.addrs.iter().filter(|a| a.is_ipv4() == v4).map(|a| Arc::new(PairState::new(Some(*a)))).collect();
@@ -144,7 +135,6 @@ impl ServerState {
             up: AtomicBool::new(true),
             pairs,
             port_range: pool.port_range,
-            sequential_ports_from,
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
@@ -228,7 +218,7 @@ mod tests {
     fn server(pool: &[&str], maxconn: Option<u32>) -> ServerState {
         let pool = SourcePool { addrs: pool.iter().map(|a| a.parse().unwrap()).collect(), port_range: None };
         let cfg = ServerConfig { addr: ServerAddr("127.0.0.1:9".parse().unwrap()), maxconn, weight: 1 };
-        ServerState::new(0, cfg, &pool, Arc::new(Notify::new()), u64::MAX)
+        ServerState::new(0, cfg, &pool, Arc::new(Notify::new()))
     }
 
     #[test]
