@@ -123,13 +123,19 @@ pub fn status_kb(pid: u32, field: &str) -> u64 {
 
 /// Pages of memory the kernel charges to TCP sockets (`/proc/net/sockstat`, TCP mem).
 pub fn tcp_mem_pages() -> u64 {
+    sockstat_tcp("mem")
+}
+
+/// One figure of the TCP line of `/proc/net/sockstat` (`inuse`, `tw`,
+/// `alloc`, `mem`); 0 if it cannot be read.
+pub fn sockstat_tcp(field: &str) -> u64 {
     std::fs::read_to_string("/proc/net/sockstat")
         .unwrap_or_default()
         .lines()
         .find(|l| l.starts_with("TCP:"))
         .and_then(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            f.iter().position(|&x| x == "mem").and_then(|i| f.get(i + 1)?.parse().ok())
+            f.iter().position(|&x| x == field).and_then(|i| f.get(i + 1)?.parse().ok())
         })
         .unwrap_or(0)
 }

@@ -117,18 +117,6 @@ fn rss_kb(pid: u32) -> u64 {
     testkit::status_kb(pid, "VmRSS")
 }
 
-pub fn sockstat_tcp_mem_pages() -> u64 {
-    std::fs::read_to_string("/proc/net/sockstat")
-        .ok()
-        .and_then(|s| {
-            let l = s.lines().find(|l| l.starts_with("TCP:"))?.to_owned();
-            let mut it = l.split_whitespace();
-            it.position(|w| w == "mem")?;
-            it.next()?.parse().ok()
-        })
-        .unwrap_or(0)
-}
-
 pub fn hold(lb_bin: &Path, hold_bin: &Path, a: &Args) -> anyhow::Result<Value> {
     // SAFETY: setting an env var before any thread is started.
     unsafe { std::env::set_var("LB_BIN", lb_bin) };
@@ -158,7 +146,7 @@ pub fn hold(lb_bin: &Path, hold_bin: &Path, a: &Args) -> anyhow::Result<Value> {
     let mut lb = Lb::launch("hold", dir, pin_path, &cfg);
     let pids: Vec<u32> = lb.pids();
     let rss0: u64 = pids.iter().map(|p| rss_kb(*p)).sum();
-    let mem0 = sockstat_tcp_mem_pages();
+    let mem0 = testkit::tcp_mem_pages();
     println!("lb: {workers} workers, data plane {}, source pool of {}", lb.dataplane, a.pool);
 
     let slab0 = a.slab.then(slabs);
@@ -194,7 +182,7 @@ pub fn hold(lb_bin: &Path, hold_bin: &Path, a: &Args) -> anyhow::Result<Value> {
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
     let rss1: u64 = pids.iter().map(|p| rss_kb(*p)).sum();
-    let mem1 = sockstat_tcp_mem_pages();
+    let mem1 = testkit::tcp_mem_pages();
     let ss_count = established(&backend)?;
     let active = s["totals"]["active"].as_u64().unwrap_or(0);
     println!("== {ok} connections held through lb to {backend} ({failed} failed) in {secs:.1}s");
@@ -302,26 +290,19 @@ struct Fill {
     per_conn: u64,
 }
 
-fn sockets_in_use() -> u64 {
-    let s = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("TCP: inuse "))
-        .and_then(|l| l.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 impl Fill {
     fn start(per_conn: u64) -> Fill {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let samples = std::thread::spawn(move || {
-            let (t0, base) = (Instant::now(), sockets_in_use());
+            let (t0, base) = (Instant::now(), testkit::sockstat_tcp("inuse"));
+            let sample = || (t0.elapsed().as_secs_f64(), testkit::sockstat_tcp("inuse").saturating_sub(base));
             let mut v = Vec::new();
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                v.push((t0.elapsed().as_secs_f64(), sockets_in_use().saturating_sub(base)));
+                v.push(sample());
                 std::thread::sleep(std::time::Duration::from_millis(200));
             }
-            v.push((t0.elapsed().as_secs_f64(), sockets_in_use().saturating_sub(base)));
+            v.push(sample());
             v
         });
         Fill { stop, samples, per_conn }
