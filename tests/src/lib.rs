@@ -126,6 +126,41 @@ pub fn tcp_mem_pages() -> u64 {
     sockstat_tcp("mem")
 }
 
+/// Every thread of each of `pids` (`PID/TID NAME`): how often it was
+/// switched out (voluntary and not), from `/proc/PID/task/*/status`.
+pub fn context_switches(pids: &[u32]) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for pid in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
+        for t in tasks.flatten() {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            let field = |k: &str| status.lines().find_map(|l| l.strip_prefix(k)?.trim().parse::<u64>().ok());
+            let name = status.lines().find_map(|l| l.strip_prefix("Name:")).unwrap_or("?").trim();
+            let n = field("voluntary_ctxt_switches:").unwrap_or(0) + field("nonvoluntary_ctxt_switches:").unwrap_or(0);
+            out.push((format!("{pid}/{} {name}", t.file_name().to_string_lossy()), n));
+        }
+    }
+    out
+}
+
+/// Asserts that `pids`, left alone, sleep: over two seconds no thread is
+/// woken more than 50 times a second (a timer tick of its own is fine; a
+/// thread polling every millisecond is not).
+pub async fn assert_quiet(pids: &[u32], what: &str) {
+    const SECS: u64 = 2;
+    let before = context_switches(pids);
+    tokio::time::sleep(Duration::from_secs(SECS)).await;
+    let after = context_switches(pids);
+    let busy: Vec<String> = after
+        .iter()
+        .filter_map(|(name, n)| {
+            let was = before.iter().find(|(b, _)| b == name)?.1;
+            (n.saturating_sub(was) > 50 * SECS).then(|| format!("{name}: {} wake-ups in {SECS} s", n - was))
+        })
+        .collect();
+    assert!(busy.is_empty(), "{what}: idle lb threads keep waking up: {busy:?}");
+}
+
 /// One figure of the TCP line of `/proc/net/sockstat` (`inuse`, `tw`,
 /// `alloc`, `mem`); 0 if it cannot be read.
 pub fn sockstat_tcp(field: &str) -> u64 {

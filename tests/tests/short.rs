@@ -56,6 +56,10 @@ async fn ab_100k_requests_to_nginx_lose_nothing(mode: Mode) {
     assert_eq!(r.complete, 100_000, "{r:?}");
     assert_eq!((r.failed, r.non_2xx), (0, 0), "ab saw failed requests through lb: {r:?}");
     proof.assert_kernel_ran(&lb, "ab_100k");
+    // Every connection is closed now; nothing is left to poll for. A
+    // second after the last event, the close watcher sleeps until the next.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    testkit::assert_quiet(&lb.pids(), "after 100,000 short connections").await;
 }
 
 async fn server_writes_then_closes_every_size(mode: Mode) {

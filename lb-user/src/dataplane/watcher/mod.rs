@@ -47,14 +47,27 @@ pub trait Report: Send + 'static {
 /// Epoll key of the wake-up eventfd; sockets use `id << 1 | side`.
 const WAKE: u64 = u64::MAX;
 
+/// How long the watcher polls every millisecond for the connection of an
+/// event that came before it (`watch` pushes it microseconds after the
+/// registration). Past this the event is taken for one of a connection
+/// already closed: its file lives on while the worker still holds a copy,
+/// and so does the registration.
+const EARLY_POLL: Duration = Duration::from_secs(1);
+/// An event kept this long without its connection is dropped (at a sweep).
+const EARLY_KEEP: Duration = Duration::from_secs(60);
+
 /// The watcher thread's own state: no other thread touches it.
 struct Table {
     conns: HashMap<u64, Conn>,
     /// Connections with a pending EOF forward, polled every millisecond.
     pending: HashSet<u64>,
     /// Events (by epoll key) for connections still on their way from
-    /// `watch`, replayed when they arrive.
-    early: HashMap<u64, EventFlags>,
+    /// `watch`, with when the first came; replayed when they arrive.
+    early: HashMap<u64, (EventFlags, Instant)>,
+    /// When the newest entry of `early` was made.
+    early_newest: Option<Instant>,
+    /// Events to look at in this round for connections that just arrived.
+    replay: Vec<(u64, EventFlags)>,
 }
 
 /// Handed from [`Watcher::watch`] to the watcher thread.
@@ -225,17 +238,24 @@ impl Table {
         for m in msgs {
             match m {
                 Msg::Watch(id, conn) => {
-                    // A copied side may have had all its bytes before the
-                    // watch began: look at it once, as if an event came.
                     for (side, f) in conn.flows.iter().enumerate() {
+                        let key = id << 1 | side as u64;
+                        let mut events = self.early.remove(&key).map_or(EventFlags::empty(), |(e, _)| e);
+                        // A copied side may have had all its bytes before the
+                        // watch began: look at it once, as if an event came.
                         if matches!(f, Flow::User(_)) {
-                            *self.early.entry(id << 1 | side as u64).or_insert(EventFlags::empty()) |= EventFlags::IN;
+                            events |= EventFlags::IN;
+                        }
+                        if !events.is_empty() {
+                            self.replay.push((key, events));
                         }
                     }
                     self.conns.insert(id, conn);
                 }
                 Msg::Cancel(id) => {
-                    self.early.retain(|key, _| key >> 1 != id);
+                    for side in [0, 1] {
+                        self.early.remove(&(id << 1 | side));
+                    }
                 }
             }
         }
@@ -252,9 +272,16 @@ fn run(shared: &Shared, mut maps: ConnMaps, mut report: impl Report) {
     let mut buf: Vec<epoll::Event> = Vec::with_capacity(512);
     let sweep_every = sweep_interval(shared.idle);
     let mut next_sweep = Instant::now() + sweep_every;
-    let mut t = Table { conns: HashMap::new(), pending: HashSet::new(), early: HashMap::new() };
+    let mut t = Table {
+        conns: HashMap::new(),
+        pending: HashSet::new(),
+        early: HashMap::new(),
+        early_newest: None,
+        replay: Vec::new(),
+    };
     loop {
-        let timeout = if t.pending.is_empty() && t.early.is_empty() {
+        let early_wait = t.early_newest.is_some_and(|n| n.elapsed() < EARLY_POLL);
+        let timeout = if t.pending.is_empty() && !early_wait {
             next_sweep.saturating_duration_since(Instant::now()) + Duration::from_millis(1)
         } else {
             Duration::from_millis(1)
@@ -271,8 +298,7 @@ fn run(shared: &Shared, mut maps: ConnMaps, mut report: impl Report) {
             }
         }
         t.receive(shared, false);
-        let arrived: Vec<u64> = t.early.keys().filter(|k| t.conns.contains_key(&(*k >> 1))).copied().collect();
-        let replay: Vec<(u64, EventFlags)> = arrived.into_iter().filter_map(|k| t.early.remove_entry(&k)).collect();
+        let replay = std::mem::take(&mut t.replay);
         let mut done: Vec<(u64, Next)> = Vec::new();
         for (key, events) in replay.into_iter().chain(buf.iter().map(|ev| (ev.data.u64(), ev.flags))) {
             if key == WAKE {
@@ -281,7 +307,9 @@ fn run(shared: &Shared, mut maps: ConnMaps, mut report: impl Report) {
             }
             let (id, side) = (key >> 1, (key & 1) as usize);
             let Some(conn) = t.conns.get_mut(&id) else {
-                *t.early.entry(key).or_insert(EventFlags::empty()) |= events;
+                let now = Instant::now();
+                t.early.entry(key).or_insert((EventFlags::empty(), now)).0 |= events;
+                t.early_newest = Some(now);
                 continue;
             };
             match conn.on_event(side, events) {
@@ -308,6 +336,7 @@ fn run(shared: &Shared, mut maps: ConnMaps, mut report: impl Report) {
         }
         if Instant::now() >= next_sweep {
             next_sweep = Instant::now() + sweep_every;
+            t.early.retain(|_, (_, since)| since.elapsed() < EARLY_KEEP);
             let now = sys::monotonic_coarse_ns();
             let idle_ns = shared.idle.as_nanos() as u64;
             for (id, conn) in &t.conns {
