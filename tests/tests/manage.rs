@@ -26,6 +26,7 @@ testkit::both_planes!(
     health_checks_with_workers_run_once_in_the_supervisor,
     reload_applies_server_changes_or_rejects_the_whole_file,
     metrics_agree_with_stats,
+    refused_connect_goes_to_the_next_server,
 );
 
 fn cfg(servers: &[SocketAddr], extra_backend: &str, extra_top: &str) -> String {
@@ -66,6 +67,32 @@ fn server_row(lb: &Lb, addr: SocketAddr) -> serde_json::Value {
         .find(|r| r["addr"] == addr.to_string())
         .cloned()
         .unwrap_or(serde_json::Value::Null)
+}
+
+/// A server whose port refuses connections (bound, not listening: no
+/// other test can take the port meanwhile) costs each client that tries it
+/// first one failed attempt, counted against it; the client is served by
+/// the next server.
+async fn refused_connect_goes_to_the_next_server(mode: Mode) {
+    let good = Backend::echo().await;
+    let dead = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    dead.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    let dead_addr = dead.local_addr().unwrap().as_socket().unwrap();
+    let Some(lb) = Lb::start_with(mode, "refused", &cfg(&[dead_addr, good.addr], "", "")) else { return };
+    let proof = KernelProof::start(&lb);
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        held.push(echo_once(lb.addr).await);
+    }
+    let counts = retry_until(Duration::from_secs(3), || {
+        let (fails, total) =
+            (server_row(&lb, dead_addr)["connect_failures"].as_u64()?, server_row(&lb, good.addr)["total"].as_u64()?);
+        (fails >= 1 && total == 10).then_some((fails, total))
+    })
+    .await;
+    assert!(counts.is_some(), "10 clients, a refusing server first: {}", lb.pinned_stats());
+    assert_eq!(server_row(&lb, dead_addr)["total"], 0, "a refused connect counted as a connection");
+    proof.assert_kernel_ran(&lb, "refused");
 }
 
 async fn stats_equal_the_traffic(mode: Mode) {

@@ -12,7 +12,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::net::{TcpSocket, TcpStream};
+use socket2::{Domain, SockAddr, Socket, Type};
+use tokio::{io::Interest, net::TcpStream};
 
 use super::Shared;
 use crate::{
@@ -182,12 +183,12 @@ pub fn sequential_ports_from(workers: u32) -> u64 {
 }
 
 /// A socket for `server` from `pair`'s source address.
-fn socket_for(server: &ServerState, pair: &PairState, shared: &Shared) -> io::Result<TcpSocket> {
+fn socket_for(server: &ServerState, pair: &PairState, shared: &Shared) -> io::Result<Socket> {
     let addr = server.cfg.addr.0;
-    let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)?;
     if let Some(src) = pair.source {
         sys::set_bind_address_no_port(&sock)?;
-        sock.bind(SocketAddr::new(src, 0))?;
+        sock.bind(&SockAddr::from(SocketAddr::new(src, 0)))?;
     }
     sys::set_send_buffer(&sock, shared.send_buffer);
     if let Some((lo, hi)) = server.port_range {
@@ -217,7 +218,7 @@ async fn connect_server(server: &ServerState, shared: &Shared) -> Result<(TcpStr
                 // Counted from the attempt on, so concurrent connects spread
                 // out instead of all picking the same least-used address.
                 pair.in_use.fetch_add(1, Relaxed);
-                let r = match tokio::time::timeout(timeout, sock.connect(server.cfg.addr.0)).await {
+                let r = match tokio::time::timeout(timeout, connect(sock, server.cfg.addr.0)).await {
                     Ok(r) => r,
                     Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}"))),
                 };
@@ -239,6 +240,25 @@ async fn connect_server(server: &ServerState, shared: &Shared) -> Result<(TcpStr
         }
     }
     Err(ConnectError::NoPort)
+}
+
+/// Connects the non-blocking `sock` to `addr`. The connect's outcome comes
+/// with the socket's first readiness: write space alone means connected,
+/// an error or a closed write side means it failed (only then is the
+/// reason read), so a success costs no `SO_ERROR` read.
+async fn connect(sock: Socket, addr: SocketAddr) -> io::Result<TcpStream> {
+    match sock.connect(&SockAddr::from(addr)) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(std::net::TcpStream::from(sock))?;
+    let ready = stream.ready(Interest::WRITABLE | Interest::ERROR).await?;
+    if ready.is_error() || ready.is_write_closed() {
+        let e = stream.take_error()?;
+        return Err(e.unwrap_or_else(|| io::Error::from_raw_os_error(libc::ECONNREFUSED)));
+    }
+    Ok(stream)
 }
 
 fn source_name(s: Option<IpAddr>) -> String {
