@@ -128,8 +128,9 @@ impl Conn {
                     // received, and written == received means all of them are
                     // out: no record read needed.
                     let received = sys::tcp_bytes_received(&self.socks[from]).unwrap_or(1).saturating_sub(1);
+                    let base = self.written_base[to];
                     let written =
-                        sys::tcp_bytes_written(&self.socks[to]).unwrap_or(0).saturating_sub(self.written_base[to]);
+                        sys::tcp_bytes_written(&self.socks[to], base + received).unwrap_or(0).saturating_sub(base);
                     log::trace!("drain {}: received {received} written {written}", side_name(from));
                     if written >= received {
                         // Errors here mean the peer is already gone; its own event follows.
