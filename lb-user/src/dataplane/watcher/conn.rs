@@ -95,12 +95,13 @@ pub(super) fn interest(side: usize, dirs: [Dir; 2]) -> EventFlags {
 impl Conn {
     pub fn on_event(&mut self, side: usize, events: EventFlags) -> Next {
         let hup = events.intersects(EventFlags::HUP | EventFlags::ERR);
-        if hup {
+        // A pending error is in the event (`tcp_poll` sets EPOLLERR while
+        // `sk_err` is set, and setting it wakes the socket again), so a plain
+        // end (HUP alone, both directions shut) costs no SO_ERROR read.
+        if events.contains(EventFlags::ERR) {
             let err = self.socks[side].take_error().unwrap_or_else(Some);
-            if err.is_some() || events.contains(EventFlags::ERR) {
-                log::debug!("{} side reset or failed: {err:?}", side_name(side));
-                return Next::Abort(side);
-            }
+            log::debug!("{} side reset or failed: {err:?}", side_name(side));
+            return Next::Abort(side);
         }
         // A copied direction sees its FIN as the end of its reads instead.
         if let Flow::Kernel(drain) = &mut self.flows[side]
