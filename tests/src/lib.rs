@@ -151,6 +151,10 @@ pub async fn assert_quiet(pids: &[u32], what: &str) {
     let before = context_switches(pids);
     tokio::time::sleep(Duration::from_secs(SECS)).await;
     let after = context_switches(pids);
+    let woken = |name: &String, n: u64| n.saturating_sub(before.iter().find(|(b, _)| b == name).map_or(n, |b| b.1));
+    if let Some((name, n)) = after.iter().max_by_key(|(name, n)| woken(name, *n)) {
+        eprintln!("{what}: busiest lb thread {name}, {} wake-ups in {SECS} s", woken(name, *n));
+    }
     let busy: Vec<String> = after
         .iter()
         .filter_map(|(name, n)| {

@@ -30,6 +30,7 @@ testkit::every_path!(
     vanishing_client_reaches_backend_within_1s,
     connect_close_10k_leaks_nothing,
     send_buffer_is_set_on_both_sockets,
+    slow_reader_after_server_fin_is_waited_for_quietly,
 );
 
 /// What the pinned maps must show after a test on `mode`: on the kernel
@@ -326,6 +327,34 @@ async fn send_buffer_is_set_on_both_sockets(mode: Mode) {
         assert_eq!(server, vec![Some(tb)], "{key:?}: lb's server socket in ss:\n{text}");
         prove(&proof, &lb, mode, "send_buffer", true);
     }
+}
+
+/// The server sends 256 KiB and closes; the client, with a small receive
+/// buffer, reads nothing for a while, so the server's FIN waits in lb for
+/// bytes the client has not made room for (with `send_buffer` at its
+/// least). lb waits without busy polling (it used to look every
+/// millisecond), and the client gets every byte, then the EOF.
+async fn slow_reader_after_server_fin_is_waited_for_quietly(mode: Mode) {
+    const LEN: u64 = 256 * 1024;
+    let be = Backend::spawn(|mut s| async move {
+        let _ = backends::write_stream(&mut s, 9, LEN).await;
+        // Dropped: the FIN right behind the bytes.
+    })
+    .await;
+    let body = format!("send_buffer = \"64KiB\"\n{}", Lb::body(&[be.addr]));
+    let Some(lb) = Lb::start_with(mode, "slow_reader_fin", &body) else { return };
+    let proof = KernelProof::start(&lb);
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = sock.connect(lb.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    testkit::assert_quiet(&lb.pids(), "a server's FIN waiting for a slow reader").await;
+    let (n, ok) = tokio::time::timeout(Duration::from_secs(10), backends::read_and_check(&mut s, 9, LEN))
+        .await
+        .expect("the client got the bytes and the EOF within 10 s")
+        .unwrap();
+    assert!(ok && n == LEN, "client got {n} of {LEN} bytes, intact then EOF: {ok}");
+    prove(&proof, &lb, mode, "slow_reader_fin", true);
 }
 
 /// Kernel only: userspace does no per-byte work, so lb's CPU time for 1 GiB

@@ -13,6 +13,11 @@ use crate::kernel::{maps::ConnMaps, sys};
 
 /// A half-closed direction whose peer accepts no bytes for this long is reset.
 const DRAIN_STALL: Duration = Duration::from_secs(60);
+/// Bounds of the gap between two looks at a direction still draining: it
+/// doubles while the peer takes nothing, and follows the rate at which it
+/// takes bytes otherwise. A slow reader then costs a few looks a second,
+/// not a thousand, and its FIN comes at most the longest gap late.
+const DRAIN_GAP: (Duration, Duration) = (Duration::from_millis(1), Duration::from_millis(100));
 pub(super) const CLIENT: usize = 0;
 /// Buffer of a direction copied in userspace.
 pub(super) const COPY_BUF: usize = 64 * 1024;
@@ -20,6 +25,29 @@ pub(super) const COPY_BUF: usize = 64 * 1024;
 pub(super) struct Drain {
     last_written: u64,
     last_progress: Instant,
+    /// When the last look was, and when the next is due.
+    looked: Instant,
+    next: Instant,
+}
+
+impl Drain {
+    fn new(now: Instant) -> Self {
+        Self { last_written: 0, last_progress: now, looked: now, next: now }
+    }
+
+    /// Schedules the next look after one that found `written` of
+    /// `received` bytes out.
+    fn reschedule(&mut self, now: Instant, written: u64, received: u64) {
+        let gap = if written > self.last_written {
+            // When the rest is out at the rate of the last gap.
+            let rate = (written - self.last_written) as f64 / now.duration_since(self.looked).as_secs_f64().max(1e-6);
+            Duration::from_secs_f64(received.saturating_sub(written) as f64 / rate)
+        } else {
+            self.next.saturating_duration_since(self.looked) * 2
+        };
+        self.looked = now;
+        self.next = now + gap.clamp(DRAIN_GAP.0, DRAIN_GAP.1);
+    }
 }
 
 /// How the bytes one side receives reach the other side.
@@ -109,19 +137,21 @@ impl Conn {
             && !self.rd_closed[side]
         {
             self.rd_closed[side] = true;
-            *drain = Some(Drain { last_written: 0, last_progress: Instant::now() });
+            *drain = Some(Drain::new(Instant::now()));
         }
         self.progress()
     }
 
     /// Moves copied bytes and forwards pending EOFs whose bytes have all
-    /// reached the peer.
+    /// reached the peer (looking at those whose look is due).
     pub fn progress(&mut self) -> Next {
+        let now = Instant::now();
         for from in [0, 1] {
             let to = 1 - from;
             let next = match &mut self.flows[from] {
                 Flow::User(copy) => pump(copy, &self.socks, from, &mut self.rd_closed, &mut self.wr_shut),
                 Flow::Kernel(None) | Flow::Done(_) => Next::Keep,
+                Flow::Kernel(Some(d)) if d.next > now => Next::Keep,
                 Flow::Kernel(Some(d)) => {
                     // tcpi_bytes_received counts the FIN, which is in by now.
                     // Every byte written to `to` since the splice came from
@@ -140,10 +170,11 @@ impl Conn {
                         self.flows[from] = Flow::Done(received);
                         Next::Keep
                     } else if written > d.last_written {
+                        d.reschedule(now, written, received);
                         d.last_written = written;
-                        d.last_progress = Instant::now();
+                        d.last_progress = now;
                         Next::Keep
-                    } else if d.last_progress.elapsed() > DRAIN_STALL {
+                    } else if now.duration_since(d.last_progress) > DRAIN_STALL {
                         log::warn!(
                             "{} accepted no bytes for {DRAIN_STALL:?} after the {} closed ({written} of \
                              {received} bytes delivered); resetting",
@@ -152,6 +183,7 @@ impl Conn {
                         );
                         Next::Abort(to)
                     } else {
+                        d.reschedule(now, written, received);
                         Next::Keep
                     }
                 }
@@ -174,9 +206,16 @@ impl Conn {
         super::Detached { id, socks: self.socks, copy }
     }
 
-    /// Whether an EOF forward waits for the kernel to finish delivering.
-    pub fn pending(&self) -> bool {
-        self.flows.iter().any(|f| matches!(f, Flow::Kernel(Some(_))))
+    /// When the next look at a direction waiting for the kernel to finish
+    /// delivering before its EOF is forwarded is due, if one waits.
+    pub fn next_look(&self) -> Option<Instant> {
+        self.flows
+            .iter()
+            .filter_map(|f| match f {
+                Flow::Kernel(Some(d)) => Some(d.next),
+                _ => None,
+            })
+            .min()
     }
 
     /// Bytes moved from each side to the other (client->server,

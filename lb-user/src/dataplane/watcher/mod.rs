@@ -15,7 +15,8 @@
 mod conn;
 
 use std::{
-    collections::{HashMap, HashSet},
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap},
     net::{Shutdown, TcpStream},
     os::fd::OwnedFd,
     sync::{
@@ -59,8 +60,9 @@ const EARLY_KEEP: Duration = Duration::from_secs(60);
 /// The watcher thread's own state: no other thread touches it.
 struct Table {
     conns: HashMap<u64, Conn>,
-    /// Connections with a pending EOF forward, polled every millisecond.
-    pending: HashSet<u64>,
+    /// Connections with a pending EOF forward, by when to look at them next
+    /// (an entry whose connection is gone or due later is skipped).
+    pending: BinaryHeap<Reverse<(Instant, u64)>>,
     /// Events (by epoll key) for connections still on their way from
     /// `watch`, with when the first came; replayed when they arrive.
     early: HashMap<u64, (EventFlags, Instant)>,
@@ -274,17 +276,18 @@ fn run(shared: &Shared, mut maps: ConnMaps, mut report: impl Report) {
     let mut next_sweep = Instant::now() + sweep_every;
     let mut t = Table {
         conns: HashMap::new(),
-        pending: HashSet::new(),
+        pending: BinaryHeap::new(),
         early: HashMap::new(),
         early_newest: None,
         replay: Vec::new(),
     };
     loop {
-        let early_wait = t.early_newest.is_some_and(|n| n.elapsed() < EARLY_POLL);
-        let timeout = if t.pending.is_empty() && !early_wait {
-            next_sweep.saturating_duration_since(Instant::now()) + Duration::from_millis(1)
-        } else {
+        let early_wait = !t.early.is_empty() && t.early_newest.is_some_and(|n| n.elapsed() < EARLY_POLL);
+        let timeout = if early_wait {
             Duration::from_millis(1)
+        } else {
+            let due = t.pending.peek().map_or(next_sweep, |Reverse((d, _))| (*d).min(next_sweep));
+            due.saturating_duration_since(Instant::now())
         };
         let timeout =
             rustix::time::Timespec::try_from(timeout).unwrap_or(rustix::time::Timespec { tv_sec: 1, tv_nsec: 0 });
@@ -312,25 +315,25 @@ fn run(shared: &Shared, mut maps: ConnMaps, mut report: impl Report) {
                 t.early_newest = Some(now);
                 continue;
             };
+            let before = conn.next_look();
             match conn.on_event(side, events) {
-                Next::Keep if conn.pending() => {
-                    t.pending.insert(id);
-                }
-                Next::Keep => {}
+                Next::Keep => schedule(&mut t.pending, id, before, conn),
                 next => done.push((id, next)),
             }
         }
-        let pending: Vec<u64> = t.pending.iter().copied().collect();
-        for id in pending {
-            let Some(conn) = t.conns.get_mut(&id) else {
-                t.pending.remove(&id);
-                continue;
-            };
+        let now = Instant::now();
+        while let Some(&Reverse((due, id))) = t.pending.peek() {
+            if due > now {
+                break;
+            }
+            t.pending.pop();
+            let Some(conn) = t.conns.get_mut(&id) else { continue };
+            let before = conn.next_look();
+            if before.is_none_or(|n| n > now) {
+                continue; // done meanwhile, or due later (with an entry of its own)
+            }
             match conn.progress() {
-                Next::Keep if conn.pending() => {}
-                Next::Keep => {
-                    t.pending.remove(&id);
-                }
+                Next::Keep => schedule(&mut t.pending, id, before, conn),
                 next => done.push((id, next)),
             }
         }
@@ -346,7 +349,6 @@ fn run(shared: &Shared, mut maps: ConnMaps, mut report: impl Report) {
             }
         }
         for (id, next) in done {
-            t.pending.remove(&id);
             let Some(conn) = t.conns.remove(&id) else {
                 continue;
             };
@@ -382,6 +384,16 @@ fn run(shared: &Shared, mut maps: ConnMaps, mut report: impl Report) {
             return;
         }
         report.flush();
+    }
+}
+
+/// Gives `conn` an entry in `pending` for its next look, if that is new
+/// (`before`: its next look before it was last looked at).
+fn schedule(pending: &mut BinaryHeap<Reverse<(Instant, u64)>>, id: u64, before: Option<Instant>, conn: &Conn) {
+    if let Some(next) = conn.next_look()
+        && Some(next) != before
+    {
+        pending.push(Reverse((next, id)));
     }
 }
 
