@@ -1,7 +1,7 @@
 //! Kernel data plane: eBPF sockmap splice (sk_skb stream verdict).
 //!
 //! Per connection, six map entries (cookies `c` client, `s` server):
-//! `LB_CONN[c]`, `LB_CONN[s]` (records), `LB_PEER[c] = server`,
+//! `LB_CONN[c]`, `LB_CONN[s]` (records, one batched `bpf()`), `LB_PEER[c] = server`,
 //! `LB_PEER[s] = client` (redirect targets, no program), then
 //! `LB_SPLICE[s] = server`, `LB_SPLICE[c] = client` (verdict attached).
 //! Peers go in first, so a socket is never spliced while its peer is
@@ -105,8 +105,7 @@ impl KernelDataplane {
         let (client, server) = (s.socks.client(), s.socks.server());
         let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
         let r = (|| {
-            m.insert_record(cc, records[0])?;
-            m.insert_record(sc, records[1])?;
+            m.insert_records(cookies, records)?;
             m.insert_peer(cc, server)?;
             m.insert_peer(sc, client)?;
             m.insert_splice(sc, server)

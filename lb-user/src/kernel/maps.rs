@@ -30,15 +30,21 @@ pub struct ConnMaps {
     pub peer: SockHash<MapData, u64>,
     pub splice: SockHash<MapData, u64>,
     pub conn: HashMap<MapData, u64, ConnTraffic>,
+    /// `LB_CONN` again, for the batched calls aya does not make.
+    conn_raw: MapData,
 }
 
 impl ConnMaps {
     pub fn open(pin_path: &Path) -> Result<Self, KernelError> {
-        Ok(Self { peer: open(pin_path, PEER)?, splice: open(pin_path, SPLICE)?, conn: open(pin_path, CONN)? })
+        let conn_raw =
+            MapData::from_pin(pin_path.join(CONN)).map_err(|source| KernelError::Map { name: CONN, source })?;
+        Ok(Self { peer: open(pin_path, PEER)?, splice: open(pin_path, SPLICE)?, conn: open(pin_path, CONN)?, conn_raw })
     }
-    /// Inserts the record of the socket with this cookie.
-    pub fn insert_record(&mut self, cookie: u64, record: ConnTraffic) -> Result<(), KernelError> {
-        self.conn.insert(cookie, record, 0).map_err(|source| KernelError::Map { name: CONN, source })
+    /// Inserts the records of a connection's two sockets (by cookie) in one
+    /// `bpf()`.
+    pub fn insert_records(&mut self, cookies: [u64; 2], records: [ConnTraffic; 2]) -> Result<(), KernelError> {
+        super::batch::update(self.conn_raw.fd(), &cookies, &records)
+            .map_err(|source| KernelError::Io { what: format!("map {CONN}: inserting two records"), source })
     }
     /// Makes `target` the socket that the bytes of the socket with `cookie`
     /// are redirected to.
@@ -66,12 +72,15 @@ impl ConnMaps {
             let _ = self.splice.remove(&c);
         }
     }
-    /// Removes the records of a connection about to be closed. Its socket
-    /// entries need no syscall: the kernel drops a socket from every
-    /// sockhash when it closes.
-    pub fn forget_closing(&mut self, cookies: [u64; 2]) {
-        for c in cookies {
-            let _ = self.conn.remove(&c);
+    /// Removes the records of connections about to be closed (by their
+    /// sockets' cookies), in one `bpf()`; their socket entries need none:
+    /// the kernel drops a socket from every sockhash when it closes.
+    pub fn forget_closing(&mut self, cookies: &[u64]) {
+        if cookies.is_empty() {
+            return;
+        }
+        if let Err(e) = super::batch::delete(self.conn_raw.fd(), cookies) {
+            log::warn!("removing {} connection record(s): {e}", cookies.len());
         }
     }
     /// Deletes the records of a worker whose process is gone (its sockets

@@ -3,6 +3,7 @@
 //! and the few socket options no crate wraps ([`sys`]). The only module
 //! that uses `aya` or `unsafe`.
 
+pub mod batch;
 pub mod guard;
 pub mod lock;
 pub mod maps;

@@ -281,6 +281,7 @@ fn run(shared: &Shared, mut maps: ConnMaps, mut report: impl Report) {
         early_newest: None,
         replay: Vec::new(),
     };
+    let mut gone: Vec<u64> = Vec::new();
     loop {
         let early_wait = !t.early.is_empty() && t.early_newest.is_some_and(|n| n.elapsed() < EARLY_POLL);
         let timeout = if early_wait {
@@ -366,8 +367,11 @@ fn run(shared: &Shared, mut maps: ConnMaps, mut report: impl Report) {
                 }
                 Next::Keep | Next::Close => Ending::Fin,
             };
-            report.closed(close(&mut maps, id, conn, how));
+            report.closed(close(&maps, id, conn, how, &mut gone));
         }
+        // One bpf() for the records of every connection closed this round.
+        maps.forget_closing(&gone);
+        gone.clear();
         if shared.stopping.load(Ordering::Acquire) {
             t.receive(shared, true);
             t.pending.clear();
@@ -378,8 +382,9 @@ fn run(shared: &Shared, mut maps: ConnMaps, mut report: impl Report) {
                 return;
             }
             for (id, conn) in t.conns.drain() {
-                report.closed(close(&mut maps, id, conn, Ending::Shutdown));
+                report.closed(close(&maps, id, conn, Ending::Shutdown, &mut gone));
             }
+            maps.forget_closing(&gone);
             report.flush();
             return;
         }
@@ -397,9 +402,11 @@ fn schedule(pending: &mut BinaryHeap<Reverse<(Instant, u64)>>, id: u64, before: 
     }
 }
 
-fn close(maps: &mut ConnMaps, id: u64, conn: Conn, how: Ending) -> Closed {
+/// Closes `conn`; the cookies of its records go to `gone`, for the caller
+/// to remove (after the sockets closed: no verdict can write them again).
+fn close(maps: &ConnMaps, id: u64, conn: Conn, how: Ending, gone: &mut Vec<u64>) -> Closed {
     let bytes = conn.bytes(maps);
-    maps.forget_closing(conn.cookies);
+    gone.extend(conn.cookies);
     drop(conn); // closes both sockets, exactly once
     Closed { id, bytes: [bytes[CLIENT], bytes[1 - CLIENT]], how }
 }
