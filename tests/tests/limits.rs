@@ -163,6 +163,53 @@ async fn idle_connection_closed_active_kept(mode: Mode) {
     proof.assert_all_spliced(&lb, "idle");
 }
 
+/// Kernel only: 200 idle spliced connections cost the holder no record
+/// reads until they could be idle (it used to read both records of every
+/// connection every quarter of `timeouts.idle`, at most every 10 s: two
+/// `bpf()` per connection held, all the time); then every one of them is
+/// closed as idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_looked_at_when_due() {
+    const N: usize = 200;
+    let be = Backend::echo().await;
+    let body = format!("[timeouts]\nidle = \"4s\"\n\n{}", Lb::body(&[be.addr]));
+    let Some(lb) = Lb::start_with(Mode::Kernel, "idle_due", &body) else { return };
+    let proof = KernelProof::start(&lb);
+    let mut conns = Vec::new();
+    for _ in 0..N {
+        conns.push(through(lb.addr).await);
+    }
+    let t0 = Instant::now();
+    let holder = *lb.holders.first().expect("a holder");
+    let strace = tokio::process::Command::new("timeout")
+        .args(["-s", "INT", "2.5", "strace", "-f", "-c", "-e", "trace=bpf", "-p", &holder.to_string()])
+        .output()
+        .await
+        .expect("strace (installed by cargo xtask setup)");
+    let table = String::from_utf8_lossy(&strace.stderr);
+    let calls = table
+        .lines()
+        .find(|l| l.trim_end().ends_with(" bpf"))
+        .and_then(|l| l.split_whitespace().nth(3)?.parse::<u64>().ok())
+        .unwrap_or(0);
+    // With no call to count strace prints no table, only that it attached.
+    assert!(table.contains("attached"), "strace did not attach to the holder: {table}");
+    assert!(t0.elapsed() < Duration::from_secs(4), "the look at strace ran past the idle timeout");
+    assert!(
+        calls < 50,
+        "the holder made {calls} bpf() calls in 2.5 s holding {N} connections none of which can be idle yet:\n{table}"
+    );
+    // Then all of them are idle, and closed as such.
+    for (i, s) in conns.iter_mut().enumerate() {
+        let mut b = [0u8; 1];
+        let r = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await;
+        assert!(matches!(r, Ok(Ok(0))), "connection {i}: want the idle close (EOF), got {r:?}");
+    }
+    let ok = retry_until(Duration::from_secs(3), || (totals(&lb, "idle_closed") == N as u64).then_some(())).await;
+    assert!(ok.is_some(), "idle_closed should be {N}: {}", lb.pinned_stats());
+    proof.assert_all_spliced(&lb, "idle_due");
+}
+
 /// Two workers: connections spread over both, a killed worker is restarted,
 /// and the counts in the maps stay equal to the connections alive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

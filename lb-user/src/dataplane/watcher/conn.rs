@@ -93,6 +93,8 @@ pub(super) struct Conn {
     pub wr_shut: [bool; 2],
     /// The bytes received on each side, on their way to the other.
     pub flows: [Flow; 2],
+    /// When to look whether it has been idle for `timeouts.idle`.
+    pub idle_due: Instant,
 }
 
 pub(super) enum Next {
@@ -229,15 +231,15 @@ impl Conn {
         })
     }
 
-    /// Whether no byte moved either way since `now_ns - idle_ns`.
-    pub fn idle(&self, maps: &ConnMaps, now_ns: u64, idle_ns: u64) -> bool {
+    /// `CLOCK_MONOTONIC_COARSE` ns of the last byte either way, if known
+    /// (the verdict's records, the watcher's copies).
+    pub fn last_active(&self, maps: &ConnMaps) -> Option<u64> {
         let kernel = self.cookies.iter().filter_map(|c| maps.record(*c)).map(|r| r.last_active_ns);
         let copied = self.flows.iter().filter_map(|f| match f {
             Flow::User(c) => Some(c.last_ns),
             Flow::Kernel(_) | Flow::Done(_) => None,
         });
-        let last = kernel.chain(copied).max();
-        last.is_some_and(|l| now_ns.saturating_sub(l) > idle_ns)
+        kernel.chain(copied).max()
     }
 }
 

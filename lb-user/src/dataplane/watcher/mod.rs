@@ -13,6 +13,7 @@
 //! these connections with it.
 
 mod conn;
+mod looks;
 
 use std::{
     cmp::Reverse,
@@ -54,7 +55,7 @@ const WAKE: u64 = u64::MAX;
 /// already closed: its file lives on while the worker still holds a copy,
 /// and so does the registration.
 const EARLY_POLL: Duration = Duration::from_secs(1);
-/// An event kept this long without its connection is dropped (at a sweep).
+/// An event kept this long without its connection is dropped (at a tidy-up).
 const EARLY_KEEP: Duration = Duration::from_secs(60);
 
 /// The watcher thread's own state: no other thread touches it.
@@ -62,7 +63,7 @@ struct Table {
     conns: HashMap<u64, Conn>,
     /// Connections with a pending EOF forward, by when to look at them next
     /// (an entry whose connection is gone or due later is skipped).
-    pending: BinaryHeap<Reverse<(Instant, u64)>>,
+    pending: looks::Due,
     /// Events (by epoll key) for connections still on their way from
     /// `watch`, with when the first came; replayed when they arrive.
     early: HashMap<u64, (EventFlags, Instant)>,
@@ -70,6 +71,11 @@ struct Table {
     early_newest: Option<Instant>,
     /// Events to look at in this round for connections that just arrived.
     replay: Vec<(u64, EventFlags)>,
+    /// Connections by when to look whether they have been idle for
+    /// `timeouts.idle` (each one's `idle_due`; an entry whose connection is
+    /// gone or due later is skipped, and the heap is rebuilt from the
+    /// connections when such entries outnumber them).
+    idle_due: looks::Due,
 }
 
 /// Handed from [`Watcher::watch`] to the watcher thread.
@@ -191,7 +197,8 @@ impl Watcher {
             }
         });
         let copied = dirs.contains(&Dir::User);
-        let conn = Conn { socks, cookies, written_base, rd_closed: [false; 2], wr_shut: [false; 2], flows };
+        let idle_due = Instant::now() + self.shared.idle;
+        let conn = Conn { socks, cookies, written_base, rd_closed: [false; 2], wr_shut: [false; 2], flows, idle_due };
         self.send(Msg::Watch(id, conn))?;
         if copied {
             // A copied side is looked at once on arrival, even without an event.
@@ -252,6 +259,7 @@ impl Table {
                             self.replay.push((key, events));
                         }
                     }
+                    self.idle_due.push(Reverse((conn.idle_due, id)));
                     self.conns.insert(id, conn);
                 }
                 Msg::Cancel(id) => {
@@ -264,22 +272,25 @@ impl Table {
     }
 }
 
-/// How often idle connections are looked for: a quarter of the idle
-/// timeout, between 50 ms and 10 s.
-fn sweep_interval(idle: Duration) -> Duration {
+/// How often the thread wakes without an event: to take in the
+/// connections queued meanwhile (`watch` does not wake it) and schedule
+/// their idle looks, and to tidy up. A quarter of the idle timeout, between
+/// 50 ms and 10 s, so a connection's first look is never late.
+fn wake_interval(idle: Duration) -> Duration {
     (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(10))
 }
 
 fn run(shared: &Shared, mut maps: ConnMaps, mut report: impl Report) {
     let mut buf: Vec<epoll::Event> = Vec::with_capacity(512);
-    let sweep_every = sweep_interval(shared.idle);
-    let mut next_sweep = Instant::now() + sweep_every;
+    let wake_every = wake_interval(shared.idle);
+    let mut next_tidy = Instant::now() + wake_every;
     let mut t = Table {
         conns: HashMap::new(),
         pending: BinaryHeap::new(),
         early: HashMap::new(),
         early_newest: None,
         replay: Vec::new(),
+        idle_due: BinaryHeap::new(),
     };
     let mut gone: Vec<u64> = Vec::new();
     loop {
@@ -287,7 +298,10 @@ fn run(shared: &Shared, mut maps: ConnMaps, mut report: impl Report) {
         let timeout = if early_wait {
             Duration::from_millis(1)
         } else {
-            let due = t.pending.peek().map_or(next_sweep, |Reverse((d, _))| (*d).min(next_sweep));
+            let due = [looks::first(&t.pending), looks::first(&t.idle_due)]
+                .into_iter()
+                .flatten()
+                .fold(next_tidy, Instant::min);
             due.saturating_duration_since(Instant::now())
         };
         let timeout =
@@ -318,7 +332,7 @@ fn run(shared: &Shared, mut maps: ConnMaps, mut report: impl Report) {
             };
             let before = conn.next_look();
             match conn.on_event(side, events) {
-                Next::Keep => schedule(&mut t.pending, id, before, conn),
+                Next::Keep => looks::schedule(&mut t.pending, id, before, conn),
                 next => done.push((id, next)),
             }
         }
@@ -334,21 +348,15 @@ fn run(shared: &Shared, mut maps: ConnMaps, mut report: impl Report) {
                 continue; // done meanwhile, or due later (with an entry of its own)
             }
             match conn.progress() {
-                Next::Keep => schedule(&mut t.pending, id, before, conn),
+                Next::Keep => looks::schedule(&mut t.pending, id, before, conn),
                 next => done.push((id, next)),
             }
         }
-        if Instant::now() >= next_sweep {
-            next_sweep = Instant::now() + sweep_every;
+        if now >= next_tidy {
+            next_tidy = now + wake_every;
             t.early.retain(|_, (_, since)| since.elapsed() < EARLY_KEEP);
-            let now = sys::monotonic_coarse_ns();
-            let idle_ns = shared.idle.as_nanos() as u64;
-            for (id, conn) in &t.conns {
-                if conn.idle(&maps, now, idle_ns) && !done.iter().any(|(d, _)| d == id) {
-                    done.push((*id, Next::Idle));
-                }
-            }
         }
+        looks::idle(&mut t.idle_due, &mut t.conns, &maps, shared.idle, now, &mut done);
         for (id, next) in done {
             let Some(conn) = t.conns.remove(&id) else {
                 continue;
@@ -389,16 +397,6 @@ fn run(shared: &Shared, mut maps: ConnMaps, mut report: impl Report) {
             return;
         }
         report.flush();
-    }
-}
-
-/// Gives `conn` an entry in `pending` for its next look, if that is new
-/// (`before`: its next look before it was last looked at).
-fn schedule(pending: &mut BinaryHeap<Reverse<(Instant, u64)>>, id: u64, before: Option<Instant>, conn: &Conn) {
-    if let Some(next) = conn.next_look()
-        && Some(next) != before
-    {
-        pending.push(Reverse((next, id)));
     }
 }
 

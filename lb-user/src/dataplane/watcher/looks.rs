@@ -1,0 +1,71 @@
+//! When the close watcher looks at a connection again, without an event:
+//! a direction waiting for the kernel to deliver the rest before its FIN is
+//! forwarded ([`schedule`]), and the idle check ([`idle`]). Both are heaps
+//! of `(due, id)`; an entry whose connection is gone or due later is
+//! skipped when it comes up.
+
+use std::{
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap},
+    time::{Duration, Instant},
+};
+
+use super::conn::{Conn, Next};
+use crate::kernel::{maps::ConnMaps, sys};
+
+/// Connections by when to look at them next.
+pub(super) type Due = BinaryHeap<Reverse<(Instant, u64)>>;
+
+/// When the first entry of `due` comes up.
+pub(super) fn first(due: &Due) -> Option<Instant> {
+    due.peek().map(|Reverse((d, _))| *d)
+}
+
+/// Gives `conn` an entry in `pending` for its next drain look, if that is
+/// new (`before`: its next look before it was last looked at).
+pub(super) fn schedule(pending: &mut Due, id: u64, before: Option<Instant>, conn: &Conn) {
+    if let Some(next) = conn.next_look()
+        && Some(next) != before
+    {
+        pending.push(Reverse((next, id)));
+    }
+}
+
+/// Closes (through `done`) the connections that moved no byte for `idle`,
+/// among those whose look is due; the others are looked at again when they
+/// would be idle. A connection costs a look (two record reads) per idle
+/// period, not one every few seconds for every connection held. The heap is
+/// rebuilt from the connections when entries of closed ones outnumber them.
+pub(super) fn idle(
+    due: &mut Due,
+    conns: &mut HashMap<u64, Conn>,
+    maps: &ConnMaps,
+    idle: Duration,
+    now: Instant,
+    done: &mut Vec<(u64, Next)>,
+) {
+    let now_ns = sys::monotonic_coarse_ns();
+    while let Some(&Reverse((at, id))) = due.peek() {
+        if at > now {
+            break;
+        }
+        due.pop();
+        let Some(conn) = conns.get_mut(&id) else { continue };
+        if conn.idle_due > now {
+            continue; // looked at meanwhile, with an entry of its own
+        }
+        let quiet = conn.last_active(maps).map_or(Duration::ZERO, |l| Duration::from_nanos(now_ns.saturating_sub(l)));
+        if quiet > idle {
+            if !done.iter().any(|(d, _)| *d == id) {
+                done.push((id, Next::Idle));
+            }
+            continue;
+        }
+        // The clock of the records ticks coarsely: at least a millisecond on.
+        conn.idle_due = now + (idle - quiet).max(Duration::from_millis(1));
+        due.push(Reverse((conn.idle_due, id)));
+    }
+    if due.len() > 2 * conns.len() + 1024 {
+        *due = conns.iter().map(|(id, c)| Reverse((c.idle_due, *id))).collect();
+    }
+}
