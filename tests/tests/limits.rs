@@ -172,7 +172,7 @@ async fn idle_connection_closed_active_kept(mode: Mode) {
 async fn idle_connections_are_looked_at_when_due() {
     const N: usize = 200;
     let be = Backend::echo().await;
-    let body = format!("[timeouts]\nidle = \"4s\"\n\n{}", Lb::body(&[be.addr]));
+    let body = format!("[timeouts]\nidle = \"6s\"\n\n{}", Lb::body(&[be.addr]));
     let Some(lb) = Lb::start_with(Mode::Kernel, "idle_due", &body) else { return };
     let proof = KernelProof::start(&lb);
     let mut conns = Vec::new();
@@ -194,7 +194,7 @@ async fn idle_connections_are_looked_at_when_due() {
         .unwrap_or(0);
     // With no call to count strace prints no table, only that it attached.
     assert!(table.contains("attached"), "strace did not attach to the holder: {table}");
-    assert!(t0.elapsed() < Duration::from_secs(4), "the look at strace ran past the idle timeout");
+    assert!(t0.elapsed() < Duration::from_secs(5), "the look with strace ran too close to the idle timeout");
     assert!(
         calls < 50,
         "the holder made {calls} bpf() calls in 2.5 s holding {N} connections none of which can be idle yet:\n{table}"
