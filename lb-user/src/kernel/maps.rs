@@ -30,20 +30,20 @@ pub struct ConnMaps {
     pub peer: SockHash<MapData, u64>,
     pub splice: SockHash<MapData, u64>,
     pub conn: HashMap<MapData, u64, ConnTraffic>,
-    /// `LB_CONN` again, for the batched calls aya does not make.
-    conn_raw: MapData,
 }
 
 impl ConnMaps {
     pub fn open(pin_path: &Path) -> Result<Self, KernelError> {
-        let conn_raw =
-            MapData::from_pin(pin_path.join(CONN)).map_err(|source| KernelError::Map { name: CONN, source })?;
-        Ok(Self { peer: open(pin_path, PEER)?, splice: open(pin_path, SPLICE)?, conn: open(pin_path, CONN)?, conn_raw })
+        Ok(Self { peer: open(pin_path, PEER)?, splice: open(pin_path, SPLICE)?, conn: open(pin_path, CONN)? })
+    }
+    /// `LB_CONN`'s descriptor, for the batched calls aya does not make.
+    fn conn_fd(&self) -> &aya::maps::MapFd {
+        aya::maps::IterableMap::map(&self.conn).fd()
     }
     /// Inserts the records of a connection's two sockets (by cookie) in one
     /// `bpf()`.
     pub fn insert_records(&mut self, cookies: [u64; 2], records: [ConnTraffic; 2]) -> Result<(), KernelError> {
-        super::batch::update(self.conn_raw.fd(), &cookies, &records)
+        super::batch::update(self.conn_fd(), &cookies, &records)
             .map_err(|source| KernelError::Io { what: format!("map {CONN}: inserting two records"), source })
     }
     /// Makes `target` the socket that the bytes of the socket with `cookie`
@@ -79,7 +79,7 @@ impl ConnMaps {
         if cookies.is_empty() {
             return;
         }
-        if let Err(e) = super::batch::delete(self.conn_raw.fd(), cookies) {
+        if let Err(e) = super::batch::delete(self.conn_fd(), cookies) {
             log::warn!("removing {} connection record(s): {e}", cookies.len());
         }
     }
