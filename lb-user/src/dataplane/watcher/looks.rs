@@ -21,6 +21,14 @@ pub(super) fn first(due: &Due) -> Option<Instant> {
     due.peek().map(|Reverse((d, _))| *d)
 }
 
+/// Takes the next entry of `due` that has come up by `now`: its id.
+pub(super) fn pop_due(due: &mut Due, now: Instant) -> Option<u64> {
+    if first(due)? > now {
+        return None;
+    }
+    due.pop().map(|Reverse((_, id))| id)
+}
+
 /// Gives `conn` an entry in `pending` for its next drain look, if that is
 /// new (`before`: its next look before it was last looked at).
 pub(super) fn schedule(pending: &mut Due, id: u64, before: Option<Instant>, conn: &Conn) {
@@ -45,11 +53,7 @@ pub(super) fn idle(
     done: &mut Vec<(u64, Next)>,
 ) {
     let now_ns = sys::monotonic_coarse_ns();
-    while let Some(&Reverse((at, id))) = due.peek() {
-        if at > now {
-            break;
-        }
-        due.pop();
+    while let Some(id) = pop_due(due, now) {
         let Some(conn) = conns.get_mut(&id) else { continue };
         if conn.idle_due > now {
             continue; // looked at meanwhile, with an entry of its own

@@ -337,11 +337,7 @@ fn run(shared: &Shared, mut maps: ConnMaps, mut report: impl Report) {
             }
         }
         let now = Instant::now();
-        while let Some(&Reverse((due, id))) = t.pending.peek() {
-            if due > now {
-                break;
-            }
-            t.pending.pop();
+        while let Some(id) = looks::pop_due(&mut t.pending, now) {
             let Some(conn) = t.conns.get_mut(&id) else { continue };
             let before = conn.next_look();
             if before.is_none_or(|n| n > now) {
