@@ -114,8 +114,13 @@ pub fn cpu_time(pid: u32) -> Duration {
 
 /// A `/proc/PID/status` field in kB (e.g. `VmRSS`, `VmHWM`).
 pub fn status_kb(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
+    status_field(&std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default(), field)
+}
+
+/// The number of a `status` file's `field` (its unit, if any, left off); 0
+/// if it has none.
+fn status_field(status: &str, field: &str) -> u64 {
+    status
         .lines()
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':')?.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
@@ -134,9 +139,9 @@ pub fn context_switches(pids: &[u32]) -> Vec<(String, u64)> {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
         for t in tasks.flatten() {
             let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-            let field = |k: &str| status.lines().find_map(|l| l.strip_prefix(k)?.trim().parse::<u64>().ok());
             let name = status.lines().find_map(|l| l.strip_prefix("Name:")).unwrap_or("?").trim();
-            let n = field("voluntary_ctxt_switches:").unwrap_or(0) + field("nonvoluntary_ctxt_switches:").unwrap_or(0);
+            let n =
+                status_field(&status, "voluntary_ctxt_switches") + status_field(&status, "nonvoluntary_ctxt_switches");
             out.push((format!("{pid}/{} {name}", t.file_name().to_string_lossy()), n));
         }
     }
@@ -150,17 +155,21 @@ pub async fn assert_quiet(pids: &[u32], what: &str) {
     const SECS: u64 = 2;
     let before = context_switches(pids);
     tokio::time::sleep(Duration::from_secs(SECS)).await;
-    let after = context_switches(pids);
-    let woken = |name: &String, n: u64| n.saturating_sub(before.iter().find(|(b, _)| b == name).map_or(n, |b| b.1));
-    if let Some((name, n)) = after.iter().max_by_key(|(name, n)| woken(name, *n)) {
-        eprintln!("{what}: busiest lb thread {name}, {} wake-ups in {SECS} s", woken(name, *n));
-    }
-    let busy: Vec<String> = after
-        .iter()
+    // Wake-ups per thread that ran throughout (a thread born meanwhile is left out).
+    let woken: Vec<(String, u64)> = context_switches(pids)
+        .into_iter()
         .filter_map(|(name, n)| {
-            let was = before.iter().find(|(b, _)| b == name)?.1;
-            (n.saturating_sub(was) > 50 * SECS).then(|| format!("{name}: {} wake-ups in {SECS} s", n - was))
+            let was = before.iter().find(|(b, _)| *b == name)?.1;
+            Some((name, n.saturating_sub(was)))
         })
+        .collect();
+    if let Some((name, n)) = woken.iter().max_by_key(|(_, n)| *n) {
+        eprintln!("{what}: busiest lb thread {name}, {n} wake-ups in {SECS} s");
+    }
+    let busy: Vec<String> = woken
+        .iter()
+        .filter(|(_, n)| *n > 50 * SECS)
+        .map(|(name, n)| format!("{name}: {n} wake-ups in {SECS} s"))
         .collect();
     assert!(busy.is_empty(), "{what}: idle lb threads keep waking up: {busy:?}");
 }
