@@ -174,6 +174,19 @@ pub async fn assert_quiet(pids: &[u32], what: &str) {
     assert!(busy.is_empty(), "{what}: idle lb threads keep waking up: {busy:?}");
 }
 
+/// The `calls` column of `syscall`'s row (or `total`'s) in an `strace -c`
+/// summary; `None` without that row.
+pub fn strace_calls(table: &str, syscall: &str) -> Option<u64> {
+    // Columns: % time, seconds, usecs/call, calls, [errors,] syscall.
+    table.lines().find_map(|l| {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        if *w.last()? != syscall {
+            return None;
+        }
+        w.get(3)?.parse().ok()
+    })
+}
+
 /// One figure of the TCP line of `/proc/net/sockstat` (`inuse`, `tw`,
 /// `alloc`, `mem`); 0 if it cannot be read.
 pub fn sockstat_tcp(field: &str) -> u64 {

@@ -187,11 +187,7 @@ async fn idle_connections_are_looked_at_when_due() {
         .await
         .expect("strace (installed by cargo xtask setup)");
     let table = String::from_utf8_lossy(&strace.stderr);
-    let calls = table
-        .lines()
-        .find(|l| l.trim_end().ends_with(" bpf"))
-        .and_then(|l| l.split_whitespace().nth(3)?.parse::<u64>().ok())
-        .unwrap_or(0);
+    let calls = testkit::strace_calls(&table, "bpf").unwrap_or(0);
     // With no call to count strace prints no table, only that it attached.
     assert!(table.contains("attached"), "strace did not attach to the holder: {table}");
     assert!(t0.elapsed() < Duration::from_secs(5), "the look with strace ran too close to the idle timeout");

@@ -50,20 +50,7 @@ pub fn per_conn(target: SocketAddr, pids: &[u32], n: usize) -> anyhow::Result<(f
 
 /// The `calls` column of strace's summary: the total, and the `bpf` row.
 fn parse(table: &str) -> Option<(u64, u64)> {
-    // Columns: % time, seconds, usecs/call, calls, [errors,] syscall.
-    let calls = |l: &str| -> Option<(u64, String)> {
-        let w: Vec<&str> = l.split_whitespace().collect();
-        Some((w.get(3)?.parse().ok()?, (*w.last()?).to_owned()))
-    };
-    let mut bpf = 0;
-    for l in table.lines() {
-        match calls(l) {
-            Some((c, name)) if name == "bpf" => bpf = c,
-            Some((c, name)) if name == "total" => return Some((c, bpf)),
-            _ => {}
-        }
-    }
-    None
+    Some((testkit::strace_calls(table, "total")?, testkit::strace_calls(table, "bpf").unwrap_or(0)))
 }
 
 #[cfg(test)]
