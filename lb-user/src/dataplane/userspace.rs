@@ -1,10 +1,13 @@
 //! Userspace data plane: copies bytes through lb with the same semantics as
 //! the kernel splice (half-close forwarded, resets forwarded, one close).
 //!
-//! Buffers are taken only while a socket has bytes to read, so an idle
-//! connection holds no copy buffer.
+//! Each runtime thread reads into one buffer of its own and writes the bytes
+//! straight on; a connection holds a copy of its bytes only while its
+//! destination cannot take them all, so an idle one holds no buffer and a
+//! read costs no allocation.
 
 use std::{
+    cell::RefCell,
     io,
     net::Shutdown,
     sync::atomic::{AtomicU64, Ordering::Relaxed},
@@ -62,6 +65,46 @@ enum PumpError {
     Write(io::Error),
 }
 
+thread_local! {
+    /// This thread's read buffer. What is read goes straight out to the
+    /// destination, so a connection owns a copy of its bytes only while the
+    /// destination cannot take them all.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; BUF].into_boxed_slice());
+}
+
+/// One read from the source, and what became of it.
+enum Step {
+    Eof,
+    /// Nothing to read now.
+    Empty,
+    /// Read and written, this many bytes.
+    Moved(usize),
+    /// Read this many; the destination took only part: the rest.
+    Partial(usize, Vec<u8>),
+}
+
+/// Reads once into the thread's buffer and writes what it got to `to`
+/// without waiting.
+fn step(from: &TcpStream, to: &TcpStream) -> Result<Step, PumpError> {
+    SCRATCH.with_borrow_mut(|buf| {
+        let n = match from.try_read(buf) {
+            Ok(0) => return Ok(Step::Eof),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Empty),
+            Err(e) => return Err(PumpError::Read(e)),
+        };
+        let mut off = 0;
+        while off < n {
+            match to.try_write(&buf[off..n]) {
+                Ok(w) => off += w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Partial(n, buf[off..n].to_vec())),
+                Err(e) => return Err(PumpError::Write(e)),
+            }
+        }
+        Ok(Step::Moved(n))
+    })
+}
+
 /// Copies `from` -> `to` until EOF, then shuts down `to`'s write side.
 async fn pump(
     from: &TcpStream,
@@ -72,27 +115,28 @@ async fn pump(
 ) -> Result<(), PumpError> {
     loop {
         from.readable().await.map_err(PumpError::Read)?;
-        let mut buf = vec![0u8; BUF];
         loop {
-            let n = match from.try_read(&mut buf) {
-                Ok(0) => {
+            let n = match step(from, to)? {
+                Step::Eof => {
                     // Shutdown fails only if `to` is gone; its own pump reports that.
                     let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
                     return Ok(());
                 }
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(PumpError::Read(e)),
-            };
-            let mut off = 0;
-            while off < n {
-                to.writable().await.map_err(PumpError::Write)?;
-                match to.try_write(&buf[off..n]) {
-                    Ok(w) => off += w,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(PumpError::Write(e)),
+                Step::Empty => break,
+                Step::Moved(n) => n,
+                Step::Partial(n, rest) => {
+                    let mut rest = &rest[..];
+                    while !rest.is_empty() {
+                        to.writable().await.map_err(PumpError::Write)?;
+                        match to.try_write(rest) {
+                            Ok(w) => rest = &rest[w..],
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                            Err(e) => return Err(PumpError::Write(e)),
+                        }
+                    }
+                    n
                 }
-            }
+            };
             counter.fetch_add(n as u64, Relaxed);
             flow.bytes.fetch_add(n as u64, Relaxed);
             flow.last_ms.store(start.elapsed().as_millis() as u64, Relaxed);
