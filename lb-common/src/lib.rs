@@ -14,6 +14,8 @@ pub mod conn;
 #[cfg(feature = "user")]
 pub mod files;
 pub mod guard;
+#[cfg(feature = "user")]
+pub mod host;
 pub mod maps;
 pub mod stats;
 

@@ -120,10 +120,9 @@ fn rss_kb(pid: u32) -> u64 {
 pub fn hold(lb_bin: &Path, hold_bin: &Path, a: &Args) -> anyhow::Result<Value> {
     // SAFETY: setting an env var before any thread is started.
     unsafe { std::env::set_var("LB_BIN", lb_bin) };
-    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")?;
-    let r: Vec<u64> = range.split_whitespace().filter_map(|x| x.parse().ok()).collect();
-    let per_pair = r[1] - r[0] + 1;
-    println!("ephemeral range {} ({per_pair} ports per source address and server)", range.trim());
+    let per_pair =
+        u64::from(lb_common::host::ephemeral_ports().context("reading net.ipv4.ip_local_port_range: no valid range")?);
+    println!("ephemeral range: {per_pair} ports per source address and server");
 
     let (sinks, backend) = sinks(hold_bin, a.conns)?;
     println!("backend {backend}: {} sink process(es) sharing it with SO_REUSEPORT", sinks.len());

@@ -113,15 +113,6 @@ pub fn set_local_port_range(s: &impl AsRawFd, low: u16, high: u16) -> io::Result
     setsockopt(s, libc::IPPROTO_IP, IP_LOCAL_PORT_RANGE, &v)
 }
 
-/// How many ephemeral ports this network namespace has
-/// (`net.ipv4.ip_local_port_range`, both ends included).
-pub fn ephemeral_ports() -> Option<u32> {
-    let s = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
-    let mut it = s.split_whitespace().map(|v| v.parse::<u32>());
-    let (lo, hi) = (it.next()?.ok()?, it.next()?.ok()?);
-    (hi >= lo).then(|| hi - lo + 1)
-}
-
 /// Whether this kernel has `IP_LOCAL_PORT_RANGE`.
 pub fn has_local_port_range() -> bool {
     socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)

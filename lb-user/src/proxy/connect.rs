@@ -179,7 +179,7 @@ fn warn_local(e: &io::Error) {
 /// evenly, and each worker uses the pairs evenly). Past half the range
 /// `connect()`'s port search slows down a hundredfold without one.
 pub fn sequential_ports_from(workers: u32) -> u64 {
-    sys::ephemeral_ports().map_or(u64::MAX, |n| u64::from(n) / 2 / u64::from(workers.max(1)))
+    lb_common::host::ephemeral_ports().map_or(u64::MAX, |n| u64::from(n) / 2 / u64::from(workers.max(1)))
 }
 
 /// A socket for `server` from `pair`'s source address.
