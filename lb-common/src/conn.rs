@@ -35,9 +35,31 @@ pub struct ConnTraffic {
     pub worker: u16,
     /// 0: this socket faces the client; 1: it faces the server.
     pub side: u8,
-    pub _pad: [u8; 7],
+    /// The verdict reports a [`FlowEvent`] each time `bytes` crosses a
+    /// multiple of `1 << event_shift`, so the holder can look at how much
+    /// waits in front of the peer; 0: never (no `splice_queue_limit`).
+    pub event_shift: u8,
+    pub _pad: [u8; 6],
 }
 const _: () = assert!(core::mem::size_of::<ConnTraffic>() == 104);
+
+/// What the verdict tells the holder of a connection's worker slot (through
+/// that slot's ring buffer in `LB_EVENTS`): a direction has redirected
+/// another `1 << event_shift` bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FlowEvent {
+    /// The connection's id in its holder: the client-facing socket's cookie.
+    pub id: u64,
+    /// [`ConnTraffic::bytes`] of the receiving socket after this skb.
+    pub bytes: u64,
+    /// [`ConnTraffic::side`] of the receiving socket (a whole word: a
+    /// padding array would make the verdict zero it in a loop, which the
+    /// verifier refuses without `CAP_PERFMON`).
+    pub side: u64,
+}
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 24);
 
 /// [`ConnTraffic::side`] of the client-facing socket.
 pub const SIDE_CLIENT: u8 = 0;
@@ -46,3 +68,5 @@ pub const SIDE_SERVER: u8 = 1;
 
 #[cfg(feature = "user")]
 crate::pod!(ConnTraffic);
+#[cfg(feature = "user")]
+crate::pod!(FlowEvent);

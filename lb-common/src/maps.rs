@@ -25,6 +25,13 @@ pub const SERVERS: &str = "LB_SERVERS";
 /// HASH: worker index (u32) -> [`crate::pool::WorkerStats`].
 pub const WORKERS: &str = "LB_WORKERS";
 
+/// ARRAY_OF_MAPS: worker slot (u32) -> that slot's holder's RINGBUF of
+/// [`crate::conn::FlowEvent`]s (each holder makes its own ring and puts it in
+/// its slot).
+pub const EVENTS: &str = "LB_EVENTS";
+/// Size of each slot's ring (a power of two, whole pages): 2,048 events.
+pub const EVENTS_RING_BYTES: u32 = 1 << 16;
+
 /// Capacity of `LB_SOURCES` (pairs × workers).
 pub const MAX_SOURCE_ENTRIES: u32 = 1 << 16;
 /// Capacity of `LB_SERVERS` (servers × workers).
@@ -61,10 +68,11 @@ pub const MAX_GUARD_SOURCES: u32 = 1 << 16;
 pub const PROG_GUARD: &str = "lb_guard";
 
 /// The maps `lb` pins under its `pin_path`.
-pub const PINNED: [&str; 14] = [
+pub const PINNED: [&str; 15] = [
     PEER,
     SPLICE,
     CONN,
+    EVENTS,
     COUNTERS,
     SOURCES,
     SERVERS,
@@ -93,7 +101,7 @@ pub fn layout() -> std::string::String {
     std::format!(
         "{PEER}:8/4 {SPLICE}:8/4 {CONN}:8/{} {COUNTERS}:4/{} {SOURCES}:{}/{} {SERVERS}:{}/{} {WORKERS}:4/{} \
          {GUARD_DENY}:20/1 {GUARD_ALLOW}:20/1 {GUARD_PORTS}:2/1 {GUARD_CONF}:4/{} {GUARD_RATE}:16/{} \
-         {GUARD_STATS}:4/{} {GUARD_TOP}:16/8",
+         {GUARD_STATS}:4/{} {GUARD_TOP}:16/8 {EVENTS}:4/4 ring {EVENTS_RING_BYTES}/{}",
         size_of::<ConnTraffic>(),
         size_of::<DataplaneCounters>(),
         size_of::<SourceKey>(),
@@ -104,5 +112,6 @@ pub fn layout() -> std::string::String {
         size_of::<GuardConf>(),
         size_of::<GuardBucket>(),
         size_of::<GuardCounters>(),
+        size_of::<crate::conn::FlowEvent>(),
     )
 }

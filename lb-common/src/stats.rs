@@ -23,8 +23,13 @@ pub struct DataplaneCounters {
     /// skbs whose socket had no peer in the PEER map (left on the receiving
     /// socket; happens only while a connection is being torn down).
     pub peer_missing: u64,
+    /// [`crate::conn::FlowEvent`]s sent to a holder.
+    pub flow_events: u64,
+    /// Flow events lost: the slot's ring buffer was full or missing (its
+    /// holder looks at that direction at the next one).
+    pub flow_events_lost: u64,
 }
-const _: () = assert!(core::mem::size_of::<DataplaneCounters>() == 24);
+const _: () = assert!(core::mem::size_of::<DataplaneCounters>() == 40);
 
 impl DataplaneCounters {
     /// Field-wise sum, for folding per-CPU slots.
@@ -33,6 +38,8 @@ impl DataplaneCounters {
             skbs_redirected: self.skbs_redirected + other.skbs_redirected,
             bytes_redirected: self.bytes_redirected + other.bytes_redirected,
             peer_missing: self.peer_missing + other.peer_missing,
+            flow_events: self.flow_events + other.flow_events,
+            flow_events_lost: self.flow_events_lost + other.flow_events_lost,
         }
     }
 }

@@ -2,14 +2,15 @@
 //! Names come from `lb_common::maps`; sizes are overridden at load time.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
     macros::btf_map,
 };
 use lb_common::{
-    conn::ConnTraffic,
+    conn::{ConnTraffic, FlowEvent},
     guard::{GuardBucket, GuardConf, GuardCounters},
     maps::{
-        DEFAULT_MAX_SOCKETS, MAX_GUARD_RULES, MAX_GUARD_SOURCES, MAX_SERVER_ENTRIES, MAX_SOURCE_ENTRIES, MAX_WORKERS,
+        DEFAULT_MAX_SOCKETS, EVENTS_RING_BYTES, MAX_GUARD_RULES, MAX_GUARD_SOURCES, MAX_SERVER_ENTRIES,
+        MAX_SOURCE_ENTRIES, MAX_WORKERS,
     },
     stats::{DataplaneCounters, ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats},
 };
@@ -27,6 +28,11 @@ pub static LB_SPLICE: SockHash<u64, MAX> = SockHash::new();
 /// Socket cookie -> connection record (identity from userspace, traffic from the verdict).
 #[btf_map(name = "LB_CONN")]
 pub static LB_CONN: HashMap<u64, ConnTraffic, MAX> = HashMap::new();
+
+/// Worker slot -> its holder's ring of flow events (the holders put them in).
+#[btf_map(name = "LB_EVENTS")]
+pub static LB_EVENTS: ArrayOfMaps<RingBuf<FlowEvent, { EVENTS_RING_BYTES as usize }>, { MAX_WORKERS as usize }> =
+    ArrayOfMaps::new();
 
 /// One slot per CPU.
 #[btf_map(name = "LB_COUNTERS")]

@@ -7,9 +7,12 @@ use aya_ebpf::{
     macros::stream_verdict,
     programs::SkBuffContext,
 };
-use lb_common::stats::COUNTERS_KEY;
+use lb_common::{
+    conn::{FlowEvent, SIDE_CLIENT},
+    stats::COUNTERS_KEY,
+};
 
-use crate::maps::{LB_CONN, LB_COUNTERS, LB_PEER};
+use crate::maps::{LB_CONN, LB_COUNTERS, LB_EVENTS, LB_PEER};
 
 #[stream_verdict]
 pub fn lb_verdict(ctx: SkBuffContext) -> u32 {
@@ -43,14 +46,31 @@ fn try_lb_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
         (*counters).skbs_redirected += 1;
         (*counters).bytes_redirected += len;
     }
-    if let Some(t) = LB_CONN.get_ptr_mut(&cookie) {
-        // SAFETY: map value pointer valid for the program's run. Plain adds
-        // are enough: the entry belongs to the receiving socket only, and the
-        // kernel runs that socket's verdict under its socket lock.
+    let Some(t) = LB_CONN.get_ptr_mut(&cookie) else { return Ok(verdict) };
+    // SAFETY: map value pointer valid for the program's run. Plain adds
+    // are enough: the entry belongs to the receiving socket only, and the
+    // kernel runs that socket's verdict under its socket lock.
+    let (before, rec) = unsafe {
+        let before = (*t).bytes;
+        (*t).bytes = before + len;
+        (*t).skbs += 1;
+        (*t).last_active_ns = bpf_ktime_get_coarse_ns();
+        (before, &*t)
+    };
+    let shift = u64::from(rec.event_shift) & 63;
+    if shift != 0 && before >> shift != (before + len) >> shift {
+        // Another `1 << shift` bytes went to the peer: its holder looks at
+        // how many of them still wait in front of it.
+        let id = if rec.side == SIDE_CLIENT { cookie } else { rec.peer_cookie };
+        let ev = FlowEvent { id, bytes: before + len, side: u64::from(rec.side) };
+        let sent = LB_EVENTS.get(u32::from(rec.worker)).is_some_and(|ring| ring.output(&ev, 0).is_ok());
+        // Both counters, no branch: a branch lets LLVM pick the field's
+        // offset by path, and the verifier refuses such pointer arithmetic
+        // without CAP_PERFMON.
+        // SAFETY: per-CPU slot, valid for the program's run.
         unsafe {
-            (*t).bytes += len;
-            (*t).skbs += 1;
-            (*t).last_active_ns = bpf_ktime_get_coarse_ns();
+            (*counters).flow_events += u64::from(sent);
+            (*counters).flow_events_lost += u64::from(!sent);
         }
     }
     Ok(verdict)

@@ -93,3 +93,72 @@ async fn fast_sender_slow_reader_256mib(mode: Mode) {
     assert!(grew < 16 * 1024, "kernel TCP memory grew by {grew} pages (64 MiB allowed): no backpressure");
     proof.assert_all_spliced(&lb, "slow_reader");
 }
+
+/// Kernel only, `splice_queue_limit`: a backend that reads nothing must not
+/// make the kernel queue what its client keeps sending. The verdict takes
+/// bytes off the client's socket as they come, so without a limit the
+/// peer's psock queue takes everything (2.3 GB in 3 s, measured); with one,
+/// the holder resets the connection once more than the limit waits, and both
+/// ends see the reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_queue_past_the_limit_resets_the_connection() {
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _alone = ONE_AT_A_TIME.lock().await;
+    const LIMIT: u64 = 4 * MIB;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let be = Backend::spawn(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            // Read nothing until the client is done, then see how it ended.
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            let mut buf = vec![0u8; 1 << 20];
+            let end = loop {
+                match s.read(&mut buf).await {
+                    Ok(0) => break "EOF".to_string(),
+                    Ok(_) => {}
+                    Err(e) => break e.kind().to_string(),
+                }
+            };
+            let _ = tx.send(end);
+        }
+    })
+    .await;
+    let body = format!("splice_queue_limit = \"4MiB\"\nsend_buffer = \"1MiB\"\n{}", Lb::body(&[be.addr]));
+    let Some(lb) = Lb::start_with(Mode::Kernel, "queue_limit", &body) else { return };
+    let proof = KernelProof::start(&lb);
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    let mut st = Stream::new(93);
+    let mut chunk = vec![0u8; 256 * 1024];
+    let (mut off, mut sent) = (chunk.len(), 0u64);
+    let stop = Instant::now() + Duration::from_secs(3);
+    let mut failed = None;
+    while Instant::now() < stop && failed.is_none() {
+        if off == chunk.len() {
+            st.fill(&mut chunk);
+            off = 0;
+        }
+        match tokio::time::timeout(Duration::from_millis(100), s.write(&chunk[off..])).await {
+            Ok(Ok(n)) => {
+                off += n;
+                sent += n as u64;
+            }
+            Ok(Err(e)) => failed = Some(e.kind()),
+            Err(_) => {}
+        }
+    }
+    eprintln!("[kernel] queue_limit: the client wrote {sent} bytes, then: {failed:?}");
+    assert!(
+        matches!(failed, Some(std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe)),
+        "the client was not reset within 3 s ({sent} bytes in): {failed:?}"
+    );
+    // The limit, the event step (a quarter of it), and socket buffers: the
+    // client's send buffer, lb's client-side receive buffer (at most
+    // tcp_rmem's 6 MiB), lb's server-side send buffer (twice 1 MiB), the
+    // backend's receive buffer. Without the limit: GBs.
+    assert!(sent < LIMIT + LIMIT / 4 + 24 * MIB, "the client got {sent} bytes in before the reset");
+    let end = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("the backend's end").unwrap();
+    assert_eq!(end, std::io::ErrorKind::ConnectionReset.to_string(), "the backend's connection ended with {end}");
+    let counters = lb.pinned_stats()["counters"].clone();
+    assert!(counters["flow_events"].as_u64().unwrap() > 0, "no flow event: {counters}");
+    proof.assert_all_spliced(&lb, "queue_limit");
+}

@@ -216,6 +216,9 @@ pub struct Config {
     /// `SO_SNDBUFFORCE` of every client and server socket, bytes (0: the
     /// kernel's autotuning).
     pub send_buffer: u32,
+    /// Bytes the kernel plane lets wait in front of a destination slower
+    /// than its source before it resets the connection (0: no limit).
+    pub splice_queue_limit: u64,
     pub timeouts: Timeouts,
     pub frontends: Vec<FrontendConfig>,
     pub backends: Vec<BackendConfig>,

@@ -184,6 +184,9 @@ pub struct RawConfig {
     pub connect_attempts: Option<Spanned<u32>>,
     /// Send buffer of each socket ("8MiB"; "0": the kernel's autotuning).
     pub send_buffer: Option<Spanned<String>>,
+    /// Bytes the kernel plane may queue for one direction of a connection
+    /// before it resets the connection ("0": no limit, the default).
+    pub splice_queue_limit: Option<Spanned<String>>,
     /// Default source pool of every backend.
     pub source_pool: Option<Spanned<Vec<Spanned<String>>>>,
     /// Default local port range of the default pool.

@@ -29,6 +29,14 @@ use crate::{
     observe::counters::Counters,
 };
 
+/// How often the verdict reports a direction's progress to the holder, for
+/// a `splice_queue_limit` on the bytes waiting in front of a destination:
+/// every quarter of it (a power of two, at least 64 KiB), so the queue is
+/// looked at four times before it can reach the limit. 0 (no limit): never.
+pub fn event_shift(splice_queue_limit: u64) -> u8 {
+    if splice_queue_limit == 0 { 0 } else { (splice_queue_limit / 4).max(64 << 10).ilog2() as u8 }
+}
+
 /// The running kernel data plane of one process.
 pub struct KernelDataplane {
     maps: Mutex<ConnMaps>,
@@ -37,6 +45,8 @@ pub struct KernelDataplane {
     fallback: UserspaceDataplane,
     stats: Arc<Counters>,
     worker: u16,
+    /// [`ConnTraffic::event_shift`] of every record.
+    event_shift: u8,
     /// Failed hand-overs to the holder, for a rate-limited warning.
     hold_failures: Mutex<crate::observe::Every>,
     /// Test hook (`LB_TEST_COPY_CLIENT=1`): never splice the client side,
@@ -53,6 +63,7 @@ impl KernelDataplane {
         pin_path: &Path,
         stats: Arc<Counters>,
         idle: Duration,
+        splice_queue_limit: u64,
         worker: u16,
         link: Arc<Link>,
     ) -> Result<Self, KernelError> {
@@ -68,6 +79,7 @@ impl KernelDataplane {
             fallback: UserspaceDataplane::new(idle),
             stats,
             worker,
+            event_shift: event_shift(splice_queue_limit),
             copy_client,
         })
     }
@@ -85,6 +97,7 @@ impl KernelDataplane {
             server_port: server.port(),
             source_port: source.port(),
             worker: self.worker,
+            event_shift: self.event_shift,
             ..Default::default()
         };
         [
@@ -212,5 +225,19 @@ impl Dataplane for KernelDataplane {
             log::info!("{n} spliced connection(s) stay with the holder");
         }
         self.fallback.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::event_shift;
+
+    #[test]
+    fn events_come_four_times_per_bound() {
+        assert_eq!(event_shift(0), 0, "no bound, no events");
+        assert_eq!(event_shift(16 << 20), 22, "16 MiB: every 4 MiB");
+        assert_eq!(event_shift(1 << 20), 18, "1 MiB: every 256 KiB");
+        assert_eq!(event_shift(5 << 20), 20, "5 MiB: every 1 MiB, the power of two below a quarter");
+        assert_eq!(event_shift(1 << 30), 28);
     }
 }

@@ -166,19 +166,21 @@ pub fn load(cfg: &Config) -> anyhow::Result<(Kind, Option<Objects>)> {
 }
 
 /// Starts this process's data plane of `kind`, on the maps pinned at
-/// `pin_path` for the kernel plane, handing spliced connections to `link`.
+/// `pin_path` for the kernel plane, handing spliced connections to `link`
+/// (`splice_queue_limit`: see [`kernel::event_shift`]).
 pub fn open(
     kind: Kind,
     pin_path: &Path,
     stats: Arc<Counters>,
     idle: Duration,
+    splice_queue_limit: u64,
     worker: u16,
     link: Arc<holder::link::Link>,
 ) -> anyhow::Result<Arc<dyn Dataplane>> {
     Ok(match kind {
         Kind::Userspace => Arc::new(UserspaceDataplane::new(idle)),
         Kind::Kernel => Arc::new(
-            KernelDataplane::open(pin_path, stats, idle, worker, link)
+            KernelDataplane::open(pin_path, stats, idle, splice_queue_limit, worker, link)
                 .map_err(|e| anyhow::anyhow!("opening the kernel data plane at {}: {e}", pin_path.display()))?,
         ),
     })

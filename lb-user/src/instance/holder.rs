@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::wait_for_signal;
 use crate::{
-    dataplane::holder::{Holder, take_over},
+    dataplane::holder::{Holder, WatchConf, take_over},
     kernel::maps::ConnMaps,
     proxy::accept,
 };
@@ -29,6 +29,9 @@ pub struct HolderSpec {
     pub kernel: bool,
     /// `timeouts.idle`.
     pub idle: Duration,
+    /// `splice_queue_limit`.
+    #[serde(default)]
+    pub splice_queue_limit: u64,
     /// The supervisor's pid: the holder ends with that process.
     pub supervisor: u32,
     /// Take the listeners and connections from the holder of an earlier
@@ -52,9 +55,10 @@ pub async fn run() -> anyhow::Result<()> {
     // Two descriptors per connection held; the limit warning is the workers'.
     let _ = crate::kernel::sys::raise_nofile_limit();
     let pin_path = spec.kernel.then_some(spec.pin_path.as_path());
+    let conf = WatchConf { idle: spec.idle, queue: spec.splice_queue_limit, slot: spec.index };
     let (mut holder, took) = if spec.takeover {
         // `lb upgrade`: everything comes from the slot's holder of the old binary.
-        take_over(&spec.socket, pin_path, spec.idle).context("taking over from the old holder")?
+        take_over(&spec.socket, pin_path, conf).context("taking over from the old holder")?
     } else {
         let listeners = spec
             .listen
@@ -72,7 +76,7 @@ pub async fn run() -> anyhow::Result<()> {
                 log::info!("removed {stale} connection records left by an earlier holder of slot {}", spec.index);
             }
         }
-        (Holder::new(listeners, pin_path, spec.idle)?, 0)
+        (Holder::new(listeners, pin_path, conf)?, 0)
     };
     holder.bind(&spec.socket).with_context(|| format!("holder socket {}", spec.socket.display()))?;
     let holder = Arc::new(holder);

@@ -190,6 +190,7 @@ impl Supervisor {
                     listen: listen.clone(),
                     kernel: kind == Kind::Kernel,
                     idle: cfg.timeouts.idle,
+                    splice_queue_limit: cfg.splice_queue_limit,
                     supervisor: std::process::id(),
                     takeover: false,
                 };

@@ -140,8 +140,15 @@ async fn serve(
     let per_worker = cfg.maxconn_per_worker();
     raise_fd_limit(per_worker);
     let stats = Arc::new(Counters::default());
-    let dataplane =
-        dataplane::open(spec.kind, &cfg.pin_path, stats.clone(), cfg.timeouts.idle, spec.index, link.clone())?;
+    let dataplane = dataplane::open(
+        spec.kind,
+        &cfg.pin_path,
+        stats.clone(),
+        cfg.timeouts.idle,
+        cfg.splice_queue_limit,
+        spec.index,
+        link.clone(),
+    )?;
     let backends = Arc::new(Backends::new(&cfg));
     for c in &spec.replay {
         if let Err(e) = backends.apply(c) {

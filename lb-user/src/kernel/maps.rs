@@ -3,12 +3,12 @@
 
 use std::{os::fd::AsRawFd, path::Path};
 
-use aya::maps::{HashMap, MapData, MapError, PerCpuArray, SockHash};
+use aya::maps::{ArrayOfMaps, HashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash};
 use lb_common::{
     conn::ConnTraffic,
     maps::{
-        CONN, COUNTERS, MAX_SERVER_ENTRIES, MAX_SOURCE_ENTRIES, MAX_WORKERS, PEER, PROG_VERDICT, SERVERS, SOURCES,
-        SPLICE, WORKERS,
+        CONN, COUNTERS, EVENTS, EVENTS_RING_BYTES, MAX_SERVER_ENTRIES, MAX_SOURCE_ENTRIES, MAX_WORKERS, PEER,
+        PROG_VERDICT, SERVERS, SOURCES, SPLICE, WORKERS,
     },
     stats::{COUNTERS_KEY, DataplaneCounters, ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats},
 };
@@ -93,6 +93,24 @@ impl ConnMaps {
         }
         stale.len()
     }
+}
+
+/// Makes the ring buffer through which the verdict tells the holder of
+/// worker slot `slot` how its connections' directions progress, and puts it
+/// in that slot of `LB_EVENTS` (replacing an earlier holder's).
+pub fn events_ring(pin_path: &Path, slot: u16) -> Result<RingBuf<MapData>, KernelError> {
+    let mut outer: ArrayOfMaps<MapData, MapData> = open(pin_path, EVENTS)?;
+    let def = aya_obj::Map::new_from_params(
+        aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_RINGBUF as u32,
+        0,
+        0,
+        EVENTS_RING_BYTES,
+        0,
+    );
+    let ring =
+        MapData::create(def, "LB_EVENTS_RING", None).map_err(|source| KernelError::Map { name: EVENTS, source })?;
+    outer.set(u32::from(slot), &ring, 0).map_err(|source| KernelError::Map { name: EVENTS, source })?;
+    RingBuf::try_from(aya::maps::Map::RingBuf(ring)).map_err(|source| KernelError::Map { name: EVENTS, source })
 }
 
 /// The counters userspace publishes.

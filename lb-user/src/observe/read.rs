@@ -63,6 +63,9 @@ pub struct KernelCounters {
     pub skbs_redirected: u64,
     pub bytes_redirected: u64,
     pub peer_missing: u64,
+    /// Progress reports sent to the holders (for `splice_queue_limit`), and lost.
+    pub flow_events: u64,
+    pub flow_events_lost: u64,
     /// Entries in LB_SPLICE (spliced sockets, two per connection).
     pub spliced_sockets: u64,
     pub peer_entries: u64,
@@ -166,6 +169,8 @@ pub fn read_from(maps: &PinnedMaps, meta: &Meta) -> Result<Report, KernelError> 
         skbs_redirected: c.skbs_redirected,
         bytes_redirected: c.bytes_redirected,
         peer_missing: c.peer_missing,
+        flow_events: c.flow_events,
+        flow_events_lost: c.flow_events_lost,
         spliced_sockets: maps.conn.splice.keys().filter(Result::is_ok).count() as u64,
         peer_entries: maps.conn.peer.keys().filter(Result::is_ok).count() as u64,
         conn_entries,

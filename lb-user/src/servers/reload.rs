@@ -89,6 +89,7 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<String> {
         maxconn,
         connect_attempts,
         send_buffer,
+        splice_queue_limit,
         timeouts,
         frontends,
         backends,
@@ -110,6 +111,7 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<String> {
     differ("maxconn", *maxconn != old.maxconn);
     differ("connect_attempts", *connect_attempts != old.connect_attempts);
     differ("send_buffer", *send_buffer != old.send_buffer);
+    differ("splice_queue_limit", *splice_queue_limit != old.splice_queue_limit);
     let crate::config::Timeouts { connect, queue, idle, worker, client_hello } = timeouts;
     differ("timeouts.connect", *connect != old.timeouts.connect);
     differ("timeouts.queue", *queue != old.timeouts.queue);

@@ -17,7 +17,7 @@ use anyhow::{Context as _, bail};
 use rustix::net::sockopt::Timeout;
 
 use super::{
-    Holder,
+    Holder, WatchConf,
     wire::{self, Handed, ToHolder, ToWorker, VERSION},
 };
 
@@ -89,7 +89,7 @@ impl Holder {
 /// The new side: takes everything from the holder serving at `path`;
 /// returns the new holder (not bound yet) and how many connections it
 /// took. On error the old holder keeps everything.
-pub fn take_over(path: &Path, pin_path: Option<&Path>, idle: Duration) -> anyhow::Result<(Holder, usize)> {
+pub fn take_over(path: &Path, pin_path: Option<&Path>, conf: WatchConf) -> anyhow::Result<(Holder, usize)> {
     let sock = wire::connect(path).with_context(|| format!("connecting to the old holder at {}", path.display()))?;
     rustix::net::sockopt::set_socket_timeout(&sock, Timeout::Recv, Some(STEP_TIMEOUT))?;
     wire::send(&sock, &ToHolder::Takeover { version: VERSION, pid: std::process::id() }, &[])?;
@@ -99,7 +99,7 @@ pub fn take_over(path: &Path, pin_path: Option<&Path>, idle: Duration) -> anyhow
         }
         other => bail!("the old holder answered {other:?} (this one speaks version {VERSION})"),
     };
-    let holder = Holder::new(listeners, pin_path, idle)?;
+    let holder = Holder::new(listeners, pin_path, conf)?;
     let mut n = 0;
     loop {
         match wire::recv::<ToWorker>(&sock)? {

@@ -33,6 +33,7 @@ pub use handover::take_over;
 use rustix::net::{AddressFamily, RecvFlags, SocketAddrUnix, SocketFlags, SocketType};
 use wire::{Closed, CopyState, Held, ToHolder, ToWorker, VERSION};
 
+pub use super::watcher::WatchConf;
 use super::watcher::{Dir, Report, Watcher};
 use crate::kernel::maps::ConnMaps;
 
@@ -82,7 +83,7 @@ pub struct Holder {
     watcher: Mutex<Option<Watcher>>,
     /// The pinned maps, on the kernel plane.
     pin_path: Option<PathBuf>,
-    idle: Duration,
+    conf: WatchConf,
     listeners: Vec<std::net::TcpListener>,
     socket: Option<OwnedFd>,
 }
@@ -90,13 +91,17 @@ pub struct Holder {
 impl Holder {
     /// A holder of `listeners`; with `pin_path` (the kernel plane's pinned
     /// maps) it also keeps and watches spliced connections.
-    pub fn new(listeners: Vec<std::net::TcpListener>, pin_path: Option<&Path>, idle: Duration) -> anyhow::Result<Self> {
+    pub fn new(
+        listeners: Vec<std::net::TcpListener>,
+        pin_path: Option<&Path>,
+        conf: WatchConf,
+    ) -> anyhow::Result<Self> {
         let state = Arc::new(Mutex::new(State::default()));
         let mut h = Self {
             state,
             watcher: Mutex::new(None),
             pin_path: pin_path.map(Path::to_owned),
-            idle,
+            conf,
             listeners,
             socket: None,
         };
@@ -111,7 +116,11 @@ impl Holder {
         let path = self.pin_path.as_deref().context("no pinned maps")?;
         let maps =
             ConnMaps::open(path).map_err(|e| anyhow::anyhow!("opening the pinned maps at {}: {e}", path.display()))?;
-        Ok(Watcher::start(maps, self.idle, Reporter(self.state.clone()))?)
+        let ring = (self.conf.queue > 0)
+            .then(|| crate::kernel::maps::events_ring(path, self.conf.slot))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("making the flow-event ring of slot {}: {e}", self.conf.slot))?;
+        Ok(Watcher::start(maps, self.conf, ring, Reporter(self.state.clone()))?)
     }
 
     /// Binds the socket at `path` (mode 0600) where the slot's workers find it.

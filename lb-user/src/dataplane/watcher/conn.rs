@@ -105,6 +105,9 @@ pub(super) enum Next {
     Abort(usize),
     /// No byte either way for `timeouts.idle`: close both sides.
     Idle,
+    /// More than `splice_queue_limit` bytes wait in the kernel for one
+    /// side: reset both.
+    Overflow,
 }
 
 /// The epoll events a socket of a connection with `dirs` is watched for:
@@ -142,6 +145,18 @@ impl Conn {
             *drain = Some(Drain::new(Instant::now()));
         }
         self.progress()
+    }
+
+    /// Bytes written on side `to` since the splice; `enough`: the count that
+    /// would settle the question (see [`sys::tcp_bytes_written`]).
+    pub fn written(&self, to: usize, enough: u64) -> u64 {
+        let base = self.written_base[to];
+        sys::tcp_bytes_written(&self.socks[to], base + enough).unwrap_or(0).saturating_sub(base)
+    }
+
+    /// Whether the kernel moves the bytes side `from` receives.
+    pub fn spliced(&self, from: usize) -> bool {
+        matches!(self.flows[from], Flow::Kernel(_))
     }
 
     /// Moves copied bytes and forwards pending EOFs whose bytes have all

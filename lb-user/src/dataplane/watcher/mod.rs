@@ -13,6 +13,7 @@
 //! these connections with it.
 
 mod conn;
+mod limit;
 mod looks;
 
 use std::{
@@ -27,6 +28,8 @@ use std::{
     thread::JoinHandle,
     time::{Duration, Instant},
 };
+
+use aya::maps::{MapData, RingBuf};
 
 use super::holder::wire::CopyState;
 pub use conn::Dir;
@@ -46,8 +49,10 @@ pub trait Report: Send + 'static {
     fn flush(&mut self);
 }
 
-/// Epoll key of the wake-up eventfd; sockets use `id << 1 | side`.
+/// Epoll keys of the wake-up eventfd and of the flow-event ring; sockets
+/// use `id << 1 | side` (ids are below 2^63).
 const WAKE: u64 = u64::MAX;
+const EVENTS: u64 = u64::MAX - 1;
 
 /// How long the watcher polls every millisecond for the connection of an
 /// event that came before it (`watch` pushes it microseconds after the
@@ -103,7 +108,18 @@ struct Shared {
     /// Set with `stopping`: keep the connections open and hand them out.
     detach: AtomicBool,
     detached: Mutex<Vec<Detached>>,
-    idle: Duration,
+    conf: WatchConf,
+}
+
+/// What the watcher of a worker slot's holder is told.
+#[derive(Clone, Copy, Debug)]
+pub struct WatchConf {
+    /// `timeouts.idle`.
+    pub idle: Duration,
+    /// `splice_queue_limit` (0: none).
+    pub queue: u64,
+    /// The worker slot: which ring of `LB_EVENTS` is this holder's.
+    pub slot: u16,
 }
 
 /// A connection the watcher let go of without closing it ([`Watcher::detach`]).
@@ -130,8 +146,14 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    /// `maps`: the thread's own handles to the pinned maps.
-    pub fn start(maps: ConnMaps, idle: Duration, report: impl Report) -> std::io::Result<Self> {
+    /// `maps`: the thread's own handles to the pinned maps; `ring`: the
+    /// slot's flow events (with a `splice_queue_limit`, see [`limit`]).
+    pub fn start(
+        maps: ConnMaps,
+        conf: WatchConf,
+        ring: Option<RingBuf<MapData>>,
+        report: impl Report,
+    ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             epoll: epoll::create(epoll::CreateFlags::CLOEXEC)?,
             wake: rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?,
@@ -139,11 +161,16 @@ impl Watcher {
             stopping: AtomicBool::new(false),
             detach: AtomicBool::new(false),
             detached: Mutex::new(Vec::new()),
-            idle,
+            conf,
         });
         epoll::add(&shared.epoll, &shared.wake, EventData::new_u64(WAKE), EventFlags::IN)?;
+        if let Some(r) = &ring {
+            // Level-triggered: the ring wakes its reader only when it had caught up.
+            epoll::add(&shared.epoll, r, EventData::new_u64(EVENTS), EventFlags::IN)?;
+        }
         let s = shared.clone();
-        let thread = std::thread::Builder::new().name("lb-splice-watch".into()).spawn(move || run(&s, maps, report))?;
+        let thread =
+            std::thread::Builder::new().name("lb-splice-watch".into()).spawn(move || run(&s, maps, ring, report))?;
         Ok(Self { shared, thread: Mutex::new(Some(thread)) })
     }
 
@@ -197,7 +224,7 @@ impl Watcher {
             }
         });
         let copied = dirs.contains(&Dir::User);
-        let idle_due = Instant::now() + self.shared.idle;
+        let idle_due = Instant::now() + self.shared.conf.idle;
         let conn = Conn { socks, cookies, written_base, rd_closed: [false; 2], wr_shut: [false; 2], flows, idle_due };
         self.send(Msg::Watch(id, conn))?;
         if copied {
@@ -280,9 +307,10 @@ fn wake_interval(idle: Duration) -> Duration {
     (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(10))
 }
 
-fn run(shared: &Shared, mut maps: ConnMaps, mut report: impl Report) {
+fn run(shared: &Shared, mut maps: ConnMaps, mut ring: Option<RingBuf<MapData>>, mut report: impl Report) {
     let mut buf: Vec<epoll::Event> = Vec::with_capacity(512);
-    let wake_every = wake_interval(shared.idle);
+    let idle = shared.conf.idle;
+    let wake_every = wake_interval(idle);
     let mut next_tidy = Instant::now() + wake_every;
     let mut t = Table {
         conns: HashMap::new(),
@@ -323,6 +351,12 @@ fn run(shared: &Shared, mut maps: ConnMaps, mut report: impl Report) {
                 shared.drain_wake();
                 continue;
             }
+            if key == EVENTS {
+                if let Some(ring) = &mut ring {
+                    limit::events(ring, &t.conns, shared.conf.queue, &mut done);
+                }
+                continue;
+            }
             let (id, side) = (key >> 1, (key & 1) as usize);
             let Some(conn) = t.conns.get_mut(&id) else {
                 let now = Instant::now();
@@ -352,7 +386,7 @@ fn run(shared: &Shared, mut maps: ConnMaps, mut report: impl Report) {
             next_tidy = now + wake_every;
             t.early.retain(|_, (_, since)| since.elapsed() < EARLY_KEEP);
         }
-        looks::idle(&mut t.idle_due, &mut t.conns, &maps, shared.idle, now, &mut done);
+        looks::idle(&mut t.idle_due, &mut t.conns, &maps, idle, now, &mut done);
         for (id, next) in done {
             let Some(conn) = t.conns.remove(&id) else {
                 continue;
@@ -362,8 +396,14 @@ fn run(shared: &Shared, mut maps: ConnMaps, mut report: impl Report) {
                     let _ = sys::set_linger_zero(&conn.socks[1 - side]);
                     Ending::Rst
                 }
+                Next::Overflow => {
+                    for s in &conn.socks {
+                        let _ = sys::set_linger_zero(s);
+                    }
+                    Ending::Rst
+                }
                 Next::Idle => {
-                    log::debug!("closing a connection idle for more than {:?}", shared.idle);
+                    log::debug!("closing a connection idle for more than {idle:?}");
                     for s in &conn.socks {
                         let _ = s.shutdown(Shutdown::Both);
                     }
