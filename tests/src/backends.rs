@@ -200,11 +200,7 @@ async fn serve_transfer(mut s: TcpStream) -> TransferReport {
 
 /// Writes `len` bytes of `Stream(seed)`.
 pub async fn write_stream<W: AsyncWriteExt + Unpin>(w: &mut W, seed: u64, len: u64) -> std::io::Result<()> {
-    write_stream_from(w, Stream::new(seed), len).await
-}
-
-/// Writes the next `len` bytes of `st`.
-pub async fn write_stream_from<W: AsyncWriteExt + Unpin>(w: &mut W, mut st: Stream, len: u64) -> std::io::Result<()> {
+    let mut st = Stream::new(seed);
     let mut buf = vec![0u8; CHUNK];
     let mut left = len;
     while left > 0 {
