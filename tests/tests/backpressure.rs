@@ -19,11 +19,13 @@ use tokio::{
 
 const MIB: u64 = 1 << 20;
 
+/// The kernel's TCP memory is one global figure, and each test here fills
+/// socket buffers: one test at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 testkit::both_planes!(fast_sender_slow_reader_256mib);
 
 async fn fast_sender_slow_reader_256mib(mode: Mode) {
-    // The kernel's TCP memory is one global figure: measure one plane at a time.
-    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let _alone = ONE_AT_A_TIME.lock().await;
     const LEN: u64 = 256 * MIB;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -102,7 +104,6 @@ async fn fast_sender_slow_reader_256mib(mode: Mode) {
 /// ends see the reset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kernel_queue_past_the_limit_resets_the_connection() {
-    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let _alone = ONE_AT_A_TIME.lock().await;
     const LIMIT: u64 = 4 * MIB;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
