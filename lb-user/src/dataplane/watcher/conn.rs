@@ -150,8 +150,7 @@ impl Conn {
     /// Bytes written on side `to` since the splice; `enough`: the count that
     /// would settle the question (see [`sys::tcp_bytes_written`]).
     pub fn written(&self, to: usize, enough: u64) -> u64 {
-        let base = self.written_base[to];
-        sys::tcp_bytes_written(&self.socks[to], base + enough).unwrap_or(0).saturating_sub(base)
+        written_since_splice(&self.socks, &self.written_base, to, enough)
     }
 
     /// Whether the kernel moves the bytes side `from` receives.
@@ -176,9 +175,7 @@ impl Conn {
                     // received, and written == received means all of them are
                     // out: no record read needed.
                     let received = sys::tcp_bytes_received(&self.socks[from]).unwrap_or(1).saturating_sub(1);
-                    let base = self.written_base[to];
-                    let written =
-                        sys::tcp_bytes_written(&self.socks[to], base + received).unwrap_or(0).saturating_sub(base);
+                    let written = written_since_splice(&self.socks, &self.written_base, to, received);
                     log::trace!("drain {}: received {received} written {written}", side_name(from));
                     if written >= received {
                         // Errors here mean the peer is already gone; its own event follows.
@@ -256,6 +253,12 @@ impl Conn {
         });
         kernel.chain(copied).max()
     }
+}
+
+/// [`Conn::written`], on the fields alone, for where a direction's flow is
+/// borrowed.
+fn written_since_splice(socks: &[TcpStream; 2], base: &[u64; 2], to: usize, enough: u64) -> u64 {
+    sys::tcp_bytes_written(&socks[to], base[to] + enough).unwrap_or(0).saturating_sub(base[to])
 }
 
 /// Copies what side `from` received to the other side until either would

@@ -18,8 +18,9 @@ use lb_common::conn::FlowEvent;
 
 use super::conn::{Conn, Next, side_name};
 
-/// Takes the flow events in the ring; the connections past the limit go
-/// to `done` to be reset.
+/// Takes the flow events in the ring (there is one only with a limit); the
+/// connections past the limit go to `done` to be reset (the close loop
+/// skips a connection that is in `done` twice).
 pub(super) fn events(ring: &mut RingBuf<MapData>, conns: &HashMap<u64, Conn>, limit: u64, done: &mut Vec<(u64, Next)>) {
     while let Some(item) = ring.next() {
         let Some(ev) = item.get(..size_of::<FlowEvent>()).map(bytemuck::pod_read_unaligned::<FlowEvent>) else {
@@ -28,7 +29,7 @@ pub(super) fn events(ring: &mut RingBuf<MapData>, conns: &HashMap<u64, Conn>, li
         // Not here (yet, or any more): the next event looks again.
         let Some(conn) = conns.get(&ev.id) else { continue };
         let from = (ev.side & 1) as usize;
-        if limit == 0 || !conn.spliced(from) || done.iter().any(|(id, _)| *id == ev.id) {
+        if !conn.spliced(from) {
             continue;
         }
         let queued = ev.bytes.saturating_sub(conn.written(1 - from, ev.bytes));

@@ -60,9 +60,9 @@ pub(super) fn idle(
         }
         let quiet = conn.last_active(maps).map_or(Duration::ZERO, |l| Duration::from_nanos(now_ns.saturating_sub(l)));
         if quiet > idle {
-            if !done.iter().any(|(d, _)| *d == id) {
-                done.push((id, Next::Idle));
-            }
+            // Already in `done` for another reason: the close loop takes the
+            // first entry and skips this one.
+            done.push((id, Next::Idle));
             continue;
         }
         // The clock of the records ticks coarsely: at least a millisecond on.
