@@ -465,6 +465,13 @@ async fn descriptor_exhaustion_spares_the_api_and_recovers(mode: Mode) {
     }
     proof.assert_all_spliced(&lb, "emfile");
     drop(fresh);
+    if mode == Mode::Kernel {
+        // Every client is gone: none is listed, nor a record left behind
+        // by a connection the holder refused.
+        let listed = || serde_json::from_str::<serde_json::Value>(&lb.ctl(&["conns", "--json"])).unwrap();
+        let gone = retry_until(Duration::from_secs(5), || listed().as_array().unwrap().is_empty().then_some(())).await;
+        assert!(gone.is_some(), "connections listed after every client left: {}", listed());
+    }
     assert!(lb.workers.contains(&worker) && testkit::fd_count(worker) > 0, "the worker died");
     lb.await_publication();
     let stats = lb.pinned_stats();

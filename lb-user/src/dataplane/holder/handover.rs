@@ -76,7 +76,7 @@ impl Holder {
                 }
                 for d in detached {
                     let Some(held) = live.get(&d.id).cloned() else { continue };
-                    if let Err(why) = self.keep(held, d.socks, d.copy) {
+                    if let Err((why, _)) = self.keep(held, d.socks, d.copy) {
                         log::error!("connection {} could not be watched again: {why}", d.id);
                     }
                 }
@@ -113,7 +113,7 @@ pub fn take_over(path: &Path, pin_path: Option<&Path>, conf: WatchConf) -> anyho
                     let id = h.held.id;
                     holder
                         .keep(h.held, [TcpStream::from(c), TcpStream::from(s)], h.copy)
-                        .map_err(|why| anyhow::anyhow!("connection {id}: {why}"))?;
+                        .map_err(|(why, _)| anyhow::anyhow!("connection {id}: {why}"))?;
                     n += 1;
                 }
             }

@@ -14,10 +14,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::wire::{self, Closed, Ending, Held, ToHolder, ToWorker, VERSION};
-use crate::{
-    dataplane::Socks,
-    observe::conn::{CloseReason, ConnGuard},
-};
+use crate::observe::conn::{CloseReason, ConnGuard};
 
 /// How long a send to the holder may block.
 const SEND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -30,17 +27,10 @@ pub struct Welcome {
     pub live: Vec<Held>,
 }
 
-/// A connection handed to the holder.
-struct Entry {
-    guard: ConnGuard,
-    /// This process's descriptors, until the holder says it took its own.
-    socks: Option<[TcpStream; 2]>,
-}
-
 pub struct Link {
     sock: OwnedFd,
     /// Every connection handed to the holder, by id.
-    held: Mutex<HashMap<u64, Entry>>,
+    held: Mutex<HashMap<u64, ConnGuard>>,
 }
 
 impl Link {
@@ -81,13 +71,14 @@ impl Link {
 
     /// Counts a connection the holder already had.
     pub fn adopt(&self, id: u64, guard: ConnGuard) {
-        self.held.lock().unwrap_or_else(|e| e.into_inner()).insert(id, Entry { guard, socks: None });
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).insert(id, guard);
     }
 
-    /// Hands a spliced connection to the holder. This process keeps its
-    /// descriptors until the holder says it took the connection (or resets
-    /// the connection if the holder could not). On error nothing was
-    /// handed over and the guard and sockets come back.
+    /// Hands a spliced connection to the holder and closes this process's
+    /// descriptors: the message holds the sockets open until the holder
+    /// has them, and the holder resets what it cannot keep (and answers
+    /// [`ToWorker::Refused`]). On error nothing was handed over and the
+    /// guard and sockets come back.
     pub fn hold(
         &self,
         h: Held,
@@ -97,10 +88,9 @@ impl Link {
         let id = h.id;
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         // Under the lock: the holder's answer about `id` waits for the entry.
-        let sent = wire::send(&self.sock, &ToHolder::Hold(h), &[socks[0].as_fd(), socks[1].as_fd()]);
-        match sent {
+        match wire::send(&self.sock, &ToHolder::Hold(h), &[socks[0].as_fd(), socks[1].as_fd()]) {
             Ok(()) => {
-                held.insert(id, Entry { guard, socks: Some(socks) });
+                held.insert(id, guard);
                 Ok(())
             }
             Err(e) => Err((guard, socks, e)),
@@ -114,14 +104,6 @@ impl Link {
         loop {
             match wire::recv::<ToWorker>(&self.sock) {
                 Ok(Some((ToWorker::Closed(batch), _))) => self.closed(&batch),
-                Ok(Some((ToWorker::Taken(ids), _))) => {
-                    let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-                    for id in ids {
-                        if let Some(e) = held.get_mut(&id) {
-                            e.socks = None;
-                        }
-                    }
-                }
                 Ok(Some((ToWorker::Refused(ids), _))) => self.refused(&ids),
                 Ok(Some((other, _))) => log::warn!("unexpected message from the holder: {other:?}"),
                 Ok(None) | Err(_) => break,
@@ -133,23 +115,21 @@ impl Link {
         std::process::exit(75);
     }
 
-    /// The holder could not take these (out of descriptors): reset them,
-    /// counted as turned away for want of local resources.
+    /// The holder could not take these (out of descriptors) and reset
+    /// them: counted as turned away for want of local resources.
     fn refused(&self, ids: &[u64]) {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         for id in ids {
-            let Some(Entry { mut guard, socks }) = held.remove(id) else { continue };
-            if let Some([c, s]) = socks {
-                drop(Socks::new(c, s)); // resets both
+            if let Some(mut guard) = held.remove(id) {
+                guard.no_local_resources();
             }
-            guard.no_local_resources();
         }
     }
 
     fn closed(&self, batch: &[Closed]) {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         for c in batch {
-            let Some(Entry { guard: mut g, .. }) = held.remove(&c.id) else {
+            let Some(mut g) = held.remove(&c.id) else {
                 log::debug!("holder closed connection {} this worker does not count", c.id);
                 continue;
             };
@@ -174,8 +154,8 @@ impl Link {
     pub fn release_all(&self) -> usize {
         let all = std::mem::take(&mut *self.held.lock().unwrap_or_else(|e| e.into_inner()));
         let n = all.len();
-        for (_, e) in all {
-            e.guard.hand_over();
+        for (_, guard) in all {
+            guard.hand_over();
         }
         n
     }

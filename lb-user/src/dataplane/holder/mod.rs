@@ -37,6 +37,13 @@ pub use super::watcher::WatchConf;
 use super::watcher::{Dir, Report, Watcher};
 use crate::kernel::maps::ConnMaps;
 
+fn open_maps(path: &Path) -> anyhow::Result<ConnMaps> {
+    ConnMaps::open(path).map_err(|e| anyhow::anyhow!("opening the pinned maps at {}: {e}", path.display()))
+}
+
+/// Why a connection could not be kept, and its sockets if nothing has reset them.
+type Refusal = (String, Option<[TcpStream; 2]>);
+
 /// How long a send to a worker may block before the worker is dropped.
 const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -83,6 +90,9 @@ pub struct Holder {
     watcher: Mutex<Option<Watcher>>,
     /// The pinned maps, on the kernel plane.
     pin_path: Option<PathBuf>,
+    /// This process's own handles to them, for the records of connections
+    /// it refuses (the watcher's are its thread's).
+    records: Option<Mutex<ConnMaps>>,
     conf: WatchConf,
     listeners: Vec<std::net::TcpListener>,
     socket: Option<OwnedFd>,
@@ -97,10 +107,12 @@ impl Holder {
         conf: WatchConf,
     ) -> anyhow::Result<Self> {
         let state = Arc::new(Mutex::new(State::default()));
+        let records = pin_path.map(open_maps).transpose()?.map(Mutex::new);
         let mut h = Self {
             state,
             watcher: Mutex::new(None),
             pin_path: pin_path.map(Path::to_owned),
+            records,
             conf,
             listeners,
             socket: None,
@@ -114,8 +126,7 @@ impl Holder {
 
     fn start_watcher(&self) -> anyhow::Result<Watcher> {
         let path = self.pin_path.as_deref().context("no pinned maps")?;
-        let maps =
-            ConnMaps::open(path).map_err(|e| anyhow::anyhow!("opening the pinned maps at {}: {e}", path.display()))?;
+        let maps = open_maps(path)?;
         let ring = (self.conf.queue > 0)
             .then(|| crate::kernel::maps::events_ring(path, self.conf.slot))
             .transpose()
@@ -204,31 +215,17 @@ impl Holder {
             st.closed.clear();
             st.worker = Some(conn.clone());
         }
-        // Answers go out when no message waits: one per burst, not per connection.
-        let (mut taken, mut refused) = (Vec::new(), Vec::new());
         let mut refusals = crate::observe::Every::new();
         loop {
-            let flags = if taken.is_empty() && refused.is_empty() { RecvFlags::empty() } else { RecvFlags::DONTWAIT };
-            let r = match wire::recv_with::<ToHolder>(&**conn, flags) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    wire::send_chunked(&**conn, &std::mem::take(&mut taken), ToWorker::Taken)?;
-                    wire::send_chunked(&**conn, &std::mem::take(&mut refused), ToWorker::Refused)?;
-                    continue;
-                }
-                r => r?,
-            };
-            let Some(r) = r else { return Ok(()) };
+            let Some(r) = wire::recv_with::<ToHolder>(&**conn, RecvFlags::empty())? else { return Ok(()) };
             match r.msg {
                 ToHolder::Hold(h) => {
                     let id = h.id;
-                    match self.hold(h, r.fds, r.fds_lost) {
-                        Ok(()) => taken.push(id),
-                        Err(why) => {
-                            if let Some(n) = refusals.hit() {
-                                log::warn!("holder: cannot take {n} connection(s): {why}; the worker resets them");
-                            }
-                            refused.push(id);
+                    if let Err(why) = self.hold(h, r.fds, r.fds_lost) {
+                        if let Some(n) = refusals.hit() {
+                            log::warn!("holder: cannot take {n} connection(s): {why}; turned away");
                         }
+                        wire::send(&**conn, &ToWorker::Refused(vec![id]), &[])?;
                     }
                 }
                 other => return Err(std::io::Error::other(format!("unexpected from a worker: {other:?}"))),
@@ -236,34 +233,51 @@ impl Holder {
         }
     }
 
-    /// Takes one connection, or says why not (the worker still has its own
-    /// descriptors of both sockets and resets them).
+    /// Takes one connection, or resets it and says why not. The worker has
+    /// closed its own descriptors already, so what this holder cannot keep
+    /// it resets here (and removes the connection's records). Descriptors
+    /// the kernel could not install here (`fds_lost`: this process is out
+    /// of descriptors) it closed itself: such a socket ends with a FIN.
     fn hold(&self, h: Held, fds: Vec<OwnedFd>, fds_lost: bool) -> Result<(), String> {
-        if fds_lost {
-            return Err("out of descriptors".into());
-        }
-        let Ok::<[OwnedFd; 2], _>([c, s]) = fds.try_into() else {
-            return Err("not two descriptors".into());
+        let cookies = h.cookies;
+        let socks: Vec<TcpStream> = fds.into_iter().map(TcpStream::from).collect();
+        let (why, left) = if fds_lost {
+            ("out of descriptors".to_string(), socks)
+        } else {
+            match <[TcpStream; 2]>::try_from(socks) {
+                Ok(socks) => match self.keep(h, socks, None) {
+                    Ok(()) => return Ok(()),
+                    Err((why, socks)) => (why, socks.map(Vec::from).unwrap_or_default()),
+                },
+                Err(socks) => (format!("{} descriptors instead of two", socks.len()), socks),
+            }
         };
-        self.keep(h, [TcpStream::from(c), TcpStream::from(s)], None)
+        for s in &left {
+            let _ = crate::kernel::sys::set_linger_zero(s);
+        }
+        if let Some(m) = &self.records {
+            m.lock().unwrap_or_else(|e| e.into_inner()).forget_closing(&cookies);
+        }
+        Err(why)
     }
 
-    /// Watches a connection from here on.
-    fn keep(&self, h: Held, socks: [TcpStream; 2], copy: Option<CopyState>) -> Result<(), String> {
+    /// Watches a connection from here on. On error the sockets come back
+    /// if the watcher never had them (it resets those it had).
+    fn keep(&self, h: Held, socks: [TcpStream; 2], copy: Option<CopyState>) -> Result<(), Refusal> {
         let watcher = self.watcher.lock().unwrap_or_else(|e| e.into_inner());
         let Some(watcher) = &*watcher else {
-            return Err("this holder keeps no connections (userspace data plane)".into());
+            return Err(("this holder keeps no connections (userspace data plane)".into(), Some(socks)));
         };
         let id = h.id;
         if id >= 1 << 63 {
-            return Err("id out of range".into());
+            return Err(("id out of range".into(), Some(socks)));
         }
         let dirs = [if h.client_copied { Dir::User } else { Dir::Kernel }, Dir::Kernel];
         let (cookies, written) = (h.cookies, h.written_base);
         self.state.lock().unwrap_or_else(|e| e.into_inner()).live.insert(id, h);
         watcher.watch(id, socks, cookies, written, dirs, copy).map_err(|e| {
             self.state.lock().unwrap_or_else(|e| e.into_inner()).live.remove(&id);
-            e.to_string()
+            (e.to_string(), None)
         })
     }
 

@@ -5,10 +5,11 @@
 //!   per spliced connection, with its two sockets `[client, server]`;
 //! - holder → worker: [`ToWorker::Welcome`] with the frontends' listening
 //!   sockets, the connections it already holds in [`ToWorker::Live`]
-//!   chunks, [`ToWorker::LiveEnd`], then [`ToWorker::Taken`] for the
-//!   connections it now keeps (the worker closes its own descriptors only
-//!   then), [`ToWorker::Refused`] for those it could not take (out of
-//!   descriptors: the worker resets them) and [`ToWorker::Closed`] batches.
+//!   chunks, [`ToWorker::LiveEnd`], then [`ToWorker::Refused`] for
+//!   connections it could not keep (out of descriptors: it reset them) and
+//!   [`ToWorker::Closed`] batches. The worker closes its own descriptors
+//!   as soon as a [`ToHolder::Hold`] is sent; no answer is needed for the
+//!   connections the holder keeps.
 
 use std::{
     io::{IoSlice, IoSliceMut},
@@ -121,7 +122,6 @@ pub enum ToWorker {
     },
     Live(Vec<Held>),
     LiveEnd,
-    Taken(Vec<u64>),
     Refused(Vec<u64>),
     Closed(Vec<Closed>),
     /// To a new holder: one listening socket per frontend, in config order.
@@ -296,10 +296,10 @@ mod tests {
         let (a, b) =
             rustix::net::socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None).unwrap();
         let f = std::fs::File::open("/dev/null").unwrap();
-        send(&a, &ToWorker::Taken(vec![1, 2, 3]), &[f.as_fd(), f.as_fd()]).unwrap();
+        send(&a, &ToWorker::Refused(vec![1, 2, 3]), &[f.as_fd(), f.as_fd()]).unwrap();
         send(&a, &ToWorker::LiveEnd, &[]).unwrap();
         let (m, fds) = recv::<ToWorker>(&b).unwrap().unwrap();
-        assert!(matches!(m, ToWorker::Taken(ids) if ids == [1, 2, 3]));
+        assert!(matches!(m, ToWorker::Refused(ids) if ids == [1, 2, 3]));
         assert_eq!(fds.len(), 2);
         let (m, fds) = recv::<ToWorker>(&b).unwrap().unwrap();
         assert!(matches!(m, ToWorker::LiveEnd) && fds.is_empty());
