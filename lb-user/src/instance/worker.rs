@@ -172,7 +172,7 @@ async fn serve(
         queue_timeout: cfg.timeouts.queue,
         connect_attempts: cfg.connect_attempts,
         send_buffer: cfg.send_buffer,
-        sequential_ports_from: crate::proxy::connect::sequential_ports_from(cfg.workers),
+        sequential_ports: crate::kernel::sys::has_local_port_range(),
         in_flight: Default::default(),
     });
     let global = Arc::new(Semaphore::new(per_worker as usize));

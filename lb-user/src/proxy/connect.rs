@@ -173,15 +173,6 @@ fn warn_local(e: &io::Error) {
     }
 }
 
-/// How many connections of one (source, server) pair a worker makes before
-/// it gives their sockets a port range of their own: half the ephemeral
-/// range, shared out among the workers (`SO_REUSEPORT` spreads clients
-/// evenly, and each worker uses the pairs evenly). Past half the range
-/// `connect()`'s port search slows down a hundredfold without one.
-pub fn sequential_ports_from(workers: u32) -> u64 {
-    lb_common::host::ephemeral_ports().map_or(u64::MAX, |n| u64::from(n) / 2 / u64::from(workers.max(1)))
-}
-
 /// A socket for `server` from `pair`'s source address.
 fn socket_for(server: &ServerState, pair: &PairState, shared: &Shared) -> io::Result<Socket> {
     let addr = server.cfg.addr.0;
@@ -193,13 +184,14 @@ fn socket_for(server: &ServerState, pair: &PairState, shared: &Shared) -> io::Re
     sys::set_send_buffer(&sock, shared.send_buffer);
     if let Some((lo, hi)) = server.port_range {
         sys::set_local_port_range(&sock, lo, hi)?;
-    } else if pair.in_use.load(Relaxed) >= shared.sequential_ports_from {
+    } else if shared.sequential_ports {
         // connect() tries the ports of one parity first; once those are all
         // in use for this (source, server) pair, every connect walks all of
         // them before trying the others (measured from one address: 80,000
         // connects/s below half the range, 700/s above it). Any per-socket
         // range makes the search sequential; the kernel clamps 1-65535 to
-        // the system's range. Older kernels lack the option: no harm.
+        // the system's range. Set on every socket: a worker cannot tell
+        // when the pair's half is full from its own share of it (ARCHITECTURE.md).
         let _ = sys::set_local_port_range(&sock, 1, u16::MAX);
     }
     Ok(sock)

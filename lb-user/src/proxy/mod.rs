@@ -23,8 +23,10 @@ pub struct Shared {
     pub connect_attempts: u32,
     /// `send_buffer` for server sockets (client sockets inherit their listener's).
     pub send_buffer: u32,
-    /// See [`connect::sequential_ports_from`].
-    pub sequential_ports_from: u64,
+    /// The kernel has `IP_LOCAL_PORT_RANGE`: every server socket gets the
+    /// system's range as its own, which makes `connect()`'s port search
+    /// sequential (see `connect::socket_for`).
+    pub sequential_ports: bool,
     /// Clients accepted and not yet handed to the data plane (or given up).
     pub in_flight: std::sync::atomic::AtomicUsize,
 }
