@@ -89,7 +89,8 @@ pub struct Timeouts {
     /// A spliced connection with no bytes in either direction for this long is closed.
     pub idle: Duration,
     /// A worker whose heartbeat (its stats publication, every 100 ms) has
-    /// not advanced for this long is hung: killed and replaced.
+    /// not advanced for this long, and that has had no CPU time since, is
+    /// hung: killed and replaced (one still running: after five times this).
     pub worker: Duration,
     /// Longest wait for a complete TLS ClientHello on a frontend with `sni`.
     pub client_hello: Duration,

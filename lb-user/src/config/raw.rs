@@ -35,7 +35,8 @@ pub struct Timeouts {
     pub connect: DurationKey,
     pub queue: DurationKey,
     pub idle: DurationKey,
-    /// A worker whose heartbeat stops this long is killed and replaced.
+    /// A worker whose heartbeat stops this long (and that has had no CPU
+    /// time since) is killed and replaced.
     pub worker: DurationKey,
     /// Longest wait for a TLS ClientHello on a frontend with `sni`.
     pub client_hello: DurationKey,

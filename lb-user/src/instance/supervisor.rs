@@ -290,7 +290,7 @@ pub(super) async fn serve(
         Ok(maps) if sup.spec.maps => Some(Watchdog {
             maps,
             hung_after: sup.cfg.timeouts.worker,
-            seen: vec![(0, Instant::now()); sup.slots.len()],
+            seen: vec![super::watchdog::Seen::new(0); sup.slots.len()],
         }),
         _ => None,
     };

@@ -4,36 +4,143 @@ use std::time::{Duration, Instant};
 
 use super::{children::signal, supervisor::Slot};
 
+/// How many times `timeouts.worker` a worker that still gets CPU time may
+/// go without a heartbeat before it is taken for hung after all (spinning).
+/// On a saturated machine a busy worker's publication can come late; a
+/// worker killed then takes its clients' handshakes with it, right when
+/// the machine can least afford them coming back.
+pub(super) const BUSY_GRACE: u32 = 5;
+
 /// Watches each worker's `LB_WORKERS` entry for progress: a worker whose
-/// publication (every 100 ms) has not advanced for `timeouts.worker` is
-/// hung (stopped, deadlocked) and is killed and restarted, since
-/// `SO_REUSEPORT` keeps handing it new clients.
+/// publication (every 100 ms) has not advanced for `timeouts.worker` and
+/// that has had no CPU time since (stopped, deadlocked) is hung, and is
+/// killed and restarted, since `SO_REUSEPORT` keeps handing it new clients.
+/// One that still runs gets [`BUSY_GRACE`] times as long.
 pub(super) struct Watchdog {
     pub(super) maps: crate::kernel::maps::StatMaps,
     pub(super) hung_after: Duration,
-    /// Per slot: the last `seq` seen and when it changed.
-    pub(super) seen: Vec<(u64, Instant)>,
+    /// Per slot.
+    pub(super) seen: Vec<Seen>,
+}
+
+/// What the watchdog last saw of a slot's worker.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Seen {
+    seq: u64,
+    /// When `seq` last changed.
+    at: Instant,
+    /// The worker's CPU time (clock ticks) when its silence first passed
+    /// `timeouts.worker`.
+    cpu: Option<u64>,
+    /// The busy warning was logged for this silence.
+    said: bool,
+}
+
+impl Seen {
+    pub(super) fn new(seq: u64) -> Self {
+        Self { seq, at: Instant::now(), cpu: None, said: false }
+    }
+}
+
+/// What a silent worker is.
+#[derive(Debug, PartialEq, Eq)]
+enum Judgement {
+    Fine,
+    /// Silent past the limit: look at its CPU time again at the next check.
+    Look,
+    /// Silent, but it ran since: wait.
+    Busy,
+    Hung,
+}
+
+/// `silent`: since the last heartbeat; `cpu_then`: CPU time when the
+/// silence passed `hung_after`, if looked at; `cpu_now`: now (`None`: unreadable).
+fn judge(silent: Duration, hung_after: Duration, cpu_then: Option<u64>, cpu_now: Option<u64>) -> Judgement {
+    match (cpu_then, cpu_now) {
+        _ if silent <= hung_after => Judgement::Fine,
+        (None, Some(_)) => Judgement::Look,
+        (Some(then), Some(now)) if now > then && silent <= hung_after * BUSY_GRACE => Judgement::Busy,
+        _ => Judgement::Hung,
+    }
+}
+
+/// User plus system CPU time of every thread of process `pid`, in clock
+/// ticks (`/proc/<pid>/stat`, fields 14 and 15).
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
 }
 
 impl Watchdog {
-    /// Kills the workers that stopped publishing; their exit restarts them.
+    /// Kills the workers that stopped publishing and running; their exit
+    /// restarts them.
     pub(super) fn check(&mut self, slots: &[Slot]) {
         for (i, slot) in slots.iter().enumerate() {
             let Some(pid) = slot.pid else { continue };
             let seq = self.maps.workers.get(&(i as u32), 0).ok().filter(|w| w.pid == u64::from(pid)).map(|w| w.seq);
             let seen = &mut self.seen[i];
-            match seq {
-                Some(s) if s != seen.0 => *seen = (s, Instant::now()),
-                _ if seen.1.elapsed().min(slot.started.elapsed()) > self.hung_after => {
+            if let Some(s) = seq.filter(|s| *s != seen.seq) {
+                *seen = Seen::new(s);
+                continue;
+            }
+            let silent = seen.at.elapsed().min(slot.started.elapsed());
+            let now = if silent > self.hung_after { cpu_ticks(pid) } else { None };
+            match judge(silent, self.hung_after, seen.cpu, now) {
+                Judgement::Fine => {}
+                Judgement::Look => seen.cpu = now,
+                Judgement::Busy => {
+                    if !std::mem::replace(&mut seen.said, true) {
+                        log::warn!(
+                            "worker {i} (pid {pid}): no heartbeat for {silent:.1?} but it is running: busy, not \
+                             hung; it gets up to {:?}",
+                            self.hung_after * BUSY_GRACE
+                        );
+                    }
+                }
+                Judgement::Hung => {
                     log::warn!(
                         "worker {i} (pid {pid}): no heartbeat for {:?} (timeouts.worker): hung; killing it",
                         self.hung_after
                     );
                     signal(pid, rustix::process::Signal::KILL);
-                    *seen = (0, Instant::now());
+                    *seen = Seen::new(0);
                 }
-                _ => {}
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{BUSY_GRACE, Judgement::*, judge};
+
+    #[test]
+    fn a_silent_worker_is_hung_only_if_it_stopped_running() {
+        let limit = Duration::from_secs(2);
+        let s = Duration::from_secs;
+        assert_eq!(judge(s(1), limit, None, None), Fine);
+        // Past the limit: its CPU time is taken, and looked at again next time.
+        assert_eq!(judge(s(3), limit, None, Some(500)), Look);
+        assert_eq!(judge(s(3), limit, Some(500), Some(500)), Hung, "stopped or deadlocked");
+        assert_eq!(judge(s(3), limit, Some(500), Some(501)), Busy);
+        assert_eq!(judge(limit * BUSY_GRACE + s(1), limit, Some(500), Some(9000)), Hung, "spinning");
+        assert_eq!(judge(s(3), limit, None, None), Hung, "gone, or /proc unreadable");
+    }
+
+    #[test]
+    fn cpu_time_of_this_process_is_read() {
+        let t = super::cpu_ticks(std::process::id()).expect("own /proc/<pid>/stat");
+        // Spin until the count moves (a tick is 10 ms of CPU), for at most 5 s.
+        let spin = std::time::Instant::now();
+        while super::cpu_ticks(std::process::id()).unwrap() == t {
+            assert!(spin.elapsed() < Duration::from_secs(5), "5 s of spinning added no tick");
+            std::hint::black_box((0..1000u64).sum::<u64>());
         }
     }
 }
