@@ -55,11 +55,20 @@ impl NetNs {
 
     /// Established TCP connections from `src` to `dst` as `ss` sees them.
     pub fn ss_count(&self, src: &str, dst: &str) -> usize {
+        self.ss_ports(src, dst).len()
+    }
+
+    /// The local ports of the established connections from `src` to `dst`.
+    pub fn ss_ports(&self, src: &str, dst: &str) -> Vec<u16> {
         let out = Command::new("ss")
             .args(["-Htn", "state", "established", "src", src, "dst", dst])
             .output()
             .expect("running ss");
-        String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()).count()
+        // With a state filter the columns are: Recv-Q Send-Q Local Peer.
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(2)?.rsplit_once(':')?.1.parse().ok())
+            .collect()
     }
 }
 

@@ -30,6 +30,7 @@ macro_rules! both_planes {
 }
 
 both_planes!(
+    ports_are_searched_in_order_from_the_first_connection,
     one_address_takes_the_whole_range_then_refuses,
     four_addresses_take_four_ranges,
     one_address_two_servers_get_a_range_each,
@@ -123,6 +124,22 @@ async fn ports_in_use(lb: &Lb, want: &[(&str, &str, u64)]) {
     })
     .await;
     assert!(ok.is_some(), "ports in use per source should be {want:?}; lb stats says {:?}", sources(lb));
+}
+
+/// Every server socket has a port range of its own, so `connect()` searches
+/// the range in order: without one it takes ports of one parity only (here:
+/// even) until half the range is in use, and past that every connect walks
+/// that whole half first (the slowdown behind "Beating port exhaustion").
+async fn ports_are_searched_in_order_from_the_first_connection(cx: Ctx) {
+    let _be = Backend::echo_at("127.0.0.1:9000".parse().unwrap()).await;
+    let Some(lb) = cx.lb("servers = [\"127.0.0.1:9000\"]\nsource_pool = [\"127.0.1.1\"]") else { return };
+    let _held = cx.clients(30).await;
+    let ports = cx.ns.ss_ports("127.0.1.1", "127.0.0.1:9000");
+    assert_eq!(ports.len(), 30, "ss: {ports:?}");
+    // In order, the next port is 1-8 past the last one found (the kernel's
+    // random skip): all 30 even by chance has odds of 2^-29.
+    assert!(ports.iter().any(|p| p % 2 == 1), "only even ports, as without a range of their own: {ports:?}");
+    drop(lb);
 }
 
 async fn one_address_takes_the_whole_range_then_refuses(cx: Ctx) {
