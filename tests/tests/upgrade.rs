@@ -18,7 +18,10 @@ use testkit::{
     retry_until, round_trip,
     traffic::{Finished, Traffic, expect_replies_after_fin, open_checked},
 };
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
 
 /// Starts lb on the kernel plane with `body`, extra `env`.
 fn start(test: &str, body: &str, env: &[(&str, &str)]) -> Option<Lb> {
@@ -246,6 +249,74 @@ async fn fin_during_the_hand_over_is_forwarded_spliced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fin_during_the_hand_over_is_forwarded_copied() {
     fin_during_the_hand_over_is_forwarded(true).await;
+}
+
+/// A copied client side that finished before the upgrade (every byte and
+/// its FIN sent on, its copy buffer freed) is handed over with its count:
+/// after the upgrade the replies arrive, the connections close, and the
+/// server's `bytes_in` holds every byte the clients sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_copied_side_keeps_its_count_through_an_upgrade() {
+    const CLIENTS: u8 = 5;
+    let (got, eofs) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let go = Arc::new(tokio::sync::Semaphore::new(0));
+    let (g, e, p) = (got.clone(), eofs.clone(), go.clone());
+    let be = Backend::spawn(move |mut s| {
+        let (g, e, p) = (g.clone(), e.clone(), p.clone());
+        async move {
+            let mut bytes = vec![0u8; 100];
+            if s.read_exact(&mut bytes).await.is_err() {
+                return;
+            }
+            g.fetch_add(1, Relaxed);
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+            e.fetch_add(1, Relaxed);
+            if let Ok(permit) = p.acquire().await {
+                permit.forget();
+            }
+            bytes.extend(rest);
+            let _ = s.write_all(&bytes).await;
+            let _ = s.shutdown().await;
+        }
+    })
+    .await;
+    let body = Lb::body(&[be.addr]);
+    let Some(mut lb) = start("upgrade_copied_done", &body, &[("LB_TEST_COPY_CLIENT", "1")]) else { return };
+    let next = copy_of_lb(&lb);
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        let mut s = TcpStream::connect(lb.addr).await.unwrap();
+        s.write_all(&[i; 100]).await.unwrap();
+        clients.push(s);
+    }
+    // Every connection spliced (and its client side copied) before the FINs:
+    // a client that half-closes before its splice is served by the worker.
+    let copied = retry_until(Duration::from_secs(5), || (got.load(Relaxed) == 5).then_some(())).await;
+    assert!(copied.is_some(), "{} of {CLIENTS} reached the backend", got.load(Relaxed));
+    for s in &mut clients {
+        s.shutdown().await.unwrap();
+    }
+    let forwarded = retry_until(Duration::from_secs(5), || (eofs.load(Relaxed) == 5).then_some(())).await;
+    assert!(forwarded.is_some(), "{} of {CLIENTS} FINs reached the backend", eofs.load(Relaxed));
+    let answer = upgrade(&lb, &next).await;
+    assert!(answer.0, "lb upgrade failed: {}\n{}", answer.2, lb.stderr());
+    assert!(answer.1.contains("5 spliced connection(s) handed over"), "{}", answer.1);
+    lb.upgraded_to(new_pid(&answer.1));
+    go.add_permits(CLIENTS.into());
+    for (i, s) in clients.iter_mut().enumerate() {
+        let mut reply = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut reply)).await.unwrap().unwrap();
+        assert_eq!(reply, vec![i as u8; 100], "client {i}'s reply:\n{}", lb.stderr());
+    }
+    let counted = retry_until(Duration::from_secs(5), || {
+        let s = lb.pinned_stats();
+        let row = s["servers"].as_array()?.iter().find(|r| r["addr"] == be.addr.to_string())?.clone();
+        (s["totals"]["active"] == 0 && row["bytes_in"] == 500 && row["bytes_out"] == 500).then_some(())
+    })
+    .await;
+    assert!(counted.is_some(), "not closed, or bytes not counted, after the upgrade: {}", lb.pinned_stats());
+    assert!(lb.stop());
 }
 
 /// A binary that cannot take over (it does not start, or is no file)

@@ -78,6 +78,10 @@ pub(super) enum Flow {
     /// the bytes the kernel redirected from it (the count, final now).
     Done(u64),
     User(Box<Copy>),
+    /// Copy finished: every byte and the FIN went on (the count). Its
+    /// buffer is freed: a client that half-closes at once and then reads a
+    /// long download would otherwise keep 64 KiB in the holder for it.
+    Copied(u64),
 }
 
 pub(super) struct Conn {
@@ -165,8 +169,14 @@ impl Conn {
         for from in [0, 1] {
             let to = 1 - from;
             let next = match &mut self.flows[from] {
-                Flow::User(copy) => pump(copy, &self.socks, from, &mut self.rd_closed, &mut self.wr_shut),
-                Flow::Kernel(None) | Flow::Done(_) => Next::Keep,
+                Flow::User(copy) => {
+                    let next = pump(copy, &self.socks, from, &mut self.rd_closed, &mut self.wr_shut);
+                    if copy.eof && copy.off == copy.len && self.wr_shut[to] {
+                        self.flows[from] = Flow::Copied(copy.bytes);
+                    }
+                    next
+                }
+                Flow::Kernel(None) | Flow::Done(_) | Flow::Copied(_) => Next::Keep,
                 Flow::Kernel(Some(d)) if d.next > now => Next::Keep,
                 Flow::Kernel(Some(d)) => {
                     // tcpi_bytes_received counts the FIN, which is in by now.
@@ -215,6 +225,7 @@ impl Conn {
             Flow::User(c) => {
                 Some(super::CopyState { pending: c.buf[c.off..c.len].to_vec(), eof: c.eof, bytes: c.bytes })
             }
+            Flow::Copied(n) => Some(super::CopyState { pending: Vec::new(), eof: true, bytes: *n }),
             Flow::Kernel(_) | Flow::Done(_) => None,
         };
         super::Detached { id, socks: self.socks, copy }
@@ -238,7 +249,7 @@ impl Conn {
     pub fn bytes(&self, maps: &ConnMaps) -> [u64; 2] {
         [0, 1].map(|side| match &self.flows[side] {
             Flow::User(c) => c.bytes,
-            Flow::Done(n) => *n,
+            Flow::Done(n) | Flow::Copied(n) => *n,
             Flow::Kernel(_) => maps.redirected(self.cookies[side]).unwrap_or(0),
         })
     }
@@ -249,7 +260,7 @@ impl Conn {
         let kernel = self.cookies.iter().filter_map(|c| maps.record(*c)).map(|r| r.last_active_ns);
         let copied = self.flows.iter().filter_map(|f| match f {
             Flow::User(c) => Some(c.last_ns),
-            Flow::Kernel(_) | Flow::Done(_) => None,
+            Flow::Kernel(_) | Flow::Done(_) | Flow::Copied(_) => None,
         });
         kernel.chain(copied).max()
     }

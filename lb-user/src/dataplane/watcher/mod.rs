@@ -225,7 +225,9 @@ impl Watcher {
         });
         let copied = dirs.contains(&Dir::User);
         let idle_due = Instant::now() + self.shared.conf.idle;
-        let conn = Conn { socks, cookies, written_base, rd_closed: [false; 2], wr_shut: [false; 2], flows, idle_due };
+        // A copied side handed over after its FIN was read has no FIN left to read.
+        let rd_closed = dirs.map(|d| d == Dir::User && copy.eof);
+        let conn = Conn { socks, cookies, written_base, rd_closed, wr_shut: [false; 2], flows, idle_due };
         self.send(Msg::Watch(id, conn))?;
         if copied {
             // A copied side is looked at once on arrival, even without an event.
