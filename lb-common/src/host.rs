@@ -8,3 +8,28 @@ pub fn ephemeral_ports() -> Option<u32> {
     let (lo, hi) = (it.next()?.ok()?, it.next()?.ok()?);
     (hi >= lo).then(|| hi - lo + 1)
 }
+
+/// User plus system CPU time of every thread of process `pid`, in clock
+/// ticks (`/proc/<pid>/stat`, fields 14 and 15); `None` if it cannot be read.
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(std::format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cpu_time_of_this_process_is_read() {
+        let t = super::cpu_ticks(std::process::id()).expect("own /proc/<pid>/stat");
+        // Spin until the count moves (a tick is 10 ms of CPU), for at most 5 s.
+        let spin = std::time::Instant::now();
+        while super::cpu_ticks(std::process::id()).unwrap() == t {
+            assert!(spin.elapsed() < std::time::Duration::from_secs(5), "5 s of spinning added no tick");
+            std::hint::black_box((0..1000u64).sum::<u64>());
+        }
+    }
+}

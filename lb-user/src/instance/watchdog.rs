@@ -9,7 +9,7 @@ use super::{children::signal, supervisor::Slot};
 /// On a saturated machine a busy worker's publication can come late; a
 /// worker killed then takes its clients' handshakes with it, right when
 /// the machine can least afford them coming back.
-pub(super) const BUSY_GRACE: u32 = 5;
+const BUSY_GRACE: u32 = 5;
 
 /// Watches each worker's `LB_WORKERS` entry for progress: a worker whose
 /// publication (every 100 ms) has not advanced for `timeouts.worker` and
@@ -64,17 +64,6 @@ fn judge(silent: Duration, hung_after: Duration, cpu_then: Option<u64>, cpu_now:
     }
 }
 
-/// User plus system CPU time of every thread of process `pid`, in clock
-/// ticks (`/proc/<pid>/stat`, fields 14 and 15).
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
-    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
-}
-
 impl Watchdog {
     /// Kills the workers that stopped publishing and running; their exit
     /// restarts them.
@@ -88,7 +77,7 @@ impl Watchdog {
                 continue;
             }
             let silent = seen.at.elapsed().min(slot.started.elapsed());
-            let now = if silent > self.hung_after { cpu_ticks(pid) } else { None };
+            let now = if silent > self.hung_after { lb_common::host::cpu_ticks(pid) } else { None };
             match judge(silent, self.hung_after, seen.cpu, now) {
                 Judgement::Fine => {}
                 Judgement::Look => seen.cpu = now,
@@ -131,16 +120,5 @@ mod tests {
         assert_eq!(judge(s(3), limit, Some(500), Some(501)), Busy);
         assert_eq!(judge(limit * BUSY_GRACE + s(1), limit, Some(500), Some(9000)), Hung, "spinning");
         assert_eq!(judge(s(3), limit, None, None), Hung, "gone, or /proc unreadable");
-    }
-
-    #[test]
-    fn cpu_time_of_this_process_is_read() {
-        let t = super::cpu_ticks(std::process::id()).expect("own /proc/<pid>/stat");
-        // Spin until the count moves (a tick is 10 ms of CPU), for at most 5 s.
-        let spin = std::time::Instant::now();
-        while super::cpu_ticks(std::process::id()).unwrap() == t {
-            assert!(spin.elapsed() < Duration::from_secs(5), "5 s of spinning added no tick");
-            std::hint::black_box((0..1000u64).sum::<u64>());
-        }
     }
 }
