@@ -39,7 +39,12 @@ pub struct ConnTraffic {
     /// multiple of `1 << event_shift`, so the holder can look at how much
     /// waits in front of the peer; 0: never (no `splice_queue_limit`).
     pub event_shift: u8,
-    pub _pad: [u8; 6],
+    /// Who spliced the server side: [`SETUP_PENDING`] (written before the
+    /// connect, nothing in the kernel yet), [`SETUP_KERNEL`] (the `sock_ops`
+    /// program put it in at `ESTABLISHED`) or [`SETUP_FAILED`] (it tried and
+    /// could not: userspace inserts everything). Only in the server's record.
+    pub setup: u8,
+    pub _pad: [u8; 5],
 }
 const _: () = assert!(core::mem::size_of::<ConnTraffic>() == 104);
 
@@ -66,7 +71,32 @@ pub const SIDE_CLIENT: u8 = 0;
 /// [`ConnTraffic::side`] of the server-facing socket.
 pub const SIDE_SERVER: u8 = 1;
 
+/// [`ConnTraffic::setup`]: the record is written, the server not connected
+/// yet (or no `sock_ops` program is attached).
+pub const SETUP_PENDING: u8 = 0;
+/// The `sock_ops` program made the server socket a redirect target and
+/// spliced it at `ESTABLISHED` (its client had not failed to become one).
+pub const SETUP_KERNEL: u8 = 1;
+/// The `sock_ops` program could not do all of that: userspace inserts.
+pub const SETUP_FAILED: u8 = 2;
+
+/// Key of `LB_FRONTENDS`: a frontend's listen address. `ip` as in
+/// [`ConnTraffic::client_ip`], all zeros for a wildcard address
+/// (`0.0.0.0`, `::`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FrontendKey {
+    pub ip: [u8; 16],
+    /// Host order.
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<FrontendKey>() == 20);
+
 #[cfg(feature = "user")]
 crate::pod!(ConnTraffic);
+#[cfg(feature = "user")]
+crate::pod!(FrontendKey);
 #[cfg(feature = "user")]
 crate::pod!(FlowEvent);

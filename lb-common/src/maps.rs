@@ -1,9 +1,25 @@
 //! Names and default sizes of the eBPF maps. Kernel map names are at most 15 bytes.
 
-/// SOCKHASH: key = cookie of the socket that receives (u64, host order),
-/// value = the peer socket its bytes are redirected to. No program is attached
-/// to this map, so inserting a socket here does not yet divert its data.
-pub const PEER: &str = "LB_PEER";
+/// SOCKHASH: key = the socket's own cookie (u64, host order), value = the
+/// socket itself, as a redirect target: the verdict sends a socket's bytes
+/// to `LB_TARGET[record.peer_cookie]`. No program is attached to this map,
+/// so a socket here receives redirects but its own data is not diverted.
+/// The `sock_ops` program inserts clients at accept and servers at connect.
+pub const TARGET: &str = "LB_TARGET";
+
+/// HASH: a frontend's listen address ([`crate::conn::FrontendKey`]) ->
+/// cookie of the network namespace it listens in: the `sock_ops` program
+/// makes the clients accepted there redirect targets.
+pub const FRONTENDS: &str = "LB_FRONTENDS";
+/// Capacity of `LB_FRONTENDS`.
+pub const MAX_FRONTENDS: u32 = 1024;
+
+/// LRU_HASH: client cookie -> 1 for a client the `sock_ops` program could
+/// not make a redirect target (rare: no memory); its server is then left
+/// to userspace. LRU, so entries of clients never served age out.
+pub const SETUP_MISS: &str = "LB_SETUP_MISS";
+/// Capacity of `LB_SETUP_MISS`.
+pub const MAX_SETUP_MISSES: u32 = 4096;
 
 /// SOCKHASH: key = the socket's own cookie, value = the socket itself. The
 /// sk_skb stream-verdict program is attached here; inserting a socket starts
@@ -42,6 +58,11 @@ pub const MAX_WORKERS: u32 = 256;
 /// Name of the sk_skb stream-verdict program in the object file.
 pub const PROG_VERDICT: &str = "lb_verdict";
 
+/// Name of the `sock_ops` program that splices sockets at `ESTABLISHED`.
+pub const PROG_SETUP: &str = "lb_setup";
+/// Pin of its cgroup attachment (a bpf link): it stays attached while pinned.
+pub const LINK_SETUP: &str = "lb_setup_link";
+
 /// Default capacity of the socket maps (two sockets per connection).
 pub const DEFAULT_MAX_SOCKETS: u32 = 1 << 18;
 
@@ -68,8 +89,10 @@ pub const MAX_GUARD_SOURCES: u32 = 1 << 16;
 pub const PROG_GUARD: &str = "lb_guard";
 
 /// The maps `lb` pins under its `pin_path`.
-pub const PINNED: [&str; 15] = [
-    PEER,
+pub const PINNED: [&str; 17] = [
+    TARGET,
+    FRONTENDS,
+    SETUP_MISS,
     SPLICE,
     CONN,
     EVENTS,
@@ -99,7 +122,7 @@ pub fn layout() -> std::string::String {
         stats::{DataplaneCounters, ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats},
     };
     std::format!(
-        "{PEER}:8/4 {SPLICE}:8/4 {CONN}:8/{} {COUNTERS}:4/{} {SOURCES}:{}/{} {SERVERS}:{}/{} {WORKERS}:4/{} \
+        "{TARGET}:8/4 {FRONTENDS}:20/8 {SETUP_MISS}:8/1 {SPLICE}:8/4 {CONN}:8/{} {COUNTERS}:4/{} {SOURCES}:{}/{} {SERVERS}:{}/{} {WORKERS}:4/{} \
          {GUARD_DENY}:20/1 {GUARD_ALLOW}:20/1 {GUARD_PORTS}:2/1 {GUARD_CONF}:4/{} {GUARD_RATE}:16/{} \
          {GUARD_STATS}:4/{} {GUARD_TOP}:16/8 {EVENTS}:4/4 ring {EVENTS_RING_BYTES}/{}",
         size_of::<ConnTraffic>(),

@@ -20,7 +20,7 @@ pub struct DataplaneCounters {
     pub skbs_redirected: u64,
     /// Payload bytes in those skbs.
     pub bytes_redirected: u64,
-    /// skbs whose socket had no peer in the PEER map (left on the receiving
+    /// skbs whose peer was not in the TARGET map (left on the receiving
     /// socket; happens only while a connection is being torn down).
     pub peer_missing: u64,
     /// [`crate::conn::FlowEvent`]s sent to a holder.
@@ -28,8 +28,12 @@ pub struct DataplaneCounters {
     /// Flow events lost: the slot's ring buffer was full or missing (its
     /// holder looks at that direction at the next one).
     pub flow_events_lost: u64,
+    /// Server sockets the `sock_ops` program spliced at `ESTABLISHED`.
+    pub kernel_setups: u64,
+    /// Sockets it could not insert (userspace inserted those connections).
+    pub kernel_setup_failures: u64,
 }
-const _: () = assert!(core::mem::size_of::<DataplaneCounters>() == 40);
+const _: () = assert!(core::mem::size_of::<DataplaneCounters>() == 56);
 
 impl DataplaneCounters {
     /// Field-wise sum, for folding per-CPU slots.
@@ -40,6 +44,8 @@ impl DataplaneCounters {
             peer_missing: self.peer_missing + other.peer_missing,
             flow_events: self.flow_events + other.flow_events,
             flow_events_lost: self.flow_events_lost + other.flow_events_lost,
+            kernel_setups: self.kernel_setups + other.kernel_setups,
+            kernel_setup_failures: self.kernel_setup_failures + other.kernel_setup_failures,
         }
     }
 }

@@ -1,11 +1,14 @@
-//! lb's eBPF object: maps, the sk_skb verdict that splices sockets, and the
-//! XDP guard at the edge.
+//! lb's eBPF object: maps, the sk_skb verdict that splices sockets, the
+//! sock_ops program that splices them at `ESTABLISHED`, and the XDP guard
+//! at the edge.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod sk_skb;
+#[cfg(target_arch = "bpf")]
+mod sock_ops;
 #[cfg(target_arch = "bpf")]
 mod xdp;
 

@@ -6,20 +6,28 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    conn::{ConnTraffic, FlowEvent},
+    conn::{ConnTraffic, FlowEvent, FrontendKey},
     guard::{GuardBucket, GuardConf, GuardCounters},
     maps::{
-        DEFAULT_MAX_SOCKETS, EVENTS_RING_BYTES, MAX_GUARD_RULES, MAX_GUARD_SOURCES, MAX_SERVER_ENTRIES,
-        MAX_SOURCE_ENTRIES, MAX_WORKERS,
+        DEFAULT_MAX_SOCKETS, EVENTS_RING_BYTES, MAX_FRONTENDS, MAX_GUARD_RULES, MAX_GUARD_SOURCES, MAX_SERVER_ENTRIES,
+        MAX_SETUP_MISSES, MAX_SOURCE_ENTRIES, MAX_WORKERS,
     },
     stats::{DataplaneCounters, ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats},
 };
 
 const MAX: usize = DEFAULT_MAX_SOCKETS as usize;
 
-/// Receiving socket's cookie -> peer socket (redirect target; no program).
-#[btf_map(name = "LB_PEER")]
-pub static LB_PEER: SockHash<u64, MAX> = SockHash::new();
+/// Socket's own cookie -> itself, as a redirect target (no program).
+#[btf_map(name = "LB_TARGET")]
+pub static LB_TARGET: SockHash<u64, MAX> = SockHash::new();
+
+/// Frontend listen address -> cookie of the namespace it listens in.
+#[btf_map(name = "LB_FRONTENDS")]
+pub static LB_FRONTENDS: HashMap<FrontendKey, u64, { MAX_FRONTENDS as usize }> = HashMap::new();
+
+/// Clients the `sock_ops` program could not make targets.
+#[btf_map(name = "LB_SETUP_MISS")]
+pub static LB_SETUP_MISS: LruHashMap<u64, u8, { MAX_SETUP_MISSES as usize }> = LruHashMap::new();
 
 /// Socket's own cookie -> itself; the verdict program is attached here.
 #[btf_map(name = "LB_SPLICE")]

@@ -1,5 +1,6 @@
 //! sk_skb stream verdict: redirect every skb a spliced socket receives to the
-//! egress of its peer, found in `LB_PEER` under the receiving socket's cookie.
+//! egress of its peer, found in `LB_TARGET` under the peer's cookie, which
+//! the receiving socket's record (`LB_CONN`) holds.
 
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
@@ -12,7 +13,7 @@ use lb_common::{
     stats::COUNTERS_KEY,
 };
 
-use crate::maps::{LB_CONN, LB_COUNTERS, LB_EVENTS, LB_PEER};
+use crate::maps::{LB_CONN, LB_COUNTERS, LB_EVENTS, LB_TARGET};
 
 #[stream_verdict]
 pub fn lb_verdict(ctx: SkBuffContext) -> u32 {
@@ -31,9 +32,18 @@ fn try_lb_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
         // EPIPE and stop its transmit side. Nothing to deliver, so drop it.
         return Err(SK_DROP);
     }
-    // Flags 0: redirect to the peer's egress (its send path), not its ingress.
-    let verdict = LB_PEER.redirect_skb(ctx, cookie, 0) as u32;
     let counters = LB_COUNTERS.get_ptr_mut(COUNTERS_KEY).ok_or(SK_PASS)?;
+    // Every spliced socket has its record (written before it is spliced,
+    // removed after it is closed).
+    let Some(t) = LB_CONN.get_ptr_mut(&cookie) else {
+        // SAFETY: per-CPU slot, valid for the program's run.
+        unsafe { (*counters).peer_missing += 1 };
+        return Err(SK_PASS);
+    };
+    // SAFETY: map value pointer valid for the program's run.
+    let peer = unsafe { (*t).peer_cookie };
+    // Flags 0: redirect to the peer's egress (its send path), not its ingress.
+    let verdict = LB_TARGET.redirect_skb(ctx, peer, 0) as u32;
     if verdict != SK_PASS {
         // No peer (the connection is being torn down): keep the bytes on the
         // receiving socket instead of dropping them.
@@ -46,7 +56,6 @@ fn try_lb_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
         (*counters).skbs_redirected += 1;
         (*counters).bytes_redirected += len;
     }
-    let Some(t) = LB_CONN.get_ptr_mut(&cookie) else { return Ok(verdict) };
     // SAFETY: map value pointer valid for the program's run. Plain adds
     // are enough: the entry belongs to the receiving socket only, and the
     // kernel runs that socket's verdict under its socket lock.

@@ -18,13 +18,16 @@ pub enum Mode {
     /// the close watcher (as when a client closes during the splice), the
     /// server side spliced: `LB_TEST_COPY_CLIENT=1`.
     KernelCopyClient,
+    /// The kernel plane without its `sock_ops` program, as where it cannot
+    /// be attached: the workers insert every socket (`LB_TEST_NO_KERNEL_SETUP=1`).
+    KernelUserSetup,
 }
 
 impl Mode {
     /// The `dataplane` this mode runs.
     pub fn as_str(self) -> &'static str {
         match self {
-            Mode::Kernel | Mode::KernelCopyClient => "kernel",
+            Mode::Kernel | Mode::KernelCopyClient | Mode::KernelUserSetup => "kernel",
             Mode::Userspace => "userspace",
         }
     }
@@ -35,6 +38,7 @@ impl Mode {
     pub fn env(self) -> &'static [(&'static str, &'static str)] {
         match self {
             Mode::KernelCopyClient => &[("LB_TEST_COPY_CLIENT", "1")],
+            Mode::KernelUserSetup => &[("LB_TEST_NO_KERNEL_SETUP", "1")],
             _ => &[],
         }
     }
@@ -408,6 +412,7 @@ pub struct KernelProof {
     kernel: bool,
     skbs: u64,
     fallbacks: u64,
+    setups: u64,
 }
 
 fn kernel_counters(lb: &Lb) -> (u64, u64) {
@@ -417,13 +422,27 @@ fn kernel_counters(lb: &Lb) -> (u64, u64) {
     (skbs, fallbacks)
 }
 
+/// Server sockets the `sock_ops` program spliced at `ESTABLISHED`.
+fn kernel_setups(lb: &Lb) -> u64 {
+    lb.pinned_stats()["counters"]["kernel_setups"].as_u64().expect("counters.kernel_setups in lb stats --json")
+}
+
 impl KernelProof {
     pub fn start(lb: &Lb) -> KernelProof {
         if lb.dataplane != "kernel" {
-            return KernelProof { kernel: false, skbs: 0, fallbacks: 0 };
+            return KernelProof { kernel: false, skbs: 0, fallbacks: 0, setups: 0 };
         }
         let (skbs, fallbacks) = kernel_counters(lb);
-        KernelProof { kernel: true, skbs, fallbacks }
+        KernelProof { kernel: true, skbs, fallbacks, setups: kernel_setups(lb) }
+    }
+
+    /// How many connections since the start the `sock_ops` program set up
+    /// in the kernel (spliced their server at `ESTABLISHED`).
+    pub fn kernel_setups(&self, lb: &Lb) -> u64 {
+        if !self.kernel {
+            return 0;
+        }
+        kernel_setups(lb) - self.setups
     }
 
     /// The eBPF verdict redirected skbs since the start: the kernel path ran

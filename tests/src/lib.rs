@@ -26,12 +26,15 @@ macro_rules! both_planes {
 }
 
 /// [`both_planes!`] plus `kernel_copy_client::name`: the kernel plane with
-/// the client side of every connection copied by the close watcher.
+/// the client side of every connection copied by the close watcher, and
+/// `kernel_user_setup::name`: the kernel plane with the workers making
+/// every map insert (no `sock_ops` program).
 #[macro_export]
 macro_rules! every_path {
     ($($name:ident),* $(,)?) => {
         $crate::both_planes!($($name),*);
         $crate::plane_tests!(kernel_copy_client, KernelCopyClient, $($name),*);
+        $crate::plane_tests!(kernel_user_setup, KernelUserSetup, $($name),*);
     };
 }
 

@@ -38,7 +38,7 @@ testkit::every_path!(
 /// server's bytes (if it sent any) still redirected by the verdict.
 fn prove(proof: &KernelProof, lb: &Lb, mode: Mode, test: &str, server_sends: bool) {
     match mode {
-        Mode::Kernel => proof.assert_all_spliced(lb, test),
+        Mode::Kernel | Mode::KernelUserSetup => proof.assert_all_spliced(lb, test),
         Mode::KernelCopyClient if server_sends => {
             proof.assert_kernel_ran(lb, test);
         }
@@ -200,7 +200,7 @@ async fn backend_reset_reaches_client_within_1s(mode: Mode) {
         }
         assert!(t0.elapsed() < Duration::from_secs(1));
     }
-    if mode == Mode::Kernel {
+    if matches!(mode, Mode::Kernel | Mode::KernelUserSetup) {
         proof.assert_kernel_ran(&lb, "backend_reset");
     }
 }
@@ -281,7 +281,7 @@ async fn connect_close_10k_leaks_nothing(mode: Mode) {
         let empty = retry_until(Duration::from_secs(5), || {
             let s = lb.pinned_stats();
             (s["counters"]["spliced_sockets"] == 0
-                && s["counters"]["peer_entries"] == 0
+                && s["counters"]["target_entries"] == 0
                 && s["counters"]["conn_entries"] == 0)
                 .then_some(())
         })
@@ -290,11 +290,21 @@ async fn connect_close_10k_leaks_nothing(mode: Mode) {
     }
     // Each client closes only after its echo came back through lb, so
     // every connection was spliced before either side could close.
-    if mode == Mode::Kernel {
+    if matches!(mode, Mode::Kernel | Mode::KernelUserSetup) {
         proof.assert_all_spliced(&lb, "connect_close_10k");
         assert!(proof.assert_kernel_ran(&lb, "connect_close_10k") >= 20_000, "fewer skbs redirected than bytes sent");
     } else {
         proof.assert_kernel_ran(&lb, "connect_close_10k");
+    }
+    // Who spliced the server sockets: the sock_ops program, at ESTABLISHED,
+    // for every connection; without it, the workers for all.
+    let setups = proof.kernel_setups(&lb);
+    match mode {
+        Mode::Kernel | Mode::KernelCopyClient => {
+            assert!(setups >= 10_000, "the sock_ops program set up {setups} of 10,000 connections")
+        }
+        Mode::KernelUserSetup => assert_eq!(setups, 0, "the sock_ops program ran, although not attached"),
+        Mode::Userspace => {}
     }
 }
 

@@ -1,14 +1,22 @@
 //! Kernel data plane: eBPF sockmap splice (sk_skb stream verdict).
 //!
 //! Per connection, six map entries (cookies `c` client, `s` server):
-//! `LB_CONN[c]`, `LB_CONN[s]` (records, one batched `bpf()`), `LB_PEER[c] = server`,
-//! `LB_PEER[s] = client` (redirect targets, no program), then
-//! `LB_SPLICE[s] = server`, `LB_SPLICE[c] = client` (verdict attached).
-//! Peers go in first, so a socket is never spliced while its peer is
-//! missing. See [`KernelDataplane::insert`] for what a side that closes
-//! during the inserts gets. Then both sockets go to the slot's holder
-//! ([`super::holder`]), which watches them for their ends; this process
-//! closes its own descriptors.
+//! `LB_CONN[c]`, `LB_CONN[s]` (records: each names its peer's cookie),
+//! `LB_TARGET[c]`, `LB_TARGET[s]` (redirect targets, no program), then
+//! `LB_SPLICE[s]`, `LB_SPLICE[c]` (verdict attached). Targets go in first,
+//! so a socket is never spliced while its peer is missing.
+//!
+//! With the `sock_ops` program attached (`lb_setup`), the kernel makes
+//! most of them: the client is a target from its accept on; the worker
+//! writes both records in one `bpf()` before the server's `connect()`
+//! ([`KernelDataplane::before_connect`]); the program makes the server a
+//! target and splices it when its handshake completes. The worker reads
+//! the server's record to learn that it did (one `bpf()`) and splices the
+//! client (one more). Whatever the program could not do, the worker does
+//! as without it ([`KernelDataplane::insert`], which also says what a side
+//! that closes during the inserts gets). Then both sockets go to the
+//! slot's holder ([`super::holder`]), which watches them for their ends;
+//! this process closes its own descriptors.
 
 use std::{
     path::Path,
@@ -16,10 +24,10 @@ use std::{
     time::Duration,
 };
 
-use lb_common::conn::{ConnTraffic, SIDE_CLIENT, SIDE_SERVER};
+use lb_common::conn::{ConnTraffic, SETUP_KERNEL, SIDE_CLIENT, SIDE_SERVER};
 
 use super::{
-    Dataplane, Kind, SpliceError, Spliced, UserspaceDataplane,
+    Dataplane, Kind, PreConnect, SpliceError, Spliced, UserspaceDataplane,
     holder::{link::Link, wire::Held},
     watcher::Dir,
 };
@@ -37,9 +45,42 @@ pub fn event_shift(splice_queue_limit: u64) -> u8 {
     if splice_queue_limit == 0 { 0 } else { (splice_queue_limit / 4).max(64 << 10).ilog2() as u8 }
 }
 
+/// The records a worker wrote before a server's `connect()`; dropped before
+/// [`KernelDataplane::splice`] takes them (the connect failed, or the
+/// client was given up), it removes them.
+pub struct Prepared {
+    cookies: [u64; 2],
+    start_ns: u64,
+    maps: Option<Arc<Mutex<ConnMaps>>>,
+}
+
+impl Prepared {
+    /// The records are the connection's from here on.
+    fn keep(mut self) -> ([u64; 2], u64) {
+        self.maps = None;
+        (self.cookies, self.start_ns)
+    }
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared").field("cookies", &self.cookies).finish_non_exhaustive()
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        if let Some(m) = self.maps.take() {
+            m.lock().unwrap_or_else(|e| e.into_inner()).forget_records(self.cookies);
+        }
+    }
+}
+
 /// The running kernel data plane of one process.
 pub struct KernelDataplane {
-    maps: Mutex<ConnMaps>,
+    maps: Arc<Mutex<ConnMaps>>,
+    /// The `sock_ops` program is attached: records go in before connects.
+    kernel_setup: bool,
     link: Arc<Link>,
     /// Serves connections the kernel cannot splice (a side already half-closed).
     fallback: UserspaceDataplane,
@@ -67,13 +108,15 @@ impl KernelDataplane {
         worker: u16,
         link: Arc<Link>,
     ) -> Result<Self, KernelError> {
-        let maps = Mutex::new(ConnMaps::open(pin_path)?);
+        let maps = Arc::new(Mutex::new(ConnMaps::open(pin_path)?));
+        let kernel_setup = pin_path.join(lb_common::maps::LINK_SETUP).exists();
         let copy_client = std::env::var_os("LB_TEST_COPY_CLIENT").is_some_and(|v| v == "1");
         if copy_client {
             log::warn!("LB_TEST_COPY_CLIENT=1: client bytes are copied in userspace (a test setting)");
         }
         Ok(Self {
             maps,
+            kernel_setup,
             link,
             hold_failures: Mutex::new(crate::observe::Every::new()),
             fallback: UserspaceDataplane::new(idle),
@@ -84,18 +127,24 @@ impl KernelDataplane {
         })
     }
 
-    fn records(&self, s: &Spliced, cookies: [u64; 2]) -> [ConnTraffic; 2] {
-        let (client, server, source) = (s.addrs.client, s.addrs.server, s.addrs.source);
-        let now = sys::monotonic_coarse_ns();
+    /// The two records; `source` is zero before the connect (the
+    /// `sock_ops` program fills it in).
+    fn records(
+        &self,
+        [client, server]: [std::net::SocketAddr; 2],
+        source: Option<std::net::SocketAddr>,
+        cookies: [u64; 2],
+        now: u64,
+    ) -> [ConnTraffic; 2] {
         let base = ConnTraffic {
             last_active_ns: now,
             start_ns: now,
             client_ip: ip16(client.ip()),
             server_ip: ip16(server.ip()),
-            source_ip: ip16(source.ip()),
+            source_ip: source.map_or([0; 16], |s| ip16(s.ip())),
             client_port: client.port(),
             server_port: server.port(),
-            source_port: source.port(),
+            source_port: source.map_or(0, |s| s.port()),
             worker: self.worker,
             event_shift: self.event_shift,
             ..Default::default()
@@ -119,24 +168,49 @@ impl KernelDataplane {
         let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
         let r = (|| {
             m.insert_records(cookies, records)?;
-            m.insert_peer(cc, server)?;
-            m.insert_peer(sc, client)?;
+            m.insert_target(cc, client)?;
+            m.insert_target(sc, server)?;
             m.insert_splice(sc, server)
         })();
         if let Err(e) = r {
             m.forget(cookies);
             return Err(e.into());
         }
+        Ok(self.splice_client(&mut m, cc, client))
+    }
+
+    /// The last insert: the client's splice (see [`Self::insert`]).
+    fn splice_client(&self, m: &mut ConnMaps, cc: u64, client: &std::net::TcpStream) -> Dir {
         if self.copy_client {
-            return Ok(Dir::User);
+            return Dir::User;
         }
-        Ok(match m.insert_splice(cc, client) {
+        match m.insert_splice(cc, client) {
             Ok(()) => Dir::Kernel,
             Err(e) => {
                 log::debug!("client side copied in userspace: {e}");
                 Dir::User
             }
-        })
+        }
+    }
+
+    /// The inserts of a connection whose records went in before the
+    /// connect: if the `sock_ops` program spliced the server (its record
+    /// says so), only the client's splice is left; otherwise all of
+    /// [`Self::insert`], with the records completed. Returns the client's
+    /// direction and whether the server's bytes may wait in its receive
+    /// queue (spliced by userspace, after they could arrive).
+    fn insert_prepared(
+        &self,
+        s: &Spliced,
+        cookies: [u64; 2],
+        records: [ConnTraffic; 2],
+    ) -> Result<(Dir, bool), SpliceError> {
+        let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        if m.record(cookies[1]).is_some_and(|r| r.setup == SETUP_KERNEL) {
+            return Ok((self.splice_client(&mut m, cookies[0], s.socks.client()), false));
+        }
+        drop(m);
+        Ok((self.insert(s, cookies, records)?, true))
     }
 
     /// Hands a connection the kernel cannot take to the userspace copy.
@@ -152,11 +226,26 @@ impl Dataplane for KernelDataplane {
         Kind::Kernel
     }
 
-    fn splice(&self, conn: Spliced) -> Result<(), SpliceError> {
-        let cookies = [
-            sys::socket_cookie(conn.socks.client()).map_err(SpliceError::Cookie)?,
-            sys::socket_cookie(conn.socks.server()).map_err(SpliceError::Cookie)?,
-        ];
+    fn before_connect(&self, c: &PreConnect<'_>) -> Option<Prepared> {
+        if !self.kernel_setup {
+            return None;
+        }
+        let cookies = [sys::socket_cookie(c.client).ok()?, sys::socket_cookie(c.server).ok()?];
+        let now = sys::monotonic_coarse_ns();
+        let source = c.source.map(|ip| std::net::SocketAddr::new(ip, 0));
+        let records = self.records([c.client_addr, c.server_addr], source, cookies, now);
+        let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = m.insert_records(cookies, records) {
+            // The connection is spliced by userspace's inserts, which will
+            // meet the same error and hand it to the userspace copy.
+            log::debug!("records before connect: {e}");
+            return None;
+        }
+        Some(Prepared { cookies, start_ns: now, maps: Some(self.maps.clone()) })
+    }
+
+    fn splice(&self, mut conn: Spliced) -> Result<(), SpliceError> {
+        let a = conn.addrs;
         // What each socket counts as written (`tcpi_bytes_acked` +
         // `SIOCOUTQ`) at the splice, known without asking: the client's
         // socket was accepted (the handshake's final ACK acknowledges
@@ -166,8 +255,23 @@ impl Dataplane for KernelDataplane {
         // sockmap takes only ESTABLISHED sockets: a side that already sent
         // its FIN (CLOSE_WAIT) fails the inserts below, and the connection
         // goes to the userspace copy.
-        let records = self.records(&conn, cookies);
-        let client_dir = match self.insert(&conn, cookies, records) {
+        let (cookies, start_ns, inserted) = match conn.prepared.take() {
+            Some(p) => {
+                let (cookies, start_ns) = p.keep();
+                let records = self.records([a.client, a.server], Some(a.source), cookies, start_ns);
+                (cookies, start_ns, self.insert_prepared(&conn, cookies, records))
+            }
+            None => {
+                let cookies = [
+                    sys::socket_cookie(conn.socks.client()).map_err(SpliceError::Cookie)?,
+                    sys::socket_cookie(conn.socks.server()).map_err(SpliceError::Cookie)?,
+                ];
+                let now = sys::monotonic_coarse_ns();
+                let records = self.records([a.client, a.server], Some(a.source), cookies, now);
+                (cookies, now, self.insert(&conn, cookies, records).map(|d| (d, true)))
+            }
+        };
+        let (client_dir, server_queued) = match inserted {
             Ok(d) => d,
             Err(e) => return self.fall_back(conn, &e.to_string()),
         };
@@ -176,17 +280,15 @@ impl Dataplane for KernelDataplane {
         }
         // Bytes that arrived before the sockets were spliced sit in their
         // receive queues; re-arming data-ready runs them through the verdict.
-        let spliced: &[&std::net::TcpStream] = match client_dir {
-            Dir::Kernel => &[conn.socks.client(), conn.socks.server()],
-            Dir::User => &[conn.socks.server()],
-        };
-        for s in spliced {
-            if let Err(e) = sys::set_rcvlowat(*s, 1) {
+        // A server the kernel spliced at ESTABLISHED has none.
+        let client = (client_dir == Dir::Kernel).then(|| conn.socks.client());
+        let server = server_queued.then(|| conn.socks.server());
+        for s in [client, server].into_iter().flatten() {
+            if let Err(e) = sys::set_rcvlowat(s, 1) {
                 self.maps.lock().unwrap_or_else(|e| e.into_inner()).forget(cookies);
                 return Err(SpliceError::Socket(e));
             }
         }
-        let a = conn.addrs;
         let held = Held {
             id: cookies[0],
             cookies,
@@ -197,7 +299,7 @@ impl Dataplane for KernelDataplane {
             client: a.client,
             source: a.source,
             server: a.server,
-            start_ns: records[0].start_ns,
+            start_ns,
         };
         let Spliced { socks, guard, .. } = conn;
         match self.link.hold(held, guard, socks.take()) {

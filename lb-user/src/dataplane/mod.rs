@@ -9,7 +9,7 @@ mod watcher;
 
 use std::{fmt, net::TcpStream, path::Path, sync::Arc, time::Duration};
 
-pub use kernel::KernelDataplane;
+pub use kernel::{KernelDataplane, Prepared};
 use serde::{Deserialize, Serialize};
 pub use userspace::UserspaceDataplane;
 
@@ -35,6 +35,19 @@ pub struct Spliced {
     /// Bytes lb itself wrote to the server before the splice (the PROXY
     /// protocol header).
     pub header: u64,
+    /// What [`Dataplane::before_connect`] prepared for the server socket.
+    pub prepared: Option<Prepared>,
+}
+
+/// A server socket about to connect for a client (see
+/// [`Dataplane::before_connect`]).
+pub struct PreConnect<'a> {
+    pub client: &'a TcpStream,
+    pub server: &'a socket2::Socket,
+    pub client_addr: std::net::SocketAddr,
+    pub server_addr: std::net::SocketAddr,
+    /// The pool address the socket is bound to (`None`: the kernel picks).
+    pub source: Option<std::net::IpAddr>,
 }
 
 /// The two sockets of a connection, `[client, server]`. Dropped without
@@ -102,6 +115,13 @@ impl fmt::Display for Kind {
 /// an abortive close, then closes both sockets exactly once.
 pub trait Dataplane: Send + Sync {
     fn kind(&self) -> Kind;
+    /// Called with each server socket before its `connect()`. The kernel
+    /// plane writes the connection's records here, so that the kernel can
+    /// splice the server side the moment its handshake completes; dropped,
+    /// the returned value removes them again (a connect that failed).
+    fn before_connect(&self, _c: &PreConnect<'_>) -> Option<Prepared> {
+        None
+    }
     /// Takes over the connection; returns at once. On error both sockets are
     /// reset and the error says why.
     fn splice(&self, conn: Spliced) -> Result<(), SpliceError>;

@@ -34,6 +34,25 @@ impl Owner {
             None => None,
         };
         let (kind, mut objects) = dataplane::load(cfg)?;
+        let no_setup = std::env::var_os("LB_TEST_NO_KERNEL_SETUP").is_some_and(|v| v == "1");
+        if no_setup {
+            log::warn!("LB_TEST_NO_KERNEL_SETUP=1: the workers insert every socket (a test setting)");
+        }
+        if kind == dataplane::Kind::Kernel
+            && !no_setup
+            && let Some(o) = objects.as_mut()
+        {
+            // The frontends do not listen yet (the workers listen once this
+            // returns), so every client they accept is seen by the program.
+            match o.attach_setup(listen) {
+                Ok(cgroup) => {
+                    log::info!("sock_ops attached to cgroup {}: the kernel splices at ESTABLISHED", cgroup.display())
+                }
+                Err(e) => log::warn!(
+                    "kernel-side setup unavailable ({e}); the workers insert every socket into the maps themselves"
+                ),
+            }
+        }
         if let Some(g) = &cfg.guard {
             let o = objects
                 .as_mut()

@@ -7,8 +7,8 @@ use aya::maps::{ArrayOfMaps, HashMap, MapData, MapError, PerCpuArray, RingBuf, S
 use lb_common::{
     conn::ConnTraffic,
     maps::{
-        CONN, COUNTERS, EVENTS, EVENTS_RING_BYTES, MAX_SERVER_ENTRIES, MAX_SOURCE_ENTRIES, MAX_WORKERS, PEER,
-        PROG_VERDICT, SERVERS, SOURCES, SPLICE, WORKERS,
+        CONN, COUNTERS, EVENTS, EVENTS_RING_BYTES, MAX_SERVER_ENTRIES, MAX_SOURCE_ENTRIES, MAX_WORKERS, PROG_VERDICT,
+        SERVERS, SOURCES, SPLICE, TARGET, WORKERS,
     },
     stats::{COUNTERS_KEY, DataplaneCounters, ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats},
 };
@@ -27,14 +27,14 @@ pub(super) fn open<T: TryFrom<aya::maps::Map, Error = MapError>>(
 
 /// The maps the connection path writes (kernel data plane).
 pub struct ConnMaps {
-    pub peer: SockHash<MapData, u64>,
+    pub target: SockHash<MapData, u64>,
     pub splice: SockHash<MapData, u64>,
     pub conn: HashMap<MapData, u64, ConnTraffic>,
 }
 
 impl ConnMaps {
     pub fn open(pin_path: &Path) -> Result<Self, KernelError> {
-        Ok(Self { peer: open(pin_path, PEER)?, splice: open(pin_path, SPLICE)?, conn: open(pin_path, CONN)? })
+        Ok(Self { target: open(pin_path, TARGET)?, splice: open(pin_path, SPLICE)?, conn: open(pin_path, CONN)? })
     }
     /// `LB_CONN`'s descriptor, for the batched calls aya does not make.
     fn conn_fd(&self) -> &aya::maps::MapFd {
@@ -46,10 +46,10 @@ impl ConnMaps {
         super::batch::update(self.conn_fd(), &cookies, &records)
             .map_err(|source| KernelError::Io { what: format!("map {CONN}: inserting two records"), source })
     }
-    /// Makes `target` the socket that the bytes of the socket with `cookie`
-    /// are redirected to.
-    pub fn insert_peer(&mut self, cookie: u64, target: &impl AsRawFd) -> Result<(), KernelError> {
-        self.peer.insert(cookie, target.as_raw_fd(), 0).map_err(|source| KernelError::Map { name: PEER, source })
+    /// Makes the socket with `cookie` a redirect target: the bytes of its
+    /// peer (whose record names this cookie) go to it.
+    pub fn insert_target(&mut self, cookie: u64, sock: &impl AsRawFd) -> Result<(), KernelError> {
+        self.target.insert(cookie, sock.as_raw_fd(), 0).map_err(|source| KernelError::Map { name: TARGET, source })
     }
     /// Splices the socket: the verdict runs on every byte it receives.
     pub fn insert_splice(&mut self, cookie: u64, sock: &impl AsRawFd) -> Result<(), KernelError> {
@@ -68,9 +68,14 @@ impl ConnMaps {
     pub fn forget(&mut self, cookies: [u64; 2]) {
         for c in cookies {
             let _ = self.conn.remove(&c);
-            let _ = self.peer.remove(&c);
+            let _ = self.target.remove(&c);
             let _ = self.splice.remove(&c);
         }
+    }
+    /// Removes a connection's two records in one `bpf()` (written before a
+    /// connect that failed, or for a connection given up before its splice).
+    pub fn forget_records(&mut self, cookies: [u64; 2]) {
+        self.forget_closing(&cookies);
     }
     /// Removes the records of connections about to be closed (by their
     /// sockets' cookies), in one `bpf()`; their socket entries need none:
@@ -167,6 +172,9 @@ const _: () = assert!(MAX_WORKERS > 0 && MAX_SOURCE_ENTRIES > 0 && MAX_SERVER_EN
 pub struct PinnedMaps {
     /// Whether the verdict is pinned (the kernel data plane runs).
     pub kernel: bool,
+    /// Whether the `sock_ops` program is attached (pinned link): the kernel
+    /// splices server sockets at `ESTABLISHED`.
+    pub kernel_setup: bool,
     /// The XDP guard's maps, when its program is pinned (it runs).
     pub guard: Option<super::guard::GuardMaps>,
     pub counters: PerCpuArray<MapData, DataplaneCounters>,
@@ -178,6 +186,7 @@ impl PinnedMaps {
     pub fn open(pin_path: &Path) -> Result<Self, KernelError> {
         Ok(Self {
             kernel: pin_path.join(PROG_VERDICT).exists(),
+            kernel_setup: pin_path.join(lb_common::maps::LINK_SETUP).exists(),
             guard: if pin_path.join(lb_common::maps::PROG_GUARD).exists() {
                 Some(super::guard::GuardMaps::open(pin_path)?)
             } else {

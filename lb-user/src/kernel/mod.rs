@@ -5,6 +5,7 @@
 
 pub mod batch;
 pub mod guard;
+pub mod link;
 pub mod lock;
 pub mod maps;
 pub mod object;

@@ -11,15 +11,20 @@ use std::{
 
 use aya::{
     EbpfLoader,
-    maps::{MapData, SockHash},
-    programs::{SkSkb, Xdp, XdpMode},
+    maps::{HashMap, MapData, SockHash},
+    programs::{SkSkb, SockOps, Xdp, XdpMode},
 };
-use lb_common::maps::{CONN, PEER, PINNED, PROG_GUARD, PROG_VERDICT, SPLICE};
+use lb_common::conn::FrontendKey;
+use lb_common::maps::{CONN, FRONTENDS, LINK_SETUP, PINNED, PROG_GUARD, PROG_SETUP, PROG_VERDICT, SPLICE, TARGET};
 use serde::{Deserialize, Serialize};
 
 use super::{KernelError, io_err, maps::open};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Room in `LB_TARGET` beyond two sockets per connection: accepted clients
+/// that are not served yet (backlogs, clients over `maxconn`).
+const TARGET_MARGIN: u32 = 1 << 16;
 
 /// What the owner of the maps records next to them (bpffs holds only pins).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -115,7 +120,9 @@ impl Objects {
             remove_pins(pin_path);
         }
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(PEER, sockets)
+            // Clients are targets from their accept on, also while they
+            // wait in a listener's backlog or for lb's permits.
+            .map_max_entries(TARGET, sockets.saturating_add(TARGET_MARGIN))
             .map_max_entries(SPLICE, sockets)
             .map_max_entries(CONN, sockets)
             .load(crate::EBPF_OBJECT)?;
@@ -212,6 +219,35 @@ impl Objects {
         self.lock = None;
     }
 
+    /// Loads the `sock_ops` program that splices sockets at `ESTABLISHED`,
+    /// makes the clients of the frontends at `listen` (in this process's
+    /// network namespace) redirect targets at accept, and attaches it to
+    /// this process's cgroup (v2) through a link pinned next to the maps.
+    /// Must run before the frontends listen: a client accepted before it
+    /// is not a target, and its server would be spliced toward nothing.
+    /// Returns the cgroup.
+    pub fn attach_setup(&mut self, listen: &[std::net::SocketAddr]) -> Result<PathBuf, KernelError> {
+        let ebpf = self.ebpf.as_mut().ok_or(KernelError::Program("the eBPF object is closed".into()))?;
+        let ns = super::sys::netns_cookie().map_err(io_err("reading the network namespace's cookie"))?;
+        let mut fronts: HashMap<MapData, FrontendKey, u64> = open(&self.pin_path, FRONTENDS)?;
+        for a in listen {
+            let ip = if a.ip().is_unspecified() { [0; 16] } else { crate::addr::ip16(a.ip()) };
+            let key = FrontendKey { ip, port: a.port(), _pad: 0 };
+            fronts.insert(key, ns, 0).map_err(|source| KernelError::Map { name: FRONTENDS, source })?;
+        }
+        let prog: &mut SockOps = typed_program(ebpf, PROG_SETUP)?;
+        prog.load().map_err(|e| KernelError::Program(format!("loading {PROG_SETUP}: {e}")))?;
+        let path = self.pin_path.join(PROG_SETUP);
+        prog.pin(&path).map_err(|source| KernelError::Pin { path, source })?;
+        let cgroup = super::link::own_cgroup().map_err(io_err("finding lb's cgroup"))?;
+        let fd = prog.fd().map_err(|e| KernelError::Program(format!("{PROG_SETUP}: {e}")))?;
+        // The workers take the link's pin for the program's attachment.
+        let link = self.pin_path.join(LINK_SETUP);
+        super::link::attach_pinned(std::os::fd::AsFd::as_fd(fd), &cgroup, &link)
+            .map_err(io_err(format!("attaching {PROG_SETUP} to cgroup {}", cgroup.display())))?;
+        Ok(cgroup)
+    }
+
     /// Loads the XDP guard and attaches it to each of `interfaces`, natively
     /// where the driver can, generically otherwise; pins it. Returns the
     /// mode of each. Detached when the object is closed.
@@ -270,7 +306,8 @@ where
 
 /// Removes lb's pins under `pin_path` and the directory if it is then empty.
 fn remove_pins(pin_path: &Path) {
-    for name in PINNED.iter().chain([&PROG_VERDICT, &PROG_GUARD]) {
+    // The link first: removing its pin detaches the `sock_ops` program.
+    for name in [&LINK_SETUP].into_iter().chain(PINNED.iter()).chain([&PROG_VERDICT, &PROG_SETUP, &PROG_GUARD]) {
         let _ = fs::remove_file(pin_path.join(name));
     }
     let _ = fs::remove_dir(pin_path);

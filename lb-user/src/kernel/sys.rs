@@ -34,6 +34,14 @@ pub fn socket_cookie(s: &impl AsFd) -> io::Result<u64> {
     Ok(rustix::net::sockopt::socket_cookie(s)?)
 }
 
+/// The cookie of this process's network namespace (`SO_NETNS_COOKIE`, read
+/// from a fresh socket), the value `bpf_get_netns_cookie` returns.
+pub fn netns_cookie() -> io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+    getsockopt(&s, libc::SOL_SOCKET, SO_NETNS_COOKIE)
+}
+
 /// Sets `SO_RCVLOWAT`. On TCP this also calls `tcp_data_ready()`, which runs
 /// bytes already queued on the socket through a freshly attached verdict.
 pub fn set_rcvlowat(s: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {

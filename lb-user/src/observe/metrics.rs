@@ -131,6 +131,20 @@ pub fn render(report: &Report) -> String {
     family(&mut r, "kernel_bytes_redirected", "Bytes spliced by the eBPF verdict.", C, one(k.bytes_redirected));
     family(&mut r, "kernel_skbs_redirected", "skbs spliced by the eBPF verdict.", C, one(k.skbs_redirected));
     family(&mut r, "kernel_spliced_sockets", "Sockets in the splice map.", G, one(k.spliced_sockets));
+    family(
+        &mut r,
+        "kernel_setups",
+        "Server sockets the sock_ops program spliced at ESTABLISHED.",
+        C,
+        one(k.kernel_setups),
+    );
+    family(
+        &mut r,
+        "kernel_setup_failures",
+        "Sockets the sock_ops program could not insert (userspace did).",
+        C,
+        one(k.kernel_setup_failures),
+    );
     if let Some(g) = &report.guard {
         family(&mut r, "guard_passed", "Packets the XDP guard let through.", C, one(g.passed));
         family(&mut r, "guard_denied", "Packets the XDP guard dropped: source denied.", C, one(g.denied));

@@ -68,7 +68,12 @@ pub struct KernelCounters {
     pub flow_events_lost: u64,
     /// Entries in LB_SPLICE (spliced sockets, two per connection).
     pub spliced_sockets: u64,
-    pub peer_entries: u64,
+    /// Entries in LB_TARGET (redirect targets; clients from their accept on).
+    pub target_entries: u64,
+    /// Server sockets the `sock_ops` program spliced at `ESTABLISHED`, and
+    /// sockets it could not insert (userspace did).
+    pub kernel_setups: u64,
+    pub kernel_setup_failures: u64,
     pub conn_entries: u64,
 }
 
@@ -172,7 +177,9 @@ pub fn read_from(maps: &PinnedMaps, meta: &Meta) -> Result<Report, KernelError> 
         flow_events: c.flow_events,
         flow_events_lost: c.flow_events_lost,
         spliced_sockets: maps.conn.splice.keys().filter(Result::is_ok).count() as u64,
-        peer_entries: maps.conn.peer.keys().filter(Result::is_ok).count() as u64,
+        target_entries: maps.conn.target.keys().filter(Result::is_ok).count() as u64,
+        kernel_setups: c.kernel_setups,
+        kernel_setup_failures: c.kernel_setup_failures,
         conn_entries,
     };
     if let Some(g) = &maps.guard {

@@ -70,8 +70,16 @@ pub fn stats(r: &Report) -> String {
     if r.dataplane == "kernel" {
         let c = &r.counters;
         o.push_str(&format!(
-            "\nkernel: {} bytes in {} skbs redirected, {} spliced sockets, {} peer misses, {} flow events ({} lost)\n",
-            c.bytes_redirected, c.skbs_redirected, c.spliced_sockets, c.peer_missing, c.flow_events, c.flow_events_lost
+            "\nkernel: {} bytes in {} skbs redirected, {} spliced sockets, {} peer misses, {} flow events ({} lost); \
+             {} connections set up by sock_ops ({} failed)\n",
+            c.bytes_redirected,
+            c.skbs_redirected,
+            c.spliced_sockets,
+            c.peer_missing,
+            c.flow_events,
+            c.flow_events_lost,
+            c.kernel_setups,
+            c.kernel_setup_failures
         ));
     }
     o

@@ -203,7 +203,7 @@ async fn connect_and_splice(
     shared: &Shared,
 ) {
     let be = &shared.backends.list[backend];
-    let (mut server, target, pair) = match pick_and_connect(be, shared, addr).await {
+    let (mut server, target, pair, prepared) = match pick_and_connect(be, shared, addr, &client).await {
         Ok(v) => v,
         Err(why) => {
             let stats = &shared.stats;
@@ -283,8 +283,8 @@ async fn connect_and_splice(
         }
     };
     let route = [route.frontend as u16, backend as u16];
-    if let Err(e) = shared.dataplane.splice(Spliced { socks: Socks::new(client, server), guard, addrs, route, header })
-    {
+    let conn = Spliced { socks: Socks::new(client, server), guard, addrs, route, header, prepared };
+    if let Err(e) = shared.dataplane.splice(conn) {
         log::warn!("client {addr} -> {target_addr}: {e}; both sides reset");
     }
 }

@@ -18,6 +18,7 @@ use tokio::{io::Interest, net::TcpStream};
 use super::Shared;
 use crate::{
     addr::ClientAddr,
+    dataplane::{PreConnect, Prepared},
     kernel::sys,
     observe::counters::Counters,
     servers::{
@@ -53,11 +54,16 @@ impl Drop for QueueTicket<'_> {
     }
 }
 
+/// A connected server socket, its server and source pair, and what the data
+/// plane prepared for it before the connect.
+pub type Connected = (TcpStream, Arc<ServerState>, Arc<PairState>, Option<Prepared>);
+
 pub async fn pick_and_connect(
     be: &BackendRt,
     shared: &Shared,
     client: ClientAddr,
-) -> Result<(TcpStream, Arc<ServerState>, Arc<PairState>), Reject> {
+    client_sock: &std::net::TcpStream,
+) -> Result<Connected, Reject> {
     let deadline = tokio::time::Instant::now() + shared.queue_timeout;
     let mut ticket: Option<QueueTicket<'_>> = None;
     loop {
@@ -85,8 +91,8 @@ pub async fn pick_and_connect(
                 skipped_full = true;
                 continue;
             }
-            match connect_server(server, shared).await {
-                Ok((s, pair)) => return Ok((s, server.clone(), pair)),
+            match connect_server(server, shared, client, client_sock).await {
+                Ok((s, pair, prepared)) => return Ok((s, server.clone(), pair, prepared)),
                 Err(ConnectError::NoPort) => {
                     server.release();
                     server.connect_failures.fetch_add(1, Relaxed);
@@ -198,7 +204,12 @@ fn socket_for(server: &ServerState, pair: &PairState, shared: &Shared) -> io::Re
 }
 
 /// Connects to `server` from its least used source address that has ports left.
-async fn connect_server(server: &ServerState, shared: &Shared) -> Result<(TcpStream, Arc<PairState>), ConnectError> {
+async fn connect_server(
+    server: &ServerState,
+    shared: &Shared,
+    client: ClientAddr,
+    client_sock: &std::net::TcpStream,
+) -> Result<(TcpStream, Arc<PairState>, Option<Prepared>), ConnectError> {
     let timeout = shared.connect_timeout;
     for pair in server.source_order() {
         let r = match socket_for(server, &pair, shared) {
@@ -210,8 +221,16 @@ async fn connect_server(server: &ServerState, shared: &Shared) -> Result<(TcpStr
                 // Counted from the attempt on, so concurrent connects spread
                 // out instead of all picking the same least-used address.
                 pair.in_use.fetch_add(1, Relaxed);
+                let pre = PreConnect {
+                    client: client_sock,
+                    server: &sock,
+                    client_addr: client.0,
+                    server_addr: server.cfg.addr.0,
+                    source: pair.source,
+                };
+                let prepared = shared.dataplane.before_connect(&pre);
                 let r = match tokio::time::timeout(timeout, connect(sock, server.cfg.addr.0)).await {
-                    Ok(r) => r,
+                    Ok(r) => r.map(|s| (s, prepared)),
                     Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}"))),
                 };
                 if r.is_err() {
@@ -221,7 +240,7 @@ async fn connect_server(server: &ServerState, shared: &Shared) -> Result<(TcpStr
             }
         };
         match r {
-            Ok(s) => return Ok((s, pair)),
+            Ok((s, prepared)) => return Ok((s, pair, prepared)),
             // No local port left for this (source, server) pair: connect()
             // says EADDRNOTAVAIL; a bind() that had to pick a port, EADDRINUSE.
             Err(e) if matches!(e.raw_os_error(), Some(libc::EADDRNOTAVAIL | libc::EADDRINUSE)) => {
