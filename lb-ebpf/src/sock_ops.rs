@@ -7,7 +7,9 @@
 //! - A server socket whose record the worker wrote before `connect()`
 //!   (`LB_CONN`, `setup == SETUP_PENDING`) becomes a target and is spliced
 //!   (`LB_SPLICE`) when the handshake completes, before any byte of the
-//!   server can arrive; its source address and port go into both records.
+//!   server can arrive; it gets `TCP_NODELAY`, and its source address and
+//!   port go into both records (the worker reads them there instead of
+//!   asking the socket).
 //!   Its bytes are redirected to the client's target from then on.
 //!
 //! What cannot be done is left to userspace, which learns it from the
@@ -16,7 +18,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, bpf_sock_ops},
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_setsockopt},
     macros::sock_ops,
     programs::SockOpsContext,
 };
@@ -28,6 +30,8 @@ use lb_common::{
 use crate::maps::{LB_CONN, LB_COUNTERS, LB_FRONTENDS, LB_SETUP_MISS, LB_SPLICE, LB_TARGET};
 
 const AF_INET: u32 = 2;
+const SOL_TCP: i32 = 6;
+const TCP_NODELAY: i32 = 1;
 
 #[sock_ops]
 pub fn lb_setup(ctx: SockOpsContext) -> u32 {
@@ -133,7 +137,12 @@ fn connected(ctx: &SockOpsContext) {
     // has made it one: leave it all to userspace. (No client is accepted
     // before the program is attached: lb attaches it before it listens.)
     let client_missed = LB_SETUP_MISS.get_ptr(peer).is_some();
+    // TCP_NODELAY, which the worker would set otherwise (one syscall).
+    let mut one: i32 = 1;
+    // SAFETY: `one` is an int on the stack, its length given.
+    let nodelay = unsafe { bpf_setsockopt(ctx.ops.cast(), SOL_TCP, TCP_NODELAY, (&raw mut one).cast(), 4) };
     let ok = !client_missed
+        && nodelay == 0
         && LB_TARGET.update(&mut cookie, ops(ctx), u64::from(BPF_ANY)).is_ok()
         && LB_SPLICE.update(&mut cookie, ops(ctx), u64::from(BPF_ANY)).is_ok();
     // SAFETY: as above.

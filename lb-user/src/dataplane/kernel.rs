@@ -32,7 +32,7 @@ use super::{
     watcher::Dir,
 };
 use crate::{
-    addr::ip16,
+    addr::{ip_of, ip16},
     kernel::{KernelError, maps::ConnMaps, sys},
     observe::counters::Counters,
 };
@@ -52,13 +52,34 @@ pub struct Prepared {
     cookies: [u64; 2],
     start_ns: u64,
     maps: Option<Arc<Mutex<ConnMaps>>>,
+    /// The server's record, once read after the connect.
+    server: Option<Option<ConnTraffic>>,
 }
 
 impl Prepared {
-    /// The records are the connection's from here on.
-    fn keep(mut self) -> ([u64; 2], u64) {
+    /// Reads the server's record once its `connect()` has returned. If
+    /// `lb_setup` spliced the server at `ESTABLISHED` (it also set
+    /// `TCP_NODELAY` on it), returns the source address it wrote there,
+    /// which saves the caller a `getsockname`; `None` otherwise.
+    pub fn kernel_source(&mut self) -> Option<std::net::SocketAddr> {
+        let r = self.server_record()?;
+        (r.setup == SETUP_KERNEL).then(|| std::net::SocketAddr::new(ip_of(r.source_ip), r.source_port))
+    }
+
+    fn server_record(&mut self) -> Option<ConnTraffic> {
+        if self.server.is_none() {
+            let m = self.maps.as_ref()?;
+            self.server = Some(m.lock().unwrap_or_else(|e| e.into_inner()).record(self.cookies[1]));
+        }
+        self.server.flatten()
+    }
+
+    /// The records are the connection's from here on. Returns the cookies,
+    /// the start and whether `lb_setup` spliced the server.
+    fn keep(mut self) -> ([u64; 2], u64, bool) {
+        let spliced = self.server_record().is_some_and(|r| r.setup == SETUP_KERNEL);
         self.maps = None;
-        (self.cookies, self.start_ns)
+        (self.cookies, self.start_ns, spliced)
     }
 }
 
@@ -194,22 +215,22 @@ impl KernelDataplane {
     }
 
     /// The inserts of a connection whose records went in before the
-    /// connect: if the `sock_ops` program spliced the server (its record
-    /// says so), only the client's splice is left; otherwise all of
-    /// [`Self::insert`], with the records completed. Returns the client's
-    /// direction and whether the server's bytes may wait in its receive
-    /// queue (spliced by userspace, after they could arrive).
+    /// connect: if the `sock_ops` program spliced the server, only the
+    /// client's splice is left; otherwise all of [`Self::insert`], with the
+    /// records completed. Returns the client's direction and whether the
+    /// server's bytes may wait in its receive queue (spliced by userspace,
+    /// after they could arrive).
     fn insert_prepared(
         &self,
         s: &Spliced,
         cookies: [u64; 2],
         records: [ConnTraffic; 2],
+        spliced: bool,
     ) -> Result<(Dir, bool), SpliceError> {
-        let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
-        if m.record(cookies[1]).is_some_and(|r| r.setup == SETUP_KERNEL) {
+        if spliced {
+            let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
             return Ok((self.splice_client(&mut m, cookies[0], s.socks.client()), false));
         }
-        drop(m);
         Ok((self.insert(s, cookies, records)?, true))
     }
 
@@ -241,7 +262,7 @@ impl Dataplane for KernelDataplane {
             log::debug!("records before connect: {e}");
             return None;
         }
-        Some(Prepared { cookies, start_ns: now, maps: Some(self.maps.clone()) })
+        Some(Prepared { cookies, start_ns: now, maps: Some(self.maps.clone()), server: None })
     }
 
     fn splice(&self, mut conn: Spliced) -> Result<(), SpliceError> {
@@ -257,9 +278,9 @@ impl Dataplane for KernelDataplane {
         // goes to the userspace copy.
         let (cookies, start_ns, inserted) = match conn.prepared.take() {
             Some(p) => {
-                let (cookies, start_ns) = p.keep();
+                let (cookies, start_ns, spliced) = p.keep();
                 let records = self.records([a.client, a.server], Some(a.source), cookies, start_ns);
-                (cookies, start_ns, self.insert_prepared(&conn, cookies, records))
+                (cookies, start_ns, self.insert_prepared(&conn, cookies, records, spliced))
             }
             None => {
                 let cookies = [

@@ -24,7 +24,7 @@ use super::{
 use crate::{
     addr::ClientAddr,
     config::{FrontendConfig, SniRoutes},
-    dataplane::{ConnAddrs, Socks, Spliced},
+    dataplane::{ConnAddrs, Prepared, Socks, Spliced},
     kernel::sys,
     observe::{
         Backoff,
@@ -203,7 +203,7 @@ async fn connect_and_splice(
     shared: &Shared,
 ) {
     let be = &shared.backends.list[backend];
-    let (mut server, target, pair, prepared) = match pick_and_connect(be, shared, addr, &client).await {
+    let (mut server, target, pair, mut prepared) = match pick_and_connect(be, shared, addr, &client).await {
         Ok(v) => v,
         Err(why) => {
             let stats = &shared.stats;
@@ -239,7 +239,10 @@ async fn connect_and_splice(
     };
     let target_addr = target.cfg.addr;
     guard.connected(target, pair);
-    let source = match server.local_addr() {
+    // Where the kernel spliced the server at ESTABLISHED, its record says
+    // where it connected from, and it has TCP_NODELAY already.
+    let kernel_source = prepared.as_mut().and_then(Prepared::kernel_source);
+    let source = match kernel_source.map_or_else(|| server.local_addr(), Ok) {
         Ok(a) => a,
         Err(e) => {
             log::warn!("client {addr} -> {target_addr}: {e}; both sides reset");
@@ -273,7 +276,9 @@ async fn connect_and_splice(
     }
     let addrs = ConnAddrs { client: addr.0, source, server: target_addr.0 };
     // The client's socket has TCP_NODELAY from its listener.
-    let _ = server.set_nodelay(true);
+    if kernel_source.is_none() {
+        let _ = server.set_nodelay(true);
+    }
     let server = match server.into_std() {
         Ok(s) => s,
         Err(e) => {
