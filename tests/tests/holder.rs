@@ -173,3 +173,62 @@ async fn a_killed_holder_is_replaced_and_the_slot_serves_again() {
     .await;
     assert!(served.is_some(), "no client served after the holder was replaced:\n{}", lb.stderr());
 }
+
+/// A client that sends its request and FIN before lb splices it (here:
+/// lb waits for its first byte, so both are in before the server is even
+/// chosen) still outlives the worker: the kernel made it a redirect target
+/// at its accept, so the server's side is spliced and the holder copies the
+/// client's finished side; the worker killed after the hand-over costs
+/// nothing. (Before `lb_setup`, such a connection could not be spliced at
+/// all and was copied by the worker, which took it down with it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_closed_before_its_splice_outlives_the_worker() {
+    const CONNS: usize = 20;
+    let (got_eof, mut eofs) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (reply, go) = tokio::sync::watch::channel(false);
+    let be = Backend::spawn(move |mut s| {
+        let (got_eof, mut go) = (got_eof.clone(), go.clone());
+        async move {
+            let mut got = Vec::new();
+            let _ = s.read_to_end(&mut got).await;
+            let _ = got_eof.send(());
+            let _ = go.wait_for(|go| *go).await;
+            let _ = s.write_all(&got).await;
+            let _ = s.shutdown().await;
+        }
+    })
+    .await;
+    let body = format!(
+        "[[frontend]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nbackend = \"b\"\nfirst_byte_timeout = \"5s\"\n\n\
+         [[backend]]\nname = \"b\"\nservers = [\"{}\"]\n",
+        be.addr
+    );
+    let Some(lb) = Lb::start_with(Mode::Kernel, "closed_before_splice", &body) else { return };
+    let proof = KernelProof::start(&lb);
+    let mut clients = Vec::new();
+    for i in 0..CONNS {
+        let mut s = TcpStream::connect(lb.addr).await.unwrap();
+        s.write_all(&[i as u8; 100]).await.unwrap();
+        s.shutdown().await.unwrap();
+        clients.push(s);
+    }
+    // Every request and FIN reached the backend: each connection is with
+    // the holder (its client side copied there, its server side spliced).
+    for i in 0..CONNS {
+        let e = tokio::time::timeout(Duration::from_secs(5), eofs.recv()).await;
+        assert!(matches!(e, Ok(Some(()))), "only {i} of {CONNS} requests and FINs reached the backend");
+    }
+    assert_eq!(proof.kernel_setups(&lb), CONNS as u64, "lb_setup did not set up every connection");
+    let victim = lb.worker();
+    // SAFETY: signalling a process of the lb this test started.
+    unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    reply.send_replace(true);
+    for (i, s) in clients.iter_mut().enumerate() {
+        let mut back = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back)).await;
+        assert!(matches!(r, Ok(Ok(100))), "client {i}: the reply after the worker was killed: {r:?}");
+        assert_eq!(back, [i as u8; 100], "client {i}: wrong reply");
+    }
+    proof.assert_kernel_ran(&lb, "closed_before_splice");
+}
