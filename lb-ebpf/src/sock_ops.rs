@@ -58,8 +58,13 @@ fn count(kernel: bool) {
     }
 }
 
-/// The socket's local address as 16 bytes (IPv4 mapped), network order.
-fn local_ip(ctx: &SockOpsContext) -> [u8; 16] {
+/// The socket's local address as the four words of its 16 bytes (IPv4
+/// mapped), in memory order. Words, not bytes: filling a byte array takes
+/// a `memset`/`memcpy` loop, and the verifier refuses the pointer
+/// arithmetic of such a loop without `CAP_PERFMON` (lb as a service has
+/// only `CAP_BPF` and `CAP_NET_ADMIN`).
+#[inline(always)]
+fn local_ip(ctx: &SockOpsContext) -> [u32; 4] {
     // Every context field read once, at its constant offset, before any
     // branch: the verifier refuses a context access at an offset that
     // depends on the path (LLVM merges the two branches' loads otherwise).
@@ -77,26 +82,51 @@ fn local_ip(ctx: &SockOpsContext) -> [u8; 16] {
             ],
         )
     };
-    let mut ip = [0u8; 16];
-    if family == AF_INET {
-        ip[10] = 0xff;
-        ip[11] = 0xff;
-        ip[12..].copy_from_slice(&ip4.to_ne_bytes());
-    } else {
-        ip[..4].copy_from_slice(&ip6[0].to_ne_bytes());
-        ip[4..8].copy_from_slice(&ip6[1].to_ne_bytes());
-        ip[8..12].copy_from_slice(&ip6[2].to_ne_bytes());
-        ip[12..].copy_from_slice(&ip6[3].to_ne_bytes());
+    if family == AF_INET { [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip4] } else { ip6 }
+}
+
+/// Writes an address of [`local_ip`] into a record's 16-byte field.
+///
+/// # Safety
+/// `dst` points into a map value, valid for the program's run.
+unsafe fn put_ip(dst: *mut [u8; 16], w: [u32; 4]) {
+    // The field is at a multiple of 8 in `ConnTraffic` (a map value is
+    // 8-aligned), so word writes are aligned.
+    let p = dst.cast::<u32>();
+    // SAFETY: four words inside the field (see above).
+    unsafe {
+        core::ptr::write_volatile(p, w[0]);
+        core::ptr::write_volatile(p.add(1), w[1]);
+        core::ptr::write_volatile(p.add(2), w[2]);
+        core::ptr::write_volatile(p.add(3), w[3]);
     }
-    ip
+}
+
+/// The namespace cookie `LB_FRONTENDS` has for the address `ip`, `port`.
+/// The key is written word by word into uninitialised stack: a key built
+/// as a value, zeros included, is zeroed with a `memset` loop first.
+#[inline(always)]
+fn frontend_ns(ip: [u32; 4], port: u16) -> Option<u64> {
+    let mut k = core::mem::MaybeUninit::<[u32; 5]>::uninit();
+    let p = k.as_mut_ptr().cast::<u32>();
+    // SAFETY: five words inside `k`. `FrontendKey` is 20 bytes, `repr(C)`,
+    // 2-aligned: the same bytes (the port first in the last word, little
+    // endian, its padding zero).
+    let key = unsafe {
+        core::ptr::write_volatile(p, ip[0]);
+        core::ptr::write_volatile(p.add(1), ip[1]);
+        core::ptr::write_volatile(p.add(2), ip[2]);
+        core::ptr::write_volatile(p.add(3), ip[3]);
+        core::ptr::write_volatile(p.add(4), u32::from(port));
+        &*p.cast::<FrontendKey>()
+    };
+    // SAFETY: read at once, no reference kept.
+    unsafe { LB_FRONTENDS.get(key) }.copied()
 }
 
 fn accepted(ctx: &SockOpsContext) {
     let port = ctx.local_port() as u16;
-    let key = FrontendKey { ip: local_ip(ctx), port, _pad: 0 };
-    let any = FrontendKey { ip: [0; 16], port, _pad: 0 };
-    // SAFETY: read at once, no reference kept.
-    let Some(ns) = (unsafe { LB_FRONTENDS.get(key).or_else(|| LB_FRONTENDS.get(any)) }).copied() else { return };
+    let Some(ns) = frontend_ns(local_ip(ctx), port).or_else(|| frontend_ns([0, 0, 0, 0], port)) else { return };
     // SAFETY: the helpers read the context's socket.
     if ns != unsafe { bpf_get_netns_cookie(ctx.ops.cast()) } {
         return;
@@ -122,13 +152,13 @@ fn connected(ctx: &SockOpsContext) {
     let port = ctx.local_port() as u16;
     // SAFETY: as above.
     unsafe {
-        (*rec).source_ip = ip;
+        put_ip(&raw mut (*rec).source_ip, ip);
         (*rec).source_port = port;
     }
     if let Some(c) = LB_CONN.get_ptr_mut(peer) {
         // SAFETY: as above.
         unsafe {
-            (*c).source_ip = ip;
+            put_ip(&raw mut (*c).source_ip, ip);
             (*c).source_port = port;
         }
     }

@@ -167,6 +167,9 @@ async fn runs_as_non_root_with_only_the_unit_capabilities() {
         clients.push(s);
     }
     proof.assert_all_spliced(&lb, "non_root");
+    // With those capabilities lb also attaches lb_setup to its cgroup: the
+    // kernel spliced every server socket at ESTABLISHED.
+    assert_eq!(proof.kernel_setups(&lb), 10, "lb_setup did not set up the connections:\n{}", lb.stderr());
     drop(clients);
 
     // Its files live in runtime_dir, owned by the service user; the control
