@@ -83,12 +83,42 @@ impl Backend {
 
     /// Sends `banner` at accept (server speaks first), then echoes.
     pub async fn banner(banner: &'static [u8]) -> Backend {
-        Self::spawn(move |mut s| async move {
+        Self::banner_at("127.0.0.1:0".parse().unwrap(), banner).await
+    }
+
+    /// [`Self::banner`] on a given address.
+    pub async fn banner_at(addr: SocketAddr, banner: &'static [u8]) -> Backend {
+        Self::spawn_at(addr, move |mut s| async move {
             if s.write_all(banner).await.is_ok() {
                 echo(s).await;
             }
         })
         .await
+    }
+
+    /// A free loopback address whose port is below the ephemeral range
+    /// (`net.ipv4.ip_local_port_range`), for a backend a test stops and
+    /// starts again at the same address: a port the kernel hands out for
+    /// `bind(0)` or `connect()` could be taken by another test's connection
+    /// (lb's included) while that backend is down.
+    pub fn stable_addr() -> SocketAddr {
+        let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+            .unwrap_or(32768);
+        let (first, span) = (10_000u16, low.saturating_sub(10_000).max(1));
+        // Tests run in parallel in one process and in several: start where
+        // others are unlikely to, and take the first port free now.
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let seed = u64::from(std::process::id()) * 7919 + NEXT.fetch_add(97, Ordering::Relaxed);
+        for i in 0..u64::from(span) {
+            let port = first + ((seed + i) % u64::from(span)) as u16;
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            if std::net::TcpListener::bind(addr).is_ok() {
+                return addr;
+            }
+        }
+        panic!("no free loopback port between {first} and {low}");
     }
 
     /// Reads everything to EOF, then sends it all back and closes: a reply

@@ -319,7 +319,8 @@ async fn health_checks_with_workers_run_once_in_the_supervisor(mode: Mode) {
 async fn health_flips(mode: Mode, name: &str, top: &str) {
     let good = Backend::banner(b"PONG\r\n").await;
     let wrong = Backend::echo().await; // replies PING: fails `expect`
-    let flappy = Backend::banner(b"PONG\r\n").await;
+    // Stopped and started again at its address: a port no connect can take meanwhile.
+    let flappy = Backend::banner_at(Backend::stable_addr(), b"PONG\r\n").await;
     let flappy_addr = flappy.addr;
     let health = "[backend.health]\ninterval = \"100ms\"\nrise = 2\nfall = 3\nsend = \"PING\\r\\n\"\nexpect = \"PONG\"";
     let Some(lb) = Lb::start_with(mode, name, &cfg(&[good.addr, wrong.addr, flappy_addr], health, top)) else {
