@@ -182,6 +182,15 @@ async fn upgrade_keeps_every_connection_and_refuses_no_client() {
     .await;
     assert!(counted.is_some(), "stats after the upgrade (accepted before: {accepted0}): {}", lb.pinned_stats());
     proof.assert_kernel_ran(&lb, "upgrade");
+    // lb_setup stays attached through the upgrade (its link is pinned with
+    // the maps): the new binary's workers leave the server splice to it too.
+    let setups = proof.kernel_setups(&lb);
+    for i in 0..10 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        round_trip(&mut s, 20_000 + i, 0).await.unwrap_or_else(|e| panic!("client {i} after the upgrade: {e}"));
+    }
+    let more = proof.kernel_setups(&lb) - setups;
+    assert!(more >= 10, "lb_setup set up {more} of 10 connections after the upgrade");
     eprintln!(
         "upgrade with {CONNS} connections and 2 slots: {:.3}s ({out}); {} new clients served meanwhile, 0 refused",
         took.as_secs_f64(),
