@@ -214,26 +214,6 @@ impl KernelDataplane {
         }
     }
 
-    /// The inserts of a connection whose records went in before the
-    /// connect: if the `sock_ops` program spliced the server, only the
-    /// client's splice is left; otherwise all of [`Self::insert`], with the
-    /// records completed. Returns the client's direction and whether the
-    /// server's bytes may wait in its receive queue (spliced by userspace,
-    /// after they could arrive).
-    fn insert_prepared(
-        &self,
-        s: &Spliced,
-        cookies: [u64; 2],
-        records: [ConnTraffic; 2],
-        spliced: bool,
-    ) -> Result<(Dir, bool), SpliceError> {
-        if spliced {
-            let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
-            return Ok((self.splice_client(&mut m, cookies[0], s.socks.client()), false));
-        }
-        Ok((self.insert(s, cookies, records)?, true))
-    }
-
     /// Hands a connection the kernel cannot take to the userspace copy.
     fn fall_back(&self, conn: Spliced, why: &str) -> Result<(), SpliceError> {
         log::debug!("connection served by the userspace copy: {why}");
@@ -276,21 +256,28 @@ impl Dataplane for KernelDataplane {
         // sockmap takes only ESTABLISHED sockets: a side that already sent
         // its FIN (CLOSE_WAIT) fails the inserts below, and the connection
         // goes to the userspace copy.
-        let (cookies, start_ns, inserted) = match conn.prepared.take() {
-            Some(p) => {
-                let (cookies, start_ns, spliced) = p.keep();
-                let records = self.records([a.client, a.server], Some(a.source), cookies, start_ns);
-                (cookies, start_ns, self.insert_prepared(&conn, cookies, records, spliced))
-            }
-            None => {
-                let cookies = [
+        // With `lb_setup`, the records went in before the connect, and if it
+        // spliced the server only the client's splice is left; otherwise all
+        // of `insert`, with the records (completed) again.
+        let (cookies, start_ns, kernel_spliced) = match conn.prepared.take() {
+            Some(p) => p.keep(),
+            None => (
+                [
                     sys::socket_cookie(conn.socks.client()).map_err(SpliceError::Cookie)?,
                     sys::socket_cookie(conn.socks.server()).map_err(SpliceError::Cookie)?,
-                ];
-                let now = sys::monotonic_coarse_ns();
-                let records = self.records([a.client, a.server], Some(a.source), cookies, now);
-                (cookies, now, self.insert(&conn, cookies, records).map(|d| (d, true)))
-            }
+                ],
+                sys::monotonic_coarse_ns(),
+                false,
+            ),
+        };
+        // The server's bytes may wait in its receive queue only if userspace
+        // spliced it (after they could arrive).
+        let inserted = if kernel_spliced {
+            let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+            Ok((self.splice_client(&mut m, cookies[0], conn.socks.client()), false))
+        } else {
+            let records = self.records([a.client, a.server], Some(a.source), cookies, start_ns);
+            self.insert(&conn, cookies, records).map(|d| (d, true))
         };
         let (client_dir, server_queued) = match inserted {
             Ok(d) => d,

@@ -172,9 +172,6 @@ const _: () = assert!(MAX_WORKERS > 0 && MAX_SOURCE_ENTRIES > 0 && MAX_SERVER_EN
 pub struct PinnedMaps {
     /// Whether the verdict is pinned (the kernel data plane runs).
     pub kernel: bool,
-    /// Whether the `sock_ops` program is attached (pinned link): the kernel
-    /// splices server sockets at `ESTABLISHED`.
-    pub kernel_setup: bool,
     /// The XDP guard's maps, when its program is pinned (it runs).
     pub guard: Option<super::guard::GuardMaps>,
     pub counters: PerCpuArray<MapData, DataplaneCounters>,
@@ -186,7 +183,6 @@ impl PinnedMaps {
     pub fn open(pin_path: &Path) -> Result<Self, KernelError> {
         Ok(Self {
             kernel: pin_path.join(PROG_VERDICT).exists(),
-            kernel_setup: pin_path.join(lb_common::maps::LINK_SETUP).exists(),
             guard: if pin_path.join(lb_common::maps::PROG_GUARD).exists() {
                 Some(super::guard::GuardMaps::open(pin_path)?)
             } else {
