@@ -31,13 +31,10 @@ struct BatchAttr {
 /// Runs batch command `cmd`; returns how many elements the kernel did, and
 /// its error if it stopped before the last.
 fn run(cmd: libc::c_long, attr: &mut BatchAttr) -> (usize, io::Result<()>) {
-    // SAFETY: `attr` is a complete `batch` attribute; its `keys` and `values`
-    // point to `count` elements of the map's key and value sizes, borrowed
-    // by the caller for the duration of the call. The kernel writes only
-    // `count` back, inside `attr`.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut BatchAttr, size_of::<BatchAttr>()) };
-    let done = attr.count as usize;
-    (done, if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) })
+    // `keys` and `values` point to `count` elements of the map's key and
+    // value sizes, borrowed by the caller; the kernel writes back `count`.
+    let r = super::sys::bpf(cmd, attr).map(drop);
+    (attr.count as usize, r)
 }
 
 fn attr<K>(map: &impl AsFd, keys: &[K]) -> io::Result<BatchAttr> {

@@ -16,6 +16,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use super::sys::bpf;
+
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_LINK_CREATE: libc::c_long = 28;
 /// `BPF_CGROUP_SOCK_OPS` in `enum bpf_attach_type`.
@@ -41,13 +43,6 @@ struct ObjPin {
     file_flags: u32,
     path_fd: i32,
     _pad: u32,
-}
-
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is the complete attribute for `cmd` (zero where unused);
-    // any pointer in it is borrowed by the caller for the call.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
 }
 
 /// Attaches the `sock_ops` program `prog` to the cgroup directory `cgroup`

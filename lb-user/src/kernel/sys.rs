@@ -29,6 +29,17 @@ fn setsockopt<T>(s: &impl AsRawFd, level: libc::c_int, name: libc::c_int, val: &
     .map(drop)
 }
 
+/// `bpf(cmd, attr)` for the commands aya makes no call for (batched map
+/// updates and deletes, `batch.rs`; the pinned cgroup link, `link.rs`).
+pub(super) fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is the complete attribute for `cmd` (zero where unused);
+    // any pointer in it is borrowed by the caller for the call, to memory of
+    // the sizes the command reads and writes. The kernel writes back only
+    // inside `attr`.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
+}
+
 /// The socket's cookie (`SO_COOKIE`), the value `bpf_get_socket_cookie` returns.
 pub fn socket_cookie(s: &impl AsFd) -> io::Result<u64> {
     Ok(rustix::net::sockopt::socket_cookie(s)?)
