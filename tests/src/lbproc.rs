@@ -410,30 +410,36 @@ impl Drop for Lb {
 /// On the userspace plane every check passes (there is nothing to prove).
 pub struct KernelProof {
     kernel: bool,
+    at_start: Counts,
+}
+
+/// The pinned counters a proof compares, from one `lb stats --json`.
+#[derive(Clone, Copy, Default)]
+struct Counts {
     skbs: u64,
     fallbacks: u64,
+    /// Server sockets the `sock_ops` program spliced at `ESTABLISHED`.
     setups: u64,
 }
 
-fn kernel_counters(lb: &Lb) -> (u64, u64) {
+fn kernel_counters(lb: &Lb) -> Counts {
     let s = lb.pinned_stats();
-    let skbs = s["counters"]["skbs_redirected"].as_u64().expect("counters.skbs_redirected in lb stats --json");
-    let fallbacks = s["totals"]["userspace_fallbacks"].as_u64().expect("totals.userspace_fallbacks in lb stats --json");
-    (skbs, fallbacks)
-}
-
-/// Server sockets the `sock_ops` program spliced at `ESTABLISHED`.
-fn kernel_setups(lb: &Lb) -> u64 {
-    lb.pinned_stats()["counters"]["kernel_setups"].as_u64().expect("counters.kernel_setups in lb stats --json")
+    let get = |section: &str, key: &str| {
+        s[section][key].as_u64().unwrap_or_else(|| panic!("{section}.{key} in lb stats --json: {s}"))
+    };
+    Counts {
+        skbs: get("counters", "skbs_redirected"),
+        fallbacks: get("totals", "userspace_fallbacks"),
+        setups: get("counters", "kernel_setups"),
+    }
 }
 
 impl KernelProof {
     pub fn start(lb: &Lb) -> KernelProof {
         if lb.dataplane != "kernel" {
-            return KernelProof { kernel: false, skbs: 0, fallbacks: 0, setups: 0 };
+            return KernelProof { kernel: false, at_start: Counts::default() };
         }
-        let (skbs, fallbacks) = kernel_counters(lb);
-        KernelProof { kernel: true, skbs, fallbacks, setups: kernel_setups(lb) }
+        KernelProof { kernel: true, at_start: kernel_counters(lb) }
     }
 
     /// How many connections since the start the `sock_ops` program set up
@@ -442,7 +448,7 @@ impl KernelProof {
         if !self.kernel {
             return 0;
         }
-        kernel_setups(lb) - self.setups
+        kernel_counters(lb).setups - self.at_start.setups
     }
 
     /// The eBPF verdict redirected skbs since the start: the kernel path ran
@@ -451,14 +457,14 @@ impl KernelProof {
         if !self.kernel {
             return 0;
         }
-        let (skbs, fallbacks) = kernel_counters(lb);
-        assert!(skbs > self.skbs, "{test}: the eBPF verdict redirected nothing: the kernel path did not run");
+        let (now, then) = (kernel_counters(lb), self.at_start);
+        assert!(now.skbs > then.skbs, "{test}: the eBPF verdict redirected nothing: the kernel path did not run");
         eprintln!(
             "[kernel] {test}: {} skbs redirected in the kernel, {} connection(s) served by the userspace copy",
-            skbs - self.skbs,
-            fallbacks - self.fallbacks
+            now.skbs - then.skbs,
+            now.fallbacks - then.fallbacks
         );
-        skbs - self.skbs
+        now.skbs - then.skbs
     }
 
     /// Every connection since the start was spliced in the kernel: the
@@ -470,12 +476,10 @@ impl KernelProof {
         }
         self.assert_kernel_ran(lb, test);
         lb.await_publication();
-        let (_, fallbacks) = kernel_counters(lb);
+        let fell_back = kernel_counters(lb).fallbacks - self.at_start.fallbacks;
         assert_eq!(
-            fallbacks - self.fallbacks,
-            0,
-            "{test}: {} connection(s) fell back to the userspace copy instead of the kernel splice",
-            fallbacks - self.fallbacks
+            fell_back, 0,
+            "{test}: {fell_back} connection(s) fell back to the userspace copy instead of the kernel splice"
         );
     }
 }
