@@ -112,6 +112,12 @@ pub fn tcp_bytes_written(s: &impl AsRawFd, enough: u64) -> io::Result<u64> {
     Ok(acked + outq.max(0) as u64)
 }
 
+/// Bytes of this TCP socket the peer has acknowledged (`tcpi_bytes_acked`;
+/// the SYN of a connected socket counts one).
+pub fn tcp_bytes_acked(s: &impl AsRawFd) -> io::Result<u64> {
+    Ok(tcp_info(s)?.tcpi_bytes_acked)
+}
+
 /// Bytes received in order on this TCP socket (`tcpi_bytes_received`).
 pub fn tcp_bytes_received(s: &impl AsRawFd) -> io::Result<u64> {
     Ok(tcp_info(s)?.tcpi_bytes_received)

@@ -66,6 +66,9 @@ pub(super) struct Copy {
     pub len: usize,
     pub off: usize,
     pub eof: bool,
+    /// The end was a reset, not a FIN: once every byte is written, the peer
+    /// is reset instead of shut.
+    pub reset: bool,
     pub bytes: u64,
     /// `CLOCK_MONOTONIC_COARSE` ns of the last byte read.
     pub last_ns: u64,
@@ -74,6 +77,11 @@ pub(super) struct Copy {
 pub(super) enum Flow {
     /// Kernel splice; a pending EOF forward once the source sent its FIN.
     Kernel(Option<Drain>),
+    /// The source was reset after sending this many bytes: once the peer
+    /// has acknowledged all of them, it is reset too. Resetting it at once
+    /// would throw away what still waits in its psock queue or send queue
+    /// (a reply a server wrote right before its reset).
+    Reset(u64, Drain),
     /// Kernel splice finished: the source's FIN is forwarded after all of
     /// the bytes the kernel redirected from it (the count, final now).
     Done(u64),
@@ -130,15 +138,33 @@ pub(super) fn interest(side: usize, dirs: [Dir; 2]) -> EventFlags {
 }
 
 impl Conn {
-    pub fn on_event(&mut self, side: usize, events: EventFlags) -> Next {
+    /// Takes an epoll event of `side`; `maps` for the verdict's count of a
+    /// side that was reset.
+    pub fn on_event(&mut self, side: usize, events: EventFlags, maps: &ConnMaps) -> Next {
         let hup = events.intersects(EventFlags::HUP | EventFlags::ERR);
         // A pending error is in the event (`tcp_poll` sets EPOLLERR while
         // `sk_err` is set, and setting it wakes the socket again), so a plain
-        // end (HUP alone, both directions shut) costs no SO_ERROR read.
+        // end (HUP alone, both directions shut) costs no SO_ERROR read. The
+        // error is not read (reading clears it): a holder that takes the
+        // connection over sees the reset again when it registers it.
         if events.contains(EventFlags::ERR) {
-            let err = self.socks[side].take_error().unwrap_or_else(Some);
-            log::debug!("{} side reset or failed: {err:?}", side_name(side));
-            return Next::Abort(side);
+            log::debug!("{} side reset or failed", side_name(side));
+            self.rd_closed[side] = true;
+            match &mut self.flows[side] {
+                // Every byte the side received before its reset has been
+                // through the verdict by now (it runs as each arrives).
+                Flow::Kernel(_) => {
+                    let sent = maps.redirected(self.cookies[side]).unwrap_or(0);
+                    self.flows[side] = Flow::Reset(sent, Drain::new(Instant::now()));
+                }
+                Flow::Done(n) | Flow::Copied(n) => {
+                    let n = *n;
+                    self.flows[side] = Flow::Reset(n, Drain::new(Instant::now()));
+                }
+                // The copy reads what was queued before the reset, then ends.
+                Flow::User(copy) => copy.reset = true,
+                Flow::Reset(..) => {}
+            }
         }
         // A copied direction sees its FIN as the end of its reads instead.
         if let Flow::Kernel(drain) = &mut self.flows[side]
@@ -168,16 +194,46 @@ impl Conn {
         let now = Instant::now();
         for from in [0, 1] {
             let to = 1 - from;
+            let peer_reset = matches!(self.flows[to], Flow::Reset(..));
             let next = match &mut self.flows[from] {
                 Flow::User(copy) => {
                     let next = pump(copy, &self.socks, from, &mut self.rd_closed, &mut self.wr_shut);
-                    if copy.eof && copy.off == copy.len && self.wr_shut[to] {
+                    if copy.eof && copy.off == copy.len && copy.reset {
+                        self.flows[from] = Flow::Reset(copy.bytes, Drain::new(now));
+                    } else if copy.eof && copy.off == copy.len && self.wr_shut[to] {
                         self.flows[from] = Flow::Copied(copy.bytes);
                     }
                     next
                 }
                 Flow::Kernel(None) | Flow::Done(_) | Flow::Copied(_) => Next::Keep,
-                Flow::Kernel(Some(d)) if d.next > now => Next::Keep,
+                Flow::Kernel(Some(d)) | Flow::Reset(_, d) if d.next > now => Next::Keep,
+                Flow::Reset(sent, d) => {
+                    // Acknowledged, not only written: a reset throws away
+                    // what the peer's send queue still holds.
+                    let acked = sys::tcp_bytes_acked(&self.socks[to]).map(|a| a.saturating_sub(self.written_base[to]));
+                    match acked {
+                        Ok(acked) if acked < *sent && !peer_reset => {
+                            if acked > d.last_written {
+                                d.reschedule(now, acked, *sent);
+                                (d.last_written, d.last_progress) = (acked, now);
+                                Next::Keep
+                            } else if now.duration_since(d.last_progress) > DRAIN_STALL {
+                                log::warn!(
+                                    "{} acknowledged no bytes for {DRAIN_STALL:?} after the {} reset ({acked} of \
+                                     {sent} bytes delivered); resetting it",
+                                    side_name(to),
+                                    side_name(from)
+                                );
+                                Next::Abort(from)
+                            } else {
+                                d.reschedule(now, acked, *sent);
+                                Next::Keep
+                            }
+                        }
+                        // All of it, or the peer is gone or reset as well.
+                        _ => Next::Abort(from),
+                    }
+                }
                 Flow::Kernel(Some(d)) => {
                     // tcpi_bytes_received counts the FIN, which is in by now.
                     // Every byte written to `to` since the splice came from
@@ -226,7 +282,7 @@ impl Conn {
                 Some(super::CopyState { pending: c.buf[c.off..c.len].to_vec(), eof: c.eof, bytes: c.bytes })
             }
             Flow::Copied(n) => Some(super::CopyState { pending: Vec::new(), eof: true, bytes: *n }),
-            Flow::Kernel(_) | Flow::Done(_) => None,
+            Flow::Kernel(_) | Flow::Done(_) | Flow::Reset(..) => None,
         };
         super::Detached { id, socks: self.socks, copy }
     }
@@ -237,7 +293,7 @@ impl Conn {
         self.flows
             .iter()
             .filter_map(|f| match f {
-                Flow::Kernel(Some(d)) => Some(d.next),
+                Flow::Kernel(Some(d)) | Flow::Reset(_, d) => Some(d.next),
                 _ => None,
             })
             .min()
@@ -249,7 +305,7 @@ impl Conn {
     pub fn bytes(&self, maps: &ConnMaps) -> [u64; 2] {
         [0, 1].map(|side| match &self.flows[side] {
             Flow::User(c) => c.bytes,
-            Flow::Done(n) | Flow::Copied(n) => *n,
+            Flow::Done(n) | Flow::Copied(n) | Flow::Reset(n, _) => *n,
             Flow::Kernel(_) => maps.redirected(self.cookies[side]).unwrap_or(0),
         })
     }
@@ -260,7 +316,7 @@ impl Conn {
         let kernel = self.cookies.iter().filter_map(|c| maps.record(*c)).map(|r| r.last_active_ns);
         let copied = self.flows.iter().filter_map(|f| match f {
             Flow::User(c) => Some(c.last_ns),
-            Flow::Kernel(_) | Flow::Done(_) | Flow::Copied(_) => None,
+            Flow::Kernel(_) | Flow::Done(_) | Flow::Copied(_) | Flow::Reset(..) => None,
         });
         kernel.chain(copied).max()
     }
@@ -294,8 +350,10 @@ fn pump(c: &mut Copy, socks: &[TcpStream; 2], from: usize, rd_closed: &mut [bool
             continue;
         }
         if c.eof {
-            let _ = socks[to].shutdown(Shutdown::Write);
-            wr_shut[to] = true;
+            if !c.reset {
+                let _ = socks[to].shutdown(Shutdown::Write);
+                wr_shut[to] = true;
+            }
             return Next::Keep;
         }
         match (&socks[from]).read(&mut c.buf) {
@@ -310,9 +368,11 @@ fn pump(c: &mut Copy, socks: &[TcpStream; 2], from: usize, rd_closed: &mut [bool
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => return Next::Keep,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            // Reset (or failed): what was read goes on, then the peer is reset.
             Err(e) => {
                 log::debug!("{} side failed while read: {e}", side_name(from));
-                return Next::Abort(from);
+                (c.eof, c.reset) = (true, true);
+                rd_closed[from] = true;
             }
         }
     }

@@ -218,6 +218,7 @@ impl Watcher {
                     len: copy.pending.len(),
                     off: 0,
                     eof: copy.eof,
+                    reset: false,
                     bytes: copy.bytes,
                     last_ns: sys::monotonic_coarse_ns(),
                 }))
@@ -367,7 +368,7 @@ fn run(shared: &Shared, mut maps: ConnMaps, mut ring: Option<RingBuf<MapData>>, 
                 continue;
             };
             let before = conn.next_look();
-            match conn.on_event(side, events) {
+            match conn.on_event(side, events, &maps) {
                 Next::Keep => looks::schedule(&mut t.pending, id, before, conn),
                 next => done.push((id, next)),
             }

@@ -1,0 +1,206 @@
+//! Bytes a peer sent right before its reset are data: through lb they
+//! arrive whole before the reset, as they do on a direct connection. A
+//! server that replies and then closes with the request half read (the
+//! kernel sends the reply, then RST; common with HTTP servers that close
+//! early), and a client that sends and then resets.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use testkit::{KernelProof, Lb, Mode, backends::Backend, stream::Stream};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::Semaphore,
+};
+
+testkit::every_path!(server_replies_then_resets, client_sends_then_resets);
+
+/// Exchanges per test and path.
+const EXCHANGES: usize = 10_000;
+/// Connections in flight at once.
+const CONCURRENCY: usize = 48;
+/// Reply and request sizes, by exchange number: each small enough that a
+/// direct connection delivers it whole (one write, sent at once on loopback).
+const SIZES: [usize; 4] = [1, 1000, 4096, 16384];
+/// The request of [`server_replies_then_resets`]; the server reads half.
+const REQUEST: usize = 100;
+
+fn lb_for(mode: Mode, test: &str, server: std::net::SocketAddr) -> Option<Lb> {
+    let body = format!(
+        "access_log = false\n[[frontend]]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\nbackend = \"b\"\n\n\
+         [[backend]]\nname = \"b\"\nservers = [\"{server}\"]\n"
+    );
+    Lb::start_with(mode, test, &body)
+}
+
+/// Reads to the end: the bytes, and whether the end was a reset (`false`: EOF).
+async fn read_to_end(s: &mut TcpStream) -> Result<(Vec<u8>, bool), String> {
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await {
+            Err(_) => return Err(format!("nothing more after {} bytes within 20 s", got.len())),
+            Ok(Ok(0)) => return Ok((got, false)),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok((got, true)),
+            Ok(Err(e)) => return Err(format!("after {} bytes: {e}", got.len())),
+        }
+    }
+}
+
+/// `got` is exactly the first `size` bytes of stream `seed`.
+fn intact(got: &[u8], seed: u64, size: usize) -> bool {
+    let mut want = vec![0u8; size];
+    Stream::new(seed).fill(&mut want);
+    got == want
+}
+
+/// Runs `EXCHANGES` clients, `CONCURRENCY` at a time; returns their errors.
+async fn run<F, Fut>(client: F) -> Vec<String>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+{
+    let limit = Arc::new(Semaphore::new(CONCURRENCY));
+    let mut tasks = Vec::with_capacity(EXCHANGES);
+    for i in 0..EXCHANGES {
+        let permit = limit.clone().acquire_owned().await.unwrap();
+        let fut = client(i);
+        tasks.push(tokio::spawn(async move {
+            let r = fut.await;
+            drop(permit);
+            r
+        }));
+    }
+    let mut failures = Vec::new();
+    for t in tasks {
+        if let Err(e) = t.await.unwrap() {
+            failures.push(e);
+        }
+    }
+    failures
+}
+
+/// The server reads half the request, waits for the rest to be there,
+/// replies and closes with it unread: its kernel sends the reply, then a
+/// reset. Every client must read the whole reply, then the reset.
+async fn server_replies_then_resets(mode: Mode) {
+    let be = Backend::spawn(|mut s| async move {
+        let mut half = [0u8; REQUEST / 2];
+        if s.read_exact(&mut half).await.is_err() {
+            return;
+        }
+        let (seed, size) = (u64::from(half[0]) | u64::from(half[1]) << 8, SIZES[usize::from(half[2])]);
+        // The other half unread in the receive queue makes close() a reset.
+        let mut rest = [0u8; REQUEST / 2];
+        while matches!(s.peek(&mut rest).await, Ok(n) if n < REQUEST / 2) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let mut reply = vec![0u8; size];
+        Stream::new(seed).fill(&mut reply);
+        let _ = s.write_all(&reply).await;
+    })
+    .await;
+    let Some(lb) = lb_for(mode, "server_replies_then_resets", be.addr) else { return };
+    let proof = KernelProof::start(&lb);
+    let failures = run(|i| {
+        let addr = lb.addr;
+        async move {
+            let (seed, which) = (i as u64 & 0xffff, i % SIZES.len());
+            let mut req = [0u8; REQUEST];
+            (req[0], req[1], req[2]) = (seed as u8, (seed >> 8) as u8, which as u8);
+            let mut s = TcpStream::connect(addr).await.map_err(|e| format!("client {i}: connect: {e}"))?;
+            s.write_all(&req).await.map_err(|e| format!("client {i}: sending: {e}"))?;
+            let (got, reset) = read_to_end(&mut s).await.map_err(|e| format!("client {i}: {e}"))?;
+            let size = SIZES[which];
+            if !intact(&got, seed, size) {
+                return Err(format!("client {i}: got {} bytes, wanted exactly {size} intact", got.len()));
+            }
+            if !reset {
+                return Err(format!("client {i}: clean EOF after the reply where the server reset"));
+            }
+            Ok(())
+        }
+    })
+    .await;
+    assert!(
+        failures.is_empty(),
+        "{} of {EXCHANGES} clients lost the reply sent before the reset: {:?}",
+        failures.len(),
+        &failures[..5.min(failures.len())]
+    );
+    proof.assert_kernel_ran(&lb, "server_replies_then_resets");
+    eprintln!("[{}] server replies then resets: {EXCHANGES} replies whole, then the reset", mode.as_str());
+}
+
+/// The server says hello (so the connection is set up end to end), then
+/// reads to the end. The client sends its bytes and resets at once: every
+/// server must read them all, then the reset.
+async fn client_sends_then_resets(mode: Mode) {
+    let seen: Arc<Mutex<Vec<Result<(), String>>>> = Arc::default();
+    let log = seen.clone();
+    let be = Backend::spawn(move |mut s| {
+        let log = log.clone();
+        async move {
+            let r = async {
+                s.write_all(b"h").await.map_err(|e| format!("hello: {e}"))?;
+                let (got, reset) = read_to_end(&mut s).await?;
+                if got.len() < 3 {
+                    return Err(format!("{} bytes, not even the header", got.len()));
+                }
+                let (seed, size) = (u64::from(got[0]) | u64::from(got[1]) << 8, SIZES[usize::from(got[2])]);
+                if got.len() != 3 + size || !intact(&got[3..], seed, size) {
+                    return Err(format!("client {seed}: got {} bytes, wanted exactly {} intact", got.len(), 3 + size));
+                }
+                if !reset {
+                    return Err(format!("client {seed}: clean EOF where the client reset"));
+                }
+                Ok(())
+            }
+            .await;
+            log.lock().unwrap().push(r);
+        }
+    })
+    .await;
+    let Some(lb) = lb_for(mode, "client_sends_then_resets", be.addr) else { return };
+    let proof = KernelProof::start(&lb);
+    let failures = run(|i| {
+        let addr = lb.addr;
+        async move {
+            let (seed, which) = (i as u64 & 0xffff, i % SIZES.len());
+            let mut msg = vec![seed as u8, (seed >> 8) as u8, which as u8];
+            msg.resize(3 + SIZES[which], 0);
+            Stream::new(seed).fill(&mut msg[3..]);
+            let mut s = TcpStream::connect(addr).await.map_err(|e| format!("client {i}: connect: {e}"))?;
+            let mut hello = [0u8; 1];
+            tokio::time::timeout(Duration::from_secs(20), s.read_exact(&mut hello))
+                .await
+                .map_err(|_| format!("client {i}: no hello within 20 s"))?
+                .map_err(|e| format!("client {i}: hello: {e}"))?;
+            s.write_all(&msg).await.map_err(|e| format!("client {i}: sending: {e}"))?;
+            socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).map_err(|e| format!("linger: {e}"))?;
+            Ok(())
+        }
+    })
+    .await;
+    assert!(failures.is_empty(), "clients failed: {:?}", &failures[..5.min(failures.len())]);
+    let done = testkit::retry_until(Duration::from_secs(30), || {
+        let n = seen.lock().unwrap().len();
+        (n >= EXCHANGES).then_some(n)
+    })
+    .await;
+    let seen = seen.lock().unwrap();
+    let lost: Vec<&String> = seen.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        done.is_some() && lost.is_empty(),
+        "{} of {EXCHANGES} servers finished, {} lost bytes the client sent before its reset: {:?}",
+        seen.len(),
+        lost.len(),
+        &lost[..5.min(lost.len())]
+    );
+    proof.assert_kernel_ran(&lb, "client_sends_then_resets");
+    eprintln!("[{}] client sends then resets: {EXCHANGES} requests whole, then the reset", mode.as_str());
+}
