@@ -5,6 +5,11 @@
 //! network stack, as a driver would). The packet generator is the kernel
 //! itself, on this core, so the rate is the program's and the stack's, not
 //! a userspace tool's. Prints `{"packets", "secs", "pps"}`.
+//!
+//! With `--plain` the run is an ordinary test run (no live frames: the
+//! verdicts are returned, not acted on), for hosts that refuse live frames
+//! (lockdown): prints `{"packets", "verdict", "ns_per_frame"}`, the
+//! program's own time per frame as the kernel measured it.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -28,6 +33,9 @@ struct Args {
     dst: SocketAddr,
     #[arg(long, default_value_t = 5_000_000)]
     packets: u32,
+    /// An ordinary test run instead of live frames.
+    #[arg(long)]
+    plain: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,6 +52,12 @@ fn main() -> anyhow::Result<()> {
     opts.data_in = Some(&frame);
     opts.ctx_in = Some(&ctx);
     opts.repeat = a.packets;
+    if a.plain {
+        let r = prog.test_run(opts)?;
+        let ns = r.duration.as_secs_f64() * 1e9;
+        println!("{}", serde_json::json!({ "packets": a.packets, "verdict": r.return_value, "ns_per_frame": ns }));
+        return Ok(());
+    }
     opts.attrs = TestRunAttrs::new().xdp_live_frames(64);
     let t0 = Instant::now();
     prog.test_run(opts)?;
