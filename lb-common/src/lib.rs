@@ -17,6 +17,7 @@ pub mod guard;
 #[cfg(feature = "user")]
 pub mod host;
 pub mod maps;
+pub mod packet;
 pub mod stats;
 
 /// `aya::Pod` for types whose derived `bytemuck::Pod` proves them plain

@@ -85,11 +85,28 @@ pub const MAX_GUARD_RULES: u32 = 1 << 16;
 /// Capacity of the guard's per-source maps.
 pub const MAX_GUARD_SOURCES: u32 = 1 << 16;
 
+/// HASH: [`crate::packet::FlowKey`] -> [`crate::packet::Flow`]: the packet
+/// plane's joined connections, one entry per direction.
+pub const FLOWS: &str = "LB_FLOWS";
+/// ARRAY_OF_MAPS: worker slot (u32) -> that slot's holder's RINGBUF of
+/// [`crate::packet::PacketEnd`]s (each holder makes its own ring).
+pub const PACKET_ENDS: &str = "LB_PACKET_ENDS";
+/// Size of each slot's ring of ends: 16,384 ends.
+pub const PACKET_ENDS_RING_BYTES: u32 = 1 << 20;
+/// PERCPU_ARRAY with one entry: [`crate::packet::PacketCounters`].
+pub const PACKET_COUNTERS: &str = "LB_PKT_COUNTERS";
+/// Default capacity of `LB_FLOWS` (two entries per connection).
+pub const DEFAULT_MAX_FLOWS: u32 = 1 << 18;
+/// Name of the packet plane's TC program in the object file.
+pub const PROG_PACKET: &str = "lb_packet";
+/// Pin of its attachment to an interface (a tcx link): `lb_packet_<ifindex>`.
+pub const LINK_PACKET_PREFIX: &str = "lb_packet_";
+
 /// Name of the XDP guard program in the object file.
 pub const PROG_GUARD: &str = "lb_guard";
 
 /// The maps `lb` pins under its `pin_path`.
-pub const PINNED: [&str; 17] = [
+pub const PINNED: [&str; 20] = [
     TARGET,
     FRONTENDS,
     SETUP_MISS,
@@ -107,6 +124,9 @@ pub const PINNED: [&str; 17] = [
     GUARD_RATE,
     GUARD_STATS,
     GUARD_TOP,
+    FLOWS,
+    PACKET_ENDS,
+    PACKET_COUNTERS,
 ];
 
 /// What this build expects of the pinned maps: each map's name with its key
@@ -124,7 +144,8 @@ pub fn layout() -> std::string::String {
     std::format!(
         "{TARGET}:8/4 {FRONTENDS}:20/8 {SETUP_MISS}:8/1 {SPLICE}:8/4 {CONN}:8/{} {COUNTERS}:4/{} {SOURCES}:{}/{} {SERVERS}:{}/{} {WORKERS}:4/{} \
          {GUARD_DENY}:20/1 {GUARD_ALLOW}:20/1 {GUARD_PORTS}:2/1 {GUARD_CONF}:4/{} {GUARD_RATE}:16/{} \
-         {GUARD_STATS}:4/{} {GUARD_TOP}:16/8 {EVENTS}:4/4 ring {EVENTS_RING_BYTES}/{}",
+         {GUARD_STATS}:4/{} {GUARD_TOP}:16/8 {EVENTS}:4/4 ring {EVENTS_RING_BYTES}/{} \
+         {FLOWS}:{}/{} {PACKET_ENDS}:4/4 ring {PACKET_ENDS_RING_BYTES}/{} {PACKET_COUNTERS}:4/{}",
         size_of::<ConnTraffic>(),
         size_of::<DataplaneCounters>(),
         size_of::<SourceKey>(),
@@ -136,5 +157,9 @@ pub fn layout() -> std::string::String {
         size_of::<GuardBucket>(),
         size_of::<GuardCounters>(),
         size_of::<crate::conn::FlowEvent>(),
+        size_of::<crate::packet::FlowKey>(),
+        size_of::<crate::packet::Flow>(),
+        size_of::<crate::packet::PacketEnd>(),
+        size_of::<crate::packet::PacketCounters>(),
     )
 }

@@ -168,8 +168,22 @@ worker_counters! {
     Counter userspace_bytes_in => "userspace_bytes_in",
     /// Bytes server -> client copied in userspace.
     Counter userspace_bytes_out => "userspace_bytes_out",
+    /// Connections joined on the packet plane: the kernel rewrites their
+    /// packets, lb keeps no socket for them.
+    Counter packet_joined => "packet_joined",
+    /// Connections of a packet-plane frontend kept on the sockmap plane: the
+    /// two handshakes' timestamp options differ.
+    Counter packet_kept_timestamps => "packet_kept" reason "timestamps",
+    /// Of those kept: an MSS one path advertised is larger than the other side accepts.
+    Counter packet_kept_mss => "packet_kept" reason "mss",
+    /// Of those kept: a side closed or reset while lb joined them.
+    Counter packet_kept_closed => "packet_kept" reason "closed",
+    /// Of those kept: lb's sockets did not finish delivering within a second.
+    Counter packet_kept_timeout => "packet_kept" reason "timeout",
+    /// Of those kept: the flow map was full or refused the entries.
+    Counter packet_kept_map => "packet_kept" reason "map",
 }
-const _: () = assert!(core::mem::size_of::<WorkerCounters>() == 18 * 8);
+const _: () = assert!(core::mem::size_of::<WorkerCounters>() == 24 * 8);
 
 /// Value of `LB_WORKERS`, keyed by worker index (u32).
 #[repr(C)]
@@ -185,7 +199,7 @@ pub struct WorkerStats {
     pub seq: u64,
     pub counters: WorkerCounters,
 }
-const _: () = assert!(core::mem::size_of::<WorkerStats>() == 16 + 18 * 8);
+const _: () = assert!(core::mem::size_of::<WorkerStats>() == 16 + 24 * 8);
 
 /// Key of `LB_SOURCES`.
 #[repr(C)]

@@ -1,6 +1,6 @@
 //! lb's eBPF object: maps, the sk_skb verdict that splices sockets, the
-//! sock_ops program that splices them at `ESTABLISHED`, and the XDP guard
-//! at the edge.
+//! sock_ops program that splices them at `ESTABLISHED`, the TC program of
+//! the packet plane, and the XDP guard at the edge.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 #[cfg(target_arch = "bpf")]
@@ -9,6 +9,8 @@ mod maps;
 mod sk_skb;
 #[cfg(target_arch = "bpf")]
 mod sock_ops;
+#[cfg(target_arch = "bpf")]
+mod tc;
 #[cfg(target_arch = "bpf")]
 mod xdp;
 

@@ -9,9 +9,10 @@ use lb_common::{
     conn::{ConnTraffic, FlowEvent, FrontendKey},
     guard::{GuardBucket, GuardConf, GuardCounters},
     maps::{
-        DEFAULT_MAX_SOCKETS, EVENTS_RING_BYTES, MAX_FRONTENDS, MAX_GUARD_RULES, MAX_GUARD_SOURCES, MAX_SERVER_ENTRIES,
-        MAX_SETUP_MISSES, MAX_SOURCE_ENTRIES, MAX_WORKERS,
+        DEFAULT_MAX_FLOWS, DEFAULT_MAX_SOCKETS, EVENTS_RING_BYTES, MAX_FRONTENDS, MAX_GUARD_RULES, MAX_GUARD_SOURCES,
+        MAX_SERVER_ENTRIES, MAX_SETUP_MISSES, MAX_SOURCE_ENTRIES, MAX_WORKERS, PACKET_ENDS_RING_BYTES,
     },
+    packet::{Flow, FlowKey, PacketCounters, PacketEnd},
     stats::{DataplaneCounters, ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats},
 };
 
@@ -85,3 +86,21 @@ pub static LB_GUARD_STATS: PerCpuArray<GuardCounters, 1> = PerCpuArray::new();
 /// Packets dropped per source (the top offenders).
 #[btf_map(name = "LB_GUARD_TOP")]
 pub static LB_GUARD_TOP: LruHashMap<[u8; 16], u64, { MAX_GUARD_SOURCES as usize }> = LruHashMap::new();
+
+/// The packet plane's joined connections, one entry per direction.
+#[btf_map(name = "LB_FLOWS")]
+pub static LB_FLOWS: HashMap<FlowKey, Flow, { DEFAULT_MAX_FLOWS as usize }> = HashMap::new();
+
+/// Worker slot -> its holder's ring of ended packet-plane connections.
+#[btf_map(name = "LB_PACKET_ENDS")]
+pub static LB_PACKET_ENDS: ArrayOfMaps<RingBuf<PacketEnd, { PACKET_ENDS_RING_BYTES as usize }>, { MAX_WORKERS as usize }> =
+    ArrayOfMaps::new();
+
+/// The packet plane's counters, one slot per CPU.
+#[btf_map(name = "LB_PKT_COUNTERS")]
+pub static LB_PKT_COUNTERS: PerCpuArray<PacketCounters, 1> = PerCpuArray::new();
+
+/// Scratch space of the packet plane's program, one slot per CPU (not
+/// pinned: nothing outside the program reads it).
+#[btf_map(name = "LB_PKT_SCRATCH")]
+pub static LB_PKT_SCRATCH: PerCpuArray<[u32; 4], 1> = PerCpuArray::new();

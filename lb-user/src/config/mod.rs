@@ -123,6 +123,22 @@ pub struct FrontendConfig {
     pub first_byte_timeout: Option<std::time::Duration>,
     /// Backends chosen by the TLS server name (`None`: no TLS inspection).
     pub sni: Option<SniRoutes>,
+    /// How the kernel data plane carries this frontend's connections.
+    pub splice: Splice,
+}
+
+/// `splice = "…"` of a frontend: how the kernel data plane carries its
+/// connections once lb has made them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Splice {
+    /// Both sockets in an eBPF sockhash; the verdict moves the bytes, the
+    /// holder keeps the sockets.
+    #[default]
+    Sockmap,
+    /// The two TCP connections joined at packet level by the TC program;
+    /// lb closes both sockets. Connections it cannot join stay on sockmap.
+    Packet,
 }
 
 /// A frontend's `sni` table, validated: exact names, and `*.suffix`
@@ -228,6 +244,11 @@ pub struct Config {
 }
 
 impl Config {
+    /// Whether a frontend asks for the packet plane.
+    pub fn packet_plane(&self) -> bool {
+        self.frontends.iter().any(|f| f.splice == Splice::Packet)
+    }
+
     /// Connections one worker process may hold.
     pub fn maxconn_per_worker(&self) -> u32 {
         self.maxconn.div_ceil(self.workers)

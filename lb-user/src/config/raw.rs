@@ -57,6 +57,8 @@ pub struct Frontend {
     pub first_byte_timeout: DurationKey,
     /// TLS server name (or `*.suffix`) → backend; others go to `backend`.
     pub sni: Option<Spanned<std::collections::BTreeMap<String, String>>>,
+    /// How the kernel carries this frontend's connections: `"packet"` or `"sockmap"`.
+    pub splice: Option<Spanned<String>>,
 }
 
 /// One entry of `servers`: `"ip:port"` or `{ addr = "ip:port", maxconn = N }`.

@@ -413,7 +413,20 @@ fn frontends(
             None => None,
             Some(table) => Some(sni_routes(loc, name, table, backends)?),
         };
-        frontends.push(FrontendConfig { name: name.clone(), listen, backend, maxconn, first_byte_timeout, sni });
+        let splice = match &f.splice {
+            None => super::Splice::default(),
+            Some(v) => match v.get_ref().as_str() {
+                "sockmap" => super::Splice::Sockmap,
+                "packet" => super::Splice::Packet,
+                other => {
+                    return Err(loc.at(
+                        v,
+                        format!("frontend \"{name}\": splice = \"{other}\": must be \"packet\" or \"sockmap\""),
+                    ));
+                }
+            },
+        };
+        frontends.push(FrontendConfig { name: name.clone(), listen, backend, maxconn, first_byte_timeout, sni, splice });
     }
     Ok(frontends)
 }

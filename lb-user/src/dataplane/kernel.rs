@@ -32,8 +32,9 @@ use super::{
     watcher::Dir,
 };
 use crate::{
+    observe::conn::ConnGuard,
     addr::{ip_of, ip16},
-    kernel::{KernelError, maps::ConnMaps, sys},
+    kernel::{KernelError, flows::FlowMaps, maps::ConnMaps, sys},
     observe::counters::Counters,
 };
 
@@ -111,16 +112,27 @@ pub struct KernelDataplane {
     event_shift: u8,
     /// Failed hand-overs to the holder, for a rate-limited warning.
     hold_failures: Mutex<crate::observe::Every>,
+    /// The packet plane, if a frontend joins connections there.
+    packet: Option<Arc<Packet>>,
     /// Test hook (`LB_TEST_COPY_CLIENT=1`): never splice the client side,
     /// as if every client closed during the inserts, so the tests can run
     /// real traffic through the watcher's userspace copy of that direction.
     copy_client: bool,
 }
 
+/// The packet plane, as one worker uses it.
+struct Packet {
+    flows: Mutex<FlowMaps>,
+    /// Per frontend (config order): whether it joins its connections.
+    frontends: Vec<bool>,
+}
+
 impl KernelDataplane {
     /// Opens the pinned maps under `pin_path` (the program is attached by
     /// the owner of the object); `worker` tags this process's records, and
-    /// `link` is the slot's holder.
+    /// `link` is the slot's holder; `packet`: per frontend, whether it joins
+    /// its connections on the packet plane.
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         pin_path: &Path,
         stats: Arc<Counters>,
@@ -128,6 +140,7 @@ impl KernelDataplane {
         splice_queue_limit: u64,
         worker: u16,
         link: Arc<Link>,
+        packet: Vec<bool>,
     ) -> Result<Self, KernelError> {
         let maps = Arc::new(Mutex::new(ConnMaps::open(pin_path)?));
         let kernel_setup = pin_path.join(lb_common::maps::LINK_SETUP).exists();
@@ -135,8 +148,14 @@ impl KernelDataplane {
         if copy_client {
             log::warn!("LB_TEST_COPY_CLIENT=1: client bytes are copied in userspace (a test setting)");
         }
+        let packet = if packet.contains(&true) && pin_path.join(lb_common::maps::PROG_PACKET).exists() {
+            Some(Arc::new(Packet { flows: Mutex::new(FlowMaps::open(pin_path)?), frontends: packet }))
+        } else {
+            None
+        };
         Ok(Self {
             maps,
+            packet,
             kernel_setup,
             link,
             hold_failures: Mutex::new(crate::observe::Every::new()),
@@ -308,25 +327,27 @@ impl Dataplane for KernelDataplane {
             source: a.source,
             server: a.server,
             start_ns,
+            packet: None,
         };
-        let Spliced { socks, guard, .. } = conn;
-        match self.link.hold(held, guard, socks.take()) {
-            Ok(()) => Ok(()),
-            Err((mut guard, socks, e)) => {
-                // The holder's queue is full or too many descriptors are in
-                // flight (ETOOMANYREFS counts them against this process's
-                // open-files limit): lb has no room for this client now, so
-                // it is reset and counted like any other such client.
-                self.maps.lock().unwrap_or_else(|e| e.into_inner()).forget(cookies);
-                let [c, s] = socks;
-                drop(super::Socks::new(c, s)); // resets both
-                guard.no_local_resources();
-                if let Some(n) = self.hold_failures.lock().unwrap_or_else(|e| e.into_inner()).hit() {
-                    log::warn!("cannot take {n} connection(s): handing them to the holder failed: {e}; reset");
-                }
-                Ok(())
-            }
+        if client_dir == Dir::Kernel
+            && let Some(p) = &self.packet
+            && p.frontends.get(usize::from(conn.route[0])) == Some(&true)
+        {
+            let Spliced { socks, guard, .. } = conn;
+            let job = JoinJob {
+                packet: p.clone(),
+                maps: self.maps.clone(),
+                link: self.link.clone(),
+                stats: self.stats.clone(),
+                header: conn.header,
+                slot: self.worker,
+            };
+            tokio::spawn(job.run(held, guard, socks.take()));
+            return Ok(());
         }
+        let Spliced { socks, guard, .. } = conn;
+        self.hold(held, guard, socks.take(), cookies);
+        Ok(())
     }
 
     fn shutdown(&self) {
@@ -335,6 +356,111 @@ impl Dataplane for KernelDataplane {
             log::info!("{n} spliced connection(s) stay with the holder");
         }
         self.fallback.shutdown();
+    }
+}
+
+impl KernelDataplane {
+    /// Hands a spliced connection to the holder; if it cannot take it, it
+    /// is reset and counted.
+    fn hold(&self, held: Held, guard: ConnGuard, socks: [std::net::TcpStream; 2], cookies: [u64; 2]) {
+        hold(&self.link, &self.maps, &self.stats, &self.hold_failures, held, guard, socks, cookies);
+    }
+}
+
+/// [`KernelDataplane::hold`], for a join that keeps its connection.
+#[allow(clippy::too_many_arguments)]
+fn hold(
+    link: &Link,
+    maps: &Mutex<ConnMaps>,
+    stats: &Counters,
+    failures: &Mutex<crate::observe::Every>,
+    held: Held,
+    guard: ConnGuard,
+    socks: [std::net::TcpStream; 2],
+    cookies: [u64; 2],
+) {
+    let _ = stats;
+    match link.hold(held, guard, socks) {
+        Ok(()) => {}
+        Err((mut guard, socks, e)) => {
+            // The holder's queue is full or too many descriptors are in
+            // flight (ETOOMANYREFS counts them against this process's
+            // open-files limit): lb has no room for this client now, so
+            // it is reset and counted like any other such client.
+            maps.lock().unwrap_or_else(|e| e.into_inner()).forget(cookies);
+            let [c, s] = socks;
+            drop(super::Socks::new(c, s)); // resets both
+            guard.no_local_resources();
+            if let Some(n) = failures.lock().unwrap_or_else(|e| e.into_inner()).hit() {
+                log::warn!("cannot take {n} connection(s): handing them to the holder failed: {e}; reset");
+            }
+        }
+    }
+}
+
+/// One connection on its way to the packet plane (see [`super::join`]).
+struct JoinJob {
+    packet: Arc<Packet>,
+    maps: Arc<Mutex<ConnMaps>>,
+    link: Arc<Link>,
+    stats: Arc<Counters>,
+    header: u64,
+    slot: u16,
+}
+
+impl JoinJob {
+    /// Joins the connection and hands it to the holder as a joined one, or
+    /// as a spliced one if it stays on the sockmap plane.
+    async fn run(self, mut held: Held, guard: ConnGuard, socks: [std::net::TcpStream; 2]) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let local = match socks[0].local_addr() {
+            Ok(a) => a,
+            Err(_) => return self.keep(held, guard, socks, super::join::Kept::Closed),
+        };
+        let ends = super::join::Ends { client: held.client, local, source: held.source, server: held.server };
+        let j = super::join::Joining {
+            socks: &socks,
+            ends,
+            header: self.header,
+            id: held.id,
+            slot: self.slot,
+            start_ns: held.start_ns,
+            route: [held.frontend, held.backend],
+        };
+        match super::join::join(&self.packet.flows, &j).await {
+            Ok(()) => {
+                // Both sockets are in repair mode: closed without a sound.
+                drop(socks);
+                self.maps.lock().unwrap_or_else(|e| e.into_inner()).forget_records(held.cookies);
+                self.stats.packet_joined.fetch_add(1, Relaxed);
+                held.packet = Some(local);
+                if let Err((guard, e)) = self.link.hold_joined(held, guard) {
+                    // The connection carries on in the kernel, uncounted.
+                    log::warn!("telling the holder of a joined connection: {e}");
+                    guard.hand_over();
+                }
+            }
+            Err(why) => self.keep(held, guard, socks, why),
+        }
+    }
+
+    /// The connection stays on the sockmap plane.
+    fn keep(self, held: Held, guard: ConnGuard, socks: [std::net::TcpStream; 2], why: super::join::Kept) {
+        use std::sync::atomic::Ordering::Relaxed;
+        use super::join::Kept;
+        let s = &self.stats;
+        match why {
+            Kept::Timestamps => &s.packet_kept_timestamps,
+            Kept::Mss => &s.packet_kept_mss,
+            Kept::Closed => &s.packet_kept_closed,
+            Kept::Timeout => &s.packet_kept_timeout,
+            Kept::Map => &s.packet_kept_map,
+        }
+        .fetch_add(1, Relaxed);
+        log::debug!("connection {} stays on the sockmap plane: {why:?}", held.id);
+        let cookies = held.cookies;
+        let failures = Mutex::new(crate::observe::Every::new());
+        hold(&self.link, &self.maps, &self.stats, &failures, held, guard, socks, cookies);
     }
 }
 

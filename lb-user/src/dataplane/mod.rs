@@ -3,7 +3,9 @@
 //! [`watcher`]) or the userspace copy ([`userspace`]).
 
 pub mod holder;
+pub mod join;
 mod kernel;
+mod packets;
 mod userspace;
 mod watcher;
 
@@ -187,7 +189,9 @@ pub fn load(cfg: &Config) -> anyhow::Result<(Kind, Option<Objects>)> {
 
 /// Starts this process's data plane of `kind`, on the maps pinned at
 /// `pin_path` for the kernel plane, handing spliced connections to `link`
-/// (`splice_queue_limit`: see [`kernel::event_shift`]).
+/// (`splice_queue_limit`: see [`kernel::event_shift`]); `packet`: per
+/// frontend, whether it joins connections on the packet plane.
+#[allow(clippy::too_many_arguments)]
 pub fn open(
     kind: Kind,
     pin_path: &Path,
@@ -196,11 +200,12 @@ pub fn open(
     splice_queue_limit: u64,
     worker: u16,
     link: Arc<holder::link::Link>,
+    packet: Vec<bool>,
 ) -> anyhow::Result<Arc<dyn Dataplane>> {
     Ok(match kind {
         Kind::Userspace => Arc::new(UserspaceDataplane::new(idle)),
         Kind::Kernel => Arc::new(
-            KernelDataplane::open(pin_path, stats, idle, splice_queue_limit, worker, link)
+            KernelDataplane::open(pin_path, stats, idle, splice_queue_limit, worker, link, packet)
                 .map_err(|e| anyhow::anyhow!("opening the kernel data plane at {}: {e}", pin_path.display()))?,
         ),
     })

@@ -34,6 +34,10 @@ pub struct HolderSpec {
     pub splice_queue_limit: u64,
     /// The supervisor's pid: the holder ends with that process.
     pub supervisor: u32,
+    /// Whether a frontend joins connections on the packet plane: the holder
+    /// tracks its slot's joined connections.
+    #[serde(default)]
+    pub packet: bool,
     /// Take the listeners and connections from the holder of an earlier
     /// binary serving at `socket` (`lb upgrade`) instead of binding.
     #[serde(default)]
@@ -55,7 +59,7 @@ pub async fn run() -> anyhow::Result<()> {
     // Two descriptors per connection held; the limit warning is the workers'.
     let _ = crate::kernel::sys::raise_nofile_limit();
     let pin_path = spec.kernel.then_some(spec.pin_path.as_path());
-    let conf = WatchConf { idle: spec.idle, queue: spec.splice_queue_limit, slot: spec.index };
+    let conf = WatchConf { idle: spec.idle, queue: spec.splice_queue_limit, slot: spec.index, packet: spec.packet };
     let (mut holder, took) = if spec.takeover {
         // `lb upgrade`: everything comes from the slot's holder of the old binary.
         take_over(&spec.socket, pin_path, conf).context("taking over from the old holder")?

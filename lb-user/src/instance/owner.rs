@@ -53,6 +53,18 @@ impl Owner {
                 ),
             }
         }
+        if kind == dataplane::Kind::Kernel
+            && cfg.packet_plane()
+            && let Some(o) = objects.as_mut()
+        {
+            // Loopback: clients and servers on this host. (Other interfaces
+            // join when lb sends packets out of them.)
+            let ifaces = vec!["lo".to_owned()];
+            match o.attach_packet(&ifaces) {
+                Ok(()) => log::info!("packet plane: TC program attached to {}", ifaces.join(", ")),
+                Err(e) => log::warn!("packet plane unavailable ({e}); its frontends' connections stay on sockmap"),
+            }
+        }
         if let Some(g) = &cfg.guard {
             let o = objects
                 .as_mut()

@@ -189,6 +189,7 @@ impl Supervisor {
                     socket: lb_common::files::holder_socket(&cfg.runtime_dir, &cfg.pin_path, index),
                     listen: listen.clone(),
                     kernel: kind == Kind::Kernel,
+                    packet: kind == Kind::Kernel && cfg.packet_plane(),
                     idle: cfg.timeouts.idle,
                     splice_queue_limit: cfg.splice_queue_limit,
                     supervisor: std::process::id(),

@@ -148,6 +148,7 @@ async fn serve(
         cfg.splice_queue_limit,
         spec.index,
         link.clone(),
+        cfg.frontends.iter().map(|f| f.splice == crate::config::Splice::Packet).collect(),
     )?;
     let backends = Arc::new(Backends::new(&cfg));
     for c in &spec.replay {

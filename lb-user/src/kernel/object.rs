@@ -15,7 +15,10 @@ use aya::{
     programs::{SkSkb, SockOps, Xdp, XdpMode},
 };
 use lb_common::conn::FrontendKey;
-use lb_common::maps::{CONN, FRONTENDS, LINK_SETUP, PINNED, PROG_GUARD, PROG_SETUP, PROG_VERDICT, SPLICE, TARGET};
+use lb_common::maps::{
+    CONN, FLOWS, FRONTENDS, LINK_PACKET_PREFIX, LINK_SETUP, PINNED, PROG_GUARD, PROG_PACKET, PROG_SETUP, PROG_VERDICT,
+    SPLICE, TARGET,
+};
 use serde::{Deserialize, Serialize};
 
 use super::{KernelError, io_err, maps::open};
@@ -125,6 +128,7 @@ impl Objects {
             .map_max_entries(TARGET, sockets.saturating_add(TARGET_MARGIN))
             .map_max_entries(SPLICE, sockets)
             .map_max_entries(CONN, sockets)
+            .map_max_entries(FLOWS, sockets)
             .load(crate::EBPF_OBJECT)?;
 
         fs::create_dir_all(pin_path).map_err(io_err(format!("creating {}", pin_path.display())))?;
@@ -248,6 +252,32 @@ impl Objects {
         Ok(cgroup)
     }
 
+    /// Loads the packet plane's TC program and attaches it (tcx, ingress) to
+    /// each of `interfaces`, each attachment a link pinned next to the maps
+    /// (`lb_packet_<ifindex>`): joined connections outlive every lb process
+    /// while the pins stay, and go with them.
+    pub fn attach_packet(&mut self, interfaces: &[String]) -> Result<(), KernelError> {
+        use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, links::FdLink, tc::TcAttachOptions};
+        let ebpf = self.ebpf.as_mut().ok_or(KernelError::Program("the eBPF object is closed".into()))?;
+        let prog: &mut SchedClassifier = typed_program(ebpf, PROG_PACKET)?;
+        prog.load().map_err(|e| KernelError::Program(format!("loading {PROG_PACKET}: {e}")))?;
+        let path = self.pin_path.join(PROG_PACKET);
+        prog.pin(&path).map_err(|source| KernelError::Pin { path, source })?;
+        for i in interfaces {
+            let ifindex = super::sys::interface_index(i)
+                .ok_or_else(|| KernelError::Program(format!("attaching {PROG_PACKET}: no interface {i}")))?;
+            let attach = |e: &dyn std::fmt::Display| KernelError::Program(format!("attaching {PROG_PACKET} to {i}: {e}"));
+            let id = prog
+                .attach_with_options(i, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                .map_err(|e| attach(&e))?;
+            let link = prog.take_link(id).map_err(|e| attach(&e))?;
+            let fd: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| attach(&e))?;
+            let path = self.pin_path.join(format!("{LINK_PACKET_PREFIX}{ifindex}"));
+            fd.pin(&path).map_err(|source| KernelError::Pin { path, source })?;
+        }
+        Ok(())
+    }
+
     /// Loads the XDP guard and attaches it to each of `interfaces`, natively
     /// where the driver can, generically otherwise; pins it. Returns the
     /// mode of each. Detached when the object is closed.
@@ -306,8 +336,19 @@ where
 
 /// Removes lb's pins under `pin_path` and the directory if it is then empty.
 fn remove_pins(pin_path: &Path) {
-    // The link first: removing its pin detaches the `sock_ops` program.
-    for name in [&LINK_SETUP].into_iter().chain(PINNED.iter()).chain([&PROG_VERDICT, &PROG_SETUP, &PROG_GUARD]) {
+    // The links first: removing a link's pin detaches its program.
+    if let Ok(dir) = fs::read_dir(pin_path) {
+        for e in dir.flatten() {
+            if e.file_name().to_string_lossy().starts_with(LINK_PACKET_PREFIX) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+    for name in [&LINK_SETUP]
+        .into_iter()
+        .chain(PINNED.iter())
+        .chain([&PROG_VERDICT, &PROG_SETUP, &PROG_GUARD, &PROG_PACKET])
+    {
         let _ = fs::remove_file(pin_path.join(name));
     }
     let _ = fs::remove_dir(pin_path);

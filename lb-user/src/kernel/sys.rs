@@ -123,6 +123,95 @@ pub fn tcp_bytes_received(s: &impl AsRawFd) -> io::Result<u64> {
     Ok(tcp_info(s)?.tcpi_bytes_received)
 }
 
+/// What the packet plane needs of one of lb's sockets to join its
+/// connection to another: read in repair mode ([`set_repair`]), once lb
+/// has moved everything the socket held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JoinState {
+    /// The next sequence number it sends (`write_seq`: everything before
+    /// it is sent and, once drained, acknowledged).
+    pub snd_nxt: u32,
+    /// The next sequence number it expects from its peer.
+    pub rcv_nxt: u32,
+    /// Its current TSval (`TCP_TIMESTAMP`): where its timestamps stand.
+    pub tsval: u32,
+    /// `tcpi_options`: `TCPI_OPT_*`.
+    pub options: u8,
+    /// Scale of the peer's windows (`tcpi_snd_wscale`), of its own
+    /// (`tcpi_rcv_wscale`); 0 without window scaling.
+    pub snd_wscale: u8,
+    pub rcv_wscale: u8,
+    /// The MSS it advertised, and the one its peer advertised (`mss_clamp`).
+    pub advmss: u32,
+    pub peer_mss: u32,
+}
+
+/// `tcpi_options` bits.
+pub const TCPI_OPT_TIMESTAMPS: u8 = 1;
+pub const TCPI_OPT_SACK: u8 = 2;
+pub const TCPI_OPT_WSCALE: u8 = 4;
+pub const TCPI_OPT_USEC_TS: u8 = 64;
+
+/// `TCP_REPAIR_OFF_NO_WP`: leave repair mode without the window probe.
+const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
+const TCP_RECV_QUEUE: libc::c_int = 1;
+const TCP_SEND_QUEUE: libc::c_int = 2;
+
+/// Repair mode on or off (`CAP_NET_ADMIN`). A socket closed in repair mode
+/// sends nothing, neither FIN nor RST: the peer keeps its connection. Off
+/// with `probe`, the kernel sends a window probe (a segment below the
+/// peer's window), which the peer answers at once with an ACK.
+pub fn set_repair(s: &impl AsRawFd, on: bool, probe: bool) -> io::Result<()> {
+    let v: libc::c_int = match (on, probe) {
+        (true, _) => 1,
+        (false, true) => 0,
+        (false, false) => TCP_REPAIR_OFF_NO_WP,
+    };
+    setsockopt(s, libc::IPPROTO_TCP, libc::TCP_REPAIR, &v)
+}
+
+/// The socket's [`JoinState`]; it must be in repair mode.
+pub fn join_state(s: &impl AsRawFd) -> io::Result<JoinState> {
+    let queue_seq = |q: libc::c_int| -> io::Result<u32> {
+        setsockopt(s, libc::IPPROTO_TCP, libc::TCP_REPAIR_QUEUE, &q)?;
+        getsockopt::<u32>(s, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ)
+    };
+    let snd_nxt = queue_seq(TCP_SEND_QUEUE)?;
+    let rcv_nxt = queue_seq(TCP_RECV_QUEUE)?;
+    let info = tcp_info(s)?;
+    let tsval = if info.tcpi_options & TCPI_OPT_TIMESTAMPS != 0 {
+        getsockopt::<u32>(s, libc::IPPROTO_TCP, libc::TCP_TIMESTAMP)?
+    } else {
+        0
+    };
+    // In repair mode TCP_MAXSEG is the MSS the peer advertised.
+    let peer_mss = getsockopt::<libc::c_int>(s, libc::IPPROTO_TCP, libc::TCP_MAXSEG)?.max(0) as u32;
+    let wscale = info.tcpi_snd_rcv_wscale;
+    Ok(JoinState {
+        snd_nxt,
+        rcv_nxt,
+        tsval,
+        options: info.tcpi_options,
+        snd_wscale: wscale & 0x0f,
+        rcv_wscale: wscale >> 4,
+        advmss: info.tcpi_advmss,
+        peer_mss,
+    })
+}
+
+/// `tcpi_options` of a TCP socket: which options its handshake agreed.
+pub fn join_options(s: &impl AsRawFd) -> io::Result<u8> {
+    Ok(tcp_info(s)?.tcpi_options)
+}
+
+/// A TCP socket's progress for the packet plane's hand-over: its state
+/// (`TCP_ESTABLISHED` is 1), bytes received in order (a FIN counts one) and
+/// bytes the peer acknowledged (a connected socket's SYN counts one).
+pub fn tcp_progress(s: &impl AsRawFd) -> io::Result<(u8, u64, u64)> {
+    let i = tcp_info(s)?;
+    Ok((i.tcpi_state, i.tcpi_bytes_received, i.tcpi_bytes_acked))
+}
+
 /// `IP_LOCAL_PORT_RANGE` from `<linux/in.h>` (Linux 6.3).
 const IP_LOCAL_PORT_RANGE: libc::c_int = 51;
 

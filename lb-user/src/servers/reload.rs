@@ -125,7 +125,7 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<String> {
         differ("the list of [[frontend]]s", true);
     }
     for (f, o) in frontends.iter().zip(&old.frontends) {
-        let crate::config::FrontendConfig { name, listen, backend, maxconn, first_byte_timeout, sni } = f;
+        let crate::config::FrontendConfig { name, listen, backend, maxconn, first_byte_timeout, sni, splice } = f;
         let at = |k: &str| format!("frontend \"{}\": {k}", o.name);
         differ(&at("name"), *name != o.name);
         differ(&at("listen"), *listen != o.listen);
@@ -133,6 +133,7 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<String> {
         differ(&at("maxconn"), *maxconn != o.maxconn);
         differ(&at("first_byte_timeout"), *first_byte_timeout != o.first_byte_timeout);
         differ(&at("sni"), *sni != o.sni);
+        differ(&at("splice"), *splice != o.splice);
     }
     if backends.len() != old.backends.len() {
         differ("the list of [[backend]]s", true);

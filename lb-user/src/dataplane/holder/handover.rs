@@ -31,6 +31,8 @@ impl Holder {
         rustix::net::sockopt::set_socket_timeout(&**conn, Timeout::Recv, Some(STEP_TIMEOUT))?;
         let taken = self.watcher.lock().unwrap_or_else(|e| e.into_inner()).take();
         let detached = taken.map(|w| w.detach()).unwrap_or_default();
+        // Joined connections stay in the flow map, where the new holder finds them.
+        self.stop_packets(false);
         if let Some(ms) = std::env::var("LB_TEST_HANDOVER_PAUSE_MS").ok().and_then(|v| v.parse().ok()) {
             // Test hook: a window in which no process watches the connections.
             log::warn!(
@@ -73,6 +75,7 @@ impl Holder {
                 if self.pin_path.is_some() {
                     let w = self.start_watcher().map_err(std::io::Error::other)?;
                     *self.watcher.lock().unwrap_or_else(|e| e.into_inner()) = Some(w);
+                    self.start_packets().map_err(std::io::Error::other)?;
                 }
                 for d in detached {
                     let Some(held) = live.get(&d.id).cloned() else { continue };

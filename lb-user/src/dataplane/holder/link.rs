@@ -97,6 +97,20 @@ impl Link {
         }
     }
 
+    /// Tells the holder of a connection joined on the packet plane (no
+    /// sockets: the kernel carries it); the holder reports its end.
+    pub fn hold_joined(&self, h: Held, guard: ConnGuard) -> Result<(), (ConnGuard, std::io::Error)> {
+        let id = h.id;
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        match wire::send(&self.sock, &ToHolder::Hold(h), &[]) {
+            Ok(()) => {
+                held.insert(id, guard);
+                Ok(())
+            }
+            Err(e) => Err((guard, e)),
+        }
+    }
+
     /// Reads the holder's closes until it goes away; then every connection
     /// counted here is gone with it, and the process exits (its supervisor
     /// restarts the slot).

@@ -90,6 +90,8 @@ pub struct Holder {
     watcher: Mutex<Option<Watcher>>,
     /// The pinned maps, on the kernel plane.
     pin_path: Option<PathBuf>,
+    /// The slot's joined connections (packet plane).
+    packets: Mutex<Option<super::packets::Packets>>,
     /// This process's own handles to them, for the records of connections
     /// it refuses (the watcher's are its thread's).
     records: Option<Mutex<ConnMaps>>,
@@ -111,6 +113,7 @@ impl Holder {
         let mut h = Self {
             state,
             watcher: Mutex::new(None),
+            packets: Mutex::new(None),
             pin_path: pin_path.map(Path::to_owned),
             records,
             conf,
@@ -120,8 +123,31 @@ impl Holder {
         if pin_path.is_some() {
             let w = h.start_watcher()?;
             h.watcher = Mutex::new(Some(w));
+            h.start_packets()?;
         }
         Ok(h)
+    }
+
+    /// Starts tracking the slot's joined connections (packet plane), those
+    /// already in the flow map included.
+    fn start_packets(&self) -> anyhow::Result<()> {
+        let Some(path) = self.pin_path.as_deref().filter(|_| self.conf.packet) else { return Ok(()) };
+        let (p, found) = super::packets::Packets::start(path, self.conf.slot, self.conf.idle, Reporter(self.state.clone()))
+            .map_err(|e| anyhow::anyhow!("tracking the joined connections of slot {}: {e:#}", self.conf.slot))?;
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        for h in found {
+            st.live.insert(h.id, h);
+        }
+        drop(st);
+        *self.packets.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+        Ok(())
+    }
+
+    /// Stops tracking the joined connections; `remove`: and ends them.
+    fn stop_packets(&self, remove: bool) {
+        if let Some(p) = self.packets.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            p.stop(remove);
+        }
     }
 
     fn start_watcher(&self) -> anyhow::Result<Watcher> {
@@ -239,6 +265,9 @@ impl Holder {
     /// the kernel could not install here (`fds_lost`: this process is out
     /// of descriptors) it closed itself: such a socket ends with a FIN.
     fn hold(&self, h: Held, fds: Vec<OwnedFd>, fds_lost: bool) -> Result<(), String> {
+        if let Some(local) = h.packet {
+            return self.keep_joined(h, local);
+        }
         let cookies = h.cookies;
         let socks: Vec<TcpStream> = fds.into_iter().map(TcpStream::from).collect();
         let (why, left) = if fds_lost {
@@ -281,8 +310,21 @@ impl Holder {
         })
     }
 
+    /// Counts a connection joined on the packet plane: no sockets, its end
+    /// comes from the program.
+    fn keep_joined(&self, h: Held, local: std::net::SocketAddr) -> Result<(), String> {
+        let packets = self.packets.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(p) = &*packets else { return Err("this holder tracks no joined connections".into()) };
+        let ends = crate::dataplane::join::Ends { client: h.client, local, source: h.source, server: h.server };
+        let t = super::packets::Tracked { id: h.id, keys: ends.keys() };
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).live.insert(h.id, h);
+        p.watch(t);
+        Ok(())
+    }
+
     /// Closes every connection held (the instance is stopping).
     pub fn stop(&self) {
+        self.stop_packets(true);
         if let Some(w) = &*self.watcher.lock().unwrap_or_else(|e| e.into_inner()) {
             w.stop();
         }

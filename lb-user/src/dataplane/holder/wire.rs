@@ -53,6 +53,11 @@ pub struct Held {
     pub server: SocketAddr,
     /// `CLOCK_MONOTONIC_COARSE` ns when the connection was spliced.
     pub start_ns: u64,
+    /// Joined on the packet plane (no sockets come with it): the frontend
+    /// address the client connected to, which with the three above names
+    /// its flows.
+    #[serde(default)]
+    pub packet: Option<SocketAddr>,
 }
 
 /// How a held connection ended.

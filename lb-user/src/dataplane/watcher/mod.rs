@@ -120,6 +120,8 @@ pub struct WatchConf {
     pub queue: u64,
     /// The worker slot: which ring of `LB_EVENTS` is this holder's.
     pub slot: u16,
+    /// Whether the slot's frontends join connections on the packet plane.
+    pub packet: bool,
 }
 
 /// A connection the watcher let go of without closing it ([`Watcher::detach`]).

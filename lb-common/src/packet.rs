@@ -1,0 +1,173 @@
+//! The packet plane: once lb has made both TCP connections, its TC program
+//! rewrites every later packet of one connection into the other, and lb
+//! closes both of its sockets silently. A connection is then two
+//! [`Flow`]s in `LB_FLOWS`, one per direction, keyed by the packet as it
+//! arrives ([`FlowKey`]).
+
+/// A packet as it arrives at lb: the client's to lb's frontend address, or
+/// the server's to lb's source address. Addresses are IPv6 bytes (IPv4 as
+/// `::ffff:a.b.c.d`), network order; ports network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Network order.
+    pub sport: u16,
+    /// Network order.
+    pub dport: u16,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+/// One direction of a joined connection: what a packet matching its
+/// [`FlowKey`] becomes, and what the program counts of them. Userspace
+/// writes the first part; the program writes the counters.
+///
+/// Sequence spaces: a byte at offset `k` of the client's stream has
+/// sequence number `x` toward lb and `x + seq_add` toward the server (both
+/// connections carry the same bytes after the join); the acknowledgment
+/// and SACK edges, which count the other direction's bytes, move by
+/// `ack_add`. All additions wrap (u32).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Flow {
+    /// The rewritten packet's source and destination, as [`FlowKey`].
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Network order.
+    pub sport: u16,
+    /// Network order.
+    pub dport: u16,
+    /// Added to the sequence number.
+    pub seq_add: u32,
+    /// Added to the acknowledgment number and to every SACK block edge.
+    pub ack_add: u32,
+    /// Added to TSval (timestamps on both connections).
+    pub tsval_add: u32,
+    /// Added to TSecr.
+    pub tsecr_add: u32,
+    /// The window of these packets is in units of `1 << win_in` bytes; the
+    /// receiver reads it in units of `1 << win_out`. Equal: untouched.
+    pub win_in: u8,
+    pub win_out: u8,
+    /// [`HOLD`] or [`JOINED`].
+    pub state: u8,
+    /// 1: this direction carries the client's packets.
+    pub client: u8,
+    /// What the program saw go this way, each 0 or 1 (one byte each, set
+    /// and never cleared: no read-modify-write races between CPUs): a FIN,
+    /// a reset, and whether the end was reported (both FINs, or a reset;
+    /// the entries stay a while for the last ACKs and retransmissions).
+    pub fin: u8,
+    pub rst: u8,
+    pub ended: u8,
+    pub _pad0: u8,
+    /// The worker slot whose holder is told of the end.
+    pub slot: u16,
+    /// Indexes of the frontend and the backend (config order), for a
+    /// holder or worker that starts later and counts the connection.
+    pub frontend: u16,
+    pub backend: u16,
+    pub _pad1: u16,
+    /// Where the rewritten packet leaves: 0 back to this host's stack
+    /// (loopback), else the interface it is sent out of.
+    pub ifindex: u32,
+    /// Packets dropped while [`HOLD`] (their sender sends them again).
+    pub held: u32,
+    pub _pad2: u32,
+    /// The connection's id: the client socket's cookie, in both directions.
+    pub id: u64,
+    /// CLOCK_MONOTONIC ns of the join.
+    pub start_ns: u64,
+    /// Payload bytes of the packets rewritten.
+    pub bytes: u64,
+    pub packets: u64,
+    /// `bpf_ktime_get_coarse_ns()` of the last packet (the join, before).
+    pub last_ns: u64,
+    /// The last TSval seen in this direction, as sent.
+    pub ts_last: u32,
+    pub _pad3: u32,
+}
+const _: () = assert!(core::mem::size_of::<Flow>() == 128);
+
+/// [`Flow::state`]: lb is still finishing what its sockets hold. Packets
+/// that carry bytes or a FIN are dropped (their senders retransmit them
+/// after the join); bare ACKs and resets go to lb's socket as they are.
+pub const HOLD: u8 = 1;
+/// [`Flow::state`]: every packet is rewritten into the other connection.
+pub const JOINED: u8 = 2;
+
+/// How a joined connection ended ([`PacketEnd::how`]).
+pub const END_FIN: u32 = 1;
+pub const END_RST: u32 = 2;
+
+/// What the program tells the holder of a slot when a joined connection
+/// ends (its ring in `LB_PACKET_ENDS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct PacketEnd {
+    pub id: u64,
+    /// Payload bytes client to server, server to client.
+    pub bytes: [u64; 2],
+    pub packets: [u64; 2],
+    pub start_ns: u64,
+    /// `bpf_ktime_get_coarse_ns()` of the end.
+    pub end_ns: u64,
+    /// [`END_FIN`] or [`END_RST`].
+    pub how: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<PacketEnd>() == 64);
+
+/// What the TC program counts, one slot per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct PacketCounters {
+    /// Packets rewritten from one connection into the other.
+    pub rewritten: u64,
+    /// Payload bytes in them.
+    pub bytes: u64,
+    /// SACK blocks translated.
+    pub sack_blocks: u64,
+    /// Packets dropped while a connection was being joined.
+    pub held: u64,
+    /// Joined connections that ended (reported to a holder).
+    pub ended: u64,
+    /// Ends that found no ring (their holder reads the flow instead).
+    pub ends_lost: u64,
+    /// SYNs on the tuple of a flow: the flow was removed and the SYN
+    /// passed (a new connection reusing an ended one's addresses).
+    pub syn_reuse: u64,
+}
+const _: () = assert!(core::mem::size_of::<PacketCounters>() == 56);
+
+impl PacketCounters {
+    /// Field-wise sum, for folding per-CPU slots.
+    pub fn add(&self, o: &Self) -> Self {
+        Self {
+            rewritten: self.rewritten + o.rewritten,
+            bytes: self.bytes + o.bytes,
+            sack_blocks: self.sack_blocks + o.sack_blocks,
+            held: self.held + o.held,
+            ended: self.ended + o.ended,
+            ends_lost: self.ends_lost + o.ends_lost,
+            syn_reuse: self.syn_reuse + o.syn_reuse,
+        }
+    }
+}
+
+impl Flow {
+    /// The key of the packets that come back: from where this direction's
+    /// packets go, to where they seem to come from.
+    pub fn reverse_key(&self) -> FlowKey {
+        FlowKey { src: self.dst, dst: self.src, sport: self.dport, dport: self.sport, _pad: 0 }
+    }
+}
+
+#[cfg(feature = "user")]
+crate::pod!(FlowKey, Flow, PacketEnd, PacketCounters);
