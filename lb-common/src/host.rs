@@ -3,10 +3,16 @@
 /// How many ephemeral ports this network namespace has
 /// (`net.ipv4.ip_local_port_range`, both ends included).
 pub fn ephemeral_ports() -> Option<u32> {
+    ephemeral_range().map(|(lo, hi)| u32::from(hi - lo) + 1)
+}
+
+/// `net.ipv4.ip_local_port_range` of this network namespace: first and
+/// last port, inclusive.
+pub fn ephemeral_range() -> Option<(u16, u16)> {
     let s = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
-    let mut it = s.split_whitespace().map(|v| v.parse::<u32>());
+    let mut it = s.split_whitespace().map(|v| v.parse::<u16>());
     let (lo, hi) = (it.next()?.ok()?, it.next()?.ok()?);
-    (hi >= lo).then(|| hi - lo + 1)
+    (hi >= lo).then_some((lo, hi))
 }
 
 /// User plus system CPU time of every thread of process `pid`, in clock

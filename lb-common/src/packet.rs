@@ -53,7 +53,7 @@ pub struct Flow {
     /// receiver reads it in units of `1 << win_out`. Equal: untouched.
     pub win_in: u8,
     pub win_out: u8,
-    /// [`HOLD`] or [`JOINED`].
+    /// [`WATCH`], [`HOLD`] or [`JOINED`].
     pub state: u8,
     /// 1: this direction carries the client's packets.
     pub client: u8,
@@ -93,12 +93,15 @@ pub struct Flow {
 }
 const _: () = assert!(core::mem::size_of::<Flow>() == 128);
 
-/// [`Flow::state`]: lb is still finishing what its sockets hold. Packets
-/// that carry bytes or a FIN are dropped (their senders retransmit them
-/// after the join); bare ACKs and resets go to lb's socket as they are.
-pub const HOLD: u8 = 1;
+/// [`Flow::state`]: lb is about to join the connection; packets go to lb's
+/// sockets as they are, and the program records each peer's TSval.
+pub const WATCH: u8 = 1;
+/// [`Flow::state`]: lb is finishing what its sockets hold. Packets that
+/// carry bytes or a FIN are dropped (their senders send them again after
+/// the join); bare ACKs and resets go to lb's sockets as they are.
+pub const HOLD: u8 = 2;
 /// [`Flow::state`]: every packet is rewritten into the other connection.
-pub const JOINED: u8 = 2;
+pub const JOINED: u8 = 3;
 
 /// How a joined connection ended ([`PacketEnd::how`]).
 pub const END_FIN: u32 = 1;

@@ -178,7 +178,8 @@ worker_counters! {
     Counter packet_kept_mss => "packet_kept" reason "mss",
     /// Of those kept: a side closed or reset while lb joined them.
     Counter packet_kept_closed => "packet_kept" reason "closed",
-    /// Of those kept: lb's sockets did not finish delivering within a second.
+    /// Of those kept: lb's sockets could not finish delivering while it held
+    /// their peers' packets (a peer that does not read).
     Counter packet_kept_timeout => "packet_kept" reason "timeout",
     /// Of those kept: the flow map was full or refused the entries.
     Counter packet_kept_map => "packet_kept" reason "map",

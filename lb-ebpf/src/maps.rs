@@ -10,7 +10,7 @@ use lb_common::{
     guard::{GuardBucket, GuardConf, GuardCounters},
     maps::{
         DEFAULT_MAX_FLOWS, DEFAULT_MAX_SOCKETS, EVENTS_RING_BYTES, MAX_FRONTENDS, MAX_GUARD_RULES, MAX_GUARD_SOURCES,
-        MAX_SERVER_ENTRIES, MAX_SETUP_MISSES, MAX_SOURCE_ENTRIES, MAX_WORKERS, PACKET_ENDS_RING_BYTES,
+        MAX_PEER_TS, MAX_SERVER_ENTRIES, MAX_SETUP_MISSES, MAX_SOURCE_ENTRIES, MAX_WORKERS, PACKET_ENDS_RING_BYTES,
     },
     packet::{Flow, FlowKey, PacketCounters, PacketEnd},
     stats::{DataplaneCounters, ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats},
@@ -104,3 +104,8 @@ pub static LB_PKT_COUNTERS: PerCpuArray<PacketCounters, 1> = PerCpuArray::new();
 /// pinned: nothing outside the program reads it).
 #[btf_map(name = "LB_PKT_SCRATCH")]
 pub static LB_PKT_SCRATCH: PerCpuArray<[u32; 4], 1> = PerCpuArray::new();
+
+/// Socket cookie -> the TSval of the packet that completed its handshake
+/// (its peer's), recorded by `lb_setup` for the packet plane's join.
+#[btf_map(name = "LB_PEER_TS")]
+pub static LB_PEER_TS: LruHashMap<u64, u32, { MAX_PEER_TS as usize }> = LruHashMap::new();

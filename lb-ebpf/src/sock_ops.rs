@@ -18,7 +18,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, bpf_sock_ops},
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_setsockopt},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_load_hdr_opt, bpf_setsockopt},
     macros::sock_ops,
     programs::SockOpsContext,
 };
@@ -27,11 +27,13 @@ use lb_common::{
     stats::COUNTERS_KEY,
 };
 
-use crate::maps::{LB_CONN, LB_COUNTERS, LB_FRONTENDS, LB_SETUP_MISS, LB_SPLICE, LB_TARGET};
+use crate::maps::{LB_CONN, LB_COUNTERS, LB_FRONTENDS, LB_PEER_TS, LB_SETUP_MISS, LB_SPLICE, LB_TARGET};
 
 const AF_INET: u32 = 2;
 const SOL_TCP: i32 = 6;
 const TCP_NODELAY: i32 = 1;
+/// TCP option kind of timestamps.
+const OPT_TS: u32 = 8;
 
 #[sock_ops]
 pub fn lb_setup(ctx: SockOpsContext) -> u32 {
@@ -124,6 +126,27 @@ fn frontend_ns(ip: [u32; 4], port: u16) -> Option<u64> {
     unsafe { LB_FRONTENDS.get(key) }.copied()
 }
 
+/// Records the TSval of the packet that completed the handshake (the
+/// peer's: the client's last ACK, the server's SYN-ACK) under the socket's
+/// cookie, for the packet plane's join: any TSval a peer sent, however
+/// old, anchors the translation of its later ones.
+#[inline(always)]
+fn record_peer_ts(ctx: &SockOpsContext, cookie: u64) {
+    // The search: kind 8 (timestamps), length 0 (any); the helper copies
+    // the option over it. Words: a byte array is zeroed by a loop the
+    // verifier refuses without CAP_PERFMON.
+    let mut opt: [u32; 3] = [OPT_TS, 0, 0];
+    // SAFETY: `opt` is 12 bytes on the stack, its length given.
+    let n = unsafe { bpf_load_hdr_opt(ctx.ops.cast(), (&raw mut opt).cast(), 12, 0) };
+    if n != 10 {
+        return;
+    }
+    // Bytes 2..6 of the option, network order.
+    let b = |w: u32, i: u32| (w >> (8 * i)) & 0xff;
+    let tsval = (b(opt[0], 2) << 24) | (b(opt[0], 3) << 16) | (b(opt[1], 0) << 8) | b(opt[1], 1);
+    let _ = LB_PEER_TS.insert(cookie, tsval, u64::from(BPF_ANY));
+}
+
 fn accepted(ctx: &SockOpsContext) {
     let port = ctx.local_port() as u16;
     let Some(ns) = frontend_ns(local_ip(ctx), port).or_else(|| frontend_ns([0, 0, 0, 0], port)) else { return };
@@ -132,6 +155,7 @@ fn accepted(ctx: &SockOpsContext) {
         return;
     }
     let mut cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    record_peer_ts(ctx, cookie);
     if LB_TARGET.update(&mut cookie, ops(ctx), u64::from(BPF_ANY)).is_err() {
         let _ = LB_SETUP_MISS.insert(cookie, 1, u64::from(BPF_ANY));
         count(false);
@@ -148,6 +172,7 @@ fn connected(ctx: &SockOpsContext) {
     if side != SIDE_SERVER || setup != SETUP_PENDING {
         return;
     }
+    record_peer_ts(ctx, cookie);
     let ip = local_ip(ctx);
     let port = ctx.local_port() as u16;
     // SAFETY: as above.

@@ -11,17 +11,19 @@
 //! incrementally. It then goes on up this host's stack (loopback: the
 //! other connection's socket is local).
 //!
-//! While a connection is being joined (`HOLD`), packets that carry bytes or
-//! a FIN are dropped, so lb's sockets take nothing new while lb finishes
-//! what they hold; their senders send them again after the join. Bare ACKs
-//! and resets go to lb's sockets untouched.
+//! Before the join (`WATCH`) packets go to lb's sockets untouched; the
+//! program only records each peer's TSval. In the moment of the join
+//! (`HOLD`), packets that carry bytes or a FIN are dropped, so lb's sockets
+//! take nothing new while lb finishes what they hold; their senders send
+//! them again after the join. Bare ACKs and resets go to lb's sockets
+//! untouched.
 //!
 //! The program follows the end: both FINs, or a reset, are reported once
 //! to the slot's holder (`LB_PACKET_ENDS`). A SYN on a flow's addresses is
 //! a new connection reusing them: the flow is removed and the SYN passes.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_coarse_ns,
     macros::classifier,
     programs::TcContext,
@@ -33,6 +35,11 @@ use lb_common::{
 
 use crate::maps::{LB_FLOWS, LB_PACKET_ENDS, LB_PKT_COUNTERS, LB_PKT_SCRATCH};
 
+/// What the program returns for every packet it lets go on: the next
+/// program on the hook (tcx's `TCX_NEXT`, classic tc's "continue"), then
+/// the stack. Other programs may share the hook: another lb instance's
+/// (with its own flows), another tool's. `TC_ACT_OK` would end the chain.
+const PASS: i32 = TC_ACT_UNSPEC;
 const ETH_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const IPPROTO_TCP: u8 = 6;
@@ -165,28 +172,28 @@ fn launder((ts, sack, sack_n): (usize, usize, u32)) -> (usize, usize, u32) {
 
 fn try_packet(ctx: &TcContext) -> Result<i32, i32> {
     if read::<u16>(ctx, 12).map(u16::from_be) != Some(ETH_P_IP) {
-        return Ok(TC_ACT_OK);
+        return Ok(PASS);
     }
-    let vihl: u8 = read(ctx, ETH_LEN).ok_or(TC_ACT_OK)?;
+    let vihl: u8 = read(ctx, ETH_LEN).ok_or(PASS)?;
     let ihl = usize::from(vihl & 0x0f) * 4;
     if ihl < 20 || read::<u8>(ctx, ETH_LEN + 9) != Some(IPPROTO_TCP) {
-        return Ok(TC_ACT_OK);
+        return Ok(PASS);
     }
     // A fragment is no packet of a joined flow (lb's connections set DF).
-    let frag: u16 = read(ctx, ETH_LEN + 6).ok_or(TC_ACT_OK)?;
+    let frag: u16 = read(ctx, ETH_LEN + 6).ok_or(PASS)?;
     if u16::from_be(frag) & 0x3fff != 0 {
-        return Ok(TC_ACT_OK);
+        return Ok(PASS);
     }
-    let saddr: u32 = read(ctx, ETH_LEN + 12).ok_or(TC_ACT_OK)?;
-    let daddr: u32 = read(ctx, ETH_LEN + 16).ok_or(TC_ACT_OK)?;
+    let saddr: u32 = read(ctx, ETH_LEN + 12).ok_or(PASS)?;
+    let daddr: u32 = read(ctx, ETH_LEN + 16).ok_or(PASS)?;
     let t = ETH_LEN + ihl;
-    let sport: u16 = read(ctx, t).ok_or(TC_ACT_OK)?;
-    let dport: u16 = read(ctx, t + 2).ok_or(TC_ACT_OK)?;
+    let sport: u16 = read(ctx, t).ok_or(PASS)?;
+    let dport: u16 = read(ctx, t + 2).ok_or(PASS)?;
     let key = FlowKey { src: mapped(saddr), dst: mapped(daddr), sport, dport, _pad: 0 };
-    let Some(flow) = LB_FLOWS.get_ptr_mut(&key) else { return Ok(TC_ACT_OK) };
-    let doff: u8 = read(ctx, t + 12).ok_or(TC_ACT_OK)?;
+    let Some(flow) = LB_FLOWS.get_ptr_mut(&key) else { return Ok(PASS) };
+    let doff: u8 = read(ctx, t + 12).ok_or(PASS)?;
     let hlen = usize::from(doff >> 4) * 4;
-    let flags: u8 = read(ctx, t + 13).ok_or(TC_ACT_OK)?;
+    let flags: u8 = read(ctx, t + 13).ok_or(PASS)?;
     if flags & SYN != 0 {
         // A new connection on the addresses of a flow that ended (or a
         // stray): the flow is over, the SYN goes to the stack.
@@ -195,10 +202,10 @@ fn try_packet(ctx: &TcContext) -> Result<i32, i32> {
         let _ = LB_FLOWS.remove(&key);
         let _ = LB_FLOWS.remove(&rkey);
         count(|c| c.syn_reuse += 1);
-        return Ok(TC_ACT_OK);
+        return Ok(PASS);
     }
     if hlen < 20 {
-        return Ok(TC_ACT_OK);
+        return Ok(PASS);
     }
     let (ts, sack, sack_n) = launder(options(ctx, t, hlen));
     let headers = (ETH_LEN + ihl + hlen) as u64;
@@ -218,10 +225,10 @@ fn try_packet(ctx: &TcContext) -> Result<i32, i32> {
             count(|c| c.held += 1);
             return Err(TC_ACT_SHOT);
         }
-        return Ok(TC_ACT_OK);
+        return Ok(PASS);
     }
     if state != JOINED {
-        return Ok(TC_ACT_OK);
+        return Ok(PASS);
     }
     // SAFETY: map value pointer valid for the program's run; copied out
     // once, so the rewrite reads a consistent view.
@@ -251,7 +258,7 @@ fn try_packet(ctx: &TcContext) -> Result<i32, i32> {
             end(flow, &f, END_FIN);
         }
     }
-    Ok(TC_ACT_OK)
+    Ok(PASS)
 }
 
 /// Writes `to` over the `N`-byte field at `off` that holds `from`, and
@@ -298,7 +305,11 @@ fn rewrite(ctx: &TcContext, f: &Flow, tcp: &Tcp, saddr: u32, daddr: u32, sport: 
     if f.win_in != f.win_out {
         let old: u16 = read(ctx, t + 14).ok_or(TC_ACT_SHOT)?;
         let bytes = u64::from(u16::from_be(old)) << (f.win_in & 15);
-        let new = ((bytes >> (f.win_out & 15)).min(0xffff) as u16).to_be();
+        // A window that is not zero never becomes zero: that would stop the
+        // sender until its persist timer fires. A little more than there is
+        // costs at most a retransmission.
+        let units = (bytes >> (f.win_out & 15)).max(u64::from(bytes != 0));
+        let new = (units.min(0xffff) as u16).to_be();
         put(ctx, csum, t + 14, old, new, false)?;
     }
     if tcp.ts != 0 {

@@ -21,18 +21,38 @@ pub enum Mode {
     /// The kernel plane without its `sock_ops` program, as where it cannot
     /// be attached: the workers insert every socket (`LB_TEST_NO_KERNEL_SETUP=1`).
     KernelUserSetup,
+    /// The kernel plane with every frontend on the packet plane
+    /// (`splice = "packet"`): connections are joined at packet level.
+    Packet,
 }
 
 impl Mode {
     /// The `dataplane` this mode runs.
     pub fn as_str(self) -> &'static str {
         match self {
-            Mode::Kernel | Mode::KernelCopyClient | Mode::KernelUserSetup => "kernel",
+            Mode::Kernel | Mode::KernelCopyClient | Mode::KernelUserSetup | Mode::Packet => "kernel",
             Mode::Userspace => "userspace",
         }
     }
     pub fn is_kernel(self) -> bool {
         self != Mode::Userspace
+    }
+    /// The name of the test module of this mode (`kernel`, `packet`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Kernel => "kernel",
+            Mode::Userspace => "userspace",
+            Mode::KernelCopyClient => "kernel_copy_client",
+            Mode::KernelUserSetup => "kernel_user_setup",
+            Mode::Packet => "packet",
+        }
+    }
+    /// Top-level config keys this mode adds.
+    pub fn config(self) -> &'static str {
+        match self {
+            Mode::Packet => "splice = \"packet\"\n",
+            _ => "",
+        }
     }
     /// Environment lb runs with in this mode.
     pub fn env(self) -> &'static [(&'static str, &'static str)] {
@@ -162,7 +182,12 @@ impl Lb {
             return None;
         }
         let (dir, pin_path) = scratch();
-        let cfg = format!("dataplane = \"{}\"\npin_path = \"{}\"\n{body}", mode.as_str(), pin_path.display());
+        let cfg = format!(
+            "dataplane = \"{}\"\npin_path = \"{}\"\n{}{body}",
+            mode.as_str(),
+            pin_path.display(),
+            mode.config()
+        );
         let lb = Self::launch_with(test, dir, pin_path, &cfg, mode.env());
         assert_eq!(lb.dataplane, mode.as_str(), "{test}: lb runs the wrong data plane");
         Some(lb)
@@ -420,6 +445,12 @@ struct Counts {
     fallbacks: u64,
     /// Server sockets the `sock_ops` program spliced at `ESTABLISHED`.
     setups: u64,
+    /// The packet plane runs: packets its program rewrote, connections
+    /// joined, connections it tried to join and kept on sockmap.
+    packet: bool,
+    rewritten: u64,
+    joined: u64,
+    kept: u64,
 }
 
 fn kernel_counters(lb: &Lb) -> Counts {
@@ -431,6 +462,13 @@ fn kernel_counters(lb: &Lb) -> Counts {
         skbs: get("counters", "skbs_redirected"),
         fallbacks: get("totals", "userspace_fallbacks"),
         setups: get("counters", "kernel_setups"),
+        packet: s["packet"].is_object(),
+        rewritten: s["packet"]["rewritten"].as_u64().unwrap_or(0),
+        joined: s["totals"]["packet_joined"].as_u64().unwrap_or(0),
+        kept: ["timestamps", "mss", "closed", "timeout", "map"]
+            .iter()
+            .map(|r| s["totals"][format!("packet_kept_{r}")].as_u64().unwrap_or(0))
+            .sum(),
     }
 }
 
@@ -440,6 +478,12 @@ impl KernelProof {
             return KernelProof { kernel: false, at_start: Counts::default() };
         }
         KernelProof { kernel: true, at_start: kernel_counters(lb) }
+    }
+
+    /// How many connections since the start the packet plane joined.
+    pub fn joined(&self, lb: &Lb) -> u64 {
+        lb.await_publication();
+        kernel_counters(lb).joined - self.at_start.joined
     }
 
     /// How many connections since the start the `sock_ops` program set up
@@ -457,7 +501,33 @@ impl KernelProof {
         if !self.kernel {
             return 0;
         }
-        let (now, then) = (kernel_counters(lb), self.at_start);
+        let (mut now, then) = (kernel_counters(lb), self.at_start);
+        if now.packet {
+            // Joins are counted by the workers, published every 100 ms.
+            lb.await_publication();
+            now = kernel_counters(lb);
+            // Every connection went through a join: joined (the TC program
+            // rewrote its packets), or kept on sockmap for a counted reason
+            // (a short one often ends before its join does).
+            let (joined, kept) = (now.joined - then.joined, now.kept - then.kept);
+            let (rewritten, skbs) = (now.rewritten - then.rewritten, now.skbs - then.skbs);
+            assert!(
+                joined + kept > 0 && rewritten + skbs > 0,
+                "{test}: the packet plane joined {joined} and kept {kept} connection(s), rewrote {rewritten} \
+                 packet(s) and the verdict redirected {skbs} skb(s): it did not run"
+            );
+            assert!(joined == 0 || rewritten > 0, "{test}: {joined} joined, but no packet rewritten");
+            let s = lb.pinned_stats();
+            let reasons: Vec<String> = ["timestamps", "mss", "closed", "timeout", "map"]
+                .iter()
+                .map(|r| format!("{r} {}", s["totals"][format!("packet_kept_{r}")]))
+                .collect();
+            eprintln!(
+                "[packet] {test}: {joined} joined, {kept} kept on sockmap ({}), {rewritten} packets rewritten",
+                reasons.join(", ")
+            );
+            return rewritten.max(skbs);
+        }
         assert!(now.skbs > then.skbs, "{test}: the eBPF verdict redirected nothing: the kernel path did not run");
         eprintln!(
             "[kernel] {test}: {} skbs redirected in the kernel, {} connection(s) served by the userspace copy",

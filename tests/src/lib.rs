@@ -35,6 +35,7 @@ macro_rules! every_path {
         $crate::both_planes!($($name),*);
         $crate::plane_tests!(kernel_copy_client, KernelCopyClient, $($name),*);
         $crate::plane_tests!(kernel_user_setup, KernelUserSetup, $($name),*);
+        $crate::plane_tests!(packet, Packet, $($name),*);
     };
 }
 

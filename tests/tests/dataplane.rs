@@ -38,7 +38,7 @@ testkit::every_path!(
 /// server's bytes (if it sent any) still redirected by the verdict.
 fn prove(proof: &KernelProof, lb: &Lb, mode: Mode, test: &str, server_sends: bool) {
     match mode {
-        Mode::Kernel | Mode::KernelUserSetup => proof.assert_all_spliced(lb, test),
+        Mode::Kernel | Mode::KernelUserSetup | Mode::Packet => proof.assert_all_spliced(lb, test),
         Mode::KernelCopyClient if server_sends => {
             proof.assert_kernel_ran(lb, test);
         }
@@ -46,9 +46,15 @@ fn prove(proof: &KernelProof, lb: &Lb, mode: Mode, test: &str, server_sends: boo
     }
 }
 
+/// Bytes and skbs the kernel moved: the sockmap verdict's, plus the
+/// payload the packet plane's program rewrote (its packets as skbs).
 fn counters(lb: &Lb) -> (u64, u64) {
     let s = lb.pinned_stats();
-    (s["counters"]["bytes_redirected"].as_u64().unwrap(), s["counters"]["skbs_redirected"].as_u64().unwrap())
+    let packet = |k: &str| s["packet"][k].as_u64().unwrap_or(0);
+    (
+        s["counters"]["bytes_redirected"].as_u64().unwrap() + packet("bytes"),
+        s["counters"]["skbs_redirected"].as_u64().unwrap() + packet("rewritten"),
+    )
 }
 
 async fn transfers_200_random_sizes_both_ways(mode: Mode) {
@@ -300,7 +306,7 @@ async fn connect_close_10k_leaks_nothing(mode: Mode) {
     // for every connection; without it, the workers for all.
     let setups = proof.kernel_setups(&lb);
     match mode {
-        Mode::Kernel | Mode::KernelCopyClient => {
+        Mode::Kernel | Mode::KernelCopyClient | Mode::Packet => {
             assert!(setups >= 10_000, "the sock_ops program set up {setups} of 10,000 connections")
         }
         Mode::KernelUserSetup => assert_eq!(setups, 0, "the sock_ops program ran, although not attached"),
@@ -310,7 +316,9 @@ async fn connect_close_10k_leaks_nothing(mode: Mode) {
 
 /// `send_buffer` reaches lb's two sockets of a connection: the client's
 /// through its listener, the server's at connect (`ss` shows the kernel's
-/// doubled figure as `tb`); unset, the default 8 MiB does.
+/// doubled figure as `tb`); unset, the default 8 MiB does. On the packet
+/// plane lb has no socket left once the connection is joined: `ss` shows
+/// none, and the connection goes on.
 async fn send_buffer_is_set_on_both_sockets(mode: Mode) {
     let be = Backend::echo().await;
     for (key, tb) in [("send_buffer = \"1MiB\"\n", 2 * MIB), ("", 16 * MIB)] {
@@ -321,6 +329,24 @@ async fn send_buffer_is_set_on_both_sockets(mode: Mode) {
         s.write_all(b"ping").await.unwrap();
         let mut back = [0u8; 4];
         s.read_exact(&mut back).await.unwrap();
+        if mode == Mode::Packet {
+            let me = s.local_addr().unwrap().to_string();
+            let lb_side = || {
+                let ss = std::process::Command::new("ss").args(["-tnH", "state", "established"]).output().unwrap();
+                String::from_utf8_lossy(&ss.stdout)
+                    .lines()
+                    .filter(|l| l.split_whitespace().nth(3) == Some(me.as_str()))
+                    .count()
+            };
+            let gone = retry_until(Duration::from_secs(5), || (lb_side() == 0).then_some(())).await;
+            assert!(gone.is_some(), "lb still has a socket for client {me} after the join");
+            assert_eq!(proof.joined(&lb), 1, "the connection was not joined");
+            s.write_all(b"pong").await.unwrap();
+            s.read_exact(&mut back).await.unwrap();
+            assert_eq!(&back, b"pong", "the joined connection echoes");
+            prove(&proof, &lb, mode, "send_buffer", true);
+            continue;
+        }
         let ss = std::process::Command::new("ss").args(["-tmnH", "state", "established"]).output().unwrap();
         let text = String::from_utf8_lossy(&ss.stdout).replace("\n\t", " ");
         // Columns: Recv-Q Send-Q Local Peer skmem:(…,tb<bytes>,…).

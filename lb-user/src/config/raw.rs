@@ -190,6 +190,8 @@ pub struct RawConfig {
     /// Bytes the kernel plane may queue for one direction of a connection
     /// before it resets the connection ("0": no limit, the default).
     pub splice_queue_limit: Option<Spanned<String>>,
+    /// Default `splice` of every frontend: `"packet"` or `"sockmap"`.
+    pub splice: Option<Spanned<String>>,
     /// Default source pool of every backend.
     pub source_pool: Option<Spanned<Vec<Spanned<String>>>>,
     /// Default local port range of the default pool.

@@ -74,7 +74,11 @@ pub fn validate(raw: RawConfig, loc: &Locator<'_>, host: &dyn Host, o: &Override
         }
         backends.push(be);
     }
-    let frontends = frontends(loc, &raw.frontend, &backends, maxconn)?;
+    let default_splice = match &raw.splice {
+        None => super::Splice::default(),
+        Some(v) => splice(loc, "splice", v)?,
+    };
+    let frontends = frontends(loc, &raw.frontend, &backends, maxconn, default_splice)?;
     let metrics_listen = match &raw.metrics_listen {
         None => None,
         Some(m) => Some(
@@ -356,11 +360,21 @@ fn sni_routes(
     Ok(routes)
 }
 
+/// A `splice` value (`key` names it in the error).
+fn splice(loc: &Locator<'_>, key: &str, v: &Spanned<String>) -> Result<super::Splice, ConfigError> {
+    match v.get_ref().as_str() {
+        "sockmap" => Ok(super::Splice::Sockmap),
+        "packet" => Ok(super::Splice::Packet),
+        other => Err(loc.at(v, format!("{key} = \"{other}\": must be \"packet\" or \"sockmap\""))),
+    }
+}
+
 fn frontends(
     loc: &Locator<'_>,
     raw: &[raw::Frontend],
     backends: &[BackendConfig],
     global_maxconn: u32,
+    default_splice: super::Splice,
 ) -> Result<Vec<FrontendConfig>, ConfigError> {
     let mut frontends = Vec::with_capacity(raw.len());
     let (mut names, mut listens) = (HashSet::new(), HashSet::new());
@@ -414,17 +428,8 @@ fn frontends(
             Some(table) => Some(sni_routes(loc, name, table, backends)?),
         };
         let splice = match &f.splice {
-            None => super::Splice::default(),
-            Some(v) => match v.get_ref().as_str() {
-                "sockmap" => super::Splice::Sockmap,
-                "packet" => super::Splice::Packet,
-                other => {
-                    return Err(loc.at(
-                        v,
-                        format!("frontend \"{name}\": splice = \"{other}\": must be \"packet\" or \"sockmap\""),
-                    ));
-                }
-            },
+            None => default_splice,
+            Some(v) => splice(loc, &format!("frontend \"{name}\": splice"), v)?,
         };
         frontends.push(FrontendConfig { name: name.clone(), listen, backend, maxconn, first_byte_timeout, sni, splice });
     }

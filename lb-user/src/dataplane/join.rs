@@ -5,20 +5,22 @@
 //! The connection arrives spliced on the sockmap plane, which has been
 //! moving bytes both ways in the kernel. The join:
 //!
-//! 1. **Hold.** Both directions go into `LB_FLOWS` as `HOLD`: from now on
-//!    the program drops every packet of either peer that carries bytes or
-//!    a FIN (the peer sends it again later), and lets bare ACKs through to
-//!    lb's sockets. So lb's sockets take nothing new, while the ACKs of
-//!    what they sent still reach them.
-//! 2. **Drain.** Wait until each socket's peer has acknowledged every byte
-//!    the other socket received (`tcpi_bytes_acked` against
+//! 1. **Watch.** Both directions go into `LB_FLOWS` as `WATCH`: packets
+//!    still go to lb's sockets, and the program records each peer's TSval.
+//!    A peer that sends nothing is asked: lb's socket leaves repair mode
+//!    with a window probe, which the peer answers with an ACK.
+//! 2. **Quiesce.** lb waits, a few milliseconds at most, until nothing it
+//!    took from one peer is on its way to the other (below), so that the
+//!    hold that follows is short.
+//! 3. **Hold.** Both directions become `HOLD`: the program drops every
+//!    packet of either peer that carries bytes or a FIN (the peer sends it
+//!    again later), and lets bare ACKs through to lb's sockets. So lb's
+//!    sockets take nothing new, while the ACKs of what they sent still
+//!    reach them. Wait until each socket's peer has acknowledged every
+//!    byte the other socket received (`tcpi_bytes_acked` against
 //!    `tcpi_bytes_received`, with the server socket's SYN and lb's own
-//!    PROXY header accounted): nothing lb took from one peer is still on
-//!    its way to the other, in a psock queue, a send queue, or unacked.
-//! 3. **Timestamps.** The program has recorded each peer's last TSval
-//!    (from the ACKs it let through). A peer that sent nothing since the
-//!    hold is asked: lb's socket leaves repair mode with a window probe,
-//!    which the peer answers with an ACK.
+//!    PROXY header accounted): nothing is left in a psock queue, a send
+//!    queue, or unacknowledged.
 //! 4. **Read.** Both sockets go into repair mode; their sequence numbers,
 //!    current TSvals, window scales, options and MSS are read.
 //! 5. **Check.** Connections that cannot be joined exactly stay on the
@@ -40,7 +42,7 @@ use std::{
     time::Duration,
 };
 
-use lb_common::packet::{Flow, FlowKey, HOLD, JOINED};
+use lb_common::packet::{Flow, FlowKey, HOLD, JOINED, WATCH};
 
 use crate::{
     addr::ip16,
@@ -50,8 +52,19 @@ use crate::{
     },
 };
 
-/// How long lb's sockets may take to deliver what they hold.
-const DRAIN_WITHIN: Duration = Duration::from_secs(1);
+/// How long lb's sockets may take, held, to deliver what they hold: past
+/// it lb gives up (a peer that does not read), lets the packets through
+/// again and keeps the connection on sockmap. Packets dropped meanwhile
+/// cost their sender a retransmission.
+const HOLD_WITHIN: Duration = Duration::from_millis(20);
+/// How long a peer may take to answer a window probe (timestamps).
+const PROBE_WITHIN: Duration = Duration::from_millis(200);
+/// How long lb waits for a quiet moment before it holds a connection's
+/// packets anyway (a sender that never pauses).
+const QUIESCE_WITHIN: Duration = Duration::from_millis(5);
+/// Checks of a held connection that only yield to the runtime before lb
+/// starts sleeping between them: the hold should last microseconds.
+const SPIN_CHECKS: u32 = 64;
 /// How far ahead of the socket it replaces a translated TSval starts: the
 /// socket may send once more after its TSval was read, and a peer drops a
 /// segment whose TSval is below the last one it took.
@@ -104,6 +117,8 @@ pub struct Joining<'a> {
     /// Bytes lb wrote to the server itself (the PROXY header).
     pub header: u64,
     pub id: u64,
+    /// `[client, server]` socket cookies.
+    pub cookies: [u64; 2],
     pub slot: u16,
     pub start_ns: u64,
     /// Indexes of the frontend and the backend.
@@ -114,8 +129,7 @@ pub struct Joining<'a> {
 /// were: out of repair mode, spliced, nothing held).
 pub async fn join(flows: &Mutex<FlowMaps>, j: &Joining<'_>) -> Result<(), Kept> {
     let keys = j.ends.keys();
-    let hold = held(j);
-    lock(flows).put(keys, hold).map_err(|e| {
+    lock(flows).put(keys, base(j, WATCH)).map_err(|e| {
         log::debug!("packet plane: {e}");
         Kept::Map
     })?;
@@ -133,12 +147,12 @@ fn lock(flows: &Mutex<FlowMaps>) -> std::sync::MutexGuard<'_, FlowMaps> {
     flows.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Both directions, held.
-fn held(j: &Joining<'_>) -> [Flow; 2] {
+/// Both directions in `state`, with nothing joined yet.
+fn base(j: &Joining<'_>, state: u8) -> [Flow; 2] {
     let e = &j.ends;
     let now = sys::monotonic_coarse_ns();
     let base = Flow {
-        state: HOLD,
+        state,
         slot: j.slot,
         frontend: j.route[0],
         backend: j.route[1],
@@ -167,8 +181,28 @@ fn held(j: &Joining<'_>) -> [Flow; 2] {
 }
 
 async fn hand_over(flows: &Mutex<FlowMaps>, j: &Joining<'_>, keys: [FlowKey; 2]) -> Result<(), Kept> {
+    let timestamps = timestamps(j)?;
+    // Each peer's TSval from its handshake, which `lb_setup` recorded.
+    let mut ts_ref = [0, 0];
+    if timestamps {
+        let mut f = lock(flows);
+        ts_ref = j.cookies.map(|c| f.take_peer_ts(c).unwrap_or(0));
+    }
+    quiesce(j).await?;
+    // The TSvals the program recorded go on into the held entries (a
+    // write replaces the whole value).
+    let mut hold = base(j, HOLD);
+    {
+        let mut f = lock(flows);
+        for (h, k) in hold.iter_mut().zip(&keys) {
+            h.ts_last = f.get(k).map_or(0, |w| w.ts_last);
+        }
+        f.put(keys, hold).map_err(|_| Kept::Map)?;
+    }
     drained(j).await?;
-    let timestamps = timestamps_seen(flows, j, keys).await?;
+    if timestamps && ts_ref.contains(&0) {
+        ts_ref = seen_ts(flows, j, keys, ts_ref).await?;
+    }
     for s in j.socks {
         sys::set_repair(s, true, false).map_err(|_| Kept::Closed)?;
     }
@@ -179,26 +213,32 @@ async fn hand_over(flows: &Mutex<FlowMaps>, j: &Joining<'_>, keys: [FlowKey; 2])
         return Err(Kept::Timeout);
     }
     check(&c, &s)?;
-    let ts_last = if timestamps {
-        let f = lock(flows);
-        [f.get(&keys[0]).map_or(0, |f| f.ts_last), f.get(&keys[1]).map_or(0, |f| f.ts_last)]
-    } else {
-        [0, 0]
-    };
-    let joined = joined(held(j), &c, &s, timestamps.then_some(ts_last));
+    let joined = joined(base(j, JOINED), &c, &s, timestamps.then_some(ts_ref));
     lock(flows).put(keys, joined).map_err(|e| {
         log::debug!("packet plane: {e}");
         Kept::Map
     })
 }
 
-/// Waits until nothing lb took from either peer is still on its way to
-/// the other.
+/// Waits a little for a moment when nothing lb took from either peer is on
+/// its way to the other, without holding anything.
+async fn quiesce(j: &Joining<'_>) -> Result<(), Kept> {
+    let deadline = tokio::time::Instant::now() + QUIESCE_WITHIN;
+    for i in 0.. {
+        if settled(j)? || tokio::time::Instant::now() >= deadline {
+            return Ok(());
+        }
+        pause(i).await;
+    }
+    Ok(())
+}
+
+/// Waits, holding, until nothing lb took from either peer is still on its
+/// way to the other.
 async fn drained(j: &Joining<'_>) -> Result<(), Kept> {
-    let deadline = tokio::time::Instant::now() + DRAIN_WITHIN;
-    let mut pause = Duration::ZERO;
+    let deadline = tokio::time::Instant::now() + HOLD_WITHIN;
     let mut once = false;
-    loop {
+    for i in 0.. {
         if settled(j)? {
             // Twice in a row, with a pause between: a packet that passed
             // the program just before the hold has landed by then.
@@ -212,13 +252,18 @@ async fn drained(j: &Joining<'_>) -> Result<(), Kept> {
         if tokio::time::Instant::now() >= deadline {
             return Err(Kept::Timeout);
         }
-        if pause.is_zero() {
-            tokio::task::yield_now().await;
-            pause = Duration::from_micros(1);
-        } else {
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(10));
-        }
+        pause(i).await;
+    }
+    Ok(())
+}
+
+/// The `i`th pause between two checks: a yield to the runtime at first,
+/// then a millisecond (the runtime's timer granularity).
+async fn pause(i: u32) {
+    if i < SPIN_CHECKS {
+        tokio::task::yield_now().await;
+    } else {
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -234,42 +279,57 @@ fn settled(j: &Joining<'_>) -> Result<bool, Kept> {
     Ok(s_acked.saturating_sub(1 + j.header) == c_rcvd && c_acked == s_rcvd)
 }
 
-/// Whether both connections use timestamps; if they do, waits until the
-/// program has a TSval of each peer (asking a silent one with a probe).
-async fn timestamps_seen(flows: &Mutex<FlowMaps>, j: &Joining<'_>, keys: [FlowKey; 2]) -> Result<bool, Kept> {
+/// Whether both connections use timestamps (both the same kind).
+fn timestamps(j: &Joining<'_>) -> Result<bool, Kept> {
     let opts = |s: &TcpStream| sys::join_options(s).map_err(|_| Kept::Closed);
     let (c, s) = (opts(&j.socks[0])?, opts(&j.socks[1])?);
     let ts = |o: u8| o & TCPI_OPT_TIMESTAMPS != 0;
     if ts(c) != ts(s) || (c ^ s) & TCPI_OPT_USEC_TS != 0 {
         return Err(Kept::Timestamps);
     }
-    if !ts(c) {
-        return Ok(false);
-    }
-    let deadline = tokio::time::Instant::now() + DRAIN_WITHIN;
+    Ok(ts(c))
+}
+
+/// A TSval of each peer whose handshake's was not recorded (no `lb_setup`,
+/// or its entry was evicted): the last the program saw, or else the answer
+/// to a window probe (lb's socket leaves repair mode with one; the peer
+/// answers with an ACK, which the program lets through and reads). Runs
+/// held and drained: nothing lb's socket would send is in flight, so
+/// toggling its repair mode cannot cut a send short.
+async fn seen_ts(
+    flows: &Mutex<FlowMaps>,
+    j: &Joining<'_>,
+    keys: [FlowKey; 2],
+    mut ts: [u32; 2],
+) -> Result<[u32; 2], Kept> {
+    let deadline = tokio::time::Instant::now() + PROBE_WITHIN;
     let mut probed = [false; 2];
-    loop {
-        let seen = {
+    for i in 0.. {
+        settled(j)?;
+        {
             let f = lock(flows);
-            [0, 1].map(|i| f.get(&keys[i]).is_some_and(|f| f.ts_last != 0))
-        };
-        if seen == [true; 2] {
-            return Ok(true);
+            for d in 0..2 {
+                if ts[d] == 0 {
+                    ts[d] = f.get(&keys[d]).map_or(0, |f| f.ts_last);
+                }
+            }
         }
-        for i in 0..2 {
-            if !seen[i] && !probed[i] {
-                // A window probe: the peer answers with a bare ACK, which
-                // the program lets through and reads.
-                let s = &j.socks[i];
+        if !ts.contains(&0) {
+            return Ok(ts);
+        }
+        for d in 0..2 {
+            if ts[d] == 0 && !probed[d] {
+                let s = &j.socks[d];
                 sys::set_repair(s, true, false).and_then(|()| sys::set_repair(s, false, true)).map_err(|_| Kept::Closed)?;
-                probed[i] = true;
+                probed[d] = true;
             }
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(Kept::Timeout);
+            return Err(Kept::Timestamps);
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        pause(i).await;
     }
+    Ok(ts)
 }
 
 /// Connections that cannot be joined exactly.

@@ -247,6 +247,15 @@ impl Dataplane for KernelDataplane {
     }
 
     fn before_connect(&self, c: &PreConnect<'_>) -> Option<Prepared> {
+        if let Some(p) = &self.packet
+            && p.frontends.get(usize::from(c.frontend)) == Some(&true)
+        {
+            // The server reads the client's windows after the join: in the
+            // client's scale, they need no rounding (see `sys::match_window_scale`).
+            if let Err(e) = sys::match_window_scale(c.client, c.server) {
+                log::debug!("window scale of a server socket: {e}");
+            }
+        }
         if !self.kernel_setup {
             return None;
         }
@@ -411,7 +420,7 @@ struct JoinJob {
 impl JoinJob {
     /// Joins the connection and hands it to the holder as a joined one, or
     /// as a spliced one if it stays on the sockmap plane.
-    async fn run(self, mut held: Held, guard: ConnGuard, socks: [std::net::TcpStream; 2]) {
+    async fn run(self, mut held: Held, mut guard: ConnGuard, socks: [std::net::TcpStream; 2]) {
         use std::sync::atomic::Ordering::Relaxed;
         let local = match socks[0].local_addr() {
             Ok(a) => a,
@@ -423,6 +432,7 @@ impl JoinJob {
             ends,
             header: self.header,
             id: held.id,
+            cookies: held.cookies,
             slot: self.slot,
             start_ns: held.start_ns,
             route: [held.frontend, held.backend],
@@ -433,6 +443,8 @@ impl JoinJob {
                 drop(socks);
                 self.maps.lock().unwrap_or_else(|e| e.into_inner()).forget_records(held.cookies);
                 self.stats.packet_joined.fetch_add(1, Relaxed);
+                // No socket holds the source port now: lb keeps it booked.
+                guard.joined(held.source.port());
                 held.packet = Some(local);
                 if let Err((guard, e)) = self.link.hold_joined(held, guard) {
                     // The connection carries on in the kernel, uncounted.

@@ -50,6 +50,8 @@ pub struct PreConnect<'a> {
     pub server_addr: std::net::SocketAddr,
     /// The pool address the socket is bound to (`None`: the kernel picks).
     pub source: Option<std::net::IpAddr>,
+    /// Index of the client's frontend (config order).
+    pub frontend: u16,
 }
 
 /// The two sockets of a connection, `[client, server]`. Dropped without

@@ -119,7 +119,10 @@ fn adopt(live: Vec<Held>, link: &Link, shared: &Shared, permits: &[Option<Arc<Se
         let own = permits.get(usize::from(h.frontend)).cloned().flatten().and_then(|f| f.try_acquire_owned().ok());
         let permits = [own, global.clone().try_acquire_owned().ok()];
         let age = Duration::from_nanos(now.saturating_sub(h.start_ns));
-        let guard = ConnGuard::adopted(shared.stats.clone(), permits, h.client, shared.access_log, age, server);
+        let mut guard = ConnGuard::adopted(shared.stats.clone(), permits, h.client, shared.access_log, age, server);
+        if h.packet.is_some() {
+            guard.joined(h.source.port());
+        }
         link.adopt(h.id, guard);
     }
     if n > 0 {
@@ -174,6 +177,10 @@ async fn serve(
         connect_attempts: cfg.connect_attempts,
         send_buffer: cfg.send_buffer,
         sequential_ports: crate::kernel::sys::has_local_port_range(),
+        own_ports: (spec.kind == dataplane::Kind::Kernel && cfg.packet_plane()).then(|| {
+            let system = lb_common::host::ephemeral_range().unwrap_or((32768, 60999));
+            crate::proxy::connect::PortShare { worker: spec.index, workers: cfg.workers as u16, system }
+        }),
         in_flight: Default::default(),
     });
     let global = Arc::new(Semaphore::new(per_worker as usize));

@@ -5,21 +5,30 @@ use std::path::Path;
 
 use aya::maps::{ArrayOfMaps, HashMap, MapData, PerCpuArray, RingBuf};
 use lb_common::{
-    maps::{FLOWS, PACKET_COUNTERS, PACKET_ENDS, PACKET_ENDS_RING_BYTES},
+    maps::{FLOWS, PACKET_COUNTERS, PACKET_ENDS, PACKET_ENDS_RING_BYTES, PEER_TS},
     packet::{Flow, FlowKey, PacketCounters},
     stats::COUNTERS_KEY,
 };
 
 use super::{KernelError, maps::open};
 
-/// `LB_FLOWS`.
+/// `LB_FLOWS`, and the handshakes' TSvals `lb_setup` recorded.
 pub struct FlowMaps {
     flows: HashMap<MapData, FlowKey, Flow>,
+    peer_ts: HashMap<MapData, u64, u32>,
 }
 
 impl FlowMaps {
     pub fn open(pin_path: &Path) -> Result<Self, KernelError> {
-        Ok(Self { flows: open(pin_path, FLOWS)? })
+        Ok(Self { flows: open(pin_path, FLOWS)?, peer_ts: open(pin_path, PEER_TS)? })
+    }
+
+    /// The TSval of the packet that completed the handshake of the socket
+    /// with `cookie` (its peer's), if `lb_setup` recorded it; removed.
+    pub fn take_peer_ts(&mut self, cookie: u64) -> Option<u32> {
+        let ts = self.peer_ts.get(&cookie, 0).ok()?;
+        let _ = self.peer_ts.remove(&cookie);
+        Some(ts)
     }
 
     fn fd(&self) -> &aya::maps::MapFd {
@@ -43,6 +52,11 @@ impl FlowMaps {
         if let Err(e) = super::batch::delete(self.fd(), keys) {
             log::warn!("removing {} flow(s): {e}", keys.len());
         }
+    }
+
+    /// How many flows there are (two per joined connection).
+    pub fn len(&self) -> u64 {
+        self.flows.keys().filter(Result::is_ok).count() as u64
     }
 
     /// Every flow (client and server direction alike).

@@ -170,8 +170,11 @@ const _: () = assert!(MAX_WORKERS > 0 && MAX_SOURCE_ENTRIES > 0 && MAX_SERVER_EN
 
 /// Every pinned map, read-only use (for `lb stats`).
 pub struct PinnedMaps {
+    pub pin_path: std::path::PathBuf,
     /// Whether the verdict is pinned (the kernel data plane runs).
     pub kernel: bool,
+    /// Whether the packet plane's program is pinned.
+    pub packet: bool,
     /// The XDP guard's maps, when its program is pinned (it runs).
     pub guard: Option<super::guard::GuardMaps>,
     pub counters: PerCpuArray<MapData, DataplaneCounters>,
@@ -182,7 +185,9 @@ pub struct PinnedMaps {
 impl PinnedMaps {
     pub fn open(pin_path: &Path) -> Result<Self, KernelError> {
         Ok(Self {
+            pin_path: pin_path.to_owned(),
             kernel: pin_path.join(PROG_VERDICT).exists(),
+            packet: pin_path.join(lb_common::maps::PROG_PACKET).exists(),
             guard: if pin_path.join(lb_common::maps::PROG_GUARD).exists() {
                 Some(super::guard::GuardMaps::open(pin_path)?)
             } else {

@@ -204,6 +204,37 @@ pub fn join_options(s: &impl AsRawFd) -> io::Result<u8> {
     Ok(tcp_info(s)?.tcpi_options)
 }
 
+/// Makes `server` (not connected yet) look to its peer like `client`'s
+/// peer looks to lb, as far as windows go, so that once the two
+/// connections are joined the server reads the client's windows as they
+/// were meant:
+///
+/// - the same window scale: otherwise a client that scales less (a small
+///   receive buffer: scale 0) would have its windows rounded to lb's unit
+///   (1 KiB at scale 10);
+/// - for a client that does not scale, no larger a window than the
+///   client's: a sender caps its segments at half the largest window it
+///   has seen (`tcp_bound_to_half_wnd`) and sends less than a segment
+///   only on its persist timer, so a server that once saw lb's 64 KiB
+///   would send a client with a 4 KiB window one small segment every
+///   200 ms.
+///
+/// Both follow `TCP_WINDOW_CLAMP` set before the connect: the scale is the
+/// log2 of the clamp less 15 (`tcp_select_initial_window`), and the window
+/// never exceeds it. It binds only lb's socket, which is closed at the join.
+pub fn match_window_scale(client: &impl AsRawFd, server: &impl AsRawFd) -> io::Result<()> {
+    let info = tcp_info(client)?;
+    let scale = if info.tcpi_options & TCPI_OPT_WSCALE != 0 { info.tcpi_snd_rcv_wscale & 0x0f } else { 0 };
+    let window = info.tcpi_snd_wnd.max(1024);
+    let clamp: u32 = match scale {
+        0 => window.min(0xffff),
+        // lb's own scale is at most 14: a larger one needs no clamp.
+        15.. => return Ok(()),
+        s => window.max(1 << (u32::from(s) + 15)).min((1 << (u32::from(s) + 16)) - 1),
+    };
+    setsockopt(server, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, &(clamp as libc::c_int))
+}
+
 /// A TCP socket's progress for the packet plane's hand-over: its state
 /// (`TCP_ESTABLISHED` is 1), bytes received in order (a FIN counts one) and
 /// bytes the peer acknowledged (a connected socket's SYN counts one).

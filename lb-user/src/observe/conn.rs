@@ -65,6 +65,9 @@ pub struct ConnGuard {
     access: Option<Box<AccessInfo>>,
     /// See [`Self::hand_over`].
     handed_over: bool,
+    /// The source port of a connection joined on the packet plane, booked
+    /// in its pair until the connection ends.
+    joined_port: Option<u16>,
 }
 
 impl ConnGuard {
@@ -85,7 +88,7 @@ impl ConnGuard {
                 reason: CloseReason::Error,
             })
         });
-        Self { stats, server: None, _permits: permits, access, handed_over: false }
+        Self { stats, server: None, _permits: permits, access, handed_over: false, joined_port: None }
     }
     /// Records why the connection ends (the last call wins).
     pub fn set_reason(&mut self, r: CloseReason) {
@@ -108,6 +111,14 @@ impl ConnGuard {
         server.total.fetch_add(1, Relaxed);
         pair.connects.fetch_add(1, Relaxed);
         self.server = Some((server, pair));
+    }
+    /// The connection was joined on the packet plane: its source `port`
+    /// stays booked in its pair (no socket holds it) until it ends.
+    pub fn joined(&mut self, port: u16) {
+        if let Some((_, p)) = &self.server {
+            p.ports.lock().unwrap_or_else(|e| e.into_inner()).join(port);
+            self.joined_port = Some(port);
+        }
     }
     /// Bytes moved by a connection (client->server, server->client): the
     /// data plane's figures as it ends, and lb's own header before them.
@@ -181,6 +192,9 @@ impl Drop for ConnGuard {
             );
         }
         if let Some((server, pair)) = self.server.take() {
+            if let Some(port) = self.joined_port {
+                pair.ports.lock().unwrap_or_else(|e| e.into_inner()).release(port);
+            }
             pair.release();
             server.release();
         }

@@ -91,6 +91,28 @@ pub struct Report {
     /// The XDP guard, when the instance runs one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guard: Option<GuardRow>,
+    /// The packet plane's program, when the instance runs it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packet: Option<PacketRow>,
+}
+
+/// What the packet plane's TC program counted, and the flows it carries.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PacketRow {
+    /// Packets rewritten from one connection into the other, their payload bytes.
+    pub rewritten: u64,
+    pub bytes: u64,
+    /// SACK blocks translated.
+    pub sack_blocks: u64,
+    /// Packets dropped while connections were being joined (sent again by their senders).
+    pub held: u64,
+    /// Joined connections that ended, and ends the program could not report.
+    pub ended: u64,
+    pub ends_lost: u64,
+    /// SYNs that reused a flow's addresses (the flow was removed).
+    pub syn_reuse: u64,
+    /// Entries in `LB_FLOWS` (two per joined connection).
+    pub flows: u64,
 }
 
 /// The XDP guard's counters and lists.
@@ -182,6 +204,20 @@ pub fn read_from(maps: &PinnedMaps, meta: &Meta) -> Result<Report, KernelError> 
         kernel_setup_failures: c.kernel_setup_failures,
         conn_entries,
     };
+    if maps.packet {
+        let c = crate::kernel::flows::counters(&maps.pin_path).unwrap_or_default();
+        let flows = crate::kernel::flows::FlowMaps::open(&maps.pin_path).map(|f| f.len()).unwrap_or(0);
+        r.packet = Some(PacketRow {
+            rewritten: c.rewritten,
+            bytes: c.bytes,
+            sack_blocks: c.sack_blocks,
+            held: c.held,
+            ended: c.ended,
+            ends_lost: c.ends_lost,
+            syn_reuse: c.syn_reuse,
+            flows,
+        });
+    }
     if let Some(g) = &maps.guard {
         let c = g.counters()?;
         let list = |l| g.list(l).iter().map(|n| n.to_string()).collect();

@@ -31,6 +31,13 @@ pub fn stats(r: &Report) -> String {
         o.push_str(&line.join("   "));
         o.push('\n');
     }
+    if let Some(p) = &r.packet {
+        o.push_str(&format!(
+            "packet plane: flows {}   rewritten {}   bytes {}   sack blocks {}   held {}   ended {}   ends lost {}   \
+             syn reuse {}\n",
+            p.flows, p.rewritten, p.bytes, p.sack_blocks, p.held, p.ended, p.ends_lost, p.syn_reuse
+        ));
+    }
     if let Some(g) = &r.guard {
         o.push_str(&format!(
             "guard: passed {}   denied {}   rate limited {}   deny rules {}   allow rules {}\n",

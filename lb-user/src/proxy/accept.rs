@@ -203,7 +203,7 @@ async fn connect_and_splice(
     shared: &Shared,
 ) {
     let be = &shared.backends.list[backend];
-    let (mut server, target, pair, mut prepared) = match pick_and_connect(be, shared, addr, &client).await {
+    let (mut server, target, pair, mut prepared) = match pick_and_connect(be, shared, addr, &client, route.frontend as u16).await {
         Ok(v) => v,
         Err(why) => {
             let stats = &shared.stats;

@@ -28,6 +28,33 @@ use crate::{
     },
 };
 
+/// This worker's share of the source ports, when lb chooses them itself
+/// (a frontend joins connections on the packet plane): the workers split
+/// the range (the pair's `source_port_range`, else the system's), so no two
+/// workers ever try the same port of a pair.
+#[derive(Clone, Copy, Debug)]
+pub struct PortShare {
+    pub worker: u16,
+    pub workers: u16,
+    /// `net.ipv4.ip_local_port_range`.
+    pub system: (u16, u16),
+}
+
+impl PortShare {
+    /// This worker's part of `range`.
+    pub fn of(&self, (lo, hi): (u16, u16)) -> (u16, u16) {
+        let span = u32::from(hi - lo) + 1;
+        let n = u32::from(self.workers.max(1));
+        let w = u32::from(self.worker) % n;
+        let start = u32::from(lo) + span * w / n;
+        let end = u32::from(lo) + span * (w + 1) / n - 1;
+        (start as u16, end.max(start) as u16)
+    }
+}
+
+/// Ports tried for one pair per connect before the pair counts as full.
+const PORT_TRIES: usize = 64;
+
 /// Shortest gap between two "out of source ports" warnings of one backend.
 const EXHAUSTION_WARN_EVERY: Duration = Duration::from_secs(5);
 
@@ -63,6 +90,7 @@ pub async fn pick_and_connect(
     shared: &Shared,
     client: ClientAddr,
     client_sock: &std::net::TcpStream,
+    frontend: u16,
 ) -> Result<Connected, Reject> {
     let deadline = tokio::time::Instant::now() + shared.queue_timeout;
     let mut ticket: Option<QueueTicket<'_>> = None;
@@ -91,7 +119,7 @@ pub async fn pick_and_connect(
                 skipped_full = true;
                 continue;
             }
-            match connect_server(server, shared, client, client_sock).await {
+            match connect_server(server, shared, client, client_sock, frontend).await {
                 Ok((s, pair, prepared)) => return Ok((s, server.clone(), pair, prepared)),
                 Err(ConnectError::NoPort) => {
                     server.release();
@@ -179,10 +207,23 @@ fn warn_local(e: &io::Error) {
     }
 }
 
-/// A socket for `server` from `pair`'s source address.
-fn socket_for(server: &ServerState, pair: &PairState, shared: &Shared) -> io::Result<Socket> {
+/// A socket for `server` from `pair`'s source address, bound to `port`
+/// when lb chooses the port itself.
+fn socket_for(server: &ServerState, pair: &PairState, shared: &Shared, port: Option<u16>) -> io::Result<Socket> {
     let addr = server.cfg.addr.0;
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)?;
+    if let Some(port) = port {
+        // Several sockets share a port toward different servers.
+        sock.set_reuse_address(true)?;
+        let ip = pair.source.unwrap_or(if addr.is_ipv4() {
+            IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+        });
+        sock.bind(&SockAddr::from(SocketAddr::new(ip, port)))?;
+        sys::set_send_buffer(&sock, shared.send_buffer);
+        return Ok(sock);
+    }
     if let Some(src) = pair.source {
         sys::set_bind_address_no_port(&sock)?;
         sock.bind(&SockAddr::from(SocketAddr::new(src, 0)))?;
@@ -209,48 +250,71 @@ async fn connect_server(
     shared: &Shared,
     client: ClientAddr,
     client_sock: &std::net::TcpStream,
+    frontend: u16,
 ) -> Result<(TcpStream, Arc<PairState>, Option<Prepared>), ConnectError> {
-    let timeout = shared.connect_timeout;
     for pair in server.source_order() {
-        let r = match socket_for(server, &pair, shared) {
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) => {
-                return Err(ConnectError::Local(e));
+        // lb's own ports (packet plane): a few of the pair's, in turn; the
+        // kernel's choice otherwise (one attempt, `None`).
+        let ports: Vec<Option<u16>> = match shared.own_ports {
+            Some(share) => {
+                let range = share.of(server.port_range.unwrap_or(share.system));
+                let mut book = pair.ports.lock().unwrap_or_else(|e| e.into_inner());
+                book.candidates(range, PORT_TRIES).into_iter().map(Some).collect()
             }
-            Err(e) => Err(e),
-            Ok(sock) => {
-                // Counted from the attempt on, so concurrent connects spread
-                // out instead of all picking the same least-used address.
-                pair.in_use.fetch_add(1, Relaxed);
-                let pre = PreConnect {
-                    client: client_sock,
-                    server: &sock,
-                    client_addr: client.0,
-                    server_addr: server.cfg.addr.0,
-                    source: pair.source,
-                };
-                let prepared = shared.dataplane.before_connect(&pre);
-                let r = match tokio::time::timeout(timeout, connect(sock, server.cfg.addr.0)).await {
-                    Ok(r) => r.map(|s| (s, prepared)),
-                    Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}"))),
-                };
-                if r.is_err() {
-                    pair.in_use.fetch_sub(1, Relaxed);
-                }
-                r
-            }
+            None => vec![None],
         };
-        match r {
-            Ok((s, prepared)) => return Ok((s, pair, prepared)),
-            // No local port left for this (source, server) pair: connect()
-            // says EADDRNOTAVAIL; a bind() that had to pick a port, EADDRINUSE.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EADDRNOTAVAIL | libc::EADDRINUSE)) => {
-                log::debug!("{}: no free port from {}", server.cfg.addr, source_name(pair.source));
-                pair.mark_full();
+        for port in ports {
+            match attempt(server, &pair, shared, (client, client_sock, frontend), port).await {
+                Ok((s, prepared)) => return Ok((s, pair, prepared)),
+                // This port (or, with the kernel's choice, every port) of
+                // the pair is in use toward this server: connect() says
+                // EADDRNOTAVAIL; a bind() that had to pick a port, EADDRINUSE.
+                Err(ConnectError::Io(e)) if matches!(e.raw_os_error(), Some(libc::EADDRNOTAVAIL | libc::EADDRINUSE)) => {}
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(ConnectError::Io(e)),
         }
+        log::debug!("{}: no free port from {}", server.cfg.addr, source_name(pair.source));
+        pair.mark_full();
     }
     Err(ConnectError::NoPort)
+}
+
+/// One connect to `server` from `pair` (and `port`, if lb chooses it).
+async fn attempt(
+    server: &ServerState,
+    pair: &Arc<PairState>,
+    shared: &Shared,
+    (client, client_sock, frontend): (ClientAddr, &std::net::TcpStream, u16),
+    port: Option<u16>,
+) -> Result<(TcpStream, Option<Prepared>), ConnectError> {
+    let timeout = shared.connect_timeout;
+    let sock = match socket_for(server, pair, shared, port) {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) => {
+            return Err(ConnectError::Local(e));
+        }
+        Err(e) => return Err(ConnectError::Io(e)),
+        Ok(sock) => sock,
+    };
+    // Counted from the attempt on, so concurrent connects spread out
+    // instead of all picking the same least-used address.
+    pair.in_use.fetch_add(1, Relaxed);
+    let pre = PreConnect {
+        client: client_sock,
+        server: &sock,
+        client_addr: client.0,
+        server_addr: server.cfg.addr.0,
+        source: pair.source,
+        frontend,
+    };
+    let prepared = shared.dataplane.before_connect(&pre);
+    let r = match tokio::time::timeout(timeout, connect(sock, server.cfg.addr.0)).await {
+        Ok(r) => r.map(|s| (s, prepared)),
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}"))),
+    };
+    if r.is_err() {
+        pair.in_use.fetch_sub(1, Relaxed);
+    }
+    r.map_err(ConnectError::Io)
 }
 
 /// Connects the non-blocking `sock` to `addr`. The connect's outcome comes

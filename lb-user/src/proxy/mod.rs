@@ -27,6 +27,10 @@ pub struct Shared {
     /// system's range as its own, which makes `connect()`'s port search
     /// sequential (see `connect::socket_for`).
     pub sequential_ports: bool,
+    /// Set when a frontend joins connections on the packet plane: every
+    /// server socket of this worker is bound to a port lb chooses itself,
+    /// from this worker's share of the range (see [`connect::PortShare`]).
+    pub own_ports: Option<connect::PortShare>,
     /// Clients accepted and not yet handed to the data plane (or given up).
     pub in_flight: std::sync::atomic::AtomicUsize,
 }

@@ -26,6 +26,53 @@ pub struct PairState {
     /// Milliseconds since `epoch` until which the pair counts as full; 0: not full.
     full_until_ms: AtomicU64,
     epoch: Instant,
+    /// Where this worker's port search of the pair stands, and the ports of
+    /// its connections joined on the packet plane: no socket holds those,
+    /// so the kernel would hand them out again (see [`PortBook`]).
+    pub ports: std::sync::Mutex<PortBook>,
+}
+
+/// The source ports lb chooses itself for a (source address, server) pair
+/// once a frontend joins connections on the packet plane: a joined
+/// connection has no socket, so nothing in the kernel stops `connect()`
+/// from giving its port to a new connection to the same server, whose
+/// packets would then be taken for the joined one's.
+#[derive(Debug, Default)]
+pub struct PortBook {
+    next: u32,
+    joined: std::collections::HashSet<u16>,
+}
+
+impl PortBook {
+    /// The next `n` ports of `range` (inclusive) to try, after the last
+    /// one handed out, none of them a joined connection's.
+    pub fn candidates(&mut self, (lo, hi): (u16, u16), n: usize) -> Vec<u16> {
+        let span = u32::from(hi.saturating_sub(lo)) + 1;
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..span {
+            if out.len() == n {
+                break;
+            }
+            let port = lo + (self.next % span) as u16;
+            self.next = self.next.wrapping_add(1);
+            if !self.joined.contains(&port) {
+                out.push(port);
+            }
+        }
+        out
+    }
+    /// `port` belongs to a joined connection from now on.
+    pub fn join(&mut self, port: u16) {
+        self.joined.insert(port);
+    }
+    /// The joined connection on `port` ended.
+    pub fn release(&mut self, port: u16) {
+        self.joined.remove(&port);
+    }
+    /// Ports of joined connections.
+    pub fn joined(&self) -> usize {
+        self.joined.len()
+    }
 }
 
 /// How long a pair that reported EADDRNOTAVAIL is skipped, unless one of
@@ -41,6 +88,7 @@ impl PairState {
             exhausted: AtomicU64::new(0),
             full_until_ms: AtomicU64::new(0),
             epoch: Instant::now(),
+            ports: Default::default(),
         }
     }
     fn now_ms(&self) -> u64 {
