@@ -97,11 +97,11 @@ pub const PACKET_ENDS_RING_BYTES: u32 = 1 << 20;
 pub const PACKET_COUNTERS: &str = "LB_PKT_COUNTERS";
 /// Default capacity of `LB_FLOWS` (two entries per connection).
 pub const DEFAULT_MAX_FLOWS: u32 = 1 << 18;
-/// LRU_HASH: socket cookie -> the peer's TSval in the packet that
-/// completed the socket's handshake (u32), written by `lb_setup`.
-pub const PEER_TS: &str = "LB_PEER_TS";
-/// Capacity of `LB_PEER_TS` (handshakes not yet joined; LRU).
-pub const MAX_PEER_TS: u32 = 1 << 16;
+/// LRU_HASH: socket cookie -> [`crate::packet::Handshake`], written by
+/// `lb_setup` when the socket's handshake completes.
+pub const HANDSHAKE: &str = "LB_HANDSHAKE";
+/// Capacity of `LB_HANDSHAKE` (handshakes not yet joined; LRU).
+pub const MAX_HANDSHAKES: u32 = 1 << 16;
 /// Name of the packet plane's TC program in the object file.
 pub const PROG_PACKET: &str = "lb_packet";
 /// Pin of its attachment to an interface (a tcx link): `lb_packet_<ifindex>`.
@@ -132,7 +132,7 @@ pub const PINNED: [&str; 21] = [
     FLOWS,
     PACKET_ENDS,
     PACKET_COUNTERS,
-    PEER_TS,
+    HANDSHAKE,
 ];
 
 /// What this build expects of the pinned maps: each map's name with its key
@@ -151,7 +151,7 @@ pub fn layout() -> std::string::String {
         "{TARGET}:8/4 {FRONTENDS}:20/8 {SETUP_MISS}:8/1 {SPLICE}:8/4 {CONN}:8/{} {COUNTERS}:4/{} {SOURCES}:{}/{} {SERVERS}:{}/{} {WORKERS}:4/{} \
          {GUARD_DENY}:20/1 {GUARD_ALLOW}:20/1 {GUARD_PORTS}:2/1 {GUARD_CONF}:4/{} {GUARD_RATE}:16/{} \
          {GUARD_STATS}:4/{} {GUARD_TOP}:16/8 {EVENTS}:4/4 ring {EVENTS_RING_BYTES}/{} \
-         {FLOWS}:{}/{} {PACKET_ENDS}:4/4 ring {PACKET_ENDS_RING_BYTES}/{} {PACKET_COUNTERS}:4/{} {PEER_TS}:8/4",
+         {FLOWS}:{}/{} {PACKET_ENDS}:4/4 ring {PACKET_ENDS_RING_BYTES}/{} {PACKET_COUNTERS}:4/{} {HANDSHAKE}:8/{}",
         size_of::<ConnTraffic>(),
         size_of::<DataplaneCounters>(),
         size_of::<SourceKey>(),
@@ -167,5 +167,6 @@ pub fn layout() -> std::string::String {
         size_of::<crate::packet::Flow>(),
         size_of::<crate::packet::PacketEnd>(),
         size_of::<crate::packet::PacketCounters>(),
+        size_of::<crate::packet::Handshake>(),
     )
 }

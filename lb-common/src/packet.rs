@@ -53,7 +53,7 @@ pub struct Flow {
     /// receiver reads it in units of `1 << win_out`. Equal: untouched.
     pub win_in: u8,
     pub win_out: u8,
-    /// [`WATCH`], [`HOLD`] or [`JOINED`].
+    /// [`JOINED`] (0: an entry being written).
     pub state: u8,
     /// 1: this direction carries the client's packets.
     pub client: u8,
@@ -64,7 +64,10 @@ pub struct Flow {
     pub fin: u8,
     pub rst: u8,
     pub ended: u8,
-    pub _pad0: u8,
+    /// 1 while lb's sockets may still be delivering bytes this direction's
+    /// sender sent before the join: a FIN or reset of it would overtake
+    /// them, so the program drops it and records it ([`Flow::deferred`]).
+    pub custody: u8,
     /// The worker slot whose holder is told of the end.
     pub slot: u16,
     /// Indexes of the frontend and the backend (config order), for a
@@ -75,9 +78,12 @@ pub struct Flow {
     /// Where the rewritten packet leaves: 0 back to this host's stack
     /// (loopback), else the interface it is sent out of.
     pub ifindex: u32,
-    /// Packets dropped while [`HOLD`] (their sender sends them again).
-    pub held: u32,
-    pub _pad2: u32,
+    /// The highest acknowledgment number seen this way, as sent (before
+    /// the rewrite): how far this sender has taken the other's stream.
+    pub ack_seen: u32,
+    /// What the program held back while [`Flow::custody`] was set: 1 a
+    /// FIN, 2 a reset (lb forwards it itself once its sockets delivered).
+    pub deferred: u32,
     /// The connection's id: the client socket's cookie, in both directions.
     pub id: u64,
     /// CLOCK_MONOTONIC ns of the join.
@@ -93,15 +99,8 @@ pub struct Flow {
 }
 const _: () = assert!(core::mem::size_of::<Flow>() == 128);
 
-/// [`Flow::state`]: lb is about to join the connection; packets go to lb's
-/// sockets as they are, and the program records each peer's TSval.
-pub const WATCH: u8 = 1;
-/// [`Flow::state`]: lb is finishing what its sockets hold. Packets that
-/// carry bytes or a FIN are dropped (their senders send them again after
-/// the join); bare ACKs and resets go to lb's sockets as they are.
-pub const HOLD: u8 = 2;
 /// [`Flow::state`]: every packet is rewritten into the other connection.
-pub const JOINED: u8 = 3;
+pub const JOINED: u8 = 1;
 
 /// How a joined connection ended ([`PacketEnd::how`]).
 pub const END_FIN: u32 = 1;
@@ -126,6 +125,25 @@ pub struct PacketEnd {
 }
 const _: () = assert!(core::mem::size_of::<PacketEnd>() == 64);
 
+/// What `lb_setup` recorded of a socket's handshake when it completed
+/// (`LB_HANDSHAKE`, keyed by the socket's cookie), for the packet plane:
+/// where each sequence space starts, which fixes the join's offsets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Handshake {
+    /// The socket's first sequence number after its SYN (its ISN + 1).
+    pub snd_base: u32,
+    /// The peer's first sequence number after its SYN.
+    pub rcv_base: u32,
+    /// The peer's TSval in the packet that completed the handshake (0:
+    /// no timestamps).
+    pub peer_tsval: u32,
+    /// The MSS the peer announced (0: not known).
+    pub mss: u32,
+}
+const _: () = assert!(core::mem::size_of::<Handshake>() == 16);
+
 /// What the TC program counts, one slot per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -137,8 +155,8 @@ pub struct PacketCounters {
     pub bytes: u64,
     /// SACK blocks translated.
     pub sack_blocks: u64,
-    /// Packets dropped while a connection was being joined.
-    pub held: u64,
+    /// FINs and resets held back while lb's sockets were still delivering.
+    pub deferred: u64,
     /// Joined connections that ended (reported to a holder).
     pub ended: u64,
     /// Ends that found no ring (their holder reads the flow instead).
@@ -156,7 +174,7 @@ impl PacketCounters {
             rewritten: self.rewritten + o.rewritten,
             bytes: self.bytes + o.bytes,
             sack_blocks: self.sack_blocks + o.sack_blocks,
-            held: self.held + o.held,
+            deferred: self.deferred + o.deferred,
             ended: self.ended + o.ended,
             ends_lost: self.ends_lost + o.ends_lost,
             syn_reuse: self.syn_reuse + o.syn_reuse,
@@ -173,4 +191,4 @@ impl Flow {
 }
 
 #[cfg(feature = "user")]
-crate::pod!(FlowKey, Flow, PacketEnd, PacketCounters);
+crate::pod!(FlowKey, Flow, PacketEnd, PacketCounters, Handshake);

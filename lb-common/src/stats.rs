@@ -178,10 +178,11 @@ worker_counters! {
     Counter packet_kept_mss => "packet_kept" reason "mss",
     /// Of those kept: a side closed or reset while lb joined them.
     Counter packet_kept_closed => "packet_kept" reason "closed",
-    /// Of those kept: lb's sockets could not finish delivering while it held
-    /// their peers' packets (a peer that does not read).
-    Counter packet_kept_timeout => "packet_kept" reason "timeout",
-    /// Of those kept: the flow map was full or refused the entries.
+    /// Of those kept: bytes kept flowing through lb, never a quiet moment
+    /// to join them (a sender that never pauses).
+    Counter packet_kept_busy => "packet_kept" reason "busy",
+    /// Of those kept: the flow map was full or refused the entries, or
+    /// `lb_setup` recorded no handshake.
     Counter packet_kept_map => "packet_kept" reason "map",
 }
 const _: () = assert!(core::mem::size_of::<WorkerCounters>() == 24 * 8);

@@ -10,9 +10,9 @@ use lb_common::{
     guard::{GuardBucket, GuardConf, GuardCounters},
     maps::{
         DEFAULT_MAX_FLOWS, DEFAULT_MAX_SOCKETS, EVENTS_RING_BYTES, MAX_FRONTENDS, MAX_GUARD_RULES, MAX_GUARD_SOURCES,
-        MAX_PEER_TS, MAX_SERVER_ENTRIES, MAX_SETUP_MISSES, MAX_SOURCE_ENTRIES, MAX_WORKERS, PACKET_ENDS_RING_BYTES,
+        MAX_HANDSHAKES, MAX_SERVER_ENTRIES, MAX_SETUP_MISSES, MAX_SOURCE_ENTRIES, MAX_WORKERS, PACKET_ENDS_RING_BYTES,
     },
-    packet::{Flow, FlowKey, PacketCounters, PacketEnd},
+    packet::{Flow, FlowKey, Handshake, PacketCounters, PacketEnd},
     stats::{DataplaneCounters, ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats},
 };
 
@@ -105,7 +105,7 @@ pub static LB_PKT_COUNTERS: PerCpuArray<PacketCounters, 1> = PerCpuArray::new();
 #[btf_map(name = "LB_PKT_SCRATCH")]
 pub static LB_PKT_SCRATCH: PerCpuArray<[u32; 4], 1> = PerCpuArray::new();
 
-/// Socket cookie -> the TSval of the packet that completed its handshake
-/// (its peer's), recorded by `lb_setup` for the packet plane's join.
-#[btf_map(name = "LB_PEER_TS")]
-pub static LB_PEER_TS: LruHashMap<u64, u32, { MAX_PEER_TS as usize }> = LruHashMap::new();
+/// Socket cookie -> its handshake, recorded by `lb_setup` for the packet
+/// plane's join.
+#[btf_map(name = "LB_HANDSHAKE")]
+pub static LB_HANDSHAKE: LruHashMap<u64, Handshake, { MAX_HANDSHAKES as usize }> = LruHashMap::new();

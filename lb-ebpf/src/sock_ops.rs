@@ -24,16 +24,20 @@ use aya_ebpf::{
 };
 use lb_common::{
     conn::{FrontendKey, SETUP_FAILED, SETUP_KERNEL, SETUP_PENDING, SIDE_SERVER},
+    packet::Handshake,
     stats::COUNTERS_KEY,
 };
 
-use crate::maps::{LB_CONN, LB_COUNTERS, LB_FRONTENDS, LB_PEER_TS, LB_SETUP_MISS, LB_SPLICE, LB_TARGET};
+use crate::maps::{LB_CONN, LB_COUNTERS, LB_FRONTENDS, LB_HANDSHAKE, LB_SETUP_MISS, LB_SPLICE, LB_TARGET};
 
 const AF_INET: u32 = 2;
 const SOL_TCP: i32 = 6;
 const TCP_NODELAY: i32 = 1;
-/// TCP option kind of timestamps.
+/// TCP option kinds: timestamps, MSS.
 const OPT_TS: u32 = 8;
+const OPT_MSS: u32 = 2;
+/// `BPF_LOAD_HDR_OPT_TCP_SYN`: search the saved SYN, not the packet at hand.
+const LOAD_FROM_SYN: u64 = 1;
 
 #[sock_ops]
 pub fn lb_setup(ctx: SockOpsContext) -> u32 {
@@ -126,25 +130,36 @@ fn frontend_ns(ip: [u32; 4], port: u16) -> Option<u64> {
     unsafe { LB_FRONTENDS.get(key) }.copied()
 }
 
-/// Records the TSval of the packet that completed the handshake (the
-/// peer's: the client's last ACK, the server's SYN-ACK) under the socket's
-/// cookie, for the packet plane's join: any TSval a peer sent, however
-/// old, anchors the translation of its later ones.
+/// Records where the socket's and its peer's sequence spaces start, the
+/// peer's TSval in the packet that completed the handshake (the client's
+/// last ACK, the server's SYN-ACK) and the MSS, under the socket's cookie:
+/// what the packet plane's join needs to map one connection onto another.
+/// At `ESTABLISHED` nothing but the SYNs has been sent either way yet.
 #[inline(always)]
-fn record_peer_ts(ctx: &SockOpsContext, cookie: u64) {
+fn record_handshake(ctx: &SockOpsContext, cookie: u64, syn: u64) {
     // The search: kind 8 (timestamps), length 0 (any); the helper copies
     // the option over it. Words: a byte array is zeroed by a loop the
     // verifier refuses without CAP_PERFMON.
     let mut opt: [u32; 3] = [OPT_TS, 0, 0];
     // SAFETY: `opt` is 12 bytes on the stack, its length given.
     let n = unsafe { bpf_load_hdr_opt(ctx.ops.cast(), (&raw mut opt).cast(), 12, 0) };
-    if n != 10 {
-        return;
-    }
     // Bytes 2..6 of the option, network order.
     let b = |w: u32, i: u32| (w >> (8 * i)) & 0xff;
-    let tsval = (b(opt[0], 2) << 24) | (b(opt[0], 3) << 16) | (b(opt[1], 0) << 8) | b(opt[1], 1);
-    let _ = LB_PEER_TS.insert(cookie, tsval, u64::from(BPF_ANY));
+    let tsval = if n == 10 { (b(opt[0], 2) << 24) | (b(opt[0], 3) << 16) | (b(opt[1], 0) << 8) | b(opt[1], 1) } else { 0 };
+    // The MSS the peer announced: in the server's SYN-ACK (the packet at
+    // hand when a connect completes), in the client's SYN (kept by the
+    // listener, `TCP_SAVE_SYN`) when an accept does. Kind 2, length 4.
+    let mut m: [u32; 2] = [OPT_MSS, 0];
+    // SAFETY: `m` is 8 bytes on the stack, its length given.
+    let n = unsafe { bpf_load_hdr_opt(ctx.ops.cast(), (&raw mut m).cast(), 8, syn) };
+    let mss = if n == 4 { (b(m[0], 2) << 8) | b(m[0], 3) } else { 0 };
+    // SAFETY: the context the kernel passed; fields read at their offsets.
+    let (snd, rcv) = unsafe {
+        let o = ctx.ops;
+        (core::ptr::read_volatile(&raw const (*o).snd_nxt), core::ptr::read_volatile(&raw const (*o).rcv_nxt))
+    };
+    let h = Handshake { snd_base: snd, rcv_base: rcv, peer_tsval: tsval, mss };
+    let _ = LB_HANDSHAKE.insert(cookie, h, u64::from(BPF_ANY));
 }
 
 fn accepted(ctx: &SockOpsContext) {
@@ -155,7 +170,7 @@ fn accepted(ctx: &SockOpsContext) {
         return;
     }
     let mut cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    record_peer_ts(ctx, cookie);
+    record_handshake(ctx, cookie, LOAD_FROM_SYN);
     if LB_TARGET.update(&mut cookie, ops(ctx), u64::from(BPF_ANY)).is_err() {
         let _ = LB_SETUP_MISS.insert(cookie, 1, u64::from(BPF_ANY));
         count(false);
@@ -172,7 +187,7 @@ fn connected(ctx: &SockOpsContext) {
     if side != SIDE_SERVER || setup != SETUP_PENDING {
         return;
     }
-    record_peer_ts(ctx, cookie);
+    record_handshake(ctx, cookie, 0);
     let ip = local_ip(ctx);
     let port = ctx.local_port() as u16;
     // SAFETY: as above.

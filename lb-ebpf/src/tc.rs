@@ -11,12 +11,11 @@
 //! incrementally. It then goes on up this host's stack (loopback: the
 //! other connection's socket is local).
 //!
-//! Before the join (`WATCH`) packets go to lb's sockets untouched; the
-//! program only records each peer's TSval. In the moment of the join
-//! (`HOLD`), packets that carry bytes or a FIN are dropped, so lb's sockets
-//! take nothing new while lb finishes what they hold; their senders send
-//! them again after the join. Bare ACKs and resets go to lb's sockets
-//! untouched.
+//! Nothing is ever dropped to make the join: bytes that reached lb's
+//! sockets before it are delivered by them (their "custody"). While a
+//! direction's custody may be pending, a FIN or reset of its sender would
+//! overtake those bytes: the program holds it back and records it, and lb
+//! forwards it once its sockets have delivered.
 //!
 //! The program follows the end: both FINs, or a reset, are reported once
 //! to the slot's holder (`LB_PACKET_ENDS`). A SYN on a flow's addresses is
@@ -29,7 +28,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    packet::{END_FIN, END_RST, Flow, FlowKey, HOLD, JOINED, PacketCounters, PacketEnd},
+    packet::{END_FIN, END_RST, Flow, FlowKey, JOINED, PacketCounters, PacketEnd},
     stats::COUNTERS_KEY,
 };
 
@@ -210,25 +209,28 @@ fn try_packet(ctx: &TcContext) -> Result<i32, i32> {
     let (ts, sack, sack_n) = launder(options(ctx, t, hlen));
     let headers = (ETH_LEN + ihl + hlen) as u64;
     let tcp = Tcp { at: t, flags, payload: u64::from(ctx.len()).saturating_sub(headers), ts, sack, sack_n };
-    if ts != 0
-        && let Some(v) = read::<u32>(ctx, ts)
-    {
-        // SAFETY: map value pointer valid for the program's run.
-        unsafe { (*flow).ts_last = u32::from_be(v) };
-    }
     // SAFETY: map value pointer valid for the program's run.
-    let state = unsafe { (*flow).state };
-    if state == HOLD {
-        if tcp.payload > 0 || flags & FIN != 0 {
-            // SAFETY: as above.
-            unsafe { (*flow).held += 1 };
-            count(|c| c.held += 1);
-            return Err(TC_ACT_SHOT);
-        }
+    if unsafe { (*flow).state } != JOINED {
         return Ok(PASS);
     }
-    if state != JOINED {
-        return Ok(PASS);
+    if flags & ACK != 0
+        && let Some(ack) = read::<u32>(ctx, t + 8)
+    {
+        let ack = u32::from_be(ack);
+        // SAFETY: as above; a lost race between two CPUs keeps an older
+        // value, which only makes lb wait a packet longer.
+        unsafe {
+            if (*flow).ack_seen == 0 || (ack.wrapping_sub((*flow).ack_seen) as i32) > 0 {
+                (*flow).ack_seen = ack;
+            }
+        }
+    }
+    // SAFETY: as above.
+    if flags & (FIN | RST) != 0 && unsafe { (*flow).custody } != 0 {
+        // SAFETY: as above.
+        unsafe { (*flow).deferred |= if flags & RST != 0 { 2 } else { 1 } };
+        count(|c| c.deferred += 1);
+        return Err(TC_ACT_SHOT);
     }
     // SAFETY: map value pointer valid for the program's run; copied out
     // once, so the rewrite reads a consistent view.

@@ -465,7 +465,7 @@ fn kernel_counters(lb: &Lb) -> Counts {
         packet: s["packet"].is_object(),
         rewritten: s["packet"]["rewritten"].as_u64().unwrap_or(0),
         joined: s["totals"]["packet_joined"].as_u64().unwrap_or(0),
-        kept: ["timestamps", "mss", "closed", "timeout", "map"]
+        kept: ["timestamps", "mss", "closed", "busy", "map"]
             .iter()
             .map(|r| s["totals"][format!("packet_kept_{r}")].as_u64().unwrap_or(0))
             .sum(),
@@ -518,7 +518,7 @@ impl KernelProof {
             );
             assert!(joined == 0 || rewritten > 0, "{test}: {joined} joined, but no packet rewritten");
             let s = lb.pinned_stats();
-            let reasons: Vec<String> = ["timestamps", "mss", "closed", "timeout", "map"]
+            let reasons: Vec<String> = ["timestamps", "mss", "closed", "busy", "map"]
                 .iter()
                 .map(|r| format!("{r} {}", s["totals"][format!("packet_kept_{r}")]))
                 .collect();

@@ -438,13 +438,12 @@ impl JoinJob {
             route: [held.frontend, held.backend],
         };
         match super::join::join(&self.packet.flows, &j).await {
-            Ok(()) => {
+            Ok(super::join::Joined::Carried) => {
                 // Both sockets are in repair mode: closed without a sound.
-                drop(socks);
+                // No socket holds the source port then: lb keeps it booked.
+                guard.joined(held.source.port(), move || drop(socks));
                 self.maps.lock().unwrap_or_else(|e| e.into_inner()).forget_records(held.cookies);
                 self.stats.packet_joined.fetch_add(1, Relaxed);
-                // No socket holds the source port now: lb keeps it booked.
-                guard.joined(held.source.port());
                 held.packet = Some(local);
                 if let Err((guard, e)) = self.link.hold_joined(held, guard) {
                     // The connection carries on in the kernel, uncounted.
@@ -465,7 +464,7 @@ impl JoinJob {
             Kept::Timestamps => &s.packet_kept_timestamps,
             Kept::Mss => &s.packet_kept_mss,
             Kept::Closed => &s.packet_kept_closed,
-            Kept::Timeout => &s.packet_kept_timeout,
+            Kept::Busy => &s.packet_kept_busy,
             Kept::Map => &s.packet_kept_map,
         }
         .fetch_add(1, Relaxed);

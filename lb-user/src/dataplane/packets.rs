@@ -114,7 +114,7 @@ impl Packets {
 
 /// The slot's joined connections in the map, as tracked and as held
 /// (for the worker's count), and the keys of those already ended.
-fn found(flows: &FlowMaps, slot: u16) -> (Vec<(Tracked, Held)>, Vec<[FlowKey; 2]>) {
+fn found(flows: &FlowMaps, slot: u16) -> (Vec<(Tracked, Held)>, Vec<(u64, [FlowKey; 2])>) {
     let (mut live, mut ended) = (Vec::new(), Vec::new());
     for (key, f) in flows.all() {
         if f.slot != slot || f.client == 0 {
@@ -122,7 +122,7 @@ fn found(flows: &FlowMaps, slot: u16) -> (Vec<(Tracked, Held)>, Vec<[FlowKey; 2]
         }
         let keys = [key, f.reverse_key()];
         if f.ended != 0 {
-            ended.push(keys);
+            ended.push((f.id, keys));
             continue;
         }
         let held = Held {
@@ -147,8 +147,8 @@ fn found(flows: &FlowMaps, slot: u16) -> (Vec<(Tracked, Held)>, Vec<[FlowKey; 2]
 struct Table {
     conns: HashMap<u64, (Tracked, Instant)>,
     idle_due: BinaryHeap<Reverse<(Instant, u64)>>,
-    /// Flows to remove, by when.
-    linger: BinaryHeap<Reverse<(Instant, [FlowKey; 2])>>,
+    /// Flows to remove (a connection's id and keys), by when.
+    linger: BinaryHeap<Reverse<(Instant, u64, [FlowKey; 2])>>,
     early: HashMap<u64, (PacketEnd, Instant)>,
 }
 
@@ -157,18 +157,18 @@ fn run(
     mut flows: FlowMaps,
     mut ring: RingBuf<MapData>,
     idle: Duration,
-    ended: Vec<[FlowKey; 2]>,
+    ended: Vec<(u64, [FlowKey; 2])>,
     mut report: impl Report,
 ) {
     let mut t = Table {
         conns: HashMap::new(),
         idle_due: BinaryHeap::new(),
-        linger: ended.into_iter().map(|k| Reverse((Instant::now() + LINGER_FIN, k))).collect(),
+        linger: ended.into_iter().map(|(id, k)| Reverse((Instant::now() + LINGER_FIN, id, k))).collect(),
         early: HashMap::new(),
     };
     loop {
         let now = Instant::now();
-        let due = [t.idle_due.peek().map(|Reverse((d, _))| *d), t.linger.peek().map(|Reverse((d, _))| *d)]
+        let due = [t.idle_due.peek().map(|Reverse((d, _))| *d), t.linger.peek().map(|Reverse((d, _, _))| *d)]
             .into_iter()
             .flatten()
             .fold(now + Duration::from_secs(1), Instant::min);
@@ -200,10 +200,10 @@ fn run(
             }
         }
         idle_looks(&mut t, &flows, idle, now, &mut report);
-        let mut gone = Vec::new();
-        while t.linger.peek().is_some_and(|Reverse((d, _))| *d <= now) {
-            if let Some(Reverse((_, keys))) = t.linger.pop() {
-                gone.extend(keys);
+        let mut gone: Vec<(u64, [FlowKey; 2])> = Vec::new();
+        while t.linger.peek().is_some_and(|Reverse((d, _, _))| *d <= now) {
+            if let Some(Reverse((_, id, keys))) = t.linger.pop() {
+                gone.push((id, keys));
             }
         }
         t.early.retain(|_, (_, at)| at.elapsed() < EARLY_KEEP);
@@ -212,10 +212,10 @@ fn run(
             STOP => {
                 for (id, (c, _)) in t.conns.drain() {
                     report.closed(Closed { id, bytes: bytes(&flows, &c.keys), how: Ending::Shutdown });
-                    gone.extend(c.keys);
+                    gone.push((id, c.keys));
                 }
-                gone.extend(t.linger.drain().flat_map(|Reverse((_, k))| k));
-                flows.remove(&gone);
+                gone.extend(t.linger.drain().map(|Reverse((_, id, k))| (id, k)));
+                remove(&mut flows, &gone);
                 report.flush();
                 return;
             }
@@ -226,8 +226,15 @@ fn run(
                 return;
             }
         }
-        flows.remove(&gone);
+        remove(&mut flows, &gone);
         report.flush();
+    }
+}
+
+/// Removes ended connections' flows (only those still theirs).
+fn remove(flows: &mut FlowMaps, gone: &[(u64, [FlowKey; 2])]) {
+    for (id, keys) in gone {
+        flows.remove_of(*id, keys);
     }
 }
 
@@ -236,7 +243,7 @@ fn ended_now(t: &mut Table, report: &mut impl Report, c: Tracked, ev: &PacketEnd
     let how = if ev.how == END_RST { Ending::Rst } else { Ending::Fin };
     report.closed(Closed { id: c.id, bytes: ev.bytes, how });
     let after = if how == Ending::Rst { Duration::ZERO } else { LINGER_FIN };
-    t.linger.push(Reverse((now + after, c.keys)));
+    t.linger.push(Reverse((now + after, c.id, c.keys)));
 }
 
 /// Bytes each way, from the flows as they stand.
@@ -264,7 +271,7 @@ fn idle_looks(t: &mut Table, flows: &FlowMaps, idle: Duration, now: Instant, rep
         if ended {
             t.conns.remove(&id);
             report.closed(Closed { id, bytes: b, how: Ending::Fin });
-            t.linger.push(Reverse((now + LINGER_FIN, c.keys)));
+            t.linger.push(Reverse((now + LINGER_FIN, id, c.keys)));
             continue;
         }
         let quiet = Duration::from_nanos(now_ns.saturating_sub(last));
@@ -272,7 +279,7 @@ fn idle_looks(t: &mut Table, flows: &FlowMaps, idle: Duration, now: Instant, rep
             log::debug!("packet plane: connection {id} idle for more than {idle:?}; its flows are removed");
             t.conns.remove(&id);
             report.closed(Closed { id, bytes: b, how: Ending::Idle });
-            t.linger.push(Reverse((now, c.keys)));
+            t.linger.push(Reverse((now, id, c.keys)));
             continue;
         }
         let next = now + (idle - quiet).max(Duration::from_millis(1));

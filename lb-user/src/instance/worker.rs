@@ -121,7 +121,7 @@ fn adopt(live: Vec<Held>, link: &Link, shared: &Shared, permits: &[Option<Arc<Se
         let age = Duration::from_nanos(now.saturating_sub(h.start_ns));
         let mut guard = ConnGuard::adopted(shared.stats.clone(), permits, h.client, shared.access_log, age, server);
         if h.packet.is_some() {
-            guard.joined(h.source.port());
+            guard.joined(h.source.port(), || {});
         }
         link.adopt(h.id, guard);
     }
@@ -209,6 +209,11 @@ async fn serve(
         socket2::SockRef::from(&l).set_tcp_nodelay(true)?;
         // Their send buffer too (`send_buffer`).
         crate::kernel::sys::set_send_buffer(&l, cfg.send_buffer);
+        if f.splice == crate::config::Splice::Packet && spec.kind == dataplane::Kind::Kernel {
+            // Clients keep their SYN, where `lb_setup` reads the MSS each
+            // announced (the packet plane joins only what fits).
+            crate::kernel::sys::set_save_syn(&l)?;
+        }
         let addr = l.local_addr()?;
         let l = crate::kernel::sys::async_listener(l)?;
         log::info!(

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use aya::maps::{ArrayOfMaps, HashMap, MapData, PerCpuArray, RingBuf};
 use lb_common::{
-    maps::{FLOWS, PACKET_COUNTERS, PACKET_ENDS, PACKET_ENDS_RING_BYTES, PEER_TS},
-    packet::{Flow, FlowKey, PacketCounters},
+    maps::{FLOWS, HANDSHAKE, PACKET_COUNTERS, PACKET_ENDS, PACKET_ENDS_RING_BYTES},
+    packet::{Flow, FlowKey, Handshake, PacketCounters},
     stats::COUNTERS_KEY,
 };
 
@@ -15,20 +15,25 @@ use super::{KernelError, maps::open};
 /// `LB_FLOWS`, and the handshakes' TSvals `lb_setup` recorded.
 pub struct FlowMaps {
     flows: HashMap<MapData, FlowKey, Flow>,
-    peer_ts: HashMap<MapData, u64, u32>,
+    handshakes: HashMap<MapData, u64, Handshake>,
 }
 
 impl FlowMaps {
     pub fn open(pin_path: &Path) -> Result<Self, KernelError> {
-        Ok(Self { flows: open(pin_path, FLOWS)?, peer_ts: open(pin_path, PEER_TS)? })
+        Ok(Self { flows: open(pin_path, FLOWS)?, handshakes: open(pin_path, HANDSHAKE)? })
     }
 
-    /// The TSval of the packet that completed the handshake of the socket
-    /// with `cookie` (its peer's), if `lb_setup` recorded it; removed.
-    pub fn take_peer_ts(&mut self, cookie: u64) -> Option<u32> {
-        let ts = self.peer_ts.get(&cookie, 0).ok()?;
-        let _ = self.peer_ts.remove(&cookie);
-        Some(ts)
+    /// The handshake of the socket with `cookie`, if `lb_setup` recorded
+    /// it; removed.
+    pub fn take_handshake(&mut self, cookie: u64) -> Option<Handshake> {
+        let h = self.handshakes.get(&cookie, 0).ok()?;
+        let _ = self.handshakes.remove(&cookie);
+        Some(h)
+    }
+
+    /// Writes one direction.
+    pub fn put_one(&mut self, key: FlowKey, flow: Flow) -> Result<(), KernelError> {
+        self.flows.insert(key, flow, 0).map_err(|source| KernelError::Map { name: FLOWS, source })
     }
 
     fn fd(&self) -> &aya::maps::MapFd {
@@ -57,6 +62,15 @@ impl FlowMaps {
     /// How many flows there are (two per joined connection).
     pub fn len(&self) -> u64 {
         self.flows.keys().filter(Result::is_ok).count() as u64
+    }
+
+    /// Removes the flows of connection `id` under `keys`, in one `bpf()`,
+    /// leaving any key that names another connection by now: a new
+    /// connection that reused the addresses (a client port, lb's source
+    /// port) while the old one's flows lingered has its own under them.
+    pub fn remove_of(&mut self, id: u64, keys: &[FlowKey]) {
+        let mine: Vec<FlowKey> = keys.iter().filter(|k| self.get(k).is_some_and(|f| f.id == id)).copied().collect();
+        self.remove(&mine);
     }
 
     /// Every flow (client and server direction alike).

@@ -123,27 +123,52 @@ pub fn tcp_bytes_received(s: &impl AsRawFd) -> io::Result<u64> {
     Ok(tcp_info(s)?.tcpi_bytes_received)
 }
 
-/// What the packet plane needs of one of lb's sockets to join its
-/// connection to another: read in repair mode ([`set_repair`]), once lb
-/// has moved everything the socket held.
+/// What the packet plane's join reads of one of lb's sockets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct JoinState {
-    /// The next sequence number it sends (`write_seq`: everything before
-    /// it is sent and, once drained, acknowledged).
-    pub snd_nxt: u32,
-    /// The next sequence number it expects from its peer.
-    pub rcv_nxt: u32,
-    /// Its current TSval (`TCP_TIMESTAMP`): where its timestamps stand.
-    pub tsval: u32,
+pub struct JoinInfo {
+    /// `tcpi_state` (`TCP_ESTABLISHED` is 1).
+    pub state: u8,
     /// `tcpi_options`: `TCPI_OPT_*`.
     pub options: u8,
     /// Scale of the peer's windows (`tcpi_snd_wscale`), of its own
     /// (`tcpi_rcv_wscale`); 0 without window scaling.
     pub snd_wscale: u8,
     pub rcv_wscale: u8,
-    /// The MSS it advertised, and the one its peer advertised (`mss_clamp`).
+    /// The MSS it advertised.
     pub advmss: u32,
-    pub peer_mss: u32,
+}
+
+/// The socket's [`JoinInfo`].
+pub fn join_info(s: &impl AsRawFd) -> io::Result<JoinInfo> {
+    let i = tcp_info(s)?;
+    let wscale = i.tcpi_snd_rcv_wscale;
+    let scaled = i.tcpi_options & TCPI_OPT_WSCALE != 0;
+    Ok(JoinInfo {
+        state: i.tcpi_state,
+        options: i.tcpi_options,
+        snd_wscale: if scaled { wscale & 0x0f } else { 0 },
+        rcv_wscale: if scaled { wscale >> 4 } else { 0 },
+        advmss: i.tcpi_advmss,
+    })
+}
+
+/// `TCP_SAVE_SYN` on a listener: each socket it accepts keeps its client's
+/// SYN (headers and options) until it is read or the socket closed.
+pub fn set_save_syn(l: &impl AsRawFd) -> io::Result<()> {
+    setsockopt(l, libc::IPPROTO_TCP, libc::TCP_SAVE_SYN, &1 as &libc::c_int)
+}
+
+/// The socket's current TSval (`TCP_TIMESTAMP`).
+pub fn tcp_timestamp(s: &impl AsRawFd) -> io::Result<u32> {
+    getsockopt::<u32>(s, libc::IPPROTO_TCP, libc::TCP_TIMESTAMP)
+}
+
+/// Bytes the socket holds to send: not acknowledged yet, sent or not (`SIOCOUTQ`).
+pub fn tcp_queued(s: &impl AsRawFd) -> io::Result<u64> {
+    let mut outq: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int to the pointer.
+    check(unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut outq) })?;
+    Ok(outq.max(0) as u64)
 }
 
 /// `tcpi_options` bits.
@@ -152,56 +177,20 @@ pub const TCPI_OPT_SACK: u8 = 2;
 pub const TCPI_OPT_WSCALE: u8 = 4;
 pub const TCPI_OPT_USEC_TS: u8 = 64;
 
-/// `TCP_REPAIR_OFF_NO_WP`: leave repair mode without the window probe.
-const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
-const TCP_RECV_QUEUE: libc::c_int = 1;
-const TCP_SEND_QUEUE: libc::c_int = 2;
-
-/// Repair mode on or off (`CAP_NET_ADMIN`). A socket closed in repair mode
-/// sends nothing, neither FIN nor RST: the peer keeps its connection. Off
-/// with `probe`, the kernel sends a window probe (a segment below the
-/// peer's window), which the peer answers at once with an ACK.
-pub fn set_repair(s: &impl AsRawFd, on: bool, probe: bool) -> io::Result<()> {
-    let v: libc::c_int = match (on, probe) {
-        (true, _) => 1,
-        (false, true) => 0,
-        (false, false) => TCP_REPAIR_OFF_NO_WP,
-    };
+/// Repair mode on (`CAP_NET_ADMIN`): a socket closed in repair mode sends
+/// nothing, neither FIN nor RST, and the peer keeps its connection.
+pub fn set_repair(s: &impl AsRawFd, on: bool) -> io::Result<()> {
+    let v: libc::c_int = i32::from(on);
     setsockopt(s, libc::IPPROTO_TCP, libc::TCP_REPAIR, &v)
 }
 
-/// The socket's [`JoinState`]; it must be in repair mode.
-pub fn join_state(s: &impl AsRawFd) -> io::Result<JoinState> {
-    let queue_seq = |q: libc::c_int| -> io::Result<u32> {
-        setsockopt(s, libc::IPPROTO_TCP, libc::TCP_REPAIR_QUEUE, &q)?;
-        getsockopt::<u32>(s, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ)
-    };
-    let snd_nxt = queue_seq(TCP_SEND_QUEUE)?;
-    let rcv_nxt = queue_seq(TCP_RECV_QUEUE)?;
-    let info = tcp_info(s)?;
-    let tsval = if info.tcpi_options & TCPI_OPT_TIMESTAMPS != 0 {
-        getsockopt::<u32>(s, libc::IPPROTO_TCP, libc::TCP_TIMESTAMP)?
-    } else {
-        0
-    };
-    // In repair mode TCP_MAXSEG is the MSS the peer advertised.
-    let peer_mss = getsockopt::<libc::c_int>(s, libc::IPPROTO_TCP, libc::TCP_MAXSEG)?.max(0) as u32;
-    let wscale = info.tcpi_snd_rcv_wscale;
-    Ok(JoinState {
-        snd_nxt,
-        rcv_nxt,
-        tsval,
-        options: info.tcpi_options,
-        snd_wscale: wscale & 0x0f,
-        rcv_wscale: wscale >> 4,
-        advmss: info.tcpi_advmss,
-        peer_mss,
-    })
-}
-
-/// `tcpi_options` of a TCP socket: which options its handshake agreed.
-pub fn join_options(s: &impl AsRawFd) -> io::Result<u8> {
-    Ok(tcp_info(s)?.tcpi_options)
+/// Makes the socket send a window probe (a segment just below its peer's
+/// window, which the peer answers with an ACK): into repair mode and out
+/// of it again (`tcp_send_window_probe`). Only while nothing is being
+/// sent on it: a send in repair mode fails.
+pub fn window_probe(s: &impl AsRawFd) -> io::Result<()> {
+    set_repair(s, true)?;
+    set_repair(s, false)
 }
 
 /// Makes `server` (not connected yet) look to its peer like `client`'s

@@ -113,11 +113,18 @@ impl ConnGuard {
         self.server = Some((server, pair));
     }
     /// The connection was joined on the packet plane: its source `port`
-    /// stays booked in its pair (no socket holds it) until it ends.
-    pub fn joined(&mut self, port: u16) {
-        if let Some((_, p)) = &self.server {
-            p.ports.lock().unwrap_or_else(|e| e.into_inner()).join(port);
-            self.joined_port = Some(port);
+    /// stays booked in its pair until it ends, and `close` (lb's sockets
+    /// of it) runs under the pair's port book, so that no connect can take
+    /// the port between the close and the booking (see `proxy::connect`).
+    pub fn joined(&mut self, port: u16, close: impl FnOnce()) {
+        match &self.server {
+            Some((_, p)) => {
+                let mut book = p.ports.lock().unwrap_or_else(|e| e.into_inner());
+                book.join(port);
+                close();
+                self.joined_port = Some(port);
+            }
+            None => close(),
         }
     }
     /// Bytes moved by a connection (client->server, server->client): the

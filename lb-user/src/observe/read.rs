@@ -104,8 +104,8 @@ pub struct PacketRow {
     pub bytes: u64,
     /// SACK blocks translated.
     pub sack_blocks: u64,
-    /// Packets dropped while connections were being joined (sent again by their senders).
-    pub held: u64,
+    /// FINs and resets held back until lb's sockets delivered what came before.
+    pub deferred: u64,
     /// Joined connections that ended, and ends the program could not report.
     pub ended: u64,
     pub ends_lost: u64,
@@ -211,7 +211,7 @@ pub fn read_from(maps: &PinnedMaps, meta: &Meta) -> Result<Report, KernelError> 
             rewritten: c.rewritten,
             bytes: c.bytes,
             sack_blocks: c.sack_blocks,
-            held: c.held,
+            deferred: c.deferred,
             ended: c.ended,
             ends_lost: c.ends_lost,
             syn_reuse: c.syn_reuse,

@@ -33,9 +33,9 @@ pub fn stats(r: &Report) -> String {
     }
     if let Some(p) = &r.packet {
         o.push_str(&format!(
-            "packet plane: flows {}   rewritten {}   bytes {}   sack blocks {}   held {}   ended {}   ends lost {}   \
+            "packet plane: flows {}   rewritten {}   bytes {}   sack blocks {}   deferred {}   ended {}   ends lost {}   \
              syn reuse {}\n",
-            p.flows, p.rewritten, p.bytes, p.sack_blocks, p.held, p.ended, p.ends_lost, p.syn_reuse
+            p.flows, p.rewritten, p.bytes, p.sack_blocks, p.deferred, p.ended, p.ends_lost, p.syn_reuse
         ));
     }
     if let Some(g) = &r.guard {

@@ -213,14 +213,14 @@ fn socket_for(server: &ServerState, pair: &PairState, shared: &Shared, port: Opt
     let addr = server.cfg.addr.0;
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)?;
     if let Some(port) = port {
-        // Several sockets share a port toward different servers.
-        sock.set_reuse_address(true)?;
-        let ip = pair.source.unwrap_or(if addr.is_ipv4() {
-            IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
-        } else {
-            IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
-        });
-        sock.bind(&SockAddr::from(SocketAddr::new(ip, port)))?;
+        // The kernel's own way to a port (bound at connect, shared with
+        // every other socket bound that way, unique per 4-tuple), confined
+        // to the one port lb chose: a range of one.
+        if let Some(src) = pair.source {
+            sys::set_bind_address_no_port(&sock)?;
+            sock.bind(&SockAddr::from(SocketAddr::new(src, 0)))?;
+        }
+        sys::set_local_port_range(&sock, port, port)?;
         sys::set_send_buffer(&sock, shared.send_buffer);
         return Ok(sock);
     }
@@ -254,22 +254,17 @@ async fn connect_server(
 ) -> Result<(TcpStream, Arc<PairState>, Option<Prepared>), ConnectError> {
     for pair in server.source_order() {
         // lb's own ports (packet plane): a few of the pair's, in turn; the
-        // kernel's choice otherwise (one attempt, `None`).
-        let ports: Vec<Option<u16>> = match shared.own_ports {
-            Some(share) => {
-                let range = share.of(server.port_range.unwrap_or(share.system));
-                let mut book = pair.ports.lock().unwrap_or_else(|e| e.into_inner());
-                book.candidates(range, PORT_TRIES).into_iter().map(Some).collect()
-            }
-            None => vec![None],
-        };
-        for port in ports {
-            match attempt(server, &pair, shared, (client, client_sock, frontend), port).await {
+        // kernel's choice otherwise (one attempt).
+        let own = shared.own_ports.map(|share| share.of(server.port_range.unwrap_or(share.system)));
+        let tries = if own.is_some() { PORT_TRIES } else { 1 };
+        for _ in 0..tries {
+            match attempt(server, &pair, shared, (client, client_sock, frontend), own).await {
                 Ok((s, prepared)) => return Ok((s, pair, prepared)),
                 // This port (or, with the kernel's choice, every port) of
                 // the pair is in use toward this server: connect() says
                 // EADDRNOTAVAIL; a bind() that had to pick a port, EADDRINUSE.
                 Err(ConnectError::Io(e)) if matches!(e.raw_os_error(), Some(libc::EADDRNOTAVAIL | libc::EADDRINUSE)) => {}
+                Err(ConnectError::NoPort) => break,
                 Err(e) => return Err(e),
             }
         }
@@ -279,37 +274,56 @@ async fn connect_server(
     Err(ConnectError::NoPort)
 }
 
-/// One connect to `server` from `pair` (and `port`, if lb chooses it).
+/// One connect to `server` from `pair`; from a port lb chooses in `own`
+/// (its share of the range), or one the kernel chooses.
+///
+/// lb's choice, the socket and the `connect()` call are made under the
+/// pair's port book: a joined connection books its port and closes its
+/// socket under the same lock (see `ConnGuard::joined`), so a port is
+/// always held by a socket, or booked, or free, never between the two
+/// while a connect takes it.
 async fn attempt(
     server: &ServerState,
     pair: &Arc<PairState>,
     shared: &Shared,
     (client, client_sock, frontend): (ClientAddr, &std::net::TcpStream, u16),
-    port: Option<u16>,
+    own: Option<(u16, u16)>,
 ) -> Result<(TcpStream, Option<Prepared>), ConnectError> {
     let timeout = shared.connect_timeout;
-    let sock = match socket_for(server, pair, shared, port) {
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) => {
-            return Err(ConnectError::Local(e));
-        }
-        Err(e) => return Err(ConnectError::Io(e)),
-        Ok(sock) => sock,
+    let addr = server.cfg.addr.0;
+    let started = {
+        let mut book = own.map(|_| pair.ports.lock().unwrap_or_else(|e| e.into_inner()));
+        let port = match (&mut book, own) {
+            (Some(b), Some(range)) => Some(b.next_free(range).ok_or(ConnectError::NoPort)?),
+            _ => None,
+        };
+        let sock = match socket_for(server, pair, shared, port) {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) => {
+                return Err(ConnectError::Local(e));
+            }
+            Err(e) => return Err(ConnectError::Io(e)),
+            Ok(sock) => sock,
+        };
+        // Counted from the attempt on, so concurrent connects spread out
+        // instead of all picking the same least-used address.
+        pair.in_use.fetch_add(1, Relaxed);
+        let pre = PreConnect {
+            client: client_sock,
+            server: &sock,
+            client_addr: client.0,
+            server_addr: addr,
+            source: pair.source,
+            frontend,
+        };
+        let prepared = shared.dataplane.before_connect(&pre);
+        start_connect(&sock, addr).map(|()| (sock, prepared))
     };
-    // Counted from the attempt on, so concurrent connects spread out
-    // instead of all picking the same least-used address.
-    pair.in_use.fetch_add(1, Relaxed);
-    let pre = PreConnect {
-        client: client_sock,
-        server: &sock,
-        client_addr: client.0,
-        server_addr: server.cfg.addr.0,
-        source: pair.source,
-        frontend,
-    };
-    let prepared = shared.dataplane.before_connect(&pre);
-    let r = match tokio::time::timeout(timeout, connect(sock, server.cfg.addr.0)).await {
-        Ok(r) => r.map(|s| (s, prepared)),
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}"))),
+    let r = match started {
+        Ok((sock, prepared)) => match tokio::time::timeout(timeout, connected(sock)).await {
+            Ok(r) => r.map(|s| (s, prepared)),
+            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}"))),
+        },
+        Err(e) => Err(e),
     };
     if r.is_err() {
         pair.in_use.fetch_sub(1, Relaxed);
@@ -317,16 +331,20 @@ async fn attempt(
     r.map_err(ConnectError::Io)
 }
 
-/// Connects the non-blocking `sock` to `addr`. The connect's outcome comes
-/// with the socket's first readiness: write space alone means connected,
-/// an error or a closed write side means it failed (only then is the
-/// reason read), so a success costs no `SO_ERROR` read.
-async fn connect(sock: Socket, addr: SocketAddr) -> io::Result<TcpStream> {
+/// Starts connecting the non-blocking `sock` to `addr`.
+fn start_connect(sock: &Socket, addr: SocketAddr) -> io::Result<()> {
     match sock.connect(&SockAddr::from(addr)) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(e) => return Err(e),
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(()),
+        Err(e) => Err(e),
     }
+}
+
+/// Waits for the connect [`start_connect`] began. The outcome comes with
+/// the socket's first readiness: write space alone means connected, an
+/// error or a closed write side means it failed (only then is the reason
+/// read), so a success costs no `SO_ERROR` read.
+async fn connected(sock: Socket) -> io::Result<TcpStream> {
     let stream = TcpStream::from_std(std::net::TcpStream::from(sock))?;
     let ready = stream.ready(Interest::WRITABLE | Interest::ERROR).await?;
     if ready.is_error() || ready.is_write_closed() {

@@ -44,22 +44,18 @@ pub struct PortBook {
 }
 
 impl PortBook {
-    /// The next `n` ports of `range` (inclusive) to try, after the last
-    /// one handed out, none of them a joined connection's.
-    pub fn candidates(&mut self, (lo, hi): (u16, u16), n: usize) -> Vec<u16> {
+    /// The next port of `range` (inclusive) after the last one handed out
+    /// that no joined connection has; `None` if all of them have one.
+    pub fn next_free(&mut self, (lo, hi): (u16, u16)) -> Option<u16> {
         let span = u32::from(hi.saturating_sub(lo)) + 1;
-        let mut out = Vec::with_capacity(n);
         for _ in 0..span {
-            if out.len() == n {
-                break;
-            }
             let port = lo + (self.next % span) as u16;
             self.next = self.next.wrapping_add(1);
             if !self.joined.contains(&port) {
-                out.push(port);
+                return Some(port);
             }
         }
-        out
+        None
     }
     /// `port` belongs to a joined connection from now on.
     pub fn join(&mut self, port: u16) {
