@@ -15,10 +15,13 @@ use crate::{
     servers::command::Command,
 };
 
+/// `lb --version`: the release and the eBPF object built into it.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (eBPF object sha256 ", env!("LB_EBPF_SHA256"), ")");
+
 /// A TCP load balancer for very many long-lived connections: bytes between
 /// client and server are spliced inside the kernel with eBPF sockmap.
 #[derive(Debug, Parser)]
-#[command(name = "lb", version, about, long_about = None)]
+#[command(name = "lb", version = VERSION, about, long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Cmd,
