@@ -317,7 +317,7 @@ pub async fn take_over() -> anyhow::Result<()> {
             other => bail!("unexpected from the old instance: {other:?}"),
         }
     }
-    let (mut owner, ctl) = Owner::adopted(&sup.cfg, sup.spec.kind, objects).await;
+    let (mut owner, ctl) = Owner::adopted(&sup.cfg, sup.spec.kind, &sup.spec.listen, objects).await;
     // Under systemd (Type=notify, NotifyAccess=all) this process becomes the service's main one.
     let main = [sd_notify::NotifyState::MainPid(std::process::id()), sd_notify::NotifyState::Ready];
     if let Err(e) = sd_notify::notify(&main) {
@@ -344,21 +344,16 @@ fn prepare(first: &str) -> anyhow::Result<(Supervisor, (Objects, crate::kernel::
     if cfg.frontends.len() != spec.listen.len() {
         bail!("{} listen addresses for {} frontends", spec.listen.len(), cfg.frontends.len());
     }
+    // The maps on disk say what they are: the metadata records the layout
+    // of the binary that made them. Checked before this binary's programs
+    // are loaded on them.
+    let ours = super::adopt::our_layout();
+    let theirs = crate::kernel::object::Meta::read(&cfg.runtime_dir, &cfg.pin_path).map(|m| m.layout);
+    if let Some(theirs) = theirs.filter(|t| *t != ours) {
+        bail!("the running instance's maps are laid out differently (theirs: {theirs:?}; this binary: {ours:?})");
+    }
     let (objects, meta) = Objects::adopt(&cfg.runtime_dir, &cfg.pin_path)
         .map_err(|e| anyhow::anyhow!("the running instance's pins: {e}"))?;
-    // The maps on disk say what they are: the metadata records the layout
-    // of the binary that made them.
-    let mut ours = lb_common::maps::layout();
-    if let Ok(v) = std::env::var("LB_TEST_PRETEND_LAYOUT") {
-        // Test hook: this binary pretends to be built for other maps.
-        ours.push_str(&v);
-    }
-    if meta.layout != ours {
-        bail!(
-            "the running instance's maps are laid out differently (theirs: {:?}; this binary: {ours:?})",
-            meta.layout
-        );
-    }
     let kind = if meta.dataplane == "kernel" { Kind::Kernel } else { Kind::Userspace };
     let reload = Reload { path: spec.config_file.clone(), overrides: spec.overrides };
     let mut sup = Supervisor::new(cfg, reload, spec.config_text, kind, true, spec.listen);
