@@ -485,3 +485,38 @@ async fn an_upgrade_puts_the_new_binarys_programs_in_place() {
     assert!(counted.is_some(), "want the 20 new connections counted: {}", lb.pinned_stats());
     assert!(lb.stop(), "the upgraded instance did not stop");
 }
+
+/// A new binary that fails after it took a slot: its holder of that slot
+/// outlives its supervisor, and the running instance takes the slot back
+/// from it, connections included: none is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_binary_failing_after_a_slot_loses_no_connection() {
+    const CONNS: u32 = 200;
+    let be = Backend::echo().await;
+    let body = format!("workers = 2\n{}", Lb::body(&[be.addr]));
+    // The hook acts only where a new binary takes slots over.
+    let Some(lb) = start("upgrade_fail_after", &body, &[("LB_TEST_UPGRADE_FAIL_AFTER", "0")]) else { return };
+    let next = copy_of_lb(&lb);
+    let mut conns = open_checked(lb.addr, CONNS).await;
+    let (ok, _, err) = upgrade(&lb, &next).await;
+    assert!(!ok, "the upgrade succeeded despite the hook");
+    assert!(
+        err.contains("failed at slot 0") && err.contains("no connection was lost"),
+        "lb upgrade said: {err}\n{}",
+        lb.stderr()
+    );
+    assert!(testkit::alive(lb.pid), "the running instance is gone");
+    for (i, s) in conns.iter_mut().enumerate() {
+        round_trip(s, i as u32, 1).await.unwrap_or_else(|e| panic!("connection {i} after the failed upgrade: {e}"));
+    }
+    // Every slot serves new clients (none waits at a listener nobody accepts on).
+    for i in 0..40 {
+        let mut s = TcpStream::connect(lb.addr).await.unwrap();
+        round_trip(&mut s, 1000 + i, 0).await.unwrap_or_else(|e| panic!("new client {i}: {e}"));
+    }
+    let counted = retry_until(Duration::from_secs(5), || {
+        (lb.pinned_stats()["totals"]["active"].as_u64() == Some(u64::from(CONNS))).then_some(())
+    })
+    .await;
+    assert!(counted.is_some(), "want {CONNS} active after the failed upgrade: {}", lb.pinned_stats());
+}

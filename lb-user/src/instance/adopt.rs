@@ -163,10 +163,25 @@ fn why_not(meta: &Meta, cfg: &Config, holders: &[Survivor]) -> Option<String> {
     None
 }
 
-/// Starts slot `i`'s holder taking over from `old` (the earlier instance's
+/// The pid of a live process holding the lock of `spec`'s slot: a holder
+/// this supervisor did not start (a killed supervisor's, or a failed new
+/// binary's in `lb upgrade`).
+pub(super) fn holder_alive(spec: &HolderSpec) -> Option<u32> {
+    match lock::holder(&spec.lock) {
+        Some((true, Some(pid))) => Some(pid),
+        _ => None,
+    }
+}
+
+/// A holder started by [`take_holder`]: its process, pid and the
+/// connections it took over, and whether it took them from the old one
+/// (`false`: it started anew, the old one's connections are lost).
+pub(super) type Taken = ((tokio::process::Child, u32, usize), bool);
+
+/// Starts slot `i`'s holder taking over from `old` (another instance's
 /// holder of the slot). If that fails, the old holder is stopped (its
 /// connections are lost, and said so) and a holder starts anew.
-pub(super) async fn take_holder(spec: &HolderSpec, old: u32) -> anyhow::Result<(tokio::process::Child, u32, usize)> {
+pub(super) async fn take_holder(spec: &HolderSpec, old: u32) -> anyhow::Result<Taken> {
     let taking = HolderSpec { takeover: true, ..spec.clone() };
     match spawn_holder(&taking).await {
         Ok((child, pid, took)) => {
@@ -174,7 +189,7 @@ pub(super) async fn take_holder(spec: &HolderSpec, old: u32) -> anyhow::Result<(
                 "slot {}: took over {took} spliced connection(s) from the earlier holder (pid {old})",
                 spec.index
             );
-            Ok((child, pid, took))
+            Ok(((child, pid, took), true))
         }
         Err(e) => {
             log::error!(
@@ -183,7 +198,7 @@ pub(super) async fn take_holder(spec: &HolderSpec, old: u32) -> anyhow::Result<(
                 spec.index
             );
             stop_holders(&[Survivor { slot: spec.index, pid: old, lock: spec.lock.clone() }]);
-            spawn_holder(spec).await
+            Ok((spawn_holder(spec).await?, false))
         }
     }
 }

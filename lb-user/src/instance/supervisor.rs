@@ -276,7 +276,7 @@ async fn start_slots(
 ) -> anyhow::Result<Ready> {
     for i in 0..sup.holders.len() {
         let (child, pid, _) = match earlier.and_then(|e| e.holder_of(i)) {
-            Some(old) => super::adopt::take_holder(&sup.holders[i].0, old).await?,
+            Some(old) => super::adopt::take_holder(&sup.holders[i].0, old).await?.0,
             None => spawn_holder(&sup.holders[i].0).await?,
         };
         sup.holders[i].1 = Some(pid);
