@@ -15,10 +15,13 @@ use crate::{
     servers::command::Command,
 };
 
+/// `lb --version`: the release and the eBPF object built into it.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (eBPF object sha256 ", env!("LB_EBPF_SHA256"), ")");
+
 /// A TCP load balancer for very many long-lived connections: bytes between
 /// client and server are spliced inside the kernel with eBPF sockmap.
 #[derive(Debug, Parser)]
-#[command(name = "lb", version, about, long_about = None)]
+#[command(name = "lb", version = VERSION, about, long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Cmd,
@@ -26,7 +29,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
-    /// Run the load balancer in the foreground until SIGINT or SIGTERM.
+    /// Run the load balancer in the foreground until SIGINT or SIGTERM (taking over the connections of an lb
+    /// killed at the same pin_path, whose holders still keep them).
     Run {
         /// Configuration file (TOML).
         #[arg(short, long, value_name = "FILE")]
@@ -102,6 +106,15 @@ pub enum Cmd {
         binary: Option<PathBuf>,
         #[command(flatten)]
         target: Target,
+    },
+    /// Stop the lb at a pin path: its supervisor (SIGTERM, as `systemctl stop` does), and holders that a
+    /// supervisor which died left behind with their connections (closing them); then remove pins left behind.
+    Stop {
+        /// The instance's `pin_path`.
+        #[arg(long, default_value = "/sys/fs/bpf/lb", value_name = "DIR")]
+        pin_path: PathBuf,
+        #[command(flatten)]
+        run: RunDir,
     },
     /// Internal: the supervisor of a new binary, started by `lb upgrade` (spec on stdin).
     #[command(hide = true)]
@@ -307,6 +320,10 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             control(&target, Request::Upgrade { upgrade: crate::control::UpgradeReq { binary } })
         }
         Cmd::Takeover => runtime()?.block_on(crate::instance::upgrade::take_over()),
+        Cmd::Stop { pin_path, run } => {
+            println!("{}", crate::instance::adopt::stop(&run.get(), &pin_path)?);
+            Ok(())
+        }
         Cmd::Stats { pin_path, run, json, watch } => {
             let run_dir = run.get();
             ensure_running(&run_dir, &pin_path)?;
@@ -369,6 +386,10 @@ fn load_probed(path: &std::path::Path, o: &Overrides) -> anyhow::Result<(Config,
     if let Some((true, pid)) = crate::kernel::lock::holder(&lock) {
         return Ok((cfg, text, Some(pid.unwrap_or(0))));
     }
+    // Holders whose supervisor is gone keep the listening sockets (`lb run` takes them over).
+    if let Some(h) = crate::instance::adopt::live_holders(&cfg.runtime_dir, &cfg.pin_path).first() {
+        return Ok((cfg, text, Some(h.pid)));
+    }
     let cfg = Config::parse_on(&crate::config::host::Probing, &path.display().to_string(), &text, o)?;
     Ok((cfg, text, None))
 }
@@ -377,17 +398,25 @@ fn load_probed(path: &std::path::Path, o: &Overrides) -> anyhow::Result<(Config,
 /// counts would read as a running instance's.
 fn ensure_running(run_dir: &std::path::Path, pin_path: &std::path::Path) -> anyhow::Result<()> {
     let lock = lb_common::files::run_file(run_dir, pin_path, "lock");
-    match crate::kernel::lock::holder(&lock) {
-        Some((true, _)) => Ok(()),
-        Some((false, pid)) => anyhow::bail!(
-            "lb at {} is not running (stale pins{}); `lb run` with this pin_path removes them",
-            pin_path.display(),
-            pid.map(|p| format!(" from pid {p}")).unwrap_or_default()
-        ),
-        // No lock file: nothing ran here, or an instance too old to write
-        // one; reading says which.
-        None => Ok(()),
-    }
+    let Some((false, pid)) = crate::kernel::lock::holder(&lock) else {
+        // Held: it runs. No lock file: nothing ran here, or an instance too
+        // old to write one; reading says which.
+        return Ok(());
+    };
+    let holders: Vec<u32> = crate::instance::adopt::live_holders(run_dir, pin_path).iter().map(|h| h.pid).collect();
+    anyhow::ensure!(
+        !holders.is_empty(),
+        "lb at {} is not running (stale pins{}); `lb run` with this pin_path removes them",
+        pin_path.display(),
+        pid.map(|p| format!(" from pid {p}")).unwrap_or_default()
+    );
+    eprintln!(
+        "note: the supervisor of lb at {}{} is gone; its holder(s) (pids {holders:?}) keep its spliced \
+         connections: `lb run` with its configuration takes them over, `lb stop` closes them",
+        pin_path.display(),
+        pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    );
+    Ok(())
 }
 
 #[cfg(test)]

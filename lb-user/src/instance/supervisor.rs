@@ -192,6 +192,7 @@ impl Supervisor {
                     idle: cfg.timeouts.idle,
                     splice_queue_limit: cfg.splice_queue_limit,
                     supervisor: std::process::id(),
+                    lock: lb_common::files::holder_lock(&cfg.runtime_dir, &cfg.pin_path, index),
                     takeover: false,
                 };
                 (spec, None)
@@ -223,15 +224,21 @@ impl Procs {
 }
 
 /// Runs the instance until SIGINT or SIGTERM, or until an upgrade hands it
-/// to a new binary.
+/// to a new binary. Takes over the holders of an earlier instance at the
+/// same pin path whose supervisor died, if there are any ([`super::adopt`]).
 pub async fn run(cfg: Config, reload: Reload, config_text: String, announce: bool) -> anyhow::Result<()> {
-    let (listen, _holders) = resolve_listeners(&cfg)?;
-    let (mut owner, ctl) = Owner::start(&cfg, &listen).await?;
+    let (objects, earlier) = super::adopt::look(&cfg)?.unzip();
+    let (listen, _holders) = match &earlier {
+        // The earlier holders listen there already.
+        Some(e) => (e.meta.listen.clone(), Vec::new()),
+        None => resolve_listeners(&cfg)?,
+    };
+    let (mut owner, ctl) = Owner::start(&cfg, &listen, objects).await?;
     log::info!("data plane: {}; starting {} worker(s)", owner.kind, cfg.workers);
     let kind = owner.kind;
     let mut sup = Supervisor::new(cfg, reload, config_text, kind, owner.maps(), listen);
     let mut procs = Procs::default();
-    let ready = match start_slots(&mut sup, &mut procs).await {
+    let ready = match start_slots(&mut sup, &mut procs, earlier.as_ref()).await {
         Ok(r) => r,
         Err(e) => {
             procs.stop(&sup).await;
@@ -260,10 +267,18 @@ pub async fn run(cfg: Config, reload: Reload, config_text: String, announce: boo
     r
 }
 
-/// Starts every slot's holder, then its worker; the first worker's ready line.
-async fn start_slots(sup: &mut Supervisor, procs: &mut Procs) -> anyhow::Result<Ready> {
+/// Starts every slot's holder (taking over the `earlier` instance's holder
+/// of the slot, if it lives), then its worker; the first worker's ready line.
+async fn start_slots(
+    sup: &mut Supervisor,
+    procs: &mut Procs,
+    earlier: Option<&super::adopt::Earlier>,
+) -> anyhow::Result<Ready> {
     for i in 0..sup.holders.len() {
-        let (child, pid, _) = spawn_holder(&sup.holders[i].0).await?;
+        let (child, pid, _) = match earlier.and_then(|e| e.holder_of(i)) {
+            Some(old) => super::adopt::take_holder(&sup.holders[i].0, old).await?.0,
+            None => spawn_holder(&sup.holders[i].0).await?,
+        };
         sup.holders[i].1 = Some(pid);
         procs.watch_holder(i, child);
     }

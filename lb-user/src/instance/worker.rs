@@ -69,7 +69,7 @@ const IN_FLIGHT_GRACE: Duration = Duration::from_secs(5);
 
 /// `lb worker`: reads a [`WorkerSpec`] (first line of stdin) and serves.
 pub async fn run() -> anyhow::Result<()> {
-    let (spec, mut lines) = super::child_spec("worker", |s: &WorkerSpec| s.supervisor).await?;
+    let (spec, mut lines) = super::child_spec("worker", |s: &WorkerSpec| s.supervisor, |_| false).await?;
     // Under memory pressure the kernel should pick a worker (restarted,
     // nothing lost) before a holder (its connections go with it). Raising
     // one's own score needs no privilege.

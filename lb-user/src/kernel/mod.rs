@@ -9,6 +9,7 @@ pub mod link;
 pub mod lock;
 pub mod maps;
 pub mod object;
+pub mod programs;
 pub mod sys;
 
 use std::{io, path::PathBuf};

@@ -91,6 +91,21 @@ pub struct Report {
     /// The XDP guard, when the instance runs one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guard: Option<GuardRow>,
+    /// The eBPF programs acting on new connections (kernel plane; `lb stats` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub programs: Option<ProgramsRow>,
+}
+
+/// Which eBPF programs act on new connections.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ProgramsRow {
+    /// SHA-256 of the eBPF object they come from, as recorded by the binary
+    /// that put them in place (`lb --version` names each binary's).
+    pub ebpf_sha256: String,
+    /// Kernel ids of the verdict attached to `LB_SPLICE` and of the program
+    /// in the `sock_ops` link (`bpftool prog show id N`).
+    #[serde(flatten)]
+    pub running: crate::kernel::programs::Running,
 }
 
 /// The XDP guard's counters and lists.
@@ -135,7 +150,12 @@ fn worker_seqs(maps: &PinnedMaps) -> Vec<(u32, u64)> {
 pub fn read(pin_path: &Path, run_dir: &Path) -> Result<Report, KernelError> {
     let maps = PinnedMaps::open(pin_path)?;
     let meta = Meta::read(run_dir, pin_path).unwrap_or_default();
-    read_from(&maps, &meta)
+    let mut r = read_from(&maps, &meta)?;
+    if maps.kernel {
+        let running = crate::kernel::programs::running(pin_path, &maps.conn.splice);
+        r.programs = Some(ProgramsRow { ebpf_sha256: meta.ebpf, running });
+    }
+    Ok(r)
 }
 
 /// [`read`] from maps and metadata opened earlier (the metrics endpoint

@@ -82,6 +82,15 @@ pub fn stats(r: &Report) -> String {
             c.kernel_setup_failures
         ));
     }
+    if let Some(p) = &r.programs {
+        let id = |i: Option<u32>| i.map_or_else(|| "none".to_owned(), |i| format!("id {i}"));
+        let hash = if p.ebpf_sha256.is_empty() { "unknown" } else { &p.ebpf_sha256 };
+        o.push_str(&format!(
+            "programs: eBPF object sha256 {hash}; verdict {}, sock_ops {}\n",
+            id(p.running.verdict_id),
+            id(p.running.setup_id)
+        ));
+    }
     o
 }
 

@@ -23,7 +23,10 @@ use std::{
     net::TcpStream,
     os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
     time::Duration,
 };
 
@@ -96,6 +99,10 @@ pub struct Holder {
     conf: WatchConf,
     listeners: Vec<std::net::TcpListener>,
     socket: Option<OwnedFd>,
+    /// A peer (a worker, or a new holder taking over) is being served.
+    in_session: AtomicBool,
+    /// The supervisor is gone: see [`Self::orphaned_and_done`].
+    orphaned: AtomicBool,
 }
 
 impl Holder {
@@ -116,6 +123,8 @@ impl Holder {
             conf,
             listeners,
             socket: None,
+            in_session: AtomicBool::new(false),
+            orphaned: AtomicBool::new(false),
         };
         if pin_path.is_some() {
             let w = h.start_watcher()?;
@@ -168,7 +177,10 @@ impl Holder {
             ) {
                 log::warn!("holder: send timeout: {e}");
             }
-            match self.session(&conn) {
+            self.in_session.store(true, Relaxed);
+            let r = self.session(&conn);
+            self.in_session.store(false, Relaxed);
+            match r {
                 Ok(()) => log::info!("the worker left; {} connection(s) held", self.held()),
                 Err(e) => log::warn!("worker connection ended: {e}; {} connection(s) held", self.held()),
             }
@@ -198,7 +210,8 @@ impl Holder {
         }
     }
 
-    fn held(&self) -> usize {
+    /// How many spliced connections this holder keeps.
+    pub fn held(&self) -> usize {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).live.len()
     }
 
@@ -279,6 +292,18 @@ impl Holder {
             self.state.lock().unwrap_or_else(|e| e.into_inner()).live.remove(&id);
             (e.to_string(), None)
         })
+    }
+
+    /// The supervisor is gone: from now on [`Self::orphaned_and_done`] says
+    /// when nothing is left to keep.
+    pub fn orphan(&self) {
+        self.orphaned.store(true, Relaxed);
+    }
+
+    /// Orphaned, no connection left and no peer being served (a new
+    /// holder taking over): the holder may end, closing its listeners.
+    pub fn orphaned_and_done(&self) -> bool {
+        self.orphaned.load(Relaxed) && !self.in_session.load(Relaxed) && self.held() == 0
     }
 
     /// Closes every connection held (the instance is stopping).
