@@ -197,3 +197,44 @@ async fn runs_as_non_root_with_only_the_unit_capabilities() {
     assert!(!sock.exists(), "control socket left at {}", sock.display());
 }
 
+/// The XDP guard as the service loads it: the verifier takes every path of
+/// the program (VLAN tags, IPv6 extension headers, the SYN limit) without
+/// `CAP_PERFMON`, which refuses byte loops and computed offsets into map
+/// values; and the program it attached decides as the rules say.
+#[test]
+fn guard_loads_as_non_root_with_only_the_unit_capabilities() {
+    use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+    use testkit::packet::{Ext, TPID_8021AD, TPID_8021Q, tagged, tcp_ext};
+
+    if !kernel_available("non_root_guard") {
+        return;
+    }
+    let _ns = testkit::netns::NetNs::enter("non_root_guard");
+    for args in [&["link", "add", "g0", "type", "veth", "peer", "name", "g1"][..], &["link", "set", "g0", "up"]] {
+        let out = std::process::Command::new("ip").args(args).output().expect("running ip");
+        assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
+    let mut owned = Owned(Vec::new());
+    let body = "[guard]\ninterfaces = [\"g0\"]\ndeny = [\"10.9.0.0/16\"]\nsyn_rate = 1\nsyn_burst = 1\n\
+                [[frontend]]\nname = \"f\"\nlisten = \"127.0.0.1:7000\"\nbackend = \"b\"\n\
+                [[backend]]\nname = \"b\"\nservers = [\"127.0.0.1:9\"]\n";
+    let (lb, _) = launch_as_service("non_root_guard", body, &mut owned);
+    assert!(lb.stderr().contains("guard: XDP attached to g0"), "{}", lb.stderr());
+    let prog = Xdp::from_pin(lb.pin_path.join("lb_guard"), aya_obj::programs::XdpAttachType::Interface)
+        .unwrap_or_else(|e| panic!("pinned lb_guard: {e}"));
+    let run = |frame: &[u8]| {
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        prog.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
+    };
+    let (xdp_drop, xdp_pass) = (1, 2);
+    let front6: SocketAddr = "[::1]:7000".parse().unwrap();
+    let denied = tcp_ext([0; 6], "10.9.0.1".parse().unwrap(), "127.0.0.1:7000".parse().unwrap(), 0x10, &[]);
+    assert_eq!(run(&tagged(&denied, &[TPID_8021AD, TPID_8021Q])), xdp_drop, "denied source behind QinQ");
+    let syn = tcp_ext([0; 6], "2001:db8::1".parse().unwrap(), front6, 0x02, &[Ext::HopByHop, Ext::DestOpts]);
+    assert_eq!(run(&syn), xdp_pass, "the burst's one SYN, behind extension headers");
+    assert_eq!(run(&syn), xdp_drop, "a SYN over the rate, behind extension headers");
+    // The program handle first, then lb (which detaches and unpins it).
+    drop(prog);
+    drop(lb);
+}
