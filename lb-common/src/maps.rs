@@ -74,11 +74,13 @@ pub const GUARD_ALLOW: &str = "LB_GUARD_ALLOW";
 pub const GUARD_PORTS: &str = "LB_GUARD_PORTS";
 /// ARRAY with one entry: [`crate::guard::GuardConf`].
 pub const GUARD_CONF: &str = "LB_GUARD_CONF";
-/// LRU_HASH: source address (16 bytes) -> [`crate::guard::GuardBucket`].
+/// LRU_HASH: source (16 bytes: an IPv4-mapped address, or an IPv6 /64 with
+/// its last 8 bytes zero) -> [`crate::guard::GuardBucket`].
 pub const GUARD_RATE: &str = "LB_GUARD_RATE";
 /// PERCPU_ARRAY with one entry: [`crate::guard::GuardCounters`].
 pub const GUARD_STATS: &str = "LB_GUARD_STATS";
-/// LRU_HASH: source address -> packets of it the guard dropped (the top offenders).
+/// LRU_HASH: source (as in [`GUARD_RATE`]) -> packets of it the guard dropped
+/// (the top offenders).
 pub const GUARD_TOP: &str = "LB_GUARD_TOP";
 /// Capacity of each guard trie.
 pub const MAX_GUARD_RULES: u32 = 1 << 16;

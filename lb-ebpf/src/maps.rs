@@ -74,7 +74,7 @@ pub static LB_GUARD_PORTS: HashMap<u16, u8, 1024> = HashMap::new();
 #[btf_map(name = "LB_GUARD_CONF")]
 pub static LB_GUARD_CONF: Array<GuardConf, 1> = Array::new();
 
-/// Per-source SYN token buckets.
+/// Per-source SYN token buckets (an IPv4 address, or an IPv6 /64).
 #[btf_map(name = "LB_GUARD_RATE")]
 pub static LB_GUARD_RATE: LruHashMap<[u8; 16], GuardBucket, { MAX_GUARD_SOURCES as usize }> = LruHashMap::new();
 
@@ -82,6 +82,6 @@ pub static LB_GUARD_RATE: LruHashMap<[u8; 16], GuardBucket, { MAX_GUARD_SOURCES 
 #[btf_map(name = "LB_GUARD_STATS")]
 pub static LB_GUARD_STATS: PerCpuArray<GuardCounters, 1> = PerCpuArray::new();
 
-/// Packets dropped per source (the top offenders).
+/// Packets dropped per source, keyed as `LB_GUARD_RATE` (the top offenders).
 #[btf_map(name = "LB_GUARD_TOP")]
 pub static LB_GUARD_TOP: LruHashMap<[u8; 16], u64, { MAX_GUARD_SOURCES as usize }> = LruHashMap::new();

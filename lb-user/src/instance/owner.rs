@@ -210,12 +210,15 @@ pub mod guard {
                 let show = |l: List| maps.list(l).iter().map(|n| n.to_string()).collect::<Vec<_>>().join(" ");
                 let top: Vec<String> = maps.top(5).iter().map(|(a, n)| format!("{a} ({n})")).collect();
                 Ok(format!(
-                    "deny: {}\nallow: {}\npassed {} denied {} rate_limited {}\ntop dropped sources: {}",
+                    "deny: {}\nallow: {}\npassed {} denied {} rate_limited {} unparsed {} fragments {}\n\
+                     top dropped sources: {}",
                     show(List::Deny),
                     show(List::Allow),
                     c.passed,
                     c.denied,
                     c.rate_limited,
+                    c.unparsed,
+                    c.fragments,
                     top.join(", ")
                 ))
             }

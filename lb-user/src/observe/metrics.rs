@@ -155,6 +155,20 @@ pub fn render(report: &Report) -> String {
             C,
             one(g.rate_limited),
         );
+        family(
+            &mut r,
+            "guard_unparsed",
+            "Packets the XDP guard dropped: headers it does not read past to TCP.",
+            C,
+            one(g.unparsed),
+        );
+        family(
+            &mut r,
+            "guard_fragments",
+            "Fragments other than the first the XDP guard let through after its lists.",
+            C,
+            one(g.fragments),
+        );
         let rules = vec![
             (vec![("list".to_owned(), "deny".to_owned())], g.deny.len() as u64),
             (vec![("list".to_owned(), "allow".to_owned())], g.allow.len() as u64),

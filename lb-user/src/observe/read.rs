@@ -114,9 +114,14 @@ pub struct GuardRow {
     pub passed: u64,
     pub denied: u64,
     pub rate_limited: u64,
+    /// Fragments other than the first, passed (also in `passed`).
+    pub fragments: u64,
+    /// Dropped: headers the guard does not read past.
+    pub unparsed: u64,
     pub deny: Vec<String>,
     pub allow: Vec<String>,
-    /// The sources dropped most: `{source, dropped}`, most first.
+    /// The sources dropped most: `{source, dropped}`, most first; a source
+    /// is an IPv4 address or an IPv6 /64.
     pub top: Vec<GuardTop>,
 }
 
@@ -209,9 +214,11 @@ pub fn read_from(maps: &PinnedMaps, meta: &Meta) -> Result<Report, KernelError> 
             passed: c.passed,
             denied: c.denied,
             rate_limited: c.rate_limited,
+            fragments: c.fragments,
+            unparsed: c.unparsed,
             deny: list(crate::kernel::guard::List::Deny),
             allow: list(crate::kernel::guard::List::Allow),
-            top: g.top(10).into_iter().map(|(a, n)| GuardTop { source: a.to_string(), dropped: n }).collect(),
+            top: g.top(10).into_iter().map(|(source, dropped)| GuardTop { source, dropped }).collect(),
         });
     }
     Ok(r)

@@ -33,10 +33,12 @@ pub fn stats(r: &Report) -> String {
     }
     if let Some(g) = &r.guard {
         o.push_str(&format!(
-            "guard: passed {}   denied {}   rate limited {}   deny rules {}   allow rules {}\n",
+            "guard: passed {}   denied {}   rate limited {}   unparsed {}   fragments {}   deny rules {}   allow rules {}\n",
             g.passed,
             g.denied,
             g.rate_limited,
+            g.unparsed,
+            g.fragments,
             g.deny.len(),
             g.allow.len()
         ));
