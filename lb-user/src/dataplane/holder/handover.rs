@@ -38,7 +38,7 @@ impl Holder {
             );
             std::thread::sleep(Duration::from_millis(ms));
         }
-        let live = self.state.lock().unwrap_or_else(|e| e.into_inner()).live.clone();
+        let live = self.outbox.lock().live.clone();
         let handed: Vec<(Handed, [&TcpStream; 2])> = detached
             .iter()
             .filter_map(|d| {
