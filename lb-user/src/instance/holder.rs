@@ -52,6 +52,7 @@ pub struct HolderReady {
 /// `lb holder`.
 pub async fn run() -> anyhow::Result<()> {
     let (spec, _stdin) = super::child_spec("holder", |s: &HolderSpec| s.supervisor).await?;
+    super::refused_by_test("holder", spec.index)?;
     // Two descriptors per connection held; the limit warning is the workers'.
     let _ = crate::kernel::sys::raise_nofile_limit();
     let pin_path = spec.kernel.then_some(spec.pin_path.as_path());

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{children::signal, supervisor::Slot};
+use super::{children::Waits, supervisor::Slot};
 
 /// How many times `timeouts.worker` a worker that still gets CPU time may
 /// go without a heartbeat before it is taken for hung after all (spinning).
@@ -67,7 +67,7 @@ fn judge(silent: Duration, hung_after: Duration, cpu_then: Option<u64>, cpu_now:
 impl Watchdog {
     /// Kills the workers that stopped publishing and running; their exit
     /// restarts them.
-    pub(super) fn check(&mut self, slots: &[Slot]) {
+    pub(super) fn check(&mut self, slots: &[Slot], workers: &Waits) {
         for (i, slot) in slots.iter().enumerate() {
             let Some(pid) = slot.pid else { continue };
             let seq = self.maps.workers.get(&(i as u32), 0).ok().filter(|w| w.pid == u64::from(pid)).map(|w| w.seq);
@@ -95,7 +95,7 @@ impl Watchdog {
                         "worker {i} (pid {pid}): no heartbeat for {:?} (timeouts.worker): hung; killing it",
                         self.hung_after
                     );
-                    signal(pid, rustix::process::Signal::KILL);
+                    workers.signal(i, rustix::process::Signal::KILL);
                     *seen = Seen::new(0);
                 }
             }
