@@ -39,3 +39,8 @@ pub const EXTENSIONS: [&str; 3] = ["lock", "json", "sock"];
 pub fn holder_socket(run_dir: &Path, pin_path: &Path, index: u16) -> PathBuf {
     run_file(run_dir, pin_path, &format!("hold{index}"))
 }
+
+/// The heartbeat file of worker slot `index`'s holder (`<run file>.beat<index>`).
+pub fn holder_beat(run_dir: &Path, pin_path: &Path, index: u16) -> PathBuf {
+    run_file(run_dir, pin_path, &format!("beat{index}"))
+}

@@ -123,3 +123,31 @@ async fn a_failed_restart_is_tried_again_and_stops_nothing_else() {
     logged(&lb, "worker 1 restarted as pid", 1, Duration::from_secs(20)).await;
     served(&lb, 10, "after holder 1 came back").await;
 }
+
+/// A holder that stops (SIGSTOP; a deadlock looks the same: no heartbeat,
+/// no CPU time) forwards no close; it is killed and replaced within
+/// seconds, the log says what that cost, its slot serves again, and the
+/// other slot's connections go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_holder_is_replaced() {
+    let be = Backend::echo().await;
+    let body = format!("workers = 2\n[timeouts]\nworker = \"1s\"\n\n{}", Lb::body(&[be.addr]));
+    let Some(lb) = start("hung_holder", &body, &[]) else { return };
+    let mut conns = open_checked(lb.addr, 20).await;
+    let slot = slots(&lb, &conns);
+    let stopped = lb.holders[0];
+    kill(stopped, libc::SIGSTOP);
+    let t0 = std::time::Instant::now();
+    let hung = format!("holder 0 (pid {stopped}): no heartbeat for 1s (timeouts.worker) and no CPU time since: hung");
+    logged(&lb, &hung, 1, Duration::from_secs(10)).await;
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(4), "a stopped holder was found hung after {took:?}");
+    assert!(lb.stderr().contains("the connections it holds are lost"), "{}", lb.stderr());
+    logged(&lb, "holder 0 restarted as pid", 1, Duration::from_secs(10)).await;
+    logged(&lb, "worker 0 restarted as pid", 1, Duration::from_secs(15)).await;
+    for (i, s) in conns.iter_mut().enumerate().filter(|(i, _)| slot[*i] == 1) {
+        round_trip(s, i as u32, 1).await.unwrap_or_else(|e| panic!("slot 1's connection {i}: {e}"));
+    }
+    served(&lb, 10, "after holder 0 was replaced").await;
+    eprintln!("a stopped holder was found hung and killed after {took:?}");
+}

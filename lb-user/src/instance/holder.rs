@@ -38,6 +38,10 @@ pub struct HolderSpec {
     /// binary serving at `socket` (`lb upgrade`) instead of binding.
     #[serde(default)]
     pub takeover: bool,
+    /// Where to write the heartbeat the supervisor's watchdog reads, and
+    /// how often (`timeouts.worker` / 4).
+    #[serde(default)]
+    pub beat: Option<(PathBuf, Duration)>,
 }
 
 /// The line a holder prints once it serves.
@@ -56,7 +60,8 @@ pub async fn run() -> anyhow::Result<()> {
     // Two descriptors per connection held; the limit warning is the workers'.
     let _ = crate::kernel::sys::raise_nofile_limit();
     let pin_path = spec.kernel.then_some(spec.pin_path.as_path());
-    let conf = WatchConf { idle: spec.idle, queue: spec.splice_queue_limit, slot: spec.index };
+    let every = spec.beat.as_ref().map_or(Duration::MAX, |b| b.1);
+    let conf = WatchConf { idle: spec.idle, queue: spec.splice_queue_limit, slot: spec.index, beat: every };
     let (mut holder, took) = if spec.takeover {
         // `lb upgrade`: everything comes from the slot's holder of the old binary.
         take_over(&spec.socket, pin_path, conf).context("taking over from the old holder")?
@@ -80,13 +85,29 @@ pub async fn run() -> anyhow::Result<()> {
         (Holder::new(listeners, pin_path, conf)?, 0)
     };
     holder.bind(&spec.socket).with_context(|| format!("holder socket {}", spec.socket.display()))?;
+    if let Some((path, every)) = &spec.beat {
+        holder.beat_to(path, *every).with_context(|| format!("heartbeat file {}", path.display()))?;
+    }
     let holder = Arc::new(holder);
     let h = holder.clone();
     std::thread::Builder::new().name("lb-holder".into()).spawn(move || h.serve())?;
     println!("{}", serde_json::to_string(&HolderReady { pid: std::process::id(), took })?);
-    wait_for_signal().await?;
+    let stop = wait_for_signal();
+    tokio::pin!(stop);
+    // Without a close watcher (userspace plane), this loop beats.
+    let quiet = Duration::from_secs(3600);
+    let mut beat = tokio::time::interval(if spec.kernel { quiet } else { every.min(quiet) });
+    loop {
+        tokio::select! {
+            r = &mut stop => break r?,
+            _ = beat.tick() => holder.tick(),
+        }
+    }
     holder.stop();
     let _ = std::fs::remove_file(&spec.socket);
+    if let Some((path, _)) = &spec.beat {
+        let _ = std::fs::remove_file(path);
+    }
     log::info!("holder stopped");
     Ok(())
 }

@@ -191,6 +191,10 @@ impl Supervisor {
                     splice_queue_limit: cfg.splice_queue_limit,
                     supervisor: std::process::id(),
                     takeover: false,
+                    beat: Some((
+                        lb_common::files::holder_beat(&cfg.runtime_dir, &cfg.pin_path, index),
+                        super::watchdog::beat_every(cfg.timeouts.worker),
+                    )),
                 };
                 (spec, None)
             })
@@ -284,14 +288,9 @@ pub(super) async fn serve(
     owner: &mut Owner,
     mut ctl: mpsc::Receiver<control::Msg>,
 ) -> anyhow::Result<()> {
-    let mut watchdog = match crate::kernel::maps::StatMaps::open(&sup.cfg.pin_path) {
-        Ok(maps) if sup.spec.maps => Some(Watchdog {
-            maps,
-            hung_after: sup.cfg.timeouts.worker,
-            seen: vec![super::watchdog::Seen::new(0); sup.slots.len()],
-        }),
-        _ => None,
-    };
+    // Workers beat in the pinned maps (if any), holders in a file each.
+    let maps = crate::kernel::maps::StatMaps::open(&sup.cfg.pin_path).ok().filter(|_| sup.spec.maps);
+    let mut watchdog = Watchdog::new(maps, sup.cfg.timeouts.worker, sup.slots.len());
     // A hung worker is seen within a quarter of the timeout after it.
     let mut watch_tick = tokio::time::interval((sup.cfg.timeouts.worker / 4).max(Duration::from_millis(100)));
     // One set of health checks for all workers: each flip is relayed (and logged) once.
@@ -330,10 +329,9 @@ pub(super) async fn serve(
                     Err(e) => log::error!("upgrade failed: {e}"),
                 }
             }
-            _ = watch_tick.tick(), if watchdog.is_some() => {
-                if let Some(w) = &mut watchdog {
-                    w.check(&sup.slots, &procs.workers);
-                }
+            _ = watch_tick.tick() => {
+                watchdog.check(&sup.slots, &procs.workers);
+                watchdog.check_holders(&sup.holders, &procs.holders);
             }
             Some(c) = flips.recv() => {
                 if let Err(e) = sup.relay(&c).await {

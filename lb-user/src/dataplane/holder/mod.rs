@@ -15,6 +15,7 @@
 //! learn when each ends); then [`wire::ToWorker::Closed`] batches as they
 //! end, sent by a thread of their own ([`outbox`]).
 
+pub mod beat;
 mod handover;
 pub mod link;
 mod outbox;
@@ -24,12 +25,12 @@ use std::{
     net::TcpStream,
     os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::Duration,
 };
 
 use anyhow::Context as _;
-
+use beat::Beat;
 pub use handover::take_over;
 use outbox::{Outbox, SEND_TIMEOUT};
 use rustix::net::{AddressFamily, RecvFlags, SocketAddrUnix, SocketFlags, SocketType};
@@ -47,16 +48,23 @@ fn open_maps(path: &Path) -> anyhow::Result<ConnMaps> {
 type Refusal = (String, Option<[TcpStream; 2]>);
 
 /// The watcher's closes go to the worker's queue: it never sends itself.
+/// Each round of its loop is a heartbeat.
 #[derive(Clone)]
-struct Reporter(Arc<Outbox>);
+struct Reporter {
+    outbox: Arc<Outbox>,
+    beat: Arc<OnceLock<Beat>>,
+}
 
 impl Report for Reporter {
     fn closed(&mut self, c: Closed) {
-        self.0.closed(c);
+        self.outbox.closed(c);
     }
 
     fn flush(&mut self) {
-        self.0.flush();
+        self.outbox.flush();
+        if let Some(b) = self.beat.get() {
+            b.tick();
+        }
     }
 }
 
@@ -64,6 +72,8 @@ impl Report for Reporter {
 pub struct Holder {
     /// The connections held, and what goes to the worker.
     outbox: Arc<Outbox>,
+    /// Where the watcher beats, once [`Self::beat_to`] says.
+    beat: Arc<OnceLock<Beat>>,
     /// `None` on the userspace plane, and while connections are handed over.
     watcher: Mutex<Option<Watcher>>,
     /// The pinned maps, on the kernel plane.
@@ -87,6 +97,7 @@ impl Holder {
         let records = pin_path.map(open_maps).transpose()?.map(Mutex::new);
         let mut h = Self {
             outbox: Outbox::start()?,
+            beat: Arc::default(),
             watcher: Mutex::new(None),
             pin_path: pin_path.map(Path::to_owned),
             records,
@@ -113,7 +124,24 @@ impl Holder {
 
     /// Where a watcher of this holder reports closes.
     fn reporter(&self) -> Reporter {
-        Reporter(self.outbox.clone())
+        Reporter { outbox: self.outbox.clone(), beat: self.beat.clone() }
+    }
+
+    /// Writes this holder's heartbeat to `path` from now on: every
+    /// `every`, from the close watcher's loop, or from [`Self::tick`]
+    /// where no watcher runs (the userspace plane).
+    pub fn beat_to(&self, path: &Path, every: Duration) -> std::io::Result<()> {
+        let _ = self.beat.set(Beat::create(path, every / 2)?);
+        Ok(())
+    }
+
+    /// A heartbeat, if no watcher beats for this holder.
+    pub fn tick(&self) {
+        if self.pin_path.is_none()
+            && let Some(b) = self.beat.get()
+        {
+            b.tick();
+        }
     }
 
     /// Binds the socket at `path` (mode 0600) where the slot's workers find it.

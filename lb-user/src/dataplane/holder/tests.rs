@@ -25,7 +25,7 @@ fn pair() -> (OwnedFd, OwnedFd) {
 /// before that reaches it in order.
 #[test]
 fn a_worker_that_does_not_read_stalls_no_holder_thread_and_has_its_session_ended() {
-    let conf = WatchConf { idle: Duration::from_secs(60), queue: 0, slot: 0 };
+    let conf = WatchConf { idle: Duration::from_secs(60), queue: 0, slot: 0, beat: Duration::from_secs(1) };
     let holder = Arc::new(Holder::new(Vec::new(), None, conf).unwrap());
     let (holder_end, worker_end) = pair();
     // A small send buffer (the kernel doubles it): a few messages fill it.
