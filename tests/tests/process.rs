@@ -151,3 +151,26 @@ async fn a_hung_holder_is_replaced() {
     served(&lb, 10, "after holder 0 was replaced").await;
     eprintln!("a stopped holder was found hung and killed after {took:?}");
 }
+
+/// A panic in a holder's close watcher ends the holder: left alone, the
+/// holder would keep every socket and forward nothing. The supervisor sees
+/// it end, restarts it and the slot's worker, and the slot serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_the_close_watcher_ends_the_holder_and_it_is_replaced() {
+    let trigger = TempFile::new("panic-watcher");
+    let be = Backend::echo().await;
+    let env = [("LB_TEST_PANIC_WATCHER", trigger.env())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let Some(lb) = start("watcher_panic", &Lb::body(&[be.addr]), &env) else { return };
+    let holder = lb.holders[0];
+    let mut conns = open_checked(lb.addr, 2).await;
+    trigger.write("");
+    // Its close is the watcher's next report: it panics there.
+    drop(conns.pop());
+    logged(&lb, "the close watcher panics (a test setting)", 1, Duration::from_secs(5)).await;
+    logged(&lb, &format!("holder 0 (pid {holder}) was killed by signal 6"), 1, Duration::from_secs(5)).await;
+    logged(&lb, "holder 0 restarted as pid", 1, Duration::from_secs(10)).await;
+    logged(&lb, "worker 0 restarted as pid", 1, Duration::from_secs(15)).await;
+    assert!(!testkit::alive(holder), "the holder whose watcher panicked still runs");
+    served(&lb, 5, "after the holder was replaced").await;
+}

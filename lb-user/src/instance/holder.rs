@@ -91,7 +91,8 @@ pub async fn run() -> anyhow::Result<()> {
     let holder = Arc::new(holder);
     let h = holder.clone();
     std::thread::Builder::new().name("lb-holder".into()).spawn(move || h.serve())?;
-    println!("{}", serde_json::to_string(&HolderReady { pid: std::process::id(), took })?);
+    super::write_line(&serde_json::to_string(&HolderReady { pid: std::process::id(), took })?)
+        .context("telling the supervisor this holder is ready")?;
     let stop = wait_for_signal();
     tokio::pin!(stop);
     // Without a close watcher (userspace plane), this loop beats.

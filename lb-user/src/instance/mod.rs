@@ -111,6 +111,16 @@ pub fn refused_by_test(role: &str, index: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes `line` and a newline to stdout (a child's ready line and
+/// answers to its supervisor, `lb run --announce`'s ready line), as an
+/// error rather than a panic when no one reads any more.
+pub fn write_line(line: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")?;
+    out.flush()
+}
+
 /// Resolves on SIGINT or SIGTERM.
 pub async fn wait_for_signal() -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};

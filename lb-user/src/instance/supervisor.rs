@@ -252,7 +252,9 @@ pub async fn run(cfg: Config, reload: Reload, config_text: String, announce: boo
             holders: holder_pids(&sup),
             metrics: owner.metrics_addr,
         };
-        println!("{}", serde_json::to_string(&r)?);
+        if let Err(e) = super::write_line(&serde_json::to_string(&r)?) {
+            log::warn!("writing the ready line to stdout: {e}");
+        }
     }
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         log::warn!("telling systemd the instance is ready: {e}");

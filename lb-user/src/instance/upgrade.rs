@@ -375,5 +375,7 @@ fn prepare(first: &str) -> anyhow::Result<(Supervisor, (Objects, crate::kernel::
 
 /// One line to the old instance.
 fn say(step: &Step) {
-    println!("{}", serde_json::to_string(step).unwrap_or_default());
+    if let Err(e) = super::write_line(&serde_json::to_string(step).unwrap_or_default()) {
+        log::error!("telling the old instance {step:?}: {e}");
+    }
 }

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 use tokio::{
     sync::{Semaphore, mpsc},
@@ -119,7 +119,11 @@ pub async fn run() -> anyhow::Result<()> {
                     (id, rx.await.unwrap_or(Err(control::RequestError::Stopping)))
                 }
             };
-            println!("{}", serde_json::to_string(&ReplyLine { id, reply: Reply::from(r) }).unwrap_or_default());
+            let line = serde_json::to_string(&ReplyLine { id, reply: Reply::from(r) }).unwrap_or_default();
+            if let Err(e) = super::write_line(&line) {
+                log::warn!("answering the supervisor: {e}; no more commands are taken");
+                return;
+            }
         }
     });
     serve(cfg, &spec, Arc::new(link), welcome, ctl).await
@@ -235,7 +239,8 @@ async fn serve(
         let route = Arc::new(accept::Route::of(i, f, cfg.timeouts.client_hello));
         accepts.spawn(accept::accept_loop(l, route, global.clone(), own[i].clone(), shared.clone()));
     }
-    println!("{}", serde_json::to_string(&ready).unwrap_or_default());
+    super::write_line(&serde_json::to_string(&ready).unwrap_or_default())
+        .context("telling the supervisor this worker is ready")?;
 
     let stop = wait_for_signal();
     tokio::pin!(stop);

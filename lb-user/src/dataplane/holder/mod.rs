@@ -58,6 +58,7 @@ struct Reporter {
 impl Report for Reporter {
     fn closed(&mut self, c: Closed) {
         self.outbox.closed(c);
+        panic_if_asked();
     }
 
     fn flush(&mut self) {
@@ -65,6 +66,20 @@ impl Report for Reporter {
         if let Some(b) = self.beat.get() {
             b.tick();
         }
+    }
+}
+
+/// Test hook: with `LB_TEST_PANIC_WATCHER=FILE`, the close watcher panics
+/// at the first close after FILE appears (and removes it, so the holder
+/// started next does not): a test of what a panicking thread does to the
+/// process.
+fn panic_if_asked() {
+    static FILE: OnceLock<Option<PathBuf>> = OnceLock::new();
+    let file = FILE.get_or_init(|| std::env::var_os("LB_TEST_PANIC_WATCHER").map(PathBuf::from));
+    if let Some(f) = file
+        && std::fs::remove_file(f).is_ok()
+    {
+        panic!("LB_TEST_PANIC_WATCHER: the close watcher panics (a test setting)");
     }
 }
 
