@@ -46,3 +46,8 @@ pub fn holder_socket(run_dir: &Path, pin_path: &Path, index: u16) -> PathBuf {
 pub fn holder_lock(run_dir: &Path, pin_path: &Path, index: u16) -> PathBuf {
     run_file(run_dir, pin_path, &format!("hold{index}.lock"))
 }
+
+/// The heartbeat file of worker slot `index`'s holder (`<run file>.beat<index>`).
+pub fn holder_beat(run_dir: &Path, pin_path: &Path, index: u16) -> PathBuf {
+    run_file(run_dir, pin_path, &format!("beat{index}"))
+}

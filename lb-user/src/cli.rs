@@ -250,11 +250,18 @@ fn watch_interval(s: &str) -> Result<std::time::Duration, String> {
 fn control(target: &Target, req: Request) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let reply = rt.block_on(crate::control::request(&target.socket(), &req))?;
-    if reply.ok {
-        println!("{}", reply.message);
-        Ok(())
-    } else {
-        anyhow::bail!("{}", reply.message)
+    if reply.ok { out(format_args!("{}\n", reply.message)) } else { anyhow::bail!("{}", reply.message) }
+}
+
+/// Writes to stdout. A reader that went away (`lb stats | head -1`) ends
+/// the command quietly, with status 0, as it ends `cat`; any other
+/// failure is an error.
+fn out(text: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_fmt(text).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        r => r.context("writing to stdout"),
     }
 }
 
@@ -271,14 +278,14 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Check { config } => {
             let (cfg, _, running) = load_probed(&config, &Overrides::default())?;
             if let Some(pid) = running {
-                println!(
+                out(format_args!(
                     "note: lb (pid {pid}) runs with pin_path {}: its listen addresses are busy with its own \
-                     listeners, so they were not probed",
+                     listeners, so they were not probed\n",
                     cfg.pin_path.display()
-                );
+                ))?;
             }
-            println!(
-                "{}: ok ({} frontend(s), {} backend(s), {} server(s), dataplane = {}, workers = {}, maxconn = {})",
+            out(format_args!(
+                "{}: ok ({} frontend(s), {} backend(s), {} server(s), dataplane = {}, workers = {}, maxconn = {})\n",
                 config.display(),
                 cfg.frontends.len(),
                 cfg.backends.len(),
@@ -286,8 +293,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 cfg.dataplane,
                 cfg.workers,
                 cfg.maxconn
-            );
-            Ok(())
+            ))
         }
         Cmd::Run { config, dataplane, workers, announce } => {
             let overrides = Overrides { workers, dataplane };
@@ -339,15 +345,14 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 Ok(if json { serde_json::to_string_pretty(r)? + "\n" } else { render::stats(r) })
             };
             match watch {
-                None => print!("{}", show(&read()?)?),
+                None => out(format_args!("{}", show(&read()?)?))?,
                 Some(every) => {
                     loop {
                         // The instance may stop while watched: say so rather than freeze its last figures.
                         ensure_running(&run_dir, &pin_path)?;
-                        let out = show(&read()?)?;
+                        let text = show(&read()?)?;
                         // Clear the screen and home the cursor, then redraw.
-                        print!("\x1b[2J\x1b[H{out}");
-                        std::io::Write::flush(&mut std::io::stdout())?;
+                        out(format_args!("\x1b[2J\x1b[H{text}"))?;
                         std::thread::sleep(every);
                     }
                 }
@@ -366,9 +371,9 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             }
             let rows = read::conns(&pin_path, server)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                out(format_args!("{}\n", serde_json::to_string_pretty(&rows)?))?;
             } else {
-                print!("{}", render::conns(&rows));
+                out(format_args!("{}", render::conns(&rows)))?;
             }
             Ok(())
         }

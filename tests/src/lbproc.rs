@@ -445,6 +445,7 @@ impl Drop for Lb {
         for i in 0..self.holders.len() as u16 {
             let _ = std::fs::remove_file(lb_common::files::holder_socket(&self.run_dir, &self.pin_path, i));
             let _ = std::fs::remove_file(lb_common::files::holder_lock(&self.run_dir, &self.pin_path, i));
+            let _ = std::fs::remove_file(lb_common::files::holder_beat(&self.run_dir, &self.pin_path, i));
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -520,3 +520,62 @@ async fn a_new_binary_failing_after_a_slot_loses_no_connection() {
     .await;
     assert!(counted.is_some(), "want {CONNS} active after the failed upgrade: {}", lb.pinned_stats());
 }
+
+/// A fault in the hand-over between two holders (`LB_TEST_HANDOVER_FAULT`,
+/// with 1 s waits): the new holder's `TookOver` lost, or the old one's
+/// commit late. Either way exactly one holder watches the connections
+/// afterwards: the old one keeps them, the new one exits having touched
+/// nothing, the upgrade fails saying nothing was lost, and every
+/// connection goes on and closes cleanly.
+async fn a_hand_over_fault_leaves_the_old_holder_alone_watching(fault: &str) {
+    let be = Backend::echo().await;
+    let env = [("LB_TEST_HANDOVER_FAULT", fault), ("LB_TEST_HANDOVER_STEP_MS", "1000")];
+    let test = format!("handover_{fault}");
+    let Some(lb) = start(&test, &Lb::body(&[be.addr]), &env) else { return };
+    let next = copy_of_lb(&lb);
+    let mut conns = open_checked(lb.addr, 20).await;
+    let (old_supervisor, old_holder) = (lb.pid, lb.holders[0]);
+    let (ok, out, err) = upgrade(&lb, &next).await;
+    assert!(!ok, "the upgrade went through despite the fault: {out}\n{}", lb.stderr());
+    assert!(err.contains("failed at slot 0") && err.contains("no connection was lost"), "{err}");
+    assert!(lb.stderr().contains("keeping all 20 connection(s)"), "{}", lb.stderr());
+    assert!(lb.stderr().contains("this holder touched nothing"), "{}", lb.stderr());
+    let runs_next = |p: &std::path::Path| testkit::exe(p.file_name()?.to_str()?.parse().ok()?);
+    let gone = retry_until(Duration::from_secs(5), || {
+        let procs = std::fs::read_dir("/proc").ok()?;
+        procs.flatten().all(|p| runs_next(&p.path()).is_none_or(|e| e != next)).then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "a process of the new binary still runs after the failed upgrade");
+    assert!(testkit::alive(old_supervisor) && testkit::alive(old_holder), "the old instance is gone");
+    for (i, s) in conns.iter_mut().enumerate() {
+        round_trip(s, i as u32, 1).await.unwrap_or_else(|e| panic!("connection {i} after the failed upgrade: {e}"));
+    }
+    let mut fresh = TcpStream::connect(lb.addr).await.unwrap();
+    round_trip(&mut fresh, 99, 0).await.unwrap_or_else(|e| panic!("a new client after the failed upgrade: {e}"));
+    conns.push(fresh);
+    for s in &mut conns {
+        s.shutdown().await.unwrap();
+    }
+    for (i, s) in conns.iter_mut().enumerate() {
+        let mut rest = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+        assert!(matches!(r, Ok(Ok(0))), "connection {i}: the end after the client's FIN: {r:?}");
+    }
+    let closed = retry_until(Duration::from_secs(5), || {
+        let s = lb.pinned_stats();
+        (s["counters"]["conn_entries"].as_u64() == Some(0) && s["totals"]["active"].as_u64() == Some(0)).then_some(())
+    })
+    .await;
+    assert!(closed.is_some(), "connections not closed and counted once: {}", lb.pinned_stats());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_took_over_leaves_the_old_holder_alone_watching() {
+    a_hand_over_fault_leaves_the_old_holder_alone_watching("lose-took-over").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_commit_leaves_the_old_holder_alone_watching() {
+    a_hand_over_fault_leaves_the_old_holder_alone_watching("late-commit").await;
+}

@@ -312,7 +312,7 @@ impl Dataplane for KernelDataplane {
         let Spliced { socks, guard, .. } = conn;
         match self.link.hold(held, guard, socks.take()) {
             Ok(()) => Ok(()),
-            Err((mut guard, socks, e)) => {
+            Err((guard, socks, e)) => {
                 // The holder's queue is full or too many descriptors are in
                 // flight (ETOOMANYREFS counts them against this process's
                 // open-files limit): lb has no room for this client now, so
@@ -320,7 +320,9 @@ impl Dataplane for KernelDataplane {
                 self.maps.lock().unwrap_or_else(|e| e.into_inner()).forget(cookies);
                 let [c, s] = socks;
                 drop(super::Socks::new(c, s)); // resets both
-                guard.no_local_resources();
+                if let Some(mut guard) = guard {
+                    guard.no_local_resources();
+                }
                 if let Some(n) = self.hold_failures.lock().unwrap_or_else(|e| e.into_inner()).hit() {
                     log::warn!("cannot take {n} connection(s): handing them to the holder failed: {e}; reset");
                 }

@@ -20,6 +20,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use rustix::process::Signal;
 
 use super::{children::spawn_holder, holder::HolderSpec};
 use crate::{
@@ -41,8 +42,27 @@ pub struct Survivor {
 impl Survivor {
     /// Whether it still holds its lock (it runs).
     fn alive(&self) -> bool {
-        matches!(lock::holder(&self.lock), Some((true, Some(p))) if p == self.pid)
+        holds(&self.lock, self.pid)
     }
+
+    fn signal(&self, sig: Signal) {
+        signal_holder_of(&self.lock, self.pid, sig);
+    }
+}
+
+/// Whether process `pid` holds the lock at `path`.
+fn holds(path: &Path, pid: u32) -> bool {
+    matches!(lock::holder(path), Some((true, Some(p))) if p == pid)
+}
+
+/// Sends `sig` to process `pid`, which holds the lock at `path` and is no
+/// child of this one (an earlier instance's holder or supervisor), through
+/// a pidfd opened before the lock is checked: so never to a process that
+/// got the pid after it ended. Whether it was sent.
+fn signal_holder_of(path: &Path, pid: u32, sig: Signal) -> bool {
+    let Some(p) = rustix::process::Pid::from_raw(pid as i32) else { return false };
+    let Ok(fd) = rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()) else { return false };
+    holds(path, pid) && rustix::process::pidfd_send_signal(&fd, sig).is_ok()
 }
 
 /// The holders alive for `pin_path` (each holds its slot's lock).
@@ -214,12 +234,12 @@ const SUPERVISOR_GRACE: Duration = Duration::from_secs(90);
 /// [`HOLDER_GRACE`]; returns once every lock is free.
 fn stop_holders(holders: &[Survivor]) {
     for h in holders {
-        super::children::signal(h.pid, rustix::process::Signal::TERM);
+        h.signal(Signal::TERM);
     }
     if !wait_until(HOLDER_GRACE, || !holders.iter().any(Survivor::alive)) {
         for h in holders.iter().filter(|h| h.alive()) {
             log::warn!("holder pid {} did not stop within {HOLDER_GRACE:?}; killing it", h.pid);
-            super::children::signal(h.pid, rustix::process::Signal::KILL);
+            h.signal(Signal::KILL);
         }
         wait_until(Duration::from_secs(5), || !holders.iter().any(Survivor::alive));
     }
@@ -248,7 +268,7 @@ pub fn stop(run_dir: &Path, pin_path: &Path) -> anyhow::Result<String> {
     let lock_file = run_file(run_dir, pin_path, "lock");
     if let Some((true, pid)) = lock::holder(&lock_file) {
         let pid = pid.with_context(|| format!("{} is held but names no pid", lock_file.display()))?;
-        super::children::signal(pid, rustix::process::Signal::TERM);
+        signal_holder_of(&lock_file, pid, Signal::TERM);
         let gone = wait_until(SUPERVISOR_GRACE, || !matches!(lock::holder(&lock_file), Some((true, _))));
         anyhow::ensure!(gone, "lb (pid {pid}) did not stop within {SUPERVISOR_GRACE:?}");
         did.push(format!("stopped lb (pid {pid})"));

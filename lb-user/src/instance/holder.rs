@@ -56,6 +56,10 @@ pub struct HolderSpec {
     /// binary serving at `socket` (`lb upgrade`) instead of binding.
     #[serde(default)]
     pub takeover: bool,
+    /// Where to write the heartbeat the supervisor's watchdog reads, and
+    /// how often (`timeouts.worker` / 4).
+    #[serde(default)]
+    pub beat: Option<(PathBuf, Duration)>,
 }
 
 /// The line a holder prints once it serves.
@@ -70,14 +74,16 @@ pub struct HolderReady {
 /// `lb holder`.
 pub async fn run() -> anyhow::Result<()> {
     let (spec, _stdin) = super::child_spec("holder", |s: &HolderSpec| s.supervisor, |s| s.kernel).await?;
+    super::refused_by_test("holder", spec.index)?;
     // Two descriptors per connection held; the limit warning is the workers'.
     let _ = crate::kernel::sys::raise_nofile_limit();
     let pin_path = spec.kernel.then_some(spec.pin_path.as_path());
-    let conf = WatchConf { idle: spec.idle, queue: spec.splice_queue_limit, slot: spec.index };
+    let every = spec.beat.as_ref().map_or(Duration::MAX, |b| b.1);
+    let conf = WatchConf { idle: spec.idle, queue: spec.splice_queue_limit, slot: spec.index, beat: every };
     let (mut holder, took, _lock) = if spec.takeover {
         // `lb upgrade`, or `lb run` after a crash: everything comes from the
-        // slot's holder of the earlier instance, which exits once it is done
-        // (and so lets go of the slot's lock).
+        // slot's holder of the earlier instance, which exits once it has
+        // committed the hand-over (and so lets go of the slot's lock).
         let (holder, took) = take_over(&spec.socket, pin_path, conf).context("taking over from the old holder")?;
         (holder, took, lock(&spec.lock, TAKE_LOCK_WAIT))
     } else {
@@ -107,13 +113,18 @@ pub async fn run() -> anyhow::Result<()> {
         log::warn!("the lock {} is still held by pid {pid}: `lb stop` will not find this holder", spec.lock.display());
     }
     holder.bind(&spec.socket).with_context(|| format!("holder socket {}", spec.socket.display()))?;
+    if let Some((path, every)) = &spec.beat {
+        holder.beat_to(path, *every).with_context(|| format!("heartbeat file {}", path.display()))?;
+    }
     let holder = Arc::new(holder);
     let h = holder.clone();
     std::thread::Builder::new().name("lb-holder".into()).spawn(move || h.serve())?;
-    println!("{}", serde_json::to_string(&HolderReady { pid: std::process::id(), took })?);
+    super::write_line(&serde_json::to_string(&HolderReady { pid: std::process::id(), took })?)
+        .context("telling the supervisor this holder is ready")?;
     let signal = wait_for_signal();
     tokio::pin!(signal);
     if spec.kernel {
+        // The close watcher beats.
         tokio::select! {
             r = &mut signal => r?,
             () = supervisor_gone(spec.supervisor) => {
@@ -128,20 +139,35 @@ pub async fn run() -> anyhow::Result<()> {
                 holder.orphan();
                 if orphaned(&holder, &mut signal).await? {
                     log::info!("the last connection has ended and no lb took this holder over; exiting");
-                    let _ = std::fs::remove_file(&spec.socket);
-                    let _ = std::fs::remove_file(&spec.lock);
+                    remove_files(&spec);
                     return Ok(());
                 }
             }
         }
     } else {
-        signal.await?;
+        // Without a close watcher (userspace plane), this loop beats.
+        let mut beat = tokio::time::interval(every.min(Duration::from_secs(3600)));
+        loop {
+            tokio::select! {
+                r = &mut signal => break r?,
+                _ = beat.tick() => holder.tick(),
+            }
+        }
     }
     holder.stop();
-    let _ = std::fs::remove_file(&spec.socket);
-    let _ = std::fs::remove_file(&spec.lock);
+    remove_files(&spec);
     log::info!("holder stopped");
     Ok(())
+}
+
+/// Removes the files of a holder that ends (not of one that handed over:
+/// they are its successor's now): its socket, lock and heartbeat.
+fn remove_files(spec: &HolderSpec) {
+    let _ = std::fs::remove_file(&spec.socket);
+    let _ = std::fs::remove_file(&spec.lock);
+    if let Some((path, _)) = &spec.beat {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// How long a holder that took over waits for the old one to let go of the slot's lock.

@@ -10,6 +10,7 @@ pub mod adopt;
 mod children;
 pub mod holder;
 pub mod owner;
+mod restart;
 pub mod supervisor;
 pub mod upgrade;
 mod watchdog;
@@ -101,6 +102,29 @@ pub async fn child_spec<T: serde::de::DeserializeOwned>(
         anyhow::bail!("the supervisor (pid {pid}) is gone");
     }
     Ok((spec, lines))
+}
+
+/// Test hook: with `LB_TEST_REFUSE_START=FILE`, a worker or holder whose
+/// role and slot (`worker 0`, `holder 1`) is a line of FILE fails as it
+/// starts, before its ready line, as a child that cannot start would. FILE
+/// is read at each start, so a test makes restarts fail, then work again.
+pub fn refused_by_test(role: &str, index: u16) -> anyhow::Result<()> {
+    let Some(file) = std::env::var_os("LB_TEST_REFUSE_START") else { return Ok(()) };
+    let me = format!("{role} {index}");
+    if std::fs::read_to_string(file).unwrap_or_default().lines().any(|l| l.trim() == me) {
+        anyhow::bail!("LB_TEST_REFUSE_START: {me} refuses to start (a test setting)");
+    }
+    Ok(())
+}
+
+/// Writes `line` and a newline to stdout (a child's ready line and
+/// answers to its supervisor, `lb run --announce`'s ready line), as an
+/// error rather than a panic when no one reads any more.
+pub fn write_line(line: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")?;
+    out.flush()
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -30,7 +30,7 @@ use tokio::{
 
 use super::{
     Reload,
-    children::{Started, signal, spawn_holder, spawn_worker},
+    children::{Started, spawn_holder, spawn_worker},
     owner::Owner,
     supervisor::{Procs, Slot, Supervisor, serve},
 };
@@ -208,7 +208,7 @@ pub(super) async fn hand_over(
 async fn stop_worker(sup: &mut Supervisor, procs: &mut Procs, i: usize) {
     let Some(pid) = sup.slots[i].pid.take() else { return };
     sup.slots[i].io = None;
-    signal(pid, rustix::process::Signal::TERM);
+    procs.workers.signal(i, rustix::process::Signal::TERM);
     let deadline = tokio::time::Instant::now() + super::children::STOP_GRACE;
     loop {
         match tokio::time::timeout_at(deadline, procs.workers.join_next()).await {
@@ -221,7 +221,7 @@ async fn stop_worker(sup: &mut Supervisor, procs: &mut Procs, i: usize) {
             Ok(_) => return,
             Err(_) => {
                 log::warn!("worker {i} (pid {pid}) did not stop; killing it");
-                signal(pid, rustix::process::Signal::KILL);
+                procs.workers.signal(i, rustix::process::Signal::KILL);
             }
         }
     }
@@ -384,5 +384,7 @@ fn prepare(first: &str) -> anyhow::Result<(Supervisor, (Objects, crate::kernel::
 
 /// One line to the old instance.
 fn say(step: &Step) {
-    println!("{}", serde_json::to_string(step).unwrap_or_default());
+    if let Err(e) = super::write_line(&serde_json::to_string(step).unwrap_or_default()) {
+        log::error!("telling the old instance {step:?}: {e}");
+    }
 }

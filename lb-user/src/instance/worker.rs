@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 use tokio::{
     sync::{Semaphore, mpsc},
@@ -59,6 +59,25 @@ pub struct WorkerSpec {
     pub holder: PathBuf,
 }
 
+/// A command from the supervisor: one line of the worker's stdin.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CommandLine {
+    /// Echoed in the reply, so an answer that comes after the supervisor
+    /// gave up waiting is never taken for the answer to a later command.
+    pub id: u64,
+    #[serde(flatten)]
+    pub cmd: Command,
+}
+
+/// The worker's answer: one line of its stdout.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReplyLine {
+    /// The command's.
+    pub id: u64,
+    #[serde(flatten)]
+    pub reply: Reply,
+}
+
 /// How long a worker waits for its slot's holder (restarted beside it).
 const HOLDER_WAIT: Duration = Duration::from_secs(10);
 /// `oom_score_adj` of a worker: above its holder's, so the OOM killer takes
@@ -70,6 +89,7 @@ const IN_FLIGHT_GRACE: Duration = Duration::from_secs(5);
 /// `lb worker`: reads a [`WorkerSpec`] (first line of stdin) and serves.
 pub async fn run() -> anyhow::Result<()> {
     let (spec, mut lines) = super::child_spec("worker", |s: &WorkerSpec| s.supervisor, |_| false).await?;
+    super::refused_by_test("worker", spec.index)?;
     // Under memory pressure the kernel should pick a worker (restarted,
     // nothing lost) before a holder (its connections go with it). Raising
     // one's own score needs no privilege.
@@ -86,17 +106,24 @@ pub async fn run() -> anyhow::Result<()> {
     // Commands arrive only after the ready line, so answers never precede it.
     tokio::spawn(async move {
         while let Ok(Some(line)) = lines.next_line().await {
-            let r: control::Response = match serde_json::from_str::<Command>(&line) {
-                Err(e) => Err(control::RequestError::BadRequest(e.to_string())),
-                Ok(c) => {
+            let (id, r): (u64, control::Response) = match serde_json::from_str::<CommandLine>(&line) {
+                Err(e) => {
+                    let id = serde_json::from_str::<serde_json::Value>(&line).ok().and_then(|v| v["id"].as_u64());
+                    (id.unwrap_or(0), Err(control::RequestError::BadRequest(e.to_string())))
+                }
+                Ok(CommandLine { id, cmd }) => {
                     let (reply, rx) = tokio::sync::oneshot::channel();
-                    if tx.send(control::Msg { req: control::Request::Apply(c), reply }).await.is_err() {
+                    if tx.send(control::Msg { req: control::Request::Apply(cmd), reply }).await.is_err() {
                         return;
                     }
-                    rx.await.unwrap_or(Err(control::RequestError::Stopping))
+                    (id, rx.await.unwrap_or(Err(control::RequestError::Stopping)))
                 }
             };
-            println!("{}", serde_json::to_string(&Reply::from(r)).unwrap_or_default());
+            let line = serde_json::to_string(&ReplyLine { id, reply: Reply::from(r) }).unwrap_or_default();
+            if let Err(e) = super::write_line(&line) {
+                log::warn!("answering the supervisor: {e}; no more commands are taken");
+                return;
+            }
         }
     });
     serve(cfg, &spec, Arc::new(link), welcome, ctl).await
@@ -212,7 +239,8 @@ async fn serve(
         let route = Arc::new(accept::Route::of(i, f, cfg.timeouts.client_hello));
         accepts.spawn(accept::accept_loop(l, route, global.clone(), own[i].clone(), shared.clone()));
     }
-    println!("{}", serde_json::to_string(&ready).unwrap_or_default());
+    super::write_line(&serde_json::to_string(&ready).unwrap_or_default())
+        .context("telling the supervisor this worker is ready")?;
 
     let stop = wait_for_signal();
     tokio::pin!(stop);

@@ -12,29 +12,32 @@
 //!
 //! A worker that starts in the slot says [`wire::ToHolder::Hello`] and gets
 //! the listeners and the list of connections held (to count them, and to
-//! learn when each ends); then [`wire::ToWorker::Closed`] batches as they end.
+//! learn when each ends); then [`wire::ToWorker::Closed`] batches as they
+//! end, sent by a thread of their own ([`outbox`]).
 
+pub mod beat;
 mod handover;
 pub mod link;
+mod outbox;
 pub mod wire;
 
 use std::{
-    collections::HashMap,
     net::TcpStream,
     os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicBool, Ordering::Relaxed},
     },
     time::Duration,
 };
 
 use anyhow::Context as _;
-
+use beat::Beat;
 pub use handover::take_over;
+use outbox::{Outbox, SEND_TIMEOUT};
 use rustix::net::{AddressFamily, RecvFlags, SocketAddrUnix, SocketFlags, SocketType};
-use wire::{Closed, CopyState, Held, ToHolder, ToWorker, VERSION};
+use wire::{Closed, CopyState, Held, ToHolder, VERSION};
 
 pub use super::watcher::WatchConf;
 use super::watcher::{Dir, Report, Watcher};
@@ -47,48 +50,48 @@ fn open_maps(path: &Path) -> anyhow::Result<ConnMaps> {
 /// Why a connection could not be kept, and its sockets if nothing has reset them.
 type Refusal = (String, Option<[TcpStream; 2]>);
 
-/// How long a send to a worker may block before the worker is dropped.
-const SEND_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// What the watcher thread and the worker connection share.
-#[derive(Default)]
-struct State {
-    /// The worker connected now, if any.
-    worker: Option<Arc<OwnedFd>>,
-    live: HashMap<u64, Held>,
-    /// Closes not yet sent to the worker.
-    closed: Vec<Closed>,
-}
-
+/// The watcher's closes go to the worker's queue: it never sends itself.
+/// Each round of its loop is a heartbeat.
 #[derive(Clone)]
-struct Reporter(Arc<Mutex<State>>);
+struct Reporter {
+    outbox: Arc<Outbox>,
+    beat: Arc<OnceLock<Beat>>,
+}
 
 impl Report for Reporter {
     fn closed(&mut self, c: Closed) {
-        let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        st.live.remove(&c.id);
-        if st.worker.is_some() {
-            st.closed.push(c);
-        }
+        self.outbox.closed(c);
+        panic_if_asked();
     }
 
     fn flush(&mut self) {
-        let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if st.closed.is_empty() {
-            return;
+        self.outbox.flush();
+        if let Some(b) = self.beat.get() {
+            b.tick();
         }
-        let batch = std::mem::take(&mut st.closed);
-        let Some(w) = st.worker.clone() else { return };
-        if let Err(e) = wire::send_chunked(&*w, &batch, ToWorker::Closed) {
-            log::warn!("telling the worker about {} closed connection(s): {e}; dropping it", batch.len());
-            st.worker = None;
-        }
+    }
+}
+
+/// Test hook: with `LB_TEST_PANIC_WATCHER=FILE`, the close watcher panics
+/// at the first close after FILE appears (and removes it, so the holder
+/// started next does not): a test of what a panicking thread does to the
+/// process.
+fn panic_if_asked() {
+    static FILE: OnceLock<Option<PathBuf>> = OnceLock::new();
+    let file = FILE.get_or_init(|| std::env::var_os("LB_TEST_PANIC_WATCHER").map(PathBuf::from));
+    if let Some(f) = file
+        && std::fs::remove_file(f).is_ok()
+    {
+        panic!("LB_TEST_PANIC_WATCHER: the close watcher panics (a test setting)");
     }
 }
 
 /// The holder of one worker slot.
 pub struct Holder {
-    state: Arc<Mutex<State>>,
+    /// The connections held, and what goes to the worker.
+    outbox: Arc<Outbox>,
+    /// Where the watcher beats, once [`Self::beat_to`] says.
+    beat: Arc<OnceLock<Beat>>,
     /// `None` on the userspace plane, and while connections are handed over.
     watcher: Mutex<Option<Watcher>>,
     /// The pinned maps, on the kernel plane.
@@ -113,10 +116,10 @@ impl Holder {
         pin_path: Option<&Path>,
         conf: WatchConf,
     ) -> anyhow::Result<Self> {
-        let state = Arc::new(Mutex::new(State::default()));
         let records = pin_path.map(open_maps).transpose()?.map(Mutex::new);
         let mut h = Self {
-            state,
+            outbox: Outbox::start()?,
+            beat: Arc::default(),
             watcher: Mutex::new(None),
             pin_path: pin_path.map(Path::to_owned),
             records,
@@ -140,7 +143,29 @@ impl Holder {
             .then(|| crate::kernel::maps::events_ring(path, self.conf.slot))
             .transpose()
             .map_err(|e| anyhow::anyhow!("making the flow-event ring of slot {}: {e}", self.conf.slot))?;
-        Ok(Watcher::start(maps, self.conf, ring, Reporter(self.state.clone()))?)
+        Ok(Watcher::start(maps, self.conf, ring, self.reporter())?)
+    }
+
+    /// Where a watcher of this holder reports closes.
+    fn reporter(&self) -> Reporter {
+        Reporter { outbox: self.outbox.clone(), beat: self.beat.clone() }
+    }
+
+    /// Writes this holder's heartbeat to `path` from now on: every
+    /// `every`, from the close watcher's loop, or from [`Self::tick`]
+    /// where no watcher runs (the userspace plane).
+    pub fn beat_to(&self, path: &Path, every: Duration) -> std::io::Result<()> {
+        let _ = self.beat.set(Beat::create(path, every / 2)?);
+        Ok(())
+    }
+
+    /// A heartbeat, if no watcher beats for this holder.
+    pub fn tick(&self) {
+        if self.pin_path.is_none()
+            && let Some(b) = self.beat.get()
+        {
+            b.tick();
+        }
     }
 
     /// Binds the socket at `path` (mode 0600) where the slot's workers find it.
@@ -184,11 +209,7 @@ impl Holder {
                 Ok(()) => log::info!("the worker left; {} connection(s) held", self.held()),
                 Err(e) => log::warn!("worker connection ended: {e}; {} connection(s) held", self.held()),
             }
-            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if st.worker.as_ref().is_some_and(|w| Arc::ptr_eq(w, &conn)) {
-                st.worker = None;
-                st.closed.clear();
-            }
+            self.outbox.end(&conn);
         }
     }
 
@@ -212,22 +233,13 @@ impl Holder {
 
     /// How many spliced connections this holder keeps.
     pub fn held(&self) -> usize {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).live.len()
+        self.outbox.lock().live.len()
     }
 
     /// One worker, from its hello to its end.
     fn worker(&self, conn: &Arc<OwnedFd>) -> std::io::Result<()> {
-        {
-            // Under the lock: every close after this snapshot reaches the worker after it.
-            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            let fds: Vec<_> = self.listeners.iter().map(|l| l.as_fd()).collect();
-            wire::send(&**conn, &ToWorker::Welcome { version: VERSION, listeners: fds.len() }, &fds)?;
-            let live: Vec<Held> = st.live.values().cloned().collect();
-            wire::send_chunked(&**conn, &live, ToWorker::Live)?;
-            wire::send(&**conn, &ToWorker::LiveEnd, &[])?;
-            st.closed.clear();
-            st.worker = Some(conn.clone());
-        }
+        let fds: Vec<_> = self.listeners.iter().map(|l| l.as_fd()).collect();
+        self.outbox.greet(conn, &fds)?;
         let mut refusals = crate::observe::Every::new();
         loop {
             let Some(r) = wire::recv_with::<ToHolder>(&**conn, RecvFlags::empty())? else { return Ok(()) };
@@ -238,7 +250,7 @@ impl Holder {
                         if let Some(n) = refusals.hit() {
                             log::warn!("holder: cannot take {n} connection(s): {why}; turned away");
                         }
-                        wire::send(&**conn, &ToWorker::Refused(vec![id]), &[])?;
+                        self.outbox.refused(id);
                     }
                 }
                 other => return Err(std::io::Error::other(format!("unexpected from a worker: {other:?}"))),
@@ -287,9 +299,9 @@ impl Holder {
         }
         let dirs = [if h.client_copied { Dir::User } else { Dir::Kernel }, Dir::Kernel];
         let (cookies, written) = (h.cookies, h.written_base);
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).live.insert(id, h);
+        self.outbox.lock().live.insert(id, h);
         watcher.watch(id, socks, cookies, written, dirs, copy).map_err(|e| {
-            self.state.lock().unwrap_or_else(|e| e.into_inner()).live.remove(&id);
+            self.outbox.lock().live.remove(&id);
             (e.to_string(), None)
         })
     }
@@ -313,3 +325,6 @@ impl Holder {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -120,6 +120,8 @@ pub struct WatchConf {
     pub queue: u64,
     /// The worker slot: which ring of `LB_EVENTS` is this holder's.
     pub slot: u16,
+    /// The loop goes round at least this often, however idle (the holder's heartbeat).
+    pub beat: Duration,
 }
 
 /// A connection the watcher let go of without closing it ([`Watcher::detach`]).
@@ -313,7 +315,7 @@ fn wake_interval(idle: Duration) -> Duration {
 fn run(shared: &Shared, mut maps: ConnMaps, mut ring: Option<RingBuf<MapData>>, mut report: impl Report) {
     let mut buf: Vec<epoll::Event> = Vec::with_capacity(512);
     let idle = shared.conf.idle;
-    let wake_every = wake_interval(idle);
+    let wake_every = wake_interval(idle).min(shared.conf.beat);
     let mut next_tidy = Instant::now() + wake_every;
     let mut t = Table {
         conns: HashMap::new(),
