@@ -138,12 +138,16 @@ pub(super) async fn spawn_holder(spec: &HolderSpec) -> anyhow::Result<(Child, u3
 /// The children of one kind (workers, holders), by slot: their exits as
 /// they come in, and a pidfd of each, so a signal only ever reaches the
 /// process started for the slot, never one that got its pid after it
-/// exited and was reaped.
+/// exited and was reaped. Only the exit of a slot's current child is
+/// reported: one replaced since (a holder that handed its slot over, and
+/// whose exit comes after its successor's start) is no news.
 #[derive(Default)]
 pub(super) struct Waits {
-    exits: JoinSet<(usize, std::io::Result<ExitStatus>)>,
+    exits: JoinSet<(usize, u32, std::io::Result<ExitStatus>)>,
     /// Slot → the pid and pidfd of the last child started in it.
     pidfds: HashMap<usize, (u32, OwnedFd)>,
+    /// Slot → the pid of the last child started in it.
+    current: HashMap<usize, u32>,
 }
 
 type Exit = Result<(usize, std::io::Result<ExitStatus>), JoinError>;
@@ -163,16 +167,50 @@ impl Waits {
             Some(p) => self.pidfds.insert(i, p),
             None => self.pidfds.remove(&i),
         };
-        self.exits.spawn(async move { (i, child.wait().await) });
+        let pid = child.id().unwrap_or(0);
+        self.current.insert(i, pid);
+        self.exits.spawn(async move { (i, pid, child.wait().await) });
     }
 
-    /// The next child to exit.
+    /// The next exit of a slot's current child.
     pub(super) async fn join_next(&mut self) -> Option<Exit> {
-        self.exits.join_next().await
+        loop {
+            let exit = self.exits.join_next().await?;
+            if let Some(e) = self.news(exit) {
+                return Some(e);
+            }
+        }
     }
 
     pub(super) fn try_join_next(&mut self) -> Option<Exit> {
-        self.exits.try_join_next()
+        loop {
+            let exit = self.exits.try_join_next()?;
+            if let Some(e) = self.news(exit) {
+                return Some(e);
+            }
+        }
+    }
+
+    /// `exit`, unless it is that of a child since replaced in its slot.
+    fn news(&self, exit: Result<(usize, u32, std::io::Result<ExitStatus>), JoinError>) -> Option<Exit> {
+        match exit {
+            Ok((i, pid, status)) if self.current.get(&i) == Some(&pid) => Some(Ok((i, status))),
+            Ok((i, pid, status)) => {
+                log::debug!("an earlier child of slot {i} (pid {pid}) {}", describe(&status));
+                None
+            }
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// Whether slot `i`'s child still runs: its pidfd says so even before
+    /// the child is reaped (`kill(pid, 0)` succeeds on a zombie).
+    pub(super) fn running(&self, i: usize) -> bool {
+        use rustix::event::{PollFd, PollFlags, Timespec, poll};
+        self.pidfds.get(&i).is_some_and(|(_, fd)| {
+            let mut fds = [PollFd::new(fd, PollFlags::IN)];
+            poll(&mut fds, Some(&Timespec { tv_sec: 0, tv_nsec: 0 })).is_ok_and(|n| n == 0)
+        })
     }
 
     pub(super) fn is_empty(&self) -> bool {
@@ -282,6 +320,30 @@ mod tests {
         let t0 = std::time::Instant::now();
         stop_all(&mut waits).await;
         assert!(t0.elapsed() < Duration::from_secs(5), "the running child was not stopped by SIGTERM");
+        assert!(waits.is_empty());
+    }
+
+    /// A child replaced in its slot (a holder that handed over, then
+    /// exited): its exit is not reported, so it is not taken for the death
+    /// of its successor; the successor's is. A child that exited counts as
+    /// not running, reaped or not.
+    #[tokio::test]
+    async fn only_the_exit_of_a_slots_current_child_is_reported() {
+        let mut waits = Waits::default();
+        let first = tokio::process::Command::new("sleep").arg("0.2").spawn().unwrap();
+        waits.watch(0, first);
+        assert!(waits.running(0));
+        let second = tokio::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let second_pid = second.id().unwrap();
+        waits.watch(0, second);
+        let early = tokio::time::timeout(Duration::from_secs(2), waits.join_next()).await;
+        assert!(early.is_err(), "the replaced child's exit was reported: {early:?}");
+        assert!(waits.running(0));
+        assert!(waits.signal(0, Signal::KILL));
+        let (i, status) = waits.join_next().await.unwrap().unwrap();
+        assert_eq!(i, 0);
+        assert!(status.is_ok_and(|s| !s.success()), "pid {second_pid} was not the one killed");
+        assert!(!waits.running(0));
         assert!(waits.is_empty());
     }
 }

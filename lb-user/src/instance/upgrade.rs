@@ -254,7 +254,9 @@ async fn recover(sup: &mut Supervisor, procs: &mut Procs, failed: usize) -> Stri
     }
     let mut lost = Vec::new();
     for i in 0..=failed {
-        let alive = sup.holders[i].1.is_some_and(|p| rustix::process::test_kill_process(pid_of(p)).is_ok());
+        // Its pidfd tells an old holder that handed over from one that
+        // resumed, even before it is reaped.
+        let alive = sup.holders[i].1.is_some() && procs.holders.running(i);
         if !alive {
             let spec = &sup.holders[i].0;
             let started = match super::adopt::holder_alive(spec) {
@@ -285,10 +287,6 @@ async fn recover(sup: &mut Supervisor, procs: &mut Procs, failed: usize) -> Stri
     } else {
         format!("this instance serves every slot again; the connections of slot(s) {lost:?} were lost")
     }
-}
-
-fn pid_of(p: u32) -> rustix::process::Pid {
-    rustix::process::Pid::from_raw(p as i32).unwrap_or(rustix::process::Pid::INIT)
 }
 
 /// `lb takeover`: the new side. Checks, says `standby`, takes each slot
