@@ -237,3 +237,88 @@ async fn lb_run_refuses_to_take_over_maps_of_another_layout() {
     .await;
     assert!(fresh_pins.is_some(), "the pins were not replaced: {}", lb.pinned_stats());
 }
+
+fn kill(pid: u32, sig: i32) {
+    // SAFETY: signalling a process of the lb this test started.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+/// Waits until `text` appears in lb's log.
+async fn logged(lb: &Lb, text: &str, within: Duration) {
+    let seen = retry_until(within, || lb.stderr().contains(text).then_some(())).await;
+    assert!(seen.is_some(), "{text:?} not logged within {within:?}:\n{}", lb.stderr());
+}
+
+/// The holders `lb run` took over after a crash are its own children
+/// like any: one that hangs (SIGSTOP) is found by its heartbeat, killed
+/// and replaced, one that is killed is restarted, and the slots serve
+/// again while the other slot's connections go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holders_taken_over_after_a_crash_are_watched_and_restarted() {
+    let be = Backend::echo().await;
+    let body = format!("workers = 2\n[timeouts]\nworker = \"1s\"\n\n{}", Lb::body(&[be.addr]));
+    let Some(mut lb) = Lb::start_with(Mode::Kernel, "crash_watch", &body) else { return };
+    let mut conns = open_checked(lb.addr, 20).await;
+    lb.kill_supervisor();
+    lb.restart("crash_watch", &[]);
+    logged(&lb, "slot 1: took over", Duration::from_secs(5)).await;
+    let (hung, killed) = (lb.holders[0], lb.holders[1]);
+    kill(hung, libc::SIGSTOP);
+    let text = format!("holder 0 (pid {hung}): no heartbeat for 1s (timeouts.worker) and no CPU time since: hung");
+    logged(&lb, &text, Duration::from_secs(10)).await;
+    logged(&lb, "holder 0 restarted as pid", Duration::from_secs(10)).await;
+    logged(&lb, "worker 0 restarted as pid", Duration::from_secs(15)).await;
+    assert!(!testkit::alive(hung), "the hung holder still runs");
+    // Slot 1's connections (taken over) went on meanwhile.
+    let rows: serde_json::Value = serde_json::from_str(&lb.ctl(&["conns", "--json"])).unwrap();
+    let slot1: Vec<String> = rows
+        .as_array()
+        .expect("lb conns --json is a list")
+        .iter()
+        .filter(|r| r["worker"].as_u64() == Some(1))
+        .filter_map(|r| r["client"].as_str().map(str::to_owned))
+        .collect();
+    assert!(!slot1.is_empty(), "no connection of slot 1 left: {rows}");
+    for (i, s) in conns.iter_mut().enumerate() {
+        if slot1.contains(&s.local_addr().unwrap().to_string()) {
+            round_trip(s, i as u32, 1).await.unwrap_or_else(|e| panic!("slot 1's connection {i}: {e}"));
+        }
+    }
+    kill(killed, libc::SIGKILL);
+    logged(&lb, &format!("holder 1 (pid {killed}) was killed by signal 9"), Duration::from_secs(5)).await;
+    logged(&lb, "holder 1 restarted as pid", Duration::from_secs(10)).await;
+    logged(&lb, "worker 1 restarted as pid", Duration::from_secs(15)).await;
+    for i in 0..20 {
+        let mut s = TcpStream::connect(lb.addr).await.unwrap();
+        round_trip(&mut s, 100 + i, 0).await.unwrap_or_else(|e| panic!("new client {i} after the restarts: {e}"));
+    }
+}
+
+/// `lb stop` after the holders of a dead supervisor were killed too (they
+/// could not clean up) removes what they left beside the pins: each
+/// slot's socket, lock and heartbeat file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lb_stop_removes_the_files_of_killed_holders() {
+    let be = Backend::echo().await;
+    let body = format!("workers = 2\n{}", Lb::body(&[be.addr]));
+    let Some(mut lb) = Lb::start_with(Mode::Kernel, "crash_files", &body) else { return };
+    let files: Vec<std::path::PathBuf> = (0..2u16)
+        .flat_map(|i| {
+            let (dir, pins) = (&lb.run_dir, &lb.pin_path);
+            use lb_common::files::{holder_beat, holder_lock, holder_socket};
+            [holder_socket(dir, pins, i), holder_lock(dir, pins, i), holder_beat(dir, pins, i)]
+        })
+        .collect();
+    let missing: Vec<_> = files.iter().filter(|f| !f.exists()).collect();
+    assert!(missing.is_empty(), "the holders have no {missing:?}");
+    let holders = lb.holders.clone();
+    lb.kill_supervisor();
+    for p in &holders {
+        kill(*p, libc::SIGKILL);
+    }
+    all_gone(&holders, "killed holders").await;
+    let (ok, out, err) = lb.cli(&["stop"]);
+    assert!(ok && out.contains("removed the pins"), "lb stop: {out} {err}");
+    let left: Vec<_> = files.iter().filter(|f| f.exists()).collect();
+    assert!(left.is_empty(), "lb stop left {left:?}");
+}

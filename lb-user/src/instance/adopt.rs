@@ -285,6 +285,7 @@ pub fn stop(run_dir: &Path, pin_path: &Path) -> anyhow::Result<String> {
     if Objects::remove_stale(run_dir, pin_path)? {
         did.push(format!("removed the pins at {}", pin_path.display()));
     }
+    remove_holder_files(run_dir, pin_path);
     // The control socket a killed supervisor left (at its default path).
     let socket = crate::control::default_path(run_dir, pin_path);
     let socket_lock = crate::control::lock_path(&socket);
@@ -294,6 +295,20 @@ pub fn stop(run_dir: &Path, pin_path: &Path) -> anyhow::Result<String> {
     }
     anyhow::ensure!(!did.is_empty(), "no lb at {}: nothing runs and nothing is pinned there", pin_path.display());
     Ok(did.join("; "))
+}
+
+/// Removes the socket, lock and heartbeat file of each slot whose holder
+/// is gone without removing them (killed); a live holder's are left alone.
+fn remove_holder_files(run_dir: &Path, pin_path: &Path) {
+    for slot in 0..MAX_WORKERS as u16 {
+        let lock = lb_common::files::holder_lock(run_dir, pin_path, slot);
+        if matches!(lock::holder(&lock), Some((true, _))) {
+            continue;
+        }
+        let _ = std::fs::remove_file(lb_common::files::holder_socket(run_dir, pin_path, slot));
+        let _ = std::fs::remove_file(lb_common::files::holder_beat(run_dir, pin_path, slot));
+        let _ = std::fs::remove_file(&lock);
+    }
 }
 
 #[cfg(test)]
