@@ -304,18 +304,10 @@ impl Table {
     }
 }
 
-/// How often the thread wakes without an event: to take in the
-/// connections queued meanwhile (`watch` does not wake it) and schedule
-/// their idle looks, and to tidy up. A quarter of the idle timeout, between
-/// 50 ms and 10 s, so a connection's first look is never late.
-fn wake_interval(idle: Duration) -> Duration {
-    (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(10))
-}
-
 fn run(shared: &Shared, mut maps: ConnMaps, mut ring: Option<RingBuf<MapData>>, mut report: impl Report) {
     let mut buf: Vec<epoll::Event> = Vec::with_capacity(512);
     let idle = shared.conf.idle;
-    let wake_every = wake_interval(idle).min(shared.conf.beat);
+    let wake_every = looks::wake_interval(idle, shared.conf.beat);
     let mut next_tidy = Instant::now() + wake_every;
     let mut t = Table {
         conns: HashMap::new(),
