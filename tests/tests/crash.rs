@@ -322,3 +322,42 @@ async fn lb_stop_removes_the_files_of_killed_holders() {
     let left: Vec<_> = files.iter().filter(|f| f.exists()).collect();
     assert!(left.is_empty(), "lb stop left {left:?}");
 }
+
+/// The takeover after a crash is an upgrade's hand-over, commit step
+/// included: with the old holder's commit late (a test hook in the holders
+/// the killed supervisor started), the new holder touches nothing and
+/// exits, and the old one resumes alone; `lb run` then stops it (closing its
+/// connections, and saying so) and starts the slot anew, which serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_whose_commit_comes_late_leaves_one_holder_then_starts_anew() {
+    let test = "crash_late_commit";
+    if !testkit::lbproc::kernel_available(test) {
+        return;
+    }
+    let be = Backend::echo().await;
+    let (dir, pin_path) = testkit::lbproc::scratch();
+    let cfg = format!("dataplane = \"kernel\"\npin_path = \"{}\"\n{}", pin_path.display(), Lb::body(&[be.addr]));
+    let env = [("LB_TEST_HANDOVER_FAULT", "late-commit"), ("LB_TEST_HANDOVER_STEP_MS", "1000")];
+    let mut lb = Lb::launch_with(test, dir, pin_path, &cfg, &env);
+    let mut conns = open_checked(lb.addr, 20).await;
+    let old = lb.holders[0];
+    lb.kill_supervisor();
+    // The new holder waits for the commit as long as the old one.
+    lb.restart(test, &env[1..]);
+    let log = lb.stderr();
+    assert!(log.contains("this holder touched nothing"), "the new holder did not wait for the commit:\n{log}");
+    let failed = format!("slot 0: taking over the earlier holder (pid {old}) failed");
+    assert!(log.contains(&failed) && log.contains("starting a new one"), "no clear account in the log:\n{log}");
+    all_gone(&[old], "the old holder").await;
+    assert_ne!(lb.holders[0], old);
+    for (i, s) in conns.iter_mut().enumerate() {
+        s.write_all(b"x").await.ok();
+        let mut b = [0u8; 64];
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await;
+        assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "connection {i} of the stopped holder still answers: {r:?}");
+    }
+    for i in 0..10 {
+        let mut s = TcpStream::connect(lb.addr).await.unwrap();
+        round_trip(&mut s, 100 + i, 0).await.unwrap_or_else(|e| panic!("new client {i} after the takeover: {e}"));
+    }
+}
