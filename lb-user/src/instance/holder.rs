@@ -53,7 +53,8 @@ pub struct HolderSpec {
     #[serde(default)]
     pub lock: PathBuf,
     /// Take the listeners and connections from the holder of an earlier
-    /// binary serving at `socket` (`lb upgrade`) instead of binding.
+    /// binary or instance serving at `socket` (`lb upgrade`, `lb run` after
+    /// a crash) instead of binding.
     #[serde(default)]
     pub takeover: bool,
     /// Where to write the heartbeat the supervisor's watchdog reads, and
