@@ -48,9 +48,9 @@ pub const EVENTS: &str = "LB_EVENTS";
 /// Size of each slot's ring (a power of two, whole pages): 2,048 events.
 pub const EVENTS_RING_BYTES: u32 = 1 << 16;
 
-/// Capacity of `LB_SOURCES` (pairs × workers).
+/// Capacity of `LB_SOURCES` in the object file (pairs × workers; set at load).
 pub const MAX_SOURCE_ENTRIES: u32 = 1 << 16;
-/// Capacity of `LB_SERVERS` (servers × workers).
+/// Capacity of `LB_SERVERS` in the object file (servers × workers; set at load).
 pub const MAX_SERVER_ENTRIES: u32 = 1 << 14;
 /// Capacity of `LB_WORKERS`.
 pub const MAX_WORKERS: u32 = 256;
@@ -63,8 +63,47 @@ pub const PROG_SETUP: &str = "lb_setup";
 /// Pin of its cgroup attachment (a bpf link): it stays attached while pinned.
 pub const LINK_SETUP: &str = "lb_setup_link";
 
-/// Default capacity of the socket maps (two sockets per connection).
+/// Capacity of the socket maps and `LB_CONN` in the object file; lb sets
+/// each map's capacity at load ([`Capacities`]).
 pub const DEFAULT_MAX_SOCKETS: u32 = 1 << 18;
+
+/// The capacities lb gives the maps it sizes at load, from the
+/// configuration (`maxconn`, `workers`, servers and source pools, the
+/// guard): what `kernel_memory` pays for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capacities {
+    /// `LB_CONN`: a record per socket of every connection lb holds or sets up.
+    pub conn: u32,
+    /// `LB_TARGET`: every socket of `conn`, and clients not served yet.
+    pub target: u32,
+    /// `LB_SPLICE`: every socket of `conn`.
+    pub splice: u32,
+    /// `LB_SERVERS`: a row per (server, worker).
+    pub servers: u32,
+    /// `LB_SOURCES`: a row per (source address, server, worker).
+    pub sources: u32,
+    /// `LB_GUARD_RATE` and `LB_GUARD_TOP`.
+    pub guard_sources: u32,
+    /// `LB_GUARD_DENY` and `LB_GUARD_ALLOW`, each.
+    pub guard_rules: u32,
+}
+
+impl Capacities {
+    /// Each sized map's name with its capacity.
+    pub fn by_map(&self) -> [(&'static str, u32); 9] {
+        [
+            (CONN, self.conn),
+            (TARGET, self.target),
+            (SPLICE, self.splice),
+            (SERVERS, self.servers),
+            (SOURCES, self.sources),
+            (GUARD_RATE, self.guard_sources),
+            (GUARD_TOP, self.guard_sources),
+            (GUARD_DENY, self.guard_rules),
+            (GUARD_ALLOW, self.guard_rules),
+        ]
+    }
+}
 
 /// LPM_TRIE: source prefix (IPv6 bytes, IPv4 mapped) -> 1: the guard drops it.
 pub const GUARD_DENY: &str = "LB_GUARD_DENY";

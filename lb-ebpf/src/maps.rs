@@ -2,6 +2,7 @@
 //! Names come from `lb_common::maps`; sizes are overridden at load time.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
     macros::btf_map,
 };
@@ -33,9 +34,11 @@ pub static LB_SETUP_MISS: LruHashMap<u64, u8, { MAX_SETUP_MISSES as usize }> = L
 #[btf_map(name = "LB_SPLICE")]
 pub static LB_SPLICE: SockHash<u64, MAX> = SockHash::new();
 
-/// Socket cookie -> connection record (identity from userspace, traffic from the verdict).
+/// Socket cookie -> connection record (identity from userspace, traffic from
+/// the verdict). Not preallocated: a record's memory is taken when it is
+/// written, and the kernel's `memlock` figure for the map counts them.
 #[btf_map(name = "LB_CONN")]
-pub static LB_CONN: HashMap<u64, ConnTraffic, MAX> = HashMap::new();
+pub static LB_CONN: HashMap<u64, ConnTraffic, MAX, { BPF_F_NO_PREALLOC as usize }> = HashMap::new();
 
 /// Worker slot -> its holder's ring of flow events (the holders put them in).
 #[btf_map(name = "LB_EVENTS")]

@@ -274,6 +274,11 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 cfg.workers,
                 cfg.maxconn
             );
+            println!(
+                "kernel maps: {} at their capacities, of kernel_memory = \"{}\"",
+                crate::config::memory::human(cfg.memory.bytes()),
+                crate::config::memory::human(cfg.kernel_memory)
+            );
             Ok(())
         }
         Cmd::Run { config, dataplane, workers, announce } => {

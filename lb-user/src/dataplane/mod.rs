@@ -150,7 +150,7 @@ pub fn load(cfg: &Config) -> anyhow::Result<(Kind, Option<Objects>)> {
     let spec = |program| Spec {
         pin_path: &cfg.pin_path,
         run_dir: &cfg.runtime_dir,
-        sockets: cfg.maxconn.saturating_mul(2),
+        capacities: cfg.memory.capacities(),
         program,
         backends: cfg.backends.iter().map(|b| b.name.clone()).collect(),
     };

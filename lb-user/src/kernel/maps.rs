@@ -1,7 +1,10 @@
 //! Typed handles to the pinned maps, opened by every process that serves
 //! or reads (workers, the supervisor, `lb stats`).
 
-use std::{os::fd::AsRawFd, path::Path};
+use std::{
+    os::fd::{AsFd, AsRawFd},
+    path::Path,
+};
 
 use aya::maps::{ArrayOfMaps, HashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash};
 use lb_common::{
@@ -192,6 +195,21 @@ impl PinnedMaps {
             conn: ConnMaps::open(pin_path)?,
             stats: StatMaps::open(pin_path)?,
         })
+    }
+
+    /// The capacity and memory of the maps that fill with connections and
+    /// servers (`None` for one whose fdinfo cannot be read).
+    pub fn usages(&self) -> [(&'static str, Option<super::fill::Usage>); 6] {
+        use aya::maps::IterableMap;
+        let u = |m: &MapData| super::fill::usage(m.fd().as_fd());
+        [
+            (CONN, u(self.conn.conn.map())),
+            (TARGET, u(IterableMap::<u64, _>::map(&self.conn.target))),
+            (SPLICE, u(IterableMap::<u64, _>::map(&self.conn.splice))),
+            (SERVERS, u(self.stats.servers.map())),
+            (SOURCES, u(self.stats.sources.map())),
+            (WORKERS, u(self.stats.workers.map())),
+        ]
     }
 
     /// The verdict's counters, summed over CPUs.

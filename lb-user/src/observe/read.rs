@@ -77,6 +77,18 @@ pub struct KernelCounters {
     pub conn_entries: u64,
 }
 
+/// How full one map is.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct MapRow {
+    pub map: String,
+    /// Entries now (`None`: this instance's metadata cannot say).
+    pub entries: Option<u64>,
+    pub capacity: u32,
+    /// What the map takes of the kernel's memory now, as the kernel counts
+    /// it (`memlock`; without the psocks of the sockets in socket maps).
+    pub bytes: u64,
+}
+
 /// The whole report.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Report {
@@ -88,6 +100,8 @@ pub struct Report {
     pub totals: WorkerCounters,
     pub workers: Vec<WorkerRow>,
     pub counters: KernelCounters,
+    /// How full the maps are that fill with connections and servers.
+    pub maps: Vec<MapRow>,
     /// The XDP guard, when the instance runs one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guard: Option<GuardRow>,
@@ -143,10 +157,11 @@ pub fn read(pin_path: &Path, run_dir: &Path) -> Result<Report, KernelError> {
 pub fn read_from(maps: &PinnedMaps, meta: &Meta) -> Result<Report, KernelError> {
     let mut r = Report { dataplane: if maps.kernel { "kernel" } else { "userspace" }.into(), ..Default::default() };
     let mut tries = 0;
+    let mut rows = Rows::default();
     let mut servers = loop {
         tries += 1;
         let before = worker_seqs(maps);
-        let servers = read_published(maps, meta, &mut r);
+        let servers = read_published(maps, meta, &mut r, &mut rows);
         let settled = before.iter().all(|(_, seq)| seq % 2 == 0) && worker_seqs(maps) == before;
         // A worker killed mid-flush stays odd until it is restarted: give
         // the last read rather than nothing.
@@ -169,6 +184,20 @@ pub fn read_from(maps: &PinnedMaps, meta: &Meta) -> Result<Report, KernelError> 
         }
     }
     r.servers = servers.into_values().collect();
+    r.maps = maps
+        .usages()
+        .into_iter()
+        .filter_map(|(map, u)| {
+            let u = u?;
+            let entries = match map {
+                lb_common::maps::SERVERS => Some(rows.servers),
+                lb_common::maps::SOURCES => Some(rows.sources),
+                lb_common::maps::WORKERS => Some(rows.workers),
+                _ => crate::kernel::fill::entries(&meta.fill, map, u),
+            };
+            Some(MapRow { map: map.to_owned(), entries, capacity: u.capacity, bytes: u.bytes })
+        })
+        .collect();
     let c = maps.counters()?;
     r.counters = KernelCounters {
         skbs_redirected: c.skbs_redirected,
@@ -197,13 +226,29 @@ pub fn read_from(maps: &PinnedMaps, meta: &Meta) -> Result<Report, KernelError> 
     Ok(r)
 }
 
+/// Entries read from each map the workers publish into.
+#[derive(Default)]
+struct Rows {
+    servers: u64,
+    sources: u64,
+    workers: u64,
+}
+
 /// What the workers publish: server rows (returned, so that live bytes can
-/// be added), source rows, totals and workers (into `r`).
-fn read_published(maps: &PinnedMaps, meta: &Meta, r: &mut Report) -> BTreeMap<(u16, SocketAddr), ServerRow> {
+/// be added), source rows, totals and workers (into `r`); how many entries
+/// each map had (into `rows`).
+fn read_published(
+    maps: &PinnedMaps,
+    meta: &Meta,
+    r: &mut Report,
+    rows: &mut Rows,
+) -> BTreeMap<(u16, SocketAddr), ServerRow> {
     r.totals = WorkerCounters::default();
     r.workers.clear();
+    *rows = Rows::default();
     let mut servers: BTreeMap<(u16, SocketAddr), ServerRow> = BTreeMap::new();
     for (k, v) in maps.stats.servers.iter().filter_map(Result::ok) {
+        rows.servers += 1;
         let addr = SocketAddr::new(ip_of(k.server_ip), k.server_port);
         let backend =
             || meta.backends.get(usize::from(k.backend)).cloned().unwrap_or_else(|| format!("#{}", k.backend));
@@ -216,6 +261,7 @@ fn read_published(maps: &PinnedMaps, meta: &Meta, r: &mut Report) -> BTreeMap<(u
     }
     let mut sources: BTreeMap<(SocketAddr, [u8; 16]), SourceRow> = BTreeMap::new();
     for (k, v) in maps.stats.sources.iter().filter_map(Result::ok) {
+        rows.sources += 1;
         let server = SocketAddr::new(ip_of(k.server_ip), k.server_port);
         let row = sources.entry((server, k.source_ip)).or_insert_with(|| SourceRow::empty(k.source_ip, server));
         (row.ports_in_use, row.connects, row.exhausted) =
@@ -224,6 +270,7 @@ fn read_published(maps: &PinnedMaps, meta: &Meta, r: &mut Report) -> BTreeMap<(u
     r.sources = sources.into_values().collect();
     let mut workers: Vec<_> = maps.stats.workers.iter().filter_map(Result::ok).collect();
     workers.sort_by_key(|(k, _)| *k);
+    rows.workers = workers.len() as u64;
     for (k, w) in workers {
         r.totals.add(&w.counters);
         r.workers.push(WorkerRow {

@@ -1,0 +1,69 @@
+//! The maps under the kernel plane: sized from `kernel_memory`, their fill
+//! shown by `lb stats` and `/metrics`, and what lb does when one is full.
+
+use std::time::Duration;
+
+use testkit::{Lb, Mode, backends::Backend, retry_until, traffic::open_checked};
+
+/// `map` in `lb stats --json`'s `maps`: (entries, capacity).
+fn fill(stats: &serde_json::Value, map: &str) -> (Option<u64>, u64) {
+    let row = stats["maps"]
+        .as_array()
+        .and_then(|m| m.iter().find(|r| r["map"] == map))
+        .unwrap_or_else(|| panic!("no {map} in lb stats --json maps: {stats}"));
+    (row["entries"].as_u64(), row["capacity"].as_u64().expect("capacity"))
+}
+
+/// `lb stats` says how full each map is that fills with connections:
+/// `LB_CONN` holds a record per socket, `LB_TARGET` and `LB_SPLICE` each
+/// socket; capacities are the configuration's (two sockets per connection
+/// lb may hold), and the counts come back to zero when the clients leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_show_how_full_each_map_is() {
+    const CONNS: u32 = 40;
+    let be = Backend::echo().await;
+    let body = format!("maxconn = 1000\nmetrics_listen = \"127.0.0.1:0\"\n{}", Lb::body(&[be.addr]));
+    let Some(lb) = Lb::start_with(Mode::Kernel, "map_fill", &body) else { return };
+    let conns = open_checked(lb.addr, CONNS).await;
+    let want = u64::from(CONNS) * 2;
+    let held = retry_until(Duration::from_secs(5), || {
+        let s = lb.pinned_stats();
+        let all = ["LB_CONN", "LB_TARGET", "LB_SPLICE"].map(|m| fill(&s, m).0);
+        (all == [Some(want); 3]).then_some(s)
+    })
+    .await;
+    let s = held.unwrap_or_else(|| panic!("maps never held {want} entries each: {}", lb.pinned_stats()["maps"]));
+    // maxconn 1000 over one worker: at most 1001 connections, two sockets each.
+    assert_eq!(fill(&s, "LB_CONN").1, 2002, "{}", s["maps"]);
+    assert_eq!(fill(&s, "LB_SPLICE").1, 2002, "{}", s["maps"]);
+    assert!(fill(&s, "LB_TARGET").1 >= 2002, "{}", s["maps"]);
+    assert_eq!(fill(&s, "LB_SERVERS"), (Some(1), 66), "one server, one worker: {}", s["maps"]);
+    let text = lb.ctl(&["stats"]);
+    assert!(text.contains(&format!("LB_CONN {want}/2002")), "lb stats:\n{text}");
+    let metrics = lb.metrics.expect("metrics address");
+    let scrape = testkit::http_get(metrics, "/metrics").await.expect("/metrics");
+    assert!(scrape.contains(&format!("lb_map_entries{{map=\"LB_SPLICE\"}} {want}")), "{scrape}");
+    assert!(scrape.contains("lb_map_capacity{map=\"LB_CONN\"} 2002"), "{scrape}");
+    drop(conns);
+    let emptied = retry_until(Duration::from_secs(10), || {
+        let s = lb.pinned_stats();
+        (["LB_CONN", "LB_TARGET", "LB_SPLICE"].map(|m| fill(&s, m).0) == [Some(0); 3]).then_some(())
+    })
+    .await;
+    assert!(emptied.is_some(), "entries left after every client closed: {}", lb.pinned_stats()["maps"]);
+}
+
+/// `LB_SERVERS` has room for the configured servers and 64 more per
+/// worker; servers added past that cannot be published, and lb says so
+/// (it used to skip them without a word) while `lb stats` shows the map full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_stats_map_is_reported() {
+    let be = Backend::echo().await;
+    let Some(lb) = Lb::start(Mode::Kernel, "map_servers_full", &[be.addr]) else { return };
+    for port in 1..=70u16 {
+        lb.ctl(&["server", "add", "b", &format!("127.0.0.1:{port}")]);
+    }
+    let warned = retry_until(Duration::from_secs(5), || lb.stderr().contains("LB_SERVERS: ").then_some(())).await;
+    assert!(warned.is_some(), "no warning about the full LB_SERVERS:\n{}", lb.stderr());
+    assert_eq!(fill(&lb.pinned_stats(), "LB_SERVERS"), (Some(66), 66));
+}
