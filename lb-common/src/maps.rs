@@ -14,12 +14,13 @@ pub const FRONTENDS: &str = "LB_FRONTENDS";
 /// Capacity of `LB_FRONTENDS`.
 pub const MAX_FRONTENDS: u32 = 1024;
 
-/// LRU_HASH: client cookie -> 1 for a client the `sock_ops` program could
-/// not make a redirect target (rare: no memory); its server is then left
-/// to userspace. LRU, so entries of clients never served age out.
-pub const SETUP_MISS: &str = "LB_SETUP_MISS";
-/// Capacity of `LB_SETUP_MISS`.
-pub const MAX_SETUP_MISSES: u32 = 4096;
+/// LRU_HASH: client cookie -> 1 for a client the `sock_ops` program made a
+/// redirect target at its accept. It splices a server only if its client is
+/// here: a client it could not make a target (the map full, no memory), or
+/// whose entry aged out, has its server left to userspace, which makes the
+/// client a target first. (A program of this type cannot look sockets up
+/// in `LB_TARGET` itself: that takes a socket reference it may not release.)
+pub const TARGET_OK: &str = "LB_TARGET_OK";
 
 /// SOCKHASH: key = the socket's own cookie, value = the socket itself. The
 /// sk_skb stream-verdict program is attached here; inserting a socket starts
@@ -74,10 +75,13 @@ pub const DEFAULT_MAX_SOCKETS: u32 = 1 << 18;
 pub struct Capacities {
     /// `LB_CONN`: a record per socket of every connection lb holds or sets up.
     pub conn: u32,
-    /// `LB_TARGET`: every socket of `conn`, and clients not served yet.
+    /// `LB_TARGET`: every socket of `conn`, and every client the frontends'
+    /// listen backlogs can hold (accepted by the kernel, not yet by lb).
     pub target: u32,
     /// `LB_SPLICE`: every socket of `conn`.
     pub splice: u32,
+    /// `LB_TARGET_OK`: every client of `target`.
+    pub target_ok: u32,
     /// `LB_SERVERS`: a row per (server, worker).
     pub servers: u32,
     /// `LB_SOURCES`: a row per (source address, server, worker).
@@ -90,11 +94,12 @@ pub struct Capacities {
 
 impl Capacities {
     /// Each sized map's name with its capacity.
-    pub fn by_map(&self) -> [(&'static str, u32); 9] {
+    pub fn by_map(&self) -> [(&'static str, u32); 10] {
         [
             (CONN, self.conn),
             (TARGET, self.target),
             (SPLICE, self.splice),
+            (TARGET_OK, self.target_ok),
             (SERVERS, self.servers),
             (SOURCES, self.sources),
             (GUARD_RATE, self.guard_sources),
@@ -131,7 +136,7 @@ pub const PROG_GUARD: &str = "lb_guard";
 pub const PINNED: [&str; 17] = [
     TARGET,
     FRONTENDS,
-    SETUP_MISS,
+    TARGET_OK,
     SPLICE,
     CONN,
     EVENTS,
@@ -161,7 +166,7 @@ pub fn layout() -> std::string::String {
         stats::{DataplaneCounters, ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats},
     };
     std::format!(
-        "{TARGET}:8/4 {FRONTENDS}:20/8 {SETUP_MISS}:8/1 {SPLICE}:8/4 {CONN}:8/{} {COUNTERS}:4/{} {SOURCES}:{}/{} {SERVERS}:{}/{} {WORKERS}:4/{} \
+        "{TARGET}:8/4 {FRONTENDS}:20/8 {TARGET_OK}:8/1 {SPLICE}:8/4 {CONN}:8/{} {COUNTERS}:4/{} {SOURCES}:{}/{} {SERVERS}:{}/{} {WORKERS}:4/{} \
          {GUARD_DENY}:20/1 {GUARD_ALLOW}:20/1 {GUARD_PORTS}:2/1 {GUARD_CONF}:4/{} {GUARD_RATE}:16/{} \
          {GUARD_STATS}:4/{} {GUARD_TOP}:16/8 {EVENTS}:4/4 ring {EVENTS_RING_BYTES}/{}",
         size_of::<ConnTraffic>(),

@@ -11,7 +11,7 @@ use lb_common::{
     guard::{GuardBucket, GuardConf, GuardCounters},
     maps::{
         DEFAULT_MAX_SOCKETS, EVENTS_RING_BYTES, MAX_FRONTENDS, MAX_GUARD_RULES, MAX_GUARD_SOURCES, MAX_SERVER_ENTRIES,
-        MAX_SETUP_MISSES, MAX_SOURCE_ENTRIES, MAX_WORKERS,
+        MAX_SOURCE_ENTRIES, MAX_WORKERS,
     },
     stats::{DataplaneCounters, ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats},
 };
@@ -26,9 +26,9 @@ pub static LB_TARGET: SockHash<u64, MAX> = SockHash::new();
 #[btf_map(name = "LB_FRONTENDS")]
 pub static LB_FRONTENDS: HashMap<FrontendKey, u64, { MAX_FRONTENDS as usize }> = HashMap::new();
 
-/// Clients the `sock_ops` program could not make targets.
-#[btf_map(name = "LB_SETUP_MISS")]
-pub static LB_SETUP_MISS: LruHashMap<u64, u8, { MAX_SETUP_MISSES as usize }> = LruHashMap::new();
+/// Clients the `sock_ops` program made targets at their accept (sized at load).
+#[btf_map(name = "LB_TARGET_OK")]
+pub static LB_TARGET_OK: LruHashMap<u64, u8, MAX> = LruHashMap::new();
 
 /// Socket's own cookie -> itself; the verdict program is attached here.
 #[btf_map(name = "LB_SPLICE")]

@@ -67,3 +67,52 @@ async fn a_full_stats_map_is_reported() {
     assert!(warned.is_some(), "no warning about the full LB_SERVERS:\n{}", lb.stderr());
     assert_eq!(fill(&lb.pinned_stats(), "LB_SERVERS"), (Some(66), 66));
 }
+
+/// A client the kernel accepts while `LB_TARGET` is full is no redirect
+/// target; `lb_setup` must not splice its server toward it when the server
+/// connects later (room freed meanwhile), or the server's reply waits on
+/// the server's socket until the idle timeout. Forced with an `LB_TARGET`
+/// of 4 entries: two held connections fill it, six clients arrive and wait
+/// in the backend's queue (server maxconn 2), then the held ones leave and
+/// each waiting client must get its echo at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_is_no_target_is_never_spliced_toward() {
+    use testkit::round_trip;
+    if !testkit::lbproc::kernel_available("map_no_target") {
+        return;
+    }
+    let be = Backend::echo().await;
+    let (dir, pin_path) = testkit::lbproc::scratch();
+    let cfg = format!(
+        "dataplane = \"kernel\"\npin_path = \"{}\"\n[timeouts]\nqueue = \"30s\"\n\n\
+         [[frontend]]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\nbackend = \"b\"\n\n\
+         [[backend]]\nname = \"b\"\nservers = [{{ addr = \"{}\", maxconn = 2 }}]\nqueue = 100\n",
+        pin_path.display(),
+        be.addr
+    );
+    let lb = Lb::launch_with("map_no_target", dir, pin_path, &cfg, &[("LB_TEST_MAP_ENTRIES", "LB_TARGET:4")]);
+    let held = open_checked(lb.addr, 2).await;
+    let full =
+        retry_until(Duration::from_secs(5), || (fill(&lb.pinned_stats(), "LB_TARGET").0 == Some(4)).then_some(()));
+    assert!(full.await.is_some(), "two connections do not fill LB_TARGET: {}", lb.pinned_stats()["maps"]);
+    let failures_before = lb.pinned_stats()["counters"]["kernel_setup_failures"].as_u64().unwrap();
+    let mut waiting = Vec::new();
+    for _ in 0..6 {
+        waiting.push(tokio::net::TcpStream::connect(lb.addr).await.expect("connect"));
+    }
+    // Accepted by the kernel (and refused by LB_TARGET) before the held ones leave.
+    let refused = retry_until(Duration::from_secs(5), || {
+        let f = lb.pinned_stats()["counters"]["kernel_setup_failures"].as_u64().unwrap();
+        (f >= failures_before + 6).then_some(())
+    });
+    assert!(refused.await.is_some(), "the clients were made targets: {}", lb.pinned_stats()["counters"]);
+    drop(held);
+    for (i, mut c) in waiting.into_iter().enumerate() {
+        let r = tokio::time::timeout(Duration::from_secs(5), round_trip(&mut c, 100 + i as u32, 0)).await;
+        assert!(
+            matches!(r, Ok(Ok(()))),
+            "waiting client {i}: {r:?} (its server was spliced toward a client that is no target?)\n{}",
+            lb.pinned_stats()["counters"]
+        );
+    }
+}

@@ -39,7 +39,8 @@ use super::{
 /// Default `kernel_memory`.
 pub const DEFAULT_KERNEL_MEMORY: u64 = 256 << 20;
 
-/// Listen backlog of each frontend socket (one per frontend per worker).
+/// Listen backlog of each frontend socket (one per frontend per worker; the
+/// kernel holds at most one more, and no more than `net.core.somaxconn`).
 pub const BACKLOG: u32 = 4096;
 
 /// Bucket of a hash or socket map, per power-of-two slot.
@@ -128,11 +129,18 @@ impl Shape {
         // more than maxconn in all.
         let conns = if self.kernel { self.maxconn.saturating_add(w) } else { 0 };
         let sockets = conns.saturating_mul(2).max(1);
+        // Clients the kernel accepted: every one lb holds or sets up, and
+        // every one a listen backlog can hold (each frontend has one per
+        // worker, up to BACKLOG + 1 deep).
+        let backlogs = w.saturating_mul(self.frontends).saturating_mul(BACKLOG + 1);
+        let clients = if self.kernel { conns.saturating_add(backlogs) } else { 1 };
         let rows = |per_worker: u32| per_worker.saturating_mul(w).max(1);
         Capacities {
             conn: sockets,
-            target: if self.kernel { sockets.saturating_add(1 << 16) } else { 1 },
+            // Clients are targets from the kernel's accept on.
+            target: if self.kernel { sockets.saturating_add(backlogs) } else { 1 },
             splice: sockets,
+            target_ok: clients,
             servers: rows(self.servers.saturating_mul(2).saturating_add(RUNTIME_SERVERS)),
             sources: rows(
                 self.pairs.saturating_mul(2).saturating_add(RUNTIME_SERVERS.saturating_mul(self.largest_pool.max(1))),
@@ -152,6 +160,7 @@ impl Shape {
             cost(lb_common::maps::CONN, c.conn, dynamic_hash(8, CONN_RECORD, c.conn)),
             cost(lb_common::maps::TARGET, c.target, sockhash(c.target, true)),
             cost(lb_common::maps::SPLICE, c.splice, sockhash(c.splice, false)),
+            cost(lb_common::maps::TARGET_OK, c.target_ok, lru(8, 1, c.target_ok)),
             cost(lb_common::maps::SERVERS, c.servers, hash(SERVER_KEY, SERVER_STATS, c.servers, cpus)),
             cost(lb_common::maps::SOURCES, c.sources, hash(SOURCE_KEY, SOURCE_STATS, c.sources, cpus)),
             cost(lb_common::maps::WORKERS, MAX_WORKERS, hash(4, WORKER_STATS, MAX_WORKERS, cpus)),

@@ -122,6 +122,10 @@ impl Objects {
         for (name, capacity) in capacities.by_map() {
             loader.map_max_entries(name, capacity.max(1));
         }
+        let tiny = test_capacities();
+        for (name, capacity) in &tiny {
+            loader.map_max_entries(name, *capacity);
+        }
         let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
 
         fs::create_dir_all(pin_path).map_err(io_err(format!("creating {}", pin_path.display())))?;
@@ -289,6 +293,22 @@ impl Drop for Objects {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// Test hook (`LB_TEST_MAP_ENTRIES=LB_TARGET:4,LB_CONN:8`): these maps get
+/// these capacities instead of the configuration's, so that a test can
+/// fill them with a few connections.
+fn test_capacities() -> Vec<(String, u32)> {
+    let Ok(spec) = std::env::var("LB_TEST_MAP_ENTRIES") else { return Vec::new() };
+    let tiny: Vec<(String, u32)> = spec
+        .split(',')
+        .filter_map(|e| {
+            let (name, n) = e.split_once(':')?;
+            Some((name.trim().to_owned(), n.trim().parse::<u32>().ok()?.max(1)))
+        })
+        .collect();
+    log::warn!("LB_TEST_MAP_ENTRIES: map capacities {tiny:?} (a test setting)");
+    tiny
 }
 
 /// The program `name` of the object, as its type `T`.
