@@ -274,10 +274,12 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 cfg.workers,
                 cfg.maxconn
             );
+            let human = crate::config::memory::human;
+            let limit = if cfg.splice_queue_limit == 0 { "0".to_owned() } else { human(cfg.splice_queue_limit) };
             println!(
-                "kernel maps: {} at their capacities, of kernel_memory = \"{}\"",
-                crate::config::memory::human(cfg.memory.bytes()),
-                crate::config::memory::human(cfg.kernel_memory)
+                "kernel maps: {} at their capacities, of kernel_memory = \"{}\"; splice_queue_limit = \"{limit}\"",
+                human(cfg.memory.bytes()),
+                human(cfg.kernel_memory)
             );
             Ok(())
         }

@@ -384,6 +384,7 @@ mod tests {
         };
         let c = parse("");
         assert_eq!(c.kernel_memory, 256 << 20);
+        assert_eq!(c.splice_queue_limit, 64 << 20, "on by default: a quarter of kernel_memory");
         assert!(c.maxconn < 100_000, "maxconn {} from the open-files rule alone", c.maxconn);
         assert!(shape(&c).bytes() <= c.kernel_memory, "{} bytes of maps", shape(&c).bytes());
         let one_more = memory::Shape { maxconn: c.maxconn + 1, ..shape(&c) };
@@ -391,6 +392,9 @@ mod tests {
         assert_eq!(c.memory.capacities(), shape(&c).capacities());
         let big = parse("kernel_memory = \"4GiB\"");
         assert!(big.maxconn > 15 * c.maxconn, "4GiB: {} connections, 256MiB: {}", big.maxconn, c.maxconn);
+        assert_eq!(big.splice_queue_limit, 1 << 30);
+        assert_eq!(parse("kernel_memory = \"128MiB\"").splice_queue_limit, 32 << 20);
+        assert_eq!(parse("splice_queue_limit = \"0\"").splice_queue_limit, 0, "still off when asked");
         // The userspace plane has no connection maps: only descriptors bound it.
         let u = parse("dataplane = \"userspace\"");
         assert_eq!(u.maxconn, 16 * ((1 << 20) - FD_RESERVE as u32) / 2);

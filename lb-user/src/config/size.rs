@@ -7,8 +7,10 @@ use super::error::{ConfigError, Locator};
 
 /// Default `send_buffer`: see the config reference in the README.
 pub const DEFAULT_SEND_BUFFER: u32 = 8 << 20;
-/// Default `splice_queue_limit`: off (see the config reference in the README).
-pub const DEFAULT_SPLICE_QUEUE_LIMIT: u64 = 0;
+/// The default `splice_queue_limit` is this share of `kernel_memory`: a
+/// connection may queue a quarter of what the maps may take before it is
+/// reset (see the config reference in the README).
+pub const SPLICE_QUEUE_SHARE: u64 = 4;
 
 /// `send_buffer` in bytes; 0 ("0"): leave the kernel's autotuning alone.
 /// At most 512MiB: the kernel doubles it into an int.
@@ -18,10 +20,16 @@ pub fn send_buffer(loc: &Locator<'_>, v: &Option<Spanned<String>>) -> Result<u32
     Ok(bytes as u32)
 }
 
-/// `splice_queue_limit` in bytes; 0 ("0"): no limit.
-pub fn splice_queue_limit(loc: &Locator<'_>, v: &Option<Spanned<String>>) -> Result<u64, ConfigError> {
+/// `splice_queue_limit` in bytes; 0 ("0"): no limit. Unset: a quarter of
+/// `kernel_memory` (within the key's range).
+pub fn splice_queue_limit(
+    loc: &Locator<'_>,
+    v: &Option<Spanned<String>>,
+    kernel_memory: u64,
+) -> Result<u64, ConfigError> {
     let range = Range { off: true, min: (1 << 20, "1MiB"), max: (64 << 30, "64GiB") };
-    size(loc, "splice_queue_limit", v, DEFAULT_SPLICE_QUEUE_LIMIT, range)
+    let default = (kernel_memory / SPLICE_QUEUE_SHARE).clamp(range.min.0, range.max.0);
+    size(loc, "splice_queue_limit", v, default, range)
 }
 
 /// `kernel_memory` in bytes: 16MiB to 1024GiB.

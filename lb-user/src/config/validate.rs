@@ -41,7 +41,7 @@ pub fn validate(raw: RawConfig, loc: &Locator<'_>, host: &dyn Host, o: &Override
         Some(a) => *a.get_ref(),
     };
     let send_buffer = super::size::send_buffer(loc, &raw.send_buffer)?;
-    let splice_queue_limit = super::size::splice_queue_limit(loc, &raw.splice_queue_limit)?;
+    let splice_queue_limit = super::size::splice_queue_limit(loc, &raw.splice_queue_limit, kernel_memory)?;
     let defaults = Timeouts::default();
     let t = &raw.timeouts;
     let timeouts = Timeouts {
