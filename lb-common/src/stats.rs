@@ -162,14 +162,18 @@ worker_counters! {
     /// Clients waiting now for a server slot.
     Gauge queued => "queued",
     /// Connections the kernel plane copied (whole or one side) in userspace
-    /// because a side had closed before its splice.
+    /// because a side had closed before its splice, or a kernel map was full.
     Counter userspace_fallbacks => "userspace_fallbacks",
+    /// Of `userspace_fallbacks`: a kernel map had no room (or the kernel no
+    /// memory) for the connection's entries; `maps` in `lb stats` says which
+    /// is full, and `kernel_memory` sizes them.
+    Counter kernel_maps_full => "kernel_maps_full",
     /// Bytes client -> server copied in userspace.
     Counter userspace_bytes_in => "userspace_bytes_in",
     /// Bytes server -> client copied in userspace.
     Counter userspace_bytes_out => "userspace_bytes_out",
 }
-const _: () = assert!(core::mem::size_of::<WorkerCounters>() == 18 * 8);
+const _: () = assert!(core::mem::size_of::<WorkerCounters>() == 19 * 8);
 
 /// Value of `LB_WORKERS`, keyed by worker index (u32).
 #[repr(C)]
@@ -185,7 +189,7 @@ pub struct WorkerStats {
     pub seq: u64,
     pub counters: WorkerCounters,
 }
-const _: () = assert!(core::mem::size_of::<WorkerStats>() == 16 + 18 * 8);
+const _: () = assert!(core::mem::size_of::<WorkerStats>() == 16 + 19 * 8);
 
 /// Key of `LB_SOURCES`.
 #[repr(C)]

@@ -134,3 +134,59 @@ async fn futures_join<T>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
     }
     out
 }
+
+/// A worker killed while it sets up connections leaves their `LB_CONN`
+/// records (written before the server's connect) behind: nothing else
+/// removes them, since their sockets closed with the worker. Its holder
+/// removes them once the worker is gone. Forced with a server that never
+/// completes a handshake (its accept queue full), so the connects hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_leaves_no_records() {
+    let stuck = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    stuck.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    stuck.listen(0).unwrap();
+    let addr = stuck.local_addr().unwrap().as_socket().unwrap();
+    // Fill its accept queue (it never accepts): further SYNs are dropped.
+    let _queued: Vec<_> =
+        (0..2).filter_map(|_| std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()).collect();
+    let body = format!("[timeouts]\nconnect = \"30s\"\n\n{}", Lb::body(&[addr]));
+    let Some(lb) = Lb::start_with(Mode::Kernel, "map_worker_killed", &body) else { return };
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(tokio::net::TcpStream::connect(lb.addr).await.expect("connect"));
+    }
+    let written =
+        retry_until(Duration::from_secs(5), || (fill(&lb.pinned_stats(), "LB_CONN").0 == Some(6)).then_some(()));
+    assert!(written.await.is_some(), "the worker wrote no records: {}", lb.pinned_stats()["maps"]);
+    let worker = lb.worker();
+    // SAFETY: signalling a process of the lb this test started.
+    unsafe { libc::kill(worker as i32, libc::SIGKILL) };
+    let swept =
+        retry_until(Duration::from_secs(5), || (fill(&lb.pinned_stats(), "LB_CONN").0 == Some(0)).then_some(()));
+    assert!(swept.await.is_some(), "records left by the killed worker: {}", lb.pinned_stats()["maps"]);
+    assert!(lb.stderr().contains("removed 6 connection record(s) the worker left"), "{}", lb.stderr());
+}
+
+/// A connection for which a kernel map has no room is copied in userspace
+/// (served all the same), counted in `kernel_maps_full` and told in a
+/// warning; it used to leave only a debug line. Forced with an `LB_CONN`
+/// of 4 records: two held connections fill it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_map_is_counted_and_told() {
+    use testkit::round_trip;
+    if !testkit::lbproc::kernel_available("map_full_fallback") {
+        return;
+    }
+    let be = Backend::echo().await;
+    let (dir, pin_path) = testkit::lbproc::scratch();
+    let cfg = format!("dataplane = \"kernel\"\npin_path = \"{}\"\n{}", pin_path.display(), Lb::body(&[be.addr]));
+    let lb = Lb::launch_with("map_full_fallback", dir, pin_path, &cfg, &[("LB_TEST_MAP_ENTRIES", "LB_CONN:4")]);
+    let _held = open_checked(lb.addr, 2).await;
+    let mut third = tokio::net::TcpStream::connect(lb.addr).await.expect("connect");
+    round_trip(&mut third, 7, 0).await.unwrap_or_else(|e| panic!("the third client was not served: {e}"));
+    lb.await_publication();
+    let totals = lb.pinned_stats()["totals"].clone();
+    assert_eq!(totals["kernel_maps_full"], 1, "{totals}");
+    assert_eq!(totals["userspace_fallbacks"], 1, "{totals}");
+    assert!(lb.stderr().contains("a kernel map is full"), "no warning:\n{}", lb.stderr());
+}

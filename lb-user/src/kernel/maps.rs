@@ -91,15 +91,28 @@ impl ConnMaps {
             log::warn!("removing {} connection record(s): {e}", cookies.len());
         }
     }
-    /// Deletes the records of a worker whose process is gone (its sockets
-    /// closed with it, so the kernel already removed their socket entries).
-    pub fn forget_worker(&mut self, worker: u16) -> usize {
+    /// Deletes the records of worker slot `worker` whose cookies are not in
+    /// `keep` (the connections its holder holds): those of connections a
+    /// worker was setting up when it died (their sockets closed with it, so
+    /// the kernel already removed their socket entries), or of a holder
+    /// before this one. Two `bpf()` calls per few thousand records.
+    pub fn forget_worker(&mut self, worker: u16, keep: &std::collections::HashSet<u64>) -> usize {
+        let all = match super::batch::lookup_all::<u64, ConnTraffic>(self.conn_fd()) {
+            Ok(all) => all,
+            Err(e) => {
+                log::warn!("reading {CONN} to remove worker {worker}'s leftover records: {e}");
+                return 0;
+            }
+        };
         let stale: Vec<u64> =
-            self.conn.iter().filter_map(Result::ok).filter(|(_, r)| r.worker == worker).map(|(k, _)| k).collect();
-        for k in &stale {
-            let _ = self.conn.remove(k);
+            all.into_iter().filter(|(k, r)| r.worker == worker && !keep.contains(k)).map(|(k, _)| k).collect();
+        match super::batch::delete(self.conn_fd(), &stale) {
+            Ok(n) => n,
+            Err(e) => {
+                log::warn!("removing worker {worker}'s {} leftover record(s): {e}", stale.len());
+                0
+            }
         }
-        stale.len()
     }
 }
 
