@@ -39,6 +39,13 @@ pub const SOURCES: &str = "LB_SOURCES";
 /// HASH: [`crate::pool::ServerKey`] -> [`crate::pool::ServerStats`].
 pub const SERVERS: &str = "LB_SERVERS";
 
+/// PERCPU_HASH: [`crate::stats::ServerBytesKey`] -> [`crate::stats::ServerBytes`]:
+/// bytes the verdict redirected per server, counted as they move (the
+/// verdict makes an entry at a server's first byte). Only grows, so
+/// `/metrics` byte counters never go down, and a scrape reads one small map
+/// instead of every connection's records.
+pub const SERVER_BYTES: &str = "LB_SERVER_BYTES";
+
 /// HASH: worker index (u32) -> [`crate::pool::WorkerStats`].
 pub const WORKERS: &str = "LB_WORKERS";
 
@@ -86,6 +93,8 @@ pub struct Capacities {
     pub servers: u32,
     /// `LB_SOURCES`: a row per (source address, server, worker).
     pub sources: u32,
+    /// `LB_SERVER_BYTES`: a row per server (of a backend).
+    pub server_bytes: u32,
     /// `LB_GUARD_RATE` and `LB_GUARD_TOP`.
     pub guard_sources: u32,
     /// `LB_GUARD_DENY` and `LB_GUARD_ALLOW`, each.
@@ -94,7 +103,7 @@ pub struct Capacities {
 
 impl Capacities {
     /// Each sized map's name with its capacity.
-    pub fn by_map(&self) -> [(&'static str, u32); 10] {
+    pub fn by_map(&self) -> [(&'static str, u32); 11] {
         [
             (CONN, self.conn),
             (TARGET, self.target),
@@ -102,6 +111,7 @@ impl Capacities {
             (TARGET_OK, self.target_ok),
             (SERVERS, self.servers),
             (SOURCES, self.sources),
+            (SERVER_BYTES, self.server_bytes),
             (GUARD_RATE, self.guard_sources),
             (GUARD_TOP, self.guard_sources),
             (GUARD_DENY, self.guard_rules),
@@ -133,7 +143,7 @@ pub const MAX_GUARD_SOURCES: u32 = 1 << 16;
 pub const PROG_GUARD: &str = "lb_guard";
 
 /// The maps `lb` pins under its `pin_path`.
-pub const PINNED: [&str; 17] = [
+pub const PINNED: [&str; 18] = [
     TARGET,
     FRONTENDS,
     TARGET_OK,
@@ -143,6 +153,7 @@ pub const PINNED: [&str; 17] = [
     COUNTERS,
     SOURCES,
     SERVERS,
+    SERVER_BYTES,
     WORKERS,
     GUARD_DENY,
     GUARD_ALLOW,
@@ -163,10 +174,12 @@ pub fn layout() -> std::string::String {
     use crate::{
         conn::ConnTraffic,
         guard::{GuardBucket, GuardConf, GuardCounters},
-        stats::{DataplaneCounters, ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats},
+        stats::{
+            DataplaneCounters, ServerBytes, ServerBytesKey, ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats,
+        },
     };
     std::format!(
-        "{TARGET}:8/4 {FRONTENDS}:20/8 {TARGET_OK}:8/1 {SPLICE}:8/4 {CONN}:8/{} {COUNTERS}:4/{} {SOURCES}:{}/{} {SERVERS}:{}/{} {WORKERS}:4/{} \
+        "{TARGET}:8/4 {FRONTENDS}:20/8 {TARGET_OK}:8/1 {SPLICE}:8/4 {CONN}:8/{} {COUNTERS}:4/{} {SOURCES}:{}/{} {SERVERS}:{}/{} {SERVER_BYTES}:{}/{} {WORKERS}:4/{} \
          {GUARD_DENY}:20/1 {GUARD_ALLOW}:20/1 {GUARD_PORTS}:2/1 {GUARD_CONF}:4/{} {GUARD_RATE}:16/{} \
          {GUARD_STATS}:4/{} {GUARD_TOP}:16/8 {EVENTS}:4/4 ring {EVENTS_RING_BYTES}/{}",
         size_of::<ConnTraffic>(),
@@ -175,6 +188,8 @@ pub fn layout() -> std::string::String {
         size_of::<SourceStats>(),
         size_of::<ServerKey>(),
         size_of::<ServerStats>(),
+        size_of::<ServerBytesKey>(),
+        size_of::<ServerBytes>(),
         size_of::<WorkerStats>(),
         size_of::<GuardConf>(),
         size_of::<GuardBucket>(),

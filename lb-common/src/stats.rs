@@ -250,9 +250,11 @@ pub struct ServerStats {
     pub total: u64,
     /// Connect attempts that failed (refused, timed out, no source port).
     pub connect_failures: u64,
-    /// Client -> server bytes of connections that have ended.
+    /// Client -> server bytes lb copied itself (the userspace plane, a
+    /// copied side, a PROXY header) in connections that have ended; the
+    /// kernel's are in `LB_SERVER_BYTES`.
     pub bytes_in: u64,
-    /// Server -> client bytes of connections that have ended.
+    /// Server -> client bytes lb copied itself, as `bytes_in`.
     pub bytes_out: u64,
     /// 0 up, 1 down (health check), 2 drain, 3 maint (disabled), 4 removed.
     pub state: u32,
@@ -260,5 +262,42 @@ pub struct ServerStats {
 }
 const _: () = assert!(core::mem::size_of::<ServerStats>() == 48);
 
+/// Key of `LB_SERVER_BYTES`: a server of a backend, as in a connection's
+/// records.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ServerBytesKey {
+    /// IPv6 bytes (IPv4 as `::ffff:a.b.c.d`), network order.
+    pub server_ip: [u8; 16],
+    /// Host order.
+    pub server_port: u16,
+    /// Index of the backend in the configuration.
+    pub backend: u16,
+}
+const _: () = assert!(core::mem::size_of::<ServerBytesKey>() == 20);
+
+/// Value of `LB_SERVER_BYTES` (per CPU): what the verdict redirected for
+/// the server's connections, live and ended. Only grows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ServerBytes {
+    /// Client -> server.
+    pub bytes_in: u64,
+    /// Server -> client.
+    pub bytes_out: u64,
+}
+const _: () = assert!(core::mem::size_of::<ServerBytes>() == 16);
+
 #[cfg(feature = "user")]
-crate::pod!(DataplaneCounters, WorkerStats, SourceKey, SourceStats, ServerKey, ServerStats);
+crate::pod!(
+    DataplaneCounters,
+    WorkerStats,
+    SourceKey,
+    SourceStats,
+    ServerKey,
+    ServerStats,
+    ServerBytesKey,
+    ServerBytes
+);

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, SockHash},
     macros::btf_map,
 };
 use lb_common::{
@@ -13,7 +13,9 @@ use lb_common::{
         DEFAULT_MAX_SOCKETS, EVENTS_RING_BYTES, MAX_FRONTENDS, MAX_GUARD_RULES, MAX_GUARD_SOURCES, MAX_SERVER_ENTRIES,
         MAX_SOURCE_ENTRIES, MAX_WORKERS,
     },
-    stats::{DataplaneCounters, ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats},
+    stats::{
+        DataplaneCounters, ServerBytes, ServerBytesKey, ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats,
+    },
 };
 
 const MAX: usize = DEFAULT_MAX_SOCKETS as usize;
@@ -56,6 +58,11 @@ pub static LB_SOURCES: HashMap<SourceKey, SourceStats, { MAX_SOURCE_ENTRIES as u
 /// Per (server, worker) connection and byte counts, written by userspace.
 #[btf_map(name = "LB_SERVERS")]
 pub static LB_SERVERS: HashMap<ServerKey, ServerStats, { MAX_SERVER_ENTRIES as usize }> = HashMap::new();
+
+/// Bytes the verdict redirected per server (sized at load).
+#[btf_map(name = "LB_SERVER_BYTES")]
+pub static LB_SERVER_BYTES: PerCpuHashMap<ServerBytesKey, ServerBytes, { MAX_SERVER_ENTRIES as usize }> =
+    PerCpuHashMap::new();
 
 /// Per worker process counters, written by userspace.
 #[btf_map(name = "LB_WORKERS")]

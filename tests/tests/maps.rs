@@ -190,3 +190,111 @@ async fn a_full_map_is_counted_and_told() {
     assert_eq!(totals["userspace_fallbacks"], 1, "{totals}");
     assert!(lb.stderr().contains("a kernel map is full"), "no warning:\n{}", lb.stderr());
 }
+
+/// The value of the first sample of `metric` in a `/metrics` text.
+fn sample(text: &str, metric: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(metric) && l[metric.len()..].starts_with(['{', ' ']))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {metric} in /metrics:\n{text}"))
+}
+
+/// A `/metrics` scrape costs the same few `bpf()` calls whatever the
+/// number of connections: it reads the rows workers publish and the
+/// verdict's per-server byte counters in batches, and how full the maps
+/// are from their fdinfo. (It walked `LB_CONN` and both socket maps' keys:
+/// over 4,000 calls for 600 connections, millions at 500,000.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_does_not_walk_the_connections() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    const CONNS: u32 = 600;
+    let be = Backend::echo().await;
+    let body = format!("metrics_listen = \"127.0.0.1:0\"\n{}", Lb::body(&[be.addr]));
+    let Some(lb) = Lb::start_with(Mode::Kernel, "map_scrape_cost", &body) else { return };
+    let _conns = open_checked(lb.addr, CONNS).await;
+    let metrics = lb.metrics.expect("metrics address");
+    let mut strace = tokio::process::Command::new("strace")
+        .args(["-f", "-c", "-e", "trace=bpf", "-p", &lb.pid.to_string()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("strace (installed by cargo xtask setup)");
+    let mut err = BufReader::new(strace.stderr.take().expect("stderr")).lines();
+    let attached = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(Some(l)) = err.next_line().await {
+            if l.contains("attached") {
+                return true;
+            }
+        }
+        false
+    });
+    assert!(matches!(attached.await, Ok(true)), "strace did not attach to the supervisor");
+    // Let it attach to every thread, then scrape.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let text = testkit::http_get(metrics, "/metrics").await.expect("/metrics");
+    assert_eq!(sample(&text, "lb_kernel_spliced_sockets"), u64::from(CONNS) * 2, "{text}");
+    // SAFETY: signalling the strace this test started.
+    unsafe { libc::kill(strace.id().expect("strace pid") as i32, libc::SIGINT) };
+    let mut table = String::new();
+    while let Ok(Some(l)) = err.next_line().await {
+        table.push_str(&l);
+        table.push('\n');
+    }
+    let _ = strace.wait().await;
+    let calls = testkit::strace_calls(&table, "bpf").unwrap_or(0);
+    assert!(calls < 100, "one scrape with {CONNS} connections held made {calls} bpf() calls:\n{table}");
+}
+
+/// Per-server byte counters never go down, also while connections end and
+/// their records go: the verdict counts every byte it moves per server, so
+/// nothing waits for the worker to publish an ended connection's bytes
+/// (which left a gap of up to 100 ms, or as long as the worker was
+/// stopped, and Prometheus read it as a counter reset). Here the worker is
+/// stopped while half the connections end, and every scrape meanwhile and
+/// after must be at least the one before; at the end they count every byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byte_counters_never_go_down_as_connections_end() {
+    use testkit::round_trip;
+    const CONNS: u32 = 20;
+    const ROUNDS: u32 = 10;
+    let be = Backend::echo().await;
+    let body = format!("metrics_listen = \"127.0.0.1:0\"\n[timeouts]\nworker = \"60s\"\n\n{}", Lb::body(&[be.addr]));
+    let Some(lb) = Lb::start_with(Mode::Kernel, "map_bytes_monotonic", &body) else { return };
+    let metrics = lb.metrics.expect("metrics address");
+    let mut conns = open_checked(lb.addr, CONNS).await;
+    for round in 1..ROUNDS {
+        for (i, c) in conns.iter_mut().enumerate() {
+            round_trip(c, i as u32, round).await.unwrap_or_else(|e| panic!("round trip: {e}"));
+        }
+    }
+    // 64 bytes each way per round trip.
+    let total = u64::from(CONNS) * u64::from(ROUNDS) * 64;
+    let bytes = || async {
+        let text = testkit::http_get(metrics, "/metrics").await.expect("/metrics");
+        (sample(&text, "lb_server_bytes_in_total"), sample(&text, "lb_server_bytes_out_total"))
+    };
+    let mut last = bytes().await;
+    assert_eq!(last, (total, total), "every byte counted while the connections are live");
+    let worker = lb.worker();
+    // SAFETY: signalling a process of the lb this test started.
+    unsafe { libc::kill(worker as i32, libc::SIGSTOP) };
+    let rest = conns.split_off(CONNS as usize / 2);
+    drop(conns);
+    let gone = retry_until(Duration::from_secs(5), || {
+        (fill(&lb.pinned_stats(), "LB_CONN").0 == Some(u64::from(CONNS))).then_some(())
+    });
+    let gone = gone.await;
+    let now = bytes().await;
+    // SAFETY: as above.
+    unsafe { libc::kill(worker as i32, libc::SIGCONT) };
+    assert!(gone.is_some(), "the holder did not close half the connections: {}", lb.pinned_stats()["maps"]);
+    assert!(now.0 >= last.0 && now.1 >= last.1, "bytes went down while the worker was stopped: {last:?} -> {now:?}");
+    last = now;
+    drop(rest);
+    for _ in 0..40 {
+        let now = bytes().await;
+        assert!(now.0 >= last.0 && now.1 >= last.1, "bytes went down as connections ended: {last:?} -> {now:?}");
+        last = now;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(last, (total, total), "every byte counted once the connections ended");
+}

@@ -28,7 +28,7 @@ use lb_common::{
         Capacities, EVENTS_RING_BYTES, GUARD_ALLOW, GUARD_DENY, GUARD_RATE, GUARD_TOP, MAX_FRONTENDS, MAX_GUARD_RULES,
         MAX_GUARD_SOURCES, MAX_WORKERS,
     },
-    stats::{ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats},
+    stats::{ServerBytesKey, ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats},
 };
 use toml::Spanned;
 
@@ -64,6 +64,7 @@ const SOURCE_KEY: u64 = size_of::<SourceKey>() as u64;
 const SOURCE_STATS: u64 = size_of::<SourceStats>() as u64;
 const WORKER_STATS: u64 = size_of::<WorkerStats>() as u64;
 const GUARD_BUCKET: u64 = size_of::<GuardBucket>() as u64;
+const SERVER_BYTES_KEY: u64 = size_of::<ServerBytesKey>() as u64;
 
 fn r8(n: u64) -> u64 {
     n.div_ceil(8) * 8
@@ -76,6 +77,12 @@ fn buckets(capacity: u32) -> u64 {
 /// A preallocated hash map (`BPF_MAP_TYPE_HASH`).
 fn hash(key: u64, value: u64, capacity: u32, cpus: u32) -> u64 {
     (HTAB_ELEM + r8(key) + r8(value)) * (u64::from(capacity) + u64::from(cpus)) + buckets(capacity)
+}
+
+/// A preallocated per-CPU hash map: an element with a pointer to its
+/// per-CPU values, and the values of every CPU.
+fn per_cpu_hash(key: u64, value: u64, capacity: u32, cpus: u32) -> u64 {
+    (HTAB_ELEM + r8(key) + 8 + r8(value) * u64::from(cpus)) * u64::from(capacity) + buckets(capacity)
 }
 
 /// A hash map whose elements are allocated as they are made
@@ -145,6 +152,7 @@ impl Shape {
             sources: rows(
                 self.pairs.saturating_mul(2).saturating_add(RUNTIME_SERVERS.saturating_mul(self.largest_pool.max(1))),
             ),
+            server_bytes: self.servers.saturating_mul(2).saturating_add(RUNTIME_SERVERS),
             guard_sources: if self.guard { MAX_GUARD_SOURCES } else { 1 },
             guard_rules: if self.guard { MAX_GUARD_RULES } else { 1 },
         }
@@ -163,6 +171,11 @@ impl Shape {
             cost(lb_common::maps::TARGET_OK, c.target_ok, lru(8, 1, c.target_ok)),
             cost(lb_common::maps::SERVERS, c.servers, hash(SERVER_KEY, SERVER_STATS, c.servers, cpus)),
             cost(lb_common::maps::SOURCES, c.sources, hash(SOURCE_KEY, SOURCE_STATS, c.sources, cpus)),
+            cost(
+                lb_common::maps::SERVER_BYTES,
+                c.server_bytes,
+                per_cpu_hash(SERVER_BYTES_KEY, 16, c.server_bytes, cpus),
+            ),
             cost(lb_common::maps::WORKERS, MAX_WORKERS, hash(4, WORKER_STATS, MAX_WORKERS, cpus)),
             cost(lb_common::maps::FRONTENDS, MAX_FRONTENDS, hash(20, 8, MAX_FRONTENDS, cpus)),
             cost(lb_common::maps::EVENTS, self.workers, rings + 8 * u64::from(MAX_WORKERS)),

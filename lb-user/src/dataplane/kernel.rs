@@ -158,7 +158,7 @@ impl KernelDataplane {
         &self,
         [client, server]: [std::net::SocketAddr; 2],
         source: Option<std::net::SocketAddr>,
-        cookies: [u64; 2],
+        (cookies, backend): ([u64; 2], u16),
         now: u64,
     ) -> [ConnTraffic; 2] {
         let base = ConnTraffic {
@@ -172,6 +172,7 @@ impl KernelDataplane {
             source_port: source.map_or(0, |s| s.port()),
             worker: self.worker,
             event_shift: self.event_shift,
+            backend,
             ..Default::default()
         };
         [
@@ -265,7 +266,7 @@ impl Dataplane for KernelDataplane {
         let cookies = [sys::socket_cookie(c.client).ok()?, sys::socket_cookie(c.server).ok()?];
         let now = sys::monotonic_coarse_ns();
         let source = c.source.map(|ip| std::net::SocketAddr::new(ip, 0));
-        let records = self.records([c.client_addr, c.server_addr], source, cookies, now);
+        let records = self.records([c.client_addr, c.server_addr], source, (cookies, c.backend), now);
         let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = m.insert_records(cookies, records) {
             // The connection is spliced by userspace's inserts, which will
@@ -307,7 +308,7 @@ impl Dataplane for KernelDataplane {
             let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
             Ok((self.splice_client(&mut m, cookies[0], conn.socks.client()), false))
         } else {
-            let records = self.records([a.client, a.server], Some(a.source), cookies, start_ns);
+            let records = self.records([a.client, a.server], Some(a.source), (cookies, conn.route[1]), start_ns);
             self.insert(&conn, cookies, records).map(|d| (d, true))
         };
         let (client_dir, server_queued) = match inserted {
@@ -340,7 +341,9 @@ impl Dataplane for KernelDataplane {
             server: a.server,
             start_ns,
         };
-        let Spliced { socks, guard, .. } = conn;
+        let Spliced { socks, mut guard, .. } = conn;
+        // The verdict counts the spliced directions' bytes per server.
+        guard.kernel_counted([client_dir == Dir::Kernel, true]);
         match self.link.hold(held, guard, socks.take()) {
             Ok(()) => Ok(()),
             Err((mut guard, socks, e)) => {

@@ -48,6 +48,8 @@ pub struct PreConnect<'a> {
     pub server_addr: std::net::SocketAddr,
     /// The pool address the socket is bound to (`None`: the kernel picks).
     pub source: Option<std::net::IpAddr>,
+    /// Index of the server's backend (config order).
+    pub backend: u16,
 }
 
 /// The two sockets of a connection, `[client, server]`. Dropped without

@@ -89,24 +89,44 @@ const LOOKUP_CHUNK: usize = 4096;
 /// removed meanwhile may be missed or seen: as with any walk, a snapshot
 /// of a map that changes is not one moment's.
 pub fn lookup_all<K: bytemuck::Pod, V: bytemuck::Pod>(map: &impl AsFd) -> io::Result<Vec<(K, V)>> {
-    let mut out = Vec::new();
+    let (keys, values) = lookup_raw::<K, V>(map, 1)?;
+    Ok(keys.into_iter().zip(values).collect())
+}
+
+/// [`lookup_all`] for a per-CPU hash map: each element with its value on
+/// each of `cpus` possible CPUs (`V` a multiple of 8 bytes, as the kernel
+/// lays per-CPU values out).
+pub fn lookup_all_per_cpu<K: bytemuck::Pod, V: bytemuck::Pod>(
+    map: &impl AsFd,
+    cpus: usize,
+) -> io::Result<Vec<(K, Vec<V>)>> {
+    assert_eq!(size_of::<V>() % 8, 0, "per-CPU values are 8-aligned");
+    let cpus = cpus.max(1);
+    let (keys, values) = lookup_raw::<K, V>(map, cpus)?;
+    Ok(keys.into_iter().zip(values.chunks_exact(cpus).map(<[V]>::to_vec)).collect())
+}
+
+/// The keys and values of every element, `stride` values per key.
+fn lookup_raw<K: bytemuck::Pod, V: bytemuck::Pod>(map: &impl AsFd, stride: usize) -> io::Result<(Vec<K>, Vec<V>)> {
+    let (mut all_keys, mut all_values) = (Vec::new(), Vec::new());
     let mut chunk = LOOKUP_CHUNK;
     // The position: a bucket index for hash maps (a u32; a u64 leaves room).
     let (mut at, mut next) = (0u64, 0u64);
     let mut first = true;
     loop {
         let mut keys = vec![K::zeroed(); chunk];
-        let mut values = vec![V::zeroed(); chunk];
+        let mut values = vec![V::zeroed(); chunk * stride];
         let mut a = attr(map, &keys)?;
         a.keys = keys.as_mut_ptr() as u64;
         a.values = values.as_mut_ptr() as u64;
         a.in_batch = if first { 0 } else { &raw const at as u64 };
         a.out_batch = &raw mut next as u64;
         let (n, r) = run(BPF_MAP_LOOKUP_BATCH, &mut a);
-        out.extend(keys.into_iter().zip(values).take(n));
+        all_keys.extend_from_slice(&keys[..n.min(chunk)]);
+        all_values.extend_from_slice(&values[..n.min(chunk) * stride]);
         match r {
             Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok((all_keys, all_values)),
             // One bucket holds more than `chunk` elements: ask for more.
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && n == 0 && chunk < 1 << 20 => {
                 chunk *= 4;

@@ -137,7 +137,10 @@ impl GuardMaps {
 
     /// The `n` sources with the most dropped packets.
     pub fn top(&self, n: usize) -> Vec<(IpAddr, u64)> {
-        let mut v: Vec<(IpAddr, u64)> = self.top.iter().filter_map(Result::ok).map(|(k, c)| (ip_of(k), c)).collect();
+        // Batched: the map holds up to 65,536 sources, and `/metrics` reads it.
+        let all =
+            super::batch::lookup_all::<[u8; 16], u64>(aya::maps::IterableMap::map(&self.top).fd()).unwrap_or_default();
+        let mut v: Vec<(IpAddr, u64)> = all.into_iter().map(|(k, c)| (ip_of(k), c)).collect();
         v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         v.truncate(n);
         v

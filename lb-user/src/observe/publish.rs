@@ -103,9 +103,15 @@ struct Base {
 impl Publisher {
     /// Takes over what an earlier process with the same worker index left:
     /// its counters become this one's base, its levels (connections open,
-    /// ports in use: those connections died with it) are dropped.
-    pub fn new(mut maps: StatMaps, worker: u16, backends: Arc<Backends>, stats: Arc<Counters>) -> Self {
+    /// ports in use: those connections died with it) are dropped. Its
+    /// entries stay until the first flush replaces them (or removes those
+    /// of servers gone since), so that a reader never sees the slot's
+    /// counters missing, which would make a total go down for a moment.
+    pub fn new(maps: StatMaps, worker: u16, backends: Arc<Backends>, stats: Arc<Counters>) -> Self {
         let old = maps.worker_entries(worker);
+        let sources = Mirror { last: old.sources.iter().copied().collect() };
+        let servers = Mirror { last: old.servers.iter().copied().collect() };
+        let last_worker = old.worker;
         let base = Base {
             counters: old.worker.map(|w| w.counters.counters_only()).unwrap_or_default(),
             servers: old
@@ -115,15 +121,14 @@ impl Publisher {
                 .collect(),
             sources: old.sources.into_iter().map(|(k, s)| (k, SourceStats { ports_in_use: 0, ..s })).collect(),
         };
-        maps.clear_worker(worker);
         Self {
             maps,
             worker,
             backends,
             stats,
-            sources: Mirror::default(),
-            servers: Mirror::default(),
-            last_worker: None,
+            sources,
+            servers,
+            last_worker,
             seq: 0,
             base,
             refused: super::Every::new(),
