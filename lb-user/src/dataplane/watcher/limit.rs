@@ -55,7 +55,7 @@ pub(super) fn events(
             if let Some(n) = limit.warned.hit() {
                 log::warn!(
                     "{queued} bytes from the {} wait in the kernel for the {} (splice_queue_limit {}): resetting the \
-                     connection ({n} reset so since the last warning)",
+                     connection ({n} connection(s) reset for this since the last warning)",
                     side_name(from),
                     side_name(1 - from),
                     limit.bytes
