@@ -293,6 +293,13 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 cfg.dataplane,
                 cfg.workers,
                 cfg.maxconn
+            ))?;
+            let human = crate::config::memory::human;
+            let limit = if cfg.splice_queue_limit == 0 { "0".to_owned() } else { human(cfg.splice_queue_limit) };
+            out(format_args!(
+                "kernel maps: {} at their capacities, of kernel_memory = \"{}\"; splice_queue_limit = \"{limit}\"\n",
+                human(cfg.memory.bytes()),
+                human(cfg.kernel_memory)
             ))
         }
         Cmd::Run { config, dataplane, workers, announce } => {

@@ -111,6 +111,9 @@ pub struct KernelDataplane {
     event_shift: u8,
     /// Failed hand-overs to the holder, for a rate-limited warning.
     hold_failures: Mutex<crate::observe::Every>,
+    /// Connections a full map sent to the userspace copy, for a
+    /// rate-limited warning.
+    maps_full: Mutex<crate::observe::Every>,
     /// Test hook (`LB_TEST_COPY_CLIENT=1`): never splice the client side,
     /// as if every client closed during the inserts, so the tests can run
     /// real traffic through the watcher's userspace copy of that direction.
@@ -140,6 +143,7 @@ impl KernelDataplane {
             kernel_setup,
             link,
             hold_failures: Mutex::new(crate::observe::Every::new()),
+            maps_full: Mutex::new(crate::observe::Every::new()),
             fallback: UserspaceDataplane::new(idle),
             stats,
             worker,
@@ -154,7 +158,7 @@ impl KernelDataplane {
         &self,
         [client, server]: [std::net::SocketAddr; 2],
         source: Option<std::net::SocketAddr>,
-        cookies: [u64; 2],
+        (cookies, backend): ([u64; 2], u16),
         now: u64,
     ) -> [ConnTraffic; 2] {
         let base = ConnTraffic {
@@ -168,6 +172,7 @@ impl KernelDataplane {
             source_port: source.map_or(0, |s| s.port()),
             worker: self.worker,
             event_shift: self.event_shift,
+            backend,
             ..Default::default()
         };
         [
@@ -208,14 +213,41 @@ impl KernelDataplane {
         match m.insert_splice(cc, client) {
             Ok(()) => Dir::Kernel,
             Err(e) => {
+                // Usually the client closed (only established sockets are
+                // taken); a full map is counted and told.
+                self.map_full(&e);
                 log::debug!("client side copied in userspace: {e}");
                 Dir::User
             }
         }
     }
 
+    /// Counts and warns (at most every 5 s) when `e` says a kernel map had
+    /// no room (`E2BIG`: full; `ENOMEM`: the kernel had no memory for the
+    /// entry or the socket's psock).
+    fn map_full(&self, e: &(dyn std::error::Error + 'static)) {
+        let mut cause = Some(e);
+        let mut full = false;
+        while let Some(c) = cause {
+            let code = c.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error);
+            full |= code == Some(libc::E2BIG) || code == Some(libc::ENOMEM);
+            cause = c.source();
+        }
+        if !full {
+            return;
+        }
+        self.stats.kernel_maps_full.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(n) = self.maps_full.lock().unwrap_or_else(|e| e.into_inner()).hit() {
+            log::warn!(
+                "{n} connection(s) copied in userspace instead of spliced: {e} (a kernel map is full: `lb stats` \
+                 shows which; raise kernel_memory)"
+            );
+        }
+    }
+
     /// Hands a connection the kernel cannot take to the userspace copy.
-    fn fall_back(&self, conn: Spliced, why: &str) -> Result<(), SpliceError> {
+    fn fall_back(&self, conn: Spliced, why: &SpliceError) -> Result<(), SpliceError> {
+        self.map_full(why);
         log::debug!("connection served by the userspace copy: {why}");
         self.stats.userspace_fallbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.fallback.splice(conn)
@@ -234,7 +266,7 @@ impl Dataplane for KernelDataplane {
         let cookies = [sys::socket_cookie(c.client).ok()?, sys::socket_cookie(c.server).ok()?];
         let now = sys::monotonic_coarse_ns();
         let source = c.source.map(|ip| std::net::SocketAddr::new(ip, 0));
-        let records = self.records([c.client_addr, c.server_addr], source, cookies, now);
+        let records = self.records([c.client_addr, c.server_addr], source, (cookies, c.backend), now);
         let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = m.insert_records(cookies, records) {
             // The connection is spliced by userspace's inserts, which will
@@ -276,12 +308,12 @@ impl Dataplane for KernelDataplane {
             let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
             Ok((self.splice_client(&mut m, cookies[0], conn.socks.client()), false))
         } else {
-            let records = self.records([a.client, a.server], Some(a.source), cookies, start_ns);
+            let records = self.records([a.client, a.server], Some(a.source), (cookies, conn.route[1]), start_ns);
             self.insert(&conn, cookies, records).map(|d| (d, true))
         };
         let (client_dir, server_queued) = match inserted {
             Ok(d) => d,
-            Err(e) => return self.fall_back(conn, &e.to_string()),
+            Err(e) => return self.fall_back(conn, &e),
         };
         if client_dir == Dir::User {
             self.stats.userspace_fallbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -309,7 +341,9 @@ impl Dataplane for KernelDataplane {
             server: a.server,
             start_ns,
         };
-        let Spliced { socks, guard, .. } = conn;
+        let Spliced { socks, mut guard, .. } = conn;
+        // The verdict counts the spliced directions' bytes per server.
+        guard.kernel_counted([client_dir == Dir::Kernel, true]);
         match self.link.hold(held, guard, socks.take()) {
             Ok(()) => Ok(()),
             Err((guard, socks, e)) => {

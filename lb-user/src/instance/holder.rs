@@ -103,7 +103,7 @@ pub async fn run() -> anyhow::Result<()> {
         if let Some(p) = pin_path {
             let mut m =
                 ConnMaps::open(p).map_err(|e| anyhow::anyhow!("opening the pinned maps at {}: {e}", p.display()))?;
-            let stale = m.forget_worker(spec.index);
+            let stale = m.forget_worker(spec.index, &Default::default());
             if stale > 0 {
                 log::info!("removed {stale} connection records left by an earlier holder of slot {}", spec.index);
             }

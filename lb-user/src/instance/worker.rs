@@ -146,7 +146,8 @@ fn adopt(live: Vec<Held>, link: &Link, shared: &Shared, permits: &[Option<Arc<Se
         let own = permits.get(usize::from(h.frontend)).cloned().flatten().and_then(|f| f.try_acquire_owned().ok());
         let permits = [own, global.clone().try_acquire_owned().ok()];
         let age = Duration::from_nanos(now.saturating_sub(h.start_ns));
-        let guard = ConnGuard::adopted(shared.stats.clone(), permits, h.client, shared.access_log, age, server);
+        let mut guard = ConnGuard::adopted(shared.stats.clone(), permits, h.client, shared.access_log, age, server);
+        guard.kernel_counted([!h.client_copied, true]);
         link.adopt(h.id, guard);
     }
     if n > 0 {

@@ -146,7 +146,9 @@ impl GuardMaps {
 
     /// The `n` sources with the most dropped packets, as [`source_of`] names them.
     pub fn top(&self, n: usize) -> Vec<(String, u64)> {
-        let mut v: Vec<([u8; 16], u64)> = self.top.iter().filter_map(Result::ok).collect();
+        // Batched: the map holds up to 65,536 sources, and `/metrics` reads it.
+        let mut v: Vec<([u8; 16], u64)> =
+            super::batch::lookup_all::<[u8; 16], u64>(aya::maps::IterableMap::map(&self.top).fd()).unwrap_or_default();
         v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         v.truncate(n);
         v.into_iter().map(|(k, c)| (source_of(k), c)).collect()

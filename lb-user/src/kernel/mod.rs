@@ -4,6 +4,7 @@
 //! that uses `aya` or `unsafe`.
 
 pub mod batch;
+pub mod fill;
 pub mod guard;
 pub mod link;
 pub mod lock;

@@ -15,16 +15,12 @@ use aya::{
     programs::{SkSkb, SockOps, Xdp, XdpMode},
 };
 use lb_common::conn::FrontendKey;
-use lb_common::maps::{CONN, FRONTENDS, LINK_SETUP, PINNED, PROG_GUARD, PROG_SETUP, PROG_VERDICT, SPLICE, TARGET};
+use lb_common::maps::{FRONTENDS, LINK_SETUP, PINNED, PROG_GUARD, PROG_SETUP, PROG_VERDICT, SPLICE};
 use serde::{Deserialize, Serialize};
 
 use super::{KernelError, io_err, maps::open};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
-/// Room in `LB_TARGET` beyond two sockets per connection: accepted clients
-/// that are not served yet (backlogs, clients over `maxconn`).
-const TARGET_MARGIN: u32 = 1 << 16;
 
 /// What the owner of the maps records next to them (bpffs holds only pins).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -44,6 +40,9 @@ pub struct Meta {
     /// the holders bound, for `lb run` taking them over after a crash.
     #[serde(default)]
     pub listen: Vec<std::net::SocketAddr>,
+    /// How to count the entries of the maps whose `memlock` grows with them.
+    #[serde(default)]
+    pub fill: Vec<super::fill::Gauge>,
 }
 
 impl Meta {
@@ -91,8 +90,8 @@ pub struct Spec<'a> {
     pub pin_path: &'a Path,
     /// Directory of the lock and metadata files.
     pub run_dir: &'a Path,
-    /// Capacity of the socket maps (two per connection).
-    pub sockets: u32,
+    /// The capacities of the maps lb sizes.
+    pub capacities: lb_common::maps::Capacities,
     /// Load and attach the verdict (kernel data plane), or only the maps.
     pub program: bool,
     /// Backend names, for `lb stats`.
@@ -116,7 +115,7 @@ impl Objects {
     /// Loads the maps, and with `spec.program` the verdict attached to
     /// `LB_SPLICE`; pins everything under `spec.pin_path`.
     pub fn load(spec: Spec<'_>) -> Result<Self, KernelError> {
-        let Spec { pin_path, run_dir, sockets, program, backends } = spec;
+        let Spec { pin_path, run_dir, capacities, program, backends } = spec;
         check_bpffs(pin_path)?;
         let lock = lock_pin_path(run_dir, pin_path)?;
         // We hold the lock: whatever is pinned there was left by a dead
@@ -128,13 +127,15 @@ impl Objects {
             );
             remove_pins(pin_path);
         }
-        let mut ebpf = EbpfLoader::new()
-            // Clients are targets from their accept on, also while they
-            // wait in a listener's backlog or for lb's permits.
-            .map_max_entries(TARGET, sockets.saturating_add(TARGET_MARGIN))
-            .map_max_entries(SPLICE, sockets)
-            .map_max_entries(CONN, sockets)
-            .load(crate::EBPF_OBJECT)?;
+        let mut loader = EbpfLoader::new();
+        for (name, capacity) in capacities.by_map() {
+            loader.map_max_entries(name, capacity.max(1));
+        }
+        let tiny = test_capacities();
+        for (name, capacity) in &tiny {
+            loader.map_max_entries(name, *capacity);
+        }
+        let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
 
         fs::create_dir_all(pin_path).map_err(io_err(format!("creating {}", pin_path.display())))?;
         let result = (|| {
@@ -168,6 +169,7 @@ impl Objects {
             layout: lb_common::maps::layout(),
             ebpf: crate::EBPF_SHA256.into(),
             listen: Vec::new(),
+            fill: super::fill::calibrate(pin_path),
         };
         meta.write(run_dir, pin_path);
         Ok(Self {
@@ -380,6 +382,22 @@ fn read_meta(run_dir: &Path, pin_path: &Path) -> Result<Meta, KernelError> {
     Meta::read(run_dir, pin_path).ok_or_else(|| {
         KernelError::Program(format!("no instance metadata at {}", run_file(run_dir, pin_path, "json").display()))
     })
+}
+
+/// Test hook (`LB_TEST_MAP_ENTRIES=LB_TARGET:4,LB_CONN:8`): these maps get
+/// these capacities instead of the configuration's, so that a test can
+/// fill them with a few connections.
+fn test_capacities() -> Vec<(String, u32)> {
+    let Ok(spec) = std::env::var("LB_TEST_MAP_ENTRIES") else { return Vec::new() };
+    let tiny: Vec<(String, u32)> = spec
+        .split(',')
+        .filter_map(|e| {
+            let (name, n) = e.split_once(':')?;
+            Some((name.trim().to_owned(), n.trim().parse::<u32>().ok()?.max(1)))
+        })
+        .collect();
+    log::warn!("LB_TEST_MAP_ENTRIES: map capacities {tiny:?} (a test setting)");
+    tiny
 }
 
 /// The program `name` of the object, as its type `T`.

@@ -69,6 +69,17 @@ pub fn stats(r: &Report) -> String {
         ]);
     }
     o.push_str(&format!("\n{servers}\n\n{sources}\n"));
+    if !r.maps.is_empty() {
+        let fill: Vec<String> = r
+            .maps
+            .iter()
+            .map(|m| match m.entries {
+                Some(n) => format!("{} {n}/{} ({}%)", m.map, m.capacity, n * 100 / u64::from(m.capacity.max(1))),
+                None => format!("{} ?/{}", m.map, m.capacity),
+            })
+            .collect();
+        o.push_str(&format!("\nmaps (entries/capacity): {}\n", fill.join("   ")));
+    }
     if r.dataplane == "kernel" {
         let c = &r.counters;
         o.push_str(&format!(

@@ -33,8 +33,8 @@ use crate::{
     sni::{self, Hello},
 };
 
-/// Listen backlog for frontends.
-const BACKLOG: u32 = 4096;
+/// Listen backlog for frontends (`LB_TARGET` has room for the clients it holds).
+use crate::config::memory::BACKLOG;
 
 /// Binds a frontend listener; `reuseport` for workers sharing one address.
 pub fn bind(addr: SocketAddr, reuseport: bool) -> io::Result<TcpListener> {

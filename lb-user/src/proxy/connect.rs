@@ -227,6 +227,7 @@ async fn connect_server(
                     client_addr: client.0,
                     server_addr: server.cfg.addr.0,
                     source: pair.source,
+                    backend: server.backend as u16,
                 };
                 let prepared = shared.dataplane.before_connect(&pre);
                 let r = match tokio::time::timeout(timeout, connect(sock, server.cfg.addr.0)).await {

@@ -213,12 +213,30 @@ impl Holder {
         }
     }
 
+    /// Removes the records the slot's worker wrote and no longer needs,
+    /// once it is gone (its connection here ended: it died or stopped):
+    /// those of connections it was setting up (written before the connect,
+    /// or before the splice) and never handed here. No worker of the slot
+    /// runs meanwhile (the next one is served only after this, and a worker
+    /// whose connection here broke exits), so every record of the slot not
+    /// held here is such a one.
+    fn sweep(&self) {
+        let Some(m) = &self.records else { return };
+        let held: std::collections::HashSet<u64> = self.outbox.lock().live.values().flat_map(|h| h.cookies).collect();
+        let n = m.lock().unwrap_or_else(|e| e.into_inner()).forget_worker(self.conf.slot, &held);
+        if n > 0 {
+            log::info!("removed {n} connection record(s) the worker left (connections it was setting up)");
+        }
+    }
+
     /// One peer: a worker of the slot, or a new holder taking over.
     fn session(&self, conn: &Arc<OwnedFd>) -> std::io::Result<()> {
         match wire::recv::<ToHolder>(&**conn)? {
             Some((ToHolder::Hello { version: VERSION, pid }, _)) => {
                 log::info!("worker pid {pid} connected");
-                self.worker(conn)
+                let r = self.worker(conn);
+                self.sweep();
+                r
             }
             Some((ToHolder::Takeover { version: VERSION, pid }, _)) => {
                 log::info!("holder pid {pid} of a new binary takes over");

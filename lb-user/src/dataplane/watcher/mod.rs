@@ -317,7 +317,7 @@ fn run(shared: &Shared, mut maps: ConnMaps, mut ring: Option<RingBuf<MapData>>, 
         replay: Vec::new(),
         idle_due: BinaryHeap::new(),
     };
-    let mut gone: Vec<u64> = Vec::new();
+    let (mut gone, mut limit): (Vec<u64>, _) = (Vec::new(), limit::Limit::new(shared.conf.queue));
     loop {
         let early_wait = !t.early.is_empty() && t.early_newest.is_some_and(|n| n.elapsed() < EARLY_POLL);
         let timeout = if early_wait {
@@ -350,7 +350,7 @@ fn run(shared: &Shared, mut maps: ConnMaps, mut ring: Option<RingBuf<MapData>>, 
             }
             if key == EVENTS {
                 if let Some(ring) = &mut ring {
-                    limit::events(ring, &t.conns, shared.conf.queue, &mut done);
+                    limit::events(ring, &t.conns, &mut limit, &mut done);
                 }
                 continue;
             }
