@@ -303,7 +303,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             ))
         }
         Cmd::Run { config, dataplane, workers, announce } => {
-            let overrides = Overrides { workers, dataplane };
+            let overrides = Overrides { workers, dataplane, maxconn: None };
             // Busy ports are an error with their line now, unless this
             // pin_path's instance runs (its lock says so just after).
             let (cfg, text, _) = load_probed(&config, &overrides)?;

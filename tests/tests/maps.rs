@@ -298,3 +298,115 @@ async fn byte_counters_never_go_down_as_connections_end() {
     }
     assert_eq!(last, (total, total), "every byte counted once the connections ended");
 }
+
+/// Two new clients of an instance whose maps hold no more connections
+/// than it has (`held`): the kernel accepts them (into the listen backlog,
+/// as redirect targets), lb does not while it has no room for them; once
+/// two held connections leave, both are served through the kernel, and no
+/// connection went to the userspace copy for want of room in a map.
+async fn new_clients_wait_for_room(lb: &Lb, mut held: Vec<tokio::net::TcpStream>) {
+    lb.await_publication();
+    let before = lb.pinned_stats();
+    let (accepted, targets) = (before["totals"]["accepted"].clone(), fill(&before, "LB_TARGET").0.expect("LB_TARGET"));
+    let mut waiting = Vec::new();
+    for i in 0..2u32 {
+        let mut c = tokio::net::TcpStream::connect(lb.addr).await.expect("connect");
+        waiting.push(tokio::spawn(async move { testkit::round_trip(&mut c, 50 + i, 0).await.map(|()| c) }));
+    }
+    let in_backlog = retry_until(Duration::from_secs(5), || {
+        (fill(&lb.pinned_stats(), "LB_TARGET").0 == Some(targets + 2)).then_some(())
+    });
+    assert!(in_backlog.await.is_some(), "the kernel did not accept the new clients: {}", lb.pinned_stats()["maps"]);
+    // Two publications later, a worker with room would have taken them.
+    lb.await_publication();
+    lb.await_publication();
+    let totals = lb.pinned_stats()["totals"].clone();
+    assert_eq!(totals["accepted"], accepted, "lb accepted clients its maps have no room for: {totals}");
+    held.truncate(held.len() - 2);
+    let served = tokio::time::timeout(Duration::from_secs(10), futures_join(waiting)).await;
+    let served = served.unwrap_or_else(|_| panic!("the new clients were not served once room was made"));
+    let _clients: Vec<_> = served.into_iter().map(|r| r.unwrap_or_else(|e| panic!("a new client: {e}"))).collect();
+    lb.await_publication();
+    let totals = lb.pinned_stats()["totals"].clone();
+    assert_eq!(totals["kernel_maps_full"], 0, "a client found a map full: {totals}");
+    assert_eq!(totals["userspace_fallbacks"], 0, "{totals}");
+    drop(held);
+}
+
+/// `lb run` taking over after a crash keeps the maps of the instance that
+/// crashed, with their capacities: made for `maxconn = 4`, they stay so
+/// when the configuration now says 1000, and the new instance keeps to
+/// `maxconn = 4` (and says so) where it used to accept clients the maps
+/// had no room for, copying them in userspace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_keeps_to_the_capacities_of_the_maps_it_takes_over() {
+    let be = Backend::echo().await;
+    let body = format!("maxconn = 4\n[timeouts]\nqueue = \"30s\"\n\n{}", Lb::body(&[be.addr]));
+    let Some(mut lb) = Lb::start_with(Mode::Kernel, "map_takeover_cap", &body) else { return };
+    let held = open_checked(lb.addr, 4).await;
+    lb.kill_supervisor();
+    let cfg = std::fs::read_to_string(lb.config_path()).unwrap();
+    std::fs::write(lb.config_path(), cfg.replace("maxconn = 4\n", "maxconn = 1000\n")).unwrap();
+    lb.restart("map_takeover_cap", &[]);
+    let log = lb.stderr();
+    assert!(log.contains("taking over the earlier lb"), "no takeover:\n{log}");
+    assert!(log.contains("maxconn = 4 instead of 1000: the maps taken over hold no more"), "no cap:\n{log}");
+    new_clients_wait_for_room(&lb, held).await;
+}
+
+/// `lb upgrade` keeps the running instance's maps, with their capacities:
+/// the new binary keeps to what they hold, not to what its configuration
+/// would make (here the maps were made smaller than the configuration's
+/// by the test hook, for 4 connections).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_keeps_to_the_capacities_of_the_maps_it_takes_over() {
+    if !testkit::lbproc::kernel_available("map_upgrade_cap") {
+        return;
+    }
+    let be = Backend::echo().await;
+    let (dir, pin_path) = testkit::lbproc::scratch();
+    let cfg = format!(
+        "dataplane = \"kernel\"\npin_path = \"{}\"\nmaxconn = 1000\n[timeouts]\nqueue = \"30s\"\n\n{}",
+        pin_path.display(),
+        Lb::body(&[be.addr])
+    );
+    let env = [("LB_TEST_MAP_ENTRIES", "LB_CONN:10,LB_SPLICE:10")];
+    let mut lb = Lb::launch_with("map_upgrade_cap", dir, pin_path, &cfg, &env);
+    let held = open_checked(lb.addr, 4).await;
+    let (ok, out, err) = lb.cli(&["upgrade"]);
+    assert!(ok, "lb upgrade failed: {err}");
+    lb.upgraded_to(Lb::upgraded_pid(&out).unwrap_or_else(|| panic!("no new pid in {out:?}")));
+    let log = lb.stderr();
+    assert!(log.contains("maxconn = 4 instead of 1000: the maps taken over hold no more"), "no cap:\n{log}");
+    new_clients_wait_for_room(&lb, held).await;
+    assert!(lb.stop(), "the upgraded instance did not stop");
+}
+
+/// Maps that cannot hold even the listen backlogs of the configuration
+/// now (two workers where they were made for one, and few connections):
+/// `lb run` says so, stops the holders that crashed and starts anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_the_maps_cannot_hold_is_refused_clearly() {
+    let be = Backend::echo().await;
+    let body = format!("maxconn = 4\n{}", Lb::body(&[be.addr]));
+    let Some(mut lb) = Lb::start_with(Mode::Kernel, "map_takeover_refused", &body) else { return };
+    let _held = open_checked(lb.addr, 2).await;
+    let holders = lb.holders.clone();
+    lb.kill_supervisor();
+    let cfg = std::fs::read_to_string(lb.config_path()).unwrap();
+    std::fs::write(lb.config_path(), cfg.replace("maxconn = 4\n", "maxconn = 4\nworkers = 2\n")).unwrap();
+    lb.restart("map_takeover_refused", &[]);
+    let log = lb.stderr();
+    assert!(
+        log.contains(
+            "cannot take them over: its maps cannot hold this configuration: LB_TARGET holds 4107 entries; this \
+             configuration needs 8200"
+        ) && log.contains("starting anew"),
+        "no clear refusal:\n{log}"
+    );
+    let gone = retry_until(Duration::from_secs(10), || holders.iter().all(|p| !testkit::alive(*p)).then_some(()));
+    assert!(gone.await.is_some(), "the refused holders still run");
+    let mut fresh = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+    testkit::round_trip(&mut fresh, 1, 0).await.unwrap_or_else(|e| panic!("a client of the new instance: {e}"));
+    assert_eq!(fill(&lb.pinned_stats(), "LB_TARGET").1, 2 * (4 + 2) + 2 * 4097, "new maps, for two workers");
+}

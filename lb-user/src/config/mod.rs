@@ -4,6 +4,7 @@
 //! the machine (local addresses, limits) goes through [`host::Host`].
 
 mod error;
+pub mod fit;
 pub mod guard;
 pub mod host;
 pub mod memory;
@@ -276,6 +277,10 @@ impl Config {
 pub struct Overrides {
     pub workers: Option<u32>,
     pub dataplane: Option<DataplaneMode>,
+    /// At most this `maxconn`: what the maps of an instance taken over hold
+    /// ([`fit`]; not on the command line).
+    #[serde(default)]
+    pub maxconn: Option<u32>,
 }
 
 /// Open files one process needs for `maxconn` connections.

@@ -96,6 +96,7 @@ pub fn validate(raw: RawConfig, loc: &Locator<'_>, host: &dyn Host, o: &Override
         memory::Blame { kernel_memory: raw.kernel_memory.as_ref(), maxconn: raw.maxconn.as_ref(), pool: largest_pool };
     let maxconn = memory::maxconn(loc, host, &blame, kernel_memory, shape)?;
     let frontends = frontends(loc, &raw.frontend, &backends, maxconn)?;
+    let maxconn = o.maxconn.map_or(maxconn, |cap| maxconn.min(cap));
     let metrics_listen = match &raw.metrics_listen {
         None => None,
         Some(m) => Some(

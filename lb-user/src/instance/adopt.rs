@@ -9,8 +9,11 @@
 //!
 //! It does so only if the earlier instance is one it can serve: same map
 //! layout, the kernel data plane, the same frontends, no slot beyond its
-//! `workers`. Otherwise it says why, stops the old holders (which closes
-//! their connections) and starts anew, as it always did after a crash.
+//! `workers`, maps that hold its listen backlogs (and guard). Otherwise it
+//! says why, stops the old holders (which closes their connections) and
+//! starts anew, as it always did after a crash. The maps keep the
+//! capacities the earlier instance gave them, and `maxconn` keeps to what
+//! they hold ([`on_pinned_maps`], also for `lb upgrade`).
 //! `lb stop` ([`stop`]) ends such holders without starting anything.
 
 use std::{
@@ -22,9 +25,9 @@ use std::{
 use anyhow::Context as _;
 use rustix::process::Signal;
 
-use super::{children::spawn_holder, holder::HolderSpec};
+use super::{Reload, children::spawn_holder, holder::HolderSpec};
 use crate::{
-    config::{Config, DataplaneMode, FrontendConfig, MAX_WORKERS},
+    config::{Config, DataplaneMode, FrontendConfig, MAX_WORKERS, Overrides, host::AlreadyChecked},
     kernel::{
         KernelError, lock,
         object::{Meta, Objects, run_file},
@@ -82,6 +85,8 @@ pub fn live_holders(run_dir: &Path, pin_path: &Path) -> Vec<Survivor> {
 pub(super) struct Earlier {
     pub(super) meta: Meta,
     pub(super) holders: Vec<Survivor>,
+    /// The `maxconn` its maps hold, if less than the configuration's.
+    pub(super) maxconn: Option<u32>,
 }
 
 impl Earlier {
@@ -137,6 +142,13 @@ pub(super) fn look(cfg: &Config) -> anyhow::Result<Option<(Objects, Earlier)>> {
         refuse(&why);
         return Ok(None);
     }
+    let maxconn = match on_pinned_maps(cfg, true) {
+        Ok(m) => m,
+        Err(why) => {
+            refuse(&format!("its maps cannot hold this configuration: {why}"));
+            return Ok(None);
+        }
+    };
     match Objects::adopt_orphaned(run_dir, pin_path, meta.clone()) {
         Ok(objects) => {
             log::info!(
@@ -145,7 +157,7 @@ pub(super) fn look(cfg: &Config) -> anyhow::Result<Option<(Objects, Earlier)>> {
                 meta.pid,
                 holders.len()
             );
-            Ok(Some((objects, Earlier { meta, holders })))
+            Ok(Some((objects, Earlier { meta, holders, maxconn })))
         }
         Err(e @ KernelError::PinPathBusy { .. }) => Err(e.into()),
         Err(e) => {
@@ -181,6 +193,44 @@ fn why_not(meta: &Meta, cfg: &Config, holders: &[Survivor]) -> Option<String> {
         ));
     }
     None
+}
+
+/// What `cfg` keeps to on the maps pinned at its `pin_path`, which an
+/// earlier instance made and which keep the capacities it gave them
+/// ([`crate::config::fit`]; `kernel`: they carry connections).
+/// `Ok(Some(n))`: they hold `maxconn = n` at most, less than `cfg`'s.
+/// `Err`: why `cfg` cannot run on them.
+pub(super) fn on_pinned_maps(cfg: &Config, kernel: bool) -> Result<Option<u32>, String> {
+    let have = crate::kernel::fill::capacities(&cfg.pin_path).map_err(|e| e.to_string())?;
+    let shape = crate::config::memory::Shape { kernel: kernel && cfg.memory.kernel, ..cfg.memory };
+    let fit = crate::config::fit::fit(shape, &have)?;
+    for (map, have, want) in fit.short {
+        log::warn!(
+            "{map} taken over holds {have} rows, where this configuration would make {want}: rows past them are              not published (`lb stats` shows the map full) until lb is stopped and started"
+        );
+    }
+    if fit.maxconn >= cfg.maxconn {
+        return Ok(None);
+    }
+    log::warn!(
+        "maxconn = {} instead of {}: the maps taken over hold no more (LB_CONN {}, LB_TARGET {}, LB_SPLICE {},          LB_TARGET_OK {} entries); stop and start lb to size them for this configuration",
+        fit.maxconn,
+        cfg.maxconn,
+        have.conn,
+        have.target,
+        have.splice,
+        have.target_ok
+    );
+    Ok(Some(fit.maxconn))
+}
+
+/// `cfg` (parsed from `text`) and `reload` with `maxconn` at most `cap`,
+/// which the workers and reloads then parse with too.
+pub(super) fn capped(cfg: Config, reload: Reload, text: &str, cap: Option<u32>) -> anyhow::Result<(Config, Reload)> {
+    let Some(cap) = cap else { return Ok((cfg, reload)) };
+    let overrides = Overrides { maxconn: Some(cap), ..reload.overrides };
+    let cfg = Config::parse_on(&AlreadyChecked, &reload.path.display().to_string(), text, &overrides)?;
+    Ok((cfg, Reload { overrides, ..reload }))
 }
 
 /// The pid of a live process holding the lock of `spec`'s slot: a holder

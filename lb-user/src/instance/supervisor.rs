@@ -170,6 +170,7 @@ impl Supervisor {
             config_file: reload.path.display().to_string(),
             config_text,
             workers: cfg.workers,
+            maxconn: reload.overrides.maxconn,
             kind,
             maps,
             listen: listen.clone(),
@@ -230,6 +231,7 @@ impl Procs {
 /// same pin path whose supervisor died, if there are any ([`super::adopt`]).
 pub async fn run(cfg: Config, reload: Reload, config_text: String, announce: bool) -> anyhow::Result<()> {
     let (objects, earlier) = super::adopt::look(&cfg)?.unzip();
+    let (cfg, reload) = super::adopt::capped(cfg, reload, &config_text, earlier.as_ref().and_then(|e| e.maxconn))?;
     let (listen, _holders) = match &earlier {
         // The earlier holders listen there already.
         Some(e) => (e.meta.listen.clone(), Vec::new()),

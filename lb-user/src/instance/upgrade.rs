@@ -367,7 +367,11 @@ fn prepare(first: &str) -> anyhow::Result<(Supervisor, (Objects, crate::kernel::
     let (objects, meta) = Objects::adopt(&cfg.runtime_dir, &cfg.pin_path)
         .map_err(|e| anyhow::anyhow!("the running instance's pins: {e}"))?;
     let kind = if meta.dataplane == "kernel" { Kind::Kernel } else { Kind::Userspace };
+    // The maps keep their capacities: maxconn keeps to them.
+    let cap = super::adopt::on_pinned_maps(&cfg, kind == Kind::Kernel)
+        .map_err(|why| anyhow::anyhow!("the running instance's maps cannot hold this configuration: {why}"))?;
     let reload = Reload { path: spec.config_file.clone(), overrides: spec.overrides };
+    let (cfg, reload) = super::adopt::capped(cfg, reload, &spec.config_text, cap)?;
     let mut sup = Supervisor::new(cfg, reload, spec.config_text, kind, true, spec.listen);
     for c in &spec.replay {
         if let Err(e) = sup.model.apply(c) {

@@ -45,6 +45,9 @@ pub struct WorkerSpec {
     /// The exact text the supervisor validated (the file may change later).
     pub config_text: String,
     pub workers: u32,
+    /// [`Overrides::maxconn`] of the supervisor (maps taken over).
+    #[serde(default)]
+    pub maxconn: Option<u32>,
     pub kind: Kind,
     /// Whether the pinned maps exist.
     pub maps: bool,
@@ -96,7 +99,7 @@ pub async fn run() -> anyhow::Result<()> {
     if let Err(e) = std::fs::write("/proc/self/oom_score_adj", WORKER_OOM_SCORE_ADJ) {
         log::warn!("raising this worker's oom_score_adj: {e}");
     }
-    let o = Overrides { workers: Some(spec.workers), dataplane: None };
+    let o = Overrides { workers: Some(spec.workers), dataplane: None, maxconn: spec.maxconn };
     let cfg = Config::parse_on(&AlreadyChecked, &spec.config_file, &spec.config_text, &o)?;
     let (link, welcome) = Link::connect(&spec.holder, HOLDER_WAIT)?;
     if welcome.listeners.len() != cfg.frontends.len() {

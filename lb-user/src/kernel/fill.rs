@@ -14,7 +14,10 @@ use aya::maps::{HashMap, Map, MapData, SockHash};
 use aya_obj::generated::{BPF_F_NO_PREALLOC, bpf_map_type};
 use lb_common::{
     conn::ConnTraffic,
-    maps::{CONN, SPLICE, TARGET},
+    maps::{
+        CONN, Capacities, GUARD_ALLOW, GUARD_DENY, GUARD_RATE, GUARD_TOP, SERVER_BYTES, SERVERS, SOURCES, SPLICE,
+        TARGET, TARGET_OK,
+    },
 };
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +45,29 @@ pub fn usage(fd: BorrowedFd<'_>) -> Option<Usage> {
     let field =
         |name: &str| text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse::<u64>().ok());
     Some(Usage { capacity: u32::try_from(field("max_entries")?).ok()?, bytes: field("memlock")? })
+}
+
+/// The capacities of the maps lb sizes, as pinned at `pin_path` (by an
+/// earlier instance: they keep the capacities it gave them). The guard's
+/// pairs count the smaller of the two.
+pub fn capacities(pin_path: &std::path::Path) -> Result<Capacities, super::KernelError> {
+    let of = |name: &'static str| {
+        let m = MapData::from_pin(pin_path.join(name)).map_err(|source| super::KernelError::Map { name, source })?;
+        usage(m.fd().as_fd())
+            .map(|u| u.capacity)
+            .ok_or_else(|| super::KernelError::Program(format!("{name}: no max_entries in its fdinfo")))
+    };
+    Ok(Capacities {
+        conn: of(CONN)?,
+        target: of(TARGET)?,
+        splice: of(SPLICE)?,
+        target_ok: of(TARGET_OK)?,
+        servers: of(SERVERS)?,
+        sources: of(SOURCES)?,
+        server_bytes: of(SERVER_BYTES)?,
+        guard_sources: of(GUARD_RATE)?.min(of(GUARD_TOP)?),
+        guard_rules: of(GUARD_DENY)?.min(of(GUARD_ALLOW)?),
+    })
 }
 
 /// The entries of `map` whose usage is `u`, from its gauge in `gauges`;
