@@ -1,9 +1,23 @@
 use anyhow::{Context as _, anyhow};
 use aya_build::Toolchain;
+use sha2::Digest as _;
 
 /// Builds `lb-ebpf` for the BPF target with the nightly toolchain and
-/// bpf-linker (both installed by `cargo xtask setup`).
+/// bpf-linker (both installed by `cargo xtask setup`), and gives the crate
+/// the object's SHA-256 as `LB_EBPF_SHA256` (hex).
 fn main() -> anyhow::Result<()> {
+    build()?;
+    let object = std::path::Path::new(&std::env::var("OUT_DIR").context("OUT_DIR not set")?).join("lb");
+    let hash = match std::fs::read(&object) {
+        Ok(bytes) => sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect::<String>(),
+        // AYA_BUILD_SKIP: no object was built.
+        Err(_) => "none".to_owned(),
+    };
+    println!("cargo:rustc-env=LB_EBPF_SHA256={hash}");
+    Ok(())
+}
+
+fn build() -> anyhow::Result<()> {
     let cargo_metadata::Metadata { packages, .. } =
         cargo_metadata::MetadataCommand::new().no_deps().exec().context("MetadataCommand::exec")?;
     let ebpf = packages

@@ -44,9 +44,14 @@ pub struct ConnTraffic {
     /// program put it in at `ESTABLISHED`) or [`SETUP_FAILED`] (it tried and
     /// could not: userspace inserts everything). Only in the server's record.
     pub setup: u8,
-    pub _pad: [u8; 5],
+    pub _pad0: u8,
+    /// Index of the server's backend in the configuration: with the
+    /// server's address, the key of its byte counters (`LB_SERVER_BYTES`).
+    pub backend: u16,
+    pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<ConnTraffic>() == 104);
+const _: () = assert!(core::mem::offset_of!(ConnTraffic, backend) == 100);
 
 /// What the verdict tells the holder of a connection's worker slot (through
 /// that slot's ring buffer in `LB_EVENTS`): a direction has redirected

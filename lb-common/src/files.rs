@@ -39,3 +39,15 @@ pub const EXTENSIONS: [&str; 3] = ["lock", "json", "sock"];
 pub fn holder_socket(run_dir: &Path, pin_path: &Path, index: u16) -> PathBuf {
     run_file(run_dir, pin_path, &format!("hold{index}"))
 }
+
+/// The lock of worker slot `index`'s holder (`<run file>.hold<index>.lock`):
+/// held by the live holder, with its pid, so that `lb run` and `lb stop` find
+/// the holders of an instance whose supervisor is gone.
+pub fn holder_lock(run_dir: &Path, pin_path: &Path, index: u16) -> PathBuf {
+    run_file(run_dir, pin_path, &format!("hold{index}.lock"))
+}
+
+/// The heartbeat file of worker slot `index`'s holder (`<run file>.beat<index>`).
+pub fn holder_beat(run_dir: &Path, pin_path: &Path, index: u16) -> PathBuf {
+    run_file(run_dir, pin_path, &format!("beat{index}"))
+}

@@ -1,6 +1,8 @@
 //! The XDP guard's map values: its settings, a source's SYN token bucket,
 //! and its counters. Addresses are IPv6 bytes (IPv4 as `::ffff:a.b.c.d`),
-//! so one LPM trie holds both families (an IPv4 `/n` is a `/96+n`).
+//! so one LPM trie holds both families (an IPv4 `/n` is a `/96+n`). The
+//! rate buckets and the top offenders are keyed by source: an IPv4 address,
+//! or an IPv6 /64 (its last 8 bytes zero).
 
 /// Value of `LB_GUARD_CONF[0]`, written by userspace.
 #[repr(C)]
@@ -37,8 +39,15 @@ pub struct GuardCounters {
     pub denied: u64,
     /// SYNs over their source's rate, dropped.
     pub rate_limited: u64,
+    /// Fragments other than the first (no TCP header in them), passed
+    /// after the lists (also counted in `passed`).
+    pub fragments: u64,
+    /// Packets whose TCP header the guard does not read past to (a third
+    /// VLAN tag, more IPv6 extension headers than it walks, an IPv4 TCP
+    /// fragment at offset 8), dropped.
+    pub unparsed: u64,
 }
-const _: () = assert!(core::mem::size_of::<GuardCounters>() == 24);
+const _: () = assert!(core::mem::size_of::<GuardCounters>() == 40);
 
 impl GuardCounters {
     /// Field-wise sum, for folding per-CPU slots.
@@ -47,6 +56,8 @@ impl GuardCounters {
             passed: self.passed + o.passed,
             denied: self.denied + o.denied,
             rate_limited: self.rate_limited + o.rate_limited,
+            fragments: self.fragments + o.fragments,
+            unparsed: self.unparsed + o.unparsed,
         }
     }
 }

@@ -15,6 +15,19 @@ pub fn ephemeral_range() -> Option<(u16, u16)> {
     (hi >= lo).then_some((lo, hi))
 }
 
+/// How many CPUs the kernel may ever bring up (`/sys/devices/system/cpu/possible`,
+/// `0-N`): per-CPU maps allocate a slot for each. 1 if it cannot be read.
+pub fn possible_cpus() -> u32 {
+    let s = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap_or_default();
+    let count = |range: &str| -> Option<u32> {
+        match range.trim().split_once('-') {
+            Some((a, b)) => Some(b.parse::<u32>().ok()? - a.parse::<u32>().ok()? + 1),
+            None => range.trim().parse::<u32>().ok().map(|_| 1),
+        }
+    };
+    s.trim().split(',').map(count).sum::<Option<u32>>().unwrap_or(1).max(1)
+}
+
 /// User plus system CPU time of every thread of process `pid`, in clock
 /// ticks (`/proc/<pid>/stat`, fields 14 and 15); `None` if it cannot be read.
 pub fn cpu_ticks(pid: u32) -> Option<u64> {

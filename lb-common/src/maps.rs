@@ -14,12 +14,13 @@ pub const FRONTENDS: &str = "LB_FRONTENDS";
 /// Capacity of `LB_FRONTENDS`.
 pub const MAX_FRONTENDS: u32 = 1024;
 
-/// LRU_HASH: client cookie -> 1 for a client the `sock_ops` program could
-/// not make a redirect target (rare: no memory); its server is then left
-/// to userspace. LRU, so entries of clients never served age out.
-pub const SETUP_MISS: &str = "LB_SETUP_MISS";
-/// Capacity of `LB_SETUP_MISS`.
-pub const MAX_SETUP_MISSES: u32 = 4096;
+/// LRU_HASH: client cookie -> 1 for a client the `sock_ops` program made a
+/// redirect target at its accept. It splices a server only if its client is
+/// here: a client it could not make a target (the map full, no memory), or
+/// whose entry aged out, has its server left to userspace, which makes the
+/// client a target first. (A program of this type cannot look sockets up
+/// in `LB_TARGET` itself: that takes a socket reference it may not release.)
+pub const TARGET_OK: &str = "LB_TARGET_OK";
 
 /// SOCKHASH: key = the socket's own cookie, value = the socket itself. The
 /// sk_skb stream-verdict program is attached here; inserting a socket starts
@@ -38,6 +39,13 @@ pub const SOURCES: &str = "LB_SOURCES";
 /// HASH: [`crate::pool::ServerKey`] -> [`crate::pool::ServerStats`].
 pub const SERVERS: &str = "LB_SERVERS";
 
+/// PERCPU_HASH: [`crate::stats::ServerBytesKey`] -> [`crate::stats::ServerBytes`]:
+/// bytes the verdict redirected per server, counted as they move (the
+/// verdict makes an entry at a server's first byte). Only grows, so
+/// `/metrics` byte counters never go down, and a scrape reads one small map
+/// instead of every connection's records.
+pub const SERVER_BYTES: &str = "LB_SERVER_BYTES";
+
 /// HASH: worker index (u32) -> [`crate::pool::WorkerStats`].
 pub const WORKERS: &str = "LB_WORKERS";
 
@@ -48,9 +56,9 @@ pub const EVENTS: &str = "LB_EVENTS";
 /// Size of each slot's ring (a power of two, whole pages): 2,048 events.
 pub const EVENTS_RING_BYTES: u32 = 1 << 16;
 
-/// Capacity of `LB_SOURCES` (pairs × workers).
+/// Capacity of `LB_SOURCES` in the object file (pairs × workers; set at load).
 pub const MAX_SOURCE_ENTRIES: u32 = 1 << 16;
-/// Capacity of `LB_SERVERS` (servers × workers).
+/// Capacity of `LB_SERVERS` in the object file (servers × workers; set at load).
 pub const MAX_SERVER_ENTRIES: u32 = 1 << 14;
 /// Capacity of `LB_WORKERS`.
 pub const MAX_WORKERS: u32 = 256;
@@ -63,8 +71,60 @@ pub const PROG_SETUP: &str = "lb_setup";
 /// Pin of its cgroup attachment (a bpf link): it stays attached while pinned.
 pub const LINK_SETUP: &str = "lb_setup_link";
 
-/// Default capacity of the socket maps (two sockets per connection).
+/// Capacity of the socket maps and `LB_CONN` in the object file; lb sets
+/// each map's capacity at load ([`Capacities`]).
 pub const DEFAULT_MAX_SOCKETS: u32 = 1 << 18;
+
+/// The capacities lb gives the maps it sizes at load, from the
+/// configuration (`maxconn`, `workers`, servers and source pools, the
+/// guard): what `kernel_memory` pays for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capacities {
+    /// `LB_CONN`: a record per socket of every connection lb holds or sets up.
+    pub conn: u32,
+    /// `LB_TARGET`: every socket of `conn`, and every client the frontends'
+    /// listen backlogs can hold (accepted by the kernel, not yet by lb).
+    pub target: u32,
+    /// `LB_SPLICE`: every socket of `conn`.
+    pub splice: u32,
+    /// `LB_TARGET_OK`: every client of `target`.
+    pub target_ok: u32,
+    /// `LB_SERVERS`: a row per (server, worker).
+    pub servers: u32,
+    /// `LB_SOURCES`: a row per (source address, server, worker).
+    pub sources: u32,
+    /// `LB_SERVER_BYTES`: a row per server (of a backend).
+    pub server_bytes: u32,
+    /// `LB_GUARD_RATE` and `LB_GUARD_TOP`.
+    pub guard_sources: u32,
+    /// `LB_GUARD_DENY` and `LB_GUARD_ALLOW`, each.
+    pub guard_rules: u32,
+    /// `LB_FLOWS`: two entries per connection (packet plane).
+    pub flows: u32,
+    /// `LB_HANDSHAKE`: handshakes not yet joined (packet plane).
+    pub handshakes: u32,
+}
+
+impl Capacities {
+    /// Each sized map's name with its capacity.
+    pub fn by_map(&self) -> [(&'static str, u32); 13] {
+        [
+            (CONN, self.conn),
+            (TARGET, self.target),
+            (SPLICE, self.splice),
+            (TARGET_OK, self.target_ok),
+            (SERVERS, self.servers),
+            (SOURCES, self.sources),
+            (SERVER_BYTES, self.server_bytes),
+            (GUARD_RATE, self.guard_sources),
+            (GUARD_TOP, self.guard_sources),
+            (GUARD_DENY, self.guard_rules),
+            (GUARD_ALLOW, self.guard_rules),
+            (FLOWS, self.flows),
+            (HANDSHAKE, self.handshakes),
+        ]
+    }
+}
 
 /// LPM_TRIE: source prefix (IPv6 bytes, IPv4 mapped) -> 1: the guard drops it.
 pub const GUARD_DENY: &str = "LB_GUARD_DENY";
@@ -74,11 +134,13 @@ pub const GUARD_ALLOW: &str = "LB_GUARD_ALLOW";
 pub const GUARD_PORTS: &str = "LB_GUARD_PORTS";
 /// ARRAY with one entry: [`crate::guard::GuardConf`].
 pub const GUARD_CONF: &str = "LB_GUARD_CONF";
-/// LRU_HASH: source address (16 bytes) -> [`crate::guard::GuardBucket`].
+/// LRU_HASH: source (16 bytes: an IPv4-mapped address, or an IPv6 /64 with
+/// its last 8 bytes zero) -> [`crate::guard::GuardBucket`].
 pub const GUARD_RATE: &str = "LB_GUARD_RATE";
 /// PERCPU_ARRAY with one entry: [`crate::guard::GuardCounters`].
 pub const GUARD_STATS: &str = "LB_GUARD_STATS";
-/// LRU_HASH: source address -> packets of it the guard dropped (the top offenders).
+/// LRU_HASH: source (as in [`GUARD_RATE`]) -> packets of it the guard dropped
+/// (the top offenders).
 pub const GUARD_TOP: &str = "LB_GUARD_TOP";
 /// Capacity of each guard trie.
 pub const MAX_GUARD_RULES: u32 = 1 << 16;
@@ -111,16 +173,17 @@ pub const LINK_PACKET_PREFIX: &str = "lb_packet_";
 pub const PROG_GUARD: &str = "lb_guard";
 
 /// The maps `lb` pins under its `pin_path`.
-pub const PINNED: [&str; 21] = [
+pub const PINNED: [&str; 22] = [
     TARGET,
     FRONTENDS,
-    SETUP_MISS,
+    TARGET_OK,
     SPLICE,
     CONN,
     EVENTS,
     COUNTERS,
     SOURCES,
     SERVERS,
+    SERVER_BYTES,
     WORKERS,
     GUARD_DENY,
     GUARD_ALLOW,
@@ -145,10 +208,12 @@ pub fn layout() -> std::string::String {
     use crate::{
         conn::ConnTraffic,
         guard::{GuardBucket, GuardConf, GuardCounters},
-        stats::{DataplaneCounters, ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats},
+        stats::{
+            DataplaneCounters, ServerBytes, ServerBytesKey, ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats,
+        },
     };
     std::format!(
-        "{TARGET}:8/4 {FRONTENDS}:20/8 {SETUP_MISS}:8/1 {SPLICE}:8/4 {CONN}:8/{} {COUNTERS}:4/{} {SOURCES}:{}/{} {SERVERS}:{}/{} {WORKERS}:4/{} \
+        "{TARGET}:8/4 {FRONTENDS}:20/8 {TARGET_OK}:8/1 {SPLICE}:8/4 {CONN}:8/{} {COUNTERS}:4/{} {SOURCES}:{}/{} {SERVERS}:{}/{} {SERVER_BYTES}:{}/{} {WORKERS}:4/{} \
          {GUARD_DENY}:20/1 {GUARD_ALLOW}:20/1 {GUARD_PORTS}:2/1 {GUARD_CONF}:4/{} {GUARD_RATE}:16/{} \
          {GUARD_STATS}:4/{} {GUARD_TOP}:16/8 {EVENTS}:4/4 ring {EVENTS_RING_BYTES}/{} \
          {FLOWS}:{}/{} {PACKET_ENDS}:4/4 ring {PACKET_ENDS_RING_BYTES}/{} {PACKET_COUNTERS}:4/{} {HANDSHAKE}:8/{}",
@@ -158,6 +223,8 @@ pub fn layout() -> std::string::String {
         size_of::<SourceStats>(),
         size_of::<ServerKey>(),
         size_of::<ServerStats>(),
+        size_of::<ServerBytesKey>(),
+        size_of::<ServerBytes>(),
         size_of::<WorkerStats>(),
         size_of::<GuardConf>(),
         size_of::<GuardBucket>(),

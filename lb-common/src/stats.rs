@@ -162,8 +162,12 @@ worker_counters! {
     /// Clients waiting now for a server slot.
     Gauge queued => "queued",
     /// Connections the kernel plane copied (whole or one side) in userspace
-    /// because a side had closed before its splice.
+    /// because a side had closed before its splice, or a kernel map was full.
     Counter userspace_fallbacks => "userspace_fallbacks",
+    /// Of `userspace_fallbacks`: a kernel map had no room (or the kernel no
+    /// memory) for the connection's entries; `maps` in `lb stats` says which
+    /// is full, and `kernel_memory` sizes them.
+    Counter kernel_maps_full => "kernel_maps_full",
     /// Bytes client -> server copied in userspace.
     Counter userspace_bytes_in => "userspace_bytes_in",
     /// Bytes server -> client copied in userspace.
@@ -185,7 +189,7 @@ worker_counters! {
     /// `lb_setup` recorded no handshake.
     Counter packet_kept_map => "packet_kept" reason "map",
 }
-const _: () = assert!(core::mem::size_of::<WorkerCounters>() == 24 * 8);
+const _: () = assert!(core::mem::size_of::<WorkerCounters>() == 25 * 8);
 
 /// Value of `LB_WORKERS`, keyed by worker index (u32).
 #[repr(C)]
@@ -201,7 +205,7 @@ pub struct WorkerStats {
     pub seq: u64,
     pub counters: WorkerCounters,
 }
-const _: () = assert!(core::mem::size_of::<WorkerStats>() == 16 + 24 * 8);
+const _: () = assert!(core::mem::size_of::<WorkerStats>() == 16 + 25 * 8);
 
 /// Key of `LB_SOURCES`.
 #[repr(C)]
@@ -262,9 +266,11 @@ pub struct ServerStats {
     pub total: u64,
     /// Connect attempts that failed (refused, timed out, no source port).
     pub connect_failures: u64,
-    /// Client -> server bytes of connections that have ended.
+    /// Client -> server bytes lb copied itself (the userspace plane, a
+    /// copied side, a PROXY header) in connections that have ended; the
+    /// kernel's are in `LB_SERVER_BYTES`.
     pub bytes_in: u64,
-    /// Server -> client bytes of connections that have ended.
+    /// Server -> client bytes lb copied itself, as `bytes_in`.
     pub bytes_out: u64,
     /// 0 up, 1 down (health check), 2 drain, 3 maint (disabled), 4 removed.
     pub state: u32,
@@ -272,5 +278,42 @@ pub struct ServerStats {
 }
 const _: () = assert!(core::mem::size_of::<ServerStats>() == 48);
 
+/// Key of `LB_SERVER_BYTES`: a server of a backend, as in a connection's
+/// records.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ServerBytesKey {
+    /// IPv6 bytes (IPv4 as `::ffff:a.b.c.d`), network order.
+    pub server_ip: [u8; 16],
+    /// Host order.
+    pub server_port: u16,
+    /// Index of the backend in the configuration.
+    pub backend: u16,
+}
+const _: () = assert!(core::mem::size_of::<ServerBytesKey>() == 20);
+
+/// Value of `LB_SERVER_BYTES` (per CPU): what the verdict redirected for
+/// the server's connections, live and ended. Only grows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ServerBytes {
+    /// Client -> server.
+    pub bytes_in: u64,
+    /// Server -> client.
+    pub bytes_out: u64,
+}
+const _: () = assert!(core::mem::size_of::<ServerBytes>() == 16);
+
 #[cfg(feature = "user")]
-crate::pod!(DataplaneCounters, WorkerStats, SourceKey, SourceStats, ServerKey, ServerStats);
+crate::pod!(
+    DataplaneCounters,
+    WorkerStats,
+    SourceKey,
+    SourceStats,
+    ServerKey,
+    ServerStats,
+    ServerBytesKey,
+    ServerBytes
+);

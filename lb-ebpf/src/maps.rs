@@ -2,7 +2,8 @@
 //! Names come from `lb_common::maps`; sizes are overridden at load time.
 
 use aya_ebpf::{
-    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, SockHash},
     macros::btf_map,
 };
 use lb_common::{
@@ -10,10 +11,12 @@ use lb_common::{
     guard::{GuardBucket, GuardConf, GuardCounters},
     maps::{
         DEFAULT_MAX_FLOWS, DEFAULT_MAX_SOCKETS, EVENTS_RING_BYTES, MAX_FRONTENDS, MAX_GUARD_RULES, MAX_GUARD_SOURCES,
-        MAX_HANDSHAKES, MAX_SERVER_ENTRIES, MAX_SETUP_MISSES, MAX_SOURCE_ENTRIES, MAX_WORKERS, PACKET_ENDS_RING_BYTES,
+        MAX_HANDSHAKES, MAX_SERVER_ENTRIES, MAX_SOURCE_ENTRIES, MAX_WORKERS, PACKET_ENDS_RING_BYTES,
     },
     packet::{Flow, FlowKey, Handshake, PacketCounters, PacketEnd},
-    stats::{DataplaneCounters, ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats},
+    stats::{
+        DataplaneCounters, ServerBytes, ServerBytesKey, ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats,
+    },
 };
 
 const MAX: usize = DEFAULT_MAX_SOCKETS as usize;
@@ -26,17 +29,19 @@ pub static LB_TARGET: SockHash<u64, MAX> = SockHash::new();
 #[btf_map(name = "LB_FRONTENDS")]
 pub static LB_FRONTENDS: HashMap<FrontendKey, u64, { MAX_FRONTENDS as usize }> = HashMap::new();
 
-/// Clients the `sock_ops` program could not make targets.
-#[btf_map(name = "LB_SETUP_MISS")]
-pub static LB_SETUP_MISS: LruHashMap<u64, u8, { MAX_SETUP_MISSES as usize }> = LruHashMap::new();
+/// Clients the `sock_ops` program made targets at their accept (sized at load).
+#[btf_map(name = "LB_TARGET_OK")]
+pub static LB_TARGET_OK: LruHashMap<u64, u8, MAX> = LruHashMap::new();
 
 /// Socket's own cookie -> itself; the verdict program is attached here.
 #[btf_map(name = "LB_SPLICE")]
 pub static LB_SPLICE: SockHash<u64, MAX> = SockHash::new();
 
-/// Socket cookie -> connection record (identity from userspace, traffic from the verdict).
+/// Socket cookie -> connection record (identity from userspace, traffic from
+/// the verdict). Not preallocated: a record's memory is taken when it is
+/// written, and the kernel's `memlock` figure for the map counts them.
 #[btf_map(name = "LB_CONN")]
-pub static LB_CONN: HashMap<u64, ConnTraffic, MAX> = HashMap::new();
+pub static LB_CONN: HashMap<u64, ConnTraffic, MAX, { BPF_F_NO_PREALLOC as usize }> = HashMap::new();
 
 /// Worker slot -> its holder's ring of flow events (the holders put them in).
 #[btf_map(name = "LB_EVENTS")]
@@ -54,6 +59,11 @@ pub static LB_SOURCES: HashMap<SourceKey, SourceStats, { MAX_SOURCE_ENTRIES as u
 /// Per (server, worker) connection and byte counts, written by userspace.
 #[btf_map(name = "LB_SERVERS")]
 pub static LB_SERVERS: HashMap<ServerKey, ServerStats, { MAX_SERVER_ENTRIES as usize }> = HashMap::new();
+
+/// Bytes the verdict redirected per server (sized at load).
+#[btf_map(name = "LB_SERVER_BYTES")]
+pub static LB_SERVER_BYTES: PerCpuHashMap<ServerBytesKey, ServerBytes, { MAX_SERVER_ENTRIES as usize }> =
+    PerCpuHashMap::new();
 
 /// Per worker process counters, written by userspace.
 #[btf_map(name = "LB_WORKERS")]
@@ -75,7 +85,7 @@ pub static LB_GUARD_PORTS: HashMap<u16, u8, 1024> = HashMap::new();
 #[btf_map(name = "LB_GUARD_CONF")]
 pub static LB_GUARD_CONF: Array<GuardConf, 1> = Array::new();
 
-/// Per-source SYN token buckets.
+/// Per-source SYN token buckets (an IPv4 address, or an IPv6 /64).
 #[btf_map(name = "LB_GUARD_RATE")]
 pub static LB_GUARD_RATE: LruHashMap<[u8; 16], GuardBucket, { MAX_GUARD_SOURCES as usize }> = LruHashMap::new();
 
@@ -83,7 +93,7 @@ pub static LB_GUARD_RATE: LruHashMap<[u8; 16], GuardBucket, { MAX_GUARD_SOURCES 
 #[btf_map(name = "LB_GUARD_STATS")]
 pub static LB_GUARD_STATS: PerCpuArray<GuardCounters, 1> = PerCpuArray::new();
 
-/// Packets dropped per source (the top offenders).
+/// Packets dropped per source, keyed as `LB_GUARD_RATE` (the top offenders).
 #[btf_map(name = "LB_GUARD_TOP")]
 pub static LB_GUARD_TOP: LruHashMap<[u8; 16], u64, { MAX_GUARD_SOURCES as usize }> = LruHashMap::new();
 
@@ -93,8 +103,10 @@ pub static LB_FLOWS: HashMap<FlowKey, Flow, { DEFAULT_MAX_FLOWS as usize }> = Ha
 
 /// Worker slot -> its holder's ring of ended packet-plane connections.
 #[btf_map(name = "LB_PACKET_ENDS")]
-pub static LB_PACKET_ENDS: ArrayOfMaps<RingBuf<PacketEnd, { PACKET_ENDS_RING_BYTES as usize }>, { MAX_WORKERS as usize }> =
-    ArrayOfMaps::new();
+pub static LB_PACKET_ENDS: ArrayOfMaps<
+    RingBuf<PacketEnd, { PACKET_ENDS_RING_BYTES as usize }>,
+    { MAX_WORKERS as usize },
+> = ArrayOfMaps::new();
 
 /// The packet plane's counters, one slot per CPU.
 #[btf_map(name = "LB_PKT_COUNTERS")]

@@ -3,17 +3,20 @@
 //! the receiving socket's record (`LB_CONN`) holds.
 
 use aya_ebpf::{
-    bindings::sk_action::{SK_DROP, SK_PASS},
+    bindings::{
+        BPF_NOEXIST,
+        sk_action::{SK_DROP, SK_PASS},
+    },
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_coarse_ns},
     macros::stream_verdict,
     programs::SkBuffContext,
 };
 use lb_common::{
-    conn::{FlowEvent, SIDE_CLIENT},
-    stats::COUNTERS_KEY,
+    conn::{ConnTraffic, FlowEvent, SIDE_CLIENT},
+    stats::{COUNTERS_KEY, ServerBytes, ServerBytesKey},
 };
 
-use crate::maps::{LB_CONN, LB_COUNTERS, LB_EVENTS, LB_TARGET};
+use crate::maps::{LB_CONN, LB_COUNTERS, LB_EVENTS, LB_SERVER_BYTES, LB_TARGET};
 
 #[stream_verdict]
 pub fn lb_verdict(ctx: SkBuffContext) -> u32 {
@@ -66,6 +69,7 @@ fn try_lb_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
         (*t).last_active_ns = bpf_ktime_get_coarse_ns();
         (before, &*t)
     };
+    count_server_bytes(t, len);
     let shift = u64::from(rec.event_shift) & 63;
     if shift != 0 && before >> shift != (before + len) >> shift {
         // Another `1 << shift` bytes went to the peer: its holder looks at
@@ -83,4 +87,58 @@ fn try_lb_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
         }
     }
     Ok(verdict)
+}
+
+/// Adds `len` bytes the socket of record `rec` received to its server's
+/// counters (`bytes_in` for the client's socket, `bytes_out` for the
+/// server's), making the server's entry at its first byte.
+#[inline(always)]
+fn count_server_bytes(rec: *const ConnTraffic, len: u64) {
+    // The key is written word by word into uninitialised stack (a key built
+    // as a value is zeroed with a byte loop first, which the verifier
+    // refuses without CAP_PERFMON): the server's 16 address bytes, then its
+    // port and backend (both u16, little endian, in one word).
+    let mut k = core::mem::MaybeUninit::<[u32; 5]>::uninit();
+    let p = k.as_mut_ptr().cast::<u32>();
+    // SAFETY: `rec` points to a map value, valid for the program's run, and
+    // its address field is 8-aligned (a multiple of 8 into the value);
+    // five words inside `k`; `ServerBytesKey` is 20 bytes, `repr(C)`,
+    // 2-aligned, in this order.
+    let (key, side) = unsafe {
+        let ip = (&raw const (*rec).server_ip).cast::<u32>();
+        core::ptr::write_volatile(p, core::ptr::read_volatile(ip));
+        core::ptr::write_volatile(p.add(1), core::ptr::read_volatile(ip.add(1)));
+        core::ptr::write_volatile(p.add(2), core::ptr::read_volatile(ip.add(2)));
+        core::ptr::write_volatile(p.add(3), core::ptr::read_volatile(ip.add(3)));
+        let port = u32::from(core::ptr::read_volatile(&raw const (*rec).server_port));
+        let backend = u32::from(core::ptr::read_volatile(&raw const (*rec).backend));
+        core::ptr::write_volatile(p.add(4), port | backend << 16);
+        (&*p.cast::<ServerBytesKey>(), u64::from((*rec).side) & 1)
+    };
+    let b = match LB_SERVER_BYTES.get_ptr_mut(key) {
+        Some(b) => b,
+        None => {
+            // Zeros written word by word, as the key (a `default()` value is
+            // zeroed with a byte loop).
+            let mut z = core::mem::MaybeUninit::<[u64; 2]>::uninit();
+            let zp = z.as_mut_ptr().cast::<u64>();
+            // SAFETY: two words inside `z`; `ServerBytes` is two u64s.
+            let zero = unsafe {
+                core::ptr::write_volatile(zp, 0);
+                core::ptr::write_volatile(zp.add(1), 0);
+                &*zp.cast::<ServerBytes>()
+            };
+            // Another CPU may make it first: then this insert fails and the
+            // lookup finds that one.
+            let _ = LB_SERVER_BYTES.insert(key, zero, u64::from(BPF_NOEXIST));
+            let Some(b) = LB_SERVER_BYTES.get_ptr_mut(key) else { return };
+            b
+        }
+    };
+    // Both fields, no branch (see the flow-event counters).
+    // SAFETY: this CPU's slot of the entry, valid for the program's run.
+    unsafe {
+        (*b).bytes_in += len * (1 - side);
+        (*b).bytes_out += len * side;
+    }
 }

@@ -14,7 +14,11 @@
 //!
 //! What cannot be done is left to userspace, which learns it from the
 //! server's record (`SETUP_FAILED`, or still `SETUP_PENDING` when no program
-//! ran) and inserts the entries itself as before.
+//! ran) and inserts the entries itself as before. In particular a server is
+//! spliced only if this program made its client a target (`LB_TARGET_OK`):
+//! a client that could not become one at its accept (the map full, no
+//! memory for its psock) gets its server's bytes only once the worker has
+//! made it one.
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, bpf_sock_ops},
@@ -28,7 +32,7 @@ use lb_common::{
     stats::COUNTERS_KEY,
 };
 
-use crate::maps::{LB_CONN, LB_COUNTERS, LB_FRONTENDS, LB_HANDSHAKE, LB_SETUP_MISS, LB_SPLICE, LB_TARGET};
+use crate::maps::{LB_CONN, LB_COUNTERS, LB_FRONTENDS, LB_HANDSHAKE, LB_SPLICE, LB_TARGET, LB_TARGET_OK};
 
 const AF_INET: u32 = 2;
 const SOL_TCP: i32 = 6;
@@ -145,7 +149,8 @@ fn record_handshake(ctx: &SockOpsContext, cookie: u64, syn: u64) {
     let n = unsafe { bpf_load_hdr_opt(ctx.ops.cast(), (&raw mut opt).cast(), 12, 0) };
     // Bytes 2..6 of the option, network order.
     let b = |w: u32, i: u32| (w >> (8 * i)) & 0xff;
-    let tsval = if n == 10 { (b(opt[0], 2) << 24) | (b(opt[0], 3) << 16) | (b(opt[1], 0) << 8) | b(opt[1], 1) } else { 0 };
+    let tsval =
+        if n == 10 { (b(opt[0], 2) << 24) | (b(opt[0], 3) << 16) | (b(opt[1], 0) << 8) | b(opt[1], 1) } else { 0 };
     // The MSS the peer announced: in the server's SYN-ACK (the packet at
     // hand when a connect completes), in the client's SYN (kept by the
     // listener, `TCP_SAVE_SYN`) when an accept does. Kind 2, length 4.
@@ -171,8 +176,12 @@ fn accepted(ctx: &SockOpsContext) {
     }
     let mut cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     record_handshake(ctx, cookie, LOAD_FROM_SYN);
-    if LB_TARGET.update(&mut cookie, ops(ctx), u64::from(BPF_ANY)).is_err() {
-        let _ = LB_SETUP_MISS.insert(cookie, 1, u64::from(BPF_ANY));
+    if LB_TARGET.update(&mut cookie, ops(ctx), u64::from(BPF_ANY)).is_ok() {
+        // What its server's splice asks (`connected`). Not recorded (no
+        // room: an LRU evicts instead, and an entry may age out) means not
+        // a target there: safe, only slower.
+        let _ = LB_TARGET_OK.insert(cookie, 1, u64::from(BPF_ANY));
+    } else {
         count(false);
     }
 }
@@ -202,11 +211,16 @@ fn connected(ctx: &SockOpsContext) {
             (*c).source_port = port;
         }
     }
-    // A client that is not a target (no memory at accept) must not get
-    // server bytes passed ahead of the ones userspace redirects once it
-    // has made it one: leave it all to userspace. (No client is accepted
-    // before the program is attached: lb attaches it before it listens.)
-    let client_missed = LB_SETUP_MISS.get_ptr(peer).is_some();
+    // The server is spliced toward its client's target: a client that is
+    // none (the map was full or out of memory at its accept) would get
+    // nothing, and the server's bytes would wait on the server's socket
+    // until the idle timeout. Unless this program made the client a target
+    // (and the record of it is still there), leave the connection to
+    // userspace, which makes the client a target before it splices
+    // anything. (No client is accepted before the program is attached: lb
+    // attaches it before it listens.)
+    let client_missed = LB_TARGET_OK.get_ptr(peer).is_none();
+    let _ = LB_TARGET_OK.remove(peer);
     // TCP_NODELAY, which the worker would set otherwise (one syscall).
     let mut one: i32 = 1;
     // SAFETY: `one` is an int on the stack, its length given.

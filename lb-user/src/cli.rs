@@ -15,10 +15,13 @@ use crate::{
     servers::command::Command,
 };
 
+/// `lb --version`: the release and the eBPF object built into it.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (eBPF object sha256 ", env!("LB_EBPF_SHA256"), ")");
+
 /// A TCP load balancer for very many long-lived connections: bytes between
 /// client and server are spliced inside the kernel with eBPF sockmap.
 #[derive(Debug, Parser)]
-#[command(name = "lb", version, about, long_about = None)]
+#[command(name = "lb", version = VERSION, about, long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Cmd,
@@ -26,7 +29,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
-    /// Run the load balancer in the foreground until SIGINT or SIGTERM.
+    /// Run the load balancer in the foreground until SIGINT or SIGTERM (taking over the connections of an lb
+    /// killed at the same pin_path, whose holders still keep them).
     Run {
         /// Configuration file (TOML).
         #[arg(short, long, value_name = "FILE")]
@@ -102,6 +106,15 @@ pub enum Cmd {
         binary: Option<PathBuf>,
         #[command(flatten)]
         target: Target,
+    },
+    /// Stop the lb at a pin path: its supervisor (SIGTERM, as `systemctl stop` does), and holders that a
+    /// supervisor which died left behind with their connections (closing them); then remove pins left behind.
+    Stop {
+        /// The instance's `pin_path`.
+        #[arg(long, default_value = "/sys/fs/bpf/lb", value_name = "DIR")]
+        pin_path: PathBuf,
+        #[command(flatten)]
+        run: RunDir,
     },
     /// Internal: the supervisor of a new binary, started by `lb upgrade` (spec on stdin).
     #[command(hide = true)]
@@ -237,11 +250,18 @@ fn watch_interval(s: &str) -> Result<std::time::Duration, String> {
 fn control(target: &Target, req: Request) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let reply = rt.block_on(crate::control::request(&target.socket(), &req))?;
-    if reply.ok {
-        println!("{}", reply.message);
-        Ok(())
-    } else {
-        anyhow::bail!("{}", reply.message)
+    if reply.ok { out(format_args!("{}\n", reply.message)) } else { anyhow::bail!("{}", reply.message) }
+}
+
+/// Writes to stdout. A reader that went away (`lb stats | head -1`) ends
+/// the command quietly, with status 0, as it ends `cat`; any other
+/// failure is an error.
+fn out(text: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_fmt(text).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        r => r.context("writing to stdout"),
     }
 }
 
@@ -258,14 +278,14 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Check { config } => {
             let (cfg, _, running) = load_probed(&config, &Overrides::default())?;
             if let Some(pid) = running {
-                println!(
+                out(format_args!(
                     "note: lb (pid {pid}) runs with pin_path {}: its listen addresses are busy with its own \
-                     listeners, so they were not probed",
+                     listeners, so they were not probed\n",
                     cfg.pin_path.display()
-                );
+                ))?;
             }
-            println!(
-                "{}: ok ({} frontend(s), {} backend(s), {} server(s), dataplane = {}, workers = {}, maxconn = {})",
+            out(format_args!(
+                "{}: ok ({} frontend(s), {} backend(s), {} server(s), dataplane = {}, workers = {}, maxconn = {})\n",
                 config.display(),
                 cfg.frontends.len(),
                 cfg.backends.len(),
@@ -273,11 +293,17 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 cfg.dataplane,
                 cfg.workers,
                 cfg.maxconn
-            );
-            Ok(())
+            ))?;
+            let human = crate::config::memory::human;
+            let limit = if cfg.splice_queue_limit == 0 { "0".to_owned() } else { human(cfg.splice_queue_limit) };
+            out(format_args!(
+                "kernel maps: {} at their capacities, of kernel_memory = \"{}\"; splice_queue_limit = \"{limit}\"\n",
+                human(cfg.memory.bytes()),
+                human(cfg.kernel_memory)
+            ))
         }
         Cmd::Run { config, dataplane, workers, announce } => {
-            let overrides = Overrides { workers, dataplane };
+            let overrides = Overrides { workers, dataplane, maxconn: None };
             // Busy ports are an error with their line now, unless this
             // pin_path's instance runs (its lock says so just after).
             let (cfg, text, _) = load_probed(&config, &overrides)?;
@@ -307,6 +333,10 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             control(&target, Request::Upgrade { upgrade: crate::control::UpgradeReq { binary } })
         }
         Cmd::Takeover => runtime()?.block_on(crate::instance::upgrade::take_over()),
+        Cmd::Stop { pin_path, run } => {
+            println!("{}", crate::instance::adopt::stop(&run.get(), &pin_path)?);
+            Ok(())
+        }
         Cmd::Stats { pin_path, run, json, watch } => {
             let run_dir = run.get();
             ensure_running(&run_dir, &pin_path)?;
@@ -322,15 +352,14 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 Ok(if json { serde_json::to_string_pretty(r)? + "\n" } else { render::stats(r) })
             };
             match watch {
-                None => print!("{}", show(&read()?)?),
+                None => out(format_args!("{}", show(&read()?)?))?,
                 Some(every) => {
                     loop {
                         // The instance may stop while watched: say so rather than freeze its last figures.
                         ensure_running(&run_dir, &pin_path)?;
-                        let out = show(&read()?)?;
+                        let text = show(&read()?)?;
                         // Clear the screen and home the cursor, then redraw.
-                        print!("\x1b[2J\x1b[H{out}");
-                        std::io::Write::flush(&mut std::io::stdout())?;
+                        out(format_args!("\x1b[2J\x1b[H{text}"))?;
                         std::thread::sleep(every);
                     }
                 }
@@ -349,9 +378,9 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             }
             let rows = read::conns(&pin_path, server)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                out(format_args!("{}\n", serde_json::to_string_pretty(&rows)?))?;
             } else {
-                print!("{}", render::conns(&rows));
+                out(format_args!("{}", render::conns(&rows)))?;
             }
             Ok(())
         }
@@ -369,6 +398,10 @@ fn load_probed(path: &std::path::Path, o: &Overrides) -> anyhow::Result<(Config,
     if let Some((true, pid)) = crate::kernel::lock::holder(&lock) {
         return Ok((cfg, text, Some(pid.unwrap_or(0))));
     }
+    // Holders whose supervisor is gone keep the listening sockets (`lb run` takes them over).
+    if let Some(h) = crate::instance::adopt::live_holders(&cfg.runtime_dir, &cfg.pin_path).first() {
+        return Ok((cfg, text, Some(h.pid)));
+    }
     let cfg = Config::parse_on(&crate::config::host::Probing, &path.display().to_string(), &text, o)?;
     Ok((cfg, text, None))
 }
@@ -377,17 +410,25 @@ fn load_probed(path: &std::path::Path, o: &Overrides) -> anyhow::Result<(Config,
 /// counts would read as a running instance's.
 fn ensure_running(run_dir: &std::path::Path, pin_path: &std::path::Path) -> anyhow::Result<()> {
     let lock = lb_common::files::run_file(run_dir, pin_path, "lock");
-    match crate::kernel::lock::holder(&lock) {
-        Some((true, _)) => Ok(()),
-        Some((false, pid)) => anyhow::bail!(
-            "lb at {} is not running (stale pins{}); `lb run` with this pin_path removes them",
-            pin_path.display(),
-            pid.map(|p| format!(" from pid {p}")).unwrap_or_default()
-        ),
-        // No lock file: nothing ran here, or an instance too old to write
-        // one; reading says which.
-        None => Ok(()),
-    }
+    let Some((false, pid)) = crate::kernel::lock::holder(&lock) else {
+        // Held: it runs. No lock file: nothing ran here, or an instance too
+        // old to write one; reading says which.
+        return Ok(());
+    };
+    let holders: Vec<u32> = crate::instance::adopt::live_holders(run_dir, pin_path).iter().map(|h| h.pid).collect();
+    anyhow::ensure!(
+        !holders.is_empty(),
+        "lb at {} is not running (stale pins{}); `lb run` with this pin_path removes them",
+        pin_path.display(),
+        pid.map(|p| format!(" from pid {p}")).unwrap_or_default()
+    );
+    eprintln!(
+        "note: the supervisor of lb at {}{} is gone; its holder(s) (pids {holders:?}) keep its spliced \
+         connections: `lb run` with its configuration takes them over, `lb stop` closes them",
+        pin_path.display(),
+        pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    );
+    Ok(())
 }
 
 #[cfg(test)]

@@ -24,3 +24,7 @@ pub mod sni;
 
 /// The eBPF object built from `lb-ebpf` by `build.rs`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+
+/// SHA-256 (hex) of [`EBPF_OBJECT`]: recorded with the pins of the instance
+/// whose programs it is, shown by `lb stats` and `lb --version`.
+pub const EBPF_SHA256: &str = env!("LB_EBPF_SHA256");

@@ -12,6 +12,16 @@ fn main() -> std::process::ExitCode {
         });
     }
     log.init();
+    // Any panic ends the process. A thread that ended alone (a holder's
+    // close watcher, a worker's link to its holder) would leave a process
+    // that looks alive and does nothing; one that ends is seen by its
+    // supervisor and restarted.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        log::error!("a thread panicked: ending the process");
+        std::process::abort();
+    }));
     let cli = lb::cli::Cli::parse();
     match lb::cli::main(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,

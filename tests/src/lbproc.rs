@@ -143,6 +143,9 @@ pub struct Lb {
     pub dir: PathBuf,
     /// The supervisor of the binary that took this instance over (`lb upgrade`).
     successor: Option<u32>,
+    /// Holders whose supervisor this test killed ([`Lb::kill_supervisor`]),
+    /// until an lb started again takes them over: ended when dropped.
+    orphans: Vec<u32>,
 }
 
 /// How to start lb, beyond its config: for [`Lb::launch_as`].
@@ -208,7 +211,35 @@ impl Lb {
     pub fn launch_as(test: &str, dir: PathBuf, pin_path: PathBuf, cfg: &str, how: Launch<'_>) -> Lb {
         let cfg_path = dir.join("lb.toml");
         std::fs::write(&cfg_path, cfg).unwrap_or_else(|e| panic!("writing config: {e}"));
-        let stderr = std::fs::File::create(dir.join("stderr")).expect("stderr file");
+        let mut lb = Lb {
+            child: None,
+            pid: 0,
+            addr: "0.0.0.0:0".parse().unwrap(),
+            frontends: vec![],
+            dataplane: String::new(),
+            workers: vec![],
+            holders: vec![],
+            metrics: None,
+            pin_path,
+            run_dir: how.run_dir.clone().unwrap_or_else(|| PathBuf::from(lb_common::files::RUN_DIR)),
+            dir,
+            successor: None,
+            orphans: vec![],
+        };
+        lb.spawn(test, how, false);
+        lb
+    }
+
+    /// Starts `lb run --announce` on this instance's config file and waits
+    /// for its ready line (its stderr goes to `<dir>/stderr`, appended to
+    /// with `append`).
+    fn spawn(&mut self, test: &str, how: Launch<'_>, append: bool) {
+        let path = self.dir.join("stderr");
+        if !append {
+            std::fs::write(&path, "").expect("stderr file");
+        }
+        // O_APPEND: processes of an earlier `lb run` still write to it too.
+        let stderr = std::fs::OpenOptions::new().append(true).open(&path).expect("stderr file");
         let bin = how.bin.unwrap_or_else(lb_bin);
         let mut cmd = match how.wrapper.split_first() {
             Some((w, args)) => {
@@ -220,54 +251,59 @@ impl Lb {
         };
         let mut child = cmd
             .args(["run", "--announce", "--config"])
-            .arg(&cfg_path)
+            .arg(self.config_path())
             .env("RUST_LOG", std::env::var("LB_LOG").unwrap_or_else(|_| "info".into()))
             .envs(how.env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
-        let pid = child.id();
+        self.pid = child.id();
         let stdout = child.stdout.take().expect("piped stdout");
+        self.child = Some(child);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut line = String::new();
             let _ = BufReader::new(stdout).read_line(&mut line);
             let _ = tx.send(line);
         });
-        let mut lb = Lb {
-            child: Some(child),
-            pid,
-            addr: "0.0.0.0:0".parse().unwrap(),
-            frontends: vec![],
-            dataplane: String::new(),
-            workers: vec![],
-            holders: vec![],
-            metrics: None,
-            pin_path,
-            run_dir: how.run_dir.unwrap_or_else(|| PathBuf::from(lb_common::files::RUN_DIR)),
-            dir,
-            successor: None,
-        };
-        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
         let ready: serde_json::Value = serde_json::from_str(line.trim())
-            .unwrap_or_else(|_| panic!("{test}: lb did not announce readiness; stderr:\n{}", lb.stderr()));
-        lb.dataplane = ready["dataplane"].as_str().unwrap_or_default().to_owned();
-        lb.metrics = ready["metrics"].as_str().and_then(|m| m.parse().ok());
+            .unwrap_or_else(|_| panic!("{test}: lb did not announce readiness; stderr:\n{}", self.stderr()));
+        self.dataplane = ready["dataplane"].as_str().unwrap_or_default().to_owned();
+        self.metrics = ready["metrics"].as_str().and_then(|m| m.parse().ok());
         let pids = |key: &str| -> Vec<u32> {
             ready[key]
                 .as_array()
                 .map(|a| a.iter().filter_map(|w| w.as_u64().map(|p| p as u32)).collect())
                 .unwrap_or_default()
         };
-        lb.workers = pids("workers");
-        lb.holders = pids("holders");
-        lb.frontends = ready["frontends"]
+        self.workers = pids("workers");
+        self.holders = pids("holders");
+        self.frontends = ready["frontends"]
             .as_array()
             .map(|a| a.iter().filter_map(|f| f["listen"].as_str()?.parse().ok()).collect())
             .unwrap_or_default();
-        lb.addr = *lb.frontends.first().unwrap_or_else(|| panic!("{test}: no frontend announced"));
-        lb
+        self.addr = *self.frontends.first().unwrap_or_else(|| panic!("{test}: no frontend announced"));
+    }
+
+    /// Kills the supervisor with SIGKILL (a crash, the OOM killer) and
+    /// waits for it; its workers die with it, its holders stay (they are
+    /// ended when this is dropped, unless [`Self::restart`] took them over).
+    pub fn kill_supervisor(&mut self) {
+        let mut child = self.child.take().expect("kill_supervisor: no supervisor of this test's own");
+        let _ = child.kill();
+        let _ = child.wait();
+        self.orphans = self.holders.clone();
+    }
+
+    /// Starts `lb run` again on the same config file (systemd's `Restart=`),
+    /// with extra `env`, after [`Self::kill_supervisor`].
+    pub fn restart(&mut self, test: &str, env: &[(&str, &str)]) {
+        assert!(self.child.is_none(), "restart: the supervisor still runs");
+        self.spawn(test, Launch { env, ..Launch::default() }, true);
+        // Taken over, or stopped by the new lb (it says which in its log).
+        self.orphans.clear();
     }
 
     /// The first worker's pid (the process that accepts and connects with
@@ -405,6 +441,14 @@ impl Lb {
 impl Drop for Lb {
     fn drop(&mut self) {
         self.stop();
+        // Holders left by a supervisor this test killed, not taken over
+        // since: they are this test's (checked by their executable).
+        for p in std::mem::take(&mut self.orphans) {
+            if crate::alive(p) && crate::exe(p).is_some_and(|e| e.file_name() == lb_bin().file_name()) {
+                // SAFETY: signalling a process of the lb this test started.
+                unsafe { libc::kill(p as i32, libc::SIGKILL) };
+            }
+        }
         if std::thread::panicking() {
             let log = self.stderr();
             let tail: Vec<&str> = log.lines().rev().take(40).collect();
@@ -420,11 +464,13 @@ impl Drop for Lb {
             let _ = std::fs::remove_dir(&self.pin_path);
         }
         // What lb keeps in its runtime_dir for this pin path (left behind if it was killed).
-        for ext in lb_common::files::EXTENSIONS {
+        for ext in lb_common::files::EXTENSIONS.into_iter().chain(["sock.lock"]) {
             let _ = std::fs::remove_file(lb_common::files::run_file(&self.run_dir, &self.pin_path, ext));
         }
         for i in 0..self.holders.len() as u16 {
             let _ = std::fs::remove_file(lb_common::files::holder_socket(&self.run_dir, &self.pin_path, i));
+            let _ = std::fs::remove_file(lb_common::files::holder_lock(&self.run_dir, &self.pin_path, i));
+            let _ = std::fs::remove_file(lb_common::files::holder_beat(&self.run_dir, &self.pin_path, i));
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

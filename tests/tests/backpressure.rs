@@ -54,7 +54,11 @@ async fn fast_sender_slow_reader_256mib(mode: Mode) {
         }
     })
     .await;
-    let Some(lb) = Lb::start(mode, "slow_reader", &[be.addr]) else { return };
+    // No splice_queue_limit: this test measures socket buffers and lb's
+    // memory; with the default limit the kernel plane resets this transfer
+    // once 64 MiB wait for the slow reader (see the test below it).
+    let body = format!("splice_queue_limit = \"0\"\n{}", Lb::body(&[be.addr]));
+    let Some(lb) = Lb::start_with(mode, "slow_reader", &body) else { return };
     let proof = KernelProof::start(&lb);
     // The worker and its holder (which copies a side the kernel could not take).
     let kb = |lb: &Lb, field: &str| lb.slot0().into_iter().map(|p| testkit::status_kb(p, field)).sum::<u64>();
@@ -94,6 +98,66 @@ async fn fast_sender_slow_reader_256mib(mode: Mode) {
     let grew = tcp_peak.saturating_sub(tcp0);
     assert!(grew < 16 * 1024, "kernel TCP memory grew by {grew} pages (64 MiB allowed): no backpressure");
     proof.assert_all_spliced(&lb, "slow_reader");
+}
+
+/// Kernel only, with the configuration's defaults: a backend that reads
+/// nothing must not make the kernel queue what its client keeps sending
+/// (the verdict takes it off the client's socket at once; without a bound a
+/// client got 2.3 GB in within 3 s). `splice_queue_limit` is on by default,
+/// at a quarter of `kernel_memory` (64 MiB of the default 256 MiB): the
+/// client is reset soon after that much waits. The client stops at 512 MiB
+/// (what lb without a default bound would take in well under a second), so
+/// that a failing run does not take gigabytes of the machine's memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_bounds_what_the_kernel_queues() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    const LIMIT: u64 = 64 * MIB;
+    let be = Backend::spawn(|s| async move {
+        // Reads nothing while the client sends.
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        drop(s);
+    })
+    .await;
+    let Some(lb) = Lb::start(Mode::Kernel, "queue_default", &[be.addr]) else { return };
+    let check = std::process::Command::new(testkit::lbproc::lb_bin())
+        .args(["check", "--config"])
+        .arg(lb.config_path())
+        .output()
+        .expect("lb check");
+    let check = String::from_utf8_lossy(&check.stdout);
+    assert!(check.contains("splice_queue_limit = \"64MiB\""), "lb check:\n{check}");
+    let proof = KernelProof::start(&lb);
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    let mut st = Stream::new(94);
+    let mut chunk = vec![0u8; 1 << 20];
+    let (mut off, mut sent) = (chunk.len(), 0u64);
+    let stop = Instant::now() + Duration::from_secs(10);
+    let mut failed = None;
+    while Instant::now() < stop && failed.is_none() && sent < 512 * MIB {
+        if off == chunk.len() {
+            st.fill(&mut chunk);
+            off = 0;
+        }
+        match tokio::time::timeout(Duration::from_millis(100), s.write(&chunk[off..])).await {
+            Ok(Ok(n)) => {
+                off += n;
+                sent += n as u64;
+            }
+            Ok(Err(e)) => failed = Some(e.kind()),
+            Err(_) => {}
+        }
+    }
+    eprintln!("[kernel] queue_default: the client wrote {sent} bytes, then: {failed:?}");
+    assert!(
+        matches!(failed, Some(std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe)),
+        "the client was not reset ({sent} bytes in): {failed:?}"
+    );
+    // The limit, the event step (a quarter of it), and socket buffers (the
+    // client's, lb's two sides with the default 8 MiB send buffer, the
+    // backend's receive buffer).
+    assert!(sent < LIMIT + LIMIT / 4 + 48 * MIB, "the client got {sent} bytes in before the reset");
+    assert!(lb.stderr().contains("splice_queue_limit 67108864"), "no warning about the reset:\n{}", lb.stderr());
+    proof.assert_all_spliced(&lb, "queue_default");
 }
 
 /// Kernel only, `splice_queue_limit`: a backend that reads nothing must not

@@ -252,3 +252,49 @@ async fn client_side() -> (usize, usize, bool) {
     let (f, n, d) = tokio::join!(flood, normal, denied);
     (f, n, d.is_some())
 }
+
+/// The guard's attachment is a link of the supervisor's process: it goes
+/// with a killed supervisor, and `lb run` taking the holders over attaches
+/// it again with its own program, while the connections carry on.
+#[test]
+fn lb_run_after_a_killed_supervisor_attaches_the_guard_again() {
+    if !kernel_available("guard_crash") {
+        return;
+    }
+    let _ns = NetNs::enter("guard_crash");
+    ip(&["link", "add", "g0", "type", "veth", "peer", "name", "g1"]);
+    ip(&["link", "set", "g0", "up"]);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let be = Backend::echo().await;
+        let (dir, pin_path) = scratch();
+        let cfg = format!(
+            "dataplane = \"kernel\"\npin_path = \"{}\"\n[guard]\ninterfaces = [\"g0\"]\n\n{}",
+            pin_path.display(),
+            Lb::body(&[be.addr])
+        );
+        let mut lb = Lb::launch("guard_crash", dir, pin_path.clone(), &cfg);
+        let guard_id = || {
+            let out =
+                Command::new("bpftool").args(["-j", "prog", "show", "pinned"]).arg(pin_path.join("lb_guard")).output();
+            let v: serde_json::Value = serde_json::from_slice(&out.expect("bpftool").stdout).unwrap_or_default();
+            v["id"].as_u64()
+        };
+        let before = guard_id().expect("the guard is pinned");
+        let mut s = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+        testkit::round_trip(&mut s, 1, 0).await.unwrap();
+        lb.kill_supervisor();
+        let detached = testkit::retry_until(Duration::from_secs(5), || (!xdp_on("g0")).then_some(())).await;
+        assert!(detached.is_some(), "the guard stayed attached without its supervisor");
+        testkit::round_trip(&mut s, 1, 1).await.unwrap_or_else(|e| panic!("the connection without a supervisor: {e}"));
+        lb.restart("guard_crash", &[]);
+        assert!(lb.stderr().contains("taking over the earlier lb"), "{}", lb.stderr());
+        assert!(xdp_on("g0"), "the guard is not attached again");
+        let after = guard_id().expect("the guard is pinned again");
+        assert_ne!(before, after, "the guard's program was not loaded again");
+        assert!(guard_stats(&lb).is_object(), "lb stats shows no guard: {}", lb.pinned_stats());
+        testkit::round_trip(&mut s, 1, 2).await.unwrap_or_else(|e| panic!("the connection after the takeover: {e}"));
+        drop(lb);
+        assert!(!xdp_on("g0"), "the guard stayed attached after lb stopped");
+    });
+}

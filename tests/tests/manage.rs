@@ -717,3 +717,43 @@ async fn hung_worker_is_replaced() {
     assert!(lb.stderr().contains("no heartbeat for 1s (timeouts.worker)"), "{}", lb.stderr());
     assert!(t0.elapsed() < Duration::from_secs(15));
 }
+
+/// Output whose reader has gone (`lb stats | head -1`, the pipe closed
+/// before lb writes) ends the command quietly with status 0: no panic, no
+/// error, for every command that prints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_to_a_closed_pipe_ends_quietly() {
+    let be = Backend::echo().await;
+    let Some(lb) = Lb::start(Mode::Kernel, "closed_pipe", &[be.addr]) else { return };
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    testkit::round_trip(&mut s, 1, 0).await.unwrap();
+    let config = lb.config_path().to_string_lossy().into_owned();
+    let with_pins = |a: &[&str]| -> Vec<String> {
+        let pins = [lb.pin_path.to_string_lossy(), lb.run_dir.to_string_lossy()];
+        a.iter()
+            .map(|s| s.to_string())
+            .chain(["--pin-path".into(), pins[0].to_string()])
+            .chain(["--runtime-dir".into(), pins[1].to_string()])
+            .collect()
+    };
+    let runs = [
+        with_pins(&["stats"]),
+        with_pins(&["stats", "--json"]),
+        with_pins(&["conns"]),
+        with_pins(&["conns", "--json"]),
+        vec!["check".into(), "--config".into(), config],
+    ];
+    for args in runs {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let child = Command::new(lb_bin())
+            .args(&args)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("lb {args:?}: {e}"));
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && err.is_empty(), "lb {args:?} to a closed pipe: {:?}\n{err}", out.status);
+    }
+}

@@ -88,19 +88,13 @@ impl Drop for Owned {
     }
 }
 
-/// lb started as `nobody` with only the unit's capabilities, its
-/// `runtime_dir` and its bpffs directory handed to that user: the kernel
-/// plane loads and splices, the process holds exactly those capabilities,
-/// and the control socket is the service user's alone (root may use it).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn runs_as_non_root_with_only_the_unit_capabilities() {
-    if !kernel_available("non_root") {
-        return;
-    }
+/// lb as the unit starts it: as `nobody` with only the unit's
+/// capabilities, its `runtime_dir` and its bpffs directory handed to that
+/// user (removed by `owned`). `body` is the configuration after `pin_path`,
+/// `runtime_dir` and `metrics_listen`. Returns lb and its runtime_dir.
+fn launch_as_service(test: &str, body: &str, owned: &mut Owned) -> (Lb, PathBuf) {
     let caps = unit_capabilities();
-    let be = Backend::echo().await;
     let (dir, pins) = scratch();
-    let mut owned = Owned(Vec::new());
     // As in the unit: a bpffs directory the service owns, the pins below it.
     let bpf_dir = owned.dir(PathBuf::from(format!("{}-svc", pins.display())));
     let pin_path = bpf_dir.join("pins");
@@ -110,19 +104,10 @@ async fn runs_as_non_root_with_only_the_unit_capabilities() {
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let bin = dir.join("lb");
     std::fs::copy(lb_bin(), &bin).expect("copying lb");
-    // A port below 1024, as a load balancer's usually is: it needs the
-    // unit's CAP_NET_BIND_SERVICE.
-    let low = (900..1024)
-        .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
-        .find(|a| std::net::TcpListener::bind(a).is_ok())
-        .expect("a free port below 1024");
     let cfg = format!(
-        "dataplane = \"kernel\"\npin_path = \"{}\"\nruntime_dir = \"{}\"\nmetrics_listen = \"127.0.0.1:0\"\n\
-         [[frontend]]\nname = \"t\"\nlisten = \"{low}\"\nbackend = \"b\"\n\
-         [[backend]]\nname = \"b\"\nservers = [\"{}\"]\n",
+        "dataplane = \"kernel\"\npin_path = \"{}\"\nruntime_dir = \"{}\"\nmetrics_listen = \"127.0.0.1:0\"\n{body}",
         pin_path.display(),
         run_dir.display(),
-        be.addr
     );
     let setpriv_caps =
         caps.iter().map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase())).collect::<Vec<_>>();
@@ -137,13 +122,34 @@ async fn runs_as_non_root_with_only_the_unit_capabilities() {
         format!("--bounding-set={set}"),
         "--".to_owned(),
     ];
-    let lb = Lb::launch_as(
-        "non_root",
-        dir.clone(),
-        pin_path.clone(),
-        &cfg,
-        Launch { wrapper, bin: Some(bin), run_dir: Some(run_dir.clone()), ..Launch::default() },
+    let how = Launch { wrapper, bin: Some(bin), run_dir: Some(run_dir.clone()), ..Launch::default() };
+    (Lb::launch_as(test, dir, pin_path, &cfg, how), run_dir)
+}
+
+/// lb started as `nobody` with only the unit's capabilities: the kernel
+/// plane loads and splices, the process holds exactly those capabilities,
+/// and the control socket is the service user's alone (root may use it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_as_non_root_with_only_the_unit_capabilities() {
+    if !kernel_available("non_root") {
+        return;
+    }
+    let caps = unit_capabilities();
+    let be = Backend::echo().await;
+    let mut owned = Owned(Vec::new());
+    // A port below 1024, as a load balancer's usually is: it needs the
+    // unit's CAP_NET_BIND_SERVICE.
+    let low = (900..1024)
+        .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
+        .find(|a| std::net::TcpListener::bind(a).is_ok())
+        .expect("a free port below 1024");
+    let body = format!(
+        "[[frontend]]\nname = \"t\"\nlisten = \"{low}\"\nbackend = \"b\"\n\
+         [[backend]]\nname = \"b\"\nservers = [\"{}\"]\n",
+        be.addr
     );
+    let (lb, run_dir) = launch_as_service("non_root", &body, &mut owned);
+    let pin_path = lb.pin_path.clone();
     assert_eq!(lb.dataplane, "kernel", "lb as a non-root user did not run the kernel plane:\n{}", lb.stderr());
     assert_eq!(lb.addr, low, "listening on a port below 1024");
 
@@ -189,4 +195,46 @@ async fn runs_as_non_root_with_only_the_unit_capabilities() {
     drop(lb);
     assert!(!pin_path.exists(), "pins left at {}", pin_path.display());
     assert!(!sock.exists(), "control socket left at {}", sock.display());
+}
+
+/// The XDP guard as the service loads it: the verifier takes every path of
+/// the program (VLAN tags, IPv6 extension headers, the SYN limit) without
+/// `CAP_PERFMON`, which refuses byte loops and computed offsets into map
+/// values; and the program it attached decides as the rules say.
+#[test]
+fn guard_loads_as_non_root_with_only_the_unit_capabilities() {
+    use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+    use testkit::packet::{Ext, TPID_8021AD, TPID_8021Q, tagged, tcp_ext};
+
+    if !kernel_available("non_root_guard") {
+        return;
+    }
+    let _ns = testkit::netns::NetNs::enter("non_root_guard");
+    for args in [&["link", "add", "g0", "type", "veth", "peer", "name", "g1"][..], &["link", "set", "g0", "up"]] {
+        let out = std::process::Command::new("ip").args(args).output().expect("running ip");
+        assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
+    let mut owned = Owned(Vec::new());
+    let body = "[guard]\ninterfaces = [\"g0\"]\ndeny = [\"10.9.0.0/16\"]\nsyn_rate = 1\nsyn_burst = 1\n\
+                [[frontend]]\nname = \"f\"\nlisten = \"127.0.0.1:7000\"\nbackend = \"b\"\n\
+                [[backend]]\nname = \"b\"\nservers = [\"127.0.0.1:9\"]\n";
+    let (lb, _) = launch_as_service("non_root_guard", body, &mut owned);
+    assert!(lb.stderr().contains("guard: XDP attached to g0"), "{}", lb.stderr());
+    let prog = Xdp::from_pin(lb.pin_path.join("lb_guard"), aya_obj::programs::XdpAttachType::Interface)
+        .unwrap_or_else(|e| panic!("pinned lb_guard: {e}"));
+    let run = |frame: &[u8]| {
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        prog.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
+    };
+    let (xdp_drop, xdp_pass) = (1, 2);
+    let front6: SocketAddr = "[::1]:7000".parse().unwrap();
+    let denied = tcp_ext([0; 6], "10.9.0.1".parse().unwrap(), "127.0.0.1:7000".parse().unwrap(), 0x10, &[]);
+    assert_eq!(run(&tagged(&denied, &[TPID_8021AD, TPID_8021Q])), xdp_drop, "denied source behind QinQ");
+    let syn = tcp_ext([0; 6], "2001:db8::1".parse().unwrap(), front6, 0x02, &[Ext::HopByHop, Ext::DestOpts]);
+    assert_eq!(run(&syn), xdp_pass, "the burst's one SYN, behind extension headers");
+    assert_eq!(run(&syn), xdp_drop, "a SYN over the rate, behind extension headers");
+    // The program handle first, then lb (which detaches and unpins it).
+    drop(prog);
+    drop(lb);
 }

@@ -400,3 +400,182 @@ async fn sigusr2_upgrades_in_place() {
     drop((conns, fresh));
     assert!(lb.stop(), "the upgraded instance did not stop");
 }
+
+/// A program's kernel id, by `bpftool -j <what> show pinned <path>`'s `key`.
+fn bpftool_pinned(what: &str, path: &Path, key: &str) -> u64 {
+    let out = std::process::Command::new("bpftool").args(["-j", what, "show", "pinned"]).arg(path).output();
+    let out = out.unwrap_or_else(|e| panic!("running bpftool: {e}"));
+    assert!(
+        out.status.success(),
+        "bpftool {what} show pinned {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool -j prints JSON");
+    v[key].as_u64().unwrap_or_else(|| panic!("no {key} in bpftool's {v}"))
+}
+
+/// Whether the kernel still has the program with id `id`.
+fn program_loaded(id: u64) -> bool {
+    let out = std::process::Command::new("bpftool").args(["prog", "show", "id", &id.to_string()]).output();
+    out.is_ok_and(|o| o.status.success())
+}
+
+/// `lb upgrade` to a binary puts that binary's eBPF programs in place of
+/// the running ones: new program ids in `LB_SPLICE` and in the `sock_ops`
+/// link (as bpftool sees the pins too), the new binary's object hash in
+/// `lb stats`. Connections spliced before keep the verdict they were
+/// spliced with and run on; new ones are set up and spliced by the new
+/// programs, and still run once the old verdict is gone with the last old
+/// connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_puts_the_new_binarys_programs_in_place() {
+    let be = Backend::echo().await;
+    let Some(mut lb) = start("upgrade_programs", &Lb::body(&[be.addr]), &[]) else { return };
+    let next = copy_of_lb(&lb);
+    let mut old = open_checked(lb.addr, 20).await;
+    let programs = |lb: &Lb| {
+        let s = lb.pinned_stats();
+        let p = &s["programs"];
+        let id = |k: &str| p[k].as_u64().unwrap_or_else(|| panic!("programs.{k} in lb stats --json: {s}"));
+        (p["ebpf_sha256"].as_str().unwrap_or_default().to_owned(), id("verdict_id"), id("setup_id"))
+    };
+    let pinned = |lb: &Lb| {
+        (
+            bpftool_pinned("prog", &lb.pin_path.join("lb_verdict"), "id"),
+            bpftool_pinned("link", &lb.pin_path.join("lb_setup_link"), "prog_id"),
+        )
+    };
+    let (hash0, verdict0, setup0) = programs(&lb);
+    assert_eq!(pinned(&lb), (verdict0, setup0), "lb stats and the pins disagree");
+    let (ok, out, err) = upgrade(&lb, &next).await;
+    assert!(ok, "lb upgrade failed: {err}\n{}", lb.stderr());
+    lb.upgraded_to(new_pid(&out));
+    let (hash, verdict, setup) = programs(&lb);
+    assert!(verdict != verdict0 && setup != setup0, "the old programs still act: {verdict0}/{setup0} before and after");
+    assert_eq!(pinned(&lb), (verdict, setup), "the pins do not name the programs in place");
+    let version = std::process::Command::new(&next).arg("--version").output().expect("lb --version");
+    let version = String::from_utf8_lossy(&version.stdout).into_owned();
+    assert!(version.contains(&format!("eBPF object sha256 {hash}")) && hash.len() == 64, "{hash} vs {version}");
+    assert_eq!(hash, hash0, "a copy of the binary has the same object");
+    assert!(program_loaded(verdict0), "the old verdict went while connections spliced with it are open");
+    for (i, s) in old.iter_mut().enumerate() {
+        round_trip(s, i as u32, 1).await.unwrap_or_else(|e| panic!("old connection {i} after the upgrade: {e}"));
+    }
+    let proof = KernelProof::start(&lb);
+    let mut fresh = Vec::new();
+    for i in 0..20 {
+        let mut s = TcpStream::connect(lb.addr).await.unwrap();
+        round_trip(&mut s, 100 + i, 0).await.unwrap_or_else(|e| panic!("new connection {i}: {e}"));
+        fresh.push(s);
+    }
+    proof.assert_all_spliced(&lb, "upgrade_programs");
+    assert_eq!(proof.kernel_setups(&lb), 20, "the new sock_ops program did not set up the new connections");
+    // The old connections end; with them the old verdict: the new ones never had it.
+    drop(old);
+    let freed = retry_until(Duration::from_secs(10), || (!program_loaded(verdict0)).then_some(())).await;
+    assert!(freed.is_some(), "the old verdict {verdict0} is still loaded after its connections closed");
+    for (i, s) in fresh.iter_mut().enumerate() {
+        round_trip(s, 100 + i as u32, 1).await.unwrap_or_else(|e| panic!("new connection {i} later: {e}"));
+    }
+    let counted = retry_until(Duration::from_secs(5), || {
+        (lb.pinned_stats()["totals"]["active"].as_u64() == Some(20)).then_some(())
+    })
+    .await;
+    assert!(counted.is_some(), "want the 20 new connections counted: {}", lb.pinned_stats());
+    assert!(lb.stop(), "the upgraded instance did not stop");
+}
+
+/// A new binary that fails after it took a slot: its holder of that slot
+/// outlives its supervisor, and the running instance takes the slot back
+/// from it, connections included: none is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_binary_failing_after_a_slot_loses_no_connection() {
+    const CONNS: u32 = 200;
+    let be = Backend::echo().await;
+    let body = format!("workers = 2\n{}", Lb::body(&[be.addr]));
+    // The hook acts only where a new binary takes slots over.
+    let Some(lb) = start("upgrade_fail_after", &body, &[("LB_TEST_UPGRADE_FAIL_AFTER", "0")]) else { return };
+    let next = copy_of_lb(&lb);
+    let mut conns = open_checked(lb.addr, CONNS).await;
+    let (ok, _, err) = upgrade(&lb, &next).await;
+    assert!(!ok, "the upgrade succeeded despite the hook");
+    assert!(
+        err.contains("failed at slot 0") && err.contains("no connection was lost"),
+        "lb upgrade said: {err}\n{}",
+        lb.stderr()
+    );
+    assert!(testkit::alive(lb.pid), "the running instance is gone");
+    for (i, s) in conns.iter_mut().enumerate() {
+        round_trip(s, i as u32, 1).await.unwrap_or_else(|e| panic!("connection {i} after the failed upgrade: {e}"));
+    }
+    // Every slot serves new clients (none waits at a listener nobody accepts on).
+    for i in 0..40 {
+        let mut s = TcpStream::connect(lb.addr).await.unwrap();
+        round_trip(&mut s, 1000 + i, 0).await.unwrap_or_else(|e| panic!("new client {i}: {e}"));
+    }
+    let counted = retry_until(Duration::from_secs(5), || {
+        (lb.pinned_stats()["totals"]["active"].as_u64() == Some(u64::from(CONNS))).then_some(())
+    })
+    .await;
+    assert!(counted.is_some(), "want {CONNS} active after the failed upgrade: {}", lb.pinned_stats());
+}
+
+/// A fault in the hand-over between two holders (`LB_TEST_HANDOVER_FAULT`,
+/// with 1 s waits): the new holder's `TookOver` lost, or the old one's
+/// commit late. Either way exactly one holder watches the connections
+/// afterwards: the old one keeps them, the new one exits having touched
+/// nothing, the upgrade fails saying nothing was lost, and every
+/// connection goes on and closes cleanly.
+async fn a_hand_over_fault_leaves_the_old_holder_alone_watching(fault: &str) {
+    let be = Backend::echo().await;
+    let env = [("LB_TEST_HANDOVER_FAULT", fault), ("LB_TEST_HANDOVER_STEP_MS", "1000")];
+    let test = format!("handover_{fault}");
+    let Some(lb) = start(&test, &Lb::body(&[be.addr]), &env) else { return };
+    let next = copy_of_lb(&lb);
+    let mut conns = open_checked(lb.addr, 20).await;
+    let (old_supervisor, old_holder) = (lb.pid, lb.holders[0]);
+    let (ok, out, err) = upgrade(&lb, &next).await;
+    assert!(!ok, "the upgrade went through despite the fault: {out}\n{}", lb.stderr());
+    assert!(err.contains("failed at slot 0") && err.contains("no connection was lost"), "{err}");
+    assert!(lb.stderr().contains("keeping all 20 connection(s)"), "{}", lb.stderr());
+    assert!(lb.stderr().contains("this holder touched nothing"), "{}", lb.stderr());
+    let runs_next = |p: &std::path::Path| testkit::exe(p.file_name()?.to_str()?.parse().ok()?);
+    let gone = retry_until(Duration::from_secs(5), || {
+        let procs = std::fs::read_dir("/proc").ok()?;
+        procs.flatten().all(|p| runs_next(&p.path()).is_none_or(|e| e != next)).then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "a process of the new binary still runs after the failed upgrade");
+    assert!(testkit::alive(old_supervisor) && testkit::alive(old_holder), "the old instance is gone");
+    for (i, s) in conns.iter_mut().enumerate() {
+        round_trip(s, i as u32, 1).await.unwrap_or_else(|e| panic!("connection {i} after the failed upgrade: {e}"));
+    }
+    let mut fresh = TcpStream::connect(lb.addr).await.unwrap();
+    round_trip(&mut fresh, 99, 0).await.unwrap_or_else(|e| panic!("a new client after the failed upgrade: {e}"));
+    conns.push(fresh);
+    for s in &mut conns {
+        s.shutdown().await.unwrap();
+    }
+    for (i, s) in conns.iter_mut().enumerate() {
+        let mut rest = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+        assert!(matches!(r, Ok(Ok(0))), "connection {i}: the end after the client's FIN: {r:?}");
+    }
+    let closed = retry_until(Duration::from_secs(5), || {
+        let s = lb.pinned_stats();
+        (s["counters"]["conn_entries"].as_u64() == Some(0) && s["totals"]["active"].as_u64() == Some(0)).then_some(())
+    })
+    .await;
+    assert!(closed.is_some(), "connections not closed and counted once: {}", lb.pinned_stats());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_took_over_leaves_the_old_holder_alone_watching() {
+    a_hand_over_fault_leaves_the_old_holder_alone_watching("lose-took-over").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_commit_leaves_the_old_holder_alone_watching() {
+    a_hand_over_fault_leaves_the_old_holder_alone_watching("late-commit").await;
+}

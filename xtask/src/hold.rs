@@ -134,8 +134,13 @@ pub fn hold(lb_bin: &Path, hold_bin: &Path, a: &Args) -> anyhow::Result<Value> {
     let pool: Vec<String> = (1..=a.pool).map(|i| format!("\"127.0.1.{i}\"")).collect();
     let (dir, pin_path) = lbproc::scratch();
     let maxconn = workers * 9000;
+    // The kernel maps take about 2.8 KiB per connection and 4.5 MiB per
+    // worker for the clients its listener's backlog may hold (README,
+    // "Kernel memory").
+    let kernel_memory = ((maxconn as u64 * 3 * 1024 + workers as u64 * (5 << 20)) >> 20) + 64;
     let cfg = format!(
-        "dataplane = \"{}\"\npin_path = \"{}\"\nworkers = {workers}\nmaxconn = {maxconn}\n\n\
+        "dataplane = \"{}\"\npin_path = \"{}\"\nworkers = {workers}\nmaxconn = {maxconn}\n\
+         kernel_memory = \"{kernel_memory}MiB\"\n\n\
          [[frontend]]\nname = \"hold\"\nlisten = \"127.0.0.1:0\"\nbackend = \"one\"\n\n\
          [[backend]]\nname = \"one\"\nservers = [\"{backend}\"]\nsource_pool = [{}]\n",
         a.dataplane,

@@ -21,6 +21,10 @@ pub trait Host {
     fn bind_error(&self, _addr: SocketAddr) -> Option<std::io::Error> {
         None
     }
+    /// Possible CPUs: per-CPU parts of the maps are allocated for each.
+    fn possible_cpus(&self) -> u32 {
+        lb_common::host::possible_cpus()
+    }
 }
 
 /// The machine lb runs on.

@@ -4,8 +4,10 @@
 //! the machine (local addresses, limits) goes through [`host::Host`].
 
 mod error;
+pub mod fit;
 pub mod guard;
 pub mod host;
+pub mod memory;
 mod pool;
 mod raw;
 mod size;
@@ -236,6 +238,11 @@ pub struct Config {
     /// Bytes the kernel plane lets wait in front of a destination slower
     /// than its source before it resets the connection (0: no limit).
     pub splice_queue_limit: u64,
+    /// What lb's maps may take of the kernel's memory, in bytes.
+    pub kernel_memory: u64,
+    /// What the maps are sized from (with the final `maxconn`): their
+    /// capacities and the memory they take at them.
+    pub memory: memory::Shape,
     pub timeouts: Timeouts,
     pub frontends: Vec<FrontendConfig>,
     pub backends: Vec<BackendConfig>,
@@ -291,6 +298,10 @@ impl Config {
 pub struct Overrides {
     pub workers: Option<u32>,
     pub dataplane: Option<DataplaneMode>,
+    /// At most this `maxconn`: what the maps of an instance taken over hold
+    /// ([`fit`]; not on the command line).
+    #[serde(default)]
+    pub maxconn: Option<u32>,
 }
 
 /// Open files one process needs for `maxconn` connections.
@@ -356,6 +367,65 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.to_string(), "x.toml:4: frontend \"web\": backend: no [[backend]] named \"nope\"");
+    }
+
+    /// A host with `LimitNOFILE=1048576` (dist/lb.service) and 2 CPUs.
+    struct Service;
+    impl host::Host for Service {
+        fn is_local(&self, _: IpAddr) -> std::io::Result<bool> {
+            Ok(true)
+        }
+        fn has_local_port_range(&self) -> bool {
+            true
+        }
+        fn nofile_hard_limit(&self) -> u64 {
+            1 << 20
+        }
+        fn has_interface(&self, _: &str) -> bool {
+            true
+        }
+        fn possible_cpus(&self) -> u32 {
+            2
+        }
+    }
+
+    /// 16 workers under `LimitNOFILE=1048576` and no `maxconn`: the
+    /// open-files rule alone allowed 8,388,608 connections, whose maps
+    /// would take gigabytes of kernel memory. The default is what fits
+    /// `kernel_memory`.
+    #[test]
+    fn default_maxconn_fits_the_kernel_memory() {
+        let text = |extra: &str| format!("workers = 16\n{extra}\n{}", EXAMPLE.replace("dataplane = \"auto\"", ""));
+        let parse = |extra: &str| Config::parse_on(&Service, "f.toml", &text(extra), &Overrides::default()).unwrap();
+        let shape = |c: &Config| memory::Shape {
+            maxconn: c.maxconn,
+            workers: c.workers,
+            frontends: c.frontends.len() as u32,
+            servers: 2,
+            pairs: 2,
+            largest_pool: 1,
+            kernel: true,
+            guard: false,
+            packet: false,
+            cpus: 2,
+        };
+        let c = parse("");
+        assert_eq!(c.kernel_memory, 256 << 20);
+        assert_eq!(c.splice_queue_limit, 64 << 20, "on by default: a quarter of kernel_memory");
+        assert!(c.maxconn < 100_000, "maxconn {} from the open-files rule alone", c.maxconn);
+        assert!(shape(&c).bytes() <= c.kernel_memory, "{} bytes of maps", shape(&c).bytes());
+        let one_more = memory::Shape { maxconn: c.maxconn + 1, ..shape(&c) };
+        assert!(one_more.bytes() > c.kernel_memory, "maxconn {} is not the largest that fits", c.maxconn);
+        assert_eq!(c.memory.capacities(), shape(&c).capacities());
+        let big = parse("kernel_memory = \"4GiB\"");
+        assert!(big.maxconn > 15 * c.maxconn, "4GiB: {} connections, 256MiB: {}", big.maxconn, c.maxconn);
+        assert_eq!(big.splice_queue_limit, 1 << 30);
+        assert_eq!(parse("kernel_memory = \"128MiB\"").splice_queue_limit, 32 << 20);
+        assert_eq!(parse("splice_queue_limit = \"0\"").splice_queue_limit, 0, "still off when asked");
+        // The userspace plane has no connection maps: only descriptors bound it.
+        let u = parse("dataplane = \"userspace\"");
+        assert_eq!(u.maxconn, 16 * ((1 << 20) - FD_RESERVE as u32) / 2);
+        assert_eq!(u.memory.capacities().conn, 1);
     }
 
     /// Parsing asks the machine only through `Host`: a fake host decides.

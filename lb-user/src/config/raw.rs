@@ -187,8 +187,11 @@ pub struct RawConfig {
     pub connect_attempts: Option<Spanned<u32>>,
     /// Send buffer of each socket ("8MiB"; "0": the kernel's autotuning).
     pub send_buffer: Option<Spanned<String>>,
+    /// Kernel memory lb's eBPF maps may take at their capacities ("256MiB").
+    pub kernel_memory: Option<Spanned<String>>,
     /// Bytes the kernel plane may queue for one direction of a connection
-    /// before it resets the connection ("0": no limit, the default).
+    /// before it resets the connection ("0": no limit; default: a quarter
+    /// of `kernel_memory`).
     pub splice_queue_limit: Option<Spanned<String>>,
     /// Default `splice` of every frontend: `"packet"` or `"sockmap"`.
     pub splice: Option<Spanned<String>>,

@@ -1,5 +1,5 @@
-//! Byte sizes written as `"8MiB"`, `"512KiB"` or `"65536"`: `send_buffer`
-//! and `splice_queue_limit`.
+//! Byte sizes written as `"8MiB"`, `"512KiB"` or `"65536"`: `send_buffer`,
+//! `splice_queue_limit` and `kernel_memory`.
 
 use toml::Spanned;
 
@@ -7,38 +7,67 @@ use super::error::{ConfigError, Locator};
 
 /// Default `send_buffer`: see the config reference in the README.
 pub const DEFAULT_SEND_BUFFER: u32 = 8 << 20;
-/// Default `splice_queue_limit`: off (see the config reference in the README).
-pub const DEFAULT_SPLICE_QUEUE_LIMIT: u64 = 0;
+/// The default `splice_queue_limit` is this share of `kernel_memory`: a
+/// connection may queue a quarter of what the maps may take before it is
+/// reset (see the config reference in the README).
+pub const SPLICE_QUEUE_SHARE: u64 = 4;
 
 /// `send_buffer` in bytes; 0 ("0"): leave the kernel's autotuning alone.
 /// At most 512MiB: the kernel doubles it into an int.
 pub fn send_buffer(loc: &Locator<'_>, v: &Option<Spanned<String>>) -> Result<u32, ConfigError> {
-    let bytes = size(loc, "send_buffer", v, DEFAULT_SEND_BUFFER.into(), (64 << 10, 512 << 20), ("64KiB", "512MiB"))?;
+    let range = Range { off: true, min: (64 << 10, "64KiB"), max: (512 << 20, "512MiB") };
+    let bytes = size(loc, "send_buffer", v, DEFAULT_SEND_BUFFER.into(), range)?;
     Ok(bytes as u32)
 }
 
-/// `splice_queue_limit` in bytes; 0 ("0"): no limit.
-pub fn splice_queue_limit(loc: &Locator<'_>, v: &Option<Spanned<String>>) -> Result<u64, ConfigError> {
-    size(loc, "splice_queue_limit", v, DEFAULT_SPLICE_QUEUE_LIMIT, (1 << 20, 64 << 30), ("1MiB", "64GiB"))
+/// `splice_queue_limit` in bytes; 0 ("0"): no limit. Unset: a quarter of
+/// `kernel_memory` (within the key's range).
+pub fn splice_queue_limit(
+    loc: &Locator<'_>,
+    v: &Option<Spanned<String>>,
+    kernel_memory: u64,
+) -> Result<u64, ConfigError> {
+    let range = Range { off: true, min: (1 << 20, "1MiB"), max: (64 << 30, "64GiB") };
+    let default = (kernel_memory / SPLICE_QUEUE_SHARE).clamp(range.min.0, range.max.0);
+    size(loc, "splice_queue_limit", v, default, range)
 }
 
-/// `key`'s size: `default` when unset, else 0 (off) or within `range`
-/// (written as `names` in the error).
+/// `kernel_memory` in bytes: 16MiB to 1024GiB.
+pub fn kernel_memory(loc: &Locator<'_>, v: &Option<Spanned<String>>) -> Result<u64, ConfigError> {
+    let range = Range { off: false, min: (16 << 20, "16MiB"), max: (1 << 40, "1024GiB") };
+    size(loc, "kernel_memory", v, super::memory::DEFAULT_KERNEL_MEMORY, range)
+}
+
+/// What a size key takes: 0 (off) if `off`, else bytes from `min` to `max`
+/// (each with how the error writes it).
+struct Range {
+    off: bool,
+    min: (u64, &'static str),
+    max: (u64, &'static str),
+}
+
+/// `key`'s size: `default` when unset.
 fn size(
     loc: &Locator<'_>,
     key: &str,
     v: &Option<Spanned<String>>,
     default: u64,
-    range: (u64, u64),
-    names: (&str, &str),
+    range: Range,
 ) -> Result<u64, ConfigError> {
     let Some(v) = v else { return Ok(default) };
     let text = v.get_ref().trim();
-    let bytes = parse(text).ok_or_else(|| {
-        loc.at(v, format!("{key} = \"{text}\": expected a size such as \"8MiB\", \"512KiB\" or \"0\" (off)"))
-    })?;
-    if bytes != 0 && !(range.0..=range.1).contains(&bytes) {
-        return Err(loc.at(v, format!("{key} = \"{text}\": must be 0 (off) or between {} and {}", names.0, names.1)));
+    let example = if range.off { "\"8MiB\", \"512KiB\" or \"0\" (off)" } else { "\"256MiB\", \"2GiB\" or \"65536\"" };
+    let bytes =
+        parse(text).ok_or_else(|| loc.at(v, format!("{key} = \"{text}\": expected a size such as {example}")))?;
+    let off = range.off && bytes == 0;
+    if !off && !(range.min.0..=range.max.0).contains(&bytes) {
+        let (min, max) = (range.min.1, range.max.1);
+        let what = if range.off {
+            format!("must be 0 (off) or between {min} and {max}")
+        } else {
+            format!("must be between {min} and {max}")
+        };
+        return Err(loc.at(v, format!("{key} = \"{text}\": {what}")));
     }
     Ok(bytes)
 }

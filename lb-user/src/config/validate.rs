@@ -6,12 +6,11 @@ use std::{collections::HashSet, net::SocketAddr, path::PathBuf, time::Duration};
 use toml::Spanned;
 
 use super::{
-    BackendConfig, Config, ConfigError, FD_RESERVE, FrontendConfig, HealthCheck, MAX_DURATION, MAX_MAXCONN, MAX_WEIGHT,
-    MAX_WORKERS, MIN_WORKER_TIMEOUT, Overrides, SendProxy, ServerConfig, SniRoutes, SourcePool, Timeouts,
+    BackendConfig, Config, ConfigError, FrontendConfig, HealthCheck, MAX_DURATION, MAX_WEIGHT, MAX_WORKERS,
+    MIN_WORKER_TIMEOUT, Overrides, SendProxy, ServerConfig, SniRoutes, SourcePool, Timeouts,
     error::Locator,
-    fds_needed,
     host::Host,
-    pool,
+    memory, pool,
     raw::{self, DurationKey, HumanDuration, RawConfig},
     unescape,
 };
@@ -35,14 +34,14 @@ pub fn validate(raw: RawConfig, loc: &Locator<'_>, host: &dyn Host, o: &Override
             v
         }
     };
-    let maxconn = maxconn(loc, host, &raw.maxconn, workers)?;
+    let kernel_memory = super::size::kernel_memory(loc, &raw.kernel_memory)?;
     let connect_attempts = match &raw.connect_attempts {
         None => 3,
         Some(a) if *a.get_ref() == 0 => return Err(loc.at(a, "connect_attempts = 0: must be at least 1")),
         Some(a) => *a.get_ref(),
     };
     let send_buffer = super::size::send_buffer(loc, &raw.send_buffer)?;
-    let splice_queue_limit = super::size::splice_queue_limit(loc, &raw.splice_queue_limit)?;
+    let splice_queue_limit = super::size::splice_queue_limit(loc, &raw.splice_queue_limit, kernel_memory)?;
     let defaults = Timeouts::default();
     let t = &raw.timeouts;
     let timeouts = Timeouts {
@@ -74,11 +73,35 @@ pub fn validate(raw: RawConfig, loc: &Locator<'_>, host: &dyn Host, o: &Override
         }
         backends.push(be);
     }
+    let guard = raw.guard.as_ref().map(|g| super::guard::validate(loc, host, g)).transpose()?;
+    let dataplane = o.dataplane.unwrap_or(raw.dataplane);
+    let shape = memory::Shape {
+        maxconn: 0,
+        workers,
+        frontends: raw.frontend.len() as u32,
+        servers: backends.iter().map(|b| b.servers.len() as u32).sum(),
+        pairs: backends.iter().map(|b| b.servers.len() as u32 * b.pool.addrs.len().max(1) as u32).sum(),
+        largest_pool: backends.iter().map(|b| b.pool.addrs.len() as u32).max().unwrap_or(0).max(1),
+        kernel: dataplane != super::DataplaneMode::Userspace,
+        guard: guard.is_some(),
+        packet: packet_frontends(&raw),
+        cpus: host.possible_cpus(),
+    };
+    let largest_pool = raw
+        .backend
+        .iter()
+        .filter_map(|b| b.source_pool.as_ref())
+        .chain(raw.source_pool.as_ref())
+        .max_by_key(|p| p.get_ref().len());
+    let blame =
+        memory::Blame { kernel_memory: raw.kernel_memory.as_ref(), maxconn: raw.maxconn.as_ref(), pool: largest_pool };
+    let maxconn = memory::maxconn(loc, host, &blame, kernel_memory, shape)?;
     let default_splice = match &raw.splice {
         None => super::Splice::default(),
         Some(v) => splice(loc, "splice", v)?,
     };
     let frontends = frontends(loc, &raw.frontend, &backends, maxconn, default_splice)?;
+    let maxconn = o.maxconn.map_or(maxconn, |cap| maxconn.min(cap));
     let metrics_listen = match &raw.metrics_listen {
         None => None,
         Some(m) => Some(
@@ -88,7 +111,6 @@ pub fn validate(raw: RawConfig, loc: &Locator<'_>, host: &dyn Host, o: &Override
         ),
     };
     listeners(loc, host, &raw, &frontends, metrics_listen)?;
-    let guard = raw.guard.as_ref().map(|g| super::guard::validate(loc, host, g)).transpose()?;
     let pin_path = raw.pin_path.unwrap_or_else(|| PathBuf::from(super::DEFAULT_PIN_PATH));
     let runtime_dir = match raw.runtime_dir {
         Some(d) if !d.get_ref().is_absolute() => {
@@ -104,49 +126,20 @@ pub fn validate(raw: RawConfig, loc: &Locator<'_>, host: &dyn Host, o: &Override
         runtime_dir,
         access_log: raw.access_log,
         metrics_listen,
-        dataplane: o.dataplane.unwrap_or(raw.dataplane),
+        dataplane,
         pin_path,
         workers,
         maxconn,
         connect_attempts,
         send_buffer,
         splice_queue_limit,
+        kernel_memory,
+        memory: memory::Shape { maxconn, ..shape },
         timeouts,
         frontends,
         backends,
         guard,
     })
-}
-
-/// The global `maxconn`: as written if each worker's share fits the
-/// open-files limit, else an error saying how many workers it needs; unset,
-/// as many as fit.
-fn maxconn(loc: &Locator<'_>, host: &dyn Host, m: &Option<Spanned<u32>>, workers: u32) -> Result<u32, ConfigError> {
-    let hard = host.nofile_hard_limit();
-    let fit = (hard.saturating_sub(FD_RESERVE) / 2).min(u64::from(MAX_MAXCONN)) as u32;
-    let Some(m) = m else { return Ok(fit.saturating_mul(workers).min(MAX_MAXCONN)) };
-    let v = *m.get_ref();
-    if v == 0 || v > MAX_MAXCONN {
-        return Err(loc.at(m, format!("maxconn = {v}: must be between 1 and {MAX_MAXCONN}")));
-    }
-    let per_worker = v.div_ceil(workers);
-    if fds_needed(per_worker) > hard {
-        let need_workers = u64::from(v).div_ceil(u64::from(fit.max(1)));
-        let fix = if need_workers <= u64::from(MAX_WORKERS) {
-            format!("set workers = {need_workers} or more, lower maxconn, or raise LimitNOFILE")
-        } else {
-            "lower maxconn or raise LimitNOFILE".to_owned()
-        };
-        return Err(loc.at(
-            m,
-            format!(
-                "maxconn = {v}: {per_worker} connections per worker need {} open files, but the hard limit \
-                 (ulimit -Hn) is {hard}; {fix}",
-                fds_needed(per_worker)
-            ),
-        ));
-    }
-    Ok(v)
 }
 
 /// A duration key's value, or `default` when absent: more than 0, at most
@@ -361,6 +354,13 @@ fn sni_routes(
 }
 
 /// A `splice` value (`key` names it in the error).
+/// Whether a frontend joins connections on the packet plane (its own
+/// `splice`, or the top-level default); unknown values are refused later.
+fn packet_frontends(raw: &raw::RawConfig) -> bool {
+    let default = raw.splice.as_ref().is_some_and(|s| s.get_ref() == "packet");
+    raw.frontend.iter().any(|f| f.splice.as_ref().map_or(default, |s| s.get_ref() == "packet"))
+}
+
 fn splice(loc: &Locator<'_>, key: &str, v: &Spanned<String>) -> Result<super::Splice, ConfigError> {
     match v.get_ref().as_str() {
         "sockmap" => Ok(super::Splice::Sockmap),
@@ -431,7 +431,15 @@ fn frontends(
             None => default_splice,
             Some(v) => splice(loc, &format!("frontend \"{name}\": splice"), v)?,
         };
-        frontends.push(FrontendConfig { name: name.clone(), listen, backend, maxconn, first_byte_timeout, sni, splice });
+        frontends.push(FrontendConfig {
+            name: name.clone(),
+            listen,
+            backend,
+            maxconn,
+            first_byte_timeout,
+            sni,
+            splice,
+        });
     }
     Ok(frontends)
 }

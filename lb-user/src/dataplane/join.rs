@@ -376,7 +376,13 @@ fn base(j: &Joining<'_>) -> [Flow; 2] {
 /// The two directions, joined, from the handshakes `[client socket's,
 /// server socket's]`, lb's `header` to the server, the sockets' window
 /// scales (`(peer's, own)`) and, with timestamps, their TSvals now.
-fn joined(mut f: [Flow; 2], [c, s]: [&Handshake; 2], header: u64, ws: [(u8, u8); 2], ts_now: Option<[u32; 2]>) -> [Flow; 2] {
+fn joined(
+    mut f: [Flow; 2],
+    [c, s]: [&Handshake; 2],
+    header: u64,
+    ws: [(u8, u8); 2],
+    ts_now: Option<[u32; 2]>,
+) -> [Flow; 2] {
     let header = header as u32;
     let [to_server, to_client] = &mut f;
     // The client's byte k (its seq c.rcv_base + k toward lb) is the

@@ -32,9 +32,9 @@ use super::{
     watcher::Dir,
 };
 use crate::{
-    observe::conn::ConnGuard,
     addr::{ip_of, ip16},
     kernel::{KernelError, flows::FlowMaps, maps::ConnMaps, sys},
+    observe::conn::ConnGuard,
     observe::counters::Counters,
 };
 
@@ -114,6 +114,9 @@ pub struct KernelDataplane {
     hold_failures: Mutex<crate::observe::Every>,
     /// The packet plane, if a frontend joins connections there.
     packet: Option<Arc<Packet>>,
+    /// Connections a full map sent to the userspace copy, for a
+    /// rate-limited warning.
+    maps_full: Mutex<crate::observe::Every>,
     /// Test hook (`LB_TEST_COPY_CLIENT=1`): never splice the client side,
     /// as if every client closed during the inserts, so the tests can run
     /// real traffic through the watcher's userspace copy of that direction.
@@ -159,6 +162,7 @@ impl KernelDataplane {
             kernel_setup,
             link,
             hold_failures: Mutex::new(crate::observe::Every::new()),
+            maps_full: Mutex::new(crate::observe::Every::new()),
             fallback: UserspaceDataplane::new(idle),
             stats,
             worker,
@@ -173,7 +177,7 @@ impl KernelDataplane {
         &self,
         [client, server]: [std::net::SocketAddr; 2],
         source: Option<std::net::SocketAddr>,
-        cookies: [u64; 2],
+        (cookies, backend): ([u64; 2], u16),
         now: u64,
     ) -> [ConnTraffic; 2] {
         let base = ConnTraffic {
@@ -187,6 +191,7 @@ impl KernelDataplane {
             source_port: source.map_or(0, |s| s.port()),
             worker: self.worker,
             event_shift: self.event_shift,
+            backend,
             ..Default::default()
         };
         [
@@ -227,14 +232,41 @@ impl KernelDataplane {
         match m.insert_splice(cc, client) {
             Ok(()) => Dir::Kernel,
             Err(e) => {
+                // Usually the client closed (only established sockets are
+                // taken); a full map is counted and told.
+                self.map_full(&e);
                 log::debug!("client side copied in userspace: {e}");
                 Dir::User
             }
         }
     }
 
+    /// Counts and warns (at most every 5 s) when `e` says a kernel map had
+    /// no room (`E2BIG`: full; `ENOMEM`: the kernel had no memory for the
+    /// entry or the socket's psock).
+    fn map_full(&self, e: &(dyn std::error::Error + 'static)) {
+        let mut cause = Some(e);
+        let mut full = false;
+        while let Some(c) = cause {
+            let code = c.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error);
+            full |= code == Some(libc::E2BIG) || code == Some(libc::ENOMEM);
+            cause = c.source();
+        }
+        if !full {
+            return;
+        }
+        self.stats.kernel_maps_full.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(n) = self.maps_full.lock().unwrap_or_else(|e| e.into_inner()).hit() {
+            log::warn!(
+                "{n} connection(s) copied in userspace instead of spliced: {e} (a kernel map is full: `lb stats` \
+                 shows which; raise kernel_memory)"
+            );
+        }
+    }
+
     /// Hands a connection the kernel cannot take to the userspace copy.
-    fn fall_back(&self, conn: Spliced, why: &str) -> Result<(), SpliceError> {
+    fn fall_back(&self, conn: Spliced, why: &SpliceError) -> Result<(), SpliceError> {
+        self.map_full(why);
         log::debug!("connection served by the userspace copy: {why}");
         self.stats.userspace_fallbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.fallback.splice(conn)
@@ -262,7 +294,7 @@ impl Dataplane for KernelDataplane {
         let cookies = [sys::socket_cookie(c.client).ok()?, sys::socket_cookie(c.server).ok()?];
         let now = sys::monotonic_coarse_ns();
         let source = c.source.map(|ip| std::net::SocketAddr::new(ip, 0));
-        let records = self.records([c.client_addr, c.server_addr], source, cookies, now);
+        let records = self.records([c.client_addr, c.server_addr], source, (cookies, c.backend), now);
         let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = m.insert_records(cookies, records) {
             // The connection is spliced by userspace's inserts, which will
@@ -304,12 +336,12 @@ impl Dataplane for KernelDataplane {
             let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
             Ok((self.splice_client(&mut m, cookies[0], conn.socks.client()), false))
         } else {
-            let records = self.records([a.client, a.server], Some(a.source), cookies, start_ns);
+            let records = self.records([a.client, a.server], Some(a.source), (cookies, conn.route[1]), start_ns);
             self.insert(&conn, cookies, records).map(|d| (d, true))
         };
         let (client_dir, server_queued) = match inserted {
             Ok(d) => d,
-            Err(e) => return self.fall_back(conn, &e.to_string()),
+            Err(e) => return self.fall_back(conn, &e),
         };
         if client_dir == Dir::User {
             self.stats.userspace_fallbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -338,11 +370,13 @@ impl Dataplane for KernelDataplane {
             start_ns,
             packet: None,
         };
+        let Spliced { socks, mut guard, .. } = conn;
+        // The verdict counts the spliced directions' bytes per server.
+        guard.kernel_counted([client_dir == Dir::Kernel, true]);
         if client_dir == Dir::Kernel
             && let Some(p) = &self.packet
             && p.frontends.get(usize::from(conn.route[0])) == Some(&true)
         {
-            let Spliced { socks, guard, .. } = conn;
             let job = JoinJob {
                 packet: p.clone(),
                 maps: self.maps.clone(),
@@ -354,7 +388,6 @@ impl Dataplane for KernelDataplane {
             tokio::spawn(job.run(held, guard, socks.take()));
             return Ok(());
         }
-        let Spliced { socks, guard, .. } = conn;
         self.hold(held, guard, socks.take(), cookies);
         Ok(())
     }
@@ -391,7 +424,7 @@ fn hold(
     let _ = stats;
     match link.hold(held, guard, socks) {
         Ok(()) => {}
-        Err((mut guard, socks, e)) => {
+        Err((guard, socks, e)) => {
             // The holder's queue is full or too many descriptors are in
             // flight (ETOOMANYREFS counts them against this process's
             // open-files limit): lb has no room for this client now, so
@@ -399,7 +432,9 @@ fn hold(
             maps.lock().unwrap_or_else(|e| e.into_inner()).forget(cookies);
             let [c, s] = socks;
             drop(super::Socks::new(c, s)); // resets both
-            guard.no_local_resources();
+            if let Some(mut guard) = guard {
+                guard.no_local_resources();
+            }
             if let Some(n) = failures.lock().unwrap_or_else(|e| e.into_inner()).hit() {
                 log::warn!("cannot take {n} connection(s): handing them to the holder failed: {e}; reset");
             }
@@ -445,7 +480,7 @@ impl JoinJob {
                 self.maps.lock().unwrap_or_else(|e| e.into_inner()).forget_records(held.cookies);
                 self.stats.packet_joined.fetch_add(1, Relaxed);
                 held.packet = Some(local);
-                if let Err((guard, e)) = self.link.hold_joined(held, guard) {
+                if let Err((Some(guard), e)) = self.link.hold_joined(held, guard) {
                     // The connection carries on in the kernel, uncounted.
                     log::warn!("telling the holder of a joined connection: {e}");
                     guard.hand_over();
@@ -457,8 +492,8 @@ impl JoinJob {
 
     /// The connection stays on the sockmap plane.
     fn keep(self, held: Held, guard: ConnGuard, socks: [std::net::TcpStream; 2], why: super::join::Kept) {
-        use std::sync::atomic::Ordering::Relaxed;
         use super::join::Kept;
+        use std::sync::atomic::Ordering::Relaxed;
         let s = &self.stats;
         match why {
             Kept::Timestamps => &s.packet_kept_timestamps,

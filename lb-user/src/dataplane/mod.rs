@@ -52,6 +52,8 @@ pub struct PreConnect<'a> {
     pub source: Option<std::net::IpAddr>,
     /// Index of the client's frontend (config order).
     pub frontend: u16,
+    /// Index of the server's backend (config order).
+    pub backend: u16,
 }
 
 /// The two sockets of a connection, `[client, server]`. Dropped without
@@ -154,7 +156,7 @@ pub fn load(cfg: &Config) -> anyhow::Result<(Kind, Option<Objects>)> {
     let spec = |program| Spec {
         pin_path: &cfg.pin_path,
         run_dir: &cfg.runtime_dir,
-        sockets: cfg.maxconn.saturating_mul(2),
+        capacities: cfg.memory.capacities(),
         program,
         backends: cfg.backends.iter().map(|b| b.name.clone()).collect(),
     };

@@ -112,9 +112,12 @@ impl Packets {
     }
 }
 
+/// A joined connection whose flows ended: its id and keys.
+type Ended = (u64, [FlowKey; 2]);
+
 /// The slot's joined connections in the map, as tracked and as held
 /// (for the worker's count), and the keys of those already ended.
-fn found(flows: &FlowMaps, slot: u16) -> (Vec<(Tracked, Held)>, Vec<(u64, [FlowKey; 2])>) {
+fn found(flows: &FlowMaps, slot: u16) -> (Vec<(Tracked, Held)>, Vec<Ended>) {
     let (mut live, mut ended) = (Vec::new(), Vec::new());
     for (key, f) in flows.all() {
         if f.slot != slot || f.client == 0 {
@@ -287,4 +290,3 @@ fn idle_looks(t: &mut Table, flows: &FlowMaps, idle: Duration, now: Instant, rep
         t.idle_due.push(Reverse((next, id)));
     }
 }
-

@@ -6,9 +6,11 @@
 //! sockets and spliced connections while workers come and go. Even with
 //! `workers = 1` the worker and its holder are processes of their own.
 
+pub mod adopt;
 mod children;
 pub mod holder;
 pub mod owner;
+mod restart;
 pub mod supervisor;
 pub mod upgrade;
 mod watchdog;
@@ -77,24 +79,52 @@ pub fn raise_fd_limit(maxconn_here: u32) {
 pub type Stdin = tokio::io::Lines<tokio::io::BufReader<tokio::io::Stdin>>;
 
 /// A child's start (`lb worker`, `lb holder`): reads its `what` spec, the
-/// first line of stdin, and arms its end with the supervisor, whose pid
-/// `supervisor` takes from the spec (checked after arming, in case it is
-/// gone already). Returns the spec and the rest of stdin.
+/// first line of stdin, and, unless `outlives` says this child outlives its
+/// supervisor (a holder of spliced connections), arms its end with the
+/// supervisor (SIGTERM when it dies), whose pid `supervisor` takes from the
+/// spec (checked after arming, in case it is gone already). Returns the
+/// spec and the rest of stdin.
 pub async fn child_spec<T: serde::de::DeserializeOwned>(
     what: &str,
     supervisor: impl Fn(&T) -> u32,
+    outlives: impl Fn(&T) -> bool,
 ) -> anyhow::Result<(T, Stdin)> {
     use tokio::io::AsyncBufReadExt as _;
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let first = lines.next_line().await.context("reading the spec")?.context("no spec on stdin")?;
     let spec: T = serde_json::from_str(&first).with_context(|| format!("the {what} spec on stdin is not valid"))?;
-    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))
-        .context("arming the parent-death signal")?;
+    if !outlives(&spec) {
+        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))
+            .context("arming the parent-death signal")?;
+    }
     let pid = supervisor(&spec);
     if rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32) != Some(pid) {
         anyhow::bail!("the supervisor (pid {pid}) is gone");
     }
     Ok((spec, lines))
+}
+
+/// Test hook: with `LB_TEST_REFUSE_START=FILE`, a worker or holder whose
+/// role and slot (`worker 0`, `holder 1`) is a line of FILE fails as it
+/// starts, before its ready line, as a child that cannot start would. FILE
+/// is read at each start, so a test makes restarts fail, then work again.
+pub fn refused_by_test(role: &str, index: u16) -> anyhow::Result<()> {
+    let Some(file) = std::env::var_os("LB_TEST_REFUSE_START") else { return Ok(()) };
+    let me = format!("{role} {index}");
+    if std::fs::read_to_string(file).unwrap_or_default().lines().any(|l| l.trim() == me) {
+        anyhow::bail!("LB_TEST_REFUSE_START: {me} refuses to start (a test setting)");
+    }
+    Ok(())
+}
+
+/// Writes `line` and a newline to stdout (a child's ready line and
+/// answers to its supervisor, `lb run --announce`'s ready line), as an
+/// error rather than a panic when no one reads any more.
+pub fn write_line(line: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")?;
+    out.flush()
 }
 
 /// Resolves on SIGINT or SIGTERM.

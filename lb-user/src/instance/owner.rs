@@ -28,17 +28,32 @@ pub struct Owner {
 impl Owner {
     /// Starts everything, after the frontends are bound (at `listen`);
     /// requests to the control socket arrive on the returned channel.
-    pub async fn start(cfg: &Config, listen: &[SocketAddr]) -> anyhow::Result<(Self, mpsc::Receiver<control::Msg>)> {
+    /// `adopted`: the object of an instance whose supervisor died, taken
+    /// over with its holders (kernel plane, `lb_setup` already in its
+    /// pinned link); otherwise it is loaded here.
+    pub async fn start(
+        cfg: &Config,
+        listen: &[SocketAddr],
+        adopted: Option<Objects>,
+    ) -> anyhow::Result<(Self, mpsc::Receiver<control::Msg>)> {
         let metrics = match cfg.metrics_listen {
             Some(a) => Some(metrics::bind(a).await?),
             None => None,
         };
-        let (kind, mut objects) = dataplane::load(cfg)?;
+        let fresh = adopted.is_none();
+        let (kind, mut objects) = match adopted {
+            Some(o) => (dataplane::Kind::Kernel, Some(o)),
+            None => dataplane::load(cfg)?,
+        };
         let no_setup = std::env::var_os("LB_TEST_NO_KERNEL_SETUP").is_some_and(|v| v == "1");
         if no_setup {
             log::warn!("LB_TEST_NO_KERNEL_SETUP=1: the workers insert every socket (a test setting)");
         }
-        if kind == dataplane::Kind::Kernel
+        if let Some(o) = objects.as_mut() {
+            o.record_listen(listen);
+        }
+        if fresh
+            && kind == dataplane::Kind::Kernel
             && !no_setup
             && let Some(o) = objects.as_mut()
         {
@@ -112,11 +127,13 @@ impl Owner {
     pub async fn adopted(
         cfg: &Config,
         kind: Kind,
+        listen: &[SocketAddr],
         (mut objects, meta): (Objects, Meta),
     ) -> (Self, mpsc::Receiver<control::Msg>) {
         if let Err(e) = objects.take_lock(meta, HAND_OVER_WAIT) {
-            log::error!("taking the pin-path lock after the upgrade: {e}");
+            log::error!("after the upgrade: {e}");
         }
+        objects.record_listen(listen);
         let objects = Some(objects);
         let mut metrics = None;
         if let Some(a) = cfg.metrics_listen {
@@ -205,12 +222,15 @@ pub mod guard {
                 let show = |l: List| maps.list(l).iter().map(|n| n.to_string()).collect::<Vec<_>>().join(" ");
                 let top: Vec<String> = maps.top(5).iter().map(|(a, n)| format!("{a} ({n})")).collect();
                 Ok(format!(
-                    "deny: {}\nallow: {}\npassed {} denied {} rate_limited {}\ntop dropped sources: {}",
+                    "deny: {}\nallow: {}\npassed {} denied {} rate_limited {} unparsed {} fragments {}\n\
+                     top dropped sources: {}",
                     show(List::Deny),
                     show(List::Allow),
                     c.passed,
                     c.denied,
                     c.rate_limited,
+                    c.unparsed,
+                    c.fragments,
                     top.join(", ")
                 ))
             }

@@ -15,13 +15,14 @@ use std::{
 };
 
 use anyhow::Context as _;
-use tokio::{sync::mpsc, task::JoinSet};
+use tokio::{process::Child, sync::mpsc};
 
 use super::{
     Ready, Reload,
     children::{Started, Waits, WorkerIo, describe, spawn_holder, spawn_worker, stop_all},
     holder::HolderSpec,
     owner::Owner,
+    restart::{MIN_LIFETIME, Restarts, retry_pause},
     wait_for_signal,
     watchdog::Watchdog,
     worker::WorkerSpec,
@@ -34,9 +35,6 @@ use crate::{
     servers::{Backends, command::Command, reload::ReloadError},
 };
 
-/// A worker that dies sooner than this after its start is restarted only
-/// after this long, so a crash loop does not spin.
-const MIN_LIFETIME: Duration = Duration::from_secs(1);
 /// Resolves each frontend's address once for all workers. Port 0 is bound
 /// here (with SO_REUSEPORT, not listening, held until exit) to pick the
 /// port; a fixed port is probed without SO_REUSEPORT so that a port held by
@@ -172,6 +170,7 @@ impl Supervisor {
             config_file: reload.path.display().to_string(),
             config_text,
             workers: cfg.workers,
+            maxconn: reload.overrides.maxconn,
             kind,
             maps,
             listen: listen.clone(),
@@ -193,7 +192,12 @@ impl Supervisor {
                     idle: cfg.timeouts.idle,
                     splice_queue_limit: cfg.splice_queue_limit,
                     supervisor: std::process::id(),
+                    lock: lb_common::files::holder_lock(&cfg.runtime_dir, &cfg.pin_path, index),
                     takeover: false,
+                    beat: Some((
+                        lb_common::files::holder_beat(&cfg.runtime_dir, &cfg.pin_path, index),
+                        super::watchdog::beat_every(cfg.timeouts.worker),
+                    )),
                 };
                 (spec, None)
             })
@@ -210,32 +214,39 @@ pub(super) struct Procs {
 }
 
 impl Procs {
-    pub(super) fn watch_worker(&mut self, i: usize, mut child: tokio::process::Child) {
-        self.workers.spawn(async move { (i, child.wait().await) });
+    pub(super) fn watch_worker(&mut self, i: usize, child: Child) {
+        self.workers.watch(i, child);
     }
-    pub(super) fn watch_holder(&mut self, i: usize, mut child: tokio::process::Child) {
-        self.holders.spawn(async move { (i, child.wait().await) });
+    pub(super) fn watch_holder(&mut self, i: usize, child: Child) {
+        self.holders.watch(i, child);
     }
     /// Stops every worker, then every holder (which close their connections).
-    pub(super) async fn stop(&mut self, sup: &Supervisor) {
-        stop_all(&worker_pids(&sup.slots), &mut self.workers).await;
-        stop_all(&holder_pids(sup), &mut self.holders).await;
+    pub(super) async fn stop(&mut self) {
+        stop_all(&mut self.workers).await;
+        stop_all(&mut self.holders).await;
     }
 }
 
 /// Runs the instance until SIGINT or SIGTERM, or until an upgrade hands it
-/// to a new binary.
+/// to a new binary. Takes over the holders of an earlier instance at the
+/// same pin path whose supervisor died, if there are any ([`super::adopt`]).
 pub async fn run(cfg: Config, reload: Reload, config_text: String, announce: bool) -> anyhow::Result<()> {
-    let (listen, _holders) = resolve_listeners(&cfg)?;
-    let (mut owner, ctl) = Owner::start(&cfg, &listen).await?;
+    let (objects, earlier) = super::adopt::look(&cfg)?.unzip();
+    let (cfg, reload) = super::adopt::capped(cfg, reload, &config_text, earlier.as_ref().and_then(|e| e.maxconn))?;
+    let (listen, _holders) = match &earlier {
+        // The earlier holders listen there already.
+        Some(e) => (e.meta.listen.clone(), Vec::new()),
+        None => resolve_listeners(&cfg)?,
+    };
+    let (mut owner, ctl) = Owner::start(&cfg, &listen, objects).await?;
     log::info!("data plane: {}; starting {} worker(s)", owner.kind, cfg.workers);
     let kind = owner.kind;
     let mut sup = Supervisor::new(cfg, reload, config_text, kind, owner.maps(), listen);
     let mut procs = Procs::default();
-    let ready = match start_slots(&mut sup, &mut procs).await {
+    let ready = match start_slots(&mut sup, &mut procs, earlier.as_ref()).await {
         Ok(r) => r,
         Err(e) => {
-            procs.stop(&sup).await;
+            procs.stop().await;
             return Err(e);
         }
     };
@@ -251,7 +262,9 @@ pub async fn run(cfg: Config, reload: Reload, config_text: String, announce: boo
             holders: holder_pids(&sup),
             metrics: owner.metrics_addr,
         };
-        println!("{}", serde_json::to_string(&r)?);
+        if let Err(e) = super::write_line(&serde_json::to_string(&r)?) {
+            log::warn!("writing the ready line to stdout: {e}");
+        }
     }
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         log::warn!("telling systemd the instance is ready: {e}");
@@ -261,10 +274,18 @@ pub async fn run(cfg: Config, reload: Reload, config_text: String, announce: boo
     r
 }
 
-/// Starts every slot's holder, then its worker; the first worker's ready line.
-async fn start_slots(sup: &mut Supervisor, procs: &mut Procs) -> anyhow::Result<Ready> {
+/// Starts every slot's holder (taking over the `earlier` instance's holder
+/// of the slot, if it lives), then its worker; the first worker's ready line.
+async fn start_slots(
+    sup: &mut Supervisor,
+    procs: &mut Procs,
+    earlier: Option<&super::adopt::Earlier>,
+) -> anyhow::Result<Ready> {
     for i in 0..sup.holders.len() {
-        let (child, pid, _) = spawn_holder(&sup.holders[i].0).await?;
+        let (child, pid, _) = match earlier.and_then(|e| e.holder_of(i)) {
+            Some(old) => super::adopt::take_holder(&sup.holders[i].0, old).await?.0,
+            None => spawn_holder(&sup.holders[i].0).await?,
+        };
         sup.holders[i].1 = Some(pid);
         procs.watch_holder(i, child);
     }
@@ -287,21 +308,17 @@ pub(super) async fn serve(
     owner: &mut Owner,
     mut ctl: mpsc::Receiver<control::Msg>,
 ) -> anyhow::Result<()> {
-    let mut watchdog = match crate::kernel::maps::StatMaps::open(&sup.cfg.pin_path) {
-        Ok(maps) if sup.spec.maps => Some(Watchdog {
-            maps,
-            hung_after: sup.cfg.timeouts.worker,
-            seen: vec![super::watchdog::Seen::new(0); sup.slots.len()],
-        }),
-        _ => None,
-    };
+    // Workers beat in the pinned maps (if any), holders in a file each.
+    let maps = crate::kernel::maps::StatMaps::open(&sup.cfg.pin_path).ok().filter(|_| sup.spec.maps);
+    let mut watchdog = Watchdog::new(maps, sup.cfg.timeouts.worker, sup.slots.len());
     // A hung worker is seen within a quarter of the timeout after it.
     let mut watch_tick = tokio::time::interval((sup.cfg.timeouts.worker / 4).max(Duration::from_millis(100)));
     // One set of health checks for all workers: each flip is relayed (and logged) once.
     let (flip_tx, mut flips) = mpsc::unbounded_channel();
     crate::servers::health::start(&sup.model, Some(flip_tx));
-    // Restarts run beside the loop, which keeps serving commands meanwhile.
-    let mut restarts: JoinSet<(usize, usize, anyhow::Result<Started>)> = JoinSet::new();
+    // Restarts run beside the loop, which keeps serving commands meanwhile;
+    // one that fails is tried again, after a pause that grows.
+    let mut restarts = Restarts::default();
 
     let signal = wait_for_signal();
     tokio::pin!(signal);
@@ -332,10 +349,9 @@ pub(super) async fn serve(
                     Err(e) => log::error!("upgrade failed: {e}"),
                 }
             }
-            _ = watch_tick.tick(), if watchdog.is_some() => {
-                if let Some(w) = &mut watchdog {
-                    w.check(&sup.slots);
-                }
+            _ = watch_tick.tick() => {
+                watchdog.check(&sup.slots, &procs.workers);
+                watchdog.check_holders(&sup.holders, &procs.holders);
             }
             Some(c) = flips.recv() => {
                 if let Err(e) = sup.relay(&c).await {
@@ -376,11 +392,7 @@ pub(super) async fn serve(
                 let why = describe(&status);
                 log::warn!("worker {i} (pid {pid}) {why}; restarting it");
                 let pause = MIN_LIFETIME.saturating_sub(slot.started.elapsed());
-                let (spec, replayed) = (sup.spec_for(i), sup.replay.len());
-                restarts.spawn(async move {
-                    tokio::time::sleep(pause).await;
-                    (i, replayed, spawn_worker(spec).await)
-                });
+                restarts.worker(i, sup.spec_for(i), sup.replay.len(), pause, 0);
             }
             Some(Ok((i, status))) = procs.holders.join_next() => {
                 let Some(pid) = sup.holders[i].1.take() else { continue };
@@ -389,20 +401,24 @@ pub(super) async fn serve(
                     "holder {i} (pid {pid}) {why}: the connections it held are lost; restarting it \
                      (worker {i} restarts with it)"
                 );
-                match spawn_holder(&sup.holders[i].0).await {
-                    Ok((child, pid, _)) => {
-                        log::info!("holder {i} restarted as pid {pid}");
-                        sup.holders[i].1 = Some(pid);
-                        procs.watch_holder(i, child);
-                    }
-                    Err(e) => {
-                        log::error!("restarting holder {i} failed: {e:#}; stopping");
-                        procs.stop(sup).await;
-                        return Err(e);
-                    }
-                }
+                restarts.holder(i, sup.holders[i].0.clone(), Duration::ZERO, 0);
             }
-            Some(Ok((i, replayed, started))) = restarts.join_next() => match started {
+            Some(Ok((i, failures, started))) = restarts.holders.join_next() => match started {
+                Ok((child, pid)) => {
+                    log::info!("holder {i} restarted as pid {pid}");
+                    sup.holders[i].1 = Some(pid);
+                    procs.watch_holder(i, child);
+                }
+                Err(e) => {
+                    // The other slots serve on; this one's worker waits for its holder.
+                    let (failures, pause) = (failures + 1, retry_pause(failures + 1));
+                    log::error!(
+                        "restarting holder {i} failed ({failures} time(s) in a row): {e:#}; trying again in {pause:?}"
+                    );
+                    restarts.holder(i, sup.holders[i].0.clone(), pause, failures);
+                }
+            },
+            Some(Ok((i, replayed, failures, started))) = restarts.workers.join_next() => match started {
                 Ok(Started { child, ready, io }) => {
                     log::info!("worker {i} restarted as pid {}", ready.pid);
                     sup.slots[i] = Slot { io: Some(io), pid: Some(ready.pid), started: Instant::now() };
@@ -410,21 +426,21 @@ pub(super) async fn serve(
                     sup.catch_up(i, replayed).await;
                 }
                 Err(e) => {
-                    log::error!("restarting worker {i} failed: {e:#}; stopping");
-                    procs.stop(sup).await;
-                    return Err(e);
+                    // The other slots serve on; this one's clients wait in its listen backlog.
+                    let (failures, pause) = (failures + 1, retry_pause(failures + 1));
+                    log::error!(
+                        "restarting worker {i} failed ({failures} time(s) in a row): {e:#}; trying again in {pause:?}"
+                    );
+                    restarts.worker(i, sup.spec_for(i), sup.replay.len(), pause, failures);
                 }
             },
         }
     }
     log::info!("stopping {} worker(s)", sup.slots.iter().filter(|s| s.pid.is_some()).count());
-    restarts.abort_all();
-    procs.stop(sup).await;
+    restarts.workers.abort_all();
+    restarts.holders.abort_all();
+    procs.stop().await;
     Ok(())
-}
-
-pub(super) fn worker_pids(slots: &[Slot]) -> Vec<u32> {
-    slots.iter().filter_map(|s| s.pid).collect()
 }
 
 pub(super) fn holder_pids(sup: &Supervisor) -> Vec<u32> {

@@ -30,7 +30,7 @@ use tokio::{
 
 use super::{
     Reload,
-    children::{Started, signal, spawn_holder, spawn_worker},
+    children::{Started, spawn_holder, spawn_worker},
     owner::Owner,
     supervisor::{Procs, Slot, Supervisor, serve},
 };
@@ -208,7 +208,7 @@ pub(super) async fn hand_over(
 async fn stop_worker(sup: &mut Supervisor, procs: &mut Procs, i: usize) {
     let Some(pid) = sup.slots[i].pid.take() else { return };
     sup.slots[i].io = None;
-    signal(pid, rustix::process::Signal::TERM);
+    procs.workers.signal(i, rustix::process::Signal::TERM);
     let deadline = tokio::time::Instant::now() + super::children::STOP_GRACE;
     loop {
         match tokio::time::timeout_at(deadline, procs.workers.join_next()).await {
@@ -221,15 +221,16 @@ async fn stop_worker(sup: &mut Supervisor, procs: &mut Procs, i: usize) {
             Ok(_) => return,
             Err(_) => {
                 log::warn!("worker {i} (pid {pid}) did not stop; killing it");
-                signal(pid, rustix::process::Signal::KILL);
+                procs.workers.signal(i, rustix::process::Signal::KILL);
             }
         }
     }
 }
 
 /// The new binary failed after taking slots `..=failed`: this instance
-/// serves them again. A slot whose old holder had already handed over lost
-/// its connections with the new binary's holder.
+/// serves them again. A slot whose old holder had already handed over is
+/// taken back from the new binary's holder, which outlives its supervisor
+/// (or, if that holder is gone too, lost its connections with it).
 async fn recover(sup: &mut Supervisor, procs: &mut Procs, failed: usize) -> String {
     // The old holders that handed over have exited: forget their exits, so
     // the loop does not take them for the holders started here.
@@ -253,10 +254,19 @@ async fn recover(sup: &mut Supervisor, procs: &mut Procs, failed: usize) -> Stri
     }
     let mut lost = Vec::new();
     for i in 0..=failed {
-        let alive = sup.holders[i].1.is_some_and(|p| rustix::process::test_kill_process(pid_of(p)).is_ok());
+        // Its pidfd tells an old holder that handed over from one that
+        // resumed, even before it is reaped.
+        let alive = sup.holders[i].1.is_some() && procs.holders.running(i);
         if !alive {
-            lost.push(i);
-            match spawn_holder(&sup.holders[i].0).await {
+            let spec = &sup.holders[i].0;
+            let started = match super::adopt::holder_alive(spec) {
+                Some(new) => super::adopt::take_holder(spec, new).await,
+                None => spawn_holder(spec).await.map(|h| (h, false)),
+            };
+            if !started.as_ref().is_ok_and(|(_, kept)| *kept) {
+                lost.push(i);
+            }
+            match started.map(|(h, _)| h) {
                 Ok((child, pid, _)) => {
                     sup.holders[i].1 = Some(pid);
                     procs.watch_holder(i, child);
@@ -279,10 +289,6 @@ async fn recover(sup: &mut Supervisor, procs: &mut Procs, failed: usize) -> Stri
     }
 }
 
-fn pid_of(p: u32) -> rustix::process::Pid {
-    rustix::process::Pid::from_raw(p as i32).unwrap_or(rustix::process::Pid::INIT)
-}
-
 /// `lb takeover`: the new side. Checks, says `standby`, takes each slot
 /// the old side releases, then the services, and serves like `lb run`.
 pub async fn take_over() -> anyhow::Result<()> {
@@ -303,6 +309,12 @@ pub async fn take_over() -> anyhow::Result<()> {
         let step: Step = serde_json::from_str(line.as_deref().context("the old instance went away")?)?;
         match step {
             Step::Release { index } if index < sup.slots.len() => {
+                if std::env::var("LB_TEST_UPGRADE_FAIL_AFTER").is_ok_and(|v| v == index.to_string()) {
+                    // Test hook: fail with the slot's connections taken.
+                    let spec = super::holder::HolderSpec { takeover: true, ..sup.holders[index].0.clone() };
+                    spawn_holder(&spec).await?;
+                    bail!("LB_TEST_UPGRADE_FAIL_AFTER={index}: failing after taking slot {index} (a test setting)");
+                }
                 let spec = super::holder::HolderSpec { takeover: true, ..sup.holders[index].0.clone() };
                 let (child, pid, took) = spawn_holder(&spec).await?;
                 sup.holders[index].1 = Some(pid);
@@ -317,7 +329,7 @@ pub async fn take_over() -> anyhow::Result<()> {
             other => bail!("unexpected from the old instance: {other:?}"),
         }
     }
-    let (mut owner, ctl) = Owner::adopted(&sup.cfg, sup.spec.kind, objects).await;
+    let (mut owner, ctl) = Owner::adopted(&sup.cfg, sup.spec.kind, &sup.spec.listen, objects).await;
     // Under systemd (Type=notify, NotifyAccess=all) this process becomes the service's main one.
     let main = [sd_notify::NotifyState::MainPid(std::process::id()), sd_notify::NotifyState::Ready];
     if let Err(e) = sd_notify::notify(&main) {
@@ -344,23 +356,22 @@ fn prepare(first: &str) -> anyhow::Result<(Supervisor, (Objects, crate::kernel::
     if cfg.frontends.len() != spec.listen.len() {
         bail!("{} listen addresses for {} frontends", spec.listen.len(), cfg.frontends.len());
     }
+    // The maps on disk say what they are: the metadata records the layout
+    // of the binary that made them. Checked before this binary's programs
+    // are loaded on them.
+    let ours = super::adopt::our_layout();
+    let theirs = crate::kernel::object::Meta::read(&cfg.runtime_dir, &cfg.pin_path).map(|m| m.layout);
+    if let Some(theirs) = theirs.filter(|t| *t != ours) {
+        bail!("the running instance's maps are laid out differently (theirs: {theirs:?}; this binary: {ours:?})");
+    }
     let (objects, meta) = Objects::adopt(&cfg.runtime_dir, &cfg.pin_path)
         .map_err(|e| anyhow::anyhow!("the running instance's pins: {e}"))?;
-    // The maps on disk say what they are: the metadata records the layout
-    // of the binary that made them.
-    let mut ours = lb_common::maps::layout();
-    if let Ok(v) = std::env::var("LB_TEST_PRETEND_LAYOUT") {
-        // Test hook: this binary pretends to be built for other maps.
-        ours.push_str(&v);
-    }
-    if meta.layout != ours {
-        bail!(
-            "the running instance's maps are laid out differently (theirs: {:?}; this binary: {ours:?})",
-            meta.layout
-        );
-    }
     let kind = if meta.dataplane == "kernel" { Kind::Kernel } else { Kind::Userspace };
+    // The maps keep their capacities: maxconn keeps to them.
+    let cap = super::adopt::on_pinned_maps(&cfg, kind == Kind::Kernel)
+        .map_err(|why| anyhow::anyhow!("the running instance's maps cannot hold this configuration: {why}"))?;
     let reload = Reload { path: spec.config_file.clone(), overrides: spec.overrides };
+    let (cfg, reload) = super::adopt::capped(cfg, reload, &spec.config_text, cap)?;
     let mut sup = Supervisor::new(cfg, reload, spec.config_text, kind, true, spec.listen);
     for c in &spec.replay {
         if let Err(e) = sup.model.apply(c) {
@@ -375,5 +386,7 @@ fn prepare(first: &str) -> anyhow::Result<(Supervisor, (Objects, crate::kernel::
 
 /// One line to the old instance.
 fn say(step: &Step) {
-    println!("{}", serde_json::to_string(step).unwrap_or_default());
+    if let Err(e) = super::write_line(&serde_json::to_string(step).unwrap_or_default()) {
+        log::error!("telling the old instance {step:?}: {e}");
+    }
 }

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 use tokio::{
     sync::{Semaphore, mpsc},
@@ -45,6 +45,9 @@ pub struct WorkerSpec {
     /// The exact text the supervisor validated (the file may change later).
     pub config_text: String,
     pub workers: u32,
+    /// [`Overrides::maxconn`] of the supervisor (maps taken over).
+    #[serde(default)]
+    pub maxconn: Option<u32>,
     pub kind: Kind,
     /// Whether the pinned maps exist.
     pub maps: bool,
@@ -59,6 +62,25 @@ pub struct WorkerSpec {
     pub holder: PathBuf,
 }
 
+/// A command from the supervisor: one line of the worker's stdin.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CommandLine {
+    /// Echoed in the reply, so an answer that comes after the supervisor
+    /// gave up waiting is never taken for the answer to a later command.
+    pub id: u64,
+    #[serde(flatten)]
+    pub cmd: Command,
+}
+
+/// The worker's answer: one line of its stdout.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReplyLine {
+    /// The command's.
+    pub id: u64,
+    #[serde(flatten)]
+    pub reply: Reply,
+}
+
 /// How long a worker waits for its slot's holder (restarted beside it).
 const HOLDER_WAIT: Duration = Duration::from_secs(10);
 /// `oom_score_adj` of a worker: above its holder's, so the OOM killer takes
@@ -69,14 +91,15 @@ const IN_FLIGHT_GRACE: Duration = Duration::from_secs(5);
 
 /// `lb worker`: reads a [`WorkerSpec`] (first line of stdin) and serves.
 pub async fn run() -> anyhow::Result<()> {
-    let (spec, mut lines) = super::child_spec("worker", |s: &WorkerSpec| s.supervisor).await?;
+    let (spec, mut lines) = super::child_spec("worker", |s: &WorkerSpec| s.supervisor, |_| false).await?;
+    super::refused_by_test("worker", spec.index)?;
     // Under memory pressure the kernel should pick a worker (restarted,
     // nothing lost) before a holder (its connections go with it). Raising
     // one's own score needs no privilege.
     if let Err(e) = std::fs::write("/proc/self/oom_score_adj", WORKER_OOM_SCORE_ADJ) {
         log::warn!("raising this worker's oom_score_adj: {e}");
     }
-    let o = Overrides { workers: Some(spec.workers), dataplane: None };
+    let o = Overrides { workers: Some(spec.workers), dataplane: None, maxconn: spec.maxconn };
     let cfg = Config::parse_on(&AlreadyChecked, &spec.config_file, &spec.config_text, &o)?;
     let (link, welcome) = Link::connect(&spec.holder, HOLDER_WAIT)?;
     if welcome.listeners.len() != cfg.frontends.len() {
@@ -86,17 +109,24 @@ pub async fn run() -> anyhow::Result<()> {
     // Commands arrive only after the ready line, so answers never precede it.
     tokio::spawn(async move {
         while let Ok(Some(line)) = lines.next_line().await {
-            let r: control::Response = match serde_json::from_str::<Command>(&line) {
-                Err(e) => Err(control::RequestError::BadRequest(e.to_string())),
-                Ok(c) => {
+            let (id, r): (u64, control::Response) = match serde_json::from_str::<CommandLine>(&line) {
+                Err(e) => {
+                    let id = serde_json::from_str::<serde_json::Value>(&line).ok().and_then(|v| v["id"].as_u64());
+                    (id.unwrap_or(0), Err(control::RequestError::BadRequest(e.to_string())))
+                }
+                Ok(CommandLine { id, cmd }) => {
                     let (reply, rx) = tokio::sync::oneshot::channel();
-                    if tx.send(control::Msg { req: control::Request::Apply(c), reply }).await.is_err() {
+                    if tx.send(control::Msg { req: control::Request::Apply(cmd), reply }).await.is_err() {
                         return;
                     }
-                    rx.await.unwrap_or(Err(control::RequestError::Stopping))
+                    (id, rx.await.unwrap_or(Err(control::RequestError::Stopping)))
                 }
             };
-            println!("{}", serde_json::to_string(&Reply::from(r)).unwrap_or_default());
+            let line = serde_json::to_string(&ReplyLine { id, reply: Reply::from(r) }).unwrap_or_default();
+            if let Err(e) = super::write_line(&line) {
+                log::warn!("answering the supervisor: {e}; no more commands are taken");
+                return;
+            }
         }
     });
     serve(cfg, &spec, Arc::new(link), welcome, ctl).await
@@ -120,6 +150,7 @@ fn adopt(live: Vec<Held>, link: &Link, shared: &Shared, permits: &[Option<Arc<Se
         let permits = [own, global.clone().try_acquire_owned().ok()];
         let age = Duration::from_nanos(now.saturating_sub(h.start_ns));
         let mut guard = ConnGuard::adopted(shared.stats.clone(), permits, h.client, shared.access_log, age, server);
+        guard.kernel_counted([!h.client_copied, true]);
         if h.packet.is_some() {
             guard.joined(h.source.port(), || {});
         }
@@ -225,7 +256,8 @@ async fn serve(
         let route = Arc::new(accept::Route::of(i, f, cfg.timeouts.client_hello));
         accepts.spawn(accept::accept_loop(l, route, global.clone(), own[i].clone(), shared.clone()));
     }
-    println!("{}", serde_json::to_string(&ready).unwrap_or_default());
+    super::write_line(&serde_json::to_string(&ready).unwrap_or_default())
+        .context("telling the supervisor this worker is ready")?;
 
     let stop = wait_for_signal();
     tokio::pin!(stop);

@@ -1,5 +1,6 @@
-//! Batched updates and deletes of a BPF hash map: one `bpf()` for many
-//! elements (`BPF_MAP_UPDATE_BATCH`, `BPF_MAP_DELETE_BATCH`, Linux 5.6).
+//! Batched lookups, updates and deletes of a BPF hash map: one `bpf()` for
+//! many elements (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_UPDATE_BATCH`,
+//! `BPF_MAP_DELETE_BATCH`, Linux 5.6).
 //! aya has no wrapper for them. The kernel runs the map's own update or
 //! delete for each element in turn (`generic_map_update_batch`,
 //! `generic_map_delete_batch` in `kernel/bpf/syscall.c`), stops at the first
@@ -10,7 +11,9 @@ use std::{
     os::fd::{AsFd, AsRawFd},
 };
 
-/// `BPF_MAP_UPDATE_BATCH` and `BPF_MAP_DELETE_BATCH` in `enum bpf_cmd`.
+/// `BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_UPDATE_BATCH` and `BPF_MAP_DELETE_BATCH`
+/// in `enum bpf_cmd`.
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
@@ -78,6 +81,64 @@ pub fn delete<K: Copy>(map: &impl AsFd, mut keys: &[K]) -> io::Result<usize> {
     Ok(deleted)
 }
 
+/// Elements asked for per `BPF_MAP_LOOKUP_BATCH`.
+const LOOKUP_CHUNK: usize = 4096;
+
+/// Every element of a hash map, `LOOKUP_CHUNK` per `bpf()` (a walk with
+/// `get_next_key` and a lookup takes two per element). An element added or
+/// removed meanwhile may be missed or seen: as with any walk, a snapshot
+/// of a map that changes is not one moment's.
+pub fn lookup_all<K: bytemuck::Pod, V: bytemuck::Pod>(map: &impl AsFd) -> io::Result<Vec<(K, V)>> {
+    let (keys, values) = lookup_raw::<K, V>(map, 1)?;
+    Ok(keys.into_iter().zip(values).collect())
+}
+
+/// [`lookup_all`] for a per-CPU hash map: each element with its value on
+/// each of `cpus` possible CPUs (`V` a multiple of 8 bytes, as the kernel
+/// lays per-CPU values out).
+pub fn lookup_all_per_cpu<K: bytemuck::Pod, V: bytemuck::Pod>(
+    map: &impl AsFd,
+    cpus: usize,
+) -> io::Result<Vec<(K, Vec<V>)>> {
+    assert_eq!(size_of::<V>() % 8, 0, "per-CPU values are 8-aligned");
+    let cpus = cpus.max(1);
+    let (keys, values) = lookup_raw::<K, V>(map, cpus)?;
+    Ok(keys.into_iter().zip(values.chunks_exact(cpus).map(<[V]>::to_vec)).collect())
+}
+
+/// The keys and values of every element, `stride` values per key.
+fn lookup_raw<K: bytemuck::Pod, V: bytemuck::Pod>(map: &impl AsFd, stride: usize) -> io::Result<(Vec<K>, Vec<V>)> {
+    let (mut all_keys, mut all_values) = (Vec::new(), Vec::new());
+    let mut chunk = LOOKUP_CHUNK;
+    // The position: a bucket index for hash maps (a u32; a u64 leaves room).
+    let (mut at, mut next) = (0u64, 0u64);
+    let mut first = true;
+    loop {
+        let mut keys = vec![K::zeroed(); chunk];
+        let mut values = vec![V::zeroed(); chunk * stride];
+        let mut a = attr(map, &keys)?;
+        a.keys = keys.as_mut_ptr() as u64;
+        a.values = values.as_mut_ptr() as u64;
+        a.in_batch = if first { 0 } else { &raw const at as u64 };
+        a.out_batch = &raw mut next as u64;
+        let (n, r) = run(BPF_MAP_LOOKUP_BATCH, &mut a);
+        all_keys.extend_from_slice(&keys[..n.min(chunk)]);
+        all_values.extend_from_slice(&values[..n.min(chunk) * stride]);
+        match r {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok((all_keys, all_values)),
+            // One bucket holds more than `chunk` elements: ask for more.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && n == 0 && chunk < 1 << 20 => {
+                chunk *= 4;
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        at = next;
+        first = false;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::fd::{FromRawFd, OwnedFd};
@@ -118,5 +179,17 @@ mod tests {
         super::update(&map, &[6u64, 7], &[60u64, 71]).unwrap();
         assert_eq!(super::delete(&map, &[6u64, 7, 8]).unwrap(), 2);
         assert_eq!(super::delete::<u64>(&map, &[]).unwrap(), 0);
+    }
+
+    #[test]
+    fn lookup_all_sees_every_element() {
+        let Some(map) = hash_map() else { return };
+        assert!(super::lookup_all::<u64, u64>(&map).unwrap().is_empty());
+        let keys: Vec<u64> = (1..=16).collect();
+        let values: Vec<u64> = keys.iter().map(|k| k * 10).collect();
+        super::update(&map, &keys, &values).unwrap();
+        let mut all = super::lookup_all::<u64, u64>(&map).unwrap();
+        all.sort_unstable();
+        assert_eq!(all, keys.iter().map(|k| (*k, k * 10)).collect::<Vec<_>>());
     }
 }

@@ -60,7 +60,7 @@ impl FlowMaps {
     }
 
     /// How many flows there are (two per joined connection).
-    pub fn len(&self) -> u64 {
+    pub fn entries(&self) -> u64 {
         self.flows.keys().filter(Result::is_ok).count() as u64
     }
 

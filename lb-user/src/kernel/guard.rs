@@ -47,6 +47,15 @@ fn net_of(k: &Key<[u8; 16]>) -> Option<IpNet> {
     }
 }
 
+/// A source as the guard keys it (`LB_GUARD_RATE`, `LB_GUARD_TOP`): an
+/// IPv4 address (`192.0.2.7`), or an IPv6 /64 (`2001:db8:1:2::/64`).
+pub fn source_of(k: [u8; 16]) -> String {
+    match ip_of(k) {
+        IpAddr::V4(a) => a.to_string(),
+        a @ IpAddr::V6(_) => IpNet::new(a, 64).map_or_else(|_| a.to_string(), |n| n.trunc().to_string()),
+    }
+}
+
 impl GuardMaps {
     pub fn open(pin_path: &Path) -> Result<Self, KernelError> {
         Ok(Self {
@@ -135,11 +144,25 @@ impl GuardMaps {
         Ok(per_cpu.iter().fold(GuardCounters::default(), |a, c| a.add(c)))
     }
 
-    /// The `n` sources with the most dropped packets.
-    pub fn top(&self, n: usize) -> Vec<(IpAddr, u64)> {
-        let mut v: Vec<(IpAddr, u64)> = self.top.iter().filter_map(Result::ok).map(|(k, c)| (ip_of(k), c)).collect();
+    /// The `n` sources with the most dropped packets, as [`source_of`] names them.
+    pub fn top(&self, n: usize) -> Vec<(String, u64)> {
+        // Batched: the map holds up to 65,536 sources, and `/metrics` reads it.
+        let mut v: Vec<([u8; 16], u64)> =
+            super::batch::lookup_all::<[u8; 16], u64>(aya::maps::IterableMap::map(&self.top).fd()).unwrap_or_default();
         v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         v.truncate(n);
-        v
+        v.into_iter().map(|(k, c)| (source_of(k), c)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_source_is_an_ipv4_address_or_an_ipv6_64() {
+        assert_eq!(source_of(ip16("192.0.2.7".parse().unwrap())), "192.0.2.7");
+        assert_eq!(source_of(ip16("2001:db8:1:2::".parse().unwrap())), "2001:db8:1:2::/64");
+        assert_eq!(source_of(ip16("::".parse().unwrap())), "::/64");
     }
 }

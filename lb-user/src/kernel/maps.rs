@@ -1,16 +1,22 @@
 //! Typed handles to the pinned maps, opened by every process that serves
 //! or reads (workers, the supervisor, `lb stats`).
 
-use std::{os::fd::AsRawFd, path::Path};
+use std::{
+    os::fd::{AsFd, AsRawFd},
+    path::Path,
+};
 
-use aya::maps::{ArrayOfMaps, HashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash};
+use aya::maps::{ArrayOfMaps, HashMap, IterableMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf, SockHash};
 use lb_common::{
     conn::ConnTraffic,
     maps::{
         CONN, COUNTERS, EVENTS, EVENTS_RING_BYTES, MAX_SERVER_ENTRIES, MAX_SOURCE_ENTRIES, MAX_WORKERS, PROG_VERDICT,
-        SERVERS, SOURCES, SPLICE, TARGET, WORKERS,
+        SERVER_BYTES, SERVERS, SOURCES, SPLICE, TARGET, WORKERS,
     },
-    stats::{COUNTERS_KEY, DataplaneCounters, ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats},
+    stats::{
+        COUNTERS_KEY, DataplaneCounters, ServerBytes, ServerBytesKey, ServerKey, ServerStats, SourceKey, SourceStats,
+        WorkerStats,
+    },
 };
 
 use super::KernelError;
@@ -59,6 +65,10 @@ impl ConnMaps {
     pub fn record(&self, cookie: u64) -> Option<ConnTraffic> {
         self.conn.get(&cookie, 0).ok()
     }
+    /// Every record (for `lb conns`), batched.
+    pub fn all_records(&self) -> Result<Vec<(u64, ConnTraffic)>, KernelError> {
+        super::batch::lookup_all(self.conn_fd()).map_err(io(CONN))
+    }
     /// Bytes the verdict redirected from the socket with this cookie.
     pub fn redirected(&self, cookie: u64) -> Option<u64> {
         self.record(cookie).map(|t| t.bytes)
@@ -88,15 +98,28 @@ impl ConnMaps {
             log::warn!("removing {} connection record(s): {e}", cookies.len());
         }
     }
-    /// Deletes the records of a worker whose process is gone (its sockets
-    /// closed with it, so the kernel already removed their socket entries).
-    pub fn forget_worker(&mut self, worker: u16) -> usize {
+    /// Deletes the records of worker slot `worker` whose cookies are not in
+    /// `keep` (the connections its holder holds): those of connections a
+    /// worker was setting up when it died (their sockets closed with it, so
+    /// the kernel already removed their socket entries), or of a holder
+    /// before this one. Two `bpf()` calls per few thousand records.
+    pub fn forget_worker(&mut self, worker: u16, keep: &std::collections::HashSet<u64>) -> usize {
+        let all = match super::batch::lookup_all::<u64, ConnTraffic>(self.conn_fd()) {
+            Ok(all) => all,
+            Err(e) => {
+                log::warn!("reading {CONN} to remove worker {worker}'s leftover records: {e}");
+                return 0;
+            }
+        };
         let stale: Vec<u64> =
-            self.conn.iter().filter_map(Result::ok).filter(|(_, r)| r.worker == worker).map(|(k, _)| k).collect();
-        for k in &stale {
-            let _ = self.conn.remove(k);
+            all.into_iter().filter(|(k, r)| r.worker == worker && !keep.contains(k)).map(|(k, _)| k).collect();
+        match super::batch::delete(self.conn_fd(), &stale) {
+            Ok(n) => n,
+            Err(e) => {
+                log::warn!("removing worker {worker}'s {} leftover record(s): {e}", stale.len());
+                0
+            }
         }
-        stale.len()
     }
 }
 
@@ -143,19 +166,18 @@ impl StatMaps {
             sources: self.sources.iter().filter_map(Result::ok).filter(|(k, _)| k.worker == worker).collect(),
         }
     }
+}
 
-    /// Removes every entry of `worker`.
-    pub fn clear_worker(&mut self, worker: u16) {
-        let keys: Vec<SourceKey> = self.sources.keys().filter_map(Result::ok).filter(|k| k.worker == worker).collect();
-        for k in keys {
-            let _ = self.sources.remove(&k);
-        }
-        let keys: Vec<ServerKey> = self.servers.keys().filter_map(Result::ok).filter(|k| k.worker == worker).collect();
-        for k in keys {
-            let _ = self.servers.remove(&k);
-        }
-        let _ = self.workers.remove(&u32::from(worker));
-    }
+/// The rows the workers publish, as read at once.
+#[derive(Debug, Default)]
+pub struct Published {
+    pub servers: Vec<(ServerKey, ServerStats)>,
+    pub sources: Vec<(SourceKey, SourceStats)>,
+    pub workers: Vec<(u32, WorkerStats)>,
+}
+
+fn io(name: &'static str) -> impl Fn(std::io::Error) -> KernelError {
+    move |source| KernelError::Io { what: format!("reading map {name}"), source }
 }
 
 /// See [`StatMaps::worker_entries`].
@@ -180,6 +202,9 @@ pub struct PinnedMaps {
     pub counters: PerCpuArray<MapData, DataplaneCounters>,
     pub conn: ConnMaps,
     pub stats: StatMaps,
+    pub server_bytes: PerCpuHashMap<MapData, ServerBytesKey, ServerBytes>,
+    /// Possible CPUs: the per-CPU values of each entry.
+    cpus: usize,
 }
 
 impl PinnedMaps {
@@ -196,7 +221,56 @@ impl PinnedMaps {
             counters: open(pin_path, COUNTERS)?,
             conn: ConnMaps::open(pin_path)?,
             stats: StatMaps::open(pin_path)?,
+            server_bytes: open(pin_path, SERVER_BYTES)?,
+            cpus: lb_common::host::possible_cpus() as usize,
         })
+    }
+
+    /// The published rows of every worker: one `BPF_MAP_LOOKUP_BATCH` per
+    /// few thousand entries of each map, not two calls per entry.
+    pub fn published(&self) -> Result<Published, KernelError> {
+        Ok(Published {
+            servers: super::batch::lookup_all(self.stats.servers.map().fd()).map_err(io(SERVERS))?,
+            sources: super::batch::lookup_all(self.stats.sources.map().fd()).map_err(io(SOURCES))?,
+            workers: self.workers()?,
+        })
+    }
+
+    /// Every worker's `LB_WORKERS` entry.
+    pub fn workers(&self) -> Result<Vec<(u32, WorkerStats)>, KernelError> {
+        super::batch::lookup_all(self.stats.workers.map().fd()).map_err(io(WORKERS))
+    }
+
+    /// The bytes the verdict redirected per server, summed over CPUs.
+    pub fn server_bytes(&self) -> Result<Vec<(ServerBytesKey, ServerBytes)>, KernelError> {
+        let rows =
+            super::batch::lookup_all_per_cpu::<ServerBytesKey, ServerBytes>(self.server_bytes.map().fd(), self.cpus)
+                .map_err(io(SERVER_BYTES))?;
+        Ok(rows
+            .into_iter()
+            .map(|(k, per_cpu)| {
+                let sum = per_cpu.iter().fold(ServerBytes::default(), |a, b| ServerBytes {
+                    bytes_in: a.bytes_in + b.bytes_in,
+                    bytes_out: a.bytes_out + b.bytes_out,
+                });
+                (k, sum)
+            })
+            .collect())
+    }
+
+    /// The capacity and memory of the maps that fill with connections and
+    /// servers (`None` for one whose fdinfo cannot be read).
+    pub fn usages(&self) -> [(&'static str, Option<super::fill::Usage>); 7] {
+        let u = |m: &MapData| super::fill::usage(m.fd().as_fd());
+        [
+            (CONN, u(self.conn.conn.map())),
+            (TARGET, u(IterableMap::<u64, _>::map(&self.conn.target))),
+            (SPLICE, u(IterableMap::<u64, _>::map(&self.conn.splice))),
+            (SERVERS, u(self.stats.servers.map())),
+            (SOURCES, u(self.stats.sources.map())),
+            (SERVER_BYTES, u(self.server_bytes.map())),
+            (WORKERS, u(self.stats.workers.map())),
+        ]
     }
 
     /// The verdict's counters, summed over CPUs.

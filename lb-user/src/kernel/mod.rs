@@ -4,12 +4,14 @@
 //! that uses `aya` or `unsafe`.
 
 pub mod batch;
+pub mod fill;
 pub mod flows;
 pub mod guard;
 pub mod link;
 pub mod lock;
 pub mod maps;
 pub mod object;
+pub mod programs;
 pub mod sys;
 
 use std::{io, path::PathBuf};

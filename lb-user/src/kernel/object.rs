@@ -16,18 +16,13 @@ use aya::{
 };
 use lb_common::conn::FrontendKey;
 use lb_common::maps::{
-    CONN, FLOWS, FRONTENDS, LINK_PACKET_PREFIX, LINK_SETUP, PINNED, PROG_GUARD, PROG_PACKET, PROG_SETUP, PROG_VERDICT,
-    SPLICE, TARGET,
+    FRONTENDS, LINK_PACKET_PREFIX, LINK_SETUP, PINNED, PROG_GUARD, PROG_PACKET, PROG_SETUP, PROG_VERDICT, SPLICE,
 };
 use serde::{Deserialize, Serialize};
 
 use super::{KernelError, io_err, maps::open};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
-/// Room in `LB_TARGET` beyond two sockets per connection: accepted clients
-/// that are not served yet (backlogs, clients over `maxconn`).
-const TARGET_MARGIN: u32 = 1 << 16;
 
 /// What the owner of the maps records next to them (bpffs holds only pins).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -39,6 +34,17 @@ pub struct Meta {
     /// [`lb_common::maps::layout`] of the binary that made the maps.
     #[serde(default)]
     pub layout: String,
+    /// SHA-256 of the eBPF object whose programs act on new connections
+    /// ([`crate::EBPF_SHA256`] of the binary that loaded or replaced them).
+    #[serde(default)]
+    pub ebpf: String,
+    /// Where each frontend listens (concrete addresses, config order): what
+    /// the holders bound, for `lb run` taking them over after a crash.
+    #[serde(default)]
+    pub listen: Vec<std::net::SocketAddr>,
+    /// How to count the entries of the maps whose `memlock` grows with them.
+    #[serde(default)]
+    pub fill: Vec<super::fill::Gauge>,
 }
 
 impl Meta {
@@ -86,8 +92,8 @@ pub struct Spec<'a> {
     pub pin_path: &'a Path,
     /// Directory of the lock and metadata files.
     pub run_dir: &'a Path,
-    /// Capacity of the socket maps (two per connection).
-    pub sockets: u32,
+    /// The capacities of the maps lb sizes.
+    pub capacities: lb_common::maps::Capacities,
     /// Load and attach the verdict (kernel data plane), or only the maps.
     pub program: bool,
     /// Backend names, for `lb stats`.
@@ -98,19 +104,20 @@ pub struct Spec<'a> {
 pub struct Objects {
     pin_path: PathBuf,
     run_dir: PathBuf,
-    /// Owns the program (and its attachment) and the maps.
+    /// Owns the programs (and the verdict's attachment) and the maps.
     ebpf: Option<aya::Ebpf>,
-    /// Taken over from an earlier binary's instance, lock included: no
-    /// `ebpf` of its own, but the pins are this process's to remove.
-    adopted: bool,
+    /// The pin-path lock: while this process holds it, the pins are its own
+    /// to remove ([`Self::close`]).
     lock: Option<super::lock::Lock>,
+    /// What is recorded next to the pins.
+    meta: Meta,
 }
 
 impl Objects {
     /// Loads the maps, and with `spec.program` the verdict attached to
     /// `LB_SPLICE`; pins everything under `spec.pin_path`.
     pub fn load(spec: Spec<'_>) -> Result<Self, KernelError> {
-        let Spec { pin_path, run_dir, sockets, program, backends } = spec;
+        let Spec { pin_path, run_dir, capacities, program, backends } = spec;
         check_bpffs(pin_path)?;
         let lock = lock_pin_path(run_dir, pin_path)?;
         // We hold the lock: whatever is pinned there was left by a dead
@@ -122,14 +129,15 @@ impl Objects {
             );
             remove_pins(pin_path);
         }
-        let mut ebpf = EbpfLoader::new()
-            // Clients are targets from their accept on, also while they
-            // wait in a listener's backlog or for lb's permits.
-            .map_max_entries(TARGET, sockets.saturating_add(TARGET_MARGIN))
-            .map_max_entries(SPLICE, sockets)
-            .map_max_entries(CONN, sockets)
-            .map_max_entries(FLOWS, sockets)
-            .load(crate::EBPF_OBJECT)?;
+        let mut loader = EbpfLoader::new();
+        for (name, capacity) in capacities.by_map() {
+            loader.map_max_entries(name, capacity.max(1));
+        }
+        let tiny = test_capacities();
+        for (name, capacity) in &tiny {
+            loader.map_max_entries(name, *capacity);
+        }
+        let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
 
         fs::create_dir_all(pin_path).map_err(io_err(format!("creating {}", pin_path.display())))?;
         let result = (|| {
@@ -161,41 +169,48 @@ impl Objects {
             dataplane: if program { "kernel" } else { "userspace" }.into(),
             backends,
             layout: lb_common::maps::layout(),
+            ebpf: crate::EBPF_SHA256.into(),
+            listen: Vec::new(),
+            fill: super::fill::calibrate(pin_path),
         };
         meta.write(run_dir, pin_path);
         Ok(Self {
             pin_path: pin_path.to_owned(),
             run_dir: run_dir.to_owned(),
             ebpf: Some(ebpf),
-            adopted: false,
             lock: Some(lock),
+            meta,
         })
     }
 
     /// Takes over the object a running instance of an earlier binary
-    /// pinned at `pin_path` (`lb upgrade`): the maps and the attached
-    /// verdict stay as they are. Fails, changing nothing, unless the
-    /// metadata and every pin are there; the caller compares the
-    /// metadata's `layout` with its own before it uses the maps. The
-    /// pin-path lock is still the old instance's: see [`Self::take_lock`].
+    /// pinned at `pin_path` (`lb upgrade`): the maps stay as they are, and
+    /// this binary's programs are loaded on them, not attached yet. Fails,
+    /// changing nothing, unless the metadata and every pin are there and
+    /// the verifier takes the programs; the caller compares the metadata's
+    /// `layout` with its own before it uses the maps. The pin-path lock is
+    /// still the old instance's: see [`Self::take_lock`].
     pub fn adopt(run_dir: &Path, pin_path: &Path) -> Result<(Self, Meta), KernelError> {
         check_bpffs(pin_path)?;
-        let meta = Meta::read(run_dir, pin_path).ok_or_else(|| {
-            KernelError::Program(format!("no instance metadata at {}", run_file(run_dir, pin_path, "json").display()))
-        })?;
-        for name in PINNED {
-            MapData::from_pin(pin_path.join(name)).map_err(|source| KernelError::Map { name, source })?;
-        }
+        let meta = read_meta(run_dir, pin_path)?;
+        let ebpf = super::programs::load_on_pins(pin_path)?;
         // Not ours to remove until the lock is (`take_lock`): a new binary
         // that fails before must leave the running instance's pins alone.
-        let me =
-            Self { pin_path: pin_path.to_owned(), run_dir: run_dir.to_owned(), ebpf: None, adopted: false, lock: None };
+        let me = Self {
+            pin_path: pin_path.to_owned(),
+            run_dir: run_dir.to_owned(),
+            ebpf: Some(ebpf),
+            lock: None,
+            meta: meta.clone(),
+        };
         Ok((me, meta))
     }
 
     /// Takes the pin-path lock of an adopted object once the old instance
-    /// has let it go (waiting up to `within`), and records this process in
-    /// the metadata.
+    /// has let it go (waiting up to `within`), puts this binary's programs
+    /// in place of the old ones ([`super::programs::install`]; if that
+    /// fails, the old ones run on and the error says so), and records this
+    /// process in the metadata.
     pub fn take_lock(&mut self, meta: Meta, within: std::time::Duration) -> Result<(), KernelError> {
         let deadline = std::time::Instant::now() + within;
         let lock = loop {
@@ -206,9 +221,61 @@ impl Objects {
             }
         };
         self.lock = Some(lock);
-        self.adopted = true;
-        Meta { pid: std::process::id(), ..meta }.write(&self.run_dir, &self.pin_path);
-        Ok(())
+        self.meta = Meta { pid: std::process::id(), ..meta };
+        let installed = self.install();
+        self.meta.write(&self.run_dir, &self.pin_path);
+        installed
+    }
+
+    /// Takes over the object of an instance whose supervisor is gone while
+    /// its holders keep its connections (`lb run` after a crash): takes the
+    /// pin-path lock, loads this binary's programs on the pinned maps and
+    /// puts them in place of the old ones, and records this process in the
+    /// metadata. The caller checked `meta` (layout, data plane) first.
+    pub fn adopt_orphaned(run_dir: &Path, pin_path: &Path, meta: Meta) -> Result<Self, KernelError> {
+        check_bpffs(pin_path)?;
+        let lock = lock_pin_path(run_dir, pin_path)?;
+        let ebpf = super::programs::load_on_pins(pin_path)?;
+        // The XDP guard's attachments were links of the dead process: gone
+        // with it. Its owner attaches the guard anew if configured.
+        let _ = fs::remove_file(pin_path.join(PROG_GUARD));
+        let mut me = Self {
+            pin_path: pin_path.to_owned(),
+            run_dir: run_dir.to_owned(),
+            ebpf: Some(ebpf),
+            lock: Some(lock),
+            meta: Meta { pid: std::process::id(), ..meta },
+        };
+        me.install()?;
+        me.meta.write(run_dir, pin_path);
+        Ok(me)
+    }
+
+    /// [`super::programs::install`], recording the object's hash on success.
+    fn install(&mut self) -> Result<(), KernelError> {
+        let ebpf = self.ebpf.as_mut().ok_or(KernelError::Program("the eBPF object is closed".into()))?;
+        match super::programs::install(ebpf, &self.pin_path) {
+            Ok(done) => {
+                log::info!(
+                    "this binary's eBPF programs are in place (object sha256 {}): verdict {}, sock_ops {}",
+                    crate::EBPF_SHA256,
+                    done.verdict.map_or("not attached".into(), |id| format!("id {id}")),
+                    done.setup.map_or("not attached".into(), |id| format!("id {id}")),
+                );
+                self.meta.ebpf = crate::EBPF_SHA256.into();
+                Ok(())
+            }
+            Err(e) => Err(KernelError::Program(format!(
+                "putting this binary's eBPF programs in place: {e}; the earlier ones (object sha256 {}) run on",
+                if self.meta.ebpf.is_empty() { "unknown" } else { &self.meta.ebpf }
+            ))),
+        }
+    }
+
+    /// Records where the frontends listen (for a takeover after a crash).
+    pub fn record_listen(&mut self, listen: &[std::net::SocketAddr]) {
+        self.meta.listen = listen.to_vec();
+        self.meta.write(&self.run_dir, &self.pin_path);
     }
 
     /// Hands the object to the instance of a new binary (`lb upgrade`):
@@ -219,7 +286,6 @@ impl Objects {
             // Dropping it would detach the verdict from LB_SPLICE.
             std::mem::forget(ebpf);
         }
-        self.adopted = false;
         self.lock = None;
     }
 
@@ -266,7 +332,8 @@ impl Objects {
         for i in interfaces {
             let ifindex = super::sys::interface_index(i)
                 .ok_or_else(|| KernelError::Program(format!("attaching {PROG_PACKET}: no interface {i}")))?;
-            let attach = |e: &dyn std::fmt::Display| KernelError::Program(format!("attaching {PROG_PACKET} to {i}: {e}"));
+            let attach =
+                |e: &dyn std::fmt::Display| KernelError::Program(format!("attaching {PROG_PACKET} to {i}: {e}"));
             let id = prog
                 .attach_with_options(i, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
                 .map_err(|e| attach(&e))?;
@@ -303,17 +370,33 @@ impl Objects {
         Ok(modes)
     }
 
-    /// Detaches and unloads the program and removes the pins, the metadata
-    /// and the lock file.
+    /// Detaches and unloads the program and, if the pins are this
+    /// process's (it holds the lock), removes them, the metadata and the
+    /// lock file.
     pub fn close(&mut self) {
-        let owned = self.ebpf.is_some() || std::mem::take(&mut self.adopted);
         drop(self.ebpf.take());
-        if owned {
+        if let Some(lock) = self.lock.take() {
             remove_pins(&self.pin_path);
             let _ = fs::remove_file(run_file(&self.run_dir, &self.pin_path, "json"));
             // Still held by us, so nobody waits on it; the next start makes a new one.
             let _ = fs::remove_file(run_file(&self.run_dir, &self.pin_path, "lock"));
+            drop(lock);
         }
+    }
+
+    /// Removes the pins, metadata and lock file left at `pin_path` by an
+    /// instance that is gone (`lb stop` after its holders ended). `Ok(false)`:
+    /// there was nothing to remove.
+    pub fn remove_stale(run_dir: &Path, pin_path: &Path) -> Result<bool, KernelError> {
+        let meta = run_file(run_dir, pin_path, "json");
+        if !pin_path.exists() && !meta.exists() {
+            return Ok(false);
+        }
+        let lock = lock_pin_path(run_dir, pin_path)?;
+        remove_pins(pin_path);
+        let _ = fs::remove_file(meta);
+        let _ = fs::remove_file(&lock.path);
+        Ok(true)
     }
 }
 
@@ -323,8 +406,31 @@ impl Drop for Objects {
     }
 }
 
+/// The metadata an instance wrote for `pin_path`.
+fn read_meta(run_dir: &Path, pin_path: &Path) -> Result<Meta, KernelError> {
+    Meta::read(run_dir, pin_path).ok_or_else(|| {
+        KernelError::Program(format!("no instance metadata at {}", run_file(run_dir, pin_path, "json").display()))
+    })
+}
+
+/// Test hook (`LB_TEST_MAP_ENTRIES=LB_TARGET:4,LB_CONN:8`): these maps get
+/// these capacities instead of the configuration's, so that a test can
+/// fill them with a few connections.
+fn test_capacities() -> Vec<(String, u32)> {
+    let Ok(spec) = std::env::var("LB_TEST_MAP_ENTRIES") else { return Vec::new() };
+    let tiny: Vec<(String, u32)> = spec
+        .split(',')
+        .filter_map(|e| {
+            let (name, n) = e.split_once(':')?;
+            Some((name.trim().to_owned(), n.trim().parse::<u32>().ok()?.max(1)))
+        })
+        .collect();
+    log::warn!("LB_TEST_MAP_ENTRIES: map capacities {tiny:?} (a test setting)");
+    tiny
+}
+
 /// The program `name` of the object, as its type `T`.
-fn typed_program<'a, T>(ebpf: &'a mut aya::Ebpf, name: &str) -> Result<&'a mut T, KernelError>
+pub(super) fn typed_program<'a, T>(ebpf: &'a mut aya::Ebpf, name: &str) -> Result<&'a mut T, KernelError>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
@@ -344,10 +450,8 @@ fn remove_pins(pin_path: &Path) {
             }
         }
     }
-    for name in [&LINK_SETUP]
-        .into_iter()
-        .chain(PINNED.iter())
-        .chain([&PROG_VERDICT, &PROG_SETUP, &PROG_GUARD, &PROG_PACKET])
+    for name in
+        [&LINK_SETUP].into_iter().chain(PINNED.iter()).chain([&PROG_VERDICT, &PROG_SETUP, &PROG_GUARD, &PROG_PACKET])
     {
         let _ = fs::remove_file(pin_path.join(name));
     }

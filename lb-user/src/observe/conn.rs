@@ -68,6 +68,9 @@ pub struct ConnGuard {
     /// The source port of a connection joined on the packet plane, booked
     /// in its pair until the connection ends.
     joined_port: Option<u16>,
+    /// Directions (client -> server, server -> client) whose bytes the
+    /// kernel counts per server itself (`LB_SERVER_BYTES`).
+    kernel_counted: [bool; 2],
 }
 
 impl ConnGuard {
@@ -88,7 +91,15 @@ impl ConnGuard {
                 reason: CloseReason::Error,
             })
         });
-        Self { stats, server: None, _permits: permits, access, handed_over: false, joined_port: None }
+        Self {
+            stats,
+            server: None,
+            _permits: permits,
+            access,
+            handed_over: false,
+            joined_port: None,
+            kernel_counted: [false; 2],
+        }
     }
     /// Records why the connection ends (the last call wins).
     pub fn set_reason(&mut self, r: CloseReason) {
@@ -129,15 +140,25 @@ impl ConnGuard {
     }
     /// Bytes moved by a connection (client->server, server->client): the
     /// data plane's figures as it ends, and lb's own header before them.
+    /// The server's counters get those of the directions the kernel does
+    /// not count itself ([`Self::kernel_counted`]).
     pub fn add_bytes(&mut self, bytes_in: u64, bytes_out: u64) {
         if let Some(a) = &mut self.access {
             a.bytes[0] += bytes_in;
             a.bytes[1] += bytes_out;
         }
         if let Some((s, _)) = &self.server {
-            s.bytes_in.fetch_add(bytes_in, Relaxed);
-            s.bytes_out.fetch_add(bytes_out, Relaxed);
+            let [k_in, k_out] = self.kernel_counted;
+            s.bytes_in.fetch_add(if k_in { 0 } else { bytes_in }, Relaxed);
+            s.bytes_out.fetch_add(if k_out { 0 } else { bytes_out }, Relaxed);
         }
+    }
+
+    /// From here on, the kernel counts these directions' bytes per server
+    /// as they move (a spliced side): their end figures go only to the
+    /// access log.
+    pub fn kernel_counted(&mut self, dirs: [bool; 2]) {
+        self.kernel_counted = dirs;
     }
 }
 

@@ -145,6 +145,18 @@ pub fn render(report: &Report) -> String {
         C,
         one(k.kernel_setup_failures),
     );
+    let maps = |f: &dyn Fn(&super::read::MapRow) -> Option<u64>| -> Vec<(Labels, u64)> {
+        report.maps.iter().filter_map(|m| Some((vec![("map".to_owned(), m.map.clone())], f(m)?))).collect()
+    };
+    family(
+        &mut r,
+        "map_entries",
+        "Entries in each map that fills with connections or servers.",
+        G,
+        maps(&|m| m.entries),
+    );
+    family(&mut r, "map_capacity", "Capacity of each such map (entries).", G, maps(&|m| Some(u64::from(m.capacity))));
+    family(&mut r, "map_bytes", "Kernel memory each such map takes now (memlock).", G, maps(&|m| Some(m.bytes)));
     if let Some(g) = &report.guard {
         family(&mut r, "guard_passed", "Packets the XDP guard let through.", C, one(g.passed));
         family(&mut r, "guard_denied", "Packets the XDP guard dropped: source denied.", C, one(g.denied));
@@ -154,6 +166,20 @@ pub fn render(report: &Report) -> String {
             "SYNs the XDP guard dropped: over the source's rate.",
             C,
             one(g.rate_limited),
+        );
+        family(
+            &mut r,
+            "guard_unparsed",
+            "Packets the XDP guard dropped: headers it does not read past to TCP.",
+            C,
+            one(g.unparsed),
+        );
+        family(
+            &mut r,
+            "guard_fragments",
+            "Fragments other than the first the XDP guard let through after its lists.",
+            C,
+            one(g.fragments),
         );
         let rules = vec![
             (vec![("list".to_owned(), "deny".to_owned())], g.deny.len() as u64),

@@ -9,7 +9,7 @@ use std::{
 
 use aya::{
     Pod,
-    maps::{HashMap as BpfHashMap, MapData},
+    maps::{HashMap as BpfHashMap, MapData, MapError},
 };
 use lb_common::stats::{ServerKey, ServerStats, SourceKey, SourceStats, WorkerCounters, WorkerStats};
 
@@ -49,16 +49,23 @@ impl<K: Pod + Eq + std::hash::Hash, V: Pod + PartialEq> Mirror<K, V> {
         }
     }
 
-    fn apply(&mut self, map: &mut BpfHashMap<MapData, K, V>, c: Changes<K, V>) {
+    /// Writes the changes; returns how many rows could not be written, and
+    /// the last error (a full map: the next flush tries them again).
+    fn apply(&mut self, map: &mut BpfHashMap<MapData, K, V>, c: Changes<K, V>) -> Option<(usize, MapError)> {
+        let mut failed = None;
         for (k, v) in c.put {
-            if map.insert(k, v, 0).is_ok() {
-                self.last.insert(k, v);
+            match map.insert(k, v, 0) {
+                Ok(()) => {
+                    self.last.insert(k, v);
+                }
+                Err(e) => failed = Some((failed.map_or(0, |(n, _)| n) + 1, e)),
             }
         }
         for k in c.gone {
             let _ = map.remove(&k);
             self.last.remove(&k);
         }
+        failed
     }
 }
 
@@ -82,6 +89,8 @@ pub struct Publisher {
     /// levels), added to everything published: a restarted worker's
     /// counters continue, and `/metrics` counters never go down.
     base: Base,
+    /// Rows a full map refused, for a warning at most every 5 s.
+    refused: super::Every,
 }
 
 #[derive(Default)]
@@ -94,9 +103,15 @@ struct Base {
 impl Publisher {
     /// Takes over what an earlier process with the same worker index left:
     /// its counters become this one's base, its levels (connections open,
-    /// ports in use: those connections died with it) are dropped.
-    pub fn new(mut maps: StatMaps, worker: u16, backends: Arc<Backends>, stats: Arc<Counters>) -> Self {
+    /// ports in use: those connections died with it) are dropped. Its
+    /// entries stay until the first flush replaces them (or removes those
+    /// of servers gone since), so that a reader never sees the slot's
+    /// counters missing, which would make a total go down for a moment.
+    pub fn new(maps: StatMaps, worker: u16, backends: Arc<Backends>, stats: Arc<Counters>) -> Self {
         let old = maps.worker_entries(worker);
+        let sources = Mirror { last: old.sources.iter().copied().collect() };
+        let servers = Mirror { last: old.servers.iter().copied().collect() };
+        let last_worker = old.worker;
         let base = Base {
             counters: old.worker.map(|w| w.counters.counters_only()).unwrap_or_default(),
             servers: old
@@ -106,17 +121,17 @@ impl Publisher {
                 .collect(),
             sources: old.sources.into_iter().map(|(k, s)| (k, SourceStats { ports_in_use: 0, ..s })).collect(),
         };
-        maps.clear_worker(worker);
         Self {
             maps,
             worker,
             backends,
             stats,
-            sources: Mirror::default(),
-            servers: Mirror::default(),
-            last_worker: None,
+            sources,
+            servers,
+            last_worker,
             seq: 0,
             base,
+            refused: super::Every::new(),
         }
     }
 
@@ -194,8 +209,23 @@ impl Publisher {
             return;
         }
         let _ = self.maps.workers.insert(key, WorkerStats { seq: self.seq + 1, ..self.last_worker.unwrap_or(w) }, 0);
-        self.servers.apply(&mut self.maps.servers, server_changes);
-        self.sources.apply(&mut self.maps.sources, source_changes);
+        let refused = [
+            (lb_common::maps::SERVERS, self.servers.apply(&mut self.maps.servers, server_changes)),
+            (lb_common::maps::SOURCES, self.sources.apply(&mut self.maps.sources, source_changes)),
+        ];
+        for (map, r) in refused {
+            if let Some((n, e)) = r
+                && let Some(times) = self.refused.hit()
+            {
+                log::warn!(
+                    "{map}: {n} row(s) of worker {} not published ({times} time(s) since the last warning): {e}; \
+                     `lb stats` and /metrics miss them (a map sized for the servers at start, with room for {} more: \
+                     restart lb to size it for the servers added since)",
+                    self.worker,
+                    crate::config::memory::RUNTIME_SERVERS
+                );
+            }
+        }
         self.seq += 2;
         if self.maps.workers.insert(key, w, 0).is_ok() {
             self.last_worker = Some(w);

@@ -11,14 +11,18 @@ use std::{
 
 use lb_common::{
     conn::{ConnTraffic, SIDE_CLIENT},
-    stats::ServerStats,
+    stats::{ServerStats, WorkerStats},
 };
 use serde::Serialize;
 
 use super::counters::{self, WorkerCounters};
 use crate::{
     addr::ip_of,
-    kernel::{KernelError, maps::PinnedMaps, object::Meta},
+    kernel::{
+        KernelError,
+        maps::{PinnedMaps, Published},
+        object::Meta,
+    },
     servers::server::state_name,
 };
 
@@ -31,7 +35,8 @@ pub struct ServerRow {
     pub weight: u32,
     pub active: u64,
     pub total: u64,
-    /// Client -> server bytes (ended connections plus live kernel-spliced ones).
+    /// Client -> server bytes: what the verdict redirected (live and ended
+    /// connections) plus what lb copied in connections that ended. Only grows.
     pub bytes_in: u64,
     /// Server -> client bytes.
     pub bytes_out: u64,
@@ -77,6 +82,18 @@ pub struct KernelCounters {
     pub conn_entries: u64,
 }
 
+/// How full one map is.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct MapRow {
+    pub map: String,
+    /// Entries now (`None`: this instance's metadata cannot say).
+    pub entries: Option<u64>,
+    pub capacity: u32,
+    /// What the map takes of the kernel's memory now, as the kernel counts
+    /// it (`memlock`; without the psocks of the sockets in socket maps).
+    pub bytes: u64,
+}
+
 /// The whole report.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Report {
@@ -88,12 +105,17 @@ pub struct Report {
     pub totals: WorkerCounters,
     pub workers: Vec<WorkerRow>,
     pub counters: KernelCounters,
+    /// How full the maps are that fill with connections and servers.
+    pub maps: Vec<MapRow>,
     /// The XDP guard, when the instance runs one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guard: Option<GuardRow>,
     /// The packet plane's program, when the instance runs it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub packet: Option<PacketRow>,
+    /// The eBPF programs acting on new connections (kernel plane; `lb stats` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub programs: Option<ProgramsRow>,
 }
 
 /// What the packet plane's TC program counted, and the flows it carries.
@@ -115,15 +137,32 @@ pub struct PacketRow {
     pub flows: u64,
 }
 
+/// Which eBPF programs act on new connections.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ProgramsRow {
+    /// SHA-256 of the eBPF object they come from, as recorded by the binary
+    /// that put them in place (`lb --version` names each binary's).
+    pub ebpf_sha256: String,
+    /// Kernel ids of the verdict attached to `LB_SPLICE` and of the program
+    /// in the `sock_ops` link (`bpftool prog show id N`).
+    #[serde(flatten)]
+    pub running: crate::kernel::programs::Running,
+}
+
 /// The XDP guard's counters and lists.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct GuardRow {
     pub passed: u64,
     pub denied: u64,
     pub rate_limited: u64,
+    /// Fragments other than the first, passed (also in `passed`).
+    pub fragments: u64,
+    /// Dropped: headers the guard does not read past.
+    pub unparsed: u64,
     pub deny: Vec<String>,
     pub allow: Vec<String>,
-    /// The sources dropped most: `{source, dropped}`, most first.
+    /// The sources dropped most: `{source, dropped}`, most first; a source
+    /// is an IPv4 address or an IPv6 /64.
     pub top: Vec<GuardTop>,
 }
 
@@ -143,8 +182,8 @@ const SNAPSHOT_TRIES: u32 = 50;
 const SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Each worker's publication sequence (see `WorkerStats::seq`).
-fn worker_seqs(maps: &PinnedMaps) -> Vec<(u32, u64)> {
-    let mut v: Vec<_> = maps.stats.workers.iter().filter_map(Result::ok).map(|(k, w)| (k, w.seq)).collect();
+fn worker_seqs(workers: &[(u32, WorkerStats)]) -> Vec<(u32, u64)> {
+    let mut v: Vec<_> = workers.iter().map(|(k, w)| (*k, w.seq)).collect();
     v.sort_unstable();
     v
 }
@@ -152,61 +191,82 @@ fn worker_seqs(maps: &PinnedMaps) -> Vec<(u32, u64)> {
 /// Reads the maps pinned at `pin_path` (metadata from `run_dir`).
 ///
 /// Per-server, per-source and per-worker figures come from one publication
-/// of each worker (retried while a worker is mid-flush); the bytes of live
-/// kernel-spliced connections are added from `LB_CONN` afterwards.
+/// of each worker (retried while a worker is mid-flush); the bytes the
+/// verdict counted per server (`LB_SERVER_BYTES`) are added to them.
 pub fn read(pin_path: &Path, run_dir: &Path) -> Result<Report, KernelError> {
     let maps = PinnedMaps::open(pin_path)?;
     let meta = Meta::read(run_dir, pin_path).unwrap_or_default();
-    read_from(&maps, &meta)
+    let mut r = read_from(&maps, &meta)?;
+    if maps.kernel {
+        let running = crate::kernel::programs::running(pin_path, &maps.conn.splice);
+        r.programs = Some(ProgramsRow { ebpf_sha256: meta.ebpf, running });
+    }
+    Ok(r)
 }
 
 /// [`read`] from maps and metadata opened earlier (the metrics endpoint
 /// keeps them open, so a scrape needs no descriptor but its connection's).
+///
+/// The cost does not grow with connections: a few batched lookups of the
+/// maps workers publish into (rows per server and source, not per
+/// connection), one of the per-server byte counters, and a small proc file
+/// per map for how full it is. Every byte counter is the sum of two that
+/// only grow (the verdict's, and what workers copied in connections that
+/// ended), so it never goes down while the instance runs.
 pub fn read_from(maps: &PinnedMaps, meta: &Meta) -> Result<Report, KernelError> {
     let mut r = Report { dataplane: if maps.kernel { "kernel" } else { "userspace" }.into(), ..Default::default() };
     let mut tries = 0;
-    let mut servers = loop {
+    let (mut servers, rows) = loop {
         tries += 1;
-        let before = worker_seqs(maps);
-        let servers = read_published(maps, meta, &mut r);
-        let settled = before.iter().all(|(_, seq)| seq % 2 == 0) && worker_seqs(maps) == before;
+        let before = worker_seqs(&maps.workers()?);
+        let published = maps.published()?;
+        let settled = before.iter().all(|(_, seq)| seq % 2 == 0) && worker_seqs(&published.workers) == before;
         // A worker killed mid-flush stays odd until it is restarted: give
         // the last read rather than nothing.
         if settled || tries == SNAPSHOT_TRIES {
-            break servers;
+            break read_published(published, meta, &mut r);
         }
         std::thread::sleep(SNAPSHOT_WAIT);
     };
-    // Live kernel-spliced connections: their bytes are still in LB_CONN.
-    let mut conn_entries = 0;
-    for (_, c) in maps.conn.conn.iter().filter_map(Result::ok) {
-        conn_entries += 1;
-        let addr = SocketAddr::new(ip_of(c.server_ip), c.server_port);
-        if let Some(row) = servers.values_mut().find(|s| s.addr == addr) {
-            if c.side == SIDE_CLIENT {
-                row.bytes_in += c.bytes;
-            } else {
-                row.bytes_out += c.bytes;
-            }
+    for (k, b) in maps.server_bytes()? {
+        let addr = SocketAddr::new(ip_of(k.server_ip), k.server_port);
+        if let Some(row) = servers.get_mut(&(k.backend, addr)) {
+            row.bytes_in += b.bytes_in;
+            row.bytes_out += b.bytes_out;
         }
     }
     r.servers = servers.into_values().collect();
+    r.maps = maps
+        .usages()
+        .into_iter()
+        .filter_map(|(map, u)| {
+            let u = u?;
+            let entries = match map {
+                lb_common::maps::SERVERS => Some(rows.servers),
+                lb_common::maps::SOURCES => Some(rows.sources),
+                lb_common::maps::WORKERS => Some(rows.workers),
+                _ => crate::kernel::fill::entries(&meta.fill, map, u),
+            };
+            Some(MapRow { map: map.to_owned(), entries, capacity: u.capacity, bytes: u.bytes })
+        })
+        .collect();
     let c = maps.counters()?;
+    let entries = |map: &str| r.maps.iter().find(|m| m.map == map).and_then(|m| m.entries).unwrap_or(0);
     r.counters = KernelCounters {
         skbs_redirected: c.skbs_redirected,
         bytes_redirected: c.bytes_redirected,
         peer_missing: c.peer_missing,
         flow_events: c.flow_events,
         flow_events_lost: c.flow_events_lost,
-        spliced_sockets: maps.conn.splice.keys().filter(Result::is_ok).count() as u64,
-        target_entries: maps.conn.target.keys().filter(Result::is_ok).count() as u64,
+        spliced_sockets: entries(lb_common::maps::SPLICE),
+        target_entries: entries(lb_common::maps::TARGET),
         kernel_setups: c.kernel_setups,
         kernel_setup_failures: c.kernel_setup_failures,
-        conn_entries,
+        conn_entries: entries(lb_common::maps::CONN),
     };
     if maps.packet {
         let c = crate::kernel::flows::counters(&maps.pin_path).unwrap_or_default();
-        let flows = crate::kernel::flows::FlowMaps::open(&maps.pin_path).map(|f| f.len()).unwrap_or(0);
+        let flows = crate::kernel::flows::FlowMaps::open(&maps.pin_path).map(|f| f.entries()).unwrap_or(0);
         r.packet = Some(PacketRow {
             rewritten: c.rewritten,
             bytes: c.bytes,
@@ -225,21 +285,34 @@ pub fn read_from(maps: &PinnedMaps, meta: &Meta) -> Result<Report, KernelError> 
             passed: c.passed,
             denied: c.denied,
             rate_limited: c.rate_limited,
+            fragments: c.fragments,
+            unparsed: c.unparsed,
             deny: list(crate::kernel::guard::List::Deny),
             allow: list(crate::kernel::guard::List::Allow),
-            top: g.top(10).into_iter().map(|(a, n)| GuardTop { source: a.to_string(), dropped: n }).collect(),
+            top: g.top(10).into_iter().map(|(source, dropped)| GuardTop { source, dropped }).collect(),
         });
     }
     Ok(r)
 }
 
-/// What the workers publish: server rows (returned, so that live bytes can
-/// be added), source rows, totals and workers (into `r`).
-fn read_published(maps: &PinnedMaps, meta: &Meta, r: &mut Report) -> BTreeMap<(u16, SocketAddr), ServerRow> {
+/// Entries read from each map the workers publish into.
+#[derive(Default)]
+struct Rows {
+    servers: u64,
+    sources: u64,
+    workers: u64,
+}
+
+/// What the workers publish: server rows (returned, so that the kernel's
+/// bytes can be added), source rows, totals and workers (into `r`); how
+/// many entries each map had.
+fn read_published(p: Published, meta: &Meta, r: &mut Report) -> (BTreeMap<(u16, SocketAddr), ServerRow>, Rows) {
+    let rows =
+        Rows { servers: p.servers.len() as u64, sources: p.sources.len() as u64, workers: p.workers.len() as u64 };
     r.totals = WorkerCounters::default();
     r.workers.clear();
     let mut servers: BTreeMap<(u16, SocketAddr), ServerRow> = BTreeMap::new();
-    for (k, v) in maps.stats.servers.iter().filter_map(Result::ok) {
+    for (k, v) in p.servers {
         let addr = SocketAddr::new(ip_of(k.server_ip), k.server_port);
         let backend =
             || meta.backends.get(usize::from(k.backend)).cloned().unwrap_or_else(|| format!("#{}", k.backend));
@@ -251,14 +324,14 @@ fn read_published(maps: &PinnedMaps, meta: &Meta, r: &mut Report) -> BTreeMap<(u
         row.connect_failures += v.connect_failures;
     }
     let mut sources: BTreeMap<(SocketAddr, [u8; 16]), SourceRow> = BTreeMap::new();
-    for (k, v) in maps.stats.sources.iter().filter_map(Result::ok) {
+    for (k, v) in p.sources {
         let server = SocketAddr::new(ip_of(k.server_ip), k.server_port);
         let row = sources.entry((server, k.source_ip)).or_insert_with(|| SourceRow::empty(k.source_ip, server));
         (row.ports_in_use, row.connects, row.exhausted) =
             (row.ports_in_use + v.ports_in_use, row.connects + v.connects, row.exhausted + v.exhausted);
     }
     r.sources = sources.into_values().collect();
-    let mut workers: Vec<_> = maps.stats.workers.iter().filter_map(Result::ok).collect();
+    let mut workers = p.workers;
     workers.sort_by_key(|(k, _)| *k);
     for (k, w) in workers {
         r.totals.add(&w.counters);
@@ -270,7 +343,7 @@ fn read_published(maps: &PinnedMaps, meta: &Meta, r: &mut Report) -> BTreeMap<(u
             seq: w.seq,
         });
     }
-    servers
+    (servers, rows)
 }
 
 impl ServerRow {
@@ -316,7 +389,7 @@ pub struct ConnRow {
 pub fn conns(pin_path: &Path, server: Option<SocketAddr>) -> Result<Vec<ConnRow>, KernelError> {
     let maps = PinnedMaps::open(pin_path)?;
     let now = crate::kernel::sys::monotonic_coarse_ns();
-    let all: HashMap<u64, ConnTraffic> = maps.conn.conn.iter().filter_map(Result::ok).collect();
+    let all: HashMap<u64, ConnTraffic> = maps.conn.all_records()?.into_iter().collect();
     let mut rows: Vec<ConnRow> = all
         .values()
         .filter(|c| c.side == SIDE_CLIENT)

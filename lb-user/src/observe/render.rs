@@ -40,10 +40,12 @@ pub fn stats(r: &Report) -> String {
     }
     if let Some(g) = &r.guard {
         o.push_str(&format!(
-            "guard: passed {}   denied {}   rate limited {}   deny rules {}   allow rules {}\n",
+            "guard: passed {}   denied {}   rate limited {}   unparsed {}   fragments {}   deny rules {}   allow rules {}\n",
             g.passed,
             g.denied,
             g.rate_limited,
+            g.unparsed,
+            g.fragments,
             g.deny.len(),
             g.allow.len()
         ));
@@ -74,6 +76,17 @@ pub fn stats(r: &Report) -> String {
         ]);
     }
     o.push_str(&format!("\n{servers}\n\n{sources}\n"));
+    if !r.maps.is_empty() {
+        let fill: Vec<String> = r
+            .maps
+            .iter()
+            .map(|m| match m.entries {
+                Some(n) => format!("{} {n}/{} ({}%)", m.map, m.capacity, n * 100 / u64::from(m.capacity.max(1))),
+                None => format!("{} ?/{}", m.map, m.capacity),
+            })
+            .collect();
+        o.push_str(&format!("\nmaps (entries/capacity): {}\n", fill.join("   ")));
+    }
     if r.dataplane == "kernel" {
         let c = &r.counters;
         o.push_str(&format!(
@@ -87,6 +100,15 @@ pub fn stats(r: &Report) -> String {
             c.flow_events_lost,
             c.kernel_setups,
             c.kernel_setup_failures
+        ));
+    }
+    if let Some(p) = &r.programs {
+        let id = |i: Option<u32>| i.map_or_else(|| "none".to_owned(), |i| format!("id {i}"));
+        let hash = if p.ebpf_sha256.is_empty() { "unknown" } else { &p.ebpf_sha256 };
+        o.push_str(&format!(
+            "programs: eBPF object sha256 {hash}; verdict {}, sock_ops {}\n",
+            id(p.running.verdict_id),
+            id(p.running.setup_id)
         ));
     }
     o

@@ -33,8 +33,8 @@ use crate::{
     sni::{self, Hello},
 };
 
-/// Listen backlog for frontends.
-const BACKLOG: u32 = 4096;
+/// Listen backlog for frontends (`LB_TARGET` has room for the clients it holds).
+use crate::config::memory::BACKLOG;
 
 /// Binds a frontend listener; `reuseport` for workers sharing one address.
 pub fn bind(addr: SocketAddr, reuseport: bool) -> io::Result<TcpListener> {
@@ -203,40 +203,41 @@ async fn connect_and_splice(
     shared: &Shared,
 ) {
     let be = &shared.backends.list[backend];
-    let (mut server, target, pair, mut prepared) = match pick_and_connect(be, shared, addr, &client, route.frontend as u16).await {
-        Ok(v) => v,
-        Err(why) => {
-            let stats = &shared.stats;
-            stats.rejected.fetch_add(1, Relaxed);
-            guard.set_reason(CloseReason::Rejected(match why {
-                Reject::NoSourcePort => "no_source_port",
-                Reject::LocalResources => "local_resources",
-                Reject::QueueFull => "queue_full",
-                Reject::QueueTimeout => "queue_timeout",
-                Reject::NoServerUp => "no_server_up",
-                Reject::Unreachable => "unreachable",
-            }));
-            match why {
-                Reject::NoSourcePort => {
-                    stats.no_source_port.fetch_add(1, Relaxed);
-                    warn_exhausted(be);
+    let (mut server, target, pair, mut prepared) =
+        match pick_and_connect(be, shared, addr, &client, route.frontend as u16).await {
+            Ok(v) => v,
+            Err(why) => {
+                let stats = &shared.stats;
+                stats.rejected.fetch_add(1, Relaxed);
+                guard.set_reason(CloseReason::Rejected(match why {
+                    Reject::NoSourcePort => "no_source_port",
+                    Reject::LocalResources => "local_resources",
+                    Reject::QueueFull => "queue_full",
+                    Reject::QueueTimeout => "queue_timeout",
+                    Reject::NoServerUp => "no_server_up",
+                    Reject::Unreachable => "unreachable",
+                }));
+                match why {
+                    Reject::NoSourcePort => {
+                        stats.no_source_port.fetch_add(1, Relaxed);
+                        warn_exhausted(be);
+                    }
+                    Reject::QueueFull | Reject::QueueTimeout => {
+                        stats.queue_rejected.fetch_add(1, Relaxed);
+                    }
+                    Reject::NoServerUp => {
+                        stats.no_server_up.fetch_add(1, Relaxed);
+                    }
+                    Reject::LocalResources => {
+                        stats.no_local_resources.fetch_add(1, Relaxed);
+                    }
+                    Reject::Unreachable => {}
                 }
-                Reject::QueueFull | Reject::QueueTimeout => {
-                    stats.queue_rejected.fetch_add(1, Relaxed);
-                }
-                Reject::NoServerUp => {
-                    stats.no_server_up.fetch_add(1, Relaxed);
-                }
-                Reject::LocalResources => {
-                    stats.no_local_resources.fetch_add(1, Relaxed);
-                }
-                Reject::Unreachable => {}
+                log::debug!("client {addr}: no server of backend \"{}\" ({why:?}); resetting", be.name);
+                reset(&[&client]);
+                return;
             }
-            log::debug!("client {addr}: no server of backend \"{}\" ({why:?}); resetting", be.name);
-            reset(&[&client]);
-            return;
-        }
-    };
+        };
     let target_addr = target.cfg.addr;
     guard.connected(target, pair);
     // Where the kernel spliced the server at ESTABLISHED, its record says

@@ -263,7 +263,8 @@ async fn connect_server(
                 // This port (or, with the kernel's choice, every port) of
                 // the pair is in use toward this server: connect() says
                 // EADDRNOTAVAIL; a bind() that had to pick a port, EADDRINUSE.
-                Err(ConnectError::Io(e)) if matches!(e.raw_os_error(), Some(libc::EADDRNOTAVAIL | libc::EADDRINUSE)) => {}
+                Err(ConnectError::Io(e))
+                    if matches!(e.raw_os_error(), Some(libc::EADDRNOTAVAIL | libc::EADDRINUSE)) => {}
                 Err(ConnectError::NoPort) => break,
                 Err(e) => return Err(e),
             }
@@ -314,6 +315,7 @@ async fn attempt(
             server_addr: addr,
             source: pair.source,
             frontend,
+            backend: server.backend as u16,
         };
         let prepared = shared.dataplane.before_connect(&pre);
         start_connect(&sock, addr).map(|()| (sock, prepared))

@@ -90,6 +90,8 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<String> {
         connect_attempts,
         send_buffer,
         splice_queue_limit,
+        kernel_memory,
+        memory: _,
         timeouts,
         frontends,
         backends,
@@ -112,6 +114,9 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<String> {
     differ("connect_attempts", *connect_attempts != old.connect_attempts);
     differ("send_buffer", *send_buffer != old.send_buffer);
     differ("splice_queue_limit", *splice_queue_limit != old.splice_queue_limit);
+    // The maps' capacities follow from the rest (servers added by a reload
+    // use the rows kept for them at start).
+    differ("kernel_memory", *kernel_memory != old.kernel_memory);
     let crate::config::Timeouts { connect, queue, idle, worker, client_hello } = timeouts;
     differ("timeouts.connect", *connect != old.timeouts.connect);
     differ("timeouts.queue", *queue != old.timeouts.queue);

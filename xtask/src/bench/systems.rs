@@ -82,12 +82,20 @@ pub fn start(sys: System, backend: SocketAddr, hold: Option<usize>) -> anyhow::R
                 ),
                 None => (1, ""),
             };
+            let maxconn = workers * (PER_LB_WORKER + 1_000);
+            // No splice_queue_limit: with the default, lb-kernel resets a
+            // single iperf3 stream on loopback within a second (README,
+            // "Performance"), and the bench measures throughput.
+            // The kernel maps take about 2.8 KiB per connection and 4.5 MiB
+            // per worker for the clients its listener's backlog may hold
+            // (README, "Kernel memory").
+            let kernel_memory = ((maxconn as u64 * 3 * 1024 + workers as u64 * (5 << 20)) >> 20) + 64;
             let cfg = format!(
-                "dataplane = \"{plane}\"\npin_path = \"{}\"\nworkers = {workers}\nmaxconn = {}\naccess_log = false\n\n\
+                "dataplane = \"{plane}\"\npin_path = \"{}\"\nworkers = {workers}\nmaxconn = {maxconn}\n\
+                 kernel_memory = \"{kernel_memory}MiB\"\nsplice_queue_limit = \"0\"\naccess_log = false\n\n\
                  [[frontend]]\nname = \"bench\"\nlisten = \"127.0.0.1:0\"\nbackend = \"sink\"\n\n\
                  [[backend]]\nname = \"sink\"\nservers = [\"{backend}\"]\n{pool}\n",
                 pin_path.display(),
-                workers * (PER_LB_WORKER + 1_000)
             );
             let lb = Lb::launch("bench", dir, pin_path, &cfg);
             if lb.dataplane != plane {

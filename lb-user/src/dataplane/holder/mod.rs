@@ -12,26 +12,32 @@
 //!
 //! A worker that starts in the slot says [`wire::ToHolder::Hello`] and gets
 //! the listeners and the list of connections held (to count them, and to
-//! learn when each ends); then [`wire::ToWorker::Closed`] batches as they end.
+//! learn when each ends); then [`wire::ToWorker::Closed`] batches as they
+//! end, sent by a thread of their own ([`outbox`]).
 
+pub mod beat;
 mod handover;
 pub mod link;
+mod outbox;
 pub mod wire;
 
 use std::{
-    collections::HashMap,
     net::TcpStream,
     os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
     time::Duration,
 };
 
 use anyhow::Context as _;
-
+use beat::Beat;
 pub use handover::take_over;
+use outbox::{Outbox, SEND_TIMEOUT};
 use rustix::net::{AddressFamily, RecvFlags, SocketAddrUnix, SocketFlags, SocketType};
-use wire::{Closed, CopyState, Held, ToHolder, ToWorker, VERSION};
+use wire::{Closed, CopyState, Held, ToHolder, VERSION};
 
 pub use super::watcher::WatchConf;
 use super::watcher::{Dir, Report, Watcher};
@@ -44,48 +50,48 @@ fn open_maps(path: &Path) -> anyhow::Result<ConnMaps> {
 /// Why a connection could not be kept, and its sockets if nothing has reset them.
 type Refusal = (String, Option<[TcpStream; 2]>);
 
-/// How long a send to a worker may block before the worker is dropped.
-const SEND_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// What the watcher thread and the worker connection share.
-#[derive(Default)]
-struct State {
-    /// The worker connected now, if any.
-    worker: Option<Arc<OwnedFd>>,
-    live: HashMap<u64, Held>,
-    /// Closes not yet sent to the worker.
-    closed: Vec<Closed>,
-}
-
+/// The watcher's closes go to the worker's queue: it never sends itself.
+/// Each round of its loop is a heartbeat.
 #[derive(Clone)]
-struct Reporter(Arc<Mutex<State>>);
+struct Reporter {
+    outbox: Arc<Outbox>,
+    beat: Arc<OnceLock<Beat>>,
+}
 
 impl Report for Reporter {
     fn closed(&mut self, c: Closed) {
-        let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        st.live.remove(&c.id);
-        if st.worker.is_some() {
-            st.closed.push(c);
-        }
+        self.outbox.closed(c);
+        panic_if_asked();
     }
 
     fn flush(&mut self) {
-        let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if st.closed.is_empty() {
-            return;
+        self.outbox.flush();
+        if let Some(b) = self.beat.get() {
+            b.tick();
         }
-        let batch = std::mem::take(&mut st.closed);
-        let Some(w) = st.worker.clone() else { return };
-        if let Err(e) = wire::send_chunked(&*w, &batch, ToWorker::Closed) {
-            log::warn!("telling the worker about {} closed connection(s): {e}; dropping it", batch.len());
-            st.worker = None;
-        }
+    }
+}
+
+/// Test hook: with `LB_TEST_PANIC_WATCHER=FILE`, the close watcher panics
+/// at the first close after FILE appears (and removes it, so the holder
+/// started next does not): a test of what a panicking thread does to the
+/// process.
+fn panic_if_asked() {
+    static FILE: OnceLock<Option<PathBuf>> = OnceLock::new();
+    let file = FILE.get_or_init(|| std::env::var_os("LB_TEST_PANIC_WATCHER").map(PathBuf::from));
+    if let Some(f) = file
+        && std::fs::remove_file(f).is_ok()
+    {
+        panic!("LB_TEST_PANIC_WATCHER: the close watcher panics (a test setting)");
     }
 }
 
 /// The holder of one worker slot.
 pub struct Holder {
-    state: Arc<Mutex<State>>,
+    /// The connections held, and what goes to the worker.
+    outbox: Arc<Outbox>,
+    /// Where the watcher beats, once [`Self::beat_to`] says.
+    beat: Arc<OnceLock<Beat>>,
     /// `None` on the userspace plane, and while connections are handed over.
     watcher: Mutex<Option<Watcher>>,
     /// The pinned maps, on the kernel plane.
@@ -98,6 +104,10 @@ pub struct Holder {
     conf: WatchConf,
     listeners: Vec<std::net::TcpListener>,
     socket: Option<OwnedFd>,
+    /// A peer (a worker, or a new holder taking over) is being served.
+    in_session: AtomicBool,
+    /// The supervisor is gone: see [`Self::orphaned_and_done`].
+    orphaned: AtomicBool,
 }
 
 impl Holder {
@@ -108,10 +118,10 @@ impl Holder {
         pin_path: Option<&Path>,
         conf: WatchConf,
     ) -> anyhow::Result<Self> {
-        let state = Arc::new(Mutex::new(State::default()));
         let records = pin_path.map(open_maps).transpose()?.map(Mutex::new);
         let mut h = Self {
-            state,
+            outbox: Outbox::start()?,
+            beat: Arc::default(),
             watcher: Mutex::new(None),
             packets: Mutex::new(None),
             pin_path: pin_path.map(Path::to_owned),
@@ -119,6 +129,8 @@ impl Holder {
             conf,
             listeners,
             socket: None,
+            in_session: AtomicBool::new(false),
+            orphaned: AtomicBool::new(false),
         };
         if pin_path.is_some() {
             let w = h.start_watcher()?;
@@ -132,9 +144,11 @@ impl Holder {
     /// already in the flow map included.
     fn start_packets(&self) -> anyhow::Result<()> {
         let Some(path) = self.pin_path.as_deref().filter(|_| self.conf.packet) else { return Ok(()) };
-        let (p, found) = super::packets::Packets::start(path, self.conf.slot, self.conf.idle, Reporter(self.state.clone()))
+        // Its thread does not beat: the heartbeat is the close watcher's.
+        let reporter = Reporter { outbox: self.outbox.clone(), beat: Arc::default() };
+        let (p, found) = super::packets::Packets::start(path, self.conf.slot, self.conf.idle, reporter)
             .map_err(|e| anyhow::anyhow!("tracking the joined connections of slot {}: {e:#}", self.conf.slot))?;
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.outbox.lock();
         for h in found {
             st.live.insert(h.id, h);
         }
@@ -157,7 +171,29 @@ impl Holder {
             .then(|| crate::kernel::maps::events_ring(path, self.conf.slot))
             .transpose()
             .map_err(|e| anyhow::anyhow!("making the flow-event ring of slot {}: {e}", self.conf.slot))?;
-        Ok(Watcher::start(maps, self.conf, ring, Reporter(self.state.clone()))?)
+        Ok(Watcher::start(maps, self.conf, ring, self.reporter())?)
+    }
+
+    /// Where a watcher of this holder reports closes.
+    fn reporter(&self) -> Reporter {
+        Reporter { outbox: self.outbox.clone(), beat: self.beat.clone() }
+    }
+
+    /// Writes this holder's heartbeat to `path` from now on: every
+    /// `every`, from the close watcher's loop, or from [`Self::tick`]
+    /// where no watcher runs (the userspace plane).
+    pub fn beat_to(&self, path: &Path, every: Duration) -> std::io::Result<()> {
+        let _ = self.beat.set(Beat::create(path, every / 2)?);
+        Ok(())
+    }
+
+    /// A heartbeat, if no watcher beats for this holder.
+    pub fn tick(&self) {
+        if self.pin_path.is_none()
+            && let Some(b) = self.beat.get()
+        {
+            b.tick();
+        }
     }
 
     /// Binds the socket at `path` (mode 0600) where the slot's workers find it.
@@ -194,15 +230,30 @@ impl Holder {
             ) {
                 log::warn!("holder: send timeout: {e}");
             }
-            match self.session(&conn) {
+            self.in_session.store(true, Relaxed);
+            let r = self.session(&conn);
+            self.in_session.store(false, Relaxed);
+            match r {
                 Ok(()) => log::info!("the worker left; {} connection(s) held", self.held()),
                 Err(e) => log::warn!("worker connection ended: {e}; {} connection(s) held", self.held()),
             }
-            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if st.worker.as_ref().is_some_and(|w| Arc::ptr_eq(w, &conn)) {
-                st.worker = None;
-                st.closed.clear();
-            }
+            self.outbox.end(&conn);
+        }
+    }
+
+    /// Removes the records the slot's worker wrote and no longer needs,
+    /// once it is gone (its connection here ended: it died or stopped):
+    /// those of connections it was setting up (written before the connect,
+    /// or before the splice) and never handed here. No worker of the slot
+    /// runs meanwhile (the next one is served only after this, and a worker
+    /// whose connection here broke exits), so every record of the slot not
+    /// held here is such a one.
+    fn sweep(&self) {
+        let Some(m) = &self.records else { return };
+        let held: std::collections::HashSet<u64> = self.outbox.lock().live.values().flat_map(|h| h.cookies).collect();
+        let n = m.lock().unwrap_or_else(|e| e.into_inner()).forget_worker(self.conf.slot, &held);
+        if n > 0 {
+            log::info!("removed {n} connection record(s) the worker left (connections it was setting up)");
         }
     }
 
@@ -211,7 +262,9 @@ impl Holder {
         match wire::recv::<ToHolder>(&**conn)? {
             Some((ToHolder::Hello { version: VERSION, pid }, _)) => {
                 log::info!("worker pid {pid} connected");
-                self.worker(conn)
+                let r = self.worker(conn);
+                self.sweep();
+                r
             }
             Some((ToHolder::Takeover { version: VERSION, pid }, _)) => {
                 log::info!("holder pid {pid} of a new binary takes over");
@@ -224,23 +277,15 @@ impl Holder {
         }
     }
 
-    fn held(&self) -> usize {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).live.len()
+    /// How many spliced connections this holder keeps.
+    pub fn held(&self) -> usize {
+        self.outbox.lock().live.len()
     }
 
     /// One worker, from its hello to its end.
     fn worker(&self, conn: &Arc<OwnedFd>) -> std::io::Result<()> {
-        {
-            // Under the lock: every close after this snapshot reaches the worker after it.
-            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            let fds: Vec<_> = self.listeners.iter().map(|l| l.as_fd()).collect();
-            wire::send(&**conn, &ToWorker::Welcome { version: VERSION, listeners: fds.len() }, &fds)?;
-            let live: Vec<Held> = st.live.values().cloned().collect();
-            wire::send_chunked(&**conn, &live, ToWorker::Live)?;
-            wire::send(&**conn, &ToWorker::LiveEnd, &[])?;
-            st.closed.clear();
-            st.worker = Some(conn.clone());
-        }
+        let fds: Vec<_> = self.listeners.iter().map(|l| l.as_fd()).collect();
+        self.outbox.greet(conn, &fds)?;
         let mut refusals = crate::observe::Every::new();
         loop {
             let Some(r) = wire::recv_with::<ToHolder>(&**conn, RecvFlags::empty())? else { return Ok(()) };
@@ -251,7 +296,7 @@ impl Holder {
                         if let Some(n) = refusals.hit() {
                             log::warn!("holder: cannot take {n} connection(s): {why}; turned away");
                         }
-                        wire::send(&**conn, &ToWorker::Refused(vec![id]), &[])?;
+                        self.outbox.refused(id);
                     }
                 }
                 other => return Err(std::io::Error::other(format!("unexpected from a worker: {other:?}"))),
@@ -303,9 +348,9 @@ impl Holder {
         }
         let dirs = [if h.client_copied { Dir::User } else { Dir::Kernel }, Dir::Kernel];
         let (cookies, written) = (h.cookies, h.written_base);
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).live.insert(id, h);
+        self.outbox.lock().live.insert(id, h);
         watcher.watch(id, socks, cookies, written, dirs, copy).map_err(|e| {
-            self.state.lock().unwrap_or_else(|e| e.into_inner()).live.remove(&id);
+            self.outbox.lock().live.remove(&id);
             (e.to_string(), None)
         })
     }
@@ -317,9 +362,21 @@ impl Holder {
         let Some(p) = &*packets else { return Err("this holder tracks no joined connections".into()) };
         let ends = crate::dataplane::join::Ends { client: h.client, local, source: h.source, server: h.server };
         let t = super::packets::Tracked { id: h.id, keys: ends.keys() };
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).live.insert(h.id, h);
+        self.outbox.lock().live.insert(h.id, h);
         p.watch(t);
         Ok(())
+    }
+
+    /// The supervisor is gone: from now on [`Self::orphaned_and_done`] says
+    /// when nothing is left to keep.
+    pub fn orphan(&self) {
+        self.orphaned.store(true, Relaxed);
+    }
+
+    /// Orphaned, no connection left and no peer being served (a new
+    /// holder taking over): the holder may end, closing its listeners.
+    pub fn orphaned_and_done(&self) -> bool {
+        self.orphaned.load(Relaxed) && !self.in_session.load(Relaxed) && self.held() == 0
     }
 
     /// Closes every connection held (the instance is stopping).
@@ -330,3 +387,6 @@ impl Holder {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -9,7 +9,8 @@
 //!   connections it could not keep (out of descriptors: it reset them) and
 //!   [`ToWorker::Closed`] batches. The worker closes its own descriptors
 //!   as soon as a [`ToHolder::Hold`] is sent; no answer is needed for the
-//!   connections the holder keeps.
+//!   connections the holder keeps;
+//! - between an old and a new holder (`lb upgrade`): see `handover.rs`.
 
 use std::{
     io::{IoSlice, IoSliceMut},
@@ -25,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 /// Protocol version: a worker and a holder of different versions refuse
 /// each other instead of misreading.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Largest message either side sends or takes.
 pub const MAX_MSG: usize = 192 * 1024;
 /// Most descriptors in one message (the kernel's `SCM_MAX_FD` is 253).
@@ -114,7 +115,7 @@ pub enum ToHolder {
         version: u32,
         pid: u32,
     },
-    /// It has everything and watches it: the old holder may exit.
+    /// It has everything, and watches nothing until [`ToWorker::HandoverCommit`].
     TookOver,
 }
 
@@ -137,6 +138,9 @@ pub enum ToWorker {
     /// To a new holder: connections with their descriptors, two each in order.
     Conns(Vec<Handed>),
     HandoverEnd,
+    /// To a new holder, after its [`ToHolder::TookOver`]: the old holder
+    /// has let go for good (and exits); the new one watches from now on.
+    HandoverCommit,
 }
 
 /// Connections per [`ToWorker::Conns`] at most (two descriptors each).
@@ -327,6 +331,7 @@ mod tests {
             source: "[2001:db8::2]:65535".parse().unwrap(),
             server: "[2001:db8::3]:65535".parse().unwrap(),
             start_ns: u64::MAX,
+            packet: Some("[2001:db8::4]:65535".parse().unwrap()),
         };
         let full = Handed {
             held: held.clone(),

@@ -18,10 +18,28 @@ use lb_common::conn::FlowEvent;
 
 use super::conn::{Conn, Next, side_name};
 
+/// The limit, and its warning (at most every 5 s: with the limit on by
+/// default, a busy instance may reset many).
+pub(super) struct Limit {
+    bytes: u64,
+    warned: crate::observe::Every,
+}
+
+impl Limit {
+    pub(super) fn new(bytes: u64) -> Self {
+        Self { bytes, warned: crate::observe::Every::new() }
+    }
+}
+
 /// Takes the flow events in the ring (there is one only with a limit); the
 /// connections past the limit go to `done` to be reset (the close loop
 /// skips a connection that is in `done` twice).
-pub(super) fn events(ring: &mut RingBuf<MapData>, conns: &HashMap<u64, Conn>, limit: u64, done: &mut Vec<(u64, Next)>) {
+pub(super) fn events(
+    ring: &mut RingBuf<MapData>,
+    conns: &HashMap<u64, Conn>,
+    limit: &mut Limit,
+    done: &mut Vec<(u64, Next)>,
+) {
     while let Some(item) = ring.next() {
         let Some(ev) = item.get(..size_of::<FlowEvent>()).map(bytemuck::pod_read_unaligned::<FlowEvent>) else {
             continue;
@@ -33,12 +51,16 @@ pub(super) fn events(ring: &mut RingBuf<MapData>, conns: &HashMap<u64, Conn>, li
             continue;
         }
         let queued = ev.bytes.saturating_sub(conn.written(1 - from, ev.bytes));
-        if queued > limit {
-            log::warn!(
-                "{queued} bytes from the {} wait in the kernel for the {} (splice_queue_limit {limit}): resetting the connection",
-                side_name(from),
-                side_name(1 - from)
-            );
+        if queued > limit.bytes {
+            if let Some(n) = limit.warned.hit() {
+                log::warn!(
+                    "{queued} bytes from the {} wait in the kernel for the {} (splice_queue_limit {}): resetting the \
+                     connection ({n} connection(s) reset for this since the last warning)",
+                    side_name(from),
+                    side_name(1 - from),
+                    limit.bytes
+                );
+            }
             done.push((ev.id, Next::Overflow));
         }
     }

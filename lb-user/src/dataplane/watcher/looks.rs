@@ -2,7 +2,8 @@
 //! a direction waiting for the kernel to deliver the rest before its FIN is
 //! forwarded ([`schedule`]), and the idle check ([`idle`]). Both are heaps
 //! of `(due, id)`; an entry whose connection is gone or due later is
-//! skipped when it comes up.
+//! skipped when it comes up. Also how often the thread wakes with no event
+//! at all ([`wake_interval`]).
 
 use std::{
     cmp::Reverse,
@@ -12,6 +13,15 @@ use std::{
 
 use super::conn::{Conn, Next};
 use crate::kernel::{maps::ConnMaps, sys};
+
+/// How often the thread wakes without an event: to take in the
+/// connections queued meanwhile (`watch` does not wake it) and schedule
+/// their idle looks, to tidy up, and to beat (the holder's heartbeat,
+/// every `beat`). A quarter of the idle timeout, between 50 ms and 10 s,
+/// so a connection's first look is never late, and at most `beat`.
+pub(super) fn wake_interval(idle: Duration, beat: Duration) -> Duration {
+    (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(10)).min(beat)
+}
 
 /// Connections by when to look at them next.
 pub(super) type Due = BinaryHeap<Reverse<(Instant, u64)>>;

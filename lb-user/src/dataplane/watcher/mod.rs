@@ -122,6 +122,8 @@ pub struct WatchConf {
     pub slot: u16,
     /// Whether the slot's frontends join connections on the packet plane.
     pub packet: bool,
+    /// The loop goes round at least this often, however idle (the holder's heartbeat).
+    pub beat: Duration,
 }
 
 /// A connection the watcher let go of without closing it ([`Watcher::detach`]).
@@ -304,18 +306,10 @@ impl Table {
     }
 }
 
-/// How often the thread wakes without an event: to take in the
-/// connections queued meanwhile (`watch` does not wake it) and schedule
-/// their idle looks, and to tidy up. A quarter of the idle timeout, between
-/// 50 ms and 10 s, so a connection's first look is never late.
-fn wake_interval(idle: Duration) -> Duration {
-    (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(10))
-}
-
 fn run(shared: &Shared, mut maps: ConnMaps, mut ring: Option<RingBuf<MapData>>, mut report: impl Report) {
     let mut buf: Vec<epoll::Event> = Vec::with_capacity(512);
     let idle = shared.conf.idle;
-    let wake_every = wake_interval(idle);
+    let wake_every = looks::wake_interval(idle, shared.conf.beat);
     let mut next_tidy = Instant::now() + wake_every;
     let mut t = Table {
         conns: HashMap::new(),
@@ -325,7 +319,7 @@ fn run(shared: &Shared, mut maps: ConnMaps, mut ring: Option<RingBuf<MapData>>, 
         replay: Vec::new(),
         idle_due: BinaryHeap::new(),
     };
-    let mut gone: Vec<u64> = Vec::new();
+    let (mut gone, mut limit): (Vec<u64>, _) = (Vec::new(), limit::Limit::new(shared.conf.queue));
     loop {
         let early_wait = !t.early.is_empty() && t.early_newest.is_some_and(|n| n.elapsed() < EARLY_POLL);
         let timeout = if early_wait {
@@ -358,7 +352,7 @@ fn run(shared: &Shared, mut maps: ConnMaps, mut ring: Option<RingBuf<MapData>>, 
             }
             if key == EVENTS {
                 if let Some(ring) = &mut ring {
-                    limit::events(ring, &t.conns, shared.conf.queue, &mut done);
+                    limit::events(ring, &t.conns, &mut limit, &mut done);
                 }
                 continue;
             }
