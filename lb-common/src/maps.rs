@@ -103,11 +103,13 @@ pub struct Capacities {
     pub flows: u32,
     /// `LB_HANDSHAKE`: handshakes not yet joined (packet plane).
     pub handshakes: u32,
+    /// `LB_FLOW_CTL`: one entry per connection (packet plane).
+    pub flow_ctl: u32,
 }
 
 impl Capacities {
     /// Each sized map's name with its capacity.
-    pub fn by_map(&self) -> [(&'static str, u32); 13] {
+    pub fn by_map(&self) -> [(&'static str, u32); 14] {
         [
             (CONN, self.conn),
             (TARGET, self.target),
@@ -122,6 +124,7 @@ impl Capacities {
             (GUARD_ALLOW, self.guard_rules),
             (FLOWS, self.flows),
             (HANDSHAKE, self.handshakes),
+            (FLOW_CTL, self.flow_ctl),
         ]
     }
 }
@@ -164,6 +167,9 @@ pub const DEFAULT_MAX_FLOWS: u32 = 1 << 18;
 pub const HANDSHAKE: &str = "LB_HANDSHAKE";
 /// Capacity of `LB_HANDSHAKE` (handshakes not yet joined; LRU).
 pub const MAX_HANDSHAKES: u32 = 1 << 16;
+/// HASH: connection id (u64) -> [`crate::packet::FlowCtl`], one per
+/// joined connection.
+pub const FLOW_CTL: &str = "LB_FLOW_CTL";
 /// Name of the packet plane's TC program in the object file.
 pub const PROG_PACKET: &str = "lb_packet";
 /// Pin of its attachment to an interface (a tcx link): `lb_packet_<ifindex>`.
@@ -173,7 +179,7 @@ pub const LINK_PACKET_PREFIX: &str = "lb_packet_";
 pub const PROG_GUARD: &str = "lb_guard";
 
 /// The maps `lb` pins under its `pin_path`.
-pub const PINNED: [&str; 22] = [
+pub const PINNED: [&str; 23] = [
     TARGET,
     FRONTENDS,
     TARGET_OK,
@@ -196,6 +202,7 @@ pub const PINNED: [&str; 22] = [
     PACKET_ENDS,
     PACKET_COUNTERS,
     HANDSHAKE,
+    FLOW_CTL,
 ];
 
 /// What this build expects of the pinned maps: each map's name with its key
@@ -216,7 +223,8 @@ pub fn layout() -> std::string::String {
         "{TARGET}:8/4 {FRONTENDS}:20/8 {TARGET_OK}:8/1 {SPLICE}:8/4 {CONN}:8/{} {COUNTERS}:4/{} {SOURCES}:{}/{} {SERVERS}:{}/{} {SERVER_BYTES}:{}/{} {WORKERS}:4/{} \
          {GUARD_DENY}:20/1 {GUARD_ALLOW}:20/1 {GUARD_PORTS}:2/1 {GUARD_CONF}:4/{} {GUARD_RATE}:16/{} \
          {GUARD_STATS}:4/{} {GUARD_TOP}:16/8 {EVENTS}:4/4 ring {EVENTS_RING_BYTES}/{} \
-         {FLOWS}:{}/{} {PACKET_ENDS}:4/4 ring {PACKET_ENDS_RING_BYTES}/{} {PACKET_COUNTERS}:4/{} {HANDSHAKE}:8/{}",
+         {FLOWS}:{}/{} {PACKET_ENDS}:4/4 ring {PACKET_ENDS_RING_BYTES}/{} {PACKET_COUNTERS}:4/{} {HANDSHAKE}:8/{} \
+         {FLOW_CTL}:8/{}",
         size_of::<ConnTraffic>(),
         size_of::<DataplaneCounters>(),
         size_of::<SourceKey>(),
@@ -235,5 +243,6 @@ pub fn layout() -> std::string::String {
         size_of::<crate::packet::PacketEnd>(),
         size_of::<crate::packet::PacketCounters>(),
         size_of::<crate::packet::Handshake>(),
+        size_of::<crate::packet::FlowCtl>(),
     )
 }

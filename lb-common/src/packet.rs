@@ -64,10 +64,7 @@ pub struct Flow {
     pub fin: u8,
     pub rst: u8,
     pub ended: u8,
-    /// 1 while lb's sockets may still be delivering bytes this direction's
-    /// sender sent before the join: a FIN or reset of it would overtake
-    /// them, so the program drops it and records it ([`Flow::deferred`]).
-    pub custody: u8,
+    pub _pad0: u8,
     /// The worker slot whose holder is told of the end.
     pub slot: u16,
     /// Indexes of the frontend and the backend (config order), for a
@@ -81,8 +78,8 @@ pub struct Flow {
     /// The highest acknowledgment number seen this way, as sent (before
     /// the rewrite): how far this sender has taken the other's stream.
     pub ack_seen: u32,
-    /// What the program held back while [`Flow::custody`] was set: 1 a
-    /// FIN, 2 a reset (lb forwards it itself once its sockets delivered).
+    /// 2 once the program held back a reset of this sender that was not
+    /// yet exact (see the program).
     pub deferred: u32,
     /// The connection's id: the client socket's cookie, in both directions.
     pub id: u64,
@@ -98,6 +95,26 @@ pub struct Flow {
     pub _pad3: u32,
 }
 const _: () = assert!(core::mem::size_of::<Flow>() == 128);
+
+/// Value of `LB_FLOW_CTL`, keyed by the connection's id: what lb tells the
+/// program about a joined connection after the join. lb writes it whole
+/// and the program only reads it, so neither overwrites what the other
+/// wrote (the program updates the flows in place; a write of lb's replaces
+/// an entry whole).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FlowCtl {
+    /// The client's FIN, the server's FIN: delivered by lb's sockets
+    /// (they took it before the join), not by the program.
+    pub fin: [u8; 2],
+    pub _pad: [u8; 2],
+    /// What the client and the server had acknowledged of lb's sockets
+    /// (their `snd_una`) when the custody ended: acknowledgments that
+    /// reached the sockets, not the program.
+    pub acked: [u32; 2],
+}
+const _: () = assert!(core::mem::size_of::<FlowCtl>() == 12);
 
 /// [`Flow::state`]: every packet is rewritten into the other connection.
 pub const JOINED: u8 = 1;
@@ -141,8 +158,11 @@ pub struct Handshake {
     pub peer_tsval: u32,
     /// The MSS the peer announced (0: not known).
     pub mss: u32,
+    /// The socket's own TSval that the same packet echoed (TSecr): with
+    /// `peer_tsval`, how far apart the two ends' timestamp clocks stand.
+    pub echoed: u32,
 }
-const _: () = assert!(core::mem::size_of::<Handshake>() == 16);
+const _: () = assert!(core::mem::size_of::<Handshake>() == 20);
 
 /// What the TC program counts, one slot per CPU.
 #[repr(C)]
@@ -191,4 +211,4 @@ impl Flow {
 }
 
 #[cfg(feature = "user")]
-crate::pod!(FlowKey, Flow, PacketEnd, PacketCounters, Handshake);
+crate::pod!(FlowKey, Flow, PacketEnd, PacketCounters, Handshake, FlowCtl);

@@ -13,7 +13,7 @@ use lb_common::{
         DEFAULT_MAX_FLOWS, DEFAULT_MAX_SOCKETS, EVENTS_RING_BYTES, MAX_FRONTENDS, MAX_GUARD_RULES, MAX_GUARD_SOURCES,
         MAX_HANDSHAKES, MAX_SERVER_ENTRIES, MAX_SOURCE_ENTRIES, MAX_WORKERS, PACKET_ENDS_RING_BYTES,
     },
-    packet::{Flow, FlowKey, Handshake, PacketCounters, PacketEnd},
+    packet::{Flow, FlowCtl, FlowKey, Handshake, PacketCounters, PacketEnd},
     stats::{
         DataplaneCounters, ServerBytes, ServerBytesKey, ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats,
     },
@@ -116,6 +116,10 @@ pub static LB_PKT_COUNTERS: PerCpuArray<PacketCounters, 1> = PerCpuArray::new();
 /// pinned: nothing outside the program reads it).
 #[btf_map(name = "LB_PKT_SCRATCH")]
 pub static LB_PKT_SCRATCH: PerCpuArray<[u32; 4], 1> = PerCpuArray::new();
+
+/// What lb tells the program about a joined connection (`FlowCtl`).
+#[btf_map(name = "LB_FLOW_CTL")]
+pub static LB_FLOW_CTL: HashMap<u64, FlowCtl, { DEFAULT_MAX_FLOWS as usize }> = HashMap::new();
 
 /// Socket cookie -> its handshake, recorded by `lb_setup` for the packet
 /// plane's join.

@@ -12,10 +12,12 @@
 //! other connection's socket is local).
 //!
 //! Nothing is ever dropped to make the join: bytes that reached lb's
-//! sockets before it are delivered by them (their "custody"). While a
-//! direction's custody may be pending, a FIN or reset of its sender would
-//! overtake those bytes: the program holds it back and records it, and lb
-//! forwards it once its sockets have delivered.
+//! sockets before it are delivered by them (their "custody"), and the
+//! peer's later bytes, rewritten, may overtake them: the receiver queues
+//! what is ahead of its stream (a FIN too) until the gap is filled, as
+//! after any reordering. A reset is not queued: the program passes one
+//! only where it lands exactly on what its receiver has taken
+//! (`reset_is_exact`).
 //!
 //! The program follows the end: both FINs, or a reset, are reported once
 //! to the slot's holder (`LB_PACKET_ENDS`). A SYN on a flow's addresses is
@@ -32,7 +34,7 @@ use lb_common::{
     stats::COUNTERS_KEY,
 };
 
-use crate::maps::{LB_FLOWS, LB_PACKET_ENDS, LB_PKT_COUNTERS, LB_PKT_SCRATCH};
+use crate::maps::{LB_FLOW_CTL, LB_FLOWS, LB_PACKET_ENDS, LB_PKT_COUNTERS, LB_PKT_SCRATCH};
 
 /// What the program returns for every packet it lets go on: the next
 /// program on the hook (tcx's `TCX_NEXT`, classic tc's "continue"), then
@@ -197,9 +199,10 @@ fn try_packet(ctx: &TcContext) -> Result<i32, i32> {
         // A new connection on the addresses of a flow that ended (or a
         // stray): the flow is over, the SYN goes to the stack.
         // SAFETY: map value pointer valid for the program's run.
-        let rkey = unsafe { (*flow).reverse_key() };
+        let (rkey, id) = unsafe { ((*flow).reverse_key(), (*flow).id) };
         let _ = LB_FLOWS.remove(&key);
         let _ = LB_FLOWS.remove(&rkey);
+        let _ = LB_FLOW_CTL.remove(&id);
         count(|c| c.syn_reuse += 1);
         return Ok(PASS);
     }
@@ -225,16 +228,22 @@ fn try_packet(ctx: &TcContext) -> Result<i32, i32> {
             }
         }
     }
-    // SAFETY: as above.
-    if flags & (FIN | RST) != 0 && unsafe { (*flow).custody } != 0 {
-        // SAFETY: as above.
-        unsafe { (*flow).deferred |= if flags & RST != 0 { 2 } else { 1 } };
-        count(|c| c.deferred += 1);
-        return Err(TC_ACT_SHOT);
-    }
     // SAFETY: map value pointer valid for the program's run; copied out
     // once, so the rewrite reads a consistent view.
     let f = unsafe { *flow };
+    let ctl = if flags & (FIN | RST) != 0 { LB_FLOW_CTL.get_ptr(&f.id) } else { None };
+    // SAFETY: map value pointer valid for the program's run.
+    let ctl = ctl.map(|c| unsafe { *c }).unwrap_or_default();
+    // The receiver's entries of `ctl` (the client's are first). Values
+    // picked, not indexed: the verifier refuses a variable offset into
+    // the stack.
+    let (acked, fin_other) = if f.client != 0 { (ctl.acked[1], ctl.fin[1]) } else { (ctl.acked[0], ctl.fin[0]) };
+    if flags & RST != 0 && !reset_is_exact(ctx, &f, t, acked) {
+        // SAFETY: as above.
+        unsafe { (*flow).deferred = 2 };
+        count(|c| c.deferred += 1);
+        return Err(TC_ACT_SHOT);
+    }
     rewrite(ctx, &f, &tcp, saddr, daddr, sport, dport)?;
     // SAFETY: map value pointer valid for the program's run.
     unsafe {
@@ -255,12 +264,34 @@ fn try_packet(ctx: &TcContext) -> Result<i32, i32> {
         // SAFETY: as above.
         unsafe { (*flow).fin = 1 };
         let rkey = f.reverse_key();
+        // The other way's FIN: seen by the program, or delivered by lb's socket.
         // SAFETY: map value pointer valid for the program's run.
-        if LB_FLOWS.get_ptr(&rkey).is_some_and(|r| unsafe { (*r).fin } != 0) {
+        if fin_other != 0 || LB_FLOWS.get_ptr(&rkey).is_some_and(|r| unsafe { (*r).fin } != 0) {
             end(flow, &f, END_FIN);
         }
     }
     Ok(PASS)
+}
+
+/// Whether a reset, rewritten, lands exactly where its receiver is: its
+/// sequence number is the last acknowledgment the receiver sent (as the
+/// program saw it go the other way, or `acked`: as lb's socket had it
+/// when the custody ended). Only such a reset is passed. One
+/// further ahead would overtake bytes still on their way, and lb's sockets
+/// may hold some of them until they deliver: the receiver would take the
+/// reset without them (after a challenge ACK, RFC 5961). Held back, it
+/// costs nothing: the receiver acknowledges those bytes as they arrive,
+/// the acknowledgment goes to the sender's stack, which has no socket any
+/// more and answers with a reset exactly there, and that one passes.
+#[inline(always)]
+fn reset_is_exact(ctx: &TcContext, f: &Flow, t: usize, acked: u32) -> bool {
+    let Some(seq) = read::<u32>(ctx, t + 4) else { return false };
+    let to = u32::from_be(seq).wrapping_add(f.seq_add);
+    if acked != 0 && to == acked {
+        return true;
+    }
+    // SAFETY: map value pointer valid for the program's run.
+    LB_FLOWS.get_ptr(&f.reverse_key()).is_some_and(|r| unsafe { (*r).ack_seen } == to)
 }
 
 /// Writes `to` over the `N`-byte field at `off` that holds `from`, and

@@ -10,8 +10,8 @@
 //! are not published).
 
 use lb_common::maps::{
-    CONN, Capacities, FLOWS, GUARD_ALLOW, GUARD_DENY, GUARD_RATE, GUARD_TOP, HANDSHAKE, SERVER_BYTES, SERVERS, SOURCES,
-    SPLICE, TARGET, TARGET_OK,
+    CONN, Capacities, FLOW_CTL, FLOWS, GUARD_ALLOW, GUARD_DENY, GUARD_RATE, GUARD_TOP, HANDSHAKE, SERVER_BYTES,
+    SERVERS, SOURCES, SPLICE, TARGET, TARGET_OK,
 };
 
 use super::memory::Shape;
@@ -28,8 +28,15 @@ pub struct Fit {
 }
 
 /// The connection maps of `c`, named.
-fn conn_maps(c: &Capacities) -> [(&'static str, u32); 5] {
-    [(CONN, c.conn), (TARGET, c.target), (SPLICE, c.splice), (TARGET_OK, c.target_ok), (FLOWS, c.flows)]
+fn conn_maps(c: &Capacities) -> [(&'static str, u32); 6] {
+    [
+        (CONN, c.conn),
+        (TARGET, c.target),
+        (SPLICE, c.splice),
+        (TARGET_OK, c.target_ok),
+        (FLOWS, c.flows),
+        (FLOW_CTL, c.flow_ctl),
+    ]
 }
 
 /// How `shape` fits maps of capacities `have`; `Err`: why it cannot run on

@@ -29,6 +29,7 @@ use lb_common::conn::{ConnTraffic, SETUP_KERNEL, SIDE_CLIENT, SIDE_SERVER};
 use super::{
     Dataplane, Kind, PreConnect, SpliceError, Spliced, UserspaceDataplane,
     holder::{link::Link, wire::Held},
+    joining::{JoinJob, Packet, hold},
     watcher::Dir,
 };
 use crate::{
@@ -123,13 +124,6 @@ pub struct KernelDataplane {
     copy_client: bool,
 }
 
-/// The packet plane, as one worker uses it.
-struct Packet {
-    flows: Mutex<FlowMaps>,
-    /// Per frontend (config order): whether it joins its connections.
-    frontends: Vec<bool>,
-}
-
 impl KernelDataplane {
     /// Opens the pinned maps under `pin_path` (the program is attached by
     /// the owner of the object); `worker` tags this process's records, and
@@ -152,7 +146,9 @@ impl KernelDataplane {
             log::warn!("LB_TEST_COPY_CLIENT=1: client bytes are copied in userspace (a test setting)");
         }
         let packet = if packet.contains(&true) && pin_path.join(lb_common::maps::PROG_PACKET).exists() {
-            Some(Arc::new(Packet { flows: Mutex::new(FlowMaps::open(pin_path)?), frontends: packet }))
+            let grace = crate::kernel::grace::Grace::start()
+                .map_err(|source| KernelError::Io { what: "starting the grace-period thread".into(), source })?;
+            Some(Arc::new(Packet { flows: Mutex::new(FlowMaps::open(pin_path)?), grace, frontends: packet }))
         } else {
             None
         };
@@ -405,108 +401,7 @@ impl KernelDataplane {
     /// Hands a spliced connection to the holder; if it cannot take it, it
     /// is reset and counted.
     fn hold(&self, held: Held, guard: ConnGuard, socks: [std::net::TcpStream; 2], cookies: [u64; 2]) {
-        hold(&self.link, &self.maps, &self.stats, &self.hold_failures, held, guard, socks, cookies);
-    }
-}
-
-/// [`KernelDataplane::hold`], for a join that keeps its connection.
-#[allow(clippy::too_many_arguments)]
-fn hold(
-    link: &Link,
-    maps: &Mutex<ConnMaps>,
-    stats: &Counters,
-    failures: &Mutex<crate::observe::Every>,
-    held: Held,
-    guard: ConnGuard,
-    socks: [std::net::TcpStream; 2],
-    cookies: [u64; 2],
-) {
-    let _ = stats;
-    match link.hold(held, guard, socks) {
-        Ok(()) => {}
-        Err((guard, socks, e)) => {
-            // The holder's queue is full or too many descriptors are in
-            // flight (ETOOMANYREFS counts them against this process's
-            // open-files limit): lb has no room for this client now, so
-            // it is reset and counted like any other such client.
-            maps.lock().unwrap_or_else(|e| e.into_inner()).forget(cookies);
-            let [c, s] = socks;
-            drop(super::Socks::new(c, s)); // resets both
-            if let Some(mut guard) = guard {
-                guard.no_local_resources();
-            }
-            if let Some(n) = failures.lock().unwrap_or_else(|e| e.into_inner()).hit() {
-                log::warn!("cannot take {n} connection(s): handing them to the holder failed: {e}; reset");
-            }
-        }
-    }
-}
-
-/// One connection on its way to the packet plane (see [`super::join`]).
-struct JoinJob {
-    packet: Arc<Packet>,
-    maps: Arc<Mutex<ConnMaps>>,
-    link: Arc<Link>,
-    stats: Arc<Counters>,
-    header: u64,
-    slot: u16,
-}
-
-impl JoinJob {
-    /// Joins the connection and hands it to the holder as a joined one, or
-    /// as a spliced one if it stays on the sockmap plane.
-    async fn run(self, mut held: Held, mut guard: ConnGuard, socks: [std::net::TcpStream; 2]) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let local = match socks[0].local_addr() {
-            Ok(a) => a,
-            Err(_) => return self.keep(held, guard, socks, super::join::Kept::Closed),
-        };
-        let ends = super::join::Ends { client: held.client, local, source: held.source, server: held.server };
-        let j = super::join::Joining {
-            socks: &socks,
-            ends,
-            header: self.header,
-            id: held.id,
-            cookies: held.cookies,
-            slot: self.slot,
-            start_ns: held.start_ns,
-            route: [held.frontend, held.backend],
-        };
-        match super::join::join(&self.packet.flows, &j).await {
-            Ok(super::join::Joined::Carried) => {
-                // Both sockets are in repair mode: closed without a sound.
-                // No socket holds the source port then: lb keeps it booked.
-                guard.joined(held.source.port(), move || drop(socks));
-                self.maps.lock().unwrap_or_else(|e| e.into_inner()).forget_records(held.cookies);
-                self.stats.packet_joined.fetch_add(1, Relaxed);
-                held.packet = Some(local);
-                if let Err((Some(guard), e)) = self.link.hold_joined(held, guard) {
-                    // The connection carries on in the kernel, uncounted.
-                    log::warn!("telling the holder of a joined connection: {e}");
-                    guard.hand_over();
-                }
-            }
-            Err(why) => self.keep(held, guard, socks, why),
-        }
-    }
-
-    /// The connection stays on the sockmap plane.
-    fn keep(self, held: Held, guard: ConnGuard, socks: [std::net::TcpStream; 2], why: super::join::Kept) {
-        use super::join::Kept;
-        use std::sync::atomic::Ordering::Relaxed;
-        let s = &self.stats;
-        match why {
-            Kept::Timestamps => &s.packet_kept_timestamps,
-            Kept::Mss => &s.packet_kept_mss,
-            Kept::Closed => &s.packet_kept_closed,
-            Kept::Busy => &s.packet_kept_busy,
-            Kept::Map => &s.packet_kept_map,
-        }
-        .fetch_add(1, Relaxed);
-        log::debug!("connection {} stays on the sockmap plane: {why:?}", held.id);
-        let cookies = held.cookies;
-        let failures = Mutex::new(crate::observe::Every::new());
-        hold(&self.link, &self.maps, &self.stats, &failures, held, guard, socks, cookies);
+        hold(&self.link, &self.maps, &self.hold_failures, held, guard, socks, cookies);
     }
 }
 

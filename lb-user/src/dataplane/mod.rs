@@ -4,6 +4,7 @@
 
 pub mod holder;
 pub mod join;
+mod joining;
 mod kernel;
 mod packets;
 mod userspace;

@@ -39,6 +39,9 @@ use crate::{addr::ip_of, kernel::flows::FlowMaps};
 /// How long a connection's flows stay after its second FIN: its last ACK,
 /// and a FIN sent again if that ACK is lost, are still rewritten.
 const LINGER_FIN: Duration = Duration::from_secs(2);
+/// Removals wait up to this much longer, so that the flows of many
+/// connections go at one wake-up (a busy instance ends thousands a second).
+const LINGER_SLACK: Duration = Duration::from_millis(250);
 /// An end that came before its connection reached the thread is kept this long.
 const EARLY_KEEP: Duration = Duration::from_secs(60);
 
@@ -171,10 +174,11 @@ fn run(
     };
     loop {
         let now = Instant::now();
-        let due = [t.idle_due.peek().map(|Reverse((d, _))| *d), t.linger.peek().map(|Reverse((d, _, _))| *d)]
-            .into_iter()
-            .flatten()
-            .fold(now + Duration::from_secs(1), Instant::min);
+        let due =
+            [t.idle_due.peek().map(|Reverse((d, _))| *d), t.linger.peek().map(|Reverse((d, _, _))| *d + LINGER_SLACK)]
+                .into_iter()
+                .flatten()
+                .fold(now + Duration::from_secs(1), Instant::min);
         let wait = due.saturating_duration_since(now);
         let timeout = rustix::time::Timespec::try_from(wait).ok();
         let mut fds = [PollFd::new(&shared.wake, PollFlags::IN), PollFd::new(&ring, PollFlags::IN)];

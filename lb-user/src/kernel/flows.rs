@@ -5,22 +5,32 @@ use std::path::Path;
 
 use aya::maps::{ArrayOfMaps, HashMap, MapData, PerCpuArray, RingBuf};
 use lb_common::{
-    maps::{FLOWS, HANDSHAKE, PACKET_COUNTERS, PACKET_ENDS, PACKET_ENDS_RING_BYTES},
-    packet::{Flow, FlowKey, Handshake, PacketCounters},
+    maps::{FLOW_CTL, FLOWS, HANDSHAKE, PACKET_COUNTERS, PACKET_ENDS, PACKET_ENDS_RING_BYTES},
+    packet::{Flow, FlowCtl, FlowKey, Handshake, PacketCounters},
     stats::COUNTERS_KEY,
 };
 
 use super::{KernelError, maps::open};
 
-/// `LB_FLOWS`, and the handshakes' TSvals `lb_setup` recorded.
+/// `LB_FLOWS` with `LB_FLOW_CTL`, and the handshakes `lb_setup` recorded.
 pub struct FlowMaps {
     flows: HashMap<MapData, FlowKey, Flow>,
+    ctl: HashMap<MapData, u64, FlowCtl>,
     handshakes: HashMap<MapData, u64, Handshake>,
 }
 
 impl FlowMaps {
     pub fn open(pin_path: &Path) -> Result<Self, KernelError> {
-        Ok(Self { flows: open(pin_path, FLOWS)?, handshakes: open(pin_path, HANDSHAKE)? })
+        Ok(Self {
+            flows: open(pin_path, FLOWS)?,
+            ctl: open(pin_path, FLOW_CTL)?,
+            handshakes: open(pin_path, HANDSHAKE)?,
+        })
+    }
+
+    /// Writes what lb tells the program about connection `id`.
+    pub fn put_ctl(&mut self, id: u64, ctl: FlowCtl) -> Result<(), KernelError> {
+        self.ctl.insert(id, ctl, 0).map_err(|source| KernelError::Map { name: FLOW_CTL, source })
     }
 
     /// The handshake of the socket with `cookie`, if `lb_setup` recorded
@@ -29,11 +39,6 @@ impl FlowMaps {
         let h = self.handshakes.get(&cookie, 0).ok()?;
         let _ = self.handshakes.remove(&cookie);
         Some(h)
-    }
-
-    /// Writes one direction.
-    pub fn put_one(&mut self, key: FlowKey, flow: Flow) -> Result<(), KernelError> {
-        self.flows.insert(key, flow, 0).map_err(|source| KernelError::Map { name: FLOWS, source })
     }
 
     fn fd(&self) -> &aya::maps::MapFd {
@@ -71,6 +76,7 @@ impl FlowMaps {
     pub fn remove_of(&mut self, id: u64, keys: &[FlowKey]) {
         let mine: Vec<FlowKey> = keys.iter().filter(|k| self.get(k).is_some_and(|f| f.id == id)).copied().collect();
         self.remove(&mine);
+        let _ = self.ctl.remove(&id);
     }
 
     /// Every flow (client and server direction alike).

@@ -6,10 +6,12 @@
 pub mod batch;
 pub mod fill;
 pub mod flows;
+pub mod grace;
 pub mod guard;
 pub mod link;
 pub mod lock;
 pub mod maps;
+pub mod meta;
 pub mod object;
 pub mod programs;
 pub mod sys;

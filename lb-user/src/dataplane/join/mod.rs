@@ -20,13 +20,17 @@
 //!    never pauses) stays on sockmap.
 //! 3. **Join.** Both directions go into `LB_FLOWS` joined (one `bpf()`):
 //!    from then on the program rewrites every packet of either peer into
-//!    the other connection. Nothing is dropped: bytes that reached lb's
-//!    sockets just before are still delivered by them ("custody"), and
-//!    while any may be, the program holds back a FIN or reset of the
-//!    sender, which would overtake them, and records it. lb waits until
-//!    the program has seen each peer acknowledge all lb's socket sent it,
-//!    forwards a FIN or reset that reached its sockets before the join,
-//!    and lifts the custody.
+//!    the other connection. Nothing is dropped: a packet the program let
+//!    pass just before still reaches lb's socket (lb waits a grace period
+//!    for it, see [`Grace`]), and bytes that reached lb's sockets are
+//!    still delivered by them ("custody"); a peer's later bytes and FIN,
+//!    rewritten, may overtake them, and its receiver queues them until
+//!    the gap is filled, as after any reordering. A reset is not queued:
+//!    the program passes only one that lands exactly where its receiver
+//!    stands. lb waits until each peer has acknowledged all lb's socket
+//!    sent it, forwards a FIN that reached its sockets before the join,
+//!    and, if one side reset, has its stack send the reset again where it
+//!    now passes.
 //! 4. **Close.** Both sockets go into repair mode and are closed: the
 //!    kernel sends neither FIN nor RST, and the peers never notice.
 
@@ -36,12 +40,13 @@ use std::{
     time::Duration,
 };
 
-use lb_common::packet::{Flow, FlowKey, Handshake, JOINED};
+use lb_common::packet::{Flow, FlowCtl, FlowKey, Handshake, JOINED};
 
 use crate::{
     addr::ip16,
     kernel::{
         flows::FlowMaps,
+        grace::Grace,
         sys::{self, TCPI_OPT_TIMESTAMPS, TCPI_OPT_USEC_TS},
     },
 };
@@ -52,11 +57,11 @@ const QUIET_WITHIN: Duration = Duration::from_millis(50);
 /// How long the peers may take to acknowledge what lb's sockets deliver
 /// after the join (a lost segment costs a retransmission timeout or more).
 const CUSTODY_WITHIN: Duration = Duration::from_secs(60);
-/// How far ahead of the socket it replaces a translated TSval starts: the
-/// socket may send once more after its TSval was read (it still delivers
-/// after the join), and a peer drops a segment whose TSval is below the
-/// last it took. Ten ticks of the timestamp clock.
-const TS_MARGIN: u32 = 10;
+/// Ticks a translated TSval is moved ahead of the estimate of its clock,
+/// which may be a tick behind: never behind lb's socket's (which its
+/// receiver would drop), at most a tick ahead (lb's socket's later
+/// segments are then a tick behind, which a receiver still takes).
+const TS_AHEAD: u32 = 1;
 /// Bytes the timestamp option takes in every segment, with its padding.
 const TS_OPTION: u32 = 12;
 /// Checks that only yield to the runtime before lb sleeps between them.
@@ -132,7 +137,7 @@ fn lock(flows: &Mutex<FlowMaps>) -> std::sync::MutexGuard<'_, FlowMaps> {
 
 /// Joins the connection. `Err`: it stays on sockmap, the sockets as they
 /// were. `Ok`: the program carries it (or it was reset meanwhile).
-pub async fn join(flows: &Mutex<FlowMaps>, j: &Joining<'_>) -> Result<Joined, Kept> {
+pub async fn join(flows: &Mutex<FlowMaps>, grace: &Grace, j: &Joining<'_>) -> Result<Joined, Kept> {
     let hs = {
         let mut f = lock(flows);
         j.cookies.map(|c| f.take_handshake(c))
@@ -141,43 +146,74 @@ pub async fn join(flows: &Mutex<FlowMaps>, j: &Joining<'_>) -> Result<Joined, Ke
     let (c, s) = (info(&j.socks[0])?, info(&j.socks[1])?);
     let timestamps = check(&c, &s, &hc, &hsv)?;
     quiet(j).await?;
-    let ts_now = if timestamps {
-        let now = |s: &TcpStream| sys::tcp_timestamp(s).map_err(|_| Kept::Closed);
-        Some([now(&j.socks[0])?, now(&j.socks[1])?])
-    } else {
-        None
-    };
+    let ts_now = if timestamps { Some(clocks(j.socks)?) } else { None };
     let keys = j.ends.keys();
-    let mut flows_in = joined(base(j), [&hc, &hsv], j.header, [c.wscale, s.wscale], ts_now);
-    lock(flows).put(keys, flows_in).map_err(|e| {
-        log::debug!("packet plane: {e}");
-        Kept::Map
-    })?;
-    // From here on the program rewrites every packet: the join cannot be
-    // undone, only completed.
-    let reset = custody(flows, j, keys, [&hc, &hsv]).await;
-    // Custody lifted: FINs and resets pass from now on.
+    let flows_in = joined(base(j), [&hc, &hsv], j.header, [c.wscale, s.wscale], ts_now);
     {
         let mut f = lock(flows);
-        for (i, k) in keys.iter().enumerate() {
-            if let Some(now) = f.get(k) {
-                flows_in[i] = Flow { custody: 0, ..now };
-            }
+        let put = f.put_ctl(j.id, FlowCtl::default()).and_then(|()| f.put(keys, flows_in));
+        if let Err(e) = put {
+            f.remove_of(j.id, &keys);
+            log::debug!("packet plane: {e}");
+            return Err(Kept::Map);
         }
-        let _ = f.put(keys, flows_in);
     }
-    if let Some(side) = reset {
-        // `side` reset: the program held the reset back, or lb's socket
-        // took it before the join. Its peer's stack has no socket left and
-        // answers anything with a reset in the right place of the stream;
-        // so lb's other socket sends the other peer a window probe, whose
-        // ACK goes to the dead side (joined) and brings the reset back.
+    // From here on the program rewrites every packet: the join cannot be
+    // undone, only completed. A packet the program let pass just before
+    // is still on its way to lb's socket: once a grace period has passed
+    // it is in the socket or in its backlog, and taking the socket's lock
+    // (setting an option) runs the backlog. Then the socket has received
+    // everything it ever will.
+    grace.wait().await;
+    for s in j.socks {
+        let _ = s.set_nodelay(true);
+    }
+    let (reset, shut) = custody(flows, j, keys, [&hc, &hsv]).await;
+    // lb's sockets have delivered. What the peers acknowledged of it
+    // reached lb's sockets (from now on, the program sees it).
+    let acked = |s: &TcpStream, base: u32, syn: u64| {
+        sys::tcp_bytes_acked(s).map_or(0, |a| base.wrapping_add(a.saturating_sub(syn) as u32))
+    };
+    let lifted = FlowCtl {
+        fin: [u8::from(shut[1]), u8::from(shut[0])],
+        _pad: [0; 2],
+        acked: [acked(&j.socks[0], hc.snd_base, 0), acked(&j.socks[1], hsv.snd_base, 1)],
+    };
+    let held = {
+        let mut f = lock(flows);
+        let _ = f.put_ctl(j.id, lifted);
+        keys.map(|k| f.get(&k).is_some_and(|f| f.deferred & 2 != 0))
+    };
+    // A reset the program held back before now (it passes only once
+    // exact), or one lb's socket took before the join.
+    if let Some(side) = reset.or_else(|| (0..2).find(|&s| held[s])) {
+        // The reset side's stack has no socket left and answers anything
+        // with a reset exactly where the other peer is; so lb's other
+        // socket sends that peer a window probe, whose ACK goes to the
+        // dead side (joined) and brings the reset back, which the program
+        // passes.
         let _ = sys::window_probe(&j.socks[1 - side]);
     }
     for s in j.socks {
         let _ = sys::set_repair(s, true);
     }
     Ok(Joined::Carried)
+}
+
+/// The two sockets' timestamp clocks, read within one tick: both tick
+/// together (one clock, an offset per connection), so their difference is
+/// exact when the client's reads before and after agree.
+fn clocks(socks: &[TcpStream; 2]) -> Result<[u32; 2], Kept> {
+    let now = |s: &TcpStream| sys::tcp_timestamp(s).map_err(|_| Kept::Closed);
+    let mut last = [now(&socks[0])?, now(&socks[1])?];
+    for _ in 0..4 {
+        let again = now(&socks[0])?;
+        if again == last[0] {
+            break;
+        }
+        last = [again, now(&socks[1])?];
+    }
+    Ok(last)
 }
 
 /// What the join reads of one of lb's sockets.
@@ -256,11 +292,17 @@ fn settled(j: &Joining<'_>) -> Result<bool, Kept> {
 }
 
 /// Waits until lb's sockets have delivered everything they took before the
-/// join, forwarding a FIN one of them got; `Some(side)` if `side` reset
-/// (the reset reached lb's socket, or the program held it back): the bytes
-/// it sent before are delivered first, as on a direct connection, then the
-/// caller has the reset reach the other side.
-async fn custody(flows: &Mutex<FlowMaps>, j: &Joining<'_>, keys: [FlowKey; 2], hs: [&Handshake; 2]) -> Option<usize> {
+/// join, forwarding a FIN one of them got (`.1`: toward the client, the
+/// server); `Some(side)` if `side` reset (the reset reached lb's socket, or
+/// the program held it back): the bytes it sent before are delivered
+/// first, as on a direct connection, then the caller has the reset reach
+/// the other side.
+async fn custody(
+    flows: &Mutex<FlowMaps>,
+    j: &Joining<'_>,
+    keys: [FlowKey; 2],
+    hs: [&Handshake; 2],
+) -> (Option<usize>, [bool; 2]) {
     let deadline = tokio::time::Instant::now() + CUSTODY_WITHIN;
     let mut shut = [false; 2];
     let mut reset = None;
@@ -308,30 +350,15 @@ async fn custody(flows: &Mutex<FlowMaps>, j: &Joining<'_>, keys: [FlowKey; 2], h
             }
         }
         if done {
-            if reset.is_some() {
-                return reset;
-            }
-            if shut != [false; 2] {
-                let mut f = lock(flows);
-                for (side, k) in keys.iter().enumerate() {
-                    if shut[1 - side]
-                        && let Some(now) = f.get(k)
-                    {
-                        // The program did not see that FIN pass: it is this
-                        // direction's all the same, for the end.
-                        let _ = f.put_one(*k, Flow { fin: 1, ..now });
-                    }
-                }
-            }
-            return None;
+            return (reset, shut);
         }
         if tokio::time::Instant::now() >= deadline {
             log::warn!("packet plane: connection {}: lb's sockets did not deliver within {CUSTODY_WITHIN:?}", j.id);
-            return reset;
+            return (reset, shut);
         }
         pause(i).await;
     }
-    reset
+    (reset, shut)
 }
 
 /// `tcpi_state`s: reset; a FIN received (in the states it leads to).
@@ -398,67 +425,26 @@ fn joined(
     (to_server.win_in, to_server.win_out) = (ws[0].0, ws[1].1);
     (to_client.win_in, to_client.win_out) = (ws[1].0, ws[0].1);
     if let Some([c_now, s_now]) = ts_now {
-        // Each peer's TSvals continue those of the socket it talked to,
-        // from a little ahead of where that socket's stand now (anchored by
-        // the peer's TSval of its handshake, older than any it sends
-        // later); its echoes go back exactly.
-        to_server.tsval_add = s_now.wrapping_add(TS_MARGIN).wrapping_sub(c.peer_tsval);
-        to_client.tsval_add = c_now.wrapping_add(TS_MARGIN).wrapping_sub(s.peer_tsval);
+        // Each peer's TSvals go on in the clock of the socket it talked to,
+        // tick for tick: a peer drops a segment whose TSval is more than a
+        // tick below the last it took (PAWS), and lb's sockets may still
+        // send after the first translated segment arrives. How far the
+        // peer's clock stands from its socket's is in the handshake: its
+        // TSval less the socket's own it echoed, sent a round trip before
+        // (on one host, the same tick or the one before: up to a tick
+        // too far, hence TS_AHEAD); how far the two sockets' clocks stand
+        // apart, exactly, in their TSvals now.
+        let apart = |h: &Handshake| h.peer_tsval.wrapping_sub(h.echoed);
+        to_server.tsval_add = s_now.wrapping_sub(c_now).wrapping_sub(apart(c)).wrapping_add(TS_AHEAD);
+        to_client.tsval_add = c_now.wrapping_sub(s_now).wrapping_sub(apart(s)).wrapping_add(TS_AHEAD);
         to_server.tsecr_add = to_client.tsval_add.wrapping_neg();
         to_client.tsecr_add = to_server.tsval_add.wrapping_neg();
     }
     for d in &mut f {
         d.state = JOINED;
-        d.custody = 1;
     }
     f
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn hs(snd_base: u32, rcv_base: u32, peer_tsval: u32) -> Handshake {
-        Handshake { snd_base, rcv_base, peer_tsval, mss: 1460 }
-    }
-
-    #[test]
-    fn offsets_map_each_stream_onto_the_other() {
-        // The client socket's stream starts at 1000, the client's at 5000;
-        // the server socket's at 90_000 (a 10-byte header first), the
-        // server's at u32::MAX - 2 (it wraps).
-        let (c, s) = (hs(1000, 5000, 100), hs(90_000, u32::MAX - 2, 200));
-        let [to_s, to_c] = joined([Flow::default(); 2], [&c, &s], 10, [(7, 9), (6, 7)], Some([400, 7_000_000]));
-        // The client's byte 42 is the server's byte 52 (after the header).
-        assert_eq!(5042u32.wrapping_add(to_s.seq_add), 90_052);
-        // The client acknowledging lb's client stream up to byte 3 acks
-        // the server's stream up to byte 3 (across the wrap).
-        assert_eq!(1003u32.wrapping_add(to_s.ack_add), (u32::MAX - 2).wrapping_add(3));
-        assert_eq!((u32::MAX - 2).wrapping_add(3).wrapping_add(to_c.seq_add), 1003);
-        assert_eq!(90_052u32.wrapping_add(to_c.ack_add), 5042);
-        // A TSval the client sends goes out ahead of lb's server socket's,
-        // and its echo comes back as the client sent it.
-        let out = 150u32.wrapping_add(to_s.tsval_add);
-        assert_eq!(out, 7_000_000 + TS_MARGIN + 50);
-        assert_eq!(out.wrapping_add(to_c.tsecr_add), 150);
-        let back = 250u32.wrapping_add(to_c.tsval_add);
-        assert_eq!(back.wrapping_add(to_s.tsecr_add), 250);
-        assert_eq!((to_s.win_in, to_s.win_out, to_c.win_in, to_c.win_out), (7, 7, 6, 9));
-        assert_eq!((to_s.state, to_c.state, to_s.custody, to_c.custody), (JOINED, JOINED, 1, 1));
-    }
-
-    #[test]
-    fn what_cannot_be_translated_keeps_the_connection() {
-        // lb's sockets' advmss: their MSS of 1460 less the timestamp option.
-        let i = |options, advmss| Info { options, wscale: (7, 7), advmss: advmss - TS_OPTION };
-        let (h, h0) = (hs(0, 0, 5), hs(0, 0, 0));
-        assert_eq!(check(&i(7, 1460), &i(7, 1460), &h, &h), Ok(true));
-        let no_ts = Info { options: 6, wscale: (7, 7), advmss: 1460 };
-        assert_eq!(check(&no_ts, &Info { ..no_ts }, &h0, &h0), Ok(false));
-        assert_eq!(check(&i(7, 1460), &i(6, 1460), &h, &h), Err(Kept::Timestamps));
-        assert_eq!(check(&i(7, 1460), &i(7, 1460), &h0, &h), Err(Kept::Timestamps));
-        assert_eq!(check(&i(7, 1460), &i(7 | TCPI_OPT_USEC_TS, 1460), &h, &h), Err(Kept::Timestamps));
-        let small = Handshake { mss: 1400, ..h };
-        assert_eq!(check(&i(7, 1460), &i(7, 1460), &h, &small), Err(Kept::Mss));
-    }
-}
+mod tests;
