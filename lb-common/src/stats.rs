@@ -188,8 +188,11 @@ worker_counters! {
     /// Of those kept: the flow map was full or refused the entries, or
     /// `lb_setup` recorded no handshake.
     Counter packet_kept_map => "packet_kept" reason "map",
+    /// Of those kept: the connection does not run over this host's
+    /// loopback in IPv4, the only path the program watches so far.
+    Counter packet_kept_path => "packet_kept" reason "path",
 }
-const _: () = assert!(core::mem::size_of::<WorkerCounters>() == 25 * 8);
+const _: () = assert!(core::mem::size_of::<WorkerCounters>() == 26 * 8);
 
 /// Value of `LB_WORKERS`, keyed by worker index (u32).
 #[repr(C)]
@@ -205,7 +208,7 @@ pub struct WorkerStats {
     pub seq: u64,
     pub counters: WorkerCounters,
 }
-const _: () = assert!(core::mem::size_of::<WorkerStats>() == 16 + 25 * 8);
+const _: () = assert!(core::mem::size_of::<WorkerStats>() == 16 + 26 * 8);
 
 /// Key of `LB_SOURCES`.
 #[repr(C)]

@@ -110,6 +110,7 @@ impl JoinJob {
             Kept::Closed => &s.packet_kept_closed,
             Kept::Busy => &s.packet_kept_busy,
             Kept::Map => &s.packet_kept_map,
+            Kept::Path => &s.packet_kept_path,
         }
         .fetch_add(1, Relaxed);
         log::debug!("connection {} stays on the sockmap plane: {why:?}", held.id);

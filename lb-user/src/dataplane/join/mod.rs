@@ -84,6 +84,9 @@ pub enum Kept {
     /// The flow map refused the entries, or a handshake was not recorded
     /// (no `lb_setup`).
     Map,
+    /// The connection does not run over this host's loopback in IPv4: the
+    /// program, on `lo`, would never see its packets.
+    Path,
 }
 
 /// How a join ended once the flows were in.
@@ -143,6 +146,10 @@ pub async fn join(flows: &Mutex<FlowMaps>, grace: &Grace, j: &Joining<'_>) -> Re
         j.cookies.map(|c| f.take_handshake(c))
     };
     let [Some(hc), Some(hsv)] = hs else { return Err(Kept::Map) };
+    let e = &j.ends;
+    if ![e.client, e.local, e.source, e.server].iter().all(|a| a.is_ipv4() && a.ip().is_loopback()) {
+        return Err(Kept::Path);
+    }
     let (c, s) = (info(&j.socks[0])?, info(&j.socks[1])?);
     let timestamps = check(&c, &s, &hc, &hsv)?;
     quiet(j).await?;
