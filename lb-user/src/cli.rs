@@ -332,7 +332,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             let binary = binary.map(|b| std::path::absolute(&b).unwrap_or(b));
             control(&target, Request::Upgrade { upgrade: crate::control::UpgradeReq { binary } })
         }
-        Cmd::Takeover => runtime()?.block_on(crate::instance::upgrade::take_over()),
+        Cmd::Takeover => runtime()?.block_on(crate::instance::takeover::take_over()),
         Cmd::Stop { pin_path, run } => {
             println!("{}", crate::instance::adopt::stop(&run.get(), &pin_path)?);
             Ok(())

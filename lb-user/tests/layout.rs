@@ -1,6 +1,7 @@
 //! The shape of the source tree: imports between lb-user's top-level
-//! modules point one way (no cycle), no source file grows past ~450 lines,
-//! and `unsafe` appears only in the kernel-facing module.
+//! modules point one way (no cycle), and so do `super::` paths between
+//! the files of one folder; no source file grows past ~450 lines, and
+//! `unsafe` appears only in the kernel-facing module.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -35,11 +36,17 @@ fn module_of(path: &Path) -> String {
 /// Top-level modules named after `crate::` in `text` (uses and paths),
 /// including those inside `use crate::{a::…, b::…}` groups.
 fn references(text: &str) -> BTreeSet<String> {
+    names_after(text, "crate::")
+}
+
+/// The names right after `prefix` in `text`, including those inside
+/// `prefix{a::…, b::…}` groups; lowercase ones only (modules, not items).
+fn names_after(text: &str, prefix: &str) -> BTreeSet<String> {
     let mut refs = BTreeSet::new();
     let ident = |s: &str| s.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect::<String>();
     let mut rest = text;
-    while let Some(i) = rest.find("crate::") {
-        rest = &rest[i + "crate::".len()..];
+    while let Some(i) = rest.find(prefix) {
+        rest = &rest[i + prefix.len()..];
         if let Some(group) = rest.strip_prefix('{') {
             // `crate::{ a::x, b, c::{y, z} }`: the names at depth 1.
             let mut depth = 1;
@@ -81,7 +88,13 @@ fn imports_between_modules_point_one_way() {
         let deps = graph.entry(m.clone()).or_default();
         deps.extend(refs.into_iter().filter(|r| *r != m && r != "EBPF_OBJECT"));
     }
-    // Depth-first search for a cycle, reporting it whole.
+    if let Some(cycle) = find_cycle(&graph) {
+        panic!("import cycle between modules: {}\ngraph: {graph:#?}", cycle.join(" -> "));
+    }
+}
+
+/// A cycle in `graph`, whole, if it has one (depth-first search).
+fn find_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
     fn visit<'a>(
         n: &'a str,
         g: &'a BTreeMap<String, BTreeSet<String>>,
@@ -105,9 +118,35 @@ fn imports_between_modules_point_one_way() {
         None
     }
     let mut done = BTreeSet::new();
-    for n in graph.keys() {
-        if let Some(cycle) = visit(n, &graph, &mut Vec::new(), &mut done) {
-            panic!("import cycle between modules: {}\ngraph: {graph:#?}", cycle.join(" -> "));
+    graph.keys().find_map(|n| visit(n, graph, &mut Vec::new(), &mut done))
+}
+
+#[test]
+fn imports_inside_folders_point_one_way() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    // Per folder: each file's module -> the sibling modules it names after
+    // `super::` (a folder's mod.rs names its parent's, and is left out).
+    let mut folders: BTreeMap<PathBuf, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
+    for (path, text) in sources() {
+        let dir = path.parent().unwrap().to_owned();
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        if dir == src || name == "mod" {
+            continue;
+        }
+        let siblings: BTreeSet<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_dir() || p.extension().is_some_and(|x| x == "rs"))
+            .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
+            .filter(|n| n != "mod" && *n != name)
+            .collect();
+        let refs = names_after(&text, "super::").into_iter().filter(|r| siblings.contains(r)).collect();
+        folders.entry(dir).or_default().insert(name, refs);
+    }
+    assert!(folders.len() >= 5, "found only {} folders", folders.len());
+    for (dir, graph) in &folders {
+        if let Some(cycle) = find_cycle(graph) {
+            panic!("import cycle in {}: {}\ngraph: {graph:#?}", dir.display(), cycle.join(" -> "));
         }
     }
 }

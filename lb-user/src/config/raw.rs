@@ -1,5 +1,5 @@
 //! The configuration file as written: serde types with spans, before any
-//! check. [`super::validate`] turns them into a [`super::Config`].
+//! check. The `validate` module turns them into a [`super::Config`].
 
 use std::{path::PathBuf, time::Duration};
 

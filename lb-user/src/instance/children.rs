@@ -25,6 +25,13 @@ use super::{
 };
 use crate::servers::command::Command;
 
+/// One worker place.
+pub(super) struct Slot {
+    pub(super) io: Option<WorkerIo>,
+    pub(super) pid: Option<u32>,
+    pub(super) started: std::time::Instant,
+}
+
 /// The pipes to a worker: commands down stdin, one reply line each up
 /// stdout, both carrying the command's id.
 pub(super) struct WorkerIo {

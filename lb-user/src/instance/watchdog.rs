@@ -2,7 +2,10 @@
 
 use std::time::{Duration, Instant};
 
-use super::{children::Waits, holder::HolderSpec, supervisor::Slot};
+use super::{
+    children::{Slot, Waits},
+    holder::HolderSpec,
+};
 use crate::{dataplane::holder::beat, kernel::maps::StatMaps};
 
 /// How many times `timeouts.worker` a worker that still gets CPU time may

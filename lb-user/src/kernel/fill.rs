@@ -6,7 +6,7 @@
 //! file per map, where walking the keys costs a `bpf()` call per entry.
 //! The owner measures `empty` (right after it made the maps) and `step`
 //! (on a throwaway map of the same kind) and records them in the
-//! instance's metadata ([`super::object::Meta`]).
+//! instance's metadata (`Meta`).
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 

@@ -10,7 +10,7 @@ use lb_common::{
     stats::COUNTERS_KEY,
 };
 
-use super::{KernelError, maps::open};
+use super::{KernelError, open};
 
 /// `LB_FLOWS` with `LB_FLOW_CTL`, and the handshakes `lb_setup` recorded.
 pub struct FlowMaps {

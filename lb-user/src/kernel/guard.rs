@@ -12,7 +12,7 @@ use lb_common::{
     maps::{GUARD_ALLOW, GUARD_CONF, GUARD_DENY, GUARD_PORTS, GUARD_STATS, GUARD_TOP},
 };
 
-use super::{KernelError, maps::open};
+use super::{KernelError, open};
 use crate::addr::{ip_of, ip16};
 
 /// Which list of the guard.

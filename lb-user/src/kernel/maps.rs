@@ -6,7 +6,7 @@ use std::{
     path::Path,
 };
 
-use aya::maps::{ArrayOfMaps, HashMap, IterableMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf, SockHash};
+use aya::maps::{ArrayOfMaps, HashMap, IterableMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf, SockHash};
 use lb_common::{
     conn::ConnTraffic,
     maps::{
@@ -19,17 +19,7 @@ use lb_common::{
     },
 };
 
-use super::KernelError;
-
-/// Opens the map `name` pinned under `dir`.
-pub(super) fn open<T: TryFrom<aya::maps::Map, Error = MapError>>(
-    dir: &Path,
-    name: &'static str,
-) -> Result<T, KernelError> {
-    let data = MapData::from_pin(dir.join(name)).map_err(|source| KernelError::Map { name, source })?;
-    let map = aya::maps::Map::from_map_data(data).map_err(|source| KernelError::Map { name, source })?;
-    T::try_from(map).map_err(|source| KernelError::Map { name, source })
-}
+use super::{KernelError, open};
 
 /// The maps the connection path writes (kernel data plane).
 pub struct ConnMaps {

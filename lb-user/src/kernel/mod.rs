@@ -16,9 +16,12 @@ pub mod object;
 pub mod programs;
 pub mod sys;
 
-use std::{io, path::PathBuf};
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
 
-use aya::maps::MapError;
+use aya::maps::{MapData, MapError};
 
 /// Why the eBPF object or its pins are not available.
 #[derive(Debug, thiserror::Error)]
@@ -42,4 +45,11 @@ pub enum KernelError {
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> KernelError {
     let what = what.into();
     move |source| KernelError::Io { what, source }
+}
+
+/// Opens the map `name` pinned under `dir`.
+fn open<T: TryFrom<aya::maps::Map, Error = MapError>>(dir: &Path, name: &'static str) -> Result<T, KernelError> {
+    let data = MapData::from_pin(dir.join(name)).map_err(|source| KernelError::Map { name, source })?;
+    let map = aya::maps::Map::from_map_data(data).map_err(|source| KernelError::Map { name, source })?;
+    T::try_from(map).map_err(|source| KernelError::Map { name, source })
 }

@@ -10,7 +10,7 @@ use std::{
 };
 
 pub use super::meta::{Meta, run_file};
-use super::{KernelError, io_err, maps::open};
+use super::{KernelError, io_err, open, programs::typed_program};
 use aya::{
     EbpfLoader,
     maps::{HashMap, MapData, SockHash},
@@ -380,17 +380,6 @@ fn test_capacities() -> Vec<(String, u32)> {
         .collect();
     log::warn!("LB_TEST_MAP_ENTRIES: map capacities {tiny:?} (a test setting)");
     tiny
-}
-
-/// The program `name` of the object, as its type `T`.
-pub(super) fn typed_program<'a, T>(ebpf: &'a mut aya::Ebpf, name: &str) -> Result<&'a mut T, KernelError>
-where
-    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
-{
-    ebpf.program_mut(name)
-        .ok_or(KernelError::Program(format!("program {name} missing from the eBPF object")))?
-        .try_into()
-        .map_err(|e| KernelError::Program(format!("program {name}: {e}")))
 }
 
 /// Removes lb's pins under `pin_path` and the directory if it is then empty.

@@ -20,7 +20,7 @@
 //!
 //! The XDP guard is not here: its attachment is a link owned by the
 //! supervisor's process, attached anew by each owner
-//! ([`super::object::Objects::attach_guard`]).
+//! (`Objects::attach_guard`).
 
 use std::{
     fs,
@@ -35,7 +35,7 @@ use aya::{
 };
 use lb_common::maps::{LINK_SETUP, PINNED, PROG_SETUP, PROG_VERDICT, SPLICE};
 
-use super::{KernelError, maps::open, object::typed_program};
+use super::{KernelError, open};
 
 /// Loads this binary's object on the maps pinned at `pin_path` (every one
 /// must be there: a missing pin would be made anew, empty) and loads the
@@ -125,4 +125,15 @@ pub fn running(pin_path: &Path, splice: &SockHash<MapData, u64>) -> Running {
         .and_then(|l| FdLink::from(l).info().ok())
         .map(|i| i.program_id());
     Running { verdict_id, setup_id }
+}
+
+/// The program `name` of the object, as its type `T`.
+pub(super) fn typed_program<'a, T>(ebpf: &'a mut aya::Ebpf, name: &str) -> Result<&'a mut T, KernelError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(KernelError::Program(format!("program {name} missing from the eBPF object")))?
+        .try_into()
+        .map_err(|e| KernelError::Program(format!("program {name}: {e}")))
 }

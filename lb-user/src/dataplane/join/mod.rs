@@ -54,9 +54,6 @@ use crate::{
 /// How long lb waits for a quiet moment before it leaves a connection on
 /// sockmap.
 const QUIET_WITHIN: Duration = Duration::from_millis(50);
-/// How long the peers may take to acknowledge what lb's sockets deliver
-/// after the join (a lost segment costs a retransmission timeout or more).
-const CUSTODY_WITHIN: Duration = Duration::from_secs(60);
 /// Ticks a translated TSval is moved ahead of the estimate of its clock,
 /// which may be a tick behind: never behind lb's socket's (which its
 /// receiver would drop), at most a tick ahead (lb's socket's later
@@ -175,7 +172,7 @@ pub async fn join(flows: &Mutex<FlowMaps>, grace: &Grace, j: &Joining<'_>) -> Re
     for s in j.socks {
         let _ = s.set_nodelay(true);
     }
-    let (reset, shut) = custody(flows, j, keys, [&hc, &hsv]).await;
+    let (reset, shut) = custody::custody(flows, j, keys, [&hc, &hsv]).await;
     // lb's sockets have delivered. What the peers acknowledged of it
     // reached lb's sockets (from now on, the program sees it).
     let acked = |s: &TcpStream, base: u32, syn: u64| {
@@ -298,83 +295,6 @@ fn settled(j: &Joining<'_>) -> Result<bool, Kept> {
     Ok(s_acked.saturating_sub(1 + j.header) == c_rcvd && c_acked == s_rcvd)
 }
 
-/// Waits until lb's sockets have delivered everything they took before the
-/// join, forwarding a FIN one of them got (`.1`: toward the client, the
-/// server); `Some(side)` if `side` reset (the reset reached lb's socket, or
-/// the program held it back): the bytes it sent before are delivered
-/// first, as on a direct connection, then the caller has the reset reach
-/// the other side.
-async fn custody(
-    flows: &Mutex<FlowMaps>,
-    j: &Joining<'_>,
-    keys: [FlowKey; 2],
-    hs: [&Handshake; 2],
-) -> (Option<usize>, [bool; 2]) {
-    let deadline = tokio::time::Instant::now() + CUSTODY_WITHIN;
-    let mut shut = [false; 2];
-    let mut reset = None;
-    for i in 0.. {
-        let held = {
-            let f = lock(flows);
-            keys.map(|k| f.get(&k))
-        };
-        let mut done = true;
-        for side in 0..2 {
-            let to = 1 - side;
-            let (state, rcvd) = match sys::tcp_progress(&j.socks[side]) {
-                Ok((state, rcvd, _)) => (state, rcvd),
-                Err(_) => (CLOSE, 0),
-            };
-            // A reset the program held back, or one lb's socket took.
-            if held[side].is_some_and(|f| f.deferred & 2 != 0) || state == CLOSE {
-                reset.get_or_insert(side);
-            }
-            // A FIN lb's socket took before the join goes on after its
-            // bytes (its own FIN, sent below, shows as FIN_WAIT instead).
-            let fin_in = matches!(state, CLOSE_WAIT | LAST_ACK | CLOSING | TIME_WAIT);
-            let data = rcvd.saturating_sub(u64::from(fin_in));
-            let base = if to == 1 { 1 + j.header } else { 0 };
-            let written = sys::tcp_bytes_written(&j.socks[to], base + data).unwrap_or(0).saturating_sub(base);
-            if written < data {
-                done = false;
-                continue;
-            }
-            if fin_in && !shut[to] && reset.is_none() {
-                let _ = j.socks[to].shutdown(std::net::Shutdown::Write);
-                shut[to] = true;
-                done = false;
-                continue;
-            }
-            // Acknowledged: before the join (nothing queued), or since (the
-            // program saw the peer's ACK, in the socket's own numbers: the
-            // connected side's SYN is in `base`, not in its stream).
-            let queued = sys::tcp_queued(&j.socks[to]).unwrap_or(1);
-            let sent = base + data + u64::from(shut[to]) - u64::from(to == 1);
-            let end = hs[to].snd_base.wrapping_add(sent as u32);
-            let acked = held[to].is_some_and(|f| f.ack_seen != 0 && end.wrapping_sub(f.ack_seen) as i32 <= 0);
-            if queued != 0 && !acked {
-                done = false;
-            }
-        }
-        if done {
-            return (reset, shut);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            log::warn!("packet plane: connection {}: lb's sockets did not deliver within {CUSTODY_WITHIN:?}", j.id);
-            return (reset, shut);
-        }
-        pause(i).await;
-    }
-    (reset, shut)
-}
-
-/// `tcpi_state`s: reset; a FIN received (in the states it leads to).
-const CLOSE: u8 = 7;
-const TIME_WAIT: u8 = 6;
-const CLOSE_WAIT: u8 = 8;
-const LAST_ACK: u8 = 9;
-const CLOSING: u8 = 11;
-
 /// Both directions with their addresses, nothing joined yet.
 fn base(j: &Joining<'_>) -> [Flow; 2] {
     let e = &j.ends;
@@ -453,5 +373,6 @@ fn joined(
     f
 }
 
+mod custody;
 #[cfg(test)]
 mod tests;
