@@ -158,9 +158,11 @@ pub struct Handshake {
     pub peer_tsval: u32,
     /// The MSS the peer announced (0: not known).
     pub mss: u32,
-    /// The socket's own TSval that the same packet echoed (TSecr): with
-    /// `peer_tsval`, how far apart the two ends' timestamp clocks stand.
-    pub echoed: u32,
+    /// When `lb_setup` read that packet: the kernel's TCP clock
+    /// (CLOCK_MONOTONIC) in milliseconds, which every socket's timestamps
+    /// follow with an offset of its own. The peer sent its TSval then or a
+    /// little before, so `peer_tsval - at_ms` is at most the peer's offset.
+    pub at_ms: u32,
 }
 const _: () = assert!(core::mem::size_of::<Handshake>() == 20);
 

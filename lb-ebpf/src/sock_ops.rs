@@ -22,7 +22,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, bpf_sock_ops},
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_load_hdr_opt, bpf_setsockopt},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_load_hdr_opt, bpf_setsockopt},
     macros::sock_ops,
     programs::SockOpsContext,
 };
@@ -136,8 +136,7 @@ fn frontend_ns(ip: [u32; 4], port: u16) -> Option<u64> {
 
 /// Records where the socket's and its peer's sequence spaces start, the
 /// peer's TSval in the packet that completed the handshake (the client's
-/// last ACK, the server's SYN-ACK) with the socket's own TSval it echoes,
-/// and the MSS, under the socket's cookie:
+/// last ACK, the server's SYN-ACK) with the time it was read, and the MSS, under the socket's cookie:
 /// what the packet plane's join needs to map one connection onto another.
 /// At `ESTABLISHED` nothing but the SYNs has been sent either way yet.
 #[inline(always)]
@@ -150,14 +149,10 @@ fn record_handshake(ctx: &SockOpsContext, cookie: u64, syn: u64) {
     let n = unsafe { bpf_load_hdr_opt(ctx.ops.cast(), (&raw mut opt).cast(), 12, 0) };
     // Bytes 2..6 of the option, network order.
     let b = |w: u32, i: u32| (w >> (8 * i)) & 0xff;
-    let (tsval, echoed) = if n == 10 {
-        (
-            (b(opt[0], 2) << 24) | (b(opt[0], 3) << 16) | (b(opt[1], 0) << 8) | b(opt[1], 1),
-            (b(opt[1], 2) << 24) | (b(opt[1], 3) << 16) | (b(opt[2], 0) << 8) | b(opt[2], 1),
-        )
-    } else {
-        (0, 0)
-    };
+    let tsval =
+        if n == 10 { (b(opt[0], 2) << 24) | (b(opt[0], 3) << 16) | (b(opt[1], 0) << 8) | b(opt[1], 1) } else { 0 };
+    // SAFETY: a helper without arguments.
+    let at_ms = (unsafe { bpf_ktime_get_ns() } / 1_000_000) as u32;
     // The MSS the peer announced: in the server's SYN-ACK (the packet at
     // hand when a connect completes), in the client's SYN (kept by the
     // listener, `TCP_SAVE_SYN`) when an accept does. Kind 2, length 4.
@@ -170,7 +165,7 @@ fn record_handshake(ctx: &SockOpsContext, cookie: u64, syn: u64) {
         let o = ctx.ops;
         (core::ptr::read_volatile(&raw const (*o).snd_nxt), core::ptr::read_volatile(&raw const (*o).rcv_nxt))
     };
-    let h = Handshake { snd_base: snd, rcv_base: rcv, peer_tsval: tsval, mss, echoed };
+    let h = Handshake { snd_base: snd, rcv_base: rcv, peer_tsval: tsval, mss, at_ms };
     let _ = LB_HANDSHAKE.insert(cookie, h, u64::from(BPF_ANY));
 }
 

@@ -188,8 +188,17 @@ pub fn set_repair(s: &impl AsRawFd, on: bool) -> io::Result<()> {
 /// window, which the peer answers with an ACK): into repair mode and out
 /// of it again (`tcp_send_window_probe`). Only while nothing is being
 /// sent on it: a send in repair mode fails.
+///
+/// Its TSval is set a second ahead (`TCP_TIMESTAMP`, repair mode only):
+/// the peer may have taken translated TSvals ahead of this socket's clock,
+/// and drops a probe below them without an answer (PAWS). The probe is
+/// older than the peer's stream, so it does not move the peer's
+/// timestamp record; the socket sends nothing after it.
 pub fn window_probe(s: &impl AsRawFd) -> io::Result<()> {
     set_repair(s, true)?;
+    if let Ok(now) = tcp_timestamp(s) {
+        let _ = setsockopt(s, libc::IPPROTO_TCP, libc::TCP_TIMESTAMP, &(now.wrapping_add(1000) as libc::c_int));
+    }
     set_repair(s, false)
 }
 
@@ -285,6 +294,13 @@ pub fn nofile_hard_limit() -> u64 {
 }
 
 /// `CLOCK_MONOTONIC_COARSE` in ns: the clock `bpf_ktime_get_coarse_ns()` reads.
+/// CLOCK_MONOTONIC in milliseconds, as the kernel's TCP clock counts them
+/// (`tcp_clock_ms`), truncated to 32 bits like a TSval.
+pub fn monotonic_ms() -> u32 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    ((t.tv_sec as u64).wrapping_mul(1000).wrapping_add(t.tv_nsec as u64 / 1_000_000)) as u32
+}
+
 pub fn monotonic_coarse_ns() -> u64 {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse);
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64

@@ -54,10 +54,8 @@ use crate::{
 /// How long lb waits for a quiet moment before it leaves a connection on
 /// sockmap.
 const QUIET_WITHIN: Duration = Duration::from_millis(50);
-/// Ticks a translated TSval is moved ahead of the estimate of its clock,
-/// which may be a tick behind: never behind lb's socket's (which its
-/// receiver would drop), at most a tick ahead (lb's socket's later
-/// segments are then a tick behind, which a receiver still takes).
+/// Ticks a translated TSval is moved ahead, for the tick the sockets'
+/// offsets may be read across.
 const TS_AHEAD: u32 = 1;
 /// Bytes the timestamp option takes in every segment, with its padding.
 const TS_OPTION: u32 = 12;
@@ -150,9 +148,9 @@ pub async fn join(flows: &Mutex<FlowMaps>, grace: &Grace, j: &Joining<'_>) -> Re
     let (c, s) = (info(&j.socks[0])?, info(&j.socks[1])?);
     let timestamps = check(&c, &s, &hc, &hsv)?;
     quiet(j).await?;
-    let ts_now = if timestamps { Some(clocks(j.socks)?) } else { None };
+    let offsets = if timestamps { Some(clocks(j.socks)?) } else { None };
     let keys = j.ends.keys();
-    let flows_in = joined(base(j), [&hc, &hsv], j.header, [c.wscale, s.wscale], ts_now);
+    let flows_in = joined(base(j), [&hc, &hsv], j.header, [c.wscale, s.wscale], offsets);
     {
         let mut f = lock(flows);
         let put = f.put_ctl(j.id, FlowCtl::default()).and_then(|()| f.put(keys, flows_in));
@@ -204,20 +202,22 @@ pub async fn join(flows: &Mutex<FlowMaps>, grace: &Grace, j: &Joining<'_>) -> Re
     Ok(Joined::Carried)
 }
 
-/// The two sockets' timestamp clocks, read within one tick: both tick
-/// together (one clock, an offset per connection), so their difference is
-/// exact when the client's reads before and after agree.
+/// The offsets of the two sockets' timestamp clocks from the kernel's TCP
+/// clock (CLOCK_MONOTONIC, milliseconds): every socket's TSvals are that
+/// clock plus an offset of its own. Exact when the clock did not tick
+/// between the reads around them.
 fn clocks(socks: &[TcpStream; 2]) -> Result<[u32; 2], Kept> {
     let now = |s: &TcpStream| sys::tcp_timestamp(s).map_err(|_| Kept::Closed);
-    let mut last = [now(&socks[0])?, now(&socks[1])?];
+    let mut offsets = [0; 2];
     for _ in 0..4 {
-        let again = now(&socks[0])?;
-        if again == last[0] {
+        let before = sys::monotonic_ms();
+        let ts = [now(&socks[0])?, now(&socks[1])?];
+        offsets = ts.map(|t| t.wrapping_sub(before));
+        if sys::monotonic_ms() == before {
             break;
         }
-        last = [again, now(&socks[1])?];
     }
-    Ok(last)
+    Ok(offsets)
 }
 
 /// What the join reads of one of lb's sockets.
@@ -329,13 +329,14 @@ fn base(j: &Joining<'_>) -> [Flow; 2] {
 
 /// The two directions, joined, from the handshakes `[client socket's,
 /// server socket's]`, lb's `header` to the server, the sockets' window
-/// scales (`(peer's, own)`) and, with timestamps, their TSvals now.
+/// scales (`(peer's, own)`) and, with timestamps, their clocks' offsets
+/// ([`clocks`]).
 fn joined(
     mut f: [Flow; 2],
     [c, s]: [&Handshake; 2],
     header: u64,
     ws: [(u8, u8); 2],
-    ts_now: Option<[u32; 2]>,
+    offsets: Option<[u32; 2]>,
 ) -> [Flow; 2] {
     let header = header as u32;
     let [to_server, to_client] = &mut f;
@@ -351,19 +352,21 @@ fn joined(
     // windows with the scale that socket announced.
     (to_server.win_in, to_server.win_out) = (ws[0].0, ws[1].1);
     (to_client.win_in, to_client.win_out) = (ws[1].0, ws[0].1);
-    if let Some([c_now, s_now]) = ts_now {
+    if let Some([c_off, s_off]) = offsets {
         // Each peer's TSvals go on in the clock of the socket it talked to,
-        // tick for tick: a peer drops a segment whose TSval is more than a
-        // tick below the last it took (PAWS), and lb's sockets may still
-        // send after the first translated segment arrives. How far the
-        // peer's clock stands from its socket's is in the handshake: its
-        // TSval less the socket's own it echoed, sent a round trip before
-        // (on one host, the same tick or the one before: up to a tick
-        // too far, hence TS_AHEAD); how far the two sockets' clocks stand
-        // apart, exactly, in their TSvals now.
-        let apart = |h: &Handshake| h.peer_tsval.wrapping_sub(h.echoed);
-        to_server.tsval_add = s_now.wrapping_sub(c_now).wrapping_sub(apart(c)).wrapping_add(TS_AHEAD);
-        to_client.tsval_add = c_now.wrapping_sub(s_now).wrapping_sub(apart(s)).wrapping_add(TS_AHEAD);
+        // never below it: a peer drops a segment whose TSval is more than
+        // a tick below the last it took (PAWS), and a dropped segment of a
+        // sender that then resets is lost. All clocks are the kernel's
+        // TCP clock plus an offset per socket (the peers' too, on one
+        // host). A peer's offset is at most its handshake TSval less the
+        // time lb_setup read it (it was sent then or before), so the
+        // translated TSvals stand at or ahead of the socket's clock: ahead
+        // by how long the handshake's last packet took to reach lb_setup
+        // (on one host, nothing), plus TS_AHEAD for the tick the offsets
+        // may be read across.
+        let offset = |h: &Handshake| h.peer_tsval.wrapping_sub(h.at_ms);
+        to_server.tsval_add = s_off.wrapping_sub(offset(c)).wrapping_add(TS_AHEAD);
+        to_client.tsval_add = c_off.wrapping_sub(offset(s)).wrapping_add(TS_AHEAD);
         to_server.tsecr_add = to_client.tsval_add.wrapping_neg();
         to_client.tsecr_add = to_server.tsval_add.wrapping_neg();
     }

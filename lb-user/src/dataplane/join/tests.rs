@@ -1,7 +1,7 @@
 use super::*;
 
-fn hs(snd_base: u32, rcv_base: u32, peer_tsval: u32, echoed: u32) -> Handshake {
-    Handshake { snd_base, rcv_base, peer_tsval, mss: 1460, echoed }
+fn hs(snd_base: u32, rcv_base: u32, peer_tsval: u32, at_ms: u32) -> Handshake {
+    Handshake { snd_base, rcv_base, peer_tsval, mss: 1460, at_ms }
 }
 
 #[test]
@@ -9,10 +9,11 @@ fn offsets_map_each_stream_onto_the_other() {
     // The client socket's stream starts at 1000, the client's at 5000;
     // the server socket's at 90_000 (a 10-byte header first), the
     // server's at u32::MAX - 2 (it wraps).
-    // The client's timestamp clock stands 290 ticks behind lb's client
-    // socket's; the server's 30 ahead of lb's server socket's.
-    let (c, s) = (hs(1000, 5000, 100, 390), hs(90_000, u32::MAX - 2, 6_999_930, 6_999_900));
-    let [to_s, to_c] = joined([Flow::default(); 2], [&c, &s], 10, [(7, 9), (6, 7)], Some([400, 7_000_000]));
+    // Clocks, as offsets from the kernel's TCP clock: the client's -900
+    // (its TSval 100 read at 1000), lb's client socket's 5000, the
+    // server's 6,999,000, lb's server socket's 300.
+    let (c, s) = (hs(1000, 5000, 100, 1000), hs(90_000, u32::MAX - 2, 7_000_000, 1000));
+    let [to_s, to_c] = joined([Flow::default(); 2], [&c, &s], 10, [(7, 9), (6, 7)], Some([5000, 300]));
     // The client's byte 42 is the server's byte 52 (after the header).
     assert_eq!(5042u32.wrapping_add(to_s.seq_add), 90_052);
     // The client acknowledging lb's client stream up to byte 3 acks
@@ -20,16 +21,15 @@ fn offsets_map_each_stream_onto_the_other() {
     assert_eq!(1003u32.wrapping_add(to_s.ack_add), (u32::MAX - 2).wrapping_add(3));
     assert_eq!((u32::MAX - 2).wrapping_add(3).wrapping_add(to_c.seq_add), 1003);
     assert_eq!(90_052u32.wrapping_add(to_c.ack_add), 5042);
-    // At the join (lb's sockets at 400 and 7,000,000) the client's
-    // TSval is 110 and the server's 7,000,030: each goes out where the
-    // socket its receiver talked to stands (a tick ahead), and its echo comes back as
-    // it was sent.
-    let out = 110u32.wrapping_add(to_s.tsval_add);
-    assert_eq!(out, 7_000_000 + TS_AHEAD);
-    assert_eq!(out.wrapping_add(to_c.tsecr_add), 110);
-    let back = 7_000_030u32.wrapping_add(to_c.tsval_add);
-    assert_eq!(back, 400 + TS_AHEAD);
-    assert_eq!(back.wrapping_add(to_s.tsecr_add), 7_000_030);
+    // At 2000 the client's TSval is 1100 and the server's 7,001,000:
+    // each goes out where the socket its receiver talked to stands then
+    // (2300, 7000; a tick ahead), and its echo comes back as it was sent.
+    let out = 1100u32.wrapping_add(to_s.tsval_add);
+    assert_eq!(out, 2300 + TS_AHEAD);
+    assert_eq!(out.wrapping_add(to_c.tsecr_add), 1100);
+    let back = 7_001_000u32.wrapping_add(to_c.tsval_add);
+    assert_eq!(back, 7000 + TS_AHEAD);
+    assert_eq!(back.wrapping_add(to_s.tsecr_add), 7_001_000);
     assert_eq!((to_s.win_in, to_s.win_out, to_c.win_in, to_c.win_out), (7, 7, 6, 9));
     assert_eq!((to_s.state, to_c.state), (JOINED, JOINED));
 }
