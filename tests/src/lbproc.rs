@@ -354,6 +354,17 @@ impl Lb {
     }
 
     /// `lb stats --json` against this instance's pins (kernel mode).
+    /// Waits up to `within` until no connection is counted active and
+    /// `LB_CONN` is empty: every connection ended and counted once.
+    pub async fn all_ended(&self, within: std::time::Duration) -> bool {
+        crate::retry_until(within, || {
+            let s = self.pinned_stats();
+            (s["totals"]["active"].as_u64()? == 0 && s["counters"]["conn_entries"].as_u64()? == 0).then_some(())
+        })
+        .await
+        .is_some()
+    }
+
     pub fn pinned_stats(&self) -> serde_json::Value {
         let out = Command::new(lb_bin())
             .args(["stats", "--json", "--pin-path"])

@@ -63,6 +63,50 @@ pub fn exe(pid: u32) -> Option<std::path::PathBuf> {
     std::fs::read_link(format!("/proc/{pid}/exe")).ok()
 }
 
+/// Runs `count` clients, `concurrency` at a time: client `i` is
+/// `client(i)`, given at most 60 s. Returns their errors.
+pub async fn clients<F, Fut>(count: usize, concurrency: usize, client: F) -> Vec<String>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+{
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let mut tasks = Vec::with_capacity(count);
+    for i in 0..count {
+        let permit = limit.clone().acquire_owned().await.unwrap();
+        let fut = client(i);
+        tasks.push(tokio::spawn(async move {
+            let r = tokio::time::timeout(Duration::from_secs(60), fut)
+                .await
+                .unwrap_or_else(|_| Err(format!("client {i}: no result within 60 s")));
+            drop(permit);
+            r
+        }));
+    }
+    let mut failures = Vec::new();
+    for t in tasks {
+        if let Err(e) = t.await.unwrap() {
+            failures.push(e);
+        }
+    }
+    failures
+}
+
+/// Shuts the write side of each connection, then asserts that each ends
+/// with a FIN back (EOF, no more bytes) within `within`; `when` says when
+/// in the test, for the message.
+pub async fn ends_with_fin_back(conns: &mut [tokio::net::TcpStream], within: Duration, when: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for s in conns.iter_mut() {
+        s.shutdown().await.unwrap();
+    }
+    for (i, s) in conns.iter_mut().enumerate() {
+        let mut rest = Vec::new();
+        let r = tokio::time::timeout(within, s.read_to_end(&mut rest)).await;
+        assert!(matches!(r, Ok(Ok(0))), "connection {i}: no FIN back after the client's ({when}): {r:?}");
+    }
+}
+
 /// Polls `f` until it returns `Some` or `deadline` passes.
 pub async fn retry_until<T>(deadline: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let end = Instant::now() + deadline;

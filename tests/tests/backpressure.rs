@@ -128,25 +128,7 @@ async fn the_default_bounds_what_the_kernel_queues() {
     assert!(check.contains("splice_queue_limit = \"64MiB\""), "lb check:\n{check}");
     let proof = KernelProof::start(&lb);
     let mut s = TcpStream::connect(lb.addr).await.unwrap();
-    let mut st = Stream::new(94);
-    let mut chunk = vec![0u8; 1 << 20];
-    let (mut off, mut sent) = (chunk.len(), 0u64);
-    let stop = Instant::now() + Duration::from_secs(10);
-    let mut failed = None;
-    while Instant::now() < stop && failed.is_none() && sent < 512 * MIB {
-        if off == chunk.len() {
-            st.fill(&mut chunk);
-            off = 0;
-        }
-        match tokio::time::timeout(Duration::from_millis(100), s.write(&chunk[off..])).await {
-            Ok(Ok(n)) => {
-                off += n;
-                sent += n as u64;
-            }
-            Ok(Err(e)) => failed = Some(e.kind()),
-            Err(_) => {}
-        }
-    }
+    let (sent, failed) = write_until_fails(&mut s, 94, 1 << 20, Duration::from_secs(10), 512 * MIB).await;
     eprintln!("[kernel] queue_default: the client wrote {sent} bytes, then: {failed:?}");
     assert!(
         matches!(failed, Some(std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe)),
@@ -192,25 +174,7 @@ async fn kernel_queue_past_the_limit_resets_the_connection() {
     let Some(lb) = Lb::start_with(Mode::Kernel, "queue_limit", &body) else { return };
     let proof = KernelProof::start(&lb);
     let mut s = TcpStream::connect(lb.addr).await.unwrap();
-    let mut st = Stream::new(93);
-    let mut chunk = vec![0u8; 256 * 1024];
-    let (mut off, mut sent) = (chunk.len(), 0u64);
-    let stop = Instant::now() + Duration::from_secs(3);
-    let mut failed = None;
-    while Instant::now() < stop && failed.is_none() {
-        if off == chunk.len() {
-            st.fill(&mut chunk);
-            off = 0;
-        }
-        match tokio::time::timeout(Duration::from_millis(100), s.write(&chunk[off..])).await {
-            Ok(Ok(n)) => {
-                off += n;
-                sent += n as u64;
-            }
-            Ok(Err(e)) => failed = Some(e.kind()),
-            Err(_) => {}
-        }
-    }
+    let (sent, failed) = write_until_fails(&mut s, 93, 256 * 1024, Duration::from_secs(3), u64::MAX).await;
     eprintln!("[kernel] queue_limit: the client wrote {sent} bytes, then: {failed:?}");
     assert!(
         matches!(failed, Some(std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe)),
@@ -226,4 +190,36 @@ async fn kernel_queue_past_the_limit_resets_the_connection() {
     let counters = lb.pinned_stats()["counters"].clone();
     assert!(counters["flow_events"].as_u64().unwrap() > 0, "no flow event: {counters}");
     proof.assert_all_spliced(&lb, "queue_limit");
+}
+
+/// Writes stream `seed` in writes of up to `chunk` bytes, for `within` or
+/// until `cap` bytes are in, a write that stays blocked 100 ms not counting
+/// as a failure: the bytes written, and the error that stopped the writes.
+async fn write_until_fails(
+    s: &mut TcpStream,
+    seed: u64,
+    chunk: usize,
+    within: Duration,
+    cap: u64,
+) -> (u64, Option<std::io::ErrorKind>) {
+    let mut st = Stream::new(seed);
+    let mut buf = vec![0u8; chunk];
+    let (mut off, mut sent) = (buf.len(), 0u64);
+    let stop = Instant::now() + within;
+    let mut failed = None;
+    while Instant::now() < stop && failed.is_none() && sent < cap {
+        if off == buf.len() {
+            st.fill(&mut buf);
+            off = 0;
+        }
+        match tokio::time::timeout(Duration::from_millis(100), s.write(&buf[off..])).await {
+            Ok(Ok(n)) => {
+                off += n;
+                sent += n as u64;
+            }
+            Ok(Err(e)) => failed = Some(e.kind()),
+            Err(_) => {}
+        }
+    }
+    (sent, failed)
 }

@@ -111,20 +111,8 @@ async fn lb_run_after_a_killed_supervisor_takes_every_connection_over() {
     // Each connection ends properly: the client's FIN goes to the echo
     // backend, which closes, and its FIN comes back.
     all.push(fresh);
-    for s in &mut all {
-        s.shutdown().await.unwrap();
-    }
-    for (i, s) in all.iter_mut().enumerate() {
-        let mut rest = Vec::new();
-        let r = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
-        assert!(matches!(r, Ok(Ok(0))), "connection {i}: no FIN back after the client's: {r:?}");
-    }
-    let ended = retry_until(Duration::from_secs(10), || {
-        let s = lb.pinned_stats();
-        (s["totals"]["active"].as_u64()? == 0 && s["counters"]["conn_entries"].as_u64()? == 0).then_some(())
-    })
-    .await;
-    assert!(ended.is_some(), "connections not counted as ended: {}", lb.pinned_stats());
+    testkit::ends_with_fin_back(&mut all, Duration::from_secs(10), "after the new lb run").await;
+    assert!(lb.all_ended(Duration::from_secs(10)).await, "connections not counted as ended: {}", lb.pinned_stats());
     eprintln!("{CONNS} connections through a SIGKILL of the supervisor and a new lb run: 0 lost, 0 bytes wrong");
 }
 
@@ -147,14 +135,7 @@ async fn without_a_supervisor_connections_work_and_end_and_the_holders_follow() 
     assert!(errors.is_empty(), "{} failed round trip(s), first: {:?}", errors.len(), errors.first());
     // Half end with a FIN from the client: forwarded both ways with no supervisor.
     let rest = all.split_off(all.len() / 2);
-    for s in &mut all {
-        s.shutdown().await.unwrap();
-    }
-    for (i, s) in all.iter_mut().enumerate() {
-        let mut left = Vec::new();
-        let r = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut left)).await;
-        assert!(matches!(r, Ok(Ok(0))), "connection {i}: no FIN back without a supervisor: {r:?}");
-    }
+    testkit::ends_with_fin_back(&mut all, Duration::from_secs(10), "without a supervisor").await;
     assert!(holders.iter().all(|p| testkit::alive(*p)), "the holder left while it still had connections");
     // The other half still answers, then is closed.
     let mut rest = rest;

@@ -13,7 +13,6 @@ use testkit::{KernelProof, Lb, Mode, backends::Backend, stream::Stream};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
-    sync::Semaphore,
 };
 
 testkit::every_path!(server_replies_then_resets, client_sends_then_resets);
@@ -29,11 +28,7 @@ const SIZES: [usize; 4] = [1, 1000, 4096, 16384];
 const REQUEST: usize = 100;
 
 fn lb_for(mode: Mode, test: &str, server: std::net::SocketAddr) -> Option<Lb> {
-    let body = format!(
-        "access_log = false\n[[frontend]]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\nbackend = \"b\"\n\n\
-         [[backend]]\nname = \"b\"\nservers = [\"{server}\"]\n"
-    );
-    Lb::start_with(mode, test, &body)
+    Lb::start_with(mode, test, &format!("access_log = false\n{}", Lb::body(&[server])))
 }
 
 /// Reads to the end: the bytes, and whether the end was a reset (`false`: EOF).
@@ -58,32 +53,6 @@ fn intact(got: &[u8], seed: u64, size: usize) -> bool {
     got == want
 }
 
-/// Runs `EXCHANGES` clients, `CONCURRENCY` at a time; returns their errors.
-async fn run<F, Fut>(client: F) -> Vec<String>
-where
-    F: Fn(usize) -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
-{
-    let limit = Arc::new(Semaphore::new(CONCURRENCY));
-    let mut tasks = Vec::with_capacity(EXCHANGES);
-    for i in 0..EXCHANGES {
-        let permit = limit.clone().acquire_owned().await.unwrap();
-        let fut = client(i);
-        tasks.push(tokio::spawn(async move {
-            let r = fut.await;
-            drop(permit);
-            r
-        }));
-    }
-    let mut failures = Vec::new();
-    for t in tasks {
-        if let Err(e) = t.await.unwrap() {
-            failures.push(e);
-        }
-    }
-    failures
-}
-
 /// The server reads half the request, waits for the rest to be there,
 /// replies and closes with it unread: its kernel sends the reply, then a
 /// reset. Every client must read the whole reply, then the reset.
@@ -106,7 +75,7 @@ async fn server_replies_then_resets(mode: Mode) {
     .await;
     let Some(lb) = lb_for(mode, "server_replies_then_resets", be.addr) else { return };
     let proof = KernelProof::start(&lb);
-    let failures = run(|i| {
+    let failures = testkit::clients(EXCHANGES, CONCURRENCY, |i| {
         let addr = lb.addr;
         async move {
             let (seed, which) = (i as u64 & 0xffff, i % SIZES.len());
@@ -167,7 +136,7 @@ async fn client_sends_then_resets(mode: Mode) {
     .await;
     let Some(lb) = lb_for(mode, "client_sends_then_resets", be.addr) else { return };
     let proof = KernelProof::start(&lb);
-    let failures = run(|i| {
+    let failures = testkit::clients(EXCHANGES, CONCURRENCY, |i| {
         let addr = lb.addr;
         async move {
             let (seed, which) = (i as u64 & 0xffff, i % SIZES.len());

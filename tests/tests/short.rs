@@ -20,7 +20,6 @@ use testkit::{
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
-    sync::Semaphore,
 };
 
 testkit::every_path!(
@@ -36,11 +35,7 @@ const SIZES: [(usize, usize); 5] = [(0, 1500), (1, 1500), (4096, 1500), (65536, 
 const CONCURRENCY: usize = 48;
 
 fn lb_for(mode: Mode, test: &str, server: std::net::SocketAddr) -> Option<Lb> {
-    let body = format!(
-        "access_log = false\n[[frontend]]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\nbackend = \"b\"\n\n\
-         [[backend]]\nname = \"b\"\nservers = [\"{server}\"]\n"
-    );
-    Lb::start_with(mode, test, &body)
+    Lb::start_with(mode, test, &format!("access_log = false\n{}", Lb::body(&[server])))
 }
 
 async fn ab_100k_requests_to_nginx_lose_nothing(mode: Mode) {
@@ -73,7 +68,7 @@ async fn server_writes_then_closes_every_size(mode: Mode) {
         .await;
         let Some(lb) = lb_for(mode, "server_writes_then_closes", be.addr) else { return };
         let proof = KernelProof::start(&lb);
-        let failures = run(count, |i| {
+        let failures = testkit::clients(count, CONCURRENCY, |i| {
             let addr = lb.addr;
             async move {
                 let mut s = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
@@ -105,7 +100,7 @@ async fn client_sends_then_closes_every_size(mode: Mode) {
         let be = Backend::read_then_reply(size).await;
         let Some(lb) = lb_for(mode, "client_sends_then_closes", be.addr) else { return };
         let proof = KernelProof::start(&lb);
-        let failures = run(count, |i| {
+        let failures = testkit::clients(count, CONCURRENCY, |i| {
             let addr = lb.addr;
             async move {
                 let mut s = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
@@ -149,7 +144,7 @@ async fn backend_reset_after_request_is_a_reset_at_the_client(mode: Mode) {
     .await;
     let Some(lb) = lb_for(mode, "backend_reset", be.addr) else { return };
     let clean_eofs = Arc::new(AtomicU64::new(0));
-    let failures = run(1500, |i| {
+    let failures = testkit::clients(1500, CONCURRENCY, |i| {
         let (addr, clean_eofs) = (lb.addr, clean_eofs.clone());
         async move {
             let mut s = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
@@ -174,32 +169,4 @@ async fn backend_reset_after_request_is_a_reset_at_the_client(mode: Mode) {
         clean_eofs.load(Relaxed),
         &failures[..5.min(failures.len())]
     );
-}
-
-/// Runs `count` clients, [`CONCURRENCY`] at a time; returns their errors.
-async fn run<F, Fut>(count: usize, client: F) -> Vec<String>
-where
-    F: Fn(usize) -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
-{
-    let limit = Arc::new(Semaphore::new(CONCURRENCY));
-    let mut tasks = Vec::with_capacity(count);
-    for i in 0..count {
-        let permit = limit.clone().acquire_owned().await.unwrap();
-        let fut = client(i);
-        tasks.push(tokio::spawn(async move {
-            let r = tokio::time::timeout(Duration::from_secs(60), fut)
-                .await
-                .unwrap_or_else(|_| Err(format!("client {i}: no result within 60 s")));
-            drop(permit);
-            r
-        }));
-    }
-    let mut failures = Vec::new();
-    for t in tasks {
-        if let Err(e) = t.await.unwrap() {
-            failures.push(e);
-        }
-    }
-    failures
 }

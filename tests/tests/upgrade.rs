@@ -554,20 +554,12 @@ async fn a_hand_over_fault_leaves_the_old_holder_alone_watching(fault: &str) {
     let mut fresh = TcpStream::connect(lb.addr).await.unwrap();
     round_trip(&mut fresh, 99, 0).await.unwrap_or_else(|e| panic!("a new client after the failed upgrade: {e}"));
     conns.push(fresh);
-    for s in &mut conns {
-        s.shutdown().await.unwrap();
-    }
-    for (i, s) in conns.iter_mut().enumerate() {
-        let mut rest = Vec::new();
-        let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
-        assert!(matches!(r, Ok(Ok(0))), "connection {i}: the end after the client's FIN: {r:?}");
-    }
-    let closed = retry_until(Duration::from_secs(5), || {
-        let s = lb.pinned_stats();
-        (s["counters"]["conn_entries"].as_u64() == Some(0) && s["totals"]["active"].as_u64() == Some(0)).then_some(())
-    })
-    .await;
-    assert!(closed.is_some(), "connections not closed and counted once: {}", lb.pinned_stats());
+    testkit::ends_with_fin_back(&mut conns, Duration::from_secs(5), "after the failed upgrade").await;
+    assert!(
+        lb.all_ended(Duration::from_secs(5)).await,
+        "connections not closed and counted once: {}",
+        lb.pinned_stats()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,7 +19,7 @@ use lb_common::{
     },
 };
 
-use super::{KernelError, open};
+use super::{KernelError, io_err, open};
 
 /// The maps the connection path writes (kernel data plane).
 pub struct ConnMaps {
@@ -57,7 +57,7 @@ impl ConnMaps {
     }
     /// Every record (for `lb conns`), batched.
     pub fn all_records(&self) -> Result<Vec<(u64, ConnTraffic)>, KernelError> {
-        super::batch::lookup_all(self.conn_fd()).map_err(io(CONN))
+        super::batch::lookup_all(self.conn_fd()).map_err(io_err(format!("reading map {CONN}")))
     }
     /// Bytes the verdict redirected from the socket with this cookie.
     pub fn redirected(&self, cookie: u64) -> Option<u64> {
@@ -166,10 +166,6 @@ pub struct Published {
     pub workers: Vec<(u32, WorkerStats)>,
 }
 
-fn io(name: &'static str) -> impl Fn(std::io::Error) -> KernelError {
-    move |source| KernelError::Io { what: format!("reading map {name}"), source }
-}
-
 /// See [`StatMaps::worker_entries`].
 #[derive(Debug, Default)]
 pub struct WorkerEntries {
@@ -220,22 +216,24 @@ impl PinnedMaps {
     /// few thousand entries of each map, not two calls per entry.
     pub fn published(&self) -> Result<Published, KernelError> {
         Ok(Published {
-            servers: super::batch::lookup_all(self.stats.servers.map().fd()).map_err(io(SERVERS))?,
-            sources: super::batch::lookup_all(self.stats.sources.map().fd()).map_err(io(SOURCES))?,
+            servers: super::batch::lookup_all(self.stats.servers.map().fd())
+                .map_err(io_err(format!("reading map {SERVERS}")))?,
+            sources: super::batch::lookup_all(self.stats.sources.map().fd())
+                .map_err(io_err(format!("reading map {SOURCES}")))?,
             workers: self.workers()?,
         })
     }
 
     /// Every worker's `LB_WORKERS` entry.
     pub fn workers(&self) -> Result<Vec<(u32, WorkerStats)>, KernelError> {
-        super::batch::lookup_all(self.stats.workers.map().fd()).map_err(io(WORKERS))
+        super::batch::lookup_all(self.stats.workers.map().fd()).map_err(io_err(format!("reading map {WORKERS}")))
     }
 
     /// The bytes the verdict redirected per server, summed over CPUs.
     pub fn server_bytes(&self) -> Result<Vec<(ServerBytesKey, ServerBytes)>, KernelError> {
         let rows =
             super::batch::lookup_all_per_cpu::<ServerBytesKey, ServerBytes>(self.server_bytes.map().fd(), self.cpus)
-                .map_err(io(SERVER_BYTES))?;
+                .map_err(io_err(format!("reading map {SERVER_BYTES}")))?;
         Ok(rows
             .into_iter()
             .map(|(k, per_cpu)| {
