@@ -92,7 +92,9 @@ pub struct Flow {
     pub last_ns: u64,
     /// The last TSval seen in this direction, as sent.
     pub ts_last: u32,
-    pub _pad3: u32,
+    /// With `deferred`: the highest sequence number of the resets held
+    /// back, rewritten (where the receiver's stream ends).
+    pub rst_seq: u32,
 }
 const _: () = assert!(core::mem::size_of::<Flow>() == 128);
 
@@ -108,7 +110,10 @@ pub struct FlowCtl {
     /// The client's FIN, the server's FIN: delivered by lb's sockets
     /// (they took it before the join), not by the program.
     pub fin: [u8; 2],
-    pub _pad: [u8; 2],
+    /// 1 while lb's sockets still deliver what they took before the join:
+    /// the program then holds back every reset (it would overtake them).
+    pub custody: u8,
+    pub _pad: u8,
     /// What the client and the server had acknowledged of lb's sockets
     /// (their `snd_una`) when the custody ended: acknowledgments that
     /// reached the sockets, not the program.
@@ -118,6 +123,11 @@ const _: () = assert!(core::mem::size_of::<FlowCtl>() == 12);
 
 /// [`Flow::state`]: every packet is rewritten into the other connection.
 pub const JOINED: u8 = 1;
+/// [`Flow::state`] of an entry keyed by a packet lb's own socket sends to
+/// a live peer after the other peer reset: the program turns that packet
+/// (lb's socket's abortive reset) into a reset at `seq_add`, where the
+/// peer's stream from the dead side ends, and reports the end.
+pub const TURN: u8 = 2;
 
 /// How a joined connection ended ([`PacketEnd::how`]).
 pub const END_FIN: u32 = 1;
@@ -186,8 +196,11 @@ pub struct PacketCounters {
     /// SYNs on the tuple of a flow: the flow was removed and the SYN
     /// passed (a new connection reusing an ended one's addresses).
     pub syn_reuse: u64,
+    /// Resets of lb's own sockets moved to where a dead side's stream
+    /// ends, for its live peer ([`TURN`]).
+    pub turned: u64,
 }
-const _: () = assert!(core::mem::size_of::<PacketCounters>() == 56);
+const _: () = assert!(core::mem::size_of::<PacketCounters>() == 64);
 
 impl PacketCounters {
     /// Field-wise sum, for folding per-CPU slots.
@@ -200,6 +213,7 @@ impl PacketCounters {
             ended: self.ended + o.ended,
             ends_lost: self.ends_lost + o.ends_lost,
             syn_reuse: self.syn_reuse + o.syn_reuse,
+            turned: self.turned + o.turned,
         }
     }
 }

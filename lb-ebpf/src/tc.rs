@@ -30,7 +30,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    packet::{END_FIN, END_RST, Flow, FlowKey, JOINED, PacketCounters, PacketEnd},
+    packet::{END_FIN, END_RST, Flow, FlowKey, JOINED, PacketCounters, PacketEnd, TURN},
     stats::COUNTERS_KEY,
 };
 
@@ -213,8 +213,10 @@ fn try_packet(ctx: &TcContext) -> Result<i32, i32> {
     let headers = (ETH_LEN + ihl + hlen) as u64;
     let tcp = Tcp { at: t, flags, payload: u64::from(ctx.len()).saturating_sub(headers), ts, sack, sack_n };
     // SAFETY: map value pointer valid for the program's run.
-    if unsafe { (*flow).state } != JOINED {
-        return Ok(PASS);
+    match unsafe { (*flow).state } {
+        JOINED => {}
+        TURN => return turn(ctx, flow, t, flags),
+        _ => return Ok(PASS),
     }
     if flags & ACK != 0
         && let Some(ack) = read::<u32>(ctx, t + 8)
@@ -238,11 +240,20 @@ fn try_packet(ctx: &TcContext) -> Result<i32, i32> {
     // picked, not indexed: the verifier refuses a variable offset into
     // the stack.
     let (acked, fin_other) = if f.client != 0 { (ctl.acked[1], ctl.fin[1]) } else { (ctl.acked[0], ctl.fin[0]) };
-    if flags & RST != 0 && !reset_is_exact(ctx, &f, t, acked) {
-        // SAFETY: as above.
-        unsafe { (*flow).deferred = 2 };
-        count(|c| c.deferred += 1);
-        return Err(TC_ACT_SHOT);
+    if flags & RST != 0 {
+        let to = read::<u32>(ctx, t + 4).map_or(0, |s| u32::from_be(s).wrapping_add(f.seq_add));
+        // While lb's sockets deliver, any reset would overtake them.
+        if ctl.custody != 0 || !reset_is_exact(&f, to, acked) {
+            // SAFETY: as above.
+            unsafe {
+                if (*flow).deferred == 0 || (to.wrapping_sub((*flow).rst_seq) as i32) > 0 {
+                    (*flow).rst_seq = to;
+                }
+                (*flow).deferred = 2;
+            }
+            count(|c| c.deferred += 1);
+            return Err(TC_ACT_SHOT);
+        }
     }
     rewrite(ctx, &f, &tcp, saddr, daddr, sport, dport)?;
     // SAFETY: map value pointer valid for the program's run.
@@ -282,16 +293,49 @@ fn try_packet(ctx: &TcContext) -> Result<i32, i32> {
 /// reset without them (after a challenge ACK, RFC 5961). Held back, it
 /// costs nothing: the receiver acknowledges those bytes as they arrive,
 /// the acknowledgment goes to the sender's stack, which has no socket any
-/// more and answers with a reset exactly there, and that one passes.
+/// more and answers with a reset exactly there, and that one passes; and
+/// once lb's sockets have delivered, lb has its own socket reset the peer
+/// where the held reset's sequence (`rst_seq`) says ([`turn`]).
 #[inline(always)]
-fn reset_is_exact(ctx: &TcContext, f: &Flow, t: usize, acked: u32) -> bool {
-    let Some(seq) = read::<u32>(ctx, t + 4) else { return false };
-    let to = u32::from_be(seq).wrapping_add(f.seq_add);
+fn reset_is_exact(f: &Flow, to: u32, acked: u32) -> bool {
     if acked != 0 && to == acked {
         return true;
     }
     // SAFETY: map value pointer valid for the program's run.
     LB_FLOWS.get_ptr(&f.reverse_key()).is_some_and(|r| unsafe { (*r).ack_seen } == to)
+}
+
+/// A packet of lb's own socket toward a live peer whose other side reset
+/// while lb's sockets still delivered (see [`TURN`]): lb closes that
+/// socket abortively once the peer has everything, and its reset is moved
+/// to where the dead side's stream ends (`seq_add`), which is exactly
+/// where the peer stands. The connection's end is reported then.
+#[inline(always)]
+fn turn(ctx: &TcContext, entry: *mut Flow, t: usize, flags: u8) -> Result<i32, i32> {
+    if flags & RST == 0 {
+        return Ok(PASS);
+    }
+    // SAFETY: map value pointer valid for the program's run.
+    let e = unsafe { *entry };
+    let old: u32 = read(ctx, t + 4).ok_or(TC_ACT_SHOT)?;
+    put(ctx, t + 16, t + 4, old, e.seq_add.to_be(), false)?;
+    // SAFETY: as above.
+    unsafe { (*entry).ended = 1 };
+    // The entry's key is the dead side's flow's rewritten addresses: its
+    // reverse is the live peer's flow, whose reverse is the dead side's.
+    let Some(live) = LB_FLOWS.get_ptr(&e.reverse_key()) else { return Ok(PASS) };
+    // SAFETY: as above.
+    let dead_key = unsafe { (*live).reverse_key() };
+    if let Some(dead) = LB_FLOWS.get_ptr_mut(&dead_key) {
+        // SAFETY: as above.
+        let d = unsafe {
+            (*dead).rst = 1;
+            *dead
+        };
+        end(dead, &d, END_RST);
+    }
+    count(|c| c.turned += 1);
+    Ok(PASS)
 }
 
 /// Writes `to` over the `N`-byte field at `off` that holds `from`, and

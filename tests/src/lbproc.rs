@@ -193,6 +193,12 @@ impl Lb {
         );
         let lb = Self::launch_with(test, dir, pin_path, &cfg, mode.env());
         assert_eq!(lb.dataplane, mode.as_str(), "{test}: lb runs the wrong data plane");
+        // A packet plane that could not start leaves its frontends on
+        // sockmap: the test would prove the other plane.
+        assert!(
+            mode != Mode::Packet || lb.pinned_stats()["packet"].is_object(),
+            "{test}: the packet plane did not start (its frontends fell back to sockmap; see lb's log)"
+        );
         Some(lb)
     }
 

@@ -102,6 +102,7 @@ async fn server_replies_then_resets(mode: Mode) {
         &failures[..5.min(failures.len())]
     );
     proof.assert_kernel_ran(&lb, "server_replies_then_resets");
+    assert_resets_turned(&lb, "server_replies_then_resets");
     eprintln!("[{}] server replies then resets: {EXCHANGES} replies whole, then the reset", mode.as_str());
 }
 
@@ -171,5 +172,19 @@ async fn client_sends_then_resets(mode: Mode) {
         &lost[..5.min(lost.len())]
     );
     proof.assert_kernel_ran(&lb, "client_sends_then_resets");
+    assert_resets_turned(&lb, "client_sends_then_resets");
     eprintln!("[{}] client sends then resets: {EXCHANGES} requests whole, then the reset", mode.as_str());
+}
+
+/// On the packet plane, resets that came while lb's sockets still
+/// delivered reached the live peer through lb's own, moved by the program
+/// to where the dead side's stream ended: its counter proves that path ran.
+fn assert_resets_turned(lb: &Lb, test: &str) {
+    let s = lb.pinned_stats();
+    if !s["packet"].is_object() {
+        return;
+    }
+    let turned = s["packet"]["turned"].as_u64().unwrap_or(0);
+    assert!(turned > 0, "{test}: no reset was turned by the program: {}", s["packet"]);
+    eprintln!("[packet] {test}: {turned} reset(s) turned toward the live peer");
 }

@@ -51,6 +51,11 @@ impl FlowMaps {
             .map_err(|source| KernelError::Io { what: format!("map {FLOWS}: writing a connection's flows"), source })
     }
 
+    /// Writes one entry (a [`lb_common::packet::TURN`]).
+    pub fn put_one(&mut self, key: FlowKey, flow: Flow) -> Result<(), KernelError> {
+        self.flows.insert(key, flow, 0).map_err(|source| KernelError::Map { name: FLOWS, source })
+    }
+
     /// One direction, as the program last wrote it.
     pub fn get(&self, key: &FlowKey) -> Option<Flow> {
         self.flows.get(key, 0).ok()

@@ -184,22 +184,11 @@ pub fn set_repair(s: &impl AsRawFd, on: bool) -> io::Result<()> {
     setsockopt(s, libc::IPPROTO_TCP, libc::TCP_REPAIR, &v)
 }
 
-/// Makes the socket send a window probe (a segment just below its peer's
-/// window, which the peer answers with an ACK): into repair mode and out
-/// of it again (`tcp_send_window_probe`). Only while nothing is being
-/// sent on it: a send in repair mode fails.
-///
-/// Its TSval is set a second ahead (`TCP_TIMESTAMP`, repair mode only):
-/// the peer may have taken translated TSvals ahead of this socket's clock,
-/// and drops a probe below them without an answer (PAWS). The probe is
-/// older than the peer's stream, so it does not move the peer's
-/// timestamp record; the socket sends nothing after it.
-pub fn window_probe(s: &impl AsRawFd) -> io::Result<()> {
-    set_repair(s, true)?;
-    if let Ok(now) = tcp_timestamp(s) {
-        let _ = setsockopt(s, libc::IPPROTO_TCP, libc::TCP_TIMESTAMP, &(now.wrapping_add(1000) as libc::c_int));
-    }
-    set_repair(s, false)
+/// Aborts the socket's connection as a close with `SO_LINGER` 0 would
+/// (`tcp_disconnect`: a reset to the peer, in the states that need one)
+/// and keeps the descriptor, now unconnected.
+pub fn disconnect(s: &impl AsFd) -> io::Result<()> {
+    Ok(rustix::net::connect_unspec(s)?)
 }
 
 /// Makes `server` (not connected yet) look to its peer like `client`'s

@@ -133,6 +133,8 @@ pub struct PacketRow {
     pub ends_lost: u64,
     /// SYNs that reused a flow's addresses (the flow was removed).
     pub syn_reuse: u64,
+    /// Resets lb sent a live peer where its dead peer's stream ends.
+    pub turned: u64,
     /// Entries in `LB_FLOWS` (two per joined connection).
     pub flows: u64,
 }
@@ -275,6 +277,7 @@ pub fn read_from(maps: &PinnedMaps, meta: &Meta) -> Result<Report, KernelError> 
             ended: c.ended,
             ends_lost: c.ends_lost,
             syn_reuse: c.syn_reuse,
+            turned: c.turned,
             flows,
         });
     }

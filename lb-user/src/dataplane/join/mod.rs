@@ -40,7 +40,7 @@ use std::{
     time::Duration,
 };
 
-use lb_common::packet::{Flow, FlowCtl, FlowKey, Handshake, JOINED};
+use lb_common::packet::{Flow, FlowCtl, FlowKey, Handshake, JOINED, TURN};
 
 use crate::{
     addr::ip16,
@@ -153,7 +153,8 @@ pub async fn join(flows: &Mutex<FlowMaps>, grace: &Grace, j: &Joining<'_>) -> Re
     let flows_in = joined(base(j), [&hc, &hsv], j.header, [c.wscale, s.wscale], offsets);
     {
         let mut f = lock(flows);
-        let put = f.put_ctl(j.id, FlowCtl::default()).and_then(|()| f.put(keys, flows_in));
+        let custody = FlowCtl { custody: 1, ..FlowCtl::default() };
+        let put = f.put_ctl(j.id, custody).and_then(|()| f.put(keys, flows_in));
         if let Err(e) = put {
             f.remove_of(j.id, &keys);
             log::debug!("packet plane: {e}");
@@ -170,36 +171,89 @@ pub async fn join(flows: &Mutex<FlowMaps>, grace: &Grace, j: &Joining<'_>) -> Re
     for s in j.socks {
         let _ = s.set_nodelay(true);
     }
-    let (reset, shut) = custody::custody(flows, j, keys, [&hc, &hsv]).await;
+    let d = custody::custody(flows, j, keys, [&hc, &hsv]).await;
     // lb's sockets have delivered. What the peers acknowledged of it
     // reached lb's sockets (from now on, the program sees it).
     let acked = |s: &TcpStream, base: u32, syn: u64| {
         sys::tcp_bytes_acked(s).map_or(0, |a| base.wrapping_add(a.saturating_sub(syn) as u32))
     };
     let lifted = FlowCtl {
-        fin: [u8::from(shut[1]), u8::from(shut[0])],
-        _pad: [0; 2],
+        fin: [u8::from(d.shut[1]), u8::from(d.shut[0])],
+        custody: 0,
+        _pad: 0,
         acked: [acked(&j.socks[0], hc.snd_base, 0), acked(&j.socks[1], hsv.snd_base, 1)],
     };
-    let held = {
-        let mut f = lock(flows);
-        let _ = f.put_ctl(j.id, lifted);
-        keys.map(|k| f.get(&k).is_some_and(|f| f.deferred & 2 != 0))
+    let _ = lock(flows).put_ctl(j.id, lifted);
+    // A reset that came after the custody's last look was held back too,
+    // until the lift: once every program run that began before it is over,
+    // the flows show it.
+    let reset = match d.reset {
+        Some(r) => Some(r),
+        None => {
+            grace.wait().await;
+            let f = lock(flows);
+            (0..2).find(|&s| f.get(&keys[s]).is_some_and(|x| x.deferred != 0)).map(|s| (s, false))
+        }
     };
-    // A reset the program held back before now (it passes only once
-    // exact), or one lb's socket took before the join.
-    if let Some(side) = reset.or_else(|| (0..2).find(|&s| held[s])) {
-        // The reset side's stack has no socket left and answers anything
-        // with a reset exactly where the other peer is; so lb's other
-        // socket sends that peer a window probe, whose ACK goes to the
-        // dead side (joined) and brings the reset back, which the program
-        // passes.
-        let _ = sys::window_probe(&j.socks[1 - side]);
+    if let Some((side, by_socket)) = reset {
+        reset_live(flows, j, keys, side, by_socket, d.end[1 - side]).await;
     }
     for s in j.socks {
         let _ = sys::set_repair(s, true);
     }
     Ok(Joined::Carried)
+}
+
+/// How long lb waits for the program to turn its socket's reset.
+const TURN_WITHIN: Duration = Duration::from_millis(100);
+
+/// Side `dead` reset: its peer's stack has no socket left. The live peer
+/// has everything lb's socket took from the dead one (the custody), and
+/// may have taken more since the join straight from the dead peer, ending
+/// with a reset the program held back (it passes none while lb's sockets
+/// deliver). lb's socket to the live peer now resets it, moved by the
+/// program ([`TURN`]) to where the dead side's stream ends: `end`, where
+/// lb's socket stopped, or the held reset's sequence if that is further.
+/// It lands exactly, as the dead side's own would have on a direct
+/// connection, after every byte. (Without the entry, lb's socket's own
+/// reset is exact whenever the dead side sent nothing after the join.)
+async fn reset_live(
+    flows: &Mutex<FlowMaps>,
+    j: &Joining<'_>,
+    keys: [FlowKey; 2],
+    dead: usize,
+    by_socket: bool,
+    end: u32,
+) {
+    let live = 1 - dead;
+    let at = {
+        let mut f = lock(flows);
+        let held = f.get(&keys[dead]).filter(|d| !by_socket && d.deferred != 0);
+        let at = match held {
+            Some(d) if d.rst_seq.wrapping_sub(end) as i32 > 0 => d.rst_seq,
+            _ => end,
+        };
+        // lb's socket's packets to the live peer: the dead side's flow's
+        // rewritten addresses, so the entry's reverse is the live peer's flow.
+        let e = &j.ends;
+        let (from, to) = if live == 0 { (e.local, e.client) } else { (e.source, e.server) };
+        let turn = Flow { state: TURN, seq_add: at, id: j.id, slot: j.slot, ..Flow::default() };
+        let k = key(from, to);
+        let turn = Flow { src: k.src, dst: k.dst, sport: k.sport, dport: k.dport, ..turn };
+        f.put_one(k, turn).ok().map(|()| k)
+    };
+    if let Err(e) = sys::disconnect(&j.socks[live]) {
+        log::debug!("packet plane: connection {}: resetting the live side: {e}", j.id);
+    }
+    let Some(k) = at else { return };
+    let deadline = tokio::time::Instant::now() + TURN_WITHIN;
+    for i in 0.. {
+        if lock(flows).get(&k).is_none_or(|t| t.ended != 0) || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        pause(i).await;
+    }
+    lock(flows).remove(&[k]);
 }
 
 /// The offsets of the two sockets' timestamp clocks from the kernel's TCP
