@@ -69,6 +69,7 @@ async fn transfers_200_random_sizes_both_ways(mode: Mode) {
     }
     let total: u64 = sizes.iter().map(|(u, d)| u + d + 24).sum();
     let before = if mode.is_kernel() { counters(&lb).0 } else { 0 };
+    let proof = KernelProof::start(&lb);
     let tasks: Vec<_> = sizes
         .iter()
         .enumerate()
@@ -106,6 +107,12 @@ async fn transfers_200_random_sizes_both_ways(mode: Mode) {
             moved >= must_cross,
             "kernel redirected {moved} bytes, fewer than the {must_cross} that had to cross it"
         );
+    }
+    if mode == Mode::Packet {
+        // Transfers that never pause are joined all the same.
+        let joined = proof.joined(&lb);
+        assert!(joined > 0, "no transfer was joined on the packet plane");
+        eprintln!("[packet] 200 transfers: {joined} joined");
     }
 }
 

@@ -17,7 +17,7 @@
 //!    one peer is on its way to the other (each socket's bytes received all
 //!    written to the other and acknowledged), so that the join hands over
 //!    nothing in flight. A connection that is never quiet (a sender that
-//!    never pauses) stays on sockmap.
+//!    never pauses) is joined after that all the same.
 //! 3. **Join.** Both directions go into `LB_FLOWS` joined (one `bpf()`):
 //!    from then on the program rewrites every packet of either peer into
 //!    the other connection. Nothing is dropped: a packet the program let
@@ -25,12 +25,14 @@
 //!    for it, see [`Grace`]), and bytes that reached lb's sockets are
 //!    still delivered by them ("custody"); a peer's later bytes and FIN,
 //!    rewritten, may overtake them, and its receiver queues them until
-//!    the gap is filled, as after any reordering. A reset is not queued:
-//!    the program passes only one that lands exactly where its receiver
+//!    the gap is filled, as after any reordering (the program sends lb's
+//!    sockets a copy of the peers' ACKs meanwhile, so they keep sending).
+//!    A reset is not queued: the program passes none while lb's sockets
+//!    deliver, and then only one that lands exactly where its receiver
 //!    stands. lb waits until each peer has acknowledged all lb's socket
 //!    sent it, forwards a FIN that reached its sockets before the join,
-//!    and, if one side reset, has its stack send the reset again where it
-//!    now passes.
+//!    and, if one side reset, resets the other from its own socket, moved
+//!    by the program to where the dead side's stream ends.
 //! 4. **Close.** Both sockets go into repair mode and are closed: the
 //!    kernel sends neither FIN nor RST, and the peers never notice.
 
@@ -51,8 +53,8 @@ use crate::{
     },
 };
 
-/// How long lb waits for a quiet moment before it leaves a connection on
-/// sockmap.
+/// How long lb waits for a quiet moment before it joins a busy connection
+/// anyway.
 const QUIET_WITHIN: Duration = Duration::from_millis(50);
 /// Ticks a translated TSval is moved ahead, for the tick the sockets'
 /// offsets may be read across.
@@ -74,8 +76,6 @@ pub enum Kept {
     Mss,
     /// A side closed or reset before the join.
     Closed,
-    /// No quiet moment: bytes kept flowing through lb.
-    Busy,
     /// The flow map refused the entries, or a handshake was not recorded
     /// (no `lb_setup`).
     Map,
@@ -311,20 +311,19 @@ fn check(c: &Info, s: &Info, hc: &Handshake, hs: &Handshake) -> Result<bool, Kep
     Ok(ts(c.options))
 }
 
-/// Waits for a moment when nothing lb took from either peer is on its way
-/// to the other.
+/// Waits, briefly, for a moment when nothing lb took from either peer is
+/// on its way to the other: then the custody has nothing to deliver. A
+/// sender that never pauses is joined all the same (its custody carries
+/// what lb's sockets hold then).
 async fn quiet(j: &Joining<'_>) -> Result<(), Kept> {
     let deadline = tokio::time::Instant::now() + QUIET_WITHIN;
     for i in 0.. {
-        if settled(j)? {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(Kept::Busy);
+        if settled(j)? || tokio::time::Instant::now() >= deadline {
+            break;
         }
         pause(i).await;
     }
-    Err(Kept::Busy)
+    Ok(())
 }
 
 /// The `i`th pause between two checks: a yield to the runtime at first,

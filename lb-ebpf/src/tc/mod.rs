@@ -24,59 +24,35 @@
 //! a new connection reusing them: the flow is removed and the SYN passes.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{BPF_F_INGRESS, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_coarse_ns,
     macros::classifier,
     programs::TcContext,
 };
 use lb_common::{
-    packet::{END_FIN, END_RST, Flow, FlowKey, JOINED, PacketCounters, PacketEnd, TURN},
+    packet::{ECHO_MARK, END_FIN, END_RST, Flow, FlowKey, JOINED, PacketCounters, PacketEnd, TURN},
     stats::COUNTERS_KEY,
 };
 
-use crate::maps::{LB_FLOW_CTL, LB_FLOWS, LB_PACKET_ENDS, LB_PKT_COUNTERS, LB_PKT_SCRATCH};
+use fields::{ACK, ETH_LEN, FIN, RST, SYN, Tcp, launder, mapped, options, put, read, rewrite};
+
+use crate::maps::{LB_FLOW_CTL, LB_FLOWS, LB_PACKET_ENDS, LB_PKT_COUNTERS};
+
+mod fields;
 
 /// What the program returns for every packet it lets go on: the next
 /// program on the hook (tcx's `TCX_NEXT`, classic tc's "continue"), then
 /// the stack. Other programs may share the hook: another lb instance's
 /// (with its own flows), another tool's. `TC_ACT_OK` would end the chain.
 const PASS: i32 = TC_ACT_UNSPEC;
-const ETH_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const IPPROTO_TCP: u8 = 6;
-const FIN: u8 = 0x01;
-const SYN: u8 = 0x02;
-const RST: u8 = 0x04;
-const ACK: u8 = 0x10;
-/// `bpf_l4_csum_replace` flag: the field is part of the pseudo header.
-const PSEUDO: u64 = 0x10;
-/// TCP option kinds.
-const OPT_END: u8 = 0;
-const OPT_NOP: u8 = 1;
-const OPT_SACK: u8 = 5;
-const OPT_TS: u8 = 8;
-/// Options walked at most (40 bytes of options hold far fewer in practice:
-/// Linux sends NOP, NOP, timestamps, and NOP, NOP, SACK).
-const MAX_OPTIONS: usize = 8;
-/// SACK blocks in one option at most.
-const MAX_SACK_BLOCKS: u32 = 4;
 
 #[classifier]
 pub fn lb_packet(ctx: TcContext) -> i32 {
     match try_packet(&ctx) {
         Ok(v) | Err(v) => v,
     }
-}
-
-/// `T` at `off` in the packet, if the packet's linear part is that long.
-#[inline(always)]
-fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
-    let start = ctx.data();
-    if start + off + core::mem::size_of::<T>() > ctx.data_end() {
-        return None;
-    }
-    // SAFETY: bounds checked against data_end just above.
-    Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
 }
 
 fn count(f: impl FnOnce(&mut PacketCounters)) {
@@ -86,93 +62,15 @@ fn count(f: impl FnOnce(&mut PacketCounters)) {
     }
 }
 
-/// An IPv4 address (as it sits in the packet) as the 16 bytes of
-/// `::ffff:a.b.c.d`. Built as words: a byte array is filled by a loop the
-/// verifier refuses without `CAP_PERFMON`.
-#[inline(always)]
-fn mapped(ip4: u32) -> [u8; 16] {
-    let words: [u32; 4] = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip4];
-    // SAFETY: [u32; 4] and [u8; 16] have the same size, and any bytes are valid u8s.
-    unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) }
-}
-
-/// The IPv4 address of a mapped address, as it sits in a packet.
-#[inline(always)]
-fn ip4_of(a: &[u8; 16]) -> u32 {
-    // SAFETY: as `mapped`, the other way.
-    let words = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(*a) };
-    words[3]
-}
-
-/// Where a packet's TCP header and options are.
-struct Tcp {
-    /// Offset of the TCP header.
-    at: usize,
-    flags: u8,
-    payload: u64,
-    /// Offset of the timestamp option's TSval (0: none).
-    ts: usize,
-    /// Offset of the first SACK block (0: none), and how many.
-    sack: usize,
-    sack_n: u32,
-}
-
-/// Finds the timestamp and SACK options (read only; nothing is changed).
-#[inline(always)]
-fn options(ctx: &TcContext, t: usize, hlen: usize) -> (usize, usize, u32) {
-    let end = t + hlen;
-    let mut p = t + 20;
-    let (mut ts, mut sack, mut sack_n) = (0usize, 0usize, 0u32);
-    for _ in 0..MAX_OPTIONS {
-        if p >= end {
-            break;
-        }
-        // Kind and length read together: a one-byte read at a variable
-        // offset compiles to a bounds check the verifier cannot use (it
-        // learns nothing from `p >= data_end`). The last byte of the
-        // options alone can only be a NOP or the end.
-        let Some([kind, len]) = read::<[u8; 2]>(ctx, p) else { break };
-        if kind == OPT_END {
-            break;
-        }
-        if kind == OPT_NOP {
-            p += 1;
-            continue;
-        }
-        let len = usize::from(len);
-        if len < 2 || p + len > end {
-            break;
-        }
-        if kind == OPT_TS && len == 10 {
-            ts = p + 2;
-        } else if kind == OPT_SACK && len >= 10 && (len - 2) % 8 == 0 {
-            sack = p + 2;
-            sack_n = ((len - 2) / 8) as u32;
-        }
-        p += len;
-    }
-    (ts, sack, sack_n)
-}
-
-/// The options' offsets, through the per-CPU scratch slot: each path of the
-/// option walk leaves different exact values, and the verifier would
-/// follow every one of them through the rewrite; read back from a map
-/// they are just bounded numbers, and the paths merge.
-#[inline(always)]
-fn launder((ts, sack, sack_n): (usize, usize, u32)) -> (usize, usize, u32) {
-    let Some(p) = LB_PKT_SCRATCH.get_ptr_mut(COUNTERS_KEY) else { return (0, 0, 0) };
-    // SAFETY: per-CPU slot, valid for the program's run; nothing else runs
-    // on this CPU meanwhile (TC programs run with preemption off).
-    unsafe {
-        core::ptr::write_volatile(p, [ts as u32, sack as u32, sack_n, 0]);
-        let [ts, sack, sack_n, _] = core::ptr::read_volatile(p);
-        // Bounds the verifier can check the packet reads against.
-        ((ts & 0x3ff) as usize, (sack & 0x3ff) as usize, sack_n & 7)
-    }
-}
-
 fn try_packet(ctx: &TcContext) -> Result<i32, i32> {
     if read::<u16>(ctx, 12).map(u16::from_be) != Some(ETH_P_IP) {
+        return Ok(PASS);
+    }
+    // SAFETY: the context's skb, valid for the program's run.
+    if unsafe { (*ctx.skb.skb).mark } == ECHO_MARK {
+        // A copy of an ACK for lb's socket (see `echo`), by this program
+        // or another lb's on the hook: it keeps its mark, so that every
+        // program lets it pass.
         return Ok(PASS);
     }
     let vihl: u8 = read(ctx, ETH_LEN).ok_or(PASS)?;
@@ -233,9 +131,18 @@ fn try_packet(ctx: &TcContext) -> Result<i32, i32> {
     // SAFETY: map value pointer valid for the program's run; copied out
     // once, so the rewrite reads a consistent view.
     let f = unsafe { *flow };
-    let ctl = if flags & (FIN | RST) != 0 { LB_FLOW_CTL.get_ptr(&f.id) } else { None };
+    let pure_ack = flags & (FIN | RST) == 0 && tcp.payload == 0;
+    let ctl = if flags & (FIN | RST) != 0 || (pure_ack && f.lifted == 0) { LB_FLOW_CTL.get_ptr(&f.id) } else { None };
     // SAFETY: map value pointer valid for the program's run.
     let ctl = ctl.map(|c| unsafe { *c }).unwrap_or_default();
+    if pure_ack && f.lifted == 0 {
+        if ctl.custody != 0 {
+            echo(ctx);
+        } else {
+            // SAFETY: as above.
+            unsafe { (*flow).lifted = 1 };
+        }
+    }
     // The receiver's entries of `ctl` (the client's are first). Values
     // picked, not indexed: the verifier refuses a variable offset into
     // the stack.
@@ -282,6 +189,23 @@ fn try_packet(ctx: &TcContext) -> Result<i32, i32> {
         }
     }
     Ok(PASS)
+}
+
+/// During the custody, lb's socket still sends the peer what it took
+/// before the join, and needs the peer's acknowledgments to go on (its
+/// send window, its retransmissions): a copy of the peer's pure ACK goes
+/// to lb's socket as sent, while the packet itself is rewritten for the
+/// other peer. The copy comes round this program again, marked, and
+/// passes unchanged. An acknowledgment beyond what lb's socket sent (of
+/// bytes the other peer sent straight) is ignored by the socket.
+#[inline(always)]
+fn echo(ctx: &TcContext) {
+    // SAFETY: the context's skb, valid for the program's run.
+    let (mark, ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ifindex) };
+    ctx.set_mark(ECHO_MARK);
+    let copied = ctx.clone_redirect(ifindex, u64::from(BPF_F_INGRESS)).is_ok();
+    ctx.set_mark(mark);
+    count(|c| c.echoed += u64::from(copied));
 }
 
 /// Whether a reset, rewritten, lands exactly where its receiver is: its
@@ -336,78 +260,6 @@ fn turn(ctx: &TcContext, entry: *mut Flow, t: usize, flags: u8) -> Result<i32, i
     }
     count(|c| c.turned += 1);
     Ok(PASS)
-}
-
-/// Writes `to` over the `N`-byte field at `off` that holds `from`, and
-/// updates the TCP checksum (`pseudo`: the field is in its pseudo header).
-#[inline(always)]
-fn put<T: Copy + Into<u32>>(ctx: &TcContext, csum: usize, off: usize, from: T, to: T, pseudo: bool) -> Result<(), i32> {
-    let size = core::mem::size_of::<T>() as u64;
-    ctx.store(off, &to, 0).map_err(|_| TC_ACT_SHOT)?;
-    let flags = size | if pseudo { PSEUDO } else { 0 };
-    ctx.l4_csum_replace(csum, u64::from(from.into()), u64::from(to.into()), flags).map_err(|_| TC_ACT_SHOT)
-}
-
-/// Moves the 32-bit field at `off` (network order) by `add`.
-#[inline(always)]
-fn shift_field(ctx: &TcContext, csum: usize, off: usize, add: u32) -> Result<(), i32> {
-    let old: u32 = read(ctx, off).ok_or(TC_ACT_SHOT)?;
-    let new = u32::from_be(old).wrapping_add(add).to_be();
-    put(ctx, csum, off, old, new, false)
-}
-
-/// Rewrites the packet in place into the other connection. A packet the
-/// program cannot finish rewriting is dropped (its sender sends it again),
-/// never delivered half rewritten.
-#[inline(always)]
-fn rewrite(ctx: &TcContext, f: &Flow, tcp: &Tcp, saddr: u32, daddr: u32, sport: u16, dport: u16) -> Result<(), i32> {
-    let t = tcp.at;
-    let csum = t + 16;
-    let (nsrc, ndst) = (ip4_of(&f.src), ip4_of(&f.dst));
-    // Addresses: the IP header's checksum and the TCP pseudo header.
-    ctx.store(ETH_LEN + 12, &nsrc, 0).map_err(|_| TC_ACT_SHOT)?;
-    ctx.l3_csum_replace(ETH_LEN + 10, u64::from(saddr), u64::from(nsrc), 4).map_err(|_| TC_ACT_SHOT)?;
-    ctx.l4_csum_replace(csum, u64::from(saddr), u64::from(nsrc), 4 | PSEUDO).map_err(|_| TC_ACT_SHOT)?;
-    ctx.store(ETH_LEN + 16, &ndst, 0).map_err(|_| TC_ACT_SHOT)?;
-    ctx.l3_csum_replace(ETH_LEN + 10, u64::from(daddr), u64::from(ndst), 4).map_err(|_| TC_ACT_SHOT)?;
-    ctx.l4_csum_replace(csum, u64::from(daddr), u64::from(ndst), 4 | PSEUDO).map_err(|_| TC_ACT_SHOT)?;
-    put(ctx, csum, t, sport, f.sport, false)?;
-    put(ctx, csum, t + 2, dport, f.dport, false)?;
-    if f.seq_add != 0 {
-        shift_field(ctx, csum, t + 4, f.seq_add)?;
-    }
-    if tcp.flags & ACK != 0 && f.ack_add != 0 {
-        shift_field(ctx, csum, t + 8, f.ack_add)?;
-    }
-    if f.win_in != f.win_out {
-        let old: u16 = read(ctx, t + 14).ok_or(TC_ACT_SHOT)?;
-        let bytes = u64::from(u16::from_be(old)) << (f.win_in & 15);
-        // A window that is not zero never becomes zero: that would stop the
-        // sender until its persist timer fires. A little more than there is
-        // costs at most a retransmission.
-        let units = (bytes >> (f.win_out & 15)).max(u64::from(bytes != 0));
-        let new = (units.min(0xffff) as u16).to_be();
-        put(ctx, csum, t + 14, old, new, false)?;
-    }
-    if tcp.ts != 0 {
-        if f.tsval_add != 0 {
-            shift_field(ctx, csum, tcp.ts, f.tsval_add)?;
-        }
-        if f.tsecr_add != 0 && tcp.flags & ACK != 0 {
-            shift_field(ctx, csum, tcp.ts + 4, f.tsecr_add)?;
-        }
-    }
-    if tcp.sack != 0 && f.ack_add != 0 {
-        for k in 0..MAX_SACK_BLOCKS {
-            if k >= tcp.sack_n {
-                break;
-            }
-            let at = tcp.sack + 8 * k as usize;
-            shift_field(ctx, csum, at, f.ack_add)?;
-            shift_field(ctx, csum, at + 4, f.ack_add)?;
-        }
-    }
-    Ok(())
 }
 
 /// Reports the end of the connection `flow` belongs to, once (both
