@@ -113,20 +113,30 @@ pub fn bench(lb_bin: &std::path::Path, hold_bin: &std::path::Path, o: &Opts) -> 
                 }
                 bar.set_message(msg);
                 let idle_n = match sys {
-                    System::LbKernel | System::LbUserspace | System::Direct => o.conns,
+                    s if s.is_lb() || s == System::Direct => o.conns,
                     _ => o.conns.min(SINGLE_PROCESS_CAP),
                 };
                 let hold = (scenario == Scenario::Idle).then_some(idle_n);
                 let measure = || {
                     systems::start(sys, backend.addr(), hold).and_then(|running| {
                         let (addr, pids) = (running.addr(), running.pids());
-                        match scenario {
+                        let before = systems::joins(&running);
+                        let mut sample = match scenario {
                             Scenario::Throughput1 => tools::throughput(addr, &pids, 1, o),
                             Scenario::Throughput4 => tools::throughput(addr, &pids, 4, o),
                             Scenario::Pingpong => tools::pingpong(addr, o),
                             Scenario::Connrate => tools::connrate(addr, &pids, o),
                             Scenario::Idle => tools::idle(hold_bin, &running, idle_n),
+                        }?;
+                        if let (Some(b), Some(a)) = (before, systems::joins(&running)) {
+                            // Which plane the figures are of: the share of
+                            // connections the packet plane joined.
+                            let (joined, kept) = (a.0 - b.0, a.1 - b.1);
+                            if joined + kept > 0 {
+                                sample.insert("joined_pct".into(), 100.0 * joined as f64 / (joined + kept) as f64);
+                            }
                         }
+                        Ok(sample)
                     })
                 };
                 // One retry, with a fresh start of the system: the tools now

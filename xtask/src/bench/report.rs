@@ -28,6 +28,11 @@ const METRICS: &[(Scenario, &str, &str, bool)] = &[
     (Scenario::Connrate, "syscalls_per_conn", "proxy syscalls per connection (strace -f -c, ab)", false),
     (Scenario::Connrate, "bpf_per_conn", "proxy bpf() calls per connection", false),
     (Scenario::Idle, "held", "idle connections held", true),
+    (Scenario::Throughput1, "joined_pct", "lb-packet: % of connections joined, 1 stream", true),
+    (Scenario::Throughput4, "joined_pct", "lb-packet: % of connections joined, 4 streams", true),
+    (Scenario::Pingpong, "joined_pct", "lb-packet: % of connections joined, ping-pong", true),
+    (Scenario::Connrate, "joined_pct", "lb-packet: % of connections joined, new connections", true),
+    (Scenario::Idle, "joined_pct", "lb-packet: % of connections joined, idle", true),
     (Scenario::Idle, "setup_s", "idle: setup s", false),
     (Scenario::Idle, "slab_bytes_per_conn", "idle: machine slab bytes per conn", false),
     (Scenario::Idle, "rss_bytes_per_conn", "idle: proxy RSS bytes per conn", false),
@@ -68,16 +73,53 @@ fn haproxy(results: &Results, scenario: Scenario, metric: &str, higher: bool) ->
         .map(|(s, _)| s)
 }
 
-/// lb-kernel's median ratio to `other` (HAProxy's better variant or direct).
-fn lb_ratio(results: &Results, scenario: Scenario, metric: &str, to: Option<System>) -> Option<f64> {
+/// `lb`'s median ratio to `to` (HAProxy's better variant or direct).
+fn lb_ratio(results: &Results, lb: System, scenario: Scenario, metric: &str, to: Option<System>) -> Option<f64> {
     let by_sys = results.get(&scenario)?;
-    ratio(by_sys.get(&System::LbKernel)?, by_sys.get(&to?)?, metric)
+    ratio(by_sys.get(&lb)?, by_sys.get(&to?)?, metric)
+}
+
+/// A goal: what, the measured figure, its unit, met.
+type Goal = (String, Option<f64>, &'static str, bool);
+
+/// The packet plane's goals, against this run's figures.
+fn packet_goals(results: &Results) -> Vec<Goal> {
+    let sys = System::LbPacket;
+    let hap = |sc, m, higher| lb_ratio(results, sys, sc, m, haproxy(results, sc, m, higher));
+    let direct = |sc, m| lb_ratio(results, sys, sc, m, Some(System::Direct));
+    let lb = |sc, m| stat(results.get(&sc)?.get(&sys)?, m).map(|s| s.median);
+    let mut v: Vec<Goal> = Vec::new();
+    let mut goal = |what: &str, r: Option<f64>, unit: &'static str, met: fn(f64) -> bool| {
+        v.push((what.to_owned(), r, unit, r.is_some_and(met)))
+    };
+    goal("one stream ≥ 0.9 × direct", direct(Scenario::Throughput1, "gbit_per_s"), " ×", |r| r >= 0.9);
+    goal("one stream ≥ 1.5 × HAProxy", hap(Scenario::Throughput1, "gbit_per_s", true), " ×", |r| r >= 1.5);
+    goal("four streams ≥ 0.9 × direct", direct(Scenario::Throughput4, "gbit_per_s"), " ×", |r| r >= 0.9);
+    for (sc, n) in [(Scenario::Throughput1, "one"), (Scenario::Throughput4, "four")] {
+        let m = "machine_cpu_s_per_gib";
+        goal(&format!("machine CPU per GiB, {n} stream(s) ≤ 1.2 × direct"), direct(sc, m), " ×", |r| r <= 1.2);
+        goal(&format!("machine CPU per GiB, {n} stream(s) ≤ 0.6 × HAProxy"), hap(sc, m, false), " ×", |r| r <= 0.6);
+    }
+    for (m, n) in [("avg_us", "avg"), ("p99_us", "p99")] {
+        goal(&format!("ping-pong {n} ≤ 1.15 × direct"), direct(Scenario::Pingpong, m), " ×", |r| r <= 1.15);
+        goal(&format!("ping-pong {n} ≤ 0.75 × HAProxy"), hap(Scenario::Pingpong, m, false), " ×", |r| r <= 0.75);
+    }
+    goal("new connections per s ≥ 1.2 × HAProxy", hap(Scenario::Connrate, "conns_per_s", true), " ×", |r| r >= 1.2);
+    goal("syscalls per connection ≤ 15", lb(Scenario::Connrate, "syscalls_per_conn"), "", |n| n <= 15.0);
+    goal("idle connection, own memory ≤ 1,000 B", lb(Scenario::Idle, "own_bytes_per_conn"), " B", |n| n <= 1000.0);
+    goal(
+        "idle connection, own memory ≤ 0.1 × HAProxy's",
+        hap(Scenario::Idle, "own_bytes_per_conn", false),
+        " ×",
+        |r| r <= 0.1,
+    );
+    v
 }
 
 /// The goals of the project's issues, against this run's ratios.
-fn goals(results: &Results) -> Vec<(String, Option<f64>, &'static str, bool)> {
-    let hap = |sc, m, higher| lb_ratio(results, sc, m, haproxy(results, sc, m, higher));
-    let direct = |sc, m| lb_ratio(results, sc, m, Some(System::Direct));
+fn goals(results: &Results) -> Vec<Goal> {
+    let hap = |sc, m, higher| lb_ratio(results, System::LbKernel, sc, m, haproxy(results, sc, m, higher));
+    let direct = |sc, m| lb_ratio(results, System::LbKernel, sc, m, Some(System::Direct));
     let at_least = |r: Option<f64>, g: f64| r.is_some_and(|r| r >= g);
     let at_most = |r: Option<f64>, g: f64| r.is_some_and(|r| r <= g);
     let lb = |sc, m| stat(results.get(&sc)?.get(&System::LbKernel)?, m).map(|s| s.median);
@@ -144,9 +186,7 @@ pub fn write(results: &Results, guard: Option<&super::guard::Figures>, o: &Opts)
             let to_direct = by_sys.get(&System::Direct).and_then(|d| ratio(samples, d, metric));
             let to_hap = hap.and_then(|h| ratio(samples, by_sys.get(&h)?, metric));
             let f = |x: Option<f64>| x.map_or("–".to_owned(), |r| format!("{r:.2}"));
-            let cap = if scenario == Scenario::Idle
-                && !matches!(sys, System::LbKernel | System::LbUserspace | System::Direct)
-            {
+            let cap = if scenario == Scenario::Idle && !(sys.is_lb() || *sys == System::Direct) {
                 " (one process: capped)"
             } else {
                 ""
@@ -171,15 +211,18 @@ pub fn write(results: &Results, guard: Option<&super::guard::Figures>, o: &Opts)
         }
     }
     let goals = goals(results);
-    let _ = writeln!(md, "\nGoals (lb-kernel, medians of per-round ratios):\n");
-    let _ = writeln!(md, "| goal | measured | |");
-    let _ = writeln!(md, "|---|---:|---|");
-    for (what, r, unit, met) in &goals {
-        let (m, verdict) = match r {
-            Some(r) => (format!("{r:.2}{unit}"), if *met { "met" } else { "not met" }),
-            None => ("–".to_owned(), "not measured in this run"),
-        };
-        let _ = writeln!(md, "| {what} | {m} | {verdict} |");
+    let packet_goals = packet_goals(results);
+    for (sys, goals) in [("lb-kernel", &goals), ("lb-packet", &packet_goals)] {
+        let _ = writeln!(md, "\nGoals ({sys}, medians of per-round ratios):\n");
+        let _ = writeln!(md, "| goal | measured | |");
+        let _ = writeln!(md, "|---|---:|---|");
+        for (what, r, unit, met) in goals {
+            let (m, verdict) = match r {
+                Some(r) => (format!("{r:.2}{unit}"), if *met { "met" } else { "not met" }),
+                None => ("–".to_owned(), "not measured in this run"),
+            };
+            let _ = writeln!(md, "| {what} | {m} | {verdict} |");
+        }
     }
     let mut guard_json = Value::Null;
     let med = |v: &[f64]| super::stats::median(v);
@@ -218,13 +261,16 @@ pub fn write(results: &Results, guard: Option<&super::guard::Figures>, o: &Opts)
         None => {}
     }
     let stamp = timestamp();
-    let goals_json: Vec<Value> = goals
-        .iter()
-        .map(|(g, r, unit, met)| json!({"goal": g, "measured": r, "unit": unit.trim(), "met": met}))
-        .collect();
+    let goals_json = |goals: &[Goal]| -> Vec<Value> {
+        goals
+            .iter()
+            .map(|(g, r, unit, met)| json!({"goal": g, "measured": r, "unit": unit.trim(), "met": met}))
+            .collect()
+    };
+    let (goals_json, packet_goals_json) = (goals_json(&goals), goals_json(&packet_goals));
     let json = json!({
         "command": command, "machine": machine, "runs": o.runs, "secs": o.secs, "idle_conns": o.conns,
-        "results": json_rows, "goals": goals_json, "guard": guard_json,
+        "results": json_rows, "goals": goals_json, "packet_goals": packet_goals_json, "guard": guard_json,
     });
     let prefix = if o.smoke { "smoke" } else { "bench" };
     std::fs::write(o.out.join(format!("{prefix}-{stamp}.json")), serde_json::to_string_pretty(&json)?)?;

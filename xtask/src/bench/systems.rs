@@ -11,6 +11,8 @@ pub enum System {
     /// The client talks to the backend itself: the floor for every figure.
     Direct,
     LbKernel,
+    /// lb with `splice = "packet"`: connections joined at packet level.
+    LbPacket,
     LbUserspace,
     Haproxy,
     /// HAProxy with `option splice-auto` (kernel splice(2) between sockets).
@@ -20,13 +22,26 @@ pub enum System {
 }
 
 impl System {
-    pub const ALL: [System; 6] =
-        [Self::Direct, Self::LbKernel, Self::LbUserspace, Self::Haproxy, Self::HaproxySplice, Self::Nginx];
+    pub const ALL: [System; 7] = [
+        Self::Direct,
+        Self::LbKernel,
+        Self::LbPacket,
+        Self::LbUserspace,
+        Self::Haproxy,
+        Self::HaproxySplice,
+        Self::Nginx,
+    ];
+
+    /// One of lb's.
+    pub fn is_lb(self) -> bool {
+        matches!(self, Self::LbKernel | Self::LbPacket | Self::LbUserspace)
+    }
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Direct => "direct",
             Self::LbKernel => "lb-kernel",
+            Self::LbPacket => "lb-packet",
             Self::LbUserspace => "lb-userspace",
             Self::Haproxy => "haproxy",
             Self::HaproxySplice => "haproxy-splice",
@@ -72,8 +87,9 @@ pub fn start(sys: System, backend: SocketAddr, hold: Option<usize>) -> anyhow::R
     let external = |r: Result<external::Process, String>| r.map(Running::External).map_err(anyhow::Error::msg);
     match sys {
         System::Direct => Ok(Running::Direct(backend)),
-        System::LbKernel | System::LbUserspace => {
-            let plane = if sys == System::LbKernel { "kernel" } else { "userspace" };
+        System::LbKernel | System::LbPacket | System::LbUserspace => {
+            let plane = if sys == System::LbUserspace { "userspace" } else { "kernel" };
+            let splice = if sys == System::LbPacket { "splice = \"packet\"\n" } else { "" };
             let (dir, pin_path) = lbproc::scratch();
             let (workers, pool) = match hold {
                 Some(n) => (
@@ -91,7 +107,7 @@ pub fn start(sys: System, backend: SocketAddr, hold: Option<usize>) -> anyhow::R
             // (README, "Kernel memory").
             let kernel_memory = ((maxconn as u64 * 3 * 1024 + workers as u64 * (5 << 20)) >> 20) + 64;
             let cfg = format!(
-                "dataplane = \"{plane}\"\npin_path = \"{}\"\nworkers = {workers}\nmaxconn = {maxconn}\n\
+                "dataplane = \"{plane}\"\n{splice}pin_path = \"{}\"\nworkers = {workers}\nmaxconn = {maxconn}\n\
                  kernel_memory = \"{kernel_memory}MiB\"\nsplice_queue_limit = \"0\"\naccess_log = false\n\n\
                  [[frontend]]\nname = \"bench\"\nlisten = \"127.0.0.1:0\"\nbackend = \"sink\"\n\n\
                  [[backend]]\nname = \"sink\"\nservers = [\"{backend}\"]\n{pool}\n",
@@ -101,10 +117,29 @@ pub fn start(sys: System, backend: SocketAddr, hold: Option<usize>) -> anyhow::R
             if lb.dataplane != plane {
                 bail!("lb started the {} data plane, not {plane}", lb.dataplane);
             }
+            if sys == System::LbPacket && !lb.pinned_stats()["packet"].is_object() {
+                bail!("lb's packet plane did not start (its frontend fell back to sockmap)");
+            }
             Ok(Running::Lb(lb))
         }
         System::Haproxy => external(external::haproxy(backend, false, SINGLE_PROCESS_CAP)),
         System::HaproxySplice => external(external::haproxy(backend, true, SINGLE_PROCESS_CAP)),
         System::Nginx => external(external::nginx_stream(backend)),
     }
+}
+
+/// The packet plane's joins so far, and the connections it kept on
+/// sockmap (all reasons): lb-packet only.
+pub fn joins(running: &Running) -> Option<(u64, u64)> {
+    let Running::Lb(lb) = running else { return None };
+    if !lb.pinned_stats()["packet"].is_object() {
+        return None;
+    }
+    lb.await_publication();
+    let t = &lb.pinned_stats()["totals"];
+    let kept = ["timestamps", "mss", "closed", "map", "path"]
+        .iter()
+        .map(|r| t[format!("packet_kept_{r}")].as_u64().unwrap_or(0))
+        .sum();
+    Some((t["packet_joined"].as_u64().unwrap_or(0), kept))
 }
