@@ -376,7 +376,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                     pin_path.display()
                 );
             }
-            let rows = read::conns(&pin_path, server)?;
+            let rows = crate::observe::conns::conns(&pin_path, server)?;
             if json {
                 out(format_args!("{}\n", serde_json::to_string_pretty(&rows)?))?;
             } else {

@@ -116,6 +116,52 @@ async fn lb_run_after_a_killed_supervisor_takes_every_connection_over() {
     eprintln!("{CONNS} connections through a SIGKILL of the supervisor and a new lb run: 0 lost, 0 bytes wrong");
 }
 
+/// On the packet plane no process of lb's carries a joined connection: 1,000
+/// joined connections go on exchanging checked bytes while every lb
+/// process (supervisor, workers, holders) is killed with SIGKILL and while
+/// none runs. The next `lb run` adopts the flows left in the pinned maps:
+/// it counts and lists every connection, and each one later ends properly
+/// (the FINs each way go through the program) and is counted as ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packet_plane_connections_outlive_every_lb_process() {
+    const CONNS: u32 = 1000;
+    let be = Backend::echo().await;
+    let body = format!("workers = 2\n{}", Lb::body(&[be.addr]));
+    let Some(mut lb) = Lb::start_with(Mode::Packet, "crash_packet", &body) else { return };
+    let proof = KernelProof::start(&lb);
+    let conns = open_checked(lb.addr, CONNS).await;
+    let joined = retry_until(Duration::from_secs(10), || (proof.joined(&lb) >= u64::from(CONNS)).then_some(())).await;
+    assert!(joined.is_some(), "{} of {CONNS} connections joined", proof.joined(&lb));
+    let traffic = Traffic::start(conns, 10);
+    traffic_moves(&traffic, 1, "before the kill").await;
+
+    let everyone = lb.pids();
+    lb.kill_supervisor();
+    for p in &everyone {
+        kill(*p, libc::SIGKILL);
+    }
+    all_gone(&everyone, "lb's processes").await;
+    traffic_moves(&traffic, 2, "while no lb process ran").await;
+
+    lb.restart("crash_packet", &[]);
+    traffic_moves(&traffic, 2, "after lb run again").await;
+    let Finished { conns: mut all, errors } = traffic.finish().await;
+    assert!(errors.is_empty(), "{} failed round trip(s), first: {:?}", errors.len(), errors.first());
+    let want = u64::from(CONNS);
+    let counted =
+        retry_until(Duration::from_secs(5), || (lb.pinned_stats()["totals"]["active"].as_u64()? == want).then_some(()))
+            .await;
+    assert!(counted.is_some(), "want {want} active connections after the restart: {}", lb.pinned_stats());
+    let rows: serde_json::Value = serde_json::from_str(&lb.ctl(&["conns", "--json"])).unwrap();
+    assert_eq!(rows.as_array().map(Vec::len), Some(CONNS as usize), "lb conns lists every joined connection");
+    let mut fresh = TcpStream::connect(lb.addr).await.unwrap();
+    round_trip(&mut fresh, 5000, 0).await.unwrap_or_else(|e| panic!("a new client after the restart: {e}"));
+    all.push(fresh);
+    testkit::ends_with_fin_back(&mut all, Duration::from_secs(10), "after the new lb run").await;
+    assert!(lb.all_ended(Duration::from_secs(10)).await, "connections not counted as ended: {}", lb.pinned_stats());
+    eprintln!("{CONNS} joined connections through a SIGKILL of every lb process and a new lb run: 0 lost");
+}
+
 /// With no restart, the holders of a killed supervisor keep splicing and
 /// forward ends; once the last connection has ended they exit by
 /// themselves and their listeners close; `lb stop` then removes the pins.

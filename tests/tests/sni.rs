@@ -15,6 +15,7 @@ use tokio::{
 };
 
 testkit::both_planes!(routes_by_server_name, silent_and_garbage_clients_are_closed_and_counted);
+testkit::plane_tests!(packet, Packet, routes_by_server_name);
 
 fn config(a: &Backend, b: &Backend, default: &Backend, extra: &str) -> String {
     format!(
@@ -77,6 +78,20 @@ async fn routes_by_server_name(mode: Mode) {
     let counts = [&a, &b, &default].map(|be| be.accepted.load(Relaxed));
     assert_eq!(counts, [4, 2, 4], "connections per backend [a, b, default]");
     proof.assert_all_spliced(&lb, "sni");
+    if mode == Mode::Packet {
+        // lb read the ClientHello before it connected; once joined, the
+        // bytes go through the program alone, each to its own server.
+        let n = held.len() as u64;
+        let joined = retry_until(Duration::from_secs(5), || (proof.joined(&lb) >= n).then_some(())).await;
+        assert!(joined.is_some(), "sni: {} of {n} connections joined", proof.joined(&lb));
+        for (i, s) in held.iter_mut().enumerate() {
+            let mut out = vec![0u8; 10_000];
+            testkit::stream::Stream::new(i as u64).fill(&mut out);
+            s.write_all(&out).await.unwrap();
+            let back = testkit::read_n(s, out.len(), "sni").await;
+            assert!(back == out, "sni: connection {i}: echo after the join corrupt");
+        }
+    }
     let totals = &lb.pinned_stats()["totals"];
     assert_eq!((totals["client_hello_timeouts"].as_u64(), totals["client_hello_invalid"].as_u64()), (Some(0), Some(0)));
 }

@@ -86,6 +86,9 @@ impl JoinJob {
                 // Both sockets are in repair mode: closed without a sound.
                 // No socket holds the source port then: lb keeps it booked.
                 guard.joined(held.source.port(), move || drop(socks));
+                // The verdict counted the bytes before the join; the
+                // program's figures for the rest come with the end.
+                guard.kernel_counted([false, false]);
                 self.maps.lock().unwrap_or_else(|e| e.into_inner()).forget_records(held.cookies);
                 self.stats.packet_joined.fetch_add(1, Relaxed);
                 held.packet = Some(local);

@@ -118,14 +118,17 @@ pub(super) fn look(cfg: &Config) -> anyhow::Result<Option<(Objects, Earlier)>> {
         return Ok(None);
     }
     let holders = live_holders(run_dir, pin_path);
-    if holders.is_empty() {
+    // Connections joined on the packet plane need no process: the program
+    // and the flows stay pinned when every process of lb's is gone.
+    let joined = crate::kernel::flows::FlowMaps::open(pin_path).map_or(0, |f| f.entries() / 2);
+    if holders.is_empty() && joined == 0 {
         return Ok(None);
     }
     let pids: Vec<u32> = holders.iter().map(|h| h.pid).collect();
     let refuse = |why: &str| {
         log::error!(
-            "the earlier lb at {} left {} holder(s) (pids {pids:?}) keeping its connections, but this one cannot take \
-             them over: {why}; stopping them (their connections are closed) and starting anew",
+            "the earlier lb at {} left {} holder(s) (pids {pids:?}) and {joined} joined connection(s), but this one \
+             cannot take them over: {why}; stopping them (their connections are closed) and starting anew",
             pin_path.display(),
             holders.len(),
         );
@@ -152,7 +155,8 @@ pub(super) fn look(cfg: &Config) -> anyhow::Result<Option<(Objects, Earlier)>> {
     match Objects::adopt_orphaned(run_dir, pin_path, meta.clone()) {
         Ok(objects) => {
             log::info!(
-                "taking over the earlier lb at {} (supervisor pid {} is gone): {} holder(s) alive, pids {pids:?}",
+                "taking over the earlier lb at {} (supervisor pid {} is gone): {} holder(s) alive, pids {pids:?}; \
+                 {joined} joined connection(s)",
                 pin_path.display(),
                 meta.pid,
                 holders.len()

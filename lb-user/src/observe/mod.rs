@@ -4,6 +4,7 @@
 //! `lb stats` and `lb conns` ([`read`], [`render`]), and `/metrics`.
 
 pub mod conn;
+pub mod conns;
 pub mod counters;
 pub mod metrics;
 pub mod publish;

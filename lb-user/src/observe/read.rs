@@ -3,16 +3,9 @@
 //! read maps with system calls (a big instance has hundreds of thousands
 //! of entries): async callers run them on a blocking thread.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::SocketAddr,
-    path::Path,
-};
+use std::{collections::BTreeMap, net::SocketAddr, path::Path};
 
-use lb_common::{
-    conn::{ConnTraffic, SIDE_CLIENT},
-    stats::{ServerStats, WorkerStats},
-};
+use lb_common::stats::{ServerStats, WorkerStats};
 use serde::Serialize;
 
 use super::counters::{self, WorkerCounters};
@@ -375,46 +368,4 @@ impl SourceRow {
         let ip = if source_ip == [0; 16] { "kernel".into() } else { ip_of(source_ip).to_string() };
         SourceRow { ip, server, ports_in_use: 0, connects: 0, exhausted: 0 }
     }
-}
-
-/// One spliced connection, from its two `LB_CONN` records.
-#[derive(Clone, Debug, Serialize)]
-pub struct ConnRow {
-    pub client: SocketAddr,
-    pub server: SocketAddr,
-    /// The local address lb connected from.
-    pub source: SocketAddr,
-    pub worker: u16,
-    pub age_secs: f64,
-    pub idle_secs: f64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-}
-
-/// Live kernel-spliced connections, optionally only those to `server`.
-pub fn conns(pin_path: &Path, server: Option<SocketAddr>) -> Result<Vec<ConnRow>, KernelError> {
-    let maps = PinnedMaps::open(pin_path)?;
-    let now = crate::kernel::sys::monotonic_coarse_ns();
-    let all: HashMap<u64, ConnTraffic> = maps.conn.all_records()?.into_iter().collect();
-    let mut rows: Vec<ConnRow> = all
-        .values()
-        .filter(|c| c.side == SIDE_CLIENT)
-        .map(|c| {
-            let peer = all.get(&c.peer_cookie);
-            let last = c.last_active_ns.max(peer.map_or(0, |p| p.last_active_ns));
-            ConnRow {
-                client: SocketAddr::new(ip_of(c.client_ip), c.client_port),
-                server: SocketAddr::new(ip_of(c.server_ip), c.server_port),
-                source: SocketAddr::new(ip_of(c.source_ip), c.source_port),
-                worker: c.worker,
-                age_secs: now.saturating_sub(c.start_ns) as f64 / 1e9,
-                idle_secs: now.saturating_sub(last) as f64 / 1e9,
-                bytes_in: c.bytes,
-                bytes_out: peer.map_or(0, |p| p.bytes),
-            }
-        })
-        .filter(|r| server.is_none_or(|s| s == r.server))
-        .collect();
-    rows.sort_by(|a, b| b.age_secs.total_cmp(&a.age_secs));
-    Ok(rows)
 }

@@ -3,10 +3,7 @@
 
 use comfy_table::{CellAlignment, ContentArrangement, Table, presets};
 
-use super::{
-    counters::WorkerCounters,
-    read::{ConnRow, Report},
-};
+use super::{conns::ConnRow, counters::WorkerCounters, read::Report};
 
 fn table(header: &[&str], right_from: usize) -> Table {
     let mut t = Table::new();
@@ -117,13 +114,15 @@ pub fn stats(r: &Report) -> String {
 
 /// `lb conns`.
 pub fn conns(rows: &[ConnRow]) -> String {
-    let mut t = table(&["CLIENT", "SERVER", "SOURCE", "WORKER", "AGE_S", "IDLE_S", "BYTES_IN", "BYTES_OUT"], 3);
+    let mut t =
+        table(&["CLIENT", "SERVER", "SOURCE", "WORKER", "PLANE", "AGE_S", "IDLE_S", "BYTES_IN", "BYTES_OUT"], 3);
     for r in rows {
         t.add_row(vec![
             r.client.to_string(),
             r.server.to_string(),
             r.source.to_string(),
             r.worker.to_string(),
+            r.plane.to_string(),
             format!("{:.1}", r.age_secs),
             format!("{:.1}", r.idle_secs),
             r.bytes_in.to_string(),
