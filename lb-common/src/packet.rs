@@ -64,9 +64,7 @@ pub struct Flow {
     pub fin: u8,
     pub rst: u8,
     pub ended: u8,
-    /// 1 once the program saw lb's sockets done delivering
-    /// ([`FlowCtl::custody`] 0): it stops asking for every ACK.
-    pub lifted: u8,
+    pub _pad0: u8,
     /// The worker slot whose holder is told of the end.
     pub slot: u16,
     /// Indexes of the frontend and the backend (config order), for a
@@ -113,9 +111,7 @@ pub struct FlowCtl {
     /// (they took it before the join), not by the program.
     pub fin: [u8; 2],
     /// 1 while lb's sockets still deliver what they took before the join:
-    /// the program then holds back every reset (it would overtake them),
-    /// and lets a copy of each pure ACK reach lb's socket as it was sent
-    /// (the socket needs the peer's acknowledgments to go on sending).
+    /// the program then holds back every reset (it would overtake them).
     pub custody: u8,
     pub _pad: u8,
     /// What the client and the server had acknowledged of lb's sockets
@@ -127,10 +123,6 @@ const _: () = assert!(core::mem::size_of::<FlowCtl>() == 12);
 
 /// [`Flow::state`]: every packet is rewritten into the other connection.
 pub const JOINED: u8 = 1;
-/// `skb->mark` of the copy of an ACK the program sends on to lb's socket
-/// during the custody: every lb program lets it pass unchanged when it
-/// comes round the hook again.
-pub const ECHO_MARK: u32 = 0x1b0e_c40a;
 /// [`Flow::state`] of an entry keyed by a packet lb's own socket sends to
 /// a live peer after the other peer reset: the program turns that packet
 /// (lb's socket's abortive reset) into a reset at `seq_add`, where the
@@ -207,10 +199,8 @@ pub struct PacketCounters {
     /// Resets of lb's own sockets moved to where a dead side's stream
     /// ends, for its live peer ([`TURN`]).
     pub turned: u64,
-    /// Copies of a peer's ACKs sent on to lb's socket during a custody.
-    pub echoed: u64,
 }
-const _: () = assert!(core::mem::size_of::<PacketCounters>() == 72);
+const _: () = assert!(core::mem::size_of::<PacketCounters>() == 64);
 
 impl PacketCounters {
     /// Field-wise sum, for folding per-CPU slots.
@@ -224,7 +214,6 @@ impl PacketCounters {
             ends_lost: self.ends_lost + o.ends_lost,
             syn_reuse: self.syn_reuse + o.syn_reuse,
             turned: self.turned + o.turned,
-            echoed: self.echoed + o.echoed,
         }
     }
 }

@@ -182,6 +182,9 @@ worker_counters! {
     Counter packet_kept_mss => "packet_kept" reason "mss",
     /// Of those kept: a side closed or reset while lb joined them.
     Counter packet_kept_closed => "packet_kept" reason "closed",
+    /// Of those kept: bytes kept flowing through lb, never a quiet moment
+    /// to join them (a sender that never pauses).
+    Counter packet_kept_busy => "packet_kept" reason "busy",
     /// Of those kept: the flow map was full or refused the entries, or
     /// `lb_setup` recorded no handshake.
     Counter packet_kept_map => "packet_kept" reason "map",
@@ -189,7 +192,7 @@ worker_counters! {
     /// loopback in IPv4, the only path the program watches so far.
     Counter packet_kept_path => "packet_kept" reason "path",
 }
-const _: () = assert!(core::mem::size_of::<WorkerCounters>() == 25 * 8);
+const _: () = assert!(core::mem::size_of::<WorkerCounters>() == 26 * 8);
 
 /// Value of `LB_WORKERS`, keyed by worker index (u32).
 #[repr(C)]
@@ -205,7 +208,7 @@ pub struct WorkerStats {
     pub seq: u64,
     pub counters: WorkerCounters,
 }
-const _: () = assert!(core::mem::size_of::<WorkerStats>() == 16 + 25 * 8);
+const _: () = assert!(core::mem::size_of::<WorkerStats>() == 16 + 26 * 8);
 
 /// Key of `LB_SOURCES`.
 #[repr(C)]

@@ -530,7 +530,7 @@ fn kernel_counters(lb: &Lb) -> Counts {
         // packet of a connection that ended while it was joined.
         rewritten: s["packet"]["rewritten"].as_u64().unwrap_or(0) + s["packet"]["turned"].as_u64().unwrap_or(0),
         joined: s["totals"]["packet_joined"].as_u64().unwrap_or(0),
-        kept: ["timestamps", "mss", "closed", "map", "path"]
+        kept: ["timestamps", "mss", "closed", "busy", "map", "path"]
             .iter()
             .map(|r| s["totals"][format!("packet_kept_{r}")].as_u64().unwrap_or(0))
             .sum(),
@@ -583,7 +583,7 @@ impl KernelProof {
             );
             assert!(joined == 0 || rewritten > 0, "{test}: {joined} joined, but no packet rewritten");
             let s = lb.pinned_stats();
-            let reasons: Vec<String> = ["timestamps", "mss", "closed", "map", "path"]
+            let reasons: Vec<String> = ["timestamps", "mss", "closed", "busy", "map", "path"]
                 .iter()
                 .map(|r| format!("{r} {}", s["totals"][format!("packet_kept_{r}")]))
                 .collect();

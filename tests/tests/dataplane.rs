@@ -109,7 +109,6 @@ async fn transfers_200_random_sizes_both_ways(mode: Mode) {
         );
     }
     if mode == Mode::Packet {
-        // Transfers that never pause are joined all the same.
         let joined = proof.joined(&lb);
         assert!(joined > 0, "no transfer was joined on the packet plane");
         eprintln!("[packet] 200 transfers: {joined} joined");

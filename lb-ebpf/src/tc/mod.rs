@@ -24,13 +24,13 @@
 //! a new connection reusing them: the flow is removed and the SYN passes.
 
 use aya_ebpf::{
-    bindings::{BPF_F_INGRESS, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_coarse_ns,
     macros::classifier,
     programs::TcContext,
 };
 use lb_common::{
-    packet::{ECHO_MARK, END_FIN, END_RST, Flow, FlowKey, JOINED, PacketCounters, PacketEnd, TURN},
+    packet::{END_FIN, END_RST, Flow, FlowKey, JOINED, PacketCounters, PacketEnd, TURN},
     stats::COUNTERS_KEY,
 };
 
@@ -64,13 +64,6 @@ fn count(f: impl FnOnce(&mut PacketCounters)) {
 
 fn try_packet(ctx: &TcContext) -> Result<i32, i32> {
     if read::<u16>(ctx, 12).map(u16::from_be) != Some(ETH_P_IP) {
-        return Ok(PASS);
-    }
-    // SAFETY: the context's skb, valid for the program's run.
-    if unsafe { (*ctx.skb.skb).mark } == ECHO_MARK {
-        // A copy of an ACK for lb's socket (see `echo`), by this program
-        // or another lb's on the hook: it keeps its mark, so that every
-        // program lets it pass.
         return Ok(PASS);
     }
     let vihl: u8 = read(ctx, ETH_LEN).ok_or(PASS)?;
@@ -131,18 +124,9 @@ fn try_packet(ctx: &TcContext) -> Result<i32, i32> {
     // SAFETY: map value pointer valid for the program's run; copied out
     // once, so the rewrite reads a consistent view.
     let f = unsafe { *flow };
-    let pure_ack = flags & (FIN | RST) == 0 && tcp.payload == 0;
-    let ctl = if flags & (FIN | RST) != 0 || (pure_ack && f.lifted == 0) { LB_FLOW_CTL.get_ptr(&f.id) } else { None };
+    let ctl = if flags & (FIN | RST) != 0 { LB_FLOW_CTL.get_ptr(&f.id) } else { None };
     // SAFETY: map value pointer valid for the program's run.
     let ctl = ctl.map(|c| unsafe { *c }).unwrap_or_default();
-    if pure_ack && f.lifted == 0 {
-        if ctl.custody != 0 {
-            echo(ctx);
-        } else {
-            // SAFETY: as above.
-            unsafe { (*flow).lifted = 1 };
-        }
-    }
     // The receiver's entries of `ctl` (the client's are first). Values
     // picked, not indexed: the verifier refuses a variable offset into
     // the stack.
@@ -189,23 +173,6 @@ fn try_packet(ctx: &TcContext) -> Result<i32, i32> {
         }
     }
     Ok(PASS)
-}
-
-/// During the custody, lb's socket still sends the peer what it took
-/// before the join, and needs the peer's acknowledgments to go on (its
-/// send window, its retransmissions): a copy of the peer's pure ACK goes
-/// to lb's socket as sent, while the packet itself is rewritten for the
-/// other peer. The copy comes round this program again, marked, and
-/// passes unchanged. An acknowledgment beyond what lb's socket sent (of
-/// bytes the other peer sent straight) is ignored by the socket.
-#[inline(always)]
-fn echo(ctx: &TcContext) {
-    // SAFETY: the context's skb, valid for the program's run.
-    let (mark, ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ifindex) };
-    ctx.set_mark(ECHO_MARK);
-    let copied = ctx.clone_redirect(ifindex, u64::from(BPF_F_INGRESS)).is_ok();
-    ctx.set_mark(mark);
-    count(|c| c.echoed += u64::from(copied));
 }
 
 /// Whether a reset, rewritten, lands exactly where its receiver is: its

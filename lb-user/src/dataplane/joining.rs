@@ -111,6 +111,7 @@ impl JoinJob {
             Kept::Timestamps => &s.packet_kept_timestamps,
             Kept::Mss => &s.packet_kept_mss,
             Kept::Closed => &s.packet_kept_closed,
+            Kept::Busy => &s.packet_kept_busy,
             Kept::Map => &s.packet_kept_map,
             Kept::Path => &s.packet_kept_path,
         }

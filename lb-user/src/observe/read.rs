@@ -128,8 +128,6 @@ pub struct PacketRow {
     pub syn_reuse: u64,
     /// Resets lb sent a live peer where its dead peer's stream ends.
     pub turned: u64,
-    /// Copies of a peer's ACKs sent on to lb's socket while it delivered.
-    pub echoed: u64,
     /// Entries in `LB_FLOWS` (two per joined connection).
     pub flows: u64,
 }
@@ -273,7 +271,6 @@ pub fn read_from(maps: &PinnedMaps, meta: &Meta) -> Result<Report, KernelError> 
             ends_lost: c.ends_lost,
             syn_reuse: c.syn_reuse,
             turned: c.turned,
-            echoed: c.echoed,
             flows,
         });
     }

@@ -135,6 +135,10 @@ pub fn bench(lb_bin: &std::path::Path, hold_bin: &std::path::Path, o: &Opts) -> 
                             if joined + kept > 0 {
                                 sample.insert("joined_pct".into(), 100.0 * joined as f64 / (joined + kept) as f64);
                             }
+                            if scenario == Scenario::Idle && idle_n > 0 {
+                                let per = systems::PACKET_MAP_BYTES_PER_CONN * joined as f64 / idle_n as f64;
+                                sample.insert("map_bytes_per_conn".into(), per);
+                            }
                         }
                         Ok(sample)
                     })

@@ -37,6 +37,7 @@ const METRICS: &[(Scenario, &str, &str, bool)] = &[
     (Scenario::Idle, "slab_bytes_per_conn", "idle: machine slab bytes per conn", false),
     (Scenario::Idle, "rss_bytes_per_conn", "idle: proxy RSS bytes per conn", false),
     (Scenario::Idle, "total_bytes_per_conn", "idle: slab + RSS bytes per conn", false),
+    (Scenario::Idle, "map_bytes_per_conn", "idle: map entries per conn (lb-packet, computed)", false),
     (Scenario::Idle, "own_bytes_per_conn", "idle: the proxy's own bytes per conn", false),
 ];
 
@@ -57,7 +58,8 @@ pub fn derive(results: &mut Results) {
             if let (Some(Some(d)), Some(slab), Some(rss)) =
                 (direct.get(i), s.get("slab_bytes_per_conn").copied(), s.get("rss_bytes_per_conn").copied())
             {
-                s.insert("own_bytes_per_conn".into(), slab - d + rss);
+                let maps = s.get("map_bytes_per_conn").copied().unwrap_or(0.0);
+                s.insert("own_bytes_per_conn".into(), slab - d + rss + maps);
             }
         }
     }

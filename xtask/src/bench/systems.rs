@@ -128,6 +128,13 @@ pub fn start(sys: System, backend: SocketAddr, hold: Option<usize>) -> anyhow::R
     }
 }
 
+/// What the map entries of one joined connection take in the kernel, in
+/// bytes: two `LB_FLOWS` entries (a 40-byte key, a 128-byte value) and one
+/// `LB_FLOW_CTL` entry (8 and 12 bytes), each in a hash map element with
+/// its 40-byte header (`struct htab_elem`), key and value rounded up to 8
+/// bytes. The maps are preallocated, so the slab does not show them.
+pub const PACKET_MAP_BYTES_PER_CONN: f64 = (2 * (40 + 40 + 128) + (40 + 8 + 16)) as f64;
+
 /// The packet plane's joins so far, and the connections it kept on
 /// sockmap (all reasons): lb-packet only.
 pub fn joins(running: &Running) -> Option<(u64, u64)> {
@@ -137,7 +144,7 @@ pub fn joins(running: &Running) -> Option<(u64, u64)> {
     }
     lb.await_publication();
     let t = &lb.pinned_stats()["totals"];
-    let kept = ["timestamps", "mss", "closed", "map", "path"]
+    let kept = ["timestamps", "mss", "closed", "busy", "map", "path"]
         .iter()
         .map(|r| t[format!("packet_kept_{r}")].as_u64().unwrap_or(0))
         .sum();

@@ -228,9 +228,20 @@ fn slab_kb() -> f64 {
 pub fn idle(hold_bin: &Path, running: &Running, n: usize) -> anyhow::Result<Sample> {
     let rss = |pids: &[u32]| pids.iter().map(|p| testkit::status_kb(*p, "VmRSS") as f64).sum::<f64>();
     let (rss0, slab0) = (rss(&running.pids()), slab_kb());
+    let joins0 = super::systems::joins(running);
     let t0 = Instant::now();
     let held = hold_clients(hold_bin, running.addr(), n)?;
     let setup = t0.elapsed().as_secs_f64();
+    // On the packet plane each connection is joined after its splice: the
+    // memory is of joined connections once every join is done.
+    if let Some(start) = joins0 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while super::systems::joins(running).is_some_and(|(j, k)| (j + k).saturating_sub(start.0 + start.1) < n as u64)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
     // Let the proxies settle their per-connection state.
     std::thread::sleep(Duration::from_millis(500));
     let (rss1, slab1) = (rss(&running.pids()), slab_kb());

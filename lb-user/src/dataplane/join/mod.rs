@@ -17,7 +17,7 @@
 //!    one peer is on its way to the other (each socket's bytes received all
 //!    written to the other and acknowledged), so that the join hands over
 //!    nothing in flight. A connection that is never quiet (a sender that
-//!    never pauses) is joined after that all the same.
+//!    never pauses) stays on sockmap.
 //! 3. **Join.** Both directions go into `LB_FLOWS` joined (one `bpf()`):
 //!    from then on the program rewrites every packet of either peer into
 //!    the other connection. Nothing is dropped: a packet the program let
@@ -25,8 +25,7 @@
 //!    for it, see [`Grace`]), and bytes that reached lb's sockets are
 //!    still delivered by them ("custody"); a peer's later bytes and FIN,
 //!    rewritten, may overtake them, and its receiver queues them until
-//!    the gap is filled, as after any reordering (the program sends lb's
-//!    sockets a copy of the peers' ACKs meanwhile, so they keep sending).
+//!    the gap is filled, as after any reordering.
 //!    A reset is not queued: the program passes none while lb's sockets
 //!    deliver, and then only one that lands exactly where its receiver
 //!    stands. lb waits until each peer has acknowledged all lb's socket
@@ -53,12 +52,20 @@ use crate::{
     },
 };
 
-/// How long lb waits for a quiet moment before it joins a busy connection
-/// anyway.
+/// How long lb waits for a quiet moment before it leaves a connection on
+/// sockmap.
 const QUIET_WITHIN: Duration = Duration::from_millis(50);
-/// Ticks a translated TSval is moved ahead, for the tick the sockets'
-/// offsets may be read across.
-const TS_AHEAD: u32 = 1;
+/// Milliseconds a translated TSval is moved ahead of the clock of lb's
+/// socket it continues. lb's socket may still send a segment after the
+/// join (a delayed ACK, a window update) that overtakes a peer's segment
+/// sent before it; the receiver takes the newer TSval and drops a segment
+/// more than a tick older (PAWS), and if the peer then resets, that
+/// segment is lost. Ahead by this much, a peer's segment is dropped only
+/// if it spent longer on its way. Ahead costs nothing: a receiver takes
+/// newer TSvals from translated segments only once it has all lb's socket
+/// had to deliver (a segment beyond its left edge leaves its TSval record
+/// alone), and lb's socket sends no data after that.
+const TS_AHEAD: u32 = 64;
 /// Bytes the timestamp option takes in every segment, with its padding.
 const TS_OPTION: u32 = 12;
 /// Checks that only yield to the runtime before lb sleeps between them.
@@ -76,6 +83,8 @@ pub enum Kept {
     Mss,
     /// A side closed or reset before the join.
     Closed,
+    /// No quiet moment: bytes kept flowing through lb.
+    Busy,
     /// The flow map refused the entries, or a handshake was not recorded
     /// (no `lb_setup`).
     Map,
@@ -311,19 +320,24 @@ fn check(c: &Info, s: &Info, hc: &Handshake, hs: &Handshake) -> Result<bool, Kep
     Ok(ts(c.options))
 }
 
-/// Waits, briefly, for a moment when nothing lb took from either peer is
-/// on its way to the other: then the custody has nothing to deliver. A
-/// sender that never pauses is joined all the same (its custody carries
-/// what lb's sockets hold then).
+/// Waits for a moment when nothing lb took from either peer is on its way
+/// to the other: then the custody has little to deliver. lb's sockets see
+/// none of the peers' acknowledgments after the join (the program sends
+/// them to the other peer), so a custody of a window of bytes would go at
+/// the pace of retransmission timeouts: a sender that never pauses stays
+/// on sockmap.
 async fn quiet(j: &Joining<'_>) -> Result<(), Kept> {
     let deadline = tokio::time::Instant::now() + QUIET_WITHIN;
     for i in 0.. {
-        if settled(j)? || tokio::time::Instant::now() >= deadline {
-            break;
+        if settled(j)? {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Kept::Busy);
         }
         pause(i).await;
     }
-    Ok(())
+    Err(Kept::Busy)
 }
 
 /// The `i`th pause between two checks: a yield to the runtime at first,
@@ -415,8 +429,7 @@ fn joined(
         // time lb_setup read it (it was sent then or before), so the
         // translated TSvals stand at or ahead of the socket's clock: ahead
         // by how long the handshake's last packet took to reach lb_setup
-        // (on one host, nothing), plus TS_AHEAD for the tick the offsets
-        // may be read across.
+        // (on one host, nothing), plus TS_AHEAD.
         let offset = |h: &Handshake| h.peer_tsval.wrapping_sub(h.at_ms);
         to_server.tsval_add = s_off.wrapping_sub(offset(c)).wrapping_add(TS_AHEAD);
         to_client.tsval_add = c_off.wrapping_sub(offset(s)).wrapping_add(TS_AHEAD);

@@ -23,7 +23,7 @@ fn offsets_map_each_stream_onto_the_other() {
     assert_eq!(90_052u32.wrapping_add(to_c.ack_add), 5042);
     // At 2000 the client's TSval is 1100 and the server's 7,001,000:
     // each goes out where the socket its receiver talked to stands then
-    // (2300, 7000; a tick ahead), and its echo comes back as it was sent.
+    // (2300, 7000; TS_AHEAD ahead), and its echo comes back as it was sent.
     let out = 1100u32.wrapping_add(to_s.tsval_add);
     assert_eq!(out, 2300 + TS_AHEAD);
     assert_eq!(out.wrapping_add(to_c.tsecr_add), 1100);
