@@ -359,7 +359,6 @@ impl Lb {
         std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
     }
 
-    /// `lb stats --json` against this instance's pins (kernel mode).
     /// Waits up to `within` until no connection is counted active and
     /// `LB_CONN` is empty: every connection ended and counted once.
     pub async fn all_ended(&self, within: std::time::Duration) -> bool {
@@ -371,6 +370,20 @@ impl Lb {
         .is_some()
     }
 
+    /// `n` connections are counted active (within 5 s) and `lb conns`
+    /// lists `n` joined on the packet plane; panics naming `when` otherwise.
+    pub async fn assert_joined_live(&self, n: u64, when: &str) {
+        let counted = crate::retry_until(Duration::from_secs(5), || {
+            (self.pinned_stats()["totals"]["active"].as_u64()? == n).then_some(())
+        })
+        .await;
+        assert!(counted.is_some(), "want {n} active connections {when}: {}", self.pinned_stats());
+        let rows: serde_json::Value = serde_json::from_str(&self.ctl(&["conns", "--json"])).unwrap();
+        let packet = rows.as_array().map_or(0, |r| r.iter().filter(|r| r["plane"] == "packet").count());
+        assert_eq!(packet as u64, n, "lb conns lists every joined connection {when}");
+    }
+
+    /// `lb stats --json` against this instance's pins (kernel mode).
     pub fn pinned_stats(&self) -> serde_json::Value {
         let out = Command::new(lb_bin())
             .args(["stats", "--json", "--pin-path"])
@@ -516,6 +529,10 @@ struct Counts {
     kept: u64,
 }
 
+/// The reasons `lb stats` gives for a connection of a packet-plane
+/// frontend kept on sockmap (`packet_kept_<reason>`).
+pub const PACKET_KEPT_REASONS: [&str; 6] = ["timestamps", "mss", "closed", "busy", "map", "path"];
+
 fn kernel_counters(lb: &Lb) -> Counts {
     let s = lb.pinned_stats();
     let get = |section: &str, key: &str| {
@@ -530,10 +547,7 @@ fn kernel_counters(lb: &Lb) -> Counts {
         // packet of a connection that ended while it was joined.
         rewritten: s["packet"]["rewritten"].as_u64().unwrap_or(0) + s["packet"]["turned"].as_u64().unwrap_or(0),
         joined: s["totals"]["packet_joined"].as_u64().unwrap_or(0),
-        kept: ["timestamps", "mss", "closed", "busy", "map", "path"]
-            .iter()
-            .map(|r| s["totals"][format!("packet_kept_{r}")].as_u64().unwrap_or(0))
-            .sum(),
+        kept: PACKET_KEPT_REASONS.iter().map(|r| s["totals"][format!("packet_kept_{r}")].as_u64().unwrap_or(0)).sum(),
     }
 }
 
@@ -549,6 +563,13 @@ impl KernelProof {
     pub fn joined(&self, lb: &Lb) -> u64 {
         lb.await_publication();
         kernel_counters(lb).joined - self.at_start.joined
+    }
+
+    /// Waits up to `within` until `n` connections since the start are
+    /// joined; panics naming `test` otherwise.
+    pub async fn await_joined(&self, lb: &Lb, n: u64, within: Duration, test: &str) {
+        let joined = crate::retry_until(within, || (self.joined(lb) >= n).then_some(())).await;
+        assert!(joined.is_some(), "{test}: {} of {n} connections joined", self.joined(lb));
     }
 
     /// How many connections since the start the `sock_ops` program set up
@@ -583,7 +604,7 @@ impl KernelProof {
             );
             assert!(joined == 0 || rewritten > 0, "{test}: {joined} joined, but no packet rewritten");
             let s = lb.pinned_stats();
-            let reasons: Vec<String> = ["timestamps", "mss", "closed", "busy", "map", "path"]
+            let reasons: Vec<String> = PACKET_KEPT_REASONS
                 .iter()
                 .map(|r| format!("{r} {}", s["totals"][format!("packet_kept_{r}")]))
                 .collect();

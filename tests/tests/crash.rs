@@ -130,8 +130,7 @@ async fn packet_plane_connections_outlive_every_lb_process() {
     let Some(mut lb) = Lb::start_with(Mode::Packet, "crash_packet", &body) else { return };
     let proof = KernelProof::start(&lb);
     let conns = open_checked(lb.addr, CONNS).await;
-    let joined = retry_until(Duration::from_secs(10), || (proof.joined(&lb) >= u64::from(CONNS)).then_some(())).await;
-    assert!(joined.is_some(), "{} of {CONNS} connections joined", proof.joined(&lb));
+    proof.await_joined(&lb, u64::from(CONNS), Duration::from_secs(10), "crash_packet").await;
     let traffic = Traffic::start(conns, 10);
     traffic_moves(&traffic, 1, "before the kill").await;
 
@@ -147,13 +146,7 @@ async fn packet_plane_connections_outlive_every_lb_process() {
     traffic_moves(&traffic, 2, "after lb run again").await;
     let Finished { conns: mut all, errors } = traffic.finish().await;
     assert!(errors.is_empty(), "{} failed round trip(s), first: {:?}", errors.len(), errors.first());
-    let want = u64::from(CONNS);
-    let counted =
-        retry_until(Duration::from_secs(5), || (lb.pinned_stats()["totals"]["active"].as_u64()? == want).then_some(()))
-            .await;
-    assert!(counted.is_some(), "want {want} active connections after the restart: {}", lb.pinned_stats());
-    let rows: serde_json::Value = serde_json::from_str(&lb.ctl(&["conns", "--json"])).unwrap();
-    assert_eq!(rows.as_array().map(Vec::len), Some(CONNS as usize), "lb conns lists every joined connection");
+    lb.assert_joined_live(u64::from(CONNS), "after the restart").await;
     let mut fresh = TcpStream::connect(lb.addr).await.unwrap();
     round_trip(&mut fresh, 5000, 0).await.unwrap_or_else(|e| panic!("a new client after the restart: {e}"));
     all.push(fresh);

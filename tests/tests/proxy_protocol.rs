@@ -124,8 +124,7 @@ async fn check(mode: Mode, v2: bool, ipv6: bool) {
     if mode == Mode::Packet && !ipv6 {
         // Once joined, the echo goes through the program alone: the
         // server's stream starts with lb's header, the client's does not.
-        let joined = retry_until(Duration::from_secs(5), || (proof.joined(&lb) >= 5).then_some(())).await;
-        assert!(joined.is_some(), "{test}: {} of 5 connections joined", proof.joined(&lb));
+        proof.await_joined(&lb, 5, Duration::from_secs(5), &test).await;
         for (i, s) in clients.iter_mut().enumerate() {
             let mut out = vec![0u8; 20_000];
             Stream::new(100 + i as u64).fill(&mut out);

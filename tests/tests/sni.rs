@@ -81,9 +81,7 @@ async fn routes_by_server_name(mode: Mode) {
     if mode == Mode::Packet {
         // lb read the ClientHello before it connected; once joined, the
         // bytes go through the program alone, each to its own server.
-        let n = held.len() as u64;
-        let joined = retry_until(Duration::from_secs(5), || (proof.joined(&lb) >= n).then_some(())).await;
-        assert!(joined.is_some(), "sni: {} of {n} connections joined", proof.joined(&lb));
+        proof.await_joined(&lb, held.len() as u64, Duration::from_secs(5), "sni").await;
         for (i, s) in held.iter_mut().enumerate() {
             let mut out = vec![0u8; 10_000];
             testkit::stream::Stream::new(i as u64).fill(&mut out);

@@ -214,8 +214,7 @@ async fn upgrade_keeps_every_joined_connection() {
     let next = copy_of_lb(&lb);
     let proof = KernelProof::start(&lb);
     let conns = open_checked(lb.addr, CONNS).await;
-    let joined = retry_until(Duration::from_secs(10), || (proof.joined(&lb) >= u64::from(CONNS)).then_some(())).await;
-    assert!(joined.is_some(), "{} of {CONNS} connections joined", proof.joined(&lb));
+    proof.await_joined(&lb, u64::from(CONNS), Duration::from_secs(10), "upgrade_packet").await;
     let traffic = Traffic::start(conns, 10);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (ok, out, err) = upgrade(&lb, &next).await;
@@ -224,14 +223,7 @@ async fn upgrade_keeps_every_joined_connection() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let Finished { conns: mut all, errors } = traffic.finish().await;
     assert!(errors.is_empty(), "{} failed round trip(s), first: {:?}", errors.len(), errors.first());
-    let want = u64::from(CONNS);
-    let counted =
-        retry_until(Duration::from_secs(5), || (lb.pinned_stats()["totals"]["active"].as_u64()? == want).then_some(()))
-            .await;
-    assert!(counted.is_some(), "want {want} active connections after the upgrade: {}", lb.pinned_stats());
-    let rows: serde_json::Value = serde_json::from_str(&lb.ctl(&["conns", "--json"])).unwrap();
-    let packet = rows.as_array().map_or(0, |r| r.iter().filter(|r| r["plane"] == "packet").count());
-    assert_eq!(packet, CONNS as usize, "lb conns lists every joined connection");
+    lb.assert_joined_live(u64::from(CONNS), "after the upgrade").await;
     // The new binary's programs join new clients.
     let joined_before = proof.joined(&lb);
     let mut fresh = TcpStream::connect(lb.addr).await.unwrap();

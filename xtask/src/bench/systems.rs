@@ -144,9 +144,6 @@ pub fn joins(running: &Running) -> Option<(u64, u64)> {
     }
     lb.await_publication();
     let t = &lb.pinned_stats()["totals"];
-    let kept = ["timestamps", "mss", "closed", "busy", "map", "path"]
-        .iter()
-        .map(|r| t[format!("packet_kept_{r}")].as_u64().unwrap_or(0))
-        .sum();
+    let kept = lbproc::PACKET_KEPT_REASONS.iter().map(|r| t[format!("packet_kept_{r}")].as_u64().unwrap_or(0)).sum();
     Some((t["packet_joined"].as_u64().unwrap_or(0), kept))
 }

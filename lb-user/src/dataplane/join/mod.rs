@@ -41,7 +41,7 @@ use std::{
     time::Duration,
 };
 
-use lb_common::packet::{Flow, FlowCtl, FlowKey, Handshake, JOINED, TURN};
+use lb_common::packet::{Flow, FlowCtl, FlowKey, Handshake, JOINED};
 
 use crate::{
     addr::ip16,
@@ -205,64 +205,12 @@ pub async fn join(flows: &Mutex<FlowMaps>, grace: &Grace, j: &Joining<'_>) -> Re
         }
     };
     if let Some((side, by_socket)) = reset {
-        reset_live(flows, j, keys, side, by_socket, d.end[1 - side]).await;
+        custody::reset_live(flows, j, keys, side, by_socket, d.end[1 - side]).await;
     }
     for s in j.socks {
         let _ = sys::set_repair(s, true);
     }
     Ok(Joined::Carried)
-}
-
-/// How long lb waits for the program to turn its socket's reset.
-const TURN_WITHIN: Duration = Duration::from_millis(100);
-
-/// Side `dead` reset: its peer's stack has no socket left. The live peer
-/// has everything lb's socket took from the dead one (the custody), and
-/// may have taken more since the join straight from the dead peer, ending
-/// with a reset the program held back (it passes none while lb's sockets
-/// deliver). lb's socket to the live peer now resets it, moved by the
-/// program ([`TURN`]) to where the dead side's stream ends: `end`, where
-/// lb's socket stopped, or the held reset's sequence if that is further.
-/// It lands exactly, as the dead side's own would have on a direct
-/// connection, after every byte. (Without the entry, lb's socket's own
-/// reset is exact whenever the dead side sent nothing after the join.)
-async fn reset_live(
-    flows: &Mutex<FlowMaps>,
-    j: &Joining<'_>,
-    keys: [FlowKey; 2],
-    dead: usize,
-    by_socket: bool,
-    end: u32,
-) {
-    let live = 1 - dead;
-    let at = {
-        let mut f = lock(flows);
-        let held = f.get(&keys[dead]).filter(|d| !by_socket && d.deferred != 0);
-        let at = match held {
-            Some(d) if d.rst_seq.wrapping_sub(end) as i32 > 0 => d.rst_seq,
-            _ => end,
-        };
-        // lb's socket's packets to the live peer: the dead side's flow's
-        // rewritten addresses, so the entry's reverse is the live peer's flow.
-        let e = &j.ends;
-        let (from, to) = if live == 0 { (e.local, e.client) } else { (e.source, e.server) };
-        let turn = Flow { state: TURN, seq_add: at, id: j.id, slot: j.slot, ..Flow::default() };
-        let k = key(from, to);
-        let turn = Flow { src: k.src, dst: k.dst, sport: k.sport, dport: k.dport, ..turn };
-        f.put_one(k, turn).ok().map(|()| k)
-    };
-    if let Err(e) = sys::disconnect(&j.socks[live]) {
-        log::debug!("packet plane: connection {}: resetting the live side: {e}", j.id);
-    }
-    let Some(k) = at else { return };
-    let deadline = tokio::time::Instant::now() + TURN_WITHIN;
-    for i in 0.. {
-        if lock(flows).get(&k).is_none_or(|t| t.ended != 0) || tokio::time::Instant::now() >= deadline {
-            break;
-        }
-        pause(i).await;
-    }
-    lock(flows).remove(&[k]);
 }
 
 /// The offsets of the two sockets' timestamp clocks from the kernel's TCP
