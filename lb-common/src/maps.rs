@@ -105,11 +105,13 @@ pub struct Capacities {
     pub handshakes: u32,
     /// `LB_FLOW_CTL`: one entry per connection (packet plane).
     pub flow_ctl: u32,
+    /// `LB_ARRIVALS`: handshakes not yet joined, each side (packet plane).
+    pub arrivals: u32,
 }
 
 impl Capacities {
     /// Each sized map's name with its capacity.
-    pub fn by_map(&self) -> [(&'static str, u32); 14] {
+    pub fn by_map(&self) -> [(&'static str, u32); 15] {
         [
             (CONN, self.conn),
             (TARGET, self.target),
@@ -125,6 +127,7 @@ impl Capacities {
             (FLOWS, self.flows),
             (HANDSHAKE, self.handshakes),
             (FLOW_CTL, self.flow_ctl),
+            (ARRIVALS, self.arrivals),
         ]
     }
 }
@@ -170,16 +173,24 @@ pub const MAX_HANDSHAKES: u32 = 1 << 16;
 /// HASH: connection id (u64) -> [`crate::packet::FlowCtl`], one per
 /// joined connection.
 pub const FLOW_CTL: &str = "LB_FLOW_CTL";
-/// Name of the packet plane's TC program in the object file.
+/// LRU_HASH: [`crate::packet::FlowKey`] of a handshake's packet (a SYN to
+/// a frontend, any SYN-ACK) -> the interface index it arrived on: where
+/// the packet plane sends that peer's packets once joined.
+pub const ARRIVALS: &str = "LB_ARRIVALS";
+/// Name of the packet plane's TC program in the object file (ingress).
 pub const PROG_PACKET: &str = "lb_packet";
-/// Pin of its attachment to an interface (a tcx link): `lb_packet_<ifindex>`.
+/// Name of its egress companion, which moves lb's own resets ([`crate::packet::TURN`])
+/// on interfaces other than loopback (there, ingress sees them).
+pub const PROG_PACKET_OUT: &str = "lb_packet_out";
+/// Pin of an attachment to an interface (a tcx link): `lb_packet_<ifindex>`
+/// (ingress) and `lb_packet_out_<ifindex>` (egress).
 pub const LINK_PACKET_PREFIX: &str = "lb_packet_";
 
 /// Name of the XDP guard program in the object file.
 pub const PROG_GUARD: &str = "lb_guard";
 
 /// The maps `lb` pins under its `pin_path`.
-pub const PINNED: [&str; 23] = [
+pub const PINNED: [&str; 24] = [
     TARGET,
     FRONTENDS,
     TARGET_OK,
@@ -203,6 +214,7 @@ pub const PINNED: [&str; 23] = [
     PACKET_COUNTERS,
     HANDSHAKE,
     FLOW_CTL,
+    ARRIVALS,
 ];
 
 /// What this build expects of the pinned maps: each map's name with its key
@@ -224,7 +236,7 @@ pub fn layout() -> std::string::String {
          {GUARD_DENY}:20/1 {GUARD_ALLOW}:20/1 {GUARD_PORTS}:2/1 {GUARD_CONF}:4/{} {GUARD_RATE}:16/{} \
          {GUARD_STATS}:4/{} {GUARD_TOP}:16/8 {EVENTS}:4/4 ring {EVENTS_RING_BYTES}/{} \
          {FLOWS}:{}/{} {PACKET_ENDS}:4/4 ring {PACKET_ENDS_RING_BYTES}/{} {PACKET_COUNTERS}:4/{} {HANDSHAKE}:8/{} \
-         {FLOW_CTL}:8/{}",
+         {FLOW_CTL}:8/{} {ARRIVALS}:{}/4",
         size_of::<ConnTraffic>(),
         size_of::<DataplaneCounters>(),
         size_of::<SourceKey>(),
@@ -244,5 +256,6 @@ pub fn layout() -> std::string::String {
         size_of::<crate::packet::PacketCounters>(),
         size_of::<crate::packet::Handshake>(),
         size_of::<crate::packet::FlowCtl>(),
+        size_of::<crate::packet::FlowKey>(),
     )
 }

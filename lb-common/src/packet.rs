@@ -199,8 +199,11 @@ pub struct PacketCounters {
     /// Resets of lb's own sockets moved to where a dead side's stream
     /// ends, for its live peer ([`TURN`]).
     pub turned: u64,
+    /// Packets rewritten and sent out of an interface toward their peer
+    /// (not loopback).
+    pub redirected: u64,
 }
-const _: () = assert!(core::mem::size_of::<PacketCounters>() == 64);
+const _: () = assert!(core::mem::size_of::<PacketCounters>() == 72);
 
 impl PacketCounters {
     /// Field-wise sum, for folding per-CPU slots.
@@ -214,6 +217,7 @@ impl PacketCounters {
             ends_lost: self.ends_lost + o.ends_lost,
             syn_reuse: self.syn_reuse + o.syn_reuse,
             turned: self.turned + o.turned,
+            redirected: self.redirected + o.redirected,
         }
     }
 }

@@ -125,3 +125,9 @@ pub static LB_FLOW_CTL: HashMap<u64, FlowCtl, { DEFAULT_MAX_FLOWS as usize }> = 
 /// plane's join.
 #[btf_map(name = "LB_HANDSHAKE")]
 pub static LB_HANDSHAKE: LruHashMap<u64, Handshake, { MAX_HANDSHAKES as usize }> = LruHashMap::new();
+
+/// A handshake's packet (a SYN to a frontend, any SYN-ACK) -> the
+/// interface it arrived on: where the packet plane sends that peer's
+/// packets once its connection is joined (`lb_common::maps::ARRIVALS`).
+#[btf_map(name = "LB_ARRIVALS")]
+pub static LB_ARRIVALS: LruHashMap<FlowKey, u32, { MAX_HANDSHAKES as usize }> = LruHashMap::new();

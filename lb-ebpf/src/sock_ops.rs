@@ -116,7 +116,7 @@ unsafe fn put_ip(dst: *mut [u8; 16], w: [u32; 4]) {
 /// The key is written word by word into uninitialised stack: a key built
 /// as a value, zeros included, is zeroed with a `memset` loop first.
 #[inline(always)]
-fn frontend_ns(ip: [u32; 4], port: u16) -> Option<u64> {
+pub(crate) fn frontend_ns(ip: [u32; 4], port: u16) -> Option<u64> {
     let mut k = core::mem::MaybeUninit::<[u32; 5]>::uninit();
     let p = k.as_mut_ptr().cast::<u32>();
     // SAFETY: five words inside `k`. `FrontendKey` is 20 bytes, `repr(C)`,

@@ -33,6 +33,18 @@ impl Drop for Backend {
     }
 }
 
+/// A listener on `addr`, made at once (in the calling thread's network
+/// namespace), with the kernel's largest backlog (somaxconn 4096), not
+/// tokio's 1024: a burst of clients through lb must not overflow the
+/// backend's accept queue and time lb's connects out. Call it inside a
+/// runtime.
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    s.set_reuseaddr(true)?;
+    s.bind(addr)?;
+    s.listen(4096)
+}
+
 impl Backend {
     pub async fn spawn<F, Fut>(handler: F) -> Backend
     where
@@ -48,16 +60,17 @@ impl Backend {
         F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        // The kernel's largest backlog (somaxconn 4096), not tokio's 1024: a
-        // burst of clients through lb must not overflow the backend's
-        // accept queue and time lb's connects out.
-        let listen = || -> std::io::Result<TcpListener> {
-            let s = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-            s.set_reuseaddr(true)?;
-            s.bind(addr)?;
-            s.listen(4096)
-        };
-        let l = listen().unwrap_or_else(|e| panic!("bind backend {addr}: {e}"));
+        let l = listen(addr).unwrap_or_else(|e| panic!("bind backend {addr}: {e}"));
+        Self::serve(l, handler)
+    }
+
+    /// Runs `handler` for every connection `l` accepts (on the runtime of
+    /// the caller).
+    pub fn serve<F, Fut>(l: TcpListener, handler: F) -> Backend
+    where
+        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         let addr = l.local_addr().expect("backend addr");
         let accepted = Arc::new(AtomicU64::new(0));
         let acc = accepted.clone();

@@ -29,19 +29,60 @@ fn ip(args: &[&str]) -> Result<(), String> {
     }
 }
 
+/// Moves the calling thread into the namespace at `path`.
+fn set_thread_ns(path: &str) -> std::io::Result<()> {
+    let f = File::open(path)?;
+    // SAFETY: valid namespace fd; affects only the calling thread.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// [`NetNs::within`] by the namespace's name (a `'static` future can carry it).
+pub fn within<T>(name: &str, f: impl FnOnce() -> T) -> T {
+    let back = File::open("/proc/thread-self/ns/net").expect("opening this thread's network namespace");
+    set_thread_ns(&format!("/run/netns/{name}")).unwrap_or_else(|e| panic!("entering namespace {name}: {e}"));
+    let r = f();
+    // SAFETY: valid namespace fd; affects only the calling thread.
+    if unsafe { libc::setns(back.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        panic!("returning from namespace {name}: {}", std::io::Error::last_os_error());
+    }
+    r
+}
+
 impl NetNs {
-    /// Creates the namespace with `lo` up and enters it on this thread.
-    pub fn enter(test: &str) -> NetNs {
+    /// Creates the namespace with `lo` up, without entering it.
+    pub fn create(test: &str) -> NetNs {
         let name = format!("lbt-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
         ip(&["netns", "add", &name]).unwrap_or_else(|e| panic!("{test}: creating a network namespace: {e}"));
         let ns = NetNs { name };
         ip(&["-n", &ns.name, "link", "set", "lo", "up"]).unwrap_or_else(|e| panic!("{test}: {e}"));
-        let f = File::open(format!("/run/netns/{}", ns.name)).unwrap_or_else(|e| panic!("{test}: {e}"));
-        // SAFETY: valid namespace fd; affects only the calling thread.
-        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            panic!("{test}: setns: {}", std::io::Error::last_os_error());
-        }
         ns
+    }
+
+    /// Creates the namespace with `lo` up and enters it on this thread.
+    pub fn enter(test: &str) -> NetNs {
+        let ns = Self::create(test);
+        set_thread_ns(&format!("/run/netns/{}", ns.name)).unwrap_or_else(|e| panic!("{test}: setns: {e}"));
+        ns
+    }
+
+    /// Runs `f` with the calling thread inside this namespace, then moves
+    /// the thread back: sockets `f` makes live here, whichever thread
+    /// uses them later.
+    pub fn within<T>(&self, f: impl FnOnce() -> T) -> T {
+        within(&self.name, f)
+    }
+
+    /// Runs `f` on a thread of its own inside this namespace: sockets it
+    /// makes live here (and stay here, whichever thread uses them later).
+    pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            set_thread_ns(&path).unwrap_or_else(|e| panic!("entering {path}: {e}"));
+            f()
+        })
     }
 
     /// Sets a sysctl of this namespace (`net.ipv4.ip_local_port_range`, "40000 40099").
@@ -75,5 +116,44 @@ impl NetNs {
 impl Drop for NetNs {
     fn drop(&mut self) {
         let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// Three namespaces in a row, client — lb — server, over two veth pairs
+/// (MTU 1500): the calling thread enters lb's. The client reaches lb at
+/// [`Triangle::FRONT`]; lb reaches the server from [`Triangle::SOURCE`].
+pub struct Triangle {
+    pub client: NetNs,
+    pub server: NetNs,
+    /// Last: deleted after the others.
+    pub lb: NetNs,
+}
+
+impl Triangle {
+    pub const CLIENT: &str = "10.201.1.2";
+    /// lb's address toward the client.
+    pub const FRONT: &str = "10.201.1.1";
+    /// lb's address toward the server.
+    pub const SOURCE: &str = "10.201.2.1";
+    pub const SERVER: &str = "10.201.2.2";
+    /// lb's interfaces toward the client and toward the server.
+    pub const TO_CLIENT: &str = "vc0";
+    pub const TO_SERVER: &str = "vs0";
+
+    pub fn enter(test: &str) -> Triangle {
+        let lb = NetNs::enter(test);
+        let (client, server) = (NetNs::create(test), NetNs::create(test));
+        let must = |args: &[&str]| ip(args).unwrap_or_else(|e| panic!("{test}: {e}"));
+        for (ns, here, there, lb_addr, peer_addr) in [
+            (&client, Self::TO_CLIENT, "eth0", Self::FRONT, Self::CLIENT),
+            (&server, Self::TO_SERVER, "eth0", Self::SOURCE, Self::SERVER),
+        ] {
+            must(&["link", "add", here, "type", "veth", "peer", "name", there, "netns", &ns.name]);
+            must(&["addr", "add", &format!("{lb_addr}/24"), "dev", here]);
+            must(&["link", "set", here, "up"]);
+            must(&["-n", &ns.name, "addr", "add", &format!("{peer_addr}/24"), "dev", there]);
+            must(&["-n", &ns.name, "link", "set", there, "up"]);
+        }
+        Triangle { client, server, lb }
     }
 }

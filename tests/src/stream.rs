@@ -71,6 +71,30 @@ impl Rng {
     }
 }
 
+/// Reads `s` to its end: the bytes, and whether the end was a reset
+/// (`false`: EOF). `Err` when nothing arrives for 20 s, or another error.
+pub async fn read_to_end(s: &mut tokio::net::TcpStream) -> Result<(Vec<u8>, bool), String> {
+    use tokio::io::AsyncReadExt as _;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(20), s.read(&mut buf)).await {
+            Err(_) => return Err(format!("nothing more after {} bytes within 20 s", got.len())),
+            Ok(Ok(0)) => return Ok((got, false)),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok((got, true)),
+            Ok(Err(e)) => return Err(format!("after {} bytes: {e}", got.len())),
+        }
+    }
+}
+
+/// `got` is exactly the first `size` bytes of stream `seed`.
+pub fn intact(got: &[u8], seed: u64, size: usize) -> bool {
+    let mut want = vec![0u8; size];
+    Stream::new(seed).fill(&mut want);
+    got == want
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

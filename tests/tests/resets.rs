@@ -9,7 +9,11 @@ use std::{
     time::Duration,
 };
 
-use testkit::{KernelProof, Lb, Mode, backends::Backend, stream::Stream};
+use testkit::{
+    KernelProof, Lb, Mode,
+    backends::Backend,
+    stream::{Stream, intact, read_to_end},
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -29,28 +33,6 @@ const REQUEST: usize = 100;
 
 fn lb_for(mode: Mode, test: &str, server: std::net::SocketAddr) -> Option<Lb> {
     Lb::start_with(mode, test, &format!("access_log = false\n{}", Lb::body(&[server])))
-}
-
-/// Reads to the end: the bytes, and whether the end was a reset (`false`: EOF).
-async fn read_to_end(s: &mut TcpStream) -> Result<(Vec<u8>, bool), String> {
-    let mut got = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await {
-            Err(_) => return Err(format!("nothing more after {} bytes within 20 s", got.len())),
-            Ok(Ok(0)) => return Ok((got, false)),
-            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok((got, true)),
-            Ok(Err(e)) => return Err(format!("after {} bytes: {e}", got.len())),
-        }
-    }
-}
-
-/// `got` is exactly the first `size` bytes of stream `seed`.
-fn intact(got: &[u8], seed: u64, size: usize) -> bool {
-    let mut want = vec![0u8; size];
-    Stream::new(seed).fill(&mut want);
-    got == want
 }
 
 /// The server reads half the request, waits for the rest to be there,

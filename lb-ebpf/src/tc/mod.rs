@@ -25,7 +25,7 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::bpf_ktime_get_coarse_ns,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_redirect_neigh},
     macros::classifier,
     programs::TcContext,
 };
@@ -36,7 +36,10 @@ use lb_common::{
 
 use fields::{ACK, ETH_LEN, FIN, RST, SYN, Tcp, launder, mapped, options, put, read, rewrite};
 
-use crate::maps::{LB_FLOW_CTL, LB_FLOWS, LB_PACKET_ENDS, LB_PKT_COUNTERS};
+use crate::{
+    maps::{LB_ARRIVALS, LB_FLOW_CTL, LB_FLOWS, LB_PACKET_ENDS, LB_PKT_COUNTERS},
+    sock_ops::frontend_ns,
+};
 
 mod fields;
 
@@ -62,30 +65,74 @@ fn count(f: impl FnOnce(&mut PacketCounters)) {
     }
 }
 
-fn try_packet(ctx: &TcContext) -> Result<i32, i32> {
+/// What the program reads of every packet before it looks it up.
+struct Headers {
+    saddr: u32,
+    daddr: u32,
+    /// Offset of the TCP header.
+    t: usize,
+    sport: u16,
+    dport: u16,
+    flags: u8,
+}
+
+/// The addresses, ports and flags of an IPv4 TCP packet that is not a
+/// fragment; `None` for any other packet.
+#[inline(always)]
+fn headers(ctx: &TcContext) -> Option<Headers> {
     if read::<u16>(ctx, 12).map(u16::from_be) != Some(ETH_P_IP) {
-        return Ok(PASS);
+        return None;
     }
-    let vihl: u8 = read(ctx, ETH_LEN).ok_or(PASS)?;
+    let vihl: u8 = read(ctx, ETH_LEN)?;
     let ihl = usize::from(vihl & 0x0f) * 4;
     if ihl < 20 || read::<u8>(ctx, ETH_LEN + 9) != Some(IPPROTO_TCP) {
-        return Ok(PASS);
+        return None;
     }
     // A fragment is no packet of a joined flow (lb's connections set DF).
-    let frag: u16 = read(ctx, ETH_LEN + 6).ok_or(PASS)?;
+    let frag: u16 = read(ctx, ETH_LEN + 6)?;
     if u16::from_be(frag) & 0x3fff != 0 {
-        return Ok(PASS);
+        return None;
     }
-    let saddr: u32 = read(ctx, ETH_LEN + 12).ok_or(PASS)?;
-    let daddr: u32 = read(ctx, ETH_LEN + 16).ok_or(PASS)?;
     let t = ETH_LEN + ihl;
-    let sport: u16 = read(ctx, t).ok_or(PASS)?;
-    let dport: u16 = read(ctx, t + 2).ok_or(PASS)?;
+    Some(Headers {
+        saddr: read(ctx, ETH_LEN + 12)?,
+        daddr: read(ctx, ETH_LEN + 16)?,
+        t,
+        sport: read(ctx, t)?,
+        dport: read(ctx, t + 2)?,
+        flags: read(ctx, t + 13)?,
+    })
+}
+
+/// Records the interface a handshake's packet arrived on, under the
+/// packet's addresses: a client's SYN to a frontend, or a server's SYN-ACK
+/// (to lb's source address; any SYN-ACK, as lb's sources are not known
+/// here). The join sends each peer's packets back out where that peer's
+/// handshake came in.
+#[inline(always)]
+fn arrived(ctx: &TcContext, key: &FlowKey, h: &Headers) {
+    if h.flags & ACK == 0 {
+        let port = u16::from_be(h.dport);
+        let ip = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), h.daddr];
+        if frontend_ns(ip, port).or_else(|| frontend_ns([0; 4], port)).is_none() {
+            return;
+        }
+    }
+    // SAFETY: the context's socket buffer, valid for the program's run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let _ = LB_ARRIVALS.insert(key, &ifindex, 0);
+}
+
+fn try_packet(ctx: &TcContext) -> Result<i32, i32> {
+    let Some(h) = headers(ctx) else { return Ok(PASS) };
+    let Headers { saddr, daddr, t, sport, dport, flags } = h;
     let key = FlowKey { src: mapped(saddr), dst: mapped(daddr), sport, dport, _pad: 0 };
+    if flags & SYN != 0 {
+        arrived(ctx, &key, &h);
+    }
     let Some(flow) = LB_FLOWS.get_ptr_mut(&key) else { return Ok(PASS) };
     let doff: u8 = read(ctx, t + 12).ok_or(PASS)?;
     let hlen = usize::from(doff >> 4) * 4;
-    let flags: u8 = read(ctx, t + 13).ok_or(PASS)?;
     if flags & SYN != 0 {
         // A new connection on the addresses of a flow that ended (or a
         // stray): the flow is over, the SYN goes to the stack.
@@ -101,8 +148,7 @@ fn try_packet(ctx: &TcContext) -> Result<i32, i32> {
         return Ok(PASS);
     }
     let (ts, sack, sack_n) = launder(options(ctx, t, hlen));
-    let headers = (ETH_LEN + ihl + hlen) as u64;
-    let tcp = Tcp { at: t, flags, payload: u64::from(ctx.len()).saturating_sub(headers), ts, sack, sack_n };
+    let tcp = Tcp { at: t, flags, payload: u64::from(ctx.len()).saturating_sub((t + hlen) as u64), ts, sack, sack_n };
     // SAFETY: map value pointer valid for the program's run.
     match unsafe { (*flow).state } {
         JOINED => {}
@@ -172,7 +218,34 @@ fn try_packet(ctx: &TcContext) -> Result<i32, i32> {
             end(flow, &f, END_FIN);
         }
     }
+    if f.ifindex != 0 {
+        // The peer is behind another interface (or this one): out toward
+        // it, its link-layer address from the neighbour table.
+        count(|c| c.redirected += 1);
+        // SAFETY: a helper on the context's packet; no parameters.
+        return Ok(unsafe { bpf_redirect_neigh(f.ifindex, core::ptr::null_mut(), 0, 0) } as i32);
+    }
     Ok(PASS)
+}
+
+/// Egress, on interfaces other than loopback: lb's own reset toward a live
+/// peer leaves through here ([`turn`]); on loopback the ingress program
+/// sees it. Every other packet passes untouched after a look at its flags.
+#[classifier]
+pub fn lb_packet_out(ctx: TcContext) -> i32 {
+    let Some(h) = headers(&ctx) else { return PASS };
+    if h.flags & RST == 0 {
+        return PASS;
+    }
+    let key = FlowKey { src: mapped(h.saddr), dst: mapped(h.daddr), sport: h.sport, dport: h.dport, _pad: 0 };
+    let Some(entry) = LB_FLOWS.get_ptr_mut(&key) else { return PASS };
+    // SAFETY: map value pointer valid for the program's run.
+    if unsafe { (*entry).state } != TURN {
+        return PASS;
+    }
+    match turn(&ctx, entry, h.t, h.flags) {
+        Ok(v) | Err(v) => v,
+    }
 }
 
 /// Whether a reset, rewritten, lands exactly where its receiver is: its

@@ -164,6 +164,7 @@ impl Shape {
             flows: if self.kernel && self.packet { sockets } else { 1 },
             handshakes: if self.kernel && self.packet { MAX_HANDSHAKES } else { 1 },
             flow_ctl: if self.kernel && self.packet { conns.max(1) } else { 1 },
+            arrivals: if self.kernel && self.packet { MAX_HANDSHAKES } else { 1 },
         }
     }
 
@@ -197,6 +198,7 @@ impl Shape {
             cost(lb_common::maps::FLOWS, c.flows, hash(FLOW_KEY, FLOW, c.flows, cpus)),
             cost(lb_common::maps::HANDSHAKE, c.handshakes, lru(8, HANDSHAKE, c.handshakes)),
             cost(lb_common::maps::FLOW_CTL, c.flow_ctl, hash(8, 12, c.flow_ctl, cpus)),
+            cost(lb_common::maps::ARRIVALS, c.arrivals, lru(FLOW_KEY, 4, c.arrivals)),
             cost(lb_common::maps::PACKET_ENDS, self.workers, if self.kernel && self.packet { ends } else { 0 }),
         ]
     }

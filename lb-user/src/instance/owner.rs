@@ -72,11 +72,13 @@ impl Owner {
             && cfg.packet_plane()
             && let Some(o) = objects.as_mut()
         {
-            // Loopback: clients and servers on this host. (Other interfaces
-            // join when lb sends packets out of them.)
-            let ifaces = vec!["lo".to_owned()];
+            // Every interface of the namespace: a joined connection's
+            // packets arrive where its peers' did, and leave toward them.
+            // A connection whose handshake came in on an interface that
+            // appeared later stays on sockmap (kept: path).
+            let ifaces = crate::kernel::sys::interfaces().unwrap_or_else(|_| vec!["lo".to_owned()]);
             match o.attach_packet(&ifaces) {
-                Ok(()) => log::info!("packet plane: TC program attached to {}", ifaces.join(", ")),
+                Ok(on) => log::info!("packet plane: TC program attached to {}", on.join(", ")),
                 Err(e) => log::warn!("packet plane unavailable ({e}); its frontends' connections stay on sockmap"),
             }
         }

@@ -15,8 +15,8 @@ use aya_obj::generated::{BPF_F_NO_PREALLOC, bpf_map_type};
 use lb_common::{
     conn::ConnTraffic,
     maps::{
-        CONN, Capacities, FLOW_CTL, FLOWS, GUARD_ALLOW, GUARD_DENY, GUARD_RATE, GUARD_TOP, HANDSHAKE, SERVER_BYTES,
-        SERVERS, SOURCES, SPLICE, TARGET, TARGET_OK,
+        ARRIVALS, CONN, Capacities, FLOW_CTL, FLOWS, GUARD_ALLOW, GUARD_DENY, GUARD_RATE, GUARD_TOP, HANDSHAKE,
+        SERVER_BYTES, SERVERS, SOURCES, SPLICE, TARGET, TARGET_OK,
     },
 };
 use serde::{Deserialize, Serialize};
@@ -68,8 +68,9 @@ pub fn capacities(pin_path: &std::path::Path) -> Result<Capacities, super::Kerne
         guard_sources: of(GUARD_RATE)?.min(of(GUARD_TOP)?),
         guard_rules: of(GUARD_DENY)?.min(of(GUARD_ALLOW)?),
         flows: of(FLOWS)?,
-        handshakes: of(HANDSHAKE)?,
+        handshakes: of(HANDSHAKE)?.min(of(ARRIVALS)?),
         flow_ctl: of(FLOW_CTL)?,
+        arrivals: of(ARRIVALS)?,
     })
 }
 

@@ -5,18 +5,20 @@ use std::path::Path;
 
 use aya::maps::{ArrayOfMaps, HashMap, MapData, PerCpuArray, RingBuf};
 use lb_common::{
-    maps::{FLOW_CTL, FLOWS, HANDSHAKE, PACKET_COUNTERS, PACKET_ENDS, PACKET_ENDS_RING_BYTES},
+    maps::{ARRIVALS, FLOW_CTL, FLOWS, HANDSHAKE, PACKET_COUNTERS, PACKET_ENDS, PACKET_ENDS_RING_BYTES},
     packet::{Flow, FlowCtl, FlowKey, Handshake, PacketCounters},
     stats::COUNTERS_KEY,
 };
 
 use super::{KernelError, open};
 
-/// `LB_FLOWS` with `LB_FLOW_CTL`, and the handshakes `lb_setup` recorded.
+/// `LB_FLOWS` with `LB_FLOW_CTL`, the handshakes `lb_setup` recorded and
+/// the interfaces the TC program saw them arrive on.
 pub struct FlowMaps {
     flows: HashMap<MapData, FlowKey, Flow>,
     ctl: HashMap<MapData, u64, FlowCtl>,
     handshakes: HashMap<MapData, u64, Handshake>,
+    arrivals: HashMap<MapData, FlowKey, u32>,
 }
 
 impl FlowMaps {
@@ -25,7 +27,14 @@ impl FlowMaps {
             flows: open(pin_path, FLOWS)?,
             ctl: open(pin_path, FLOW_CTL)?,
             handshakes: open(pin_path, HANDSHAKE)?,
+            arrivals: open(pin_path, ARRIVALS)?,
         })
+    }
+
+    /// The interface the handshake's packet with `key` arrived on, if the
+    /// TC program saw it.
+    pub fn arrival(&self, key: &FlowKey) -> Option<u32> {
+        self.arrivals.get(key, 0).ok()
     }
 
     /// Writes what lb tells the program about connection `id`.

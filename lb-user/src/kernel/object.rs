@@ -14,11 +14,12 @@ use super::{KernelError, io_err, open, programs::typed_program};
 use aya::{
     EbpfLoader,
     maps::{HashMap, MapData, SockHash},
-    programs::{SkSkb, SockOps, Xdp, XdpMode},
+    programs::{SchedClassifier, SkSkb, SockOps, Xdp, XdpMode},
 };
 use lb_common::conn::FrontendKey;
 use lb_common::maps::{
-    FRONTENDS, LINK_PACKET_PREFIX, LINK_SETUP, PINNED, PROG_GUARD, PROG_PACKET, PROG_SETUP, PROG_VERDICT, SPLICE,
+    FRONTENDS, LINK_PACKET_PREFIX, LINK_SETUP, PINNED, PROG_GUARD, PROG_PACKET, PROG_PACKET_OUT, PROG_SETUP,
+    PROG_VERDICT, SPLICE,
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -271,31 +272,44 @@ impl Objects {
         Ok(cgroup)
     }
 
-    /// Loads the packet plane's TC program and attaches it (tcx, ingress) to
-    /// each of `interfaces`, each attachment a link pinned next to the maps
-    /// (`lb_packet_<ifindex>`): joined connections outlive every lb process
-    /// while the pins stay, and go with them.
-    pub fn attach_packet(&mut self, interfaces: &[String]) -> Result<(), KernelError> {
-        use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, links::FdLink, tc::TcAttachOptions};
+    /// Loads the packet plane's TC programs and attaches them (tcx links) to
+    /// each of `interfaces`: `lb_packet` on ingress, and `lb_packet_out` on
+    /// egress of every interface but loopback (whose ingress sees what
+    /// leaves). Each link is pinned next to the maps (`lb_packet_<ifindex>`,
+    /// `lb_packet_out_<ifindex>`): joined connections outlive every lb
+    /// process while the pins stay, and go with them. Returns the
+    /// interfaces it is on: an interface other than loopback that refuses
+    /// is left out (with a warning), and its connections stay on sockmap.
+    pub fn attach_packet(&mut self, interfaces: &[String]) -> Result<Vec<String>, KernelError> {
+        use aya::programs::TcAttachType;
         let ebpf = self.ebpf.as_mut().ok_or(KernelError::Program("the eBPF object is closed".into()))?;
-        let prog: &mut SchedClassifier = typed_program(ebpf, PROG_PACKET)?;
-        prog.load().map_err(|e| KernelError::Program(format!("loading {PROG_PACKET}: {e}")))?;
-        let path = self.pin_path.join(PROG_PACKET);
-        prog.pin(&path).map_err(|source| KernelError::Pin { path, source })?;
-        for i in interfaces {
-            let ifindex = super::sys::interface_index(i)
-                .ok_or_else(|| KernelError::Program(format!("attaching {PROG_PACKET}: no interface {i}")))?;
-            let attach =
-                |e: &dyn std::fmt::Display| KernelError::Program(format!("attaching {PROG_PACKET} to {i}: {e}"));
-            let id = prog
-                .attach_with_options(i, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
-                .map_err(|e| attach(&e))?;
-            let link = prog.take_link(id).map_err(|e| attach(&e))?;
-            let fd: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| attach(&e))?;
-            let path = self.pin_path.join(format!("{LINK_PACKET_PREFIX}{ifindex}"));
-            fd.pin(&path).map_err(|source| KernelError::Pin { path, source })?;
+        for name in [PROG_PACKET, PROG_PACKET_OUT] {
+            let prog: &mut SchedClassifier = typed_program(ebpf, name)?;
+            prog.load().map_err(|e| KernelError::Program(format!("loading {name}: {e}")))?;
+            let path = self.pin_path.join(name);
+            prog.pin(&path).map_err(|source| KernelError::Pin { path, source })?;
         }
-        Ok(())
+        let mut attached = Vec::new();
+        for i in interfaces {
+            let Some(ifindex) = super::sys::interface_index(i) else { continue };
+            let mut attach = || {
+                let ingress = typed_program(ebpf, PROG_PACKET)?;
+                tcx(ingress, i, TcAttachType::Ingress, &self.pin_path.join(format!("{LINK_PACKET_PREFIX}{ifindex}")))?;
+                if i != "lo" {
+                    let egress = typed_program(ebpf, PROG_PACKET_OUT)?;
+                    let path = self.pin_path.join(format!("{LINK_PACKET_PREFIX}out_{ifindex}"));
+                    tcx(egress, i, TcAttachType::Egress, &path)?;
+                }
+                Ok::<_, KernelError>(())
+            };
+            match attach() {
+                Ok(()) => attached.push(i.clone()),
+                // Its connections stay on sockmap: the join finds no arrival there.
+                Err(e) if i != "lo" => log::warn!("packet plane: not on {i}: {e}"),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(attached)
     }
 
     /// Loads the XDP guard and attaches it to each of `interfaces`, natively
@@ -382,6 +396,23 @@ fn test_capacities() -> Vec<(String, u32)> {
     tiny
 }
 
+/// Attaches `prog` to `iface` (a tcx link, after the programs already
+/// there) and pins the link at `path`.
+fn tcx(
+    prog: &mut SchedClassifier,
+    iface: &str,
+    at: aya::programs::TcAttachType,
+    path: &Path,
+) -> Result<(), KernelError> {
+    use aya::programs::{LinkOrder, links::FdLink, tc::TcAttachOptions};
+    let fail = |e: &dyn std::fmt::Display| KernelError::Program(format!("attaching to {iface} ({at:?}): {e}"));
+    let id =
+        prog.attach_with_options(iface, at, TcAttachOptions::TcxOrder(LinkOrder::default())).map_err(|e| fail(&e))?;
+    let link = prog.take_link(id).map_err(|e| fail(&e))?;
+    let fd: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| fail(&e))?;
+    fd.pin(path).map(drop).map_err(|source| KernelError::Pin { path: path.to_owned(), source })
+}
+
 /// Removes lb's pins under `pin_path` and the directory if it is then empty.
 fn remove_pins(pin_path: &Path) {
     // The links first: removing a link's pin detaches its program.
@@ -392,9 +423,13 @@ fn remove_pins(pin_path: &Path) {
             }
         }
     }
-    for name in
-        [&LINK_SETUP].into_iter().chain(PINNED.iter()).chain([&PROG_VERDICT, &PROG_SETUP, &PROG_GUARD, &PROG_PACKET])
-    {
+    for name in [&LINK_SETUP].into_iter().chain(PINNED.iter()).chain([
+        &PROG_VERDICT,
+        &PROG_SETUP,
+        &PROG_GUARD,
+        &PROG_PACKET,
+        &PROG_PACKET_OUT,
+    ]) {
         let _ = fs::remove_file(pin_path.join(name));
     }
     let _ = fs::remove_dir(pin_path);

@@ -300,3 +300,11 @@ pub fn interface_index(name: &str) -> Option<u32> {
     let s = rustix::net::socket(rustix::net::AddressFamily::INET, rustix::net::SocketType::DGRAM, None).ok()?;
     rustix::net::netdevice::name_to_index(&s, name).ok().filter(|i| *i != 0)
 }
+
+/// The names of this network namespace's interfaces (`/proc/self/net/dev`,
+/// which shows the namespace of the process that reads it).
+pub fn interfaces() -> io::Result<Vec<String>> {
+    let dev = std::fs::read_to_string("/proc/self/net/dev")?;
+    // Two header lines, then `name: counters...` per interface.
+    Ok(dev.lines().skip(2).filter_map(|l| Some(l.split_once(':')?.0.trim().to_owned())).collect())
+}

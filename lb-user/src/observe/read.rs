@@ -128,6 +128,8 @@ pub struct PacketRow {
     pub syn_reuse: u64,
     /// Resets lb sent a live peer where its dead peer's stream ends.
     pub turned: u64,
+    /// Packets sent out of an interface toward their peer (not loopback).
+    pub redirected: u64,
     /// Entries in `LB_FLOWS` (two per joined connection).
     pub flows: u64,
 }
@@ -271,6 +273,7 @@ pub fn read_from(maps: &PinnedMaps, meta: &Meta) -> Result<Report, KernelError> 
             ends_lost: c.ends_lost,
             syn_reuse: c.syn_reuse,
             turned: c.turned,
+            redirected: c.redirected,
             flows,
         });
     }

@@ -31,8 +31,17 @@ pub fn stats(r: &Report) -> String {
     if let Some(p) = &r.packet {
         o.push_str(&format!(
             "packet plane: flows {}   rewritten {}   bytes {}   sack blocks {}   deferred {}   ended {}   ends lost {}   \
-             syn reuse {}   resets turned {}\n",
-            p.flows, p.rewritten, p.bytes, p.sack_blocks, p.deferred, p.ended, p.ends_lost, p.syn_reuse, p.turned
+             syn reuse {}   resets turned {}   sent out {}\n",
+            p.flows,
+            p.rewritten,
+            p.bytes,
+            p.sack_blocks,
+            p.deferred,
+            p.ended,
+            p.ends_lost,
+            p.syn_reuse,
+            p.turned,
+            p.redirected
         ));
     }
     if let Some(g) = &r.guard {

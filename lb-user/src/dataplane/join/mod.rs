@@ -88,8 +88,10 @@ pub enum Kept {
     /// The flow map refused the entries, or a handshake was not recorded
     /// (no `lb_setup`).
     Map,
-    /// The connection does not run over this host's loopback in IPv4: the
-    /// program, on `lo`, would never see its packets.
+    /// The program would not see the connection's packets, or could not
+    /// send them on: not IPv4, a handshake that came in on an interface
+    /// without the program (one that appeared after lb started), or one
+    /// peer on loopback and the other behind another interface.
     Path,
 }
 
@@ -151,15 +153,19 @@ pub async fn join(flows: &Mutex<FlowMaps>, grace: &Grace, j: &Joining<'_>) -> Re
     };
     let [Some(hc), Some(hsv)] = hs else { return Err(Kept::Map) };
     let e = &j.ends;
-    if ![e.client, e.local, e.source, e.server].iter().all(|a| a.is_ipv4() && a.ip().is_loopback()) {
+    if ![e.client, e.local, e.source, e.server].iter().all(SocketAddr::is_ipv4) {
         return Err(Kept::Path);
     }
+    let keys = j.ends.keys();
+    let out = path(&lock(flows), &keys)?;
     let (c, s) = (info(&j.socks[0])?, info(&j.socks[1])?);
     let timestamps = check(&c, &s, &hc, &hsv)?;
     quiet(j).await?;
     let offsets = if timestamps { Some(clocks(j.socks)?) } else { None };
-    let keys = j.ends.keys();
-    let flows_in = joined(base(j), [&hc, &hsv], j.header, [c.wscale, s.wscale], offsets);
+    let mut flows_in = joined(base(j), [&hc, &hsv], j.header, [c.wscale, s.wscale], offsets);
+    for (f, ifindex) in flows_in.iter_mut().zip(out) {
+        f.ifindex = ifindex;
+    }
     {
         let mut f = lock(flows);
         let custody = FlowCtl { custody: 1, ..FlowCtl::default() };
@@ -211,6 +217,25 @@ pub async fn join(flows: &Mutex<FlowMaps>, grace: &Grace, j: &Joining<'_>) -> Re
         let _ = sys::set_repair(s, true);
     }
     Ok(Joined::Carried)
+}
+
+/// Where each direction's rewritten packets leave, `[toward the server,
+/// toward the client]`: back to this host's stack (0) when both peers'
+/// handshakes came in on loopback, else out of the interface the peer's
+/// handshake came in on. `Err` when the program did not see a handshake
+/// (its interface has no program) or only one of them came in on
+/// loopback.
+fn path(f: &FlowMaps, [client, server]: &[FlowKey; 2]) -> Result<[u32; 2], Kept> {
+    static LO: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    let lo = *LO.get_or_init(|| sys::interface_index("lo"));
+    let (Some(to_client), Some(to_server)) = (f.arrival(client), f.arrival(server)) else {
+        return Err(Kept::Path);
+    };
+    match (Some(to_server) == lo, Some(to_client) == lo) {
+        (true, true) => Ok([0, 0]),
+        (false, false) => Ok([to_server, to_client]),
+        _ => Err(Kept::Path),
+    }
 }
 
 /// The offsets of the two sockets' timestamp clocks from the kernel's TCP

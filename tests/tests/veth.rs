@@ -1,0 +1,334 @@
+//! lb between namespaces: client — lb — server over two veth pairs, as on a
+//! host with clients and servers behind different interfaces. On the
+//! packet plane the program sends each rewritten packet out of the
+//! interface toward its peer; its counter of packets sent out proves it,
+//! and lb keeps no socket of a joined connection. The sockmap plane runs
+//! the same tests.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use testkit::{
+    KernelProof, Lb, Mode,
+    backends::{self, Backend, read_and_check, write_stream},
+    lbproc::kernel_available,
+    netns::{Triangle, within},
+    stream::{Stream, intact, read_to_end},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpSocket, TcpStream},
+};
+
+const FRONT_PORT: u16 = 7000;
+const SERVER_PORT: u16 = 7001;
+
+fn front() -> SocketAddr {
+    SocketAddr::new(Triangle::FRONT.parse().unwrap(), FRONT_PORT)
+}
+
+/// The namespaces, lb (frontend on [`front`], its server in the server's
+/// namespace, serving `handler`) and a runtime on this thread, which is
+/// in lb's namespace. `None`: the kernel plane is unavailable (not in CI).
+fn setup<F, Fut>(mode: Mode, test: &str, handler: F) -> Option<(Triangle, tokio::runtime::Runtime, Backend, Lb)>
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    if !kernel_available(test) {
+        return None;
+    }
+    let tri = Triangle::enter(test);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let at = SocketAddr::new(Triangle::SERVER.parse().unwrap(), SERVER_PORT);
+    let be = rt.block_on(async {
+        let l = tri.server.within(|| backends::listen(at)).unwrap_or_else(|e| panic!("{test}: server {at}: {e}"));
+        Backend::serve(l, handler)
+    });
+    let body = format!(
+        "access_log = false\n[[frontend]]\nname = \"t\"\nlisten = \"{}\"\nbackend = \"b\"\n\n\
+         [[backend]]\nname = \"b\"\nservers = [\"{at}\"]\n",
+        front()
+    );
+    let lb = Lb::start_with(mode, test, &body)?;
+    Some((tri, rt, be, lb))
+}
+
+/// A connection to lb from the client's namespace (`client`: its name).
+async fn connect(client: &str) -> std::io::Result<TcpStream> {
+    within(client, TcpSocket::new_v4)?.connect(front()).await
+}
+
+/// On the packet plane: the program sent packets out of an interface.
+fn assert_sent_out(lb: &Lb, test: &str) {
+    let p = lb.pinned_stats()["packet"].clone();
+    let out = p["redirected"].as_u64().unwrap_or(0);
+    assert!(out > 0, "{test}: the program sent no packet out of an interface: {p}");
+    eprintln!("[packet] {test}: {out} packets sent out toward their peers");
+}
+
+async fn echo(mut s: TcpStream) {
+    let (mut r, mut w) = s.split();
+    let _ = tokio::io::copy(&mut r, &mut w).await;
+    let _ = w.shutdown().await;
+}
+
+/// Connections per bulk test, and what each sends (and gets back).
+const BULK: usize = 20;
+const BULK_SIZES: [u64; 4] = [0, 1000, 1 << 20, 16 << 20];
+
+/// Every connection says hello and waits for its echo (on the packet
+/// plane, until all are joined and lb holds no socket toward the server),
+/// then sends its stream and reads it back, at once: byte-exact both ways,
+/// then a FIN each way.
+fn bulk_both_ways(mode: Mode) {
+    let test = "veth_bulk_both_ways";
+    let Some((tri, rt, _be, lb)) = setup(mode, test, echo) else { return };
+    rt.block_on(async {
+        let proof = KernelProof::start(&lb);
+        let mut conns = Vec::new();
+        for i in 0..BULK {
+            let mut s = connect(&tri.client.name).await.unwrap_or_else(|e| panic!("{test}: connect {i}: {e}"));
+            let hello = [i as u8; 16];
+            s.write_all(&hello).await.unwrap();
+            let mut back = [0u8; 16];
+            tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
+                .await
+                .unwrap_or_else(|_| panic!("{test}: no echo of hello {i}"))
+                .unwrap();
+            assert_eq!(back, hello);
+            conns.push(s);
+        }
+        if mode == Mode::Packet {
+            proof.await_joined(&lb, BULK as u64, Duration::from_secs(10), test).await;
+            lb.assert_joined_live(BULK as u64, "once joined").await;
+            let held = tri.lb.ss_count(Triangle::SOURCE, Triangle::SERVER);
+            assert_eq!(held, 0, "{test}: lb still holds {held} socket(s) toward the server after the join");
+        }
+        let tasks: Vec<_> = conns
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| {
+                tokio::spawn(async move {
+                    let (seed, size) = (i as u64 + 1, BULK_SIZES[i % BULK_SIZES.len()]);
+                    let (mut r, mut w) = s.into_split();
+                    let send = async {
+                        write_stream(&mut w, seed, size).await?;
+                        w.shutdown().await
+                    };
+                    let (sent, got) = tokio::join!(send, read_and_check(&mut r, seed, size));
+                    sent.map_err(|e| format!("connection {i}: sending {size} bytes: {e}"))?;
+                    match got {
+                        Ok((_, true)) => Ok(()),
+                        Ok((n, false)) => Err(format!("connection {i}: got {n} of {size} bytes, or not intact")),
+                        Err(e) => Err(format!("connection {i}: receiving: {e}")),
+                    }
+                })
+            })
+            .collect();
+        let mut failed = Vec::new();
+        for t in tasks {
+            if let Err(e) = tokio::time::timeout(Duration::from_secs(60), t).await.expect("a transfer hung").unwrap() {
+                failed.push(e);
+            }
+        }
+        assert!(failed.is_empty(), "{test}: {failed:?}");
+        proof.assert_kernel_ran(&lb, test);
+        if mode == Mode::Packet {
+            assert_sent_out(&lb, test);
+            assert!(
+                lb.all_ended(Duration::from_secs(10)).await,
+                "{test}: not every connection ended: {}",
+                lb.pinned_stats()
+            );
+        }
+        eprintln!("[{}] {test}: {BULK} connections byte-exact both ways, up to 16 MiB", mode.name());
+    });
+}
+
+/// Exchanges per reset test, and how many at once.
+const EXCHANGES: usize = 2000;
+const CONCURRENCY: usize = 32;
+/// Reply sizes by exchange number, and the request's size (the server of
+/// [`server_replies_then_resets`] reads half of it). A peer that resets
+/// discards what it has not sent yet: each size fits in the first flight
+/// of a new connection on a 1500-byte path (an initial congestion window
+/// of 10 segments of 1448 bytes), so that a direct connection delivers it
+/// whole too.
+const SIZES: [usize; 4] = [1, 1000, 4096, 12000];
+const REQUEST: usize = 100;
+
+/// The server reads half the request, replies and closes with the rest
+/// unread (its kernel sends the reply, then a reset): every client reads
+/// the whole reply, then the reset.
+fn server_replies_then_resets(mode: Mode) {
+    let test = "veth_server_replies_then_resets";
+    let handler = |mut s: TcpStream| async move {
+        let mut half = [0u8; REQUEST / 2];
+        if s.read_exact(&mut half).await.is_err() {
+            return;
+        }
+        let (seed, size) = (u64::from(half[0]) | u64::from(half[1]) << 8, SIZES[usize::from(half[2])]);
+        let mut rest = [0u8; REQUEST / 2];
+        while matches!(s.peek(&mut rest).await, Ok(n) if n < REQUEST / 2) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let mut reply = vec![0u8; size];
+        Stream::new(seed).fill(&mut reply);
+        let _ = s.write_all(&reply).await;
+    };
+    let Some((tri, rt, _be, lb)) = setup(mode, test, handler) else { return };
+    rt.block_on(async {
+        let proof = KernelProof::start(&lb);
+        let client = tri.client.name.clone();
+        let failures = testkit::clients(EXCHANGES, CONCURRENCY, |i| {
+            let client = client.clone();
+            async move {
+                let (seed, which) = (i as u64 & 0xffff, i % SIZES.len());
+                let mut req = [0u8; REQUEST];
+                (req[0], req[1], req[2]) = (seed as u8, (seed >> 8) as u8, which as u8);
+                let mut s = connect(&client).await.map_err(|e| format!("client {i}: connect: {e}"))?;
+                s.write_all(&req).await.map_err(|e| format!("client {i}: sending: {e}"))?;
+                let (got, reset) = read_to_end(&mut s).await.map_err(|e| format!("client {i}: {e}"))?;
+                if !intact(&got, seed, SIZES[which]) {
+                    return Err(format!("client {i}: got {} bytes, wanted exactly {} intact", got.len(), SIZES[which]));
+                }
+                if !reset {
+                    return Err(format!("client {i}: clean EOF after the reply where the server reset"));
+                }
+                Ok(())
+            }
+        })
+        .await;
+        assert!(
+            failures.is_empty(),
+            "{test}: {} of {EXCHANGES} clients lost the reply sent before the reset: {:?}",
+            failures.len(),
+            &failures[..5.min(failures.len())]
+        );
+        proof.assert_kernel_ran(&lb, test);
+        if mode == Mode::Packet {
+            assert_sent_out(&lb, test);
+            assert_turned(&lb, test);
+        }
+        eprintln!("[{}] {test}: {EXCHANGES} replies whole, then the reset", mode.name());
+    });
+}
+
+/// Resets that came while lb's sockets still delivered reached the live
+/// peer through lb's own socket, moved by the program on its way out of
+/// the interface (the egress program: the ingress one never sees it).
+fn assert_turned(lb: &Lb, test: &str) {
+    let p = lb.pinned_stats()["packet"].clone();
+    let turned = p["turned"].as_u64().unwrap_or(0);
+    assert!(turned > 0, "{test}: no reset was turned by the program: {p}");
+    eprintln!("[packet] {test}: {turned} reset(s) turned toward the live peer");
+}
+
+/// The server says hello, then reads to the end; the client sends its
+/// bytes and resets at once: every server reads them all, then the reset.
+fn client_sends_then_resets(mode: Mode) {
+    let test = "veth_client_sends_then_resets";
+    let seen: Arc<Mutex<Vec<Result<(), String>>>> = Arc::default();
+    let log = seen.clone();
+    let handler = move |mut s: TcpStream| {
+        let log = log.clone();
+        async move {
+            let r = async {
+                s.write_all(b"h").await.map_err(|e| format!("hello: {e}"))?;
+                let (got, reset) = read_to_end(&mut s).await?;
+                if got.len() < 3 {
+                    return Err(format!("{} bytes, not even the header", got.len()));
+                }
+                let (seed, size) = (u64::from(got[0]) | u64::from(got[1]) << 8, SIZES[usize::from(got[2])]);
+                if got.len() != 3 + size || !intact(&got[3..], seed, size) {
+                    return Err(format!("client {seed}: got {} bytes, wanted exactly {} intact", got.len(), 3 + size));
+                }
+                if !reset {
+                    return Err(format!("client {seed}: clean EOF where the client reset"));
+                }
+                Ok(())
+            }
+            .await;
+            log.lock().unwrap().push(r);
+        }
+    };
+    let Some((tri, rt, _be, lb)) = setup(mode, test, handler) else { return };
+    rt.block_on(async {
+        let proof = KernelProof::start(&lb);
+        let client = tri.client.name.clone();
+        let failures = testkit::clients(EXCHANGES, CONCURRENCY, |i| {
+            let client = client.clone();
+            async move {
+                let (seed, which) = (i as u64 & 0xffff, i % SIZES.len());
+                let mut msg = vec![seed as u8, (seed >> 8) as u8, which as u8];
+                msg.resize(3 + SIZES[which], 0);
+                Stream::new(seed).fill(&mut msg[3..]);
+                let mut s = connect(&client).await.map_err(|e| format!("client {i}: connect: {e}"))?;
+                let mut hello = [0u8; 1];
+                tokio::time::timeout(Duration::from_secs(20), s.read_exact(&mut hello))
+                    .await
+                    .map_err(|_| format!("client {i}: no hello within 20 s"))?
+                    .map_err(|e| format!("client {i}: hello: {e}"))?;
+                s.write_all(&msg).await.map_err(|e| format!("client {i}: sending: {e}"))?;
+                socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).map_err(|e| format!("linger: {e}"))?;
+                Ok(())
+            }
+        })
+        .await;
+        assert!(failures.is_empty(), "{test}: clients failed: {:?}", &failures[..5.min(failures.len())]);
+        let done = testkit::retry_until(Duration::from_secs(30), || {
+            let n = seen.lock().unwrap().len();
+            (n >= EXCHANGES).then_some(n)
+        })
+        .await;
+        let seen = seen.lock().unwrap();
+        let lost: Vec<&String> = seen.iter().filter_map(|r| r.as_ref().err()).collect();
+        assert!(
+            done.is_some() && lost.is_empty(),
+            "{test}: {} of {EXCHANGES} servers finished, {} lost bytes the client sent before its reset: {:?}",
+            seen.len(),
+            lost.len(),
+            &lost[..5.min(lost.len())]
+        );
+        proof.assert_kernel_ran(&lb, test);
+        if mode == Mode::Packet {
+            assert_sent_out(&lb, test);
+            assert_turned(&lb, test);
+        }
+        eprintln!("[{}] {test}: {EXCHANGES} requests whole, then the reset", mode.name());
+    });
+}
+
+#[test]
+fn packet_bulk_both_ways() {
+    bulk_both_ways(Mode::Packet);
+}
+
+#[test]
+fn kernel_bulk_both_ways() {
+    bulk_both_ways(Mode::Kernel);
+}
+
+#[test]
+fn packet_server_replies_then_resets() {
+    server_replies_then_resets(Mode::Packet);
+}
+
+#[test]
+fn kernel_server_replies_then_resets() {
+    server_replies_then_resets(Mode::Kernel);
+}
+
+#[test]
+fn packet_client_sends_then_resets() {
+    client_sends_then_resets(Mode::Packet);
+}
+
+#[test]
+fn kernel_client_sends_then_resets() {
+    client_sends_then_resets(Mode::Kernel);
+}
