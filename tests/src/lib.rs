@@ -1,6 +1,7 @@
 //! Test kit: start `lb` as a real process, real backends on loopback port 0,
 //! deterministic byte streams to check transfers, and /proc readers.
 
+pub mod across;
 pub mod backends;
 pub mod external;
 pub mod lbproc;

@@ -156,4 +156,15 @@ impl Triangle {
         }
         Triangle { client, server, lb }
     }
+
+    /// Sets the MTU of the client's link, both ends.
+    pub fn client_mtu(&self, mtu: u32) {
+        let mtu = mtu.to_string();
+        for args in [
+            vec!["link", "set", Self::TO_CLIENT, "mtu", &mtu],
+            vec!["-n", &self.client.name, "link", "set", "eth0", "mtu", &mtu],
+        ] {
+            ip(&args).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
 }

@@ -1,80 +1,25 @@
-//! lb between namespaces: client — lb — server over two veth pairs, as on a
-//! host with clients and servers behind different interfaces. On the
+//! lb between namespaces (`testkit::across`): client — lb — server over
+//! two veth pairs, as on a host with clients and servers behind different
+//! interfaces. On the
 //! packet plane the program sends each rewritten packet out of the
 //! interface toward its peer; its counter of packets sent out proves it,
 //! and lb keeps no socket of a joined connection. The sockmap plane runs
 //! the same tests.
 
 use std::{
-    net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use testkit::{
     KernelProof, Lb, Mode,
-    backends::{self, Backend, read_and_check, write_stream},
-    lbproc::kernel_available,
-    netns::{Triangle, within},
+    across::{self, Across},
     stream::{Stream, intact, read_to_end},
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpSocket, TcpStream},
+    net::TcpStream,
 };
-
-const FRONT_PORT: u16 = 7000;
-const SERVER_PORT: u16 = 7001;
-
-fn front() -> SocketAddr {
-    SocketAddr::new(Triangle::FRONT.parse().unwrap(), FRONT_PORT)
-}
-
-/// The namespaces, lb (frontend on [`front`], its server in the server's
-/// namespace, serving `handler`) and a runtime on this thread, which is
-/// in lb's namespace. `None`: the kernel plane is unavailable (not in CI).
-fn setup<F, Fut>(mode: Mode, test: &str, handler: F) -> Option<(Triangle, tokio::runtime::Runtime, Backend, Lb)>
-where
-    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    if !kernel_available(test) {
-        return None;
-    }
-    let tri = Triangle::enter(test);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let at = SocketAddr::new(Triangle::SERVER.parse().unwrap(), SERVER_PORT);
-    let be = rt.block_on(async {
-        let l = tri.server.within(|| backends::listen(at)).unwrap_or_else(|e| panic!("{test}: server {at}: {e}"));
-        Backend::serve(l, handler)
-    });
-    let body = format!(
-        "access_log = false\n[[frontend]]\nname = \"t\"\nlisten = \"{}\"\nbackend = \"b\"\n\n\
-         [[backend]]\nname = \"b\"\nservers = [\"{at}\"]\n",
-        front()
-    );
-    let lb = Lb::start_with(mode, test, &body)?;
-    Some((tri, rt, be, lb))
-}
-
-/// A connection to lb from the client's namespace (`client`: its name).
-async fn connect(client: &str) -> std::io::Result<TcpStream> {
-    within(client, TcpSocket::new_v4)?.connect(front()).await
-}
-
-/// On the packet plane: the program sent packets out of an interface.
-fn assert_sent_out(lb: &Lb, test: &str) {
-    let p = lb.pinned_stats()["packet"].clone();
-    let out = p["redirected"].as_u64().unwrap_or(0);
-    assert!(out > 0, "{test}: the program sent no packet out of an interface: {p}");
-    eprintln!("[packet] {test}: {out} packets sent out toward their peers");
-}
-
-async fn echo(mut s: TcpStream) {
-    let (mut r, mut w) = s.split();
-    let _ = tokio::io::copy(&mut r, &mut w).await;
-    let _ = w.shutdown().await;
-}
 
 /// Connections per bulk test, and what each sends (and gets back).
 const BULK: usize = 20;
@@ -86,64 +31,23 @@ const BULK_SIZES: [u64; 4] = [0, 1000, 1 << 20, 16 << 20];
 /// then a FIN each way.
 fn bulk_both_ways(mode: Mode) {
     let test = "veth_bulk_both_ways";
-    let Some((tri, rt, _be, lb)) = setup(mode, test, echo) else { return };
-    rt.block_on(async {
-        let proof = KernelProof::start(&lb);
-        let mut conns = Vec::new();
-        for i in 0..BULK {
-            let mut s = connect(&tri.client.name).await.unwrap_or_else(|e| panic!("{test}: connect {i}: {e}"));
-            let hello = [i as u8; 16];
-            s.write_all(&hello).await.unwrap();
-            let mut back = [0u8; 16];
-            tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
-                .await
-                .unwrap_or_else(|_| panic!("{test}: no echo of hello {i}"))
-                .unwrap();
-            assert_eq!(back, hello);
-            conns.push(s);
-        }
+    let Some(x) = Across::start(mode, test, |_| {}, across::echo) else { return };
+    x.rt.block_on(async {
+        let proof = KernelProof::start(&x.lb);
+        let conns = across::hello_all(&x.tri.client.name, BULK, test).await;
         if mode == Mode::Packet {
-            proof.await_joined(&lb, BULK as u64, Duration::from_secs(10), test).await;
-            lb.assert_joined_live(BULK as u64, "once joined").await;
-            let held = tri.lb.ss_count(Triangle::SOURCE, Triangle::SERVER);
+            proof.await_joined(&x.lb, BULK as u64, Duration::from_secs(10), test).await;
+            x.lb.assert_joined_live(BULK as u64, "once joined").await;
+            let held = x.held_toward_server();
             assert_eq!(held, 0, "{test}: lb still holds {held} socket(s) toward the server after the join");
         }
-        let tasks: Vec<_> = conns
-            .into_iter()
-            .enumerate()
-            .map(|(i, s)| {
-                tokio::spawn(async move {
-                    let (seed, size) = (i as u64 + 1, BULK_SIZES[i % BULK_SIZES.len()]);
-                    let (mut r, mut w) = s.into_split();
-                    let send = async {
-                        write_stream(&mut w, seed, size).await?;
-                        w.shutdown().await
-                    };
-                    let (sent, got) = tokio::join!(send, read_and_check(&mut r, seed, size));
-                    sent.map_err(|e| format!("connection {i}: sending {size} bytes: {e}"))?;
-                    match got {
-                        Ok((_, true)) => Ok(()),
-                        Ok((n, false)) => Err(format!("connection {i}: got {n} of {size} bytes, or not intact")),
-                        Err(e) => Err(format!("connection {i}: receiving: {e}")),
-                    }
-                })
-            })
-            .collect();
-        let mut failed = Vec::new();
-        for t in tasks {
-            if let Err(e) = tokio::time::timeout(Duration::from_secs(60), t).await.expect("a transfer hung").unwrap() {
-                failed.push(e);
-            }
-        }
+        let failed = across::bulk_both_ways(conns, &BULK_SIZES).await;
         assert!(failed.is_empty(), "{test}: {failed:?}");
-        proof.assert_kernel_ran(&lb, test);
+        proof.assert_kernel_ran(&x.lb, test);
         if mode == Mode::Packet {
-            assert_sent_out(&lb, test);
-            assert!(
-                lb.all_ended(Duration::from_secs(10)).await,
-                "{test}: not every connection ended: {}",
-                lb.pinned_stats()
-            );
+            x.assert_sent_out(test);
+            let ended = x.lb.all_ended(Duration::from_secs(10)).await;
+            assert!(ended, "{test}: not every connection ended: {}", x.lb.pinned_stats());
         }
         eprintln!("[{}] {test}: {BULK} connections byte-exact both ways, up to 16 MiB", mode.name());
     });
@@ -180,17 +84,17 @@ fn server_replies_then_resets(mode: Mode) {
         Stream::new(seed).fill(&mut reply);
         let _ = s.write_all(&reply).await;
     };
-    let Some((tri, rt, _be, lb)) = setup(mode, test, handler) else { return };
-    rt.block_on(async {
-        let proof = KernelProof::start(&lb);
-        let client = tri.client.name.clone();
+    let Some(x) = Across::start(mode, test, |_| {}, handler) else { return };
+    x.rt.block_on(async {
+        let proof = KernelProof::start(&x.lb);
+        let client = x.tri.client.name.clone();
         let failures = testkit::clients(EXCHANGES, CONCURRENCY, |i| {
             let client = client.clone();
             async move {
                 let (seed, which) = (i as u64 & 0xffff, i % SIZES.len());
                 let mut req = [0u8; REQUEST];
                 (req[0], req[1], req[2]) = (seed as u8, (seed >> 8) as u8, which as u8);
-                let mut s = connect(&client).await.map_err(|e| format!("client {i}: connect: {e}"))?;
+                let mut s = across::connect(&client).await.map_err(|e| format!("client {i}: connect: {e}"))?;
                 s.write_all(&req).await.map_err(|e| format!("client {i}: sending: {e}"))?;
                 let (got, reset) = read_to_end(&mut s).await.map_err(|e| format!("client {i}: {e}"))?;
                 if !intact(&got, seed, SIZES[which]) {
@@ -209,10 +113,10 @@ fn server_replies_then_resets(mode: Mode) {
             failures.len(),
             &failures[..5.min(failures.len())]
         );
-        proof.assert_kernel_ran(&lb, test);
+        proof.assert_kernel_ran(&x.lb, test);
         if mode == Mode::Packet {
-            assert_sent_out(&lb, test);
-            assert_turned(&lb, test);
+            x.assert_sent_out(test);
+            assert_turned(&x.lb, test);
         }
         eprintln!("[{}] {test}: {EXCHANGES} replies whole, then the reset", mode.name());
     });
@@ -256,10 +160,10 @@ fn client_sends_then_resets(mode: Mode) {
             log.lock().unwrap().push(r);
         }
     };
-    let Some((tri, rt, _be, lb)) = setup(mode, test, handler) else { return };
-    rt.block_on(async {
-        let proof = KernelProof::start(&lb);
-        let client = tri.client.name.clone();
+    let Some(x) = Across::start(mode, test, |_| {}, handler) else { return };
+    x.rt.block_on(async {
+        let proof = KernelProof::start(&x.lb);
+        let client = x.tri.client.name.clone();
         let failures = testkit::clients(EXCHANGES, CONCURRENCY, |i| {
             let client = client.clone();
             async move {
@@ -267,7 +171,7 @@ fn client_sends_then_resets(mode: Mode) {
                 let mut msg = vec![seed as u8, (seed >> 8) as u8, which as u8];
                 msg.resize(3 + SIZES[which], 0);
                 Stream::new(seed).fill(&mut msg[3..]);
-                let mut s = connect(&client).await.map_err(|e| format!("client {i}: connect: {e}"))?;
+                let mut s = across::connect(&client).await.map_err(|e| format!("client {i}: connect: {e}"))?;
                 let mut hello = [0u8; 1];
                 tokio::time::timeout(Duration::from_secs(20), s.read_exact(&mut hello))
                     .await
@@ -294,10 +198,10 @@ fn client_sends_then_resets(mode: Mode) {
             lost.len(),
             &lost[..5.min(lost.len())]
         );
-        proof.assert_kernel_ran(&lb, test);
+        proof.assert_kernel_ran(&x.lb, test);
         if mode == Mode::Packet {
-            assert_sent_out(&lb, test);
-            assert_turned(&lb, test);
+            x.assert_sent_out(test);
+            assert_turned(&x.lb, test);
         }
         eprintln!("[{}] {test}: {EXCHANGES} requests whole, then the reset", mode.name());
     });

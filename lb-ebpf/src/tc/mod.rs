@@ -8,8 +8,10 @@
 //! and acknowledgment numbers moved by the join's offsets, its SACK block
 //! edges and timestamps likewise, its window rescaled where the two
 //! connections' window scales differ, and both checksums updated
-//! incrementally. It then goes on up this host's stack (loopback: the
-//! other connection's socket is local).
+//! incrementally. It then goes on up this host's stack when the peer is
+//! local (loopback), or out of the interface toward the peer
+//! (`Flow::ifindex`, the interface the peer's handshake came in on, which
+//! the program recorded in `LB_ARRIVALS`).
 //!
 //! Nothing is ever dropped to make the join: bytes that reached lb's
 //! sockets before it are delivered by them (their "custody"), and the
