@@ -25,22 +25,34 @@ const SERVER_PORT: u16 = 7001;
 /// namespaces go.
 pub struct Across {
     pub lb: Lb,
+    /// lb's frontend, as the client reaches it.
+    pub front: SocketAddr,
     pub backend: Backend,
     pub rt: tokio::runtime::Runtime,
     pub tri: Triangle,
 }
 
 impl Across {
-    /// lb's frontend, as the client reaches it.
-    pub fn front() -> SocketAddr {
-        SocketAddr::new(Triangle::FRONT.parse().unwrap(), FRONT_PORT)
+    /// The namespaces, the server (serving `handler`) and lb in `mode` with
+    /// one frontend to it, over IPv4; a runtime on this thread. `prepare`
+    /// runs once the namespaces are up, before anything listens (sysctls,
+    /// MTUs). `None`: the kernel plane is unavailable (not in CI).
+    pub fn start<F, Fut>(mode: Mode, test: &str, prepare: impl FnOnce(&Triangle), handler: F) -> Option<Across>
+    where
+        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        Self::start_on(false, mode, test, prepare, handler)
     }
 
-    /// The namespaces, the server (serving `handler`) and lb in `mode` with
-    /// one frontend to it; a runtime on this thread. `prepare` runs once
-    /// the namespaces are up, before anything listens (sysctls, MTUs).
-    /// `None`: the kernel plane is unavailable (not in CI).
-    pub fn start<F, Fut>(mode: Mode, test: &str, prepare: impl FnOnce(&Triangle), handler: F) -> Option<Across>
+    /// [`Self::start`], over IPv6 when `v6`.
+    pub fn start_on<F, Fut>(
+        v6: bool,
+        mode: Mode,
+        test: &str,
+        prepare: impl FnOnce(&Triangle),
+        handler: F,
+    ) -> Option<Across>
     where
         F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -51,18 +63,20 @@ impl Across {
         let tri = Triangle::enter(test);
         prepare(&tri);
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let at = SocketAddr::new(Triangle::SERVER.parse().unwrap(), SERVER_PORT);
+        let (front, server) =
+            if v6 { (Triangle::FRONT6, Triangle::SERVER6) } else { (Triangle::FRONT, Triangle::SERVER) };
+        let front = SocketAddr::new(front.parse().unwrap(), FRONT_PORT);
+        let at = SocketAddr::new(server.parse().unwrap(), SERVER_PORT);
         let backend = rt.block_on(async {
             let l = tri.server.within(|| backends::listen(at)).unwrap_or_else(|e| panic!("{test}: server {at}: {e}"));
             Backend::serve(l, handler)
         });
         let body = format!(
-            "access_log = false\n[[frontend]]\nname = \"t\"\nlisten = \"{}\"\nbackend = \"b\"\n\n\
-             [[backend]]\nname = \"b\"\nservers = [\"{at}\"]\n",
-            Self::front()
+            "access_log = false\n[[frontend]]\nname = \"t\"\nlisten = \"{front}\"\nbackend = \"b\"\n\n\
+             [[backend]]\nname = \"b\"\nservers = [\"{at}\"]\n"
         );
         let lb = Lb::start_with(mode, test, &body)?;
-        Some(Across { lb, backend, rt, tri })
+        Some(Across { lb, front, backend, rt, tri })
     }
 
     /// On the packet plane: the program sent packets out of an interface
@@ -76,13 +90,19 @@ impl Across {
 
     /// Sockets lb holds toward the server (none once every connection is joined).
     pub fn held_toward_server(&self) -> usize {
-        self.tri.lb.ss_count(Triangle::SOURCE, Triangle::SERVER)
+        let (from, to) = if self.front.is_ipv6() {
+            (format!("[{}]", Triangle::SOURCE6), format!("[{}]", Triangle::SERVER6))
+        } else {
+            (Triangle::SOURCE.to_owned(), Triangle::SERVER.to_owned())
+        };
+        self.tri.lb.ss_count(&from, &to)
     }
 }
 
-/// A connection to lb from the client's namespace (`client`: its name).
-pub async fn connect(client: &str) -> std::io::Result<TcpStream> {
-    within(client, TcpSocket::new_v4)?.connect(Across::front()).await
+/// A connection to `front` from the client's namespace (`client`: its name).
+pub async fn connect(client: &str, front: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = within(client, || if front.is_ipv6() { TcpSocket::new_v6() } else { TcpSocket::new_v4() })?;
+    socket.connect(front).await
 }
 
 /// The server that echoes every byte, and closes after the client's EOF.
@@ -94,10 +114,10 @@ pub async fn echo(mut s: TcpStream) {
 
 /// `n` connections from the client's namespace to an echo server, each
 /// having said hello and had it back.
-pub async fn hello_all(client: &str, n: usize, test: &str) -> Vec<TcpStream> {
+pub async fn hello_all(client: &str, front: SocketAddr, n: usize, test: &str) -> Vec<TcpStream> {
     let mut conns = Vec::new();
     for i in 0..n {
-        let mut s = connect(client).await.unwrap_or_else(|e| panic!("{test}: connect {i}: {e}"));
+        let mut s = connect(client, front).await.unwrap_or_else(|e| panic!("{test}: connect {i}: {e}"));
         let hello = [i as u8; 16];
         s.write_all(&hello).await.unwrap();
         let mut back = [0u8; 16];

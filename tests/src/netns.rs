@@ -136,6 +136,11 @@ impl Triangle {
     /// lb's address toward the server.
     pub const SOURCE: &str = "10.201.2.1";
     pub const SERVER: &str = "10.201.2.2";
+    /// The same four in IPv6 (`/64`s, no duplicate address detection).
+    pub const CLIENT6: &str = "fd00:201:1::2";
+    pub const FRONT6: &str = "fd00:201:1::1";
+    pub const SOURCE6: &str = "fd00:201:2::1";
+    pub const SERVER6: &str = "fd00:201:2::2";
     /// lb's interfaces toward the client and toward the server.
     pub const TO_CLIENT: &str = "vc0";
     pub const TO_SERVER: &str = "vs0";
@@ -144,17 +149,39 @@ impl Triangle {
         let lb = NetNs::enter(test);
         let (client, server) = (NetNs::create(test), NetNs::create(test));
         let must = |args: &[&str]| ip(args).unwrap_or_else(|e| panic!("{test}: {e}"));
-        for (ns, here, there, lb_addr, peer_addr) in [
-            (&client, Self::TO_CLIENT, "eth0", Self::FRONT, Self::CLIENT),
-            (&server, Self::TO_SERVER, "eth0", Self::SOURCE, Self::SERVER),
+        for (ns, here, there, [lb4, peer4, lb6, peer6]) in [
+            (&client, Self::TO_CLIENT, "eth0", [Self::FRONT, Self::CLIENT, Self::FRONT6, Self::CLIENT6]),
+            (&server, Self::TO_SERVER, "eth0", [Self::SOURCE, Self::SERVER, Self::SOURCE6, Self::SERVER6]),
         ] {
             must(&["link", "add", here, "type", "veth", "peer", "name", there, "netns", &ns.name]);
-            must(&["addr", "add", &format!("{lb_addr}/24"), "dev", here]);
+            must(&["addr", "add", &format!("{lb4}/24"), "dev", here]);
+            must(&["addr", "add", &format!("{lb6}/64"), "dev", here, "nodad"]);
             must(&["link", "set", here, "up"]);
-            must(&["-n", &ns.name, "addr", "add", &format!("{peer_addr}/24"), "dev", there]);
+            must(&["-n", &ns.name, "addr", "add", &format!("{peer4}/24"), "dev", there]);
+            must(&["-n", &ns.name, "addr", "add", &format!("{peer6}/64"), "dev", there, "nodad"]);
             must(&["-n", &ns.name, "link", "set", there, "up"]);
         }
         Triangle { client, server, lb }
+    }
+
+    /// Drops `per_mille` of the packets the client and the server send
+    /// toward lb, at random (this kernel has no netem): a classic BPF
+    /// filter, in direct-action mode, on each one's egress, that compares
+    /// the kernel's random number (`SKF_AD_RANDOM`) with the share.
+    pub fn lossy(&self, per_mille: u32) {
+        let threshold = (u64::from(per_mille) << 32) / 1000;
+        // ld rand; jgt #(1 - share): drop; ret TC_ACT_OK; drop: ret TC_ACT_SHOT.
+        let keep_above = (1u64 << 32) - 1 - threshold;
+        let code = format!("4,32 0 0 4294963256,37 1 0 {keep_above},6 0 0 0,6 0 0 2");
+        for ns in [&self.client, &self.server] {
+            for args in [
+                vec!["-n", &ns.name, "qdisc", "add", "dev", "eth0", "clsact"],
+                vec!["-n", &ns.name, "filter", "add", "dev", "eth0", "egress", "bpf", "da", "bytecode", &code],
+            ] {
+                let out = Command::new("tc").args(&args).output().expect("running tc");
+                assert!(out.status.success(), "tc {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+            }
+        }
     }
 
     /// Sets the MTU of the client's link, both ends.

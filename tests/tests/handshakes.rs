@@ -32,7 +32,7 @@ fn case(test: &str, prepare: impl FnOnce(&Triangle), want: Outcome) {
     let Some(x) = Across::start(Mode::Packet, test, prepare, across::echo) else { return };
     x.rt.block_on(async {
         let proof = KernelProof::start(&x.lb);
-        let conns = across::hello_all(&x.tri.client.name, CONNS, test).await;
+        let conns = across::hello_all(&x.tri.client.name, x.front, CONNS, test).await;
         match want {
             Outcome::Joined => {
                 proof.await_joined(&x.lb, CONNS as u64, Duration::from_secs(10), test).await;

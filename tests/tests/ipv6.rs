@@ -1,5 +1,6 @@
 //! IPv6 end to end: frontends, servers and source pools on `::1`, and in a
-//! network namespace with IPv6 addresses of its own; both planes,
+//! network namespace with IPv6 addresses of its own; both planes and the
+//! packet plane (joined, then echoing again),
 //! byte-exact, with `lb stats`, `lb conns` and the access log naming the
 //! right addresses.
 
@@ -12,6 +13,7 @@ macro_rules! planes {
     ($($name:ident),* $(,)?) => {
         mod kernel { $( #[test] fn $name() { super::$name(super::Mode::Kernel); } )* }
         mod userspace { $( #[test] fn $name() { super::$name(super::Mode::Userspace); } )* }
+        mod packet { $( #[test] fn $name() { super::$name(super::Mode::Packet); } )* }
     };
 }
 
@@ -66,6 +68,19 @@ async fn run(mode: Mode, test: &str, listen: &str, server: &str, pool: &[&str]) 
         clients.push(s);
     }
     proof.assert_all_spliced(&lb, test);
+    if mode == Mode::Packet {
+        // Joined, then carried by the program alone: another echo each.
+        proof.await_joined(&lb, n as u64, Duration::from_secs(10), test).await;
+        for (i, s) in clients.iter_mut().enumerate() {
+            let mut out = vec![0u8; 20_000 + i];
+            Stream::new(900 + i as u64).fill(&mut out);
+            s.write_all(&out).await.unwrap();
+            let back = testkit::read_n(s, out.len(), test).await;
+            assert!(back == out, "{test}: client {i}: echo after the join corrupt");
+        }
+        lb.assert_joined_live(n as u64, "once joined").await;
+        assert!(proof.assert_kernel_ran(&lb, test) > 0, "{test}: no packet rewritten");
+    }
 
     // Stats name the IPv6 server and spread the connections over the pool.
     let want: Vec<String> = pool.iter().map(|p| p.to_string()).collect();

@@ -15,8 +15,8 @@ use tokio::{
 };
 
 testkit::both_planes!(v1_ipv4, v1_ipv6, v2_ipv4, v2_ipv6);
-// IPv4 is joined on the packet plane (the header is in the sequence
-// offsets); IPv6 stays on sockmap there (kept: path).
+// Joined on the packet plane, IPv4 and IPv6 (the header is in the
+// sequence offsets).
 testkit::plane_tests!(packet, Packet, v1_ipv4, v1_ipv6, v2_ipv4, v2_ipv6);
 
 const SIGNATURE: [u8; 12] = [0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51, 0x55, 0x49, 0x54, 0x0a];

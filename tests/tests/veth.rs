@@ -29,12 +29,12 @@ const BULK_SIZES: [u64; 4] = [0, 1000, 1 << 20, 16 << 20];
 /// plane, until all are joined and lb holds no socket toward the server),
 /// then sends its stream and reads it back, at once: byte-exact both ways,
 /// then a FIN each way.
-fn bulk_both_ways(mode: Mode) {
-    let test = "veth_bulk_both_ways";
-    let Some(x) = Across::start(mode, test, |_| {}, across::echo) else { return };
+fn bulk_both_ways(mode: Mode, v6: bool) {
+    let test = if v6 { "veth_bulk_both_ways_ipv6" } else { "veth_bulk_both_ways" };
+    let Some(x) = Across::start_on(v6, mode, test, |_| {}, across::echo) else { return };
     x.rt.block_on(async {
         let proof = KernelProof::start(&x.lb);
-        let conns = across::hello_all(&x.tri.client.name, BULK, test).await;
+        let conns = across::hello_all(&x.tri.client.name, x.front, BULK, test).await;
         if mode == Mode::Packet {
             proof.await_joined(&x.lb, BULK as u64, Duration::from_secs(10), test).await;
             x.lb.assert_joined_live(BULK as u64, "once joined").await;
@@ -50,6 +50,38 @@ fn bulk_both_ways(mode: Mode) {
             assert!(ended, "{test}: not every connection ended: {}", x.lb.pinned_stats());
         }
         eprintln!("[{}] {test}: {BULK} connections byte-exact both ways, up to 16 MiB", mode.name());
+    });
+}
+
+/// Connections and sizes of the test with loss.
+const LOSSY: usize = 10;
+const LOSSY_SIZES: [u64; 2] = [4 << 20, 1 << 20];
+
+/// As [`bulk_both_ways`], with 1 % of the packets the client and the
+/// server send dropped once the connections are joined: the peers
+/// retransmit to each other through the program, and their SACK blocks
+/// cross the join translated (its counter), byte-exact both ways.
+fn bulk_through_loss(mode: Mode) {
+    let test = "veth_bulk_through_loss";
+    let Some(x) = Across::start(mode, test, |_| {}, across::echo) else { return };
+    x.rt.block_on(async {
+        let proof = KernelProof::start(&x.lb);
+        let conns = across::hello_all(&x.tri.client.name, x.front, LOSSY, test).await;
+        if mode == Mode::Packet {
+            proof.await_joined(&x.lb, LOSSY as u64, Duration::from_secs(10), test).await;
+        }
+        x.tri.lossy(10);
+        let failed = across::bulk_both_ways(conns, &LOSSY_SIZES).await;
+        assert!(failed.is_empty(), "{test}: {failed:?}");
+        proof.assert_kernel_ran(&x.lb, test);
+        if mode == Mode::Packet {
+            x.assert_sent_out(test);
+            let p = x.lb.pinned_stats()["packet"].clone();
+            let sack = p["sack_blocks"].as_u64().unwrap_or(0);
+            assert!(sack > 0, "{test}: no SACK block crossed the join: {p}");
+            eprintln!("[packet] {test}: {sack} SACK blocks translated");
+        }
+        eprintln!("[{}] {test}: {LOSSY} connections byte-exact both ways through 1 % loss", mode.name());
     });
 }
 
@@ -87,14 +119,14 @@ fn server_replies_then_resets(mode: Mode) {
     let Some(x) = Across::start(mode, test, |_| {}, handler) else { return };
     x.rt.block_on(async {
         let proof = KernelProof::start(&x.lb);
-        let client = x.tri.client.name.clone();
+        let (client, front) = (x.tri.client.name.clone(), x.front);
         let failures = testkit::clients(EXCHANGES, CONCURRENCY, |i| {
             let client = client.clone();
             async move {
                 let (seed, which) = (i as u64 & 0xffff, i % SIZES.len());
                 let mut req = [0u8; REQUEST];
                 (req[0], req[1], req[2]) = (seed as u8, (seed >> 8) as u8, which as u8);
-                let mut s = across::connect(&client).await.map_err(|e| format!("client {i}: connect: {e}"))?;
+                let mut s = across::connect(&client, front).await.map_err(|e| format!("client {i}: connect: {e}"))?;
                 s.write_all(&req).await.map_err(|e| format!("client {i}: sending: {e}"))?;
                 let (got, reset) = read_to_end(&mut s).await.map_err(|e| format!("client {i}: {e}"))?;
                 if !intact(&got, seed, SIZES[which]) {
@@ -163,7 +195,7 @@ fn client_sends_then_resets(mode: Mode) {
     let Some(x) = Across::start(mode, test, |_| {}, handler) else { return };
     x.rt.block_on(async {
         let proof = KernelProof::start(&x.lb);
-        let client = x.tri.client.name.clone();
+        let (client, front) = (x.tri.client.name.clone(), x.front);
         let failures = testkit::clients(EXCHANGES, CONCURRENCY, |i| {
             let client = client.clone();
             async move {
@@ -171,7 +203,7 @@ fn client_sends_then_resets(mode: Mode) {
                 let mut msg = vec![seed as u8, (seed >> 8) as u8, which as u8];
                 msg.resize(3 + SIZES[which], 0);
                 Stream::new(seed).fill(&mut msg[3..]);
-                let mut s = across::connect(&client).await.map_err(|e| format!("client {i}: connect: {e}"))?;
+                let mut s = across::connect(&client, front).await.map_err(|e| format!("client {i}: connect: {e}"))?;
                 let mut hello = [0u8; 1];
                 tokio::time::timeout(Duration::from_secs(20), s.read_exact(&mut hello))
                     .await
@@ -209,12 +241,22 @@ fn client_sends_then_resets(mode: Mode) {
 
 #[test]
 fn packet_bulk_both_ways() {
-    bulk_both_ways(Mode::Packet);
+    bulk_both_ways(Mode::Packet, false);
 }
 
 #[test]
 fn kernel_bulk_both_ways() {
-    bulk_both_ways(Mode::Kernel);
+    bulk_both_ways(Mode::Kernel, false);
+}
+
+#[test]
+fn packet_bulk_both_ways_ipv6() {
+    bulk_both_ways(Mode::Packet, true);
+}
+
+#[test]
+fn kernel_bulk_both_ways_ipv6() {
+    bulk_both_ways(Mode::Kernel, true);
 }
 
 #[test]
@@ -235,4 +277,14 @@ fn packet_client_sends_then_resets() {
 #[test]
 fn kernel_client_sends_then_resets() {
     client_sends_then_resets(Mode::Kernel);
+}
+
+#[test]
+fn packet_bulk_through_loss() {
+    bulk_through_loss(Mode::Packet);
+}
+
+#[test]
+fn kernel_bulk_through_loss() {
+    bulk_through_loss(Mode::Kernel);
 }

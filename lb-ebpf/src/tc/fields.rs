@@ -36,22 +36,55 @@ pub(super) fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
     Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
 }
 
-/// An IPv4 address (as it sits in the packet) as the 16 bytes of
-/// `::ffff:a.b.c.d`. Built as words: a byte array is filled by a loop the
-/// verifier refuses without `CAP_PERFMON`.
+/// An IPv4 address (as it sits in the packet) as the words of
+/// `::ffff:a.b.c.d`.
 #[inline(always)]
-pub(super) fn mapped(ip4: u32) -> [u8; 16] {
-    let words: [u32; 4] = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip4];
+pub(super) fn mapped(ip4: u32) -> [u32; 4] {
+    [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip4]
+}
+
+/// An address's words as its 16 bytes. Built as words: a byte array is
+/// filled by a loop the verifier refuses without `CAP_PERFMON`.
+#[inline(always)]
+pub(super) fn bytes(words: [u32; 4]) -> [u8; 16] {
     // SAFETY: [u32; 4] and [u8; 16] have the same size, and any bytes are valid u8s.
     unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) }
 }
 
-/// The IPv4 address of a mapped address, as it sits in a packet.
+/// An address's 16 bytes as words, as they sit in a packet.
 #[inline(always)]
-pub(super) fn ip4_of(a: &[u8; 16]) -> u32 {
-    // SAFETY: as `mapped`, the other way.
-    let words = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(*a) };
-    words[3]
+pub(super) fn words(a: &[u8; 16]) -> [u32; 4] {
+    // SAFETY: as `bytes`, the other way.
+    unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(*a) }
+}
+
+/// A packet's IP addresses: where they are and what they hold.
+pub(super) struct Addrs {
+    /// IPv6 (else IPv4).
+    pub(super) v6: bool,
+    /// As words of 16 bytes (IPv4 mapped).
+    pub(super) src: [u32; 4],
+    pub(super) dst: [u32; 4],
+}
+
+/// Writes the address `to` over `from` at `off` (IPv6: 16 bytes), with
+/// the TCP checksum's pseudo header.
+#[inline(always)]
+fn put_addr6(ctx: &TcContext, csum: usize, off: usize, from: [u32; 4], to: [u32; 4]) -> Result<(), i32> {
+    ctx.store(off, &to, 0).map_err(|_| TC_ACT_SHOT)?;
+    for i in 0..4 {
+        ctx.l4_csum_replace(csum, u64::from(from[i]), u64::from(to[i]), 4 | PSEUDO).map_err(|_| TC_ACT_SHOT)?;
+    }
+    Ok(())
+}
+
+/// Writes the IPv4 address `to` over `from` at `off`, with the IP header's
+/// checksum and the TCP checksum's pseudo header.
+#[inline(always)]
+fn put_addr4(ctx: &TcContext, csum: usize, off: usize, from: u32, to: u32) -> Result<(), i32> {
+    ctx.store(off, &to, 0).map_err(|_| TC_ACT_SHOT)?;
+    ctx.l3_csum_replace(ETH_LEN + 10, u64::from(from), u64::from(to), 4).map_err(|_| TC_ACT_SHOT)?;
+    ctx.l4_csum_replace(csum, u64::from(from), u64::from(to), 4 | PSEUDO).map_err(|_| TC_ACT_SHOT)
 }
 
 /// Where a packet's TCP header and options are.
@@ -150,25 +183,17 @@ pub(super) fn shift_field(ctx: &TcContext, csum: usize, off: usize, add: u32) ->
 /// program cannot finish rewriting is dropped (its sender sends it again),
 /// never delivered half rewritten.
 #[inline(always)]
-pub(super) fn rewrite(
-    ctx: &TcContext,
-    f: &Flow,
-    tcp: &Tcp,
-    saddr: u32,
-    daddr: u32,
-    sport: u16,
-    dport: u16,
-) -> Result<(), i32> {
+pub(super) fn rewrite(ctx: &TcContext, f: &Flow, tcp: &Tcp, a: &Addrs, sport: u16, dport: u16) -> Result<(), i32> {
     let t = tcp.at;
     let csum = t + 16;
-    let (nsrc, ndst) = (ip4_of(&f.src), ip4_of(&f.dst));
-    // Addresses: the IP header's checksum and the TCP pseudo header.
-    ctx.store(ETH_LEN + 12, &nsrc, 0).map_err(|_| TC_ACT_SHOT)?;
-    ctx.l3_csum_replace(ETH_LEN + 10, u64::from(saddr), u64::from(nsrc), 4).map_err(|_| TC_ACT_SHOT)?;
-    ctx.l4_csum_replace(csum, u64::from(saddr), u64::from(nsrc), 4 | PSEUDO).map_err(|_| TC_ACT_SHOT)?;
-    ctx.store(ETH_LEN + 16, &ndst, 0).map_err(|_| TC_ACT_SHOT)?;
-    ctx.l3_csum_replace(ETH_LEN + 10, u64::from(daddr), u64::from(ndst), 4).map_err(|_| TC_ACT_SHOT)?;
-    ctx.l4_csum_replace(csum, u64::from(daddr), u64::from(ndst), 4 | PSEUDO).map_err(|_| TC_ACT_SHOT)?;
+    let (nsrc, ndst) = (words(&f.src), words(&f.dst));
+    if a.v6 {
+        put_addr6(ctx, csum, ETH_LEN + 8, a.src, nsrc)?;
+        put_addr6(ctx, csum, ETH_LEN + 24, a.dst, ndst)?;
+    } else {
+        put_addr4(ctx, csum, ETH_LEN + 12, a.src[3], nsrc[3])?;
+        put_addr4(ctx, csum, ETH_LEN + 16, a.dst[3], ndst[3])?;
+    }
     put(ctx, csum, t, sport, f.sport, false)?;
     put(ctx, csum, t + 2, dport, f.dport, false)?;
     if f.seq_add != 0 {

@@ -7,8 +7,9 @@
 //! address) gets the other connection's addresses and ports, its sequence
 //! and acknowledgment numbers moved by the join's offsets, its SACK block
 //! edges and timestamps likewise, its window rescaled where the two
-//! connections' window scales differ, and both checksums updated
-//! incrementally. It then goes on up this host's stack when the peer is
+//! connections' window scales differ, and its checksums updated
+//! incrementally (IPv4's header and TCP's; IPv6 has only TCP's, and a
+//! packet with extension headers is not one of lb's). It then goes on up this host's stack when the peer is
 //! local (loopback), or out of the interface toward the peer
 //! (`Flow::ifindex`, the interface the peer's handshake came in on, which
 //! the program recorded in `LB_ARRIVALS`).
@@ -36,7 +37,7 @@ use lb_common::{
     stats::COUNTERS_KEY,
 };
 
-use fields::{ACK, ETH_LEN, FIN, RST, SYN, Tcp, launder, mapped, options, put, read, rewrite};
+use fields::{ACK, Addrs, ETH_LEN, FIN, RST, SYN, Tcp, bytes, launder, mapped, options, put, read, rewrite};
 
 use crate::{
     maps::{LB_ARRIVALS, LB_FLOW_CTL, LB_FLOWS, LB_PACKET_ENDS, LB_PKT_COUNTERS},
@@ -51,6 +52,7 @@ mod fields;
 /// (with its own flows), another tool's. `TC_ACT_OK` would end the chain.
 const PASS: i32 = TC_ACT_UNSPEC;
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_TCP: u8 = 6;
 
 #[classifier]
@@ -69,8 +71,7 @@ fn count(f: impl FnOnce(&mut PacketCounters)) {
 
 /// What the program reads of every packet before it looks it up.
 struct Headers {
-    saddr: u32,
-    daddr: u32,
+    addrs: Addrs,
     /// Offset of the TCP header.
     t: usize,
     sport: u16,
@@ -78,32 +79,46 @@ struct Headers {
     flags: u8,
 }
 
-/// The addresses, ports and flags of an IPv4 TCP packet that is not a
-/// fragment; `None` for any other packet.
+impl Headers {
+    fn key(&self) -> FlowKey {
+        FlowKey {
+            src: bytes(self.addrs.src),
+            dst: bytes(self.addrs.dst),
+            sport: self.sport,
+            dport: self.dport,
+            _pad: 0,
+        }
+    }
+}
+
+/// The addresses, ports and flags of a TCP packet: IPv4 and not a
+/// fragment, or IPv6 with TCP right after its header (lb's connections
+/// carry no extension headers); `None` for any other packet.
 #[inline(always)]
 fn headers(ctx: &TcContext) -> Option<Headers> {
-    if read::<u16>(ctx, 12).map(u16::from_be) != Some(ETH_P_IP) {
+    let proto = read::<u16>(ctx, 12).map(u16::from_be)?;
+    let (addrs, t) = if proto == ETH_P_IP {
+        let vihl: u8 = read(ctx, ETH_LEN)?;
+        let ihl = usize::from(vihl & 0x0f) * 4;
+        if ihl < 20 || read::<u8>(ctx, ETH_LEN + 9) != Some(IPPROTO_TCP) {
+            return None;
+        }
+        // A fragment is no packet of a joined flow (lb's connections set DF).
+        let frag: u16 = read(ctx, ETH_LEN + 6)?;
+        if u16::from_be(frag) & 0x3fff != 0 {
+            return None;
+        }
+        let (src, dst) = (read(ctx, ETH_LEN + 12)?, read(ctx, ETH_LEN + 16)?);
+        (Addrs { v6: false, src: mapped(src), dst: mapped(dst) }, ETH_LEN + ihl)
+    } else if proto == ETH_P_IPV6 {
+        if read::<u8>(ctx, ETH_LEN + 6) != Some(IPPROTO_TCP) {
+            return None;
+        }
+        (Addrs { v6: true, src: read(ctx, ETH_LEN + 8)?, dst: read(ctx, ETH_LEN + 24)? }, ETH_LEN + 40)
+    } else {
         return None;
-    }
-    let vihl: u8 = read(ctx, ETH_LEN)?;
-    let ihl = usize::from(vihl & 0x0f) * 4;
-    if ihl < 20 || read::<u8>(ctx, ETH_LEN + 9) != Some(IPPROTO_TCP) {
-        return None;
-    }
-    // A fragment is no packet of a joined flow (lb's connections set DF).
-    let frag: u16 = read(ctx, ETH_LEN + 6)?;
-    if u16::from_be(frag) & 0x3fff != 0 {
-        return None;
-    }
-    let t = ETH_LEN + ihl;
-    Some(Headers {
-        saddr: read(ctx, ETH_LEN + 12)?,
-        daddr: read(ctx, ETH_LEN + 16)?,
-        t,
-        sport: read(ctx, t)?,
-        dport: read(ctx, t + 2)?,
-        flags: read(ctx, t + 13)?,
-    })
+    };
+    Some(Headers { addrs, t, sport: read(ctx, t)?, dport: read(ctx, t + 2)?, flags: read(ctx, t + 13)? })
 }
 
 /// Records the interface a handshake's packet arrived on, under the
@@ -115,8 +130,7 @@ fn headers(ctx: &TcContext) -> Option<Headers> {
 fn arrived(ctx: &TcContext, key: &FlowKey, h: &Headers) {
     if h.flags & ACK == 0 {
         let port = u16::from_be(h.dport);
-        let ip = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), h.daddr];
-        if frontend_ns(ip, port).or_else(|| frontend_ns([0; 4], port)).is_none() {
+        if frontend_ns(h.addrs.dst, port).or_else(|| frontend_ns([0; 4], port)).is_none() {
             return;
         }
     }
@@ -127,8 +141,8 @@ fn arrived(ctx: &TcContext, key: &FlowKey, h: &Headers) {
 
 fn try_packet(ctx: &TcContext) -> Result<i32, i32> {
     let Some(h) = headers(ctx) else { return Ok(PASS) };
-    let Headers { saddr, daddr, t, sport, dport, flags } = h;
-    let key = FlowKey { src: mapped(saddr), dst: mapped(daddr), sport, dport, _pad: 0 };
+    let key = h.key();
+    let Headers { ref addrs, t, sport, dport, flags } = h;
     if flags & SYN != 0 {
         arrived(ctx, &key, &h);
     }
@@ -194,7 +208,7 @@ fn try_packet(ctx: &TcContext) -> Result<i32, i32> {
             return Err(TC_ACT_SHOT);
         }
     }
-    rewrite(ctx, &f, &tcp, saddr, daddr, sport, dport)?;
+    rewrite(ctx, &f, &tcp, addrs, sport, dport)?;
     // SAFETY: map value pointer valid for the program's run.
     unsafe {
         (*flow).bytes += tcp.payload;
@@ -239,8 +253,7 @@ pub fn lb_packet_out(ctx: TcContext) -> i32 {
     if h.flags & RST == 0 {
         return PASS;
     }
-    let key = FlowKey { src: mapped(h.saddr), dst: mapped(h.daddr), sport: h.sport, dport: h.dport, _pad: 0 };
-    let Some(entry) = LB_FLOWS.get_ptr_mut(&key) else { return PASS };
+    let Some(entry) = LB_FLOWS.get_ptr_mut(&h.key()) else { return PASS };
     // SAFETY: map value pointer valid for the program's run.
     if unsafe { (*entry).state } != TURN {
         return PASS;

@@ -89,7 +89,8 @@ pub enum Kept {
     /// (no `lb_setup`).
     Map,
     /// The program would not see the connection's packets, or could not
-    /// send them on: not IPv4, a handshake that came in on an interface
+    /// send them on: IPv4 on one side and IPv6 on the other, a handshake
+    /// that came in on an interface
     /// without the program (one that appeared after lb started), or one
     /// peer on loopback and the other behind another interface.
     Path,
@@ -153,7 +154,8 @@ pub async fn join(flows: &Mutex<FlowMaps>, grace: &Grace, j: &Joining<'_>) -> Re
     };
     let [Some(hc), Some(hsv)] = hs else { return Err(Kept::Map) };
     let e = &j.ends;
-    if ![e.client, e.local, e.source, e.server].iter().all(SocketAddr::is_ipv4) {
+    let all = [e.client, e.local, e.source, e.server];
+    if !all.iter().all(SocketAddr::is_ipv4) && !all.iter().all(SocketAddr::is_ipv6) {
         return Err(Kept::Path);
     }
     let keys = j.ends.keys();
