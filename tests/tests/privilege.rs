@@ -197,6 +197,43 @@ async fn runs_as_non_root_with_only_the_unit_capabilities() {
     assert!(!sock.exists(), "control socket left at {}", sock.display());
 }
 
+/// The packet plane as the service runs it: the verifier takes its TC
+/// programs without `CAP_PERFMON`, lb attaches them (tcx) and closes its
+/// sockets in repair mode with `CAP_NET_ADMIN`, and joined connections
+/// echo byte-exact through the program alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packet_plane_runs_as_non_root_with_only_the_unit_capabilities() {
+    if !kernel_available("non_root_packet") {
+        return;
+    }
+    let be = Backend::echo().await;
+    let mut owned = Owned(Vec::new());
+    let body = format!(
+        "splice = \"packet\"\n[[frontend]]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\nbackend = \"b\"\n\
+         [[backend]]\nname = \"b\"\nservers = [\"{}\"]\n",
+        be.addr
+    );
+    let (lb, _) = launch_as_service("non_root_packet", &body, &mut owned);
+    assert!(
+        lb.pinned_stats()["packet"].is_object(),
+        "the packet plane did not start as a non-root service:\n{}",
+        lb.stderr()
+    );
+    let proof = KernelProof::start(&lb);
+    let mut clients = Vec::new();
+    for i in 0..10u64 {
+        let mut s = TcpStream::connect(lb.addr).await.unwrap();
+        echo_round(&mut s, 500 + i).await;
+        clients.push(s);
+    }
+    proof.await_joined(&lb, 10, Duration::from_secs(10), "non_root_packet").await;
+    for (i, s) in clients.iter_mut().enumerate() {
+        echo_round(s, 600 + i as u64).await;
+    }
+    assert!(proof.assert_kernel_ran(&lb, "non_root_packet") > 0, "no packet rewritten");
+    lb.assert_joined_live(10, "once joined").await;
+}
+
 /// The XDP guard as the service loads it: the verifier takes every path of
 /// the program (VLAN tags, IPv6 extension headers, the SYN limit) without
 /// `CAP_PERFMON`, which refuses byte loops and computed offsets into map

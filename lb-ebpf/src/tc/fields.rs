@@ -2,7 +2,7 @@
 //! reads, finding the TCP options, and rewriting a packet in place into
 //! the other connection with incremental checksum updates.
 
-use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
+use aya_ebpf::{bindings::TC_ACT_SHOT, helpers::bpf_skb_load_bytes, programs::TcContext};
 use lb_common::{packet::Flow, stats::COUNTERS_KEY};
 
 use crate::maps::LB_PKT_SCRATCH;
@@ -25,15 +25,27 @@ const MAX_OPTIONS: usize = 8;
 /// SACK blocks in one option at most.
 const MAX_SACK_BLOCKS: u32 = 4;
 
-/// `T` at `off` in the packet, if the packet's linear part is that long.
+/// `T` at `off` in the packet, if the packet is that long. Copied by
+/// `bpf_skb_load_bytes`, not read through a packet pointer: most offsets
+/// here depend on the packet (the IPv4 header's length, the TCP options),
+/// and without `CAP_PERFMON` (lb's service has only `CAP_BPF` and
+/// `CAP_NET_ADMIN`) the verifier refuses a packet pointer moved by a
+/// variable (`retrieve_ptr_limit`: the Spectre v1 sanitation knows limits
+/// only for stack and map value pointers).
 #[inline(always)]
 pub(super) fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
-    let start = ctx.data();
-    if start + off + core::mem::size_of::<T>() > ctx.data_end() {
-        return None;
-    }
-    // SAFETY: bounds checked against data_end just above.
-    Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
+    // Zeroed first: no path of the compiled program may read a register
+    // the verifier has not seen written, as one built from an
+    // uninitialised value (`MaybeUninit`) can.
+    // SAFETY: every `T` read here is an integer or an array of them, for
+    // which zero bytes are a value.
+    let mut v = unsafe { core::mem::zeroed::<T>() };
+    // SAFETY: the context's socket buffer, and `v`'s own bytes as the
+    // destination, their length given.
+    let ret = unsafe {
+        bpf_skb_load_bytes(ctx.skb.skb.cast(), off as u32, (&raw mut v).cast(), core::mem::size_of::<T>() as u32)
+    };
+    (ret == 0).then_some(v)
 }
 
 /// An IPv4 address (as it sits in the packet) as the words of

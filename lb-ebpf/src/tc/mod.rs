@@ -114,11 +114,19 @@ fn headers(ctx: &TcContext) -> Option<Headers> {
         if read::<u8>(ctx, ETH_LEN + 6) != Some(IPPROTO_TCP) {
             return None;
         }
-        (Addrs { v6: true, src: read(ctx, ETH_LEN + 8)?, dst: read(ctx, ETH_LEN + 24)? }, ETH_LEN + 40)
+        (Addrs { v6: true, src: addr6(ctx, ETH_LEN + 8)?, dst: addr6(ctx, ETH_LEN + 24)? }, ETH_LEN + 40)
     } else {
         return None;
     };
     Some(Headers { addrs, t, sport: read(ctx, t)?, dport: read(ctx, t + 2)?, flags: read(ctx, t + 13)? })
+}
+
+/// The IPv6 address at `off`, as words: read one word at a time (a
+/// 16-byte value would be zeroed first by a byte loop, which the verifier
+/// refuses without `CAP_PERFMON`).
+#[inline(always)]
+fn addr6(ctx: &TcContext, off: usize) -> Option<[u32; 4]> {
+    Some([read(ctx, off)?, read(ctx, off + 4)?, read(ctx, off + 8)?, read(ctx, off + 12)?])
 }
 
 /// Records the interface a handshake's packet arrived on, under the
