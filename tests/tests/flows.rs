@@ -1,13 +1,18 @@
-//! A client that comes back on the same addresses: on the packet plane an
-//! ended connection's flows stay a while (its last ACKs are still
-//! rewritten), so the next connection's SYN meets them. The program takes
-//! that SYN for what it is, a new connection: it removes the old flows and
-//! lets the SYN through, and the new connection is served and joined like
-//! any other.
+//! What becomes of a joined connection's flows on the packet plane.
+//!
+//! - A client that comes back on the same addresses: an ended connection's
+//!   flows stay a while (its last ACKs are still rewritten), so the next
+//!   connection's SYN meets them. The program takes that SYN for what it
+//!   is, a new connection: it removes the old flows and lets the SYN
+//!   through, and the new connection is served and joined like any other.
+//! - A connection idle for `timeouts.idle`: its flows are removed and it is
+//!   counted closed as idle; lb has no socket to tell its peers, so the
+//!   next packet either sends meets lb's stack, which answers with a reset.
+//!   One that keeps talking is left alone.
 
 use std::{net::SocketAddr, time::Duration};
 
-use testkit::{KernelProof, Lb, Mode, backends::Backend};
+use testkit::{KernelProof, Lb, Mode, backends::Backend, retry_until};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpSocket, TcpStream},
@@ -86,4 +91,46 @@ async fn packet_a_syn_on_an_ended_flows_addresses_is_a_new_connection() {
     assert_eq!(reused, ROUNDS - 1, "{test}: SYNs on an ended connection's flows: {p}");
     assert!(lb.all_ended(Duration::from_secs(10)).await, "{test}: not every connection ended: {}", lb.pinned_stats());
     eprintln!("[packet] {test}: {ROUNDS} connections in a row from one port, each joined; {reused} SYNs met old flows");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packet_an_idle_joined_connection_is_removed_and_reset_at_its_next_packet() {
+    let test = "packet_idle";
+    let be = Backend::spawn(echo_until_bye).await;
+    let body = format!("access_log = false\n[timeouts]\nidle = \"1s\"\n\n{}", Lb::body(&[be.addr]));
+    let Some(lb) = Lb::start_with(Mode::Packet, test, &body) else { return };
+    let proof = KernelProof::start(&lb);
+    let mut conns = Vec::new();
+    for i in 0..2u8 {
+        let mut s = TcpStream::connect(lb.addr).await.unwrap();
+        s.write_all(&[b'a' + i]).await.unwrap();
+        assert_eq!(testkit::read_n(&mut s, 1, test).await, [b'a' + i]);
+        conns.push(s);
+    }
+    proof.await_joined(&lb, 2, Duration::from_secs(10), test).await;
+    let (mut idle, mut busy) = (conns.remove(0), conns.remove(0));
+    // Busy: an echo every 250 ms for 3 s, never idle for 1 s.
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        busy.write_all(b"h").await.expect("the active connection was closed");
+        assert_eq!(testkit::read_n(&mut busy, 1, test).await, b"h", "{test}: the active connection lost its echo");
+    }
+    let closed = retry_until(Duration::from_secs(3), || {
+        (lb.pinned_stats()["totals"]["idle_closed"].as_u64()? == 1).then_some(())
+    })
+    .await;
+    assert!(closed.is_some(), "{test}: want 1 idle_closed: {}", lb.pinned_stats());
+    // The idle one's flows are gone: its next packet is answered with a reset.
+    let _ = idle.write_all(b"late").await;
+    let mut b = [0u8; 8];
+    let r = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut b)).await;
+    assert!(
+        matches!(&r, Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{test}: the idle connection's next packet should be reset, got {r:?}"
+    );
+    lb.assert_joined_live(1, "with the active one left").await;
+    eprintln!(
+        "[packet] {test}: the idle connection removed after 1 s and reset at its next packet; the active one kept"
+    );
 }
