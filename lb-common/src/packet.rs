@@ -202,8 +202,10 @@ pub struct PacketCounters {
     /// Packets rewritten and sent out of an interface toward their peer
     /// (not loopback).
     pub redirected: u64,
+    /// ICMP errors about a joined connection translated for its peer.
+    pub icmp: u64,
 }
-const _: () = assert!(core::mem::size_of::<PacketCounters>() == 72);
+const _: () = assert!(core::mem::size_of::<PacketCounters>() == 80);
 
 impl PacketCounters {
     /// Field-wise sum, for folding per-CPU slots.
@@ -218,6 +220,7 @@ impl PacketCounters {
             syn_reuse: self.syn_reuse + o.syn_reuse,
             turned: self.turned + o.turned,
             redirected: self.redirected + o.redirected,
+            icmp: self.icmp + o.icmp,
         }
     }
 }

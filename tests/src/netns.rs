@@ -20,7 +20,8 @@ pub struct NetNs {
     pub name: String,
 }
 
-fn ip(args: &[&str]) -> Result<(), String> {
+/// Runs `ip` with `args`; `Err` names the command and what it said.
+pub fn ip(args: &[&str]) -> Result<(), String> {
     let out = Command::new("ip").args(args).output().map_err(|e| format!("running ip: {e}"))?;
     if out.status.success() {
         Ok(())

@@ -138,12 +138,14 @@ pub fn hold(lb_bin: &Path, hold_bin: &Path, a: &Args) -> anyhow::Result<Value> {
     // worker for the clients its listener's backlog may hold (README,
     // "Kernel memory").
     let kernel_memory = ((maxconn as u64 * 3 * 1024 + workers as u64 * (5 << 20)) >> 20) + 64;
+    // `packet`: the kernel plane with every connection joined at packet level.
+    let (dataplane, splice) =
+        if a.dataplane == "packet" { ("kernel", "splice = \"packet\"\n") } else { (a.dataplane.as_str(), "") };
     let cfg = format!(
-        "dataplane = \"{}\"\npin_path = \"{}\"\nworkers = {workers}\nmaxconn = {maxconn}\n\
+        "dataplane = \"{dataplane}\"\n{splice}pin_path = \"{}\"\nworkers = {workers}\nmaxconn = {maxconn}\n\
          kernel_memory = \"{kernel_memory}MiB\"\n\n\
          [[frontend]]\nname = \"hold\"\nlisten = \"127.0.0.1:0\"\nbackend = \"one\"\n\n\
          [[backend]]\nname = \"one\"\nservers = [\"{backend}\"]\nsource_pool = [{}]\n",
-        a.dataplane,
         pin_path.display(),
         pool.join(", ")
     );
@@ -191,6 +193,9 @@ pub fn hold(lb_bin: &Path, hold_bin: &Path, a: &Args) -> anyhow::Result<Value> {
     let active = s["totals"]["active"].as_u64().unwrap_or(0);
     println!("== {ok} connections held through lb to {backend} ({failed} failed) in {secs:.1}s");
     println!("  lb active (maps)           {active}");
+    if let Some(j) = s["totals"]["packet_joined"].as_u64().filter(|_| a.dataplane == "packet") {
+        println!("  joined (packet plane)      {j}");
+    }
     println!("  established to {backend} (ss) {ss_count}");
     for src in s["sources"].as_array().into_iter().flatten() {
         println!(

@@ -59,7 +59,8 @@ enum Cmd {
         /// Source addresses in lb's pool (127.0.1.1 up).
         #[arg(long, default_value_t = 4)]
         pool: usize,
-        /// Data plane: kernel or userspace; direct: the same clients straight to the backend, no lb.
+        /// Data plane: kernel, packet (the kernel plane with `splice = "packet"`) or userspace; direct: the
+        /// same clients straight to the backend, no lb.
         #[arg(long, default_value = "kernel")]
         dataplane: String,
         /// Once they are held, run `lb upgrade` (to the same binary) and report its time and the connections lost.

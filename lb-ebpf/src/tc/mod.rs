@@ -45,6 +45,7 @@ use crate::{
 };
 
 mod fields;
+mod icmp;
 
 /// What the program returns for every packet it lets go on: the next
 /// program on the hook (tcx's `TCX_NEXT`, classic tc's "continue"), then
@@ -148,7 +149,7 @@ fn arrived(ctx: &TcContext, key: &FlowKey, h: &Headers) {
 }
 
 fn try_packet(ctx: &TcContext) -> Result<i32, i32> {
-    let Some(h) = headers(ctx) else { return Ok(PASS) };
+    let Some(h) = headers(ctx) else { return icmp::icmp4(ctx) };
     let key = h.key();
     let Headers { ref addrs, t, sport, dport, flags } = h;
     if flags & SYN != 0 {

@@ -130,6 +130,8 @@ pub struct PacketRow {
     pub turned: u64,
     /// Packets sent out of an interface toward their peer (not loopback).
     pub redirected: u64,
+    /// ICMP errors about joined connections translated for their peers.
+    pub icmp: u64,
     /// Entries in `LB_FLOWS` (two per joined connection).
     pub flows: u64,
 }
@@ -274,6 +276,7 @@ pub fn read_from(maps: &PinnedMaps, meta: &Meta) -> Result<Report, KernelError> 
             syn_reuse: c.syn_reuse,
             turned: c.turned,
             redirected: c.redirected,
+            icmp: c.icmp,
             flows,
         });
     }

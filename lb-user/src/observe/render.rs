@@ -31,7 +31,7 @@ pub fn stats(r: &Report) -> String {
     if let Some(p) = &r.packet {
         o.push_str(&format!(
             "packet plane: flows {}   rewritten {}   bytes {}   sack blocks {}   deferred {}   ended {}   ends lost {}   \
-             syn reuse {}   resets turned {}   sent out {}\n",
+             syn reuse {}   resets turned {}   sent out {}   icmp translated {}\n",
             p.flows,
             p.rewritten,
             p.bytes,
@@ -41,7 +41,8 @@ pub fn stats(r: &Report) -> String {
             p.ends_lost,
             p.syn_reuse,
             p.turned,
-            p.redirected
+            p.redirected,
+            p.icmp
         ));
     }
     if let Some(g) = &r.guard {
