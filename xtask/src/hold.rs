@@ -137,7 +137,9 @@ pub fn hold(lb_bin: &Path, hold_bin: &Path, a: &Args) -> anyhow::Result<Value> {
     // The kernel maps take about 2.8 KiB per connection and 4.5 MiB per
     // worker for the clients its listener's backlog may hold (README,
     // "Kernel memory").
-    let kernel_memory = ((maxconn as u64 * 3 * 1024 + workers as u64 * (5 << 20)) >> 20) + 64;
+    // The packet plane's flows add about 1.5 KiB more.
+    let per_conn: u64 = if a.dataplane == "packet" { 9 * 512 } else { 3 * 1024 };
+    let kernel_memory = ((maxconn as u64 * per_conn + workers as u64 * (5 << 20)) >> 20) + 64;
     // `packet`: the kernel plane with every connection joined at packet level.
     let (dataplane, splice) =
         if a.dataplane == "packet" { ("kernel", "splice = \"packet\"\n") } else { (a.dataplane.as_str(), "") };
