@@ -28,6 +28,18 @@ pub fn possible_cpus() -> u32 {
     s.trim().split(',').map(count).sum::<Option<u32>>().unwrap_or(1).max(1)
 }
 
+/// Whether a thread of process `pid` is runnable (state `R` in
+/// `/proc/<pid>/task/<tid>/stat`): waiting for a CPU, not for an event.
+pub fn runnable(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(std::format!("/proc/{pid}/task")) else { return false };
+    tasks.flatten().any(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('R')))
+            .unwrap_or(false)
+    })
+}
+
 /// User plus system CPU time of every thread of process `pid`, in clock
 /// ticks (`/proc/<pid>/stat`, fields 14 and 15); `None` if it cannot be read.
 pub fn cpu_ticks(pid: u32) -> Option<u64> {
@@ -41,6 +53,13 @@ pub fn cpu_ticks(pid: u32) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn this_process_is_runnable_while_it_runs() {
+        // This thread is running (state R) while it reads its own stat.
+        assert!(super::runnable(std::process::id()));
+        assert!(!super::runnable(u32::MAX), "no such process");
+    }
+
     #[test]
     fn cpu_time_of_this_process_is_read() {
         let t = super::cpu_ticks(std::process::id()).expect("own /proc/<pid>/stat");

@@ -72,12 +72,21 @@ enum Judgement {
 }
 
 /// `silent`: since the last heartbeat; `cpu_then`: CPU time when the
-/// silence passed `hung_after`, if looked at; `cpu_now`: now (`None`: unreadable).
-fn judge(silent: Duration, hung_after: Duration, cpu_then: Option<u64>, cpu_now: Option<u64>) -> Judgement {
+/// silence passed `hung_after`, if looked at; `cpu_now`: now (`None`:
+/// unreadable); `runnable`: a thread of it waits for a CPU now. A process
+/// that ran since, or waits for a CPU (on a saturated machine one may get
+/// none for seconds), is busy; one that sleeps and got no CPU is hung.
+fn judge(
+    silent: Duration,
+    hung_after: Duration,
+    cpu_then: Option<u64>,
+    cpu_now: Option<u64>,
+    runnable: bool,
+) -> Judgement {
     match (cpu_then, cpu_now) {
         _ if silent <= hung_after => Judgement::Fine,
         (None, Some(_)) => Judgement::Look,
-        (Some(then), Some(now)) if now > then && silent <= hung_after * BUSY_GRACE => Judgement::Busy,
+        (Some(then), Some(now)) if (now > then || runnable) && silent <= hung_after * BUSY_GRACE => Judgement::Busy,
         _ => Judgement::Hung,
     }
 }
@@ -92,7 +101,8 @@ fn observe(seen: &mut Seen, seq: Option<u64>, pid: u32, age: Duration, hung_afte
     }
     let silent = seen.at.elapsed().min(age);
     let now = if silent > hung_after { lb_common::host::cpu_ticks(pid) } else { None };
-    let j = judge(silent, hung_after, seen.cpu, now);
+    let runnable = seen.cpu.is_some() && silent > hung_after && lb_common::host::runnable(pid);
+    let j = judge(silent, hung_after, seen.cpu, now, runnable);
     match j {
         Judgement::Look => seen.cpu = now,
         Judgement::Busy if !std::mem::replace(&mut seen.said, true) => log::warn!(
@@ -165,12 +175,14 @@ mod tests {
     fn a_silent_worker_is_hung_only_if_it_stopped_running() {
         let limit = Duration::from_secs(2);
         let s = Duration::from_secs;
-        assert_eq!(judge(s(1), limit, None, None), Fine);
+        assert_eq!(judge(s(1), limit, None, None, false), Fine);
         // Past the limit: its CPU time is taken, and looked at again next time.
-        assert_eq!(judge(s(3), limit, None, Some(500)), Look);
-        assert_eq!(judge(s(3), limit, Some(500), Some(500)), Hung, "stopped or deadlocked");
-        assert_eq!(judge(s(3), limit, Some(500), Some(501)), Busy);
-        assert_eq!(judge(limit * BUSY_GRACE + s(1), limit, Some(500), Some(9000)), Hung, "spinning");
-        assert_eq!(judge(s(3), limit, None, None), Hung, "gone, or /proc unreadable");
+        assert_eq!(judge(s(3), limit, None, Some(500), false), Look);
+        assert_eq!(judge(s(3), limit, Some(500), Some(500), false), Hung, "stopped or deadlocked");
+        assert_eq!(judge(s(3), limit, Some(500), Some(501), false), Busy);
+        assert_eq!(judge(s(3), limit, Some(500), Some(500), true), Busy, "waiting for a CPU");
+        assert_eq!(judge(limit * BUSY_GRACE + s(1), limit, Some(500), Some(9000), false), Hung, "spinning");
+        assert_eq!(judge(limit * BUSY_GRACE + s(1), limit, Some(500), Some(500), true), Hung, "starved for too long");
+        assert_eq!(judge(s(3), limit, None, None, false), Hung, "gone, or /proc unreadable");
     }
 }
