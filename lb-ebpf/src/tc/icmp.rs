@@ -14,14 +14,12 @@ use aya_ebpf::{bindings::TC_ACT_SHOT, helpers::bpf_redirect_neigh, programs::TcC
 use lb_common::packet::{FlowKey, JOINED};
 
 use super::{
-    PASS, count,
+    ETH_P_IP, IPPROTO_TCP, PASS, count,
     fields::{ETH_LEN, bytes, mapped, put, read, words},
 };
 use crate::maps::LB_FLOWS;
 
-const ETH_P_IP: u16 = 0x0800;
 const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_TCP: u8 = 6;
 /// An IPv4 header without options (version 4, 5 words).
 const PLAIN_IPV4: u8 = 0x45;
 const ICMP_DEST_UNREACH: u8 = 3;

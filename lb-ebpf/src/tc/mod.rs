@@ -52,9 +52,9 @@ mod icmp;
 /// the stack. Other programs may share the hook: another lb instance's
 /// (with its own flows), another tool's. `TC_ACT_OK` would end the chain.
 const PASS: i32 = TC_ACT_UNSPEC;
-const ETH_P_IP: u16 = 0x0800;
+pub(super) const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
-const IPPROTO_TCP: u8 = 6;
+pub(super) const IPPROTO_TCP: u8 = 6;
 
 #[classifier]
 pub fn lb_packet(ctx: TcContext) -> i32 {
