@@ -64,7 +64,10 @@ pub struct Flow {
     pub fin: u8,
     pub rst: u8,
     pub ended: u8,
-    pub _pad0: u8,
+    /// 1 once the program found the other direction's entry of the same
+    /// connection: it rewrites a direction only from then on (see
+    /// `lb_packet`), and looks no more once it has.
+    pub paired: u8,
     /// The worker slot whose holder is told of the end.
     pub slot: u16,
     /// Indexes of the frontend and the backend (config order), for a

@@ -180,6 +180,9 @@ fn try_packet(ctx: &TcContext) -> Result<i32, i32> {
         TURN => return turn(ctx, flow, t, flags),
         _ => return Ok(PASS),
     }
+    if !paired(flow) {
+        return Ok(PASS);
+    }
     if flags & ACK != 0
         && let Some(ack) = read::<u32>(ctx, t + 8)
     {
@@ -251,6 +254,31 @@ fn try_packet(ctx: &TcContext) -> Result<i32, i32> {
         return Ok(unsafe { bpf_redirect_neigh(f.ifindex, core::ptr::null_mut(), 0, 0) } as i32);
     }
     Ok(PASS)
+}
+
+/// Whether both directions of `flow`'s connection are in `LB_FLOWS`. lb
+/// writes the two entries with one `bpf()`, but the kernel writes them one
+/// after the other (`generic_map_update_batch`, which may even reschedule
+/// between them): rewriting one direction while the other's packets still
+/// reach lb's socket would hand that socket acknowledgments of bytes it
+/// never sent, and it drops such segments with their data. Until both are
+/// in, both directions' packets go to lb's sockets, as before the join;
+/// the second write joins them at once. Found once, the pairing is kept
+/// in the flow and not looked up again.
+#[inline(always)]
+fn paired(flow: *mut Flow) -> bool {
+    // SAFETY: map value pointer valid for the program's run.
+    let (done, id, rkey) = unsafe { ((*flow).paired, (*flow).id, (*flow).reverse_key()) };
+    if done != 0 {
+        return true;
+    }
+    // SAFETY: as above.
+    let both = LB_FLOWS.get_ptr(&rkey).is_some_and(|r| unsafe { (*r).state == JOINED && (*r).id == id });
+    if both {
+        // SAFETY: as above.
+        unsafe { (*flow).paired = 1 };
+    }
+    both
 }
 
 /// Egress, on interfaces other than loopback: lb's own reset toward a live

@@ -18,9 +18,11 @@
 //!    written to the other and acknowledged), so that the join hands over
 //!    nothing in flight. A connection that is never quiet (a sender that
 //!    never pauses) stays on sockmap.
-//! 3. **Join.** Both directions go into `LB_FLOWS` joined (one `bpf()`):
-//!    from then on the program rewrites every packet of either peer into
-//!    the other connection. Nothing is dropped: a packet the program let
+//! 3. **Join.** Both directions go into `LB_FLOWS` joined (one `bpf()`;
+//!    the program rewrites a direction only once the other's entry is
+//!    there too, so the second write joins both at once): from then on
+//!    the program rewrites every packet of either peer into the other
+//!    connection. Nothing is dropped: a packet the program let
 //!    pass just before still reaches lb's socket (lb waits a grace period
 //!    for it, see [`Grace`]), and bytes that reached lb's sockets are
 //!    still delivered by them ("custody"); a peer's later bytes and FIN,
