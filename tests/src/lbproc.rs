@@ -259,6 +259,7 @@ impl Lb {
             .args(["run", "--announce", "--config"])
             .arg(self.config_path())
             .env("RUST_LOG", std::env::var("LB_LOG").unwrap_or_else(|_| "info".into()))
+            .env(NO_ERROR_BACKTRACE.0, NO_ERROR_BACKTRACE.1)
             .envs(how.env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -337,6 +338,7 @@ impl Lb {
     /// Runs `lb ARGS --pin-path <this instance's>`: (success, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
         let out = Command::new(lb_bin())
+            .env(NO_ERROR_BACKTRACE.0, NO_ERROR_BACKTRACE.1)
             .args(args)
             .arg("--pin-path")
             .arg(&self.pin_path)
@@ -386,6 +388,7 @@ impl Lb {
     /// `lb stats --json` against this instance's pins (kernel mode).
     pub fn pinned_stats(&self) -> serde_json::Value {
         let out = Command::new(lb_bin())
+            .env(NO_ERROR_BACKTRACE.0, NO_ERROR_BACKTRACE.1)
             .args(["stats", "--json", "--pin-path"])
             .arg(&self.pin_path)
             .arg("--runtime-dir")
@@ -467,6 +470,12 @@ impl Lb {
         false
     }
 }
+
+/// lb's errors without the backtrace `RUST_BACKTRACE` (CI sets it) would
+/// add to each (anyhow reads `RUST_LIB_BACKTRACE` first): a failing
+/// test's output, and the tail of lb's log it prints, end with what went
+/// wrong rather than with stack frames. Panics keep theirs.
+const NO_ERROR_BACKTRACE: (&str, &str) = ("RUST_LIB_BACKTRACE", "0");
 
 impl Drop for Lb {
     fn drop(&mut self) {

@@ -490,7 +490,9 @@ async fn descriptor_exhaustion_spares_the_api_and_recovers(mode: Mode) {
 
     // The supervisor out of descriptors: silent scrapers take them all, its
     // metrics accept fails, then a control request waits for a descriptor
-    // and is answered once the scrapers leave.
+    // and is answered once the scrapers leave. Meanwhile its watchdog can
+    // read neither heartbeat files nor /proc for longer than
+    // `timeouts.worker` (2 s): that is no reason to kill anyone.
     let sup = lb.pid;
     set_nofile(sup, testkit::fd_count(sup) + 6);
     let mut silent = Vec::new();
@@ -510,11 +512,13 @@ async fn descriptor_exhaustion_spares_the_api_and_recovers(mode: Mode) {
             .arg(run)
             .output()
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(2600)).await;
     drop(silent);
     let out =
         tokio::time::timeout(Duration::from_secs(10), ctl).await.expect("control request answered").unwrap().unwrap();
     assert!(out.status.success(), "control request: {}", String::from_utf8_lossy(&out.stderr));
     let text = tokio::time::timeout(Duration::from_secs(5), testkit::http_get(metrics, "/metrics")).await;
     assert!(matches!(&text, Ok(Ok(t)) if t.contains("lb_connections_active")), "/metrics after: {text:?}");
+    let gone: Vec<u32> = lb.pids().into_iter().filter(|p| !testkit::alive(*p)).collect();
+    assert!(gone.is_empty() && !lb.stderr().contains("killing it"), "processes {gone:?} killed:\n{}", lb.stderr());
 }

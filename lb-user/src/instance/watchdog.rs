@@ -76,6 +76,9 @@ enum Judgement {
 /// unreadable); `runnable`: a thread of it waits for a CPU now. A process
 /// that ran since, or waits for a CPU (on a saturated machine one may get
 /// none for seconds), is busy; one that sleeps and got no CPU is hung.
+/// One whose CPU time cannot be read is not judged: it is gone (its exit
+/// is handled where it is reaped), or the supervisor is out of
+/// descriptors, and killing a holder for that would lose its connections.
 fn judge(
     silent: Duration,
     hung_after: Duration,
@@ -85,7 +88,7 @@ fn judge(
 ) -> Judgement {
     match (cpu_then, cpu_now) {
         _ if silent <= hung_after => Judgement::Fine,
-        (None, Some(_)) => Judgement::Look,
+        (_, None) | (None, Some(_)) => Judgement::Look,
         (Some(then), Some(now)) if (now > then || runnable) && silent <= hung_after * BUSY_GRACE => Judgement::Busy,
         _ => Judgement::Hung,
     }
@@ -143,7 +146,9 @@ impl Watchdog {
     pub(super) fn check_holders(&mut self, holders: &[(HolderSpec, Option<u32>)], waits: &Waits) {
         for (i, (spec, pid)) in holders.iter().enumerate() {
             let (Some(pid), Some((path, _))) = (*pid, &spec.beat) else { continue };
-            let seq = beat::read(path, pid);
+            // The file cannot be read (this supervisor is out of
+            // descriptors): that says nothing of the holder; judged later.
+            let Ok(seq) = beat::read(path, pid) else { continue };
             let entry = &mut self.holders[i];
             if entry.is_none_or(|(p, _)| p != pid) {
                 // A holder new to the watchdog (started since): judged once it beats.
@@ -183,6 +188,8 @@ mod tests {
         assert_eq!(judge(s(3), limit, Some(500), Some(500), true), Busy, "waiting for a CPU");
         assert_eq!(judge(limit * BUSY_GRACE + s(1), limit, Some(500), Some(9000), false), Hung, "spinning");
         assert_eq!(judge(limit * BUSY_GRACE + s(1), limit, Some(500), Some(500), true), Hung, "starved for too long");
-        assert_eq!(judge(s(3), limit, None, None, false), Hung, "gone, or /proc unreadable");
+        assert_eq!(judge(s(3), limit, None, None, false), Look, "gone, or /proc unreadable: not judged");
+        assert_eq!(judge(s(3), limit, Some(500), None, false), Look, "unreadable after a first look");
+        assert_eq!(judge(limit * BUSY_GRACE + s(1), limit, Some(500), None, false), Look);
     }
 }

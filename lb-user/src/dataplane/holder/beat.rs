@@ -54,14 +54,20 @@ impl Beat {
 }
 
 /// The count at `path` if process `pid` wrote it; `None` if it did not
-/// (yet), or the file cannot be read.
-pub fn read(path: &Path, pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(path).ok()?;
+/// (yet: no file, or a predecessor's). `Err`: the file could not be read
+/// (this process is out of descriptors, say), which says nothing of the
+/// holder.
+pub fn read(path: &Path, pid: u32) -> std::io::Result<Option<u64>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
     let mut f = text.split_whitespace().map(str::parse::<u64>);
-    match (f.next(), f.next()) {
+    Ok(match (f.next(), f.next()) {
         (Some(Ok(p)), Some(Ok(n))) if p == u64::from(pid) => Some(n),
         _ => None,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -75,14 +81,16 @@ mod tests {
         let path = std::env::temp_dir().join(format!("lb-beat-test-{}", std::process::id()));
         let b = Beat::create(&path, Duration::from_millis(20)).unwrap();
         let me = std::process::id();
-        assert_eq!(read(&path, me), Some(0));
+        let read = |pid| read(&path, pid).unwrap();
+        assert_eq!(read(me), Some(0));
         b.tick();
-        assert_eq!(read(&path, me), Some(0), "a beat sooner than asked");
+        assert_eq!(read(me), Some(0), "a beat sooner than asked");
         std::thread::sleep(Duration::from_millis(25));
         b.tick();
-        assert_eq!(read(&path, me), Some(1));
-        assert_eq!(read(&path, me + 1), None, "another process's beat");
+        assert_eq!(read(me), Some(1));
+        assert_eq!(read(me + 1), None, "another process's beat");
         std::fs::remove_file(&path).unwrap();
-        assert_eq!(read(&path, me), None);
+        assert_eq!(read(me), None, "no file yet");
+        assert!(super::read(&std::env::temp_dir(), me).is_err(), "a directory cannot be read as one");
     }
 }
