@@ -170,6 +170,10 @@ pub const DEFAULT_MAX_FLOWS: u32 = 1 << 18;
 pub const HANDSHAKE: &str = "LB_HANDSHAKE";
 /// Capacity of `LB_HANDSHAKE` (handshakes not yet joined; LRU).
 pub const MAX_HANDSHAKES: u32 = 1 << 16;
+/// Capacity of `LB_ARRIVALS` (LRU): two entries per connection (the
+/// client's SYN, the server's SYN-ACK), kept from the handshake until the
+/// join, which may wait in a listen backlog for seconds on a loaded host.
+pub const MAX_ARRIVALS: u32 = 1 << 17;
 /// HASH: connection id (u64) -> [`crate::packet::FlowCtl`], one per
 /// joined connection.
 pub const FLOW_CTL: &str = "LB_FLOW_CTL";

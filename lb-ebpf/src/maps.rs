@@ -10,8 +10,8 @@ use lb_common::{
     conn::{ConnTraffic, FlowEvent, FrontendKey},
     guard::{GuardBucket, GuardConf, GuardCounters},
     maps::{
-        DEFAULT_MAX_FLOWS, DEFAULT_MAX_SOCKETS, EVENTS_RING_BYTES, MAX_FRONTENDS, MAX_GUARD_RULES, MAX_GUARD_SOURCES,
-        MAX_HANDSHAKES, MAX_SERVER_ENTRIES, MAX_SOURCE_ENTRIES, MAX_WORKERS, PACKET_ENDS_RING_BYTES,
+        DEFAULT_MAX_FLOWS, DEFAULT_MAX_SOCKETS, EVENTS_RING_BYTES, MAX_ARRIVALS, MAX_FRONTENDS, MAX_GUARD_RULES,
+        MAX_GUARD_SOURCES, MAX_HANDSHAKES, MAX_SERVER_ENTRIES, MAX_SOURCE_ENTRIES, MAX_WORKERS, PACKET_ENDS_RING_BYTES,
     },
     packet::{Flow, FlowCtl, FlowKey, Handshake, PacketCounters, PacketEnd},
     stats::{
@@ -130,4 +130,4 @@ pub static LB_HANDSHAKE: LruHashMap<u64, Handshake, { MAX_HANDSHAKES as usize }>
 /// interface it arrived on: where the packet plane sends that peer's
 /// packets once its connection is joined (`lb_common::maps::ARRIVALS`).
 #[btf_map(name = "LB_ARRIVALS")]
-pub static LB_ARRIVALS: LruHashMap<FlowKey, u32, { MAX_HANDSHAKES as usize }> = LruHashMap::new();
+pub static LB_ARRIVALS: LruHashMap<FlowKey, u32, { MAX_ARRIVALS as usize }> = LruHashMap::new();

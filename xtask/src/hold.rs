@@ -26,6 +26,9 @@ use testkit::{Lb, lbproc};
 const PER_HOLDER: usize = 12_000;
 /// Connections one lb worker takes at most (two descriptors each, 20000 limit).
 const PER_WORKER: usize = 8_000;
+/// The same on the packet plane, where a joined connection holds no
+/// descriptor: only those being set up or kept on sockmap hold two.
+const PER_PACKET_WORKER: usize = 16_000;
 
 pub struct Args {
     pub conns: usize,
@@ -130,10 +133,11 @@ pub fn hold(lb_bin: &Path, hold_bin: &Path, a: &Args) -> anyhow::Result<Value> {
         return direct(hold_bin, backend, a, sinks);
     }
 
-    let workers = a.conns.div_ceil(PER_WORKER).max(1);
+    let per_worker = if a.dataplane == "packet" { PER_PACKET_WORKER } else { PER_WORKER };
+    let workers = a.conns.div_ceil(per_worker).max(1);
     let pool: Vec<String> = (1..=a.pool).map(|i| format!("\"127.0.1.{i}\"")).collect();
     let (dir, pin_path) = lbproc::scratch();
-    let maxconn = workers * 9000;
+    let maxconn = workers * (per_worker + per_worker / 8);
     // The kernel maps take about 2.8 KiB per connection and 4.5 MiB per
     // worker for the clients its listener's backlog may hold (README,
     // "Kernel memory").
@@ -197,7 +201,13 @@ pub fn hold(lb_bin: &Path, hold_bin: &Path, a: &Args) -> anyhow::Result<Value> {
     println!("  lb active (maps)           {active}");
     if let Some(j) = s["totals"]["packet_joined"].as_u64().filter(|_| a.dataplane == "packet") {
         println!("  joined (packet plane)      {j}");
+        let kept: Vec<String> = ["timestamps", "mss", "closed", "busy", "map", "path"]
+            .iter()
+            .map(|r| format!("{r} {}", s["totals"][format!("packet_kept_{r}")].as_u64().unwrap_or(0)))
+            .collect();
+        println!("  kept on sockmap            {}", kept.join(", "));
     }
+    println!("  reset for lack of descriptors or memory (no_local_resources) {}", s["totals"]["no_local_resources"]);
     println!("  established to {backend} (ss) {ss_count}");
     for src in s["sources"].as_array().into_iter().flatten() {
         println!(

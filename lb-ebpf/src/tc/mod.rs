@@ -132,16 +132,20 @@ fn addr6(ctx: &TcContext, off: usize) -> Option<[u32; 4]> {
 
 /// Records the interface a handshake's packet arrived on, under the
 /// packet's addresses: a client's SYN to a frontend, or a server's SYN-ACK
-/// (to lb's source address; any SYN-ACK, as lb's sources are not known
-/// here). The join sends each peer's packets back out where that peer's
-/// handshake came in.
+/// (to lb's source address; any SYN-ACK but lb's own from a frontend, as
+/// lb's sources are not known here). The join sends each peer's packets
+/// back out where that peer's handshake came in.
 #[inline(always)]
 fn arrived(ctx: &TcContext, key: &FlowKey, h: &Headers) {
-    if h.flags & ACK == 0 {
-        let port = u16::from_be(h.dport);
-        if frontend_ns(h.addrs.dst, port).or_else(|| frontend_ns([0; 4], port)).is_none() {
-            return;
-        }
+    let frontend = |addr: [u32; 4], port: u16| {
+        let port = u16::from_be(port);
+        frontend_ns(addr, port).or_else(|| frontend_ns([0; 4], port)).is_some()
+    };
+    // A SYN to a frontend; a SYN-ACK not from one (on loopback, lb's own
+    // answers to its clients come in here too, and would crowd the map).
+    let wanted = if h.flags & ACK == 0 { frontend(h.addrs.dst, h.dport) } else { !frontend(h.addrs.src, h.sport) };
+    if !wanted {
+        return;
     }
     // SAFETY: the context's socket buffer, valid for the program's run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };

@@ -25,8 +25,8 @@ use lb_common::{
     conn::ConnTraffic,
     guard::GuardBucket,
     maps::{
-        Capacities, EVENTS_RING_BYTES, GUARD_ALLOW, GUARD_DENY, GUARD_RATE, GUARD_TOP, MAX_FRONTENDS, MAX_GUARD_RULES,
-        MAX_GUARD_SOURCES, MAX_HANDSHAKES, MAX_WORKERS, PACKET_ENDS_RING_BYTES,
+        Capacities, EVENTS_RING_BYTES, GUARD_ALLOW, GUARD_DENY, GUARD_RATE, GUARD_TOP, MAX_ARRIVALS, MAX_FRONTENDS,
+        MAX_GUARD_RULES, MAX_GUARD_SOURCES, MAX_HANDSHAKES, MAX_WORKERS, PACKET_ENDS_RING_BYTES,
     },
     packet::{Flow, FlowKey, Handshake},
     stats::{ServerBytesKey, ServerKey, ServerStats, SourceKey, SourceStats, WorkerStats},
@@ -164,7 +164,7 @@ impl Shape {
             flows: if self.kernel && self.packet { sockets } else { 1 },
             handshakes: if self.kernel && self.packet { MAX_HANDSHAKES } else { 1 },
             flow_ctl: if self.kernel && self.packet { conns.max(1) } else { 1 },
-            arrivals: if self.kernel && self.packet { MAX_HANDSHAKES } else { 1 },
+            arrivals: if self.kernel && self.packet { MAX_ARRIVALS } else { 1 },
         }
     }
 
@@ -264,12 +264,20 @@ pub struct Blame<'a> {
 /// The global `maxconn`: as written if each worker's share fits the
 /// open-files limit and the maps fit `budget`, else an error saying what
 /// would; unset, as many as fit both. `shape.maxconn` is ignored.
+///
+/// `joined_only`: every frontend joins its connections on the packet
+/// plane, where a joined connection holds no descriptor. Only
+/// connections being set up, or kept on the sockmap plane, hold two; a
+/// written `maxconn` is then not bounded by the open-files limit (a
+/// connection that finds no descriptor is reset and counted, as on any
+/// plane). Unset, it stays what the open-files rule allows.
 pub fn maxconn(
     loc: &Locator<'_>,
     host: &dyn Host,
     blame: &Blame<'_>,
     budget: u64,
     shape: Shape,
+    joined_only: bool,
 ) -> Result<u32, ConfigError> {
     let workers = shape.workers;
     let hard = host.nofile_hard_limit();
@@ -282,7 +290,7 @@ pub fn maxconn(
         return Err(loc.at(m, format!("maxconn = {v}: must be between 1 and {MAX_MAXCONN}")));
     }
     let per_worker = v.div_ceil(workers);
-    if fds_needed(per_worker) > hard {
+    if fds_needed(per_worker) > hard && !joined_only {
         let need_workers = u64::from(v).div_ceil(u64::from(fit.max(1)));
         let fix = if need_workers <= u64::from(MAX_WORKERS_CFG) {
             format!("set workers = {need_workers} or more, lower maxconn, or raise LimitNOFILE")

@@ -256,6 +256,12 @@ impl Config {
         self.frontends.iter().any(|f| f.splice == Splice::Packet)
     }
 
+    /// Whether every frontend asks for the packet plane (its joined
+    /// connections hold no descriptor).
+    pub fn packet_only(&self) -> bool {
+        self.frontends.iter().all(|f| f.splice == Splice::Packet)
+    }
+
     /// Connections one worker process may hold.
     pub fn maxconn_per_worker(&self) -> u32 {
         self.maxconn.div_ceil(self.workers)

@@ -87,6 +87,50 @@ fn default_maxconn_fits_the_kernel_memory() {
 }
 
 /// Parsing asks the machine only through `Host`: a fake host decides.
+/// A host whose open-files hard limit is 20,000.
+struct Small;
+impl host::Host for Small {
+    fn is_local(&self, _: IpAddr) -> std::io::Result<bool> {
+        Ok(true)
+    }
+    fn has_local_port_range(&self) -> bool {
+        true
+    }
+    fn nofile_hard_limit(&self) -> u64 {
+        20_000
+    }
+    fn has_interface(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// A joined connection holds no descriptor: with every frontend on the
+/// packet plane, `maxconn` is bounded by `kernel_memory`, not by two
+/// descriptors per connection. One frontend on sockmap brings the rule back.
+#[test]
+fn maxconn_of_packet_frontends_is_not_bounded_by_descriptors() {
+    let text = |splice: &str, extra: &str| {
+        format!(
+            "maxconn = 1000000\nkernel_memory = \"8GiB\"\n{splice}\n\
+             [[frontend]]\nname = \"a\"\nlisten = \"127.0.0.1:7000\"\nbackend = \"b\"\n{extra}\n\
+             [[frontend]]\nname = \"c\"\nlisten = \"127.0.0.1:7001\"\nbackend = \"b\"\n\n\
+             [[backend]]\nname = \"b\"\nservers = [\"127.0.0.1:9001\"]\n"
+        )
+    };
+    let parse = |t: String| Config::parse_on(&Small, "f.toml", &t, &Overrides::default());
+    let c = parse(text("splice = \"packet\"", "")).unwrap();
+    assert_eq!(c.maxconn, 1_000_000);
+    let e = parse(text("splice = \"packet\"", "splice = \"sockmap\"")).unwrap_err().to_string();
+    assert!(
+        e.starts_with("f.toml:1: maxconn = 1000000: 1000000 connections per worker need 2000064 open files"),
+        "{e}"
+    );
+    let e = parse(text("", "")).unwrap_err().to_string();
+    assert!(e.contains("hard limit (ulimit -Hn) is 20000"), "{e}");
+    let e = parse(text("splice = \"packet\"\ndataplane = \"userspace\"", "")).unwrap_err().to_string();
+    assert!(e.contains("open files"), "the userspace plane joins nothing: {e}");
+}
+
 #[test]
 fn host_facts_come_from_the_host() {
     struct Fake;

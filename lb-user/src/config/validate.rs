@@ -95,7 +95,8 @@ pub fn validate(raw: RawConfig, loc: &Locator<'_>, host: &dyn Host, o: &Override
         .max_by_key(|p| p.get_ref().len());
     let blame =
         memory::Blame { kernel_memory: raw.kernel_memory.as_ref(), maxconn: raw.maxconn.as_ref(), pool: largest_pool };
-    let maxconn = memory::maxconn(loc, host, &blame, kernel_memory, shape)?;
+    let joined_only = shape.kernel && all_packet_frontends(&raw);
+    let maxconn = memory::maxconn(loc, host, &blame, kernel_memory, shape, joined_only)?;
     let default_splice = match &raw.splice {
         None => super::Splice::default(),
         Some(v) => splice(loc, "splice", v)?,
@@ -356,9 +357,18 @@ fn sni_routes(
 /// A `splice` value (`key` names it in the error).
 /// Whether a frontend joins connections on the packet plane (its own
 /// `splice`, or the top-level default); unknown values are refused later.
-fn packet_frontends(raw: &raw::RawConfig) -> bool {
+/// Whether each frontend joins its connections on the packet plane.
+fn joins(raw: &raw::RawConfig) -> impl Iterator<Item = bool> + '_ {
     let default = raw.splice.as_ref().is_some_and(|s| s.get_ref() == "packet");
-    raw.frontend.iter().any(|f| f.splice.as_ref().map_or(default, |s| s.get_ref() == "packet"))
+    raw.frontend.iter().map(move |f| f.splice.as_ref().map_or(default, |s| s.get_ref() == "packet"))
+}
+
+fn packet_frontends(raw: &raw::RawConfig) -> bool {
+    joins(raw).any(|j| j)
+}
+
+fn all_packet_frontends(raw: &raw::RawConfig) -> bool {
+    joins(raw).all(|j| j)
 }
 
 fn splice(loc: &Locator<'_>, key: &str, v: &Spanned<String>) -> Result<super::Splice, ConfigError> {

@@ -172,7 +172,9 @@ async fn serve(
     mut ctl: mpsc::Receiver<control::Msg>,
 ) -> anyhow::Result<()> {
     let per_worker = cfg.maxconn_per_worker();
-    raise_fd_limit(per_worker);
+    // On the packet plane alone only connections being set up or kept on
+    // sockmap hold descriptors: no share to warn about.
+    raise_fd_limit(if spec.kind == Kind::Kernel && cfg.packet_only() { 0 } else { per_worker });
     let stats = Arc::new(Counters::default());
     let dataplane = dataplane::open(
         spec.kind,

@@ -68,7 +68,7 @@ pub fn capacities(pin_path: &std::path::Path) -> Result<Capacities, super::Kerne
         guard_sources: of(GUARD_RATE)?.min(of(GUARD_TOP)?),
         guard_rules: of(GUARD_DENY)?.min(of(GUARD_ALLOW)?),
         flows: of(FLOWS)?,
-        handshakes: of(HANDSHAKE)?.min(of(ARRIVALS)?),
+        handshakes: of(HANDSHAKE)?,
         flow_ctl: of(FLOW_CTL)?,
         arrivals: of(ARRIVALS)?,
     })

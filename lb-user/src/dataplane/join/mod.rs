@@ -55,8 +55,13 @@ use crate::{
 };
 
 /// How long lb waits for a quiet moment before it leaves a connection on
-/// sockmap.
-const QUIET_WITHIN: Duration = Duration::from_millis(50);
+/// sockmap. A request and its answer at the start of a connection pass
+/// within a round trip, but on a loaded host a peer may take long to
+/// answer: the looks grow further apart (up to [`QUIET_LOOK_MAX`]), so a
+/// sender that never pauses costs about a hundred looks.
+const QUIET_WITHIN: Duration = Duration::from_secs(1);
+/// The longest gap between two looks for a quiet moment.
+const QUIET_LOOK_MAX: Duration = Duration::from_millis(32);
 /// Milliseconds a translated TSval is moved ahead of the clock of lb's
 /// socket it continues. lb's socket may still send a segment after the
 /// join (a delayed ACK, a window update) that overtakes a peer's segment
@@ -312,7 +317,12 @@ async fn quiet(j: &Joining<'_>) -> Result<(), Kept> {
         if tokio::time::Instant::now() >= deadline {
             return Err(Kept::Busy);
         }
-        pause(i).await;
+        if i < SPIN_CHECKS {
+            tokio::task::yield_now().await;
+        } else {
+            let gap = Duration::from_millis(1 << (i - SPIN_CHECKS).min(5));
+            tokio::time::sleep(gap.min(QUIET_LOOK_MAX)).await;
+        }
     }
     Err(Kept::Busy)
 }
