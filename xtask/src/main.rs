@@ -156,8 +156,21 @@ pub fn build_lb() -> anyhow::Result<std::path::PathBuf> {
     Ok(workspace_root().join("target/release/lb"))
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().cmd {
+/// Errors end with their message and causes, without the backtrace
+/// `RUST_BACKTRACE` (set in CI) would add: the last lines of a failed
+/// `cargo xtask test` then say what failed.
+fn main() -> std::process::ExitCode {
+    match dispatch(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
         Cmd::Setup => setup::setup(),
         Cmd::Demo { clients, seconds } => {
             setup::setup()?;
