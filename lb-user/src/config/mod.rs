@@ -11,6 +11,7 @@ pub mod memory;
 mod pool;
 mod raw;
 mod size;
+mod splice;
 mod validate;
 
 use std::{

@@ -12,7 +12,7 @@ use super::{
     host::Host,
     memory, pool,
     raw::{self, DurationKey, HumanDuration, RawConfig},
-    unescape,
+    splice, unescape,
 };
 use crate::addr::ServerAddr;
 
@@ -84,7 +84,7 @@ pub fn validate(raw: RawConfig, loc: &Locator<'_>, host: &dyn Host, o: &Override
         largest_pool: backends.iter().map(|b| b.pool.addrs.len() as u32).max().unwrap_or(0).max(1),
         kernel: dataplane != super::DataplaneMode::Userspace,
         guard: guard.is_some(),
-        packet: packet_frontends(&raw),
+        packet: splice::any_packet(&raw),
         cpus: host.possible_cpus(),
     };
     let largest_pool = raw
@@ -95,11 +95,11 @@ pub fn validate(raw: RawConfig, loc: &Locator<'_>, host: &dyn Host, o: &Override
         .max_by_key(|p| p.get_ref().len());
     let blame =
         memory::Blame { kernel_memory: raw.kernel_memory.as_ref(), maxconn: raw.maxconn.as_ref(), pool: largest_pool };
-    let joined_only = shape.kernel && all_packet_frontends(&raw);
+    let joined_only = shape.kernel && splice::all_packet(&raw);
     let maxconn = memory::maxconn(loc, host, &blame, kernel_memory, shape, joined_only)?;
     let default_splice = match &raw.splice {
         None => super::Splice::default(),
-        Some(v) => splice(loc, "splice", v)?,
+        Some(v) => splice::parse(loc, "splice", v)?,
     };
     let frontends = frontends(loc, &raw.frontend, &backends, maxconn, default_splice)?;
     let maxconn = o.maxconn.map_or(maxconn, |cap| maxconn.min(cap));
@@ -354,31 +354,6 @@ fn sni_routes(
     Ok(routes)
 }
 
-/// A `splice` value (`key` names it in the error).
-/// Whether a frontend joins connections on the packet plane (its own
-/// `splice`, or the top-level default); unknown values are refused later.
-/// Whether each frontend joins its connections on the packet plane.
-fn joins(raw: &raw::RawConfig) -> impl Iterator<Item = bool> + '_ {
-    let default = raw.splice.as_ref().is_some_and(|s| s.get_ref() == "packet");
-    raw.frontend.iter().map(move |f| f.splice.as_ref().map_or(default, |s| s.get_ref() == "packet"))
-}
-
-fn packet_frontends(raw: &raw::RawConfig) -> bool {
-    joins(raw).any(|j| j)
-}
-
-fn all_packet_frontends(raw: &raw::RawConfig) -> bool {
-    joins(raw).all(|j| j)
-}
-
-fn splice(loc: &Locator<'_>, key: &str, v: &Spanned<String>) -> Result<super::Splice, ConfigError> {
-    match v.get_ref().as_str() {
-        "sockmap" => Ok(super::Splice::Sockmap),
-        "packet" => Ok(super::Splice::Packet),
-        other => Err(loc.at(v, format!("{key} = \"{other}\": must be \"packet\" or \"sockmap\""))),
-    }
-}
-
 fn frontends(
     loc: &Locator<'_>,
     raw: &[raw::Frontend],
@@ -439,7 +414,7 @@ fn frontends(
         };
         let splice = match &f.splice {
             None => default_splice,
-            Some(v) => splice(loc, &format!("frontend \"{name}\": splice"), v)?,
+            Some(v) => splice::parse(loc, &format!("frontend \"{name}\": splice"), v)?,
         };
         frontends.push(FrontendConfig {
             name: name.clone(),
