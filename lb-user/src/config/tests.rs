@@ -27,9 +27,12 @@ fn errors_name_line_and_key() {
     assert_eq!(e.to_string(), "x.toml:4: frontend \"web\": backend: no [[backend]] named \"nope\"");
 }
 
-/// A host with `LimitNOFILE=1048576` (dist/lb.service) and 2 CPUs.
-struct Service;
-impl host::Host for Service {
+/// A host with 2 CPUs and this open-files hard limit, where every address
+/// is local.
+struct Limited(u64);
+/// `LimitNOFILE=1048576` (dist/lb.service).
+const SERVICE: Limited = Limited(1 << 20);
+impl host::Host for Limited {
     fn is_local(&self, _: IpAddr) -> std::io::Result<bool> {
         Ok(true)
     }
@@ -37,7 +40,7 @@ impl host::Host for Service {
         true
     }
     fn nofile_hard_limit(&self) -> u64 {
-        1 << 20
+        self.0
     }
     fn has_interface(&self, _: &str) -> bool {
         true
@@ -54,7 +57,7 @@ impl host::Host for Service {
 #[test]
 fn default_maxconn_fits_the_kernel_memory() {
     let text = |extra: &str| format!("workers = 16\n{extra}\n{}", EXAMPLE.replace("dataplane = \"auto\"", ""));
-    let parse = |extra: &str| Config::parse_on(&Service, "f.toml", &text(extra), &Overrides::default()).unwrap();
+    let parse = |extra: &str| Config::parse_on(&SERVICE, "f.toml", &text(extra), &Overrides::default()).unwrap();
     let shape = |c: &Config| memory::Shape {
         maxconn: c.maxconn,
         workers: c.workers,
@@ -87,23 +90,6 @@ fn default_maxconn_fits_the_kernel_memory() {
 }
 
 /// Parsing asks the machine only through `Host`: a fake host decides.
-/// A host whose open-files hard limit is 20,000.
-struct Small;
-impl host::Host for Small {
-    fn is_local(&self, _: IpAddr) -> std::io::Result<bool> {
-        Ok(true)
-    }
-    fn has_local_port_range(&self) -> bool {
-        true
-    }
-    fn nofile_hard_limit(&self) -> u64 {
-        20_000
-    }
-    fn has_interface(&self, _: &str) -> bool {
-        true
-    }
-}
-
 /// A joined connection holds no descriptor: with every frontend on the
 /// packet plane, `maxconn` is bounded by `kernel_memory`, not by two
 /// descriptors per connection. One frontend on sockmap brings the rule back.
@@ -117,7 +103,7 @@ fn maxconn_of_packet_frontends_is_not_bounded_by_descriptors() {
              [[backend]]\nname = \"b\"\nservers = [\"127.0.0.1:9001\"]\n"
         )
     };
-    let parse = |t: String| Config::parse_on(&Small, "f.toml", &t, &Overrides::default());
+    let parse = |t: String| Config::parse_on(&Limited(20_000), "f.toml", &t, &Overrides::default());
     let c = parse(text("splice = \"packet\"", "")).unwrap();
     assert_eq!(c.maxconn, 1_000_000);
     let e = parse(text("splice = \"packet\"", "splice = \"sockmap\"")).unwrap_err().to_string();
