@@ -89,7 +89,7 @@ pub(super) async fn custody(
             log::warn!("packet plane: connection {}: lb's sockets did not deliver within {CUSTODY_WITHIN:?}", j.id);
             break;
         }
-        pause(i).await;
+        pause(i, Duration::from_millis(1)).await;
     }
     Delivered { reset, shut, end }
 }
@@ -157,7 +157,7 @@ pub(super) async fn reset_live(
         if lock(flows).get(&k).is_none_or(|t| t.ended != 0) || tokio::time::Instant::now() >= deadline {
             break;
         }
-        pause(i).await;
+        pause(i, Duration::from_millis(1)).await;
     }
     lock(flows).remove(&[k]);
 }

@@ -317,23 +317,20 @@ async fn quiet(j: &Joining<'_>) -> Result<(), Kept> {
         if tokio::time::Instant::now() >= deadline {
             return Err(Kept::Busy);
         }
-        if i < SPIN_CHECKS {
-            tokio::task::yield_now().await;
-        } else {
-            let gap = Duration::from_millis(1 << (i - SPIN_CHECKS).min(5));
-            tokio::time::sleep(gap.min(QUIET_LOOK_MAX)).await;
-        }
+        pause(i, QUIET_LOOK_MAX).await;
     }
     Err(Kept::Busy)
 }
 
 /// The `i`th pause between two checks: a yield to the runtime at first,
-/// then a millisecond (the runtime's timer granularity).
-async fn pause(i: u32) {
+/// then a millisecond (the runtime's timer granularity), doubling up to
+/// `longest`.
+async fn pause(i: u32, longest: Duration) {
     if i < SPIN_CHECKS {
         tokio::task::yield_now().await;
     } else {
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        let doubled = Duration::from_millis(1).saturating_mul(1 << (i - SPIN_CHECKS).min(16));
+        tokio::time::sleep(doubled.min(longest)).await;
     }
 }
 
